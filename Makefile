@@ -1,0 +1,40 @@
+# Quick start: `make run` (gateway on embedded defaults) and `make test` (everything the suite needs).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint typecheck unit system-deps bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+run: install system-deps
+	$(BIN)/ackline serve
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest tests/unit -q
+
+test: install system-deps lint typecheck
+	$(BIN)/pytest -q
+
+bench: install system-deps
+	$(BIN)/python -m bench.calls
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

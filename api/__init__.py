@@ -1,0 +1,1 @@
+"""Command line entry points, settings and (later) the HTTP API."""

@@ -1,0 +1,106 @@
+"""The FastAPI application and the standalone worker entry point.
+
+`create_app(settings, channels)` serves the API; with the embedded defaults (no Redis) it
+also runs the worker in-process so `ackline serve` is one process on SQLite.
+`run_worker(settings, channels)` runs a worker alone (scale-out with PostgreSQL + Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from api import metrics
+from api.deps import Runtime, build_runtime
+from api.routes import alerts, audit, config, health, webhooks
+from api.settings import Settings
+from escalation.channels.base import Channel
+from escalation.crud import sync_config
+from escalation.runner import Worker
+
+log = logging.getLogger(__name__)
+
+
+async def start_runtime(settings: Settings) -> Runtime:
+    runtime = build_runtime(settings)
+    if settings.migrate_on_start:
+        await runtime.db.migrate()
+    if settings.config_path is not None:
+        await sync_config(runtime.db, runtime.config)
+    return runtime
+
+
+async def stop_runtime(runtime: Runtime) -> None:
+    await runtime.bus.close()
+    await runtime.db.dispose()
+    runtime.audit.close()
+
+
+def _worker(runtime: Runtime, channels: Mapping[str, Channel]) -> Worker:
+    return Worker(
+        runtime.engine, runtime.bus, channels, poll_interval=runtime.settings.poll_interval
+    )
+
+
+def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
+    """The API; `channels` are used only when the worker runs inside this process."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await start_runtime(settings)
+        app.state.runtime = runtime
+        stop = asyncio.Event()
+        task = None
+        if settings.run_embedded_worker:
+            task = asyncio.create_task(_worker(runtime, channels).run(stop), name="worker")
+        try:
+            yield
+        finally:
+            stop.set()
+            if task is not None:
+                await task
+            await stop_runtime(runtime)
+
+    app = FastAPI(
+        title="ackline",
+        version="0.1.0",
+        summary="On-call paging: alerts, escalation policies, acknowledgements, audit",
+        lifespan=lifespan,
+    )
+
+    app.add_middleware(metrics.RequestMiddleware)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """Say exactly which field is wrong; nothing has been changed."""
+        detail = [
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    for router in (alerts.router, config.router, audit.router, webhooks.router, health.router,
+                   metrics.router):  # fmt: skip
+        app.include_router(router)
+    return app
+
+
+async def run_worker(settings: Settings, channels: Mapping[str, Channel]) -> None:
+    """Run one worker until SIGINT/SIGTERM; in-flight notifications get time to finish."""
+    runtime = await start_runtime(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await _worker(runtime, channels).run(stop)
+    finally:
+        await stop_runtime(runtime)

@@ -1,0 +1,230 @@
+"""The ``ackline`` command line: place a test call, or serve inbound calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from gateway.call import Call, Gateway, GatewayConfig, parse_target, resolve_target
+from gateway.result import CallResult
+from gateway.sip.auth import Credentials
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="ackline voice gateway")
+
+EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 3
+
+
+class Unreachable(Exception):
+    """The target refused the connection or answered with ICMP port unreachable."""
+
+
+def local_address_for(host: str) -> str:
+    """The local address the kernel would use to reach ``host`` (advertised in SIP/SDP)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, 9))
+        except OSError:
+            return "127.0.0.1"
+        return str(probe.getsockname()[0])
+
+
+def check_udp_reachable(host: str, port: int, wait: float = 0.2) -> None:
+    """Detect a closed UDP port up front (ICMP port unreachable) instead of after timer B.
+
+    Sends an RFC 5626 CRLF keep-alive on a connected socket; a SIP peer ignores it, while a
+    closed port makes the kernel report ECONNREFUSED on the socket.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(wait)
+        try:
+            sock.connect((host, port))
+            sock.send(b"\r\n\r\n")
+            sock.recv(2048)
+        except ConnectionRefusedError:
+            raise Unreachable(f"nothing is listening on udp {host}:{port}") from None
+        except (TimeoutError, OSError):
+            return
+
+
+def _prompt_cache(voice: str) -> Any:
+    from prompts.cache import PromptCache
+    from prompts.espeak import EspeakEngine
+
+    return PromptCache(PromptCache.default_directory(), EspeakEngine(), voice=voice)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def call(
+    target: Annotated[str, typer.Argument(help="SIP URI, e.g. sip:+15550100@127.0.0.1:5090")],
+    say: Annotated[str | None, typer.Option(help="text to speak (repeated until digits)")] = None,
+    gather: Annotated[int, typer.Option(min=0, max=32, help="digits to collect")] = 0,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for digits")] = 15.0,
+    ring_timeout: Annotated[float, typer.Option(min=0.1, help="seconds to ring")] = 30.0,
+    auth_user: Annotated[str | None, typer.Option(help="digest username")] = None,
+    auth_password: Annotated[str | None, typer.Option(help="digest password")] = None,
+    transport: Annotated[str | None, typer.Option(help="udp or tcp")] = None,
+    bind: Annotated[
+        str | None, typer.Option(help="local address (default: route to target)")
+    ] = None,
+    voice: Annotated[str, typer.Option(help="espeak-ng voice")] = "en-us",
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Place one call, speak, collect digits, hang up and report the result."""
+    _setup_logging(verbose)
+    try:
+        uri = parse_target(target)
+        kind = (transport or uri.parameters.get("transport") or "udp").lower()
+        if kind not in ("udp", "tcp"):
+            raise ValueError(f"unsupported transport {kind!r} (udp or tcp)")
+        if (auth_user is None) != (auth_password is None):
+            raise ValueError("--auth-user and --auth-password go together")
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    credentials = Credentials(auth_user, auth_password) if auth_user and auth_password else None
+    try:
+        result = asyncio.run(
+            _call(
+                uri_text=str(uri),
+                kind=kind,
+                say=say,
+                gather=gather,
+                timeout=timeout,
+                ring_timeout=ring_timeout,
+                credentials=credentials,
+                bind=bind,
+                voice=voice,
+            )
+        )
+    except Unreachable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if as_json:
+        typer.echo(json.dumps(result, sort_keys=True))
+    else:
+        typer.echo(
+            f"{result['outcome']} ({result['sip_code']} {result['reason']}) "
+            f"pdd={result['pdd_ms']}ms duration={result['duration_ms']}ms "
+            f"digits={result['digits'] or '-'} via {result['dtmf_method'] or '-'}"
+        )
+
+
+async def _call(
+    *,
+    uri_text: str,
+    kind: str,
+    say: str | None,
+    gather: int,
+    timeout: float,
+    ring_timeout: float,
+    credentials: Credentials | None,
+    bind: str | None,
+    voice: str,
+) -> dict[str, Any]:
+    uri = parse_target(uri_text)
+    peer = await resolve_target(uri, kind)
+    if kind == "udp":
+        await asyncio.to_thread(check_udp_reachable, peer.host, peer.port)
+    host = bind or local_address_for(peer.host)
+    config = GatewayConfig(
+        host=host,
+        udp_port=0 if kind == "udp" else None,
+        tcp_port=0 if kind == "tcp" else None,
+    )
+    prompts = _prompt_cache(voice) if say else None
+    if prompts is not None:
+        await prompts.render(say)  # synthesize before dialing: no dead air after answer
+    async with Gateway(config, prompts=prompts) as gateway:
+        active = await gateway.dial(
+            uri, credentials=credentials, ring_timeout=ring_timeout, transport=kind
+        )
+        if active.result is not None and active.result.reason.startswith("transport error"):
+            raise Unreachable(f"cannot reach {uri_text} over {kind}: {active.result.reason}")
+        if active.answered:
+            await _converse(active, say=say, gather=gather, timeout=timeout)
+        result = await active.hangup()
+    return result.to_dict()
+
+
+async def _converse(active: Call, *, say: str | None, gather: int, timeout: float) -> None:
+    with contextlib.suppress(Exception):
+        if say and gather:
+            await active.gather(say, max_digits=gather, timeout=timeout)
+        elif say:
+            await active.play(say)
+        elif gather:
+            await active.collect(gather, timeout)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on and advertise")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="SIP port (UDP and TCP)")] = 5060,
+    greeting: Annotated[str, typer.Option(help="text spoken to callers")] = (
+        "Welcome to ackline. Press 1 to acknowledge, 2 to escalate."
+    ),
+    gather: Annotated[int, typer.Option(min=0, max=32, help="digits to collect")] = 1,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for digits")] = 15.0,
+    voice: Annotated[str, typer.Option(help="espeak-ng voice")] = "en-us",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Answer inbound calls: greet, collect digits, log one JSON line per call."""
+    _setup_logging(verbose)
+    try:
+        asyncio.run(_serve(host, port, greeting, gather, timeout, voice))
+    except OSError as exc:
+        typer.echo(f"error: cannot listen on {host}:{port}: {exc}", err=True)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+
+
+async def _serve(
+    host: str, port: int, greeting: str, gather: int, timeout: float, voice: str
+) -> None:
+    prompts = _prompt_cache(voice)
+    await prompts.render(greeting)
+
+    async def on_incoming(incoming: Call) -> None:
+        if gather:
+            await incoming.gather(greeting, max_digits=gather, timeout=timeout)
+        else:
+            await incoming.play(greeting)
+
+    def on_call_ended(result: CallResult) -> None:
+        print(json.dumps(result.to_dict(), sort_keys=True), flush=True)
+
+    config = GatewayConfig(host=host, udp_port=port, tcp_port=port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(config, prompts=prompts, on_incoming=on_incoming, on_call_ended=on_call_ended)
+    async with gateway:
+        print(f"listening on {host}:{port} (udp, tcp)", file=sys.stderr, flush=True)
+        await stop.wait()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,141 @@
+"""Inbound acks from carriers and links: Twilio SMS replies and status callbacks, Telegram
+button presses, the signed email link. Each one is authenticated before it can ack."""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Header, HTTPException, Request, Response
+from fastapi.responses import HTMLResponse
+
+from api.deps import RuntimeDep, context
+from escalation.channels.signing import verify_ack
+from escalation.channels.sms import (
+    parse_inbound_sms,
+    parse_sms_status_callback,
+    validate_twilio_signature,
+)
+from escalation.channels.telegram import check_telegram_secret, parse_telegram_update
+from escalation.models import AlertState
+
+router = APIRouter(prefix="/v1", tags=["webhooks"])
+TELEGRAM_CHANNELS = ("telegram", "telegram_voice")
+
+
+async def _twilio_form(request: Request, runtime: RuntimeDep) -> dict[str, str]:
+    """The form Twilio posted, after checking X-Twilio-Signature against our public URL."""
+    token = runtime.settings.twilio_auth_token
+    if not token:
+        raise HTTPException(404, "Twilio webhooks are not configured")
+    form = {k: str(v) for k, v in (await request.form()).items()}
+    url = str(request.url)
+    if runtime.settings.public_url:
+        query = f"?{request.url.query}" if request.url.query else ""
+        url = runtime.settings.public_url.rstrip("/") + request.url.path + query
+    if not validate_twilio_signature(url, form, request.headers.get("x-twilio-signature"), token):
+        raise HTTPException(403, "invalid Twilio signature")
+    return form
+
+
+def _twiml(message: str | None) -> Response:
+    body = f"<Message>{html.escape(message)}</Message>" if message else ""
+    xml = f'<?xml version="1.0" encoding="UTF-8"?><Response>{body}</Response>'
+    return Response(xml, media_type="application/xml")
+
+
+@router.post("/webhooks/twilio/sms", response_class=Response)
+async def twilio_sms(request: Request, runtime: RuntimeDep) -> Response:
+    """Inbound SMS: "1", "ACK" or "ACK <short id>" acknowledges an alert paged to the sender."""
+    form = await _twilio_form(request, runtime)
+    inbound = parse_inbound_sms(form)
+    if not inbound.is_ack:
+        return _twiml("Reply 1 or ACK <id> to acknowledge.")
+    ctx = context(request, f"sms:{inbound.phone}")
+    alert = await runtime.engine.ack_by_address(
+        inbound.phone, ("sms", "voice"), inbound.short_id, ctx
+    )
+    if alert is None:
+        return _twiml("No open alert to acknowledge.")
+    return _twiml(f"Acknowledged {alert.short_id}: {alert.title}")
+
+
+@router.post("/webhooks/twilio/status", status_code=204, response_class=Response)
+async def twilio_status(request: Request, runtime: RuntimeDep) -> Response:
+    """Delivery reports: a late "undelivered"/"failed" moves the chain to retry/fallback."""
+    form = await _twilio_form(request, runtime)
+    update = parse_sms_status_callback(form)
+    if update is not None:
+        ctx = context(request, "twilio")
+        await runtime.engine.provider_update(update.message_sid, update.result, ctx)
+    return Response(status_code=204)
+
+
+@router.post("/webhooks/telegram")
+async def telegram(
+    request: Request,
+    runtime: RuntimeDep,
+    x_telegram_bot_api_secret_token: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    """Bot API updates; the Acknowledge button's callback (data "ack:<alert id>") acks.
+    The answer is a webhook reply method, so Telegram shows the result to the presser."""
+    expected = runtime.settings.telegram_secret or ""
+    if not check_telegram_secret(x_telegram_bot_api_secret_token, expected):
+        raise HTTPException(403, "invalid Telegram secret token")
+    try:
+        update = await request.json()
+    except ValueError:
+        raise HTTPException(400, "body is not JSON") from None
+    ack = parse_telegram_update(update) if isinstance(update, dict) else None
+    if ack is None:
+        return {}
+    text = "This alert was not sent to Telegram."
+    if await runtime.engine.was_notified(ack.alert_id, TELEGRAM_CHANNELS):
+        actor = f"telegram:{ack.user.username or ack.user.id}"
+        alert = await runtime.engine.close(
+            ack.alert_id, AlertState.ACKNOWLEDGED, context(request, actor), reason="button"
+        )
+        if alert is not None:
+            text = (
+                "Acknowledged."
+                if alert.state == AlertState.ACKNOWLEDGED.value
+                else f"Alert is already {alert.state}."
+            )
+    return {"method": "answerCallbackQuery", "callback_query_id": ack.callback_query_id,
+            "text": text}  # fmt: skip
+
+
+def _verified(token: str, runtime: RuntimeDep) -> str:
+    secret = runtime.settings.ack_secret
+    alert_id = verify_ack(token, secret, time.time()) if secret else None
+    if alert_id is None:
+        raise HTTPException(403, "invalid or expired ack link")
+    return alert_id
+
+
+@router.get("/ack", response_class=HTMLResponse)
+async def ack_link(token: str, runtime: RuntimeDep) -> HTMLResponse:
+    """The email link opens a confirmation page: mail scanners that prefetch links must
+    not acknowledge on a person's behalf, so the ack itself is the POST below."""
+    _verified(token, runtime)
+    page = (
+        '<!doctype html><title>Acknowledge alert</title><form method="post" action="ack">'
+        f'<input type="hidden" name="token" value="{html.escape(token)}">'
+        '<button type="submit">Acknowledge</button></form>'
+    )
+    return HTMLResponse(page)
+
+
+@router.post("/ack", response_class=HTMLResponse)
+async def ack_link_confirm(
+    token: Annotated[str, Form()], request: Request, runtime: RuntimeDep
+) -> HTMLResponse:
+    alert_id = _verified(token, runtime)
+    alert = await runtime.engine.close(
+        alert_id, AlertState.ACKNOWLEDGED, context(request, "email-link"), reason="link"
+    )
+    if alert is None:
+        raise HTTPException(404, "alert not found")
+    return HTMLResponse(f"<!doctype html><p>Alert {html.escape(alert.short_id)} is "
+                        f"{html.escape(alert.state)}.</p>")  # fmt: skip

@@ -1,0 +1,80 @@
+"""Runtime settings, read from the environment (12-factor) with embedded defaults.
+
+With nothing set, ackline runs on SQLite under ./var with the worker inside the API
+process; setting REDIS_URL (and a PostgreSQL ACKLINE_DATABASE_URL) lets API and workers
+run as separate processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+def _bool(value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """`key1:company1,key2:company2` -> {key: company}."""
+    keys: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, company = item.rpartition(":")
+        if not sep or not key or not company:
+            raise ValueError(f"ACKLINE_API_KEYS entry {item!r} must look like key:company")
+        keys[key] = company
+    return keys
+
+
+class Settings(BaseModel):
+    database_url: str = "sqlite:///var/ackline.db"
+    redis_url: str | None = None
+    redis_prefix: str = "ackline"
+    config_path: Path | None = None  # ackline.yaml; loaded into the database at start
+    api_keys: dict[str, str] = Field(default_factory=dict)  # API key -> company (tenant)
+    audit_dir: Path = Path("var/audit")
+    audit_fsync: bool = False
+    public_url: str | None = None  # how Twilio/Telegram/email links reach us
+    ack_secret: str | None = None  # signs one-click ack links
+    twilio_auth_token: str | None = None  # validates X-Twilio-Signature
+    telegram_secret: str | None = None  # expected X-Telegram-Bot-Api-Secret-Token
+    embedded_worker: bool | None = None  # None: run the worker in-process unless Redis is set
+    lease_seconds: float = 30.0
+    poll_interval: float = 1.0
+    migrate_on_start: bool = True
+
+    @property
+    def run_embedded_worker(self) -> bool:
+        return self.embedded_worker if self.embedded_worker is not None else not self.redis_url
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        config = e.get("ACKLINE_CONFIG") or (
+            "ackline.yaml" if Path("ackline.yaml").exists() else ""
+        )
+        worker = e.get("ACKLINE_EMBEDDED_WORKER")
+        return cls(
+            database_url=e.get("ACKLINE_DATABASE_URL")
+            or e.get("DATABASE_URL")
+            or cls().database_url,
+            redis_url=e.get("REDIS_URL") or None,
+            redis_prefix=e.get("ACKLINE_REDIS_PREFIX", "ackline"),
+            config_path=Path(config) if config else None,
+            api_keys=parse_api_keys(e.get("ACKLINE_API_KEYS", "")),
+            audit_dir=Path(e.get("ACKLINE_AUDIT_DIR", "var/audit")),
+            audit_fsync=_bool(e.get("ACKLINE_AUDIT_FSYNC"), False),
+            public_url=e.get("ACKLINE_PUBLIC_URL") or None,
+            ack_secret=e.get("ACKLINE_ACK_SECRET") or None,
+            twilio_auth_token=e.get("TWILIO_AUTH_TOKEN") or None,
+            telegram_secret=e.get("TELEGRAM_WEBHOOK_SECRET") or None,
+            embedded_worker=None if worker in (None, "") else _bool(worker, True),
+            lease_seconds=float(e.get("ACKLINE_LEASE_SECONDS", "30")),
+            poll_interval=float(e.get("ACKLINE_POLL_INTERVAL", "1")),
+            migrate_on_start=_bool(e.get("ACKLINE_MIGRATE"), True),
+        )

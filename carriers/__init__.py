@@ -1,0 +1,1 @@
+"""Carrier trunks, rotation, health probing and failover."""

@@ -1,0 +1,1 @@
+"""Escalation chains, channels, retries, fallback, acknowledgements and audit."""

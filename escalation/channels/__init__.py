@@ -1,0 +1,1 @@
+"""Notification channels: voice, sms, telegram, telegram_voice, email, webhook."""

@@ -1,0 +1,75 @@
+"""The contract between the escalation engine and every notification channel.
+
+The engine decides who, when and how often; a channel only knows how to deliver one
+notification and report what happened, classified so the engine can retry, fall back or
+stop without knowing provider details.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class DeliveryStatus(str, enum.Enum):
+    """Outcome of one delivery attempt, as the engine needs it."""
+
+    DELIVERED = "delivered"  # handed to the provider/person; an ack may still come later
+    ACKNOWLEDGED = "acknowledged"  # acknowledged within the attempt (voice: pressed 1)
+    ESCALATE = "escalate"  # the recipient asked to escalate now (voice: pressed 2)
+    NOT_ACKNOWLEDGED = "not_acknowledged"  # reached, but no ack (no digit, wrong digits, voicemail)
+    FAILED_RETRYABLE = "failed_retryable"  # busy, no answer, 5xx, timeout, provider 429/5xx
+    FAILED_PERMANENT = "failed_permanent"  # invalid number, 4xx from provider, blocked chat
+    CANCELLED = "cancelled"  # stopped because the alert was acknowledged or resolved meanwhile
+
+
+@dataclass(frozen=True)
+class ContactPoint:
+    """Where a recipient can be reached; a channel uses the field it needs."""
+
+    recipient_id: str
+    name: str
+    phone: str | None = None  # E.164
+    telegram_chat_id: str | None = None
+    email: str | None = None
+    webhook_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One attempt to reach one recipient on one channel for one alert."""
+
+    notification_id: str  # uuid, stable across retries of the same attempt chain
+    alert_id: str
+    alert_short_id: str  # what a human types back ("ACK 7F3K")
+    channel: str
+    contact: ContactPoint
+    title: str
+    summary: str
+    severity: str
+    attempt: int  # 1-based within this channel's retry policy
+    ack_url: str | None = None  # signed one-click link (email/webhook)
+    details: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    status: DeliveryStatus
+    reason: str  # machine-readable cause, e.g. "busy", "sip_503", "telegram_403", "voicemail"
+    provider_id: str | None = None  # call id, Twilio SID, Telegram message id
+    details: Mapping[str, str] = field(default_factory=dict)
+
+
+class Channel(Protocol):
+    """A delivery mechanism. Implementations must never raise for provider failures:
+    they classify them into a DeliveryResult so the engine can decide."""
+
+    name: str
+
+    async def send(self, notification: Notification) -> DeliveryResult: ...
+
+    async def cancel(self, notification_id: str) -> None:
+        """Stop an in-flight delivery (hang up a ringing or answered call politely)."""
+        ...

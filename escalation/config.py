@@ -1,0 +1,441 @@
+"""Recipients, groups and escalation policies: the typed model and the YAML loader.
+
+The same pydantic models validate `ackline.yaml` and API payloads, so a policy that loads
+from a file is exactly a policy the API accepts. Every validation problem is reported with
+the path that caused it (``policies[0].steps[1].channels[0]: unknown channel 'fax'``) so an
+operator can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import phonenumbers
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# Which contact field each channel needs; a channel not listed here is not accepted.
+CHANNEL_CONTACT_FIELD: Mapping[str, str] = {
+    "voice": "phone",
+    "sms": "phone",
+    "telegram": "telegram_chat_id",
+    "telegram_voice": "telegram_chat_id",
+    "email": "email",
+    "webhook": "webhook_url",
+}
+KNOWN_CHANNELS = tuple(CHANNEL_CONTACT_FIELD)
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class ConfigError(ValueError):
+    """One or more problems in a configuration, each prefixed with where it is."""
+
+    def __init__(self, errors: Iterable[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("invalid configuration:\n  " + "\n  ".join(self.errors))
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like "90s", "5m", "1h30m" (YAML stays readable)."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        parts = _DURATION_PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"invalid duration {value!r}: use e.g. 30s, 5m, 1h30m")
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    else:
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def normalize_phone(value: str) -> str:
+    """E.164 only: a number without country code is ambiguous at 3 a.m."""
+    if not value.startswith("+"):
+        raise ValueError(f"phone {value!r} must be in E.164 form, e.g. +14155550123")
+    try:
+        parsed = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"phone {value!r} is not a phone number: {exc}") from None
+    if not phonenumbers.is_valid_number(parsed):
+        raise ValueError(f"phone {value!r} is not a valid number")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+class Backoff(enum.StrEnum):
+    LINEAR = "linear"
+    EXPONENTIAL = "exponential"
+
+
+class RetryPolicy(BaseModel):
+    """How one channel retries before handing over to its fallback.
+
+    Delay after failed attempt n (1-based): linear ``base * (1 + factor * (n - 1))``,
+    exponential ``base * factor ** (n - 1)``, both capped at ``max``. ``retry_on``, when
+    set, restricts retries to failures whose reason starts with one of the prefixes;
+    other failures go straight to the fallback (email: only SMTP 4xx are retried).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attempts: int = Field(default=1, ge=1, le=20)
+    backoff: Backoff = Backoff.EXPONENTIAL
+    base: Duration = 30.0
+    factor: float = Field(default=2.0, ge=0, le=10)
+    max: Duration = 600.0
+    fallback_channel: str | None = None
+    retry_on: tuple[str, ...] | None = None
+
+    @field_validator("fallback_channel")
+    @classmethod
+    def _known_fallback(cls, value: str | None) -> str | None:
+        if value is not None and value not in CHANNEL_CONTACT_FIELD:
+            raise ValueError(f"unknown channel {value!r} (known: {', '.join(KNOWN_CHANNELS)})")
+        return value
+
+    def delay(self, failed_attempt: int) -> float:
+        n = max(1, failed_attempt)
+        if self.backoff is Backoff.LINEAR:
+            raw = self.base * (1 + self.factor * (n - 1))
+        else:
+            raw = self.base * self.factor ** (n - 1)
+        return float(min(self.max, raw))
+
+    def retries(self, reason: str) -> bool:
+        """Whether a retryable failure with this reason may be retried on this channel."""
+        return self.retry_on is None or any(reason.startswith(p) for p in self.retry_on)
+
+
+# Shipped defaults: voice 3x exponential -> telegram_voice 2x linear -> sms 2x (the SMS
+# channel rotates providers between attempts); telegram 2x; email retries SMTP 4xx only.
+DEFAULT_RETRY: Mapping[str, RetryPolicy] = {
+    "voice": RetryPolicy(
+        attempts=3, backoff=Backoff.EXPONENTIAL, base=30, factor=2, max=300,
+        fallback_channel="telegram_voice",
+    ),
+    "telegram_voice": RetryPolicy(
+        attempts=2, backoff=Backoff.LINEAR, base=30, factor=1, max=120, fallback_channel="sms"
+    ),
+    "sms": RetryPolicy(attempts=2, backoff=Backoff.LINEAR, base=60, factor=1, max=300),
+    "telegram": RetryPolicy(attempts=2, backoff=Backoff.LINEAR, base=30, factor=1, max=120),
+    "email": RetryPolicy(
+        attempts=3, backoff=Backoff.EXPONENTIAL, base=60, factor=2, max=900, retry_on=("smtp_4",)
+    ),
+    "webhook": RetryPolicy(attempts=3, backoff=Backoff.EXPONENTIAL, base=10, factor=3, max=300),
+}  # fmt: skip
+
+
+def _slug(value: str, what: str) -> str:
+    if not _SLUG.match(value):
+        raise ValueError(
+            f"{what} {value!r} must be lowercase letters, digits, '_', '.', '-' (max 64)"
+        )
+    return value
+
+
+class Recipient(BaseModel):
+    """A person (or rota) and every way to reach them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    name: str = Field(min_length=1, max_length=200)
+    phone: str | None = None
+    telegram_chat_id: str | None = None
+    email: str | None = None
+    webhook_url: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        return _slug(value, "recipient id")
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_phone(value)
+
+    @field_validator("telegram_chat_id", mode="before")
+    @classmethod
+    def _chat(cls, value: object) -> str | None:
+        if value is None:
+            return None
+        text = str(value)
+        if not re.fullmatch(r"-?\d{1,20}|@[A-Za-z][A-Za-z0-9_]{4,31}", text):
+            raise ValueError(f"telegram chat id {text!r} must be a number or an @channel name")
+        return text
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value is not None and not _EMAIL.match(value):
+            raise ValueError(f"email {value!r} is not an address")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"webhook url {value!r} must be an http(s) URL")
+        return value
+
+    @model_validator(mode="after")
+    def _reachable(self) -> Recipient:
+        if not any(getattr(self, f) for f in set(CHANNEL_CONTACT_FIELD.values())):
+            raise ValueError(f"recipient {self.id!r} has no contact point")
+        return self
+
+    def reachable_on(self, channel: str) -> bool:
+        return getattr(self, CHANNEL_CONTACT_FIELD[channel]) is not None
+
+
+class Group(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    members: list[str] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _slug(value, "group name")
+
+
+class Step(BaseModel):
+    """Everyone targeted is notified on every listed channel at once; then wait `delay`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipients: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    channels: list[str] = Field(min_length=1)
+    delay: Duration = 300.0
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, value: list[str]) -> list[str]:
+        for ch in value:
+            if ch not in CHANNEL_CONTACT_FIELD:
+                raise ValueError(f"unknown channel {ch!r} (known: {', '.join(KNOWN_CHANNELS)})")
+        if len(set(value)) != len(value):
+            raise ValueError("a channel is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _targets(self) -> Step:
+        if not self.recipients and not self.groups:
+            raise ValueError("a step needs at least one recipient or group")
+        return self
+
+
+class Policy(BaseModel):
+    """Ordered steps, repeated `repeat` more times, bounded by hard caps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    steps: list[Step] = Field(min_length=1, max_length=50)
+    repeat: int = Field(default=0, ge=0, le=20)
+    max_duration: Duration = 4 * 3600.0
+    max_notifications: int = Field(default=100, ge=1, le=10_000)
+    retry: dict[str, RetryPolicy] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _slug(value, "policy name")
+
+    @field_validator("max_duration")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("max_duration must be positive")
+        return value
+
+    @field_validator("retry")
+    @classmethod
+    def _retry_channels(cls, value: dict[str, RetryPolicy]) -> dict[str, RetryPolicy]:
+        for ch in value:
+            if ch not in CHANNEL_CONTACT_FIELD:
+                raise ValueError(f"unknown channel {ch!r} (known: {', '.join(KNOWN_CHANNELS)})")
+        return value
+
+    def retry_for(self, defaults: Mapping[str, RetryPolicy]) -> dict[str, RetryPolicy]:
+        """The effective per-channel retry map: shipped < file defaults < this policy."""
+        return {**DEFAULT_RETRY, **defaults, **self.retry}
+
+
+class RateLimitMode(enum.StrEnum):
+    HOLD = "hold"  # delay the notification until the window has room
+    BUNDLE = "bundle"  # delay, then deliver held notifications together as one
+
+
+class RateLimit(BaseModel):
+    """At most `max` notifications per recipient on one channel within `window`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max: int = Field(ge=1, le=10_000)
+    window: Duration
+    mode: RateLimitMode = RateLimitMode.HOLD
+
+    @field_validator("window")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("window must be positive")
+        return value
+
+
+class AcklineConfig(BaseModel):
+    """The whole `ackline.yaml`; cross-references are checked by `validate_references`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    company: str = "default"
+    recipients: list[Recipient] = Field(default_factory=list)
+    groups: list[Group] = Field(default_factory=list)
+    policies: list[Policy] = Field(default_factory=list)
+    channel_defaults: dict[str, RetryPolicy] = Field(default_factory=dict)
+    # keys: a channel name, or "default" for every channel without its own entry
+    rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+
+    @field_validator("channel_defaults", "rate_limits")
+    @classmethod
+    def _channel_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for ch in value:
+            if ch != "default" and ch not in CHANNEL_CONTACT_FIELD:
+                raise ValueError(f"unknown channel {ch!r} (known: {', '.join(KNOWN_CHANNELS)})")
+        return value
+
+    def rate_limit_for(self, channel: str) -> RateLimit | None:
+        return self.rate_limits.get(channel) or self.rate_limits.get("default")
+
+
+def reference_errors(
+    policies: Iterable[tuple[str, Policy]],
+    recipients: Mapping[str, Recipient],
+    groups: Mapping[str, Group],
+    channel_defaults: Mapping[str, RetryPolicy],
+) -> list[str]:
+    """Problems a single model cannot see: dangling references, unreachable steps, cycles.
+
+    Shared by the file loader and the API so both reject the same things the same way.
+    """
+    errors: list[str] = []
+    for where, policy in policies:
+        for i, step in enumerate(policy.steps):
+            at = f"{where}.steps[{i}]"
+            for j, rid in enumerate(step.recipients):
+                if rid not in recipients:
+                    errors.append(f"{at}.recipients[{j}]: unknown recipient {rid!r}")
+            for j, gname in enumerate(step.groups):
+                if gname not in groups:
+                    errors.append(f"{at}.groups[{j}]: unknown group {gname!r}")
+        retry = policy.retry_for(channel_defaults)
+        for channel in retry:
+            seen = [channel]
+            nxt = retry[channel].fallback_channel
+            while nxt is not None:
+                if nxt in seen:
+                    chain = " -> ".join([*seen, nxt])
+                    errors.append(f"{where}.retry: fallback cycle {chain}")
+                    break
+                seen.append(nxt)
+                nxt = retry[nxt].fallback_channel if nxt in retry else None
+    return errors
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> list[str]:
+    """pydantic's errors as `path: message` lines, with the offending id when known."""
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        path = _loc(tuple(err["loc"]))
+        lines.append(f"{prefix}{path}: {msg}" if path else f"{prefix}{msg}")
+    return lines
+
+
+def parse_config(data: object, source: str = "<config>") -> AcklineConfig:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping"])
+    try:
+        cfg = AcklineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{source}: ")) from None
+    errors: list[str] = []
+    recipients: dict[str, Recipient] = {}
+    for i, r in enumerate(cfg.recipients):
+        if r.id in recipients:
+            errors.append(f"recipients[{i}]: duplicate recipient id {r.id!r}")
+        recipients[r.id] = r
+    groups: dict[str, Group] = {}
+    for i, g in enumerate(cfg.groups):
+        if g.name in groups:
+            errors.append(f"groups[{i}]: duplicate group {g.name!r}")
+        groups[g.name] = g
+        for j, member in enumerate(g.members):
+            if member not in recipients:
+                errors.append(f"groups[{i}].members[{j}]: unknown recipient {member!r}")
+    names: set[str] = set()
+    for i, p in enumerate(cfg.policies):
+        if p.name in names:
+            errors.append(f"policies[{i}]: duplicate policy {p.name!r}")
+        names.add(p.name)
+    errors += reference_errors(
+        ((f"policies[{i}]", p) for i, p in enumerate(cfg.policies)),
+        recipients,
+        groups,
+        cfg.channel_defaults,
+    )
+    if errors:
+        raise ConfigError(f"{source}: {e}" for e in errors)
+    return cfg
+
+
+def load_config(path: str | Path) -> AcklineConfig:
+    """Read and validate `ackline.yaml`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{p}: not valid YAML: {exc}"]) from None
+    return parse_config(data, str(p))

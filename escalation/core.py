@@ -1,0 +1,516 @@
+"""The sans-IO decision core: given an alert's chain state and one event, what happens next.
+
+Nothing here touches a clock, a database or a channel: the runner feeds events (start,
+step timer, delivery outcome, cap timer, ack/resolve) and applies the returned actions in
+one transaction. That keeps every rule of escalation in one place and unit-testable, and
+makes the audit trail a direct consequence of decisions.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from escalation.channels.base import ContactPoint, DeliveryStatus
+from escalation.config import CHANNEL_CONTACT_FIELD, Policy, RateLimit, Recipient, RetryPolicy
+from escalation.models import AlertState
+
+# ---------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Target:
+    recipient_id: str
+    channel: str
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    targets: tuple[Target, ...]
+    delay: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A policy resolved against recipients and groups, snapshotted when the alert starts,
+    so an edit to a policy never changes a chain already running."""
+
+    policy: str
+    steps: tuple[PlanStep, ...]
+    repeat: int
+    max_duration: float
+    max_notifications: int
+    retry: Mapping[str, RetryPolicy]
+    contacts: Mapping[str, ContactPoint]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "steps": [
+                {"targets": [[t.recipient_id, t.channel] for t in s.targets], "delay": s.delay}
+                for s in self.steps
+            ],
+            "repeat": self.repeat,
+            "max_duration": self.max_duration,
+            "max_notifications": self.max_notifications,
+            "retry": {ch: r.model_dump(mode="json") for ch, r in self.retry.items()},
+            "contacts": {rid: asdict(c) for rid, c in self.contacts.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        return cls(
+            policy=data["policy"],
+            steps=tuple(
+                PlanStep(tuple(Target(r, c) for r, c in s["targets"]), float(s["delay"]))
+                for s in data["steps"]
+            ),
+            repeat=int(data["repeat"]),
+            max_duration=float(data["max_duration"]),
+            max_notifications=int(data["max_notifications"]),
+            retry={ch: RetryPolicy.model_validate(r) for ch, r in data["retry"].items()},
+            contacts={rid: ContactPoint(**c) for rid, c in data["contacts"].items()},
+        )
+
+    def address(self, recipient_id: str, channel: str) -> str | None:
+        contact = self.contacts.get(recipient_id)
+        if contact is None or channel not in CHANNEL_CONTACT_FIELD:
+            return None
+        value = getattr(contact, CHANNEL_CONTACT_FIELD[channel])
+        return None if value is None else str(value)
+
+
+def build_plan(
+    policy: Policy,
+    recipients: Mapping[str, Recipient],
+    groups: Mapping[str, Sequence[str]],
+    channel_defaults: Mapping[str, RetryPolicy],
+) -> Plan:
+    """Expand groups into recipients (in order, without duplicates) for every step."""
+    steps = []
+    used: dict[str, Recipient] = {}
+    for step in policy.steps:
+        ids: list[str] = []
+        for rid in [*step.recipients, *(m for g in step.groups for m in groups.get(g, ()))]:
+            if rid in recipients and rid not in ids:
+                ids.append(rid)
+                used[rid] = recipients[rid]
+        targets = tuple(Target(rid, ch) for rid in ids for ch in step.channels)
+        steps.append(PlanStep(targets, step.delay))
+    return Plan(
+        policy=policy.name,
+        steps=tuple(steps),
+        repeat=policy.repeat,
+        max_duration=policy.max_duration,
+        max_notifications=policy.max_notifications,
+        retry=policy.retry_for(channel_defaults),
+        contacts={
+            rid: ContactPoint(
+                recipient_id=rid,
+                name=r.name,
+                phone=r.phone,
+                telegram_chat_id=r.telegram_chat_id,
+                email=r.email,
+                webhook_url=r.webhook_url,
+            )
+            for rid, r in used.items()
+        },
+    )
+
+
+# ---------------------------------------------------------------------------- chain state
+
+PENDING = "pending"  # scheduled or in flight
+DELIVERED = "delivered"  # handed over; a late failure report may still reopen it
+DONE = "done"
+
+
+@dataclass
+class NotifState:
+    recipient_id: str
+    channel: str
+    attempt: int
+    round: int
+    step: int
+    status: str = PENDING
+
+
+@dataclass
+class Chain:
+    """Where an alert's escalation stands; stored as JSON on the alert row."""
+
+    next_round: int = 0
+    next_step: int = 0
+    sent: int = 0  # notifications dispatched so far, for max_notifications
+    policy_done: bool = False  # the last step's delay has elapsed
+    notifs: dict[str, NotifState] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "next_round": self.next_round,
+            "next_step": self.next_step,
+            "sent": self.sent,
+            "policy_done": self.policy_done,
+            "notifs": {k: vars(n).copy() for k, n in self.notifs.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Chain:
+        if not data:
+            return cls()
+        return cls(
+            next_round=data["next_round"],
+            next_step=data["next_step"],
+            sent=data["sent"],
+            policy_done=data["policy_done"],
+            notifs={k: NotifState(**v) for k, v in data["notifs"].items()},
+        )
+
+    def pending(self) -> bool:
+        return any(n.status == PENDING for n in self.notifs.values())
+
+
+# ---------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Start:
+    pass
+
+
+@dataclass(frozen=True)
+class StepTimer:
+    round: int
+    step: int
+
+
+@dataclass(frozen=True)
+class CapTimer:
+    pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    notification_id: str
+    attempt: int
+    status: DeliveryStatus
+    reason: str
+
+
+@dataclass(frozen=True)
+class Close:
+    state: AlertState  # ACKNOWLEDGED or RESOLVED
+    actor: str
+    reason: str = ""
+
+
+Event = Start | StepTimer | CapTimer | Outcome | Close
+
+# ---------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Create attempt `attempt` of notification `notification_id`, due at `due_at`."""
+
+    notification_id: str
+    recipient_id: str
+    channel: str
+    attempt: int
+    round: int
+    step: int
+    due_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class ScheduleStep:
+    round: int
+    step: int
+    due_at: datetime
+
+
+@dataclass(frozen=True)
+class ScheduleCap:
+    due_at: datetime
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: AlertState
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CancelAll:
+    """Cancel every scheduled notification and timer; hang up the in-flight ones."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Audit:
+    event: str
+    status: str
+    reason: str = ""
+    notification_id: str | None = None
+    channel: str | None = None
+    attempt: int | None = None
+    recipient_id: str | None = None
+    round: int | None = None
+    step: int | None = None
+    actor: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["notification_uuid"] = data.pop("notification_id")
+        return data
+
+
+Action = Dispatch | ScheduleStep | ScheduleCap | Transition | CancelAll | Audit
+
+
+@dataclass
+class Decision:
+    chain: Chain
+    actions: list[Action]
+
+
+# ---------------------------------------------------------------------------- the rules
+
+_FAILED = {
+    DeliveryStatus.FAILED_RETRYABLE,
+    DeliveryStatus.FAILED_PERMANENT,
+    DeliveryStatus.NOT_ACKNOWLEDGED,
+}
+_OPEN = {AlertState.TRIGGERED}
+
+
+class _Decider:
+    def __init__(
+        self,
+        state: AlertState,
+        plan: Plan,
+        chain: Chain,
+        now: datetime,
+        new_id: Callable[[], str],
+    ) -> None:
+        self.state = state
+        self.plan = plan
+        self.chain = copy.deepcopy(chain)
+        self.now = now
+        self.new_id = new_id
+        self.actions: list[Action] = []
+
+    # -- helpers
+
+    def _after(self, round_: int, step: int) -> tuple[int, int]:
+        if step + 1 < len(self.plan.steps):
+            return round_, step + 1
+        return round_ + 1, 0
+
+    def _ended(self, round_: int) -> bool:
+        return round_ > self.plan.repeat
+
+    def _exhaust(self, reason: str) -> None:
+        self.actions += [
+            Transition(AlertState.EXHAUSTED, "engine", reason),
+            CancelAll(reason),
+            Audit("exhausted", AlertState.EXHAUSTED.value, reason, actor="engine"),
+        ]
+        self.state = AlertState.EXHAUSTED
+        for n in self.chain.notifs.values():
+            if n.status == PENDING:
+                n.status = DONE
+
+    def _maybe_finish(self) -> None:
+        if self.state in _OPEN and self.chain.policy_done and not self.chain.pending():
+            self._exhaust("policy_end")
+
+    def _dispatch(self, nid: str, n: NotifState, delay: float, reason: str) -> None:
+        if self.chain.sent >= self.plan.max_notifications:
+            self._exhaust("cap_notifications")
+            return
+        self.chain.sent += 1
+        self.chain.notifs[nid] = n
+        due = self.now + timedelta(seconds=delay)
+        self.actions.append(
+            Dispatch(nid, n.recipient_id, n.channel, n.attempt, n.round, n.step, due, reason)
+        )
+        self.actions.append(
+            Audit(
+                "scheduled", "scheduled", reason, nid, n.channel, n.attempt,
+                n.recipient_id, n.round, n.step,
+            )
+        )  # fmt: skip
+
+    def _fire(self, round_: int, step: int, why: str) -> None:
+        """Notify every target of the step at once, then arm the timer for what follows."""
+        if self._ended(round_):
+            self.chain.policy_done = True
+            self.actions.append(Audit("policy_end", "policy_end", why, round=round_))
+            self._maybe_finish()
+            return
+        plan_step = self.plan.steps[step]
+        self.actions.append(Audit("step", "fired", why, round=round_, step=step))
+        nxt = self._after(round_, step)
+        self.chain.next_round, self.chain.next_step = nxt
+        for t in plan_step.targets:
+            if self.state not in _OPEN:
+                return
+            if self.plan.address(t.recipient_id, t.channel) is None:
+                self.actions.append(
+                    Audit("skipped", "skipped", "no_contact", channel=t.channel,
+                          recipient_id=t.recipient_id, round=round_, step=step)
+                )  # fmt: skip
+                continue
+            n = NotifState(t.recipient_id, t.channel, 1, round_, step)
+            self._dispatch(self.new_id(), n, 0.0, f"step:{round_}.{step}")
+        if self.state in _OPEN:
+            self.actions.append(
+                ScheduleStep(nxt[0], nxt[1], self.now + timedelta(seconds=plan_step.delay))
+            )
+
+    def _fallback(self, nid: str, n: NotifState, why: str) -> None:
+        n.status = DONE
+        policy = self.plan.retry.get(n.channel)
+        fb = policy.fallback_channel if policy else None
+        while fb is not None and self.plan.address(n.recipient_id, fb) is None:
+            self.actions.append(
+                Audit("fallback_skipped", "skipped", f"no_contact:{fb}", nid, fb,
+                      recipient_id=n.recipient_id, round=n.round, step=n.step)
+            )  # fmt: skip
+            nxt = self.plan.retry.get(fb)
+            fb = nxt.fallback_channel if nxt else None
+        if fb is None:
+            self.actions.append(
+                Audit("channel_exhausted", "gave_up", why, nid, n.channel, n.attempt,
+                      n.recipient_id, n.round, n.step)
+            )  # fmt: skip
+            self._maybe_finish()
+            return
+        new = NotifState(n.recipient_id, fb, 1, n.round, n.step)
+        new_id = self.new_id()
+        self.actions.append(
+            Audit("fallback", "fallback", f"{n.channel}->{fb}:{why}", nid, n.channel,
+                  n.attempt, n.recipient_id, n.round, n.step)
+        )  # fmt: skip
+        self._dispatch(new_id, new, 0.0, f"fallback:{n.channel}:{why}")
+
+    # -- events
+
+    def start(self) -> None:
+        self.actions.append(ScheduleCap(self.now + timedelta(seconds=self.plan.max_duration)))
+        self._fire(0, 0, "start")
+
+    def step_timer(self, ev: StepTimer) -> None:
+        if (ev.round, ev.step) != (self.chain.next_round, self.chain.next_step):
+            return  # an escalation already fired this step: the timer is stale
+        self._fire(ev.round, ev.step, "timer")
+
+    def outcome(self, ev: Outcome) -> None:
+        n = self.chain.notifs.get(ev.notification_id)
+        if n is None or n.attempt != ev.attempt:
+            return
+        late_failure = n.status == DELIVERED and ev.status in _FAILED
+        if n.status != PENDING and not late_failure:
+            return
+        where = (ev.notification_id, n.channel, n.attempt, n.recipient_id, n.round, n.step)
+        nid = ev.notification_id
+        if ev.status is DeliveryStatus.ACKNOWLEDGED:
+            n.status = DONE
+            self.close(Close(AlertState.ACKNOWLEDGED, f"{n.channel}:{n.recipient_id}", ev.reason))
+        elif ev.status is DeliveryStatus.DELIVERED:
+            n.status = DELIVERED
+            self._maybe_finish()
+        elif ev.status is DeliveryStatus.ESCALATE:
+            n.status = DONE
+            self.actions.append(Audit("escalate", "escalate", ev.reason, *where))
+            self._fire(self.chain.next_round, self.chain.next_step, "escalate")
+        elif ev.status is DeliveryStatus.CANCELLED:
+            n.status = DONE
+            self._maybe_finish()
+        elif ev.status is DeliveryStatus.FAILED_PERMANENT:
+            self._fallback(nid, n, ev.reason)
+        else:  # FAILED_RETRYABLE, NOT_ACKNOWLEDGED
+            policy = self.plan.retry.get(n.channel)
+            retryable = policy is not None and n.attempt < policy.attempts
+            if retryable and ev.status is DeliveryStatus.FAILED_RETRYABLE and policy:
+                retryable = policy.retries(ev.reason)
+            if not retryable or policy is None:
+                self._fallback(nid, n, ev.reason)
+                return
+            n.status = DONE
+            delay = policy.delay(n.attempt)
+            self.actions.append(Audit("retry", "retry", f"{ev.reason}:in_{delay:g}s", *where))
+            retry = NotifState(n.recipient_id, n.channel, n.attempt + 1, n.round, n.step)
+            self._dispatch(nid, retry, delay, f"retry:{ev.reason}")
+
+    def cap(self) -> None:
+        self._exhaust("cap_duration")
+
+    def close(self, ev: Close) -> None:
+        allowed = {
+            AlertState.ACKNOWLEDGED: {AlertState.TRIGGERED, AlertState.EXHAUSTED},
+            AlertState.RESOLVED: {
+                AlertState.TRIGGERED, AlertState.ACKNOWLEDGED, AlertState.EXHAUSTED,
+            },
+        }[ev.state]  # fmt: skip
+        if self.state not in allowed:
+            self.actions.append(
+                Audit("ignored", ev.state.value, f"already_{self.state.value}", actor=ev.actor)
+            )
+            return
+        was_open = self.state in _OPEN
+        self.state = ev.state
+        self.actions.append(Transition(ev.state, ev.actor, ev.reason))
+        if was_open:
+            self.actions.append(CancelAll(ev.state.value))
+            for n in self.chain.notifs.values():
+                if n.status == PENDING:
+                    n.status = DONE
+        event = "ack" if ev.state is AlertState.ACKNOWLEDGED else "resolve"
+        self.actions.append(Audit(event, ev.state.value, ev.reason, actor=ev.actor))
+
+
+def decide(
+    state: AlertState,
+    plan: Plan,
+    chain: Chain,
+    event: Event,
+    now: datetime,
+    new_id: Callable[[], str],
+) -> Decision:
+    """Apply one event to an alert; returns the new chain state and what to do.
+
+    Only `Close` acts on a closed alert: a timer or an outcome arriving after the ack
+    changes nothing, which is what makes "nothing fires after the ack" hold.
+    """
+    d = _Decider(state, plan, chain, now, new_id)
+    if isinstance(event, Close):
+        d.close(event)
+    elif state in _OPEN:
+        if isinstance(event, Start):
+            d.start()
+        elif isinstance(event, StepTimer):
+            d.step_timer(event)
+        elif isinstance(event, CapTimer):
+            d.cap()
+        else:
+            d.outcome(event)
+    return Decision(d.chain, d.actions)
+
+
+def rate_limit_release(
+    recent_sends: Sequence[datetime], limit: RateLimit, now: datetime
+) -> datetime | None:
+    """None if one more notification fits in the window, else when the next slot opens."""
+    window = timedelta(seconds=limit.window)
+    inside = sorted(t for t in recent_sends if t > now - window)
+    if len(inside) < limit.max:
+        return None
+    return inside[len(inside) - limit.max] + window

@@ -1,0 +1,102 @@
+"""Database engine, sessions and migrations for SQLite (embedded) and PostgreSQL.
+
+SQLite transactions start with BEGIN IMMEDIATE so a transaction that reads an alert and
+then writes it holds the write lock from its first statement: the same serialisation
+PostgreSQL gets from `SELECT ... FOR UPDATE` on the alert row, without SQLITE_BUSY
+upgrade failures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def async_url(url: str) -> str:
+    """Accept plain `sqlite:///` / `postgresql://` URLs and pick the async drivers."""
+    for plain, driver in (
+        ("sqlite://", "sqlite+aiosqlite://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain) :]
+    return url
+
+
+class Database:
+    """One async engine plus a session factory; `migrate()` brings the schema to head."""
+
+    def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
+        self.url = async_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.is_sqlite:
+            # One connection: in-process transactions queue on the pool (an asyncio wait)
+            # instead of sleeping in SQLite's busy handler, which backs off up to 100 ms.
+            kwargs.update(connect_args={"timeout": 30}, pool_size=1, max_overflow=0)
+        else:
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            _sqlite_immediate_transactions(self.engine)
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> AsyncSession:
+        return self.sessionmaker()
+
+    async def migrate(self, revision: str = "head") -> None:
+        """Upgrade the schema; concurrent starters on PostgreSQL wait on an advisory lock."""
+        async with self.engine.begin() as conn:
+            if not self.is_sqlite:
+                key = int.from_bytes(hashlib.sha256(b"ackline-migrate").digest()[:4], "big")
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            await conn.run_sync(run_migrations, revision)
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def run_migrations(connection: Connection, revision: str = "head") -> None:
+    command.upgrade(alembic_config(connection), revision)
+
+
+def _sqlite_immediate_transactions(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,892 @@
+"""The engine's transactions: ingest, timers and claims, results, ack/resolve.
+
+Every transaction that touches an alert's chain first locks the alert row, runs the
+decision core and applies its actions before committing; side effects that cannot be
+rolled back (audit lines, wake-ups, hanging up calls) happen only after the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from escalation import metrics
+from escalation.audit import AuditLog
+from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
+from escalation.channels.signing import sign_ack
+from escalation.config import Policy, RateLimit, RateLimitMode, Recipient, RetryPolicy
+from escalation.core import (
+    Audit,
+    CancelAll,
+    CapTimer,
+    Chain,
+    Close,
+    Dispatch,
+    Event,
+    Outcome,
+    Plan,
+    ScheduleCap,
+    ScheduleStep,
+    Start,
+    StepTimer,
+    Transition,
+    build_plan,
+    decide,
+    rate_limit_release,
+)
+from escalation.db import Database
+from escalation.models import (
+    Alert,
+    AlertState,
+    GroupRow,
+    IdempotencyKey,
+    Job,
+    JobKind,
+    NotificationAttempt,
+    PolicyRow,
+    RecipientRow,
+    utcnow,
+)
+
+_SHORT_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: read aloud and typed
+_MAX_DETAILS_BYTES = 16_384
+_INFLIGHT = "sending"
+_PLAN_CACHE_SIZE = 20_000
+Severity = Literal["critical", "high", "medium", "low", "info"]
+
+
+class AlertIn(BaseModel):
+    """Body of POST /v1/alerts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(min_length=1, max_length=300)
+    summary: str = Field(default="", max_length=4000)
+    severity: Severity = "critical"
+    policy: str = Field(min_length=1, max_length=64)
+    dedup_key: str | None = Field(default=None, min_length=1, max_length=255)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("details")
+    @classmethod
+    def _small(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, default=str)) > _MAX_DETAILS_BYTES:
+            raise ValueError(f"details must serialise to at most {_MAX_DETAILS_BYTES} bytes")
+        return value
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Who asked, from where: copied into every audit line the request causes."""
+
+    actor: str
+    ip: str | None = None
+    request_id: str | None = None
+
+
+ENGINE = RequestContext("engine")
+
+
+class UnknownPolicy(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """After an ack/resolve commit: hang up these in-flight notifications of the alert."""
+
+    alert_id: str
+    notifications: tuple[tuple[str, str], ...]  # (notification id, channel)
+    committed_at: float  # time.time() of the commit, for cancel latency
+
+
+class Bus(Protocol):
+    """How committed changes reach workers (in-process event or Redis)."""
+
+    async def jobs_added(self, jobs: Sequence[tuple[int, datetime]]) -> None: ...
+
+    async def alert_closed(self, request: CancelRequest) -> None: ...
+
+
+@dataclass
+class EngineConfig:
+    channel_defaults: Mapping[str, RetryPolicy] = field(default_factory=dict)
+    rate_limits: Mapping[str, RateLimit] = field(default_factory=dict)
+    public_url: str | None = None  # base for signed one-click ack links
+    ack_secret: str | None = None
+    ack_link_ttl: float = 7 * 86400.0
+    lease_seconds: float = 30.0
+    plan_ttl: float = 2.0  # how long a resolved policy is reused for new alerts
+
+    def rate_limit_for(self, channel: str) -> RateLimit | None:
+        return self.rate_limits.get(channel) or self.rate_limits.get("default")
+
+
+@dataclass
+class SendTask:
+    """A claimed notification attempt, owned by one worker until its result is recorded."""
+
+    job_id: int
+    attempt_row: int
+    company: str
+    due_at: datetime
+    notification: Notification
+    bundled: list[SendTask] = field(default_factory=list)
+
+
+@dataclass
+class IngestResult:
+    alert: Alert
+    created: bool
+    deduplicated: bool = False
+
+
+@dataclass
+class NewJob:
+    """A job this transaction created or re-timed; the bus learns about unowned ones."""
+
+    id: int
+    alert_id: str
+    kind: str
+    due_at: datetime
+    owned: bool = False
+
+
+def _job_row(
+    alert_id: str, kind: JobKind, payload: dict[str, Any], due: datetime, now: datetime
+) -> dict[str, Any]:
+    return {"alert_id": alert_id, "kind": kind.value, "payload": payload, "due_at": due,
+            "created_at": now, "attempts": 0, "done": False}  # fmt: skip
+
+
+@dataclass
+class _Effects:
+    """What to do once the transaction has committed."""
+
+    audit: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    jobs: list[NewJob] = field(default_factory=list)
+    cancels: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
+    closed: list[str] = field(default_factory=list)
+
+
+def short_id() -> str:
+    return "".join(secrets.choice(_SHORT_ALPHABET) for _ in range(6))
+
+
+def api_key_hash(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class Engine:
+    def __init__(
+        self,
+        db: Database,
+        audit: AuditLog,
+        bus: Bus,
+        config: EngineConfig | None = None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.db = db
+        self.audit = audit
+        self.bus = bus
+        self.config = config or EngineConfig()
+        self.clock = clock
+        self._plans_by_alert: OrderedDict[str, Plan] = OrderedDict()
+        self._policy_plans: dict[tuple[str, str], tuple[float, Plan, dict[str, Any]]] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _audit(
+        self, fx: _Effects, alert: Alert, ctx: RequestContext, now: datetime, **rec: Any
+    ) -> None:
+        rec.setdefault("actor", ctx.actor)
+        fx.audit[alert.company].append(
+            {
+                "ts": now.isoformat(),
+                "alert_id": alert.id,
+                "ip": ctx.ip,
+                "request_id": ctx.request_id,
+                "short_id": alert.short_id,
+                "company": alert.company,
+                **rec,
+            }
+        )
+
+    async def _decide(
+        self,
+        s: AsyncSession,
+        alert: Alert,
+        event: Event,
+        now: datetime,
+        ctx: RequestContext,
+        fx: _Effects,
+    ) -> None:
+        """Run the core on a locked alert and stage its actions in the transaction.
+
+        New attempts and jobs go in as bulk Core inserts: building ORM objects for them
+        was most of the CPU cost of an ingest."""
+        plan = self._parsed_plan(alert)
+        decision = decide(
+            AlertState(alert.state),
+            plan,
+            Chain.from_json(alert.chain),
+            event,
+            now,
+            lambda: str(uuid.uuid4()),
+        )
+        alert.chain = decision.chain.to_json()
+        alert.updated_at = now
+        attempts: list[dict[str, Any]] = []
+        jobs: list[dict[str, Any]] = []
+        for a in decision.actions:
+            if isinstance(a, Dispatch):
+                attempts.append({
+                    "company": alert.company, "alert_id": alert.id,
+                    "notification_id": a.notification_id, "attempt": a.attempt,
+                    "channel": a.channel, "recipient_id": a.recipient_id,
+                    "address": plan.address(a.recipient_id, a.channel), "round": a.round,
+                    "step": a.step, "status": "scheduled", "reason": a.reason,
+                    "scheduled_for": a.due_at,
+                })  # fmt: skip
+                payload = {"nid": a.notification_id, "attempt": a.attempt}
+                jobs.append(_job_row(alert.id, JobKind.SEND, payload, a.due_at, now))
+            elif isinstance(a, ScheduleStep):
+                payload = {"round": a.round, "step": a.step}
+                jobs.append(_job_row(alert.id, JobKind.STEP, payload, a.due_at, now))
+            elif isinstance(a, ScheduleCap):
+                jobs.append(_job_row(alert.id, JobKind.CAP, {}, a.due_at, now))
+            elif isinstance(a, Transition):
+                self._transition(alert, a, now)
+                fx.closed.append(a.state.value)
+            elif isinstance(a, CancelAll):
+                await self._insert(s, attempts, jobs, fx)
+                fx.cancels.append((alert.id, await self._cancel_all(s, alert.id, now)))
+            else:
+                assert isinstance(a, Audit)
+                rec = a.record()
+                if rec["actor"] is None:
+                    rec["actor"] = ctx.actor
+                self._audit(fx, alert, ctx, now, **rec)
+        await self._insert(s, attempts, jobs, fx)
+
+    @staticmethod
+    async def _insert(
+        s: AsyncSession, attempts: list[dict[str, Any]], jobs: list[dict[str, Any]], fx: _Effects
+    ) -> None:
+        if attempts:
+            await s.execute(insert(NotificationAttempt), attempts)
+            attempts.clear()
+        if jobs:
+            res = await s.execute(
+                insert(Job).returning(col(Job.id), sort_by_parameter_order=True), jobs
+            )
+            for job_id, row in zip(res.scalars(), jobs, strict=True):
+                assert job_id is not None
+                fx.jobs.append(NewJob(job_id, row["alert_id"], row["kind"], row["due_at"]))
+            jobs.clear()
+
+    @staticmethod
+    def _transition(alert: Alert, t: Transition, now: datetime) -> None:
+        alert.state = t.state.value
+        alert.close_reason = t.reason or t.state.value
+        if t.state is AlertState.ACKNOWLEDGED:
+            alert.acknowledged_at, alert.acked_by = now, t.actor
+        elif t.state is AlertState.RESOLVED:
+            alert.resolved_at, alert.resolved_by = now, t.actor
+            alert.open_dedup_key = None
+        elif t.state is AlertState.EXHAUSTED:
+            alert.exhausted_at = now
+            alert.open_dedup_key = None
+
+    async def _cancel_all(
+        self, s: AsyncSession, alert_id: str, now: datetime
+    ) -> list[tuple[str, str]]:
+        """Cancel every scheduled job/attempt of the alert; return the ones in flight."""
+        await s.flush()
+        await s.execute(
+            update(Job)
+            .where(col(Job.alert_id) == alert_id, col(Job.done).is_(False))
+            .values(done=True, outcome="cancelled")
+        )
+        await s.execute(
+            update(NotificationAttempt)
+            .where(
+                col(NotificationAttempt.alert_id) == alert_id,
+                col(NotificationAttempt.status).in_(("scheduled", "held")),
+            )
+            .values(status="cancelled", reason="alert_closed", finished_at=now)
+        )
+        rows = await s.execute(
+            select(
+                col(NotificationAttempt.notification_id), col(NotificationAttempt.channel)
+            ).where(
+                col(NotificationAttempt.alert_id) == alert_id,
+                col(NotificationAttempt.status) == _INFLIGHT,
+            )
+        )
+        return [(nid, ch) for nid, ch in rows.all()]
+
+    async def _after_commit(self, fx: _Effects) -> None:
+        for company, records in fx.audit.items():
+            self.audit.write(company, records)
+        waiting = [(j.id, j.due_at) for j in fx.jobs if not j.owned]
+        if waiting:
+            await self.bus.jobs_added(waiting)
+        for state in fx.closed:
+            metrics.ALERTS_CLOSED.labels(state).inc()
+        committed = time.time()
+        for alert_id, inflight in fx.cancels:
+            await self.bus.alert_closed(CancelRequest(alert_id, tuple(inflight), committed))
+
+    async def _lock_alert(self, s: AsyncSession, alert_id: str) -> Alert | None:
+        result = await s.execute(select(Alert).where(col(Alert.id) == alert_id).with_for_update())
+        return result.scalar_one_or_none()
+
+    # ------------------------------------------------------------------ ingest
+
+    def _parsed_plan(self, alert: Alert) -> Plan:
+        """Plans are immutable per alert, so parse each once (the hot path of every tx)."""
+        plan = self._plans_by_alert.get(alert.id)
+        if plan is None:
+            plan = Plan.from_json(alert.plan)
+            self._plans_by_alert[alert.id] = plan
+            if len(self._plans_by_alert) > _PLAN_CACHE_SIZE:
+                self._plans_by_alert.popitem(last=False)
+        return plan
+
+    def invalidate_plans(self, company: str) -> None:
+        """Forget resolved policies after a policy/recipient/group change in this process."""
+        for key in [k for k in self._policy_plans if k[0] == company]:
+            del self._policy_plans[key]
+
+    async def _plan(
+        self, s: AsyncSession, company: str, policy_name: str
+    ) -> tuple[Plan, dict[str, Any]]:
+        """The resolved policy; cached for `plan_ttl` seconds so ingest stays cheap
+        (another process's edit applies to new alerts within that time)."""
+        key = (company, policy_name)
+        cached = self._policy_plans.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1], cached[2]
+        plan = await self._load_plan(s, company, policy_name)
+        data = plan.to_json()
+        self._policy_plans[key] = (time.monotonic() + self.config.plan_ttl, plan, data)
+        return plan, data
+
+    async def _load_plan(self, s: AsyncSession, company: str, policy_name: str) -> Plan:
+        row = await s.get(PolicyRow, (company, policy_name))
+        if row is None:
+            raise UnknownPolicy(policy_name)
+        policy = Policy.model_validate(row.spec)
+        group_names = {g for step in policy.steps for g in step.groups}
+        groups: dict[str, list[str]] = {}
+        if group_names:
+            res = await s.execute(
+                select(GroupRow).where(
+                    col(GroupRow.company) == company, col(GroupRow.name).in_(group_names)
+                )
+            )
+            groups = {g.name: list(g.members) for g in res.scalars()}
+        ids = {r for step in policy.steps for r in step.recipients}
+        ids |= {m for members in groups.values() for m in members}
+        res2 = await s.execute(
+            select(RecipientRow).where(
+                col(RecipientRow.company) == company, col(RecipientRow.id).in_(ids)
+            )
+        )
+        recipients = {
+            r.id: Recipient.model_validate(r.model_dump(exclude={"company", "updated_at"}))
+            for r in res2.scalars()
+        }
+        return build_plan(policy, recipients, groups, self.config.channel_defaults)
+
+    async def ingest(
+        self,
+        company: str,
+        api_key: str,
+        idempotency_key: str | None,
+        body: AlertIn,
+        ctx: RequestContext,
+    ) -> IngestResult:
+        """Commit the alert and its first step before returning; duplicates page nobody.
+
+        A concurrent duplicate collides on the idempotency (or open dedup key) constraint;
+        the loser rolls back and finds the winner's alert on the next pass.
+        """
+        key_hash = api_key_hash(api_key)
+        for _ in range(5):
+            fx = _Effects()
+            try:
+                async with self.db.session() as s, s.begin():
+                    result = await self._ingest_tx(
+                        s, company, key_hash, idempotency_key, body, ctx, fx
+                    )
+            except IntegrityError:
+                continue
+            await self._after_commit(fx)
+            outcome = "created" if result.created else "deduplicated"
+            metrics.ALERTS_INGESTED.labels(outcome).inc()
+            return result
+        raise RuntimeError("ingest kept colliding; giving up")
+
+    async def _ingest_tx(
+        self,
+        s: AsyncSession,
+        company: str,
+        key_hash: str,
+        idempotency_key: str | None,
+        body: AlertIn,
+        ctx: RequestContext,
+        fx: _Effects,
+    ) -> IngestResult:
+        now = self.clock()
+        if idempotency_key is not None:
+            seen = await s.get(IdempotencyKey, (key_hash, idempotency_key))
+            if seen is not None:
+                alert = await s.get(Alert, seen.alert_id)
+                assert alert is not None
+                return IngestResult(alert, created=False)
+        if body.dedup_key is not None:
+            res = await s.execute(
+                select(Alert)
+                .where(col(Alert.company) == company, col(Alert.open_dedup_key) == body.dedup_key)
+                .with_for_update()
+            )
+            existing = res.scalar_one_or_none()
+            if existing is not None:
+                existing.dup_count += 1
+                self._remember_key(s, key_hash, idempotency_key, existing.id, now)
+                self._audit(
+                    fx, existing, ctx, now, event="deduplicated", status=existing.state,
+                    reason=f"dedup_key:{body.dedup_key}",
+                )  # fmt: skip
+                return IngestResult(existing, created=False, deduplicated=True)
+        plan, plan_json = await self._plan(s, company, body.policy)
+        alert = Alert(
+            id=str(uuid.uuid4()),
+            company=company,
+            short_id=short_id(),
+            title=body.title,
+            summary=body.summary,
+            severity=body.severity,
+            policy=body.policy,
+            dedup_key=body.dedup_key,
+            open_dedup_key=body.dedup_key,
+            details=body.details,
+            state=AlertState.TRIGGERED.value,
+            plan=plan_json,
+            chain=Chain().to_json(),
+            created_at=now,
+            updated_at=now,
+        )
+        s.add(alert)
+        self._plans_by_alert[alert.id] = plan
+        self._remember_key(s, key_hash, idempotency_key, alert.id, now)
+        self._audit(
+            fx, alert, ctx, now, event="created", status="triggered", reason=body.policy,
+            severity=body.severity, title=body.title,
+        )  # fmt: skip
+        await self._decide(s, alert, Start(), now, ctx, fx)
+        await s.flush()
+        return IngestResult(alert, created=True)
+
+    @staticmethod
+    def _remember_key(
+        s: AsyncSession, key_hash: str, idem: str | None, alert_id: str, now: datetime
+    ) -> None:
+        if idem is not None:
+            s.add(
+                IdempotencyKey(
+                    api_key_hash=key_hash, idempotency_key=idem, alert_id=alert_id, created_at=now
+                )
+            )
+
+    # ------------------------------------------------------------------ ack / resolve
+
+    async def close(
+        self,
+        alert_id: str,
+        state: AlertState,
+        ctx: RequestContext,
+        *,
+        company: str | None = None,
+        reason: str = "",
+    ) -> Alert | None:
+        """Ack or resolve: one commit cancels every scheduled notification of the alert;
+        in-flight ones are hung up right after. None if the alert does not exist."""
+        fx = _Effects()
+        async with self.db.session() as s, s.begin():
+            alert = await self._lock_alert(s, alert_id)
+            if alert is None or (company is not None and alert.company != company):
+                return None
+            await self._decide(s, alert, Close(state, ctx.actor, reason), self.clock(), ctx, fx)
+        await self._after_commit(fx)
+        return alert
+
+    async def ack_by_address(
+        self, address: str, channels: Sequence[str], short: str | None, ctx: RequestContext
+    ) -> Alert | None:
+        """Ack from a reply (SMS "1" / "ACK 7F3K"): only an alert this address was paged for."""
+        query = (
+            select(col(NotificationAttempt.alert_id))
+            .join(Alert, col(Alert.id) == col(NotificationAttempt.alert_id))
+            .where(
+                col(NotificationAttempt.address) == address,
+                col(NotificationAttempt.channel).in_(channels),
+                col(Alert.state) == AlertState.TRIGGERED.value,
+            )
+            .order_by(col(NotificationAttempt.id).desc())
+            .limit(1)
+        )
+        if short is not None:
+            query = query.where(col(Alert.short_id) == short.upper())
+        async with self.db.session() as s:
+            alert_id = (await s.execute(query)).scalar_one_or_none()
+        if alert_id is None:
+            return None
+        return await self.close(alert_id, AlertState.ACKNOWLEDGED, ctx, reason="reply")
+
+    async def was_notified(self, alert_id: str, channels: Sequence[str]) -> bool:
+        async with self.db.session() as s:
+            n = await s.scalar(
+                select(func.count())
+                .select_from(NotificationAttempt)
+                .where(
+                    col(NotificationAttempt.alert_id) == alert_id,
+                    col(NotificationAttempt.channel).in_(channels),
+                )
+            )
+        return bool(n)
+
+    # ------------------------------------------------------------------ worker side
+
+    async def claim(self, owner: str, limit: int) -> list[SendTask]:
+        """Claim due jobs: run due timers inline, lease due sends to `owner`.
+
+        Jobs of an alert that is no longer `triggered` are closed here, in the same
+        transaction that checks the state under the alert's row lock: no send is claimed
+        after an ack has committed.
+        """
+        now = self.clock()
+        fx = _Effects()
+        async with self.db.session() as s, s.begin():
+            cand = (
+                await s.execute(
+                    select(col(Job.id), col(Job.alert_id))
+                    .where(
+                        col(Job.done).is_(False),
+                        col(Job.due_at) <= now,
+                        or_(col(Job.lease_until).is_(None), col(Job.lease_until) < now),
+                    )
+                    .order_by(col(Job.due_at))
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            if not cand:
+                return []
+            res = await s.execute(
+                select(Alert)
+                .where(col(Alert.id).in_({a for _, a in cand}))
+                .order_by(col(Alert.id))
+                .with_for_update(skip_locked=True)
+            )
+            alerts = {a.id: a for a in res.scalars()}
+            job_ids = [j for j, a in cand if a in alerts]
+            jobs = list(
+                (
+                    await s.execute(
+                        select(Job)
+                        .where(col(Job.id).in_(job_ids))
+                        .order_by(col(Job.due_at), col(Job.id))
+                    )
+                ).scalars()
+            )
+            sends: list[Job] = []
+            for job in jobs:
+                alert = alerts[job.alert_id]
+                if job.done:
+                    continue
+                if alert.state != AlertState.TRIGGERED.value:
+                    job.done, job.outcome = True, "cancelled"
+                elif job.kind == JobKind.SEND.value:
+                    sends.append(job)
+                else:
+                    job.done, job.outcome, job.owner = True, "done", owner
+                    event: Event = (
+                        StepTimer(**job.payload) if job.kind == JobKind.STEP.value else CapTimer()
+                    )
+                    await self._decide(s, alert, event, now, ENGINE, fx)
+            # sends created by the timers above and due now are claimed right away
+            fresh = [
+                j
+                for j in fx.jobs
+                if j.kind == JobKind.SEND.value
+                and j.due_at <= now
+                and alerts[j.alert_id].state == AlertState.TRIGGERED.value
+            ]
+            if fresh:
+                for j in fresh:
+                    j.owned = True
+                more = await s.execute(select(Job).where(col(Job.id).in_([j.id for j in fresh])))
+                sends += list(more.scalars())
+            tasks = await self._lease_sends(s, sends, alerts, owner, now, fx)
+        await self._after_commit(fx)
+        return tasks
+
+    async def _lease_sends(
+        self,
+        s: AsyncSession,
+        sends: list[Job],
+        alerts: Mapping[str, Alert],
+        owner: str,
+        now: datetime,
+        fx: _Effects,
+    ) -> list[SendTask]:
+        if not sends:
+            return []
+        res = await s.execute(
+            select(NotificationAttempt).where(
+                col(NotificationAttempt.notification_id).in_({j.payload["nid"] for j in sends})
+            )
+        )
+        rows = {(r.notification_id, r.attempt): r for r in res.scalars()}
+        lease = now + timedelta(seconds=self.config.lease_seconds)
+        sent_in_batch: dict[tuple[str, str, str], list[datetime]] = {}
+        carriers: dict[tuple[str, str, str], SendTask] = {}
+        tasks: list[SendTask] = []
+        for job in sends:
+            alert = alerts[job.alert_id]
+            row = rows[(job.payload["nid"], job.payload["attempt"])]
+            key = (alert.company, row.recipient_id, row.channel)
+            limit = self.config.rate_limit_for(row.channel)
+            if limit is not None:
+                if key not in sent_in_batch:
+                    sent_in_batch[key] = await self._recent_sends(s, key, limit, now)
+                release = rate_limit_release(sent_in_batch[key], limit, now)
+                if release is not None and not (
+                    limit.mode is RateLimitMode.BUNDLE and key in carriers
+                ):
+                    job.due_at, job.owner, job.lease_until = release, None, None
+                    row.status, row.scheduled_for = "held", release
+                    fx.jobs.append(NewJob(job.id or 0, job.alert_id, job.kind, release))
+                    self._audit(
+                        fx, alert, ENGINE, now, event="held", status="held",
+                        reason=f"rate_limit:{limit.max}/{limit.window:g}s",
+                        notification_uuid=row.notification_id, channel=row.channel,
+                        attempt=row.attempt, recipient_id=row.recipient_id,
+                        released_at=release.isoformat(),
+                    )  # fmt: skip
+                    metrics.RATE_LIMITED.labels("hold").inc()
+                    continue
+            job.owner, job.lease_until, job.attempts = owner, lease, job.attempts + 1
+            row.status = _INFLIGHT
+            task = SendTask(job.id or 0, row.id or 0, alert.company, job.due_at,
+                            self._notification(alert, row))  # fmt: skip
+            if (
+                limit is not None
+                and key in carriers
+                and rate_limit_release(sent_in_batch[key], limit, now)
+            ):
+                # rides along with the carrier: no sent_at, so it is not counted as a send
+                carriers[key].bundled.append(task)
+                metrics.RATE_LIMITED.labels("bundle").inc()
+                event = "bundled"
+            else:
+                row.sent_at = now
+                tasks.append(task)
+                carriers[key] = task
+                if limit is not None:
+                    sent_in_batch[key].append(now)
+                event = "send"
+            self._audit(
+                fx, alert, ENGINE, now, event=event, status=_INFLIGHT, reason=row.reason,
+                notification_uuid=row.notification_id, channel=row.channel,
+                attempt=row.attempt, recipient_id=row.recipient_id, worker=owner,
+            )  # fmt: skip
+        for task in tasks:
+            if task.bundled:
+                task.notification = _bundle(task.notification, task.bundled)
+        return tasks
+
+    async def _recent_sends(
+        self, s: AsyncSession, key: tuple[str, str, str], limit: RateLimit, now: datetime
+    ) -> list[datetime]:
+        company, recipient_id, channel = key
+        res = await s.execute(
+            select(col(NotificationAttempt.sent_at))
+            .where(
+                col(NotificationAttempt.company) == company,
+                col(NotificationAttempt.recipient_id) == recipient_id,
+                col(NotificationAttempt.channel) == channel,
+                col(NotificationAttempt.sent_at) > now - timedelta(seconds=limit.window),
+            )
+            .order_by(col(NotificationAttempt.sent_at).desc())
+            .limit(limit.max)
+        )
+        return [t for t in res.scalars() if t is not None]
+
+    def _notification(self, alert: Alert, row: NotificationAttempt) -> Notification:
+        plan = self._parsed_plan(alert)
+        ack_url = None
+        if self.config.public_url and self.config.ack_secret:
+            expires = int(time.time() + self.config.ack_link_ttl)
+            token = sign_ack(alert.id, self.config.ack_secret, expires)
+            ack_url = f"{self.config.public_url.rstrip('/')}/v1/ack?token={token}"
+        return Notification(
+            notification_id=row.notification_id,
+            alert_id=alert.id,
+            alert_short_id=alert.short_id,
+            channel=row.channel,
+            contact=plan.contacts[row.recipient_id],
+            title=alert.title,
+            summary=alert.summary,
+            severity=alert.severity,
+            attempt=row.attempt,
+            ack_url=ack_url,
+            details={str(k): str(v) for k, v in alert.details.items()},
+        )
+
+    async def renew(self, owner: str, job_ids: Sequence[int]) -> None:
+        """Extend the lease of in-flight jobs so a long call is not taken over."""
+        if not job_ids:
+            return
+        lease = self.clock() + timedelta(seconds=self.config.lease_seconds)
+        async with self.db.session() as s, s.begin():
+            await s.execute(
+                update(Job)
+                .where(col(Job.id).in_(job_ids), col(Job.owner) == owner, col(Job.done).is_(False))
+                .values(lease_until=lease)
+            )
+
+    async def complete(self, task: SendTask, result: DeliveryResult, owner: str) -> None:
+        """Record a delivery result (for a bundle: for each member) and decide what's next."""
+        members = [task, *task.bundled]
+        fx = _Effects()
+        now = self.clock()
+        async with self.db.session() as s, s.begin():
+            res = await s.execute(
+                select(Alert)
+                .where(col(Alert.id).in_({m.notification.alert_id for m in members}))
+                .order_by(col(Alert.id))
+                .with_for_update()
+            )
+            alerts = {a.id: a for a in res.scalars()}
+            for m in members:
+                alert = alerts[m.notification.alert_id]
+                job = await s.get(Job, m.job_id)
+                row = await s.get(NotificationAttempt, m.attempt_row)
+                if job is None or row is None or job.owner != owner:
+                    self._audit(
+                        fx, alert, ENGINE, now, event="stale_result", status=result.status.value,
+                        reason="lease_lost", notification_uuid=m.notification.notification_id,
+                        channel=m.notification.channel, attempt=m.notification.attempt,
+                    )  # fmt: skip
+                    continue
+                if not job.done:
+                    job.done, job.outcome = True, "done"
+                row.status, row.reason = result.status.value, result.reason
+                row.provider_id, row.finished_at = result.provider_id, now
+                self._audit(
+                    fx, alert, ENGINE, now, event="result", status=result.status.value,
+                    reason=result.reason, notification_uuid=row.notification_id,
+                    channel=row.channel, attempt=row.attempt, recipient_id=row.recipient_id,
+                    provider_id=result.provider_id, bundled_into=None if m is task
+                    else task.notification.notification_id,
+                )  # fmt: skip
+                metrics.NOTIFICATIONS.labels(row.channel, result.status.value).inc()
+                outcome = Outcome(row.notification_id, row.attempt, result.status, result.reason)
+                await self._decide(s, alert, outcome, now, ENGINE, fx)
+        await self._after_commit(fx)
+
+    async def provider_update(
+        self, provider_id: str, result: DeliveryResult, ctx: RequestContext
+    ) -> bool:
+        """A carrier's later report (Twilio status callback): a failure reopens the attempt."""
+        fx = _Effects()
+        now = self.clock()
+        async with self.db.session() as s, s.begin():
+            row = (
+                await s.execute(
+                    select(NotificationAttempt)
+                    .where(col(NotificationAttempt.provider_id) == provider_id)
+                    .order_by(col(NotificationAttempt.id).desc())
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                return False
+            alert = await self._lock_alert(s, row.alert_id)
+            assert alert is not None
+            self._audit(
+                fx, alert, ctx, now, event="provider_status", status=result.status.value,
+                reason=result.reason, notification_uuid=row.notification_id,
+                channel=row.channel, attempt=row.attempt, recipient_id=row.recipient_id,
+                provider_id=provider_id,
+            )  # fmt: skip
+            if result.status is not DeliveryStatus.DELIVERED and row.status == "delivered":
+                row.status, row.reason = result.status.value, result.reason
+                outcome = Outcome(row.notification_id, row.attempt, result.status, result.reason)
+                await self._decide(s, alert, outcome, now, ctx, fx)
+        await self._after_commit(fx)
+        return True
+
+    async def next_due(self) -> datetime | None:
+        async with self.db.session() as s:
+            due = await s.scalar(select(func.min(col(Job.due_at))).where(col(Job.done).is_(False)))
+        if isinstance(due, datetime) and due.tzinfo is None:
+            due = due.replace(tzinfo=UTC)
+        return due
+
+    # ------------------------------------------------------------------ reads
+
+    async def get_alert(
+        self, alert_id: str, company: str | None = None
+    ) -> tuple[Alert, list[NotificationAttempt]] | None:
+        async with self.db.session() as s:
+            alert = await s.get(Alert, alert_id)
+            if alert is None or (company is not None and alert.company != company):
+                return None
+            res = await s.execute(
+                select(NotificationAttempt)
+                .where(col(NotificationAttempt.alert_id) == alert_id)
+                .order_by(col(NotificationAttempt.id))
+            )
+            return alert, list(res.scalars())
+
+
+def _bundle(carrier: Notification, members: Sequence[SendTask]) -> Notification:
+    """One notification standing for several held ones, so a flapping source pages once."""
+    others = [m.notification for m in members]
+    details = dict(carrier.details)
+    details["bundled_alert_ids"] = ",".join(n.alert_id for n in others)
+    details["bundled_short_ids"] = ",".join(n.alert_short_id for n in others)
+    details["bundled_count"] = str(len(others))
+    return Notification(
+        notification_id=carrier.notification_id,
+        alert_id=carrier.alert_id,
+        alert_short_id=carrier.alert_short_id,
+        channel=carrier.channel,
+        contact=carrier.contact,
+        title=f"{carrier.title} (+{len(others)} more)",
+        summary=carrier.summary,
+        severity=carrier.severity,
+        attempt=carrier.attempt,
+        ack_url=carrier.ack_url,
+        details=details,
+    )

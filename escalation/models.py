@@ -1,0 +1,178 @@
+"""Database tables. The database is the source of truth for alerts, attempts and timers.
+
+Every change to an alert's chain (its jobs, its attempts, its state) happens in a
+transaction that first locks the alert row, so the alert row serialises ack, claim and
+result recording without deadlocks (one lock order: alert, then its jobs and attempts).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend (SQLite has no timezone type)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(nullable: bool = False, index: bool = False) -> Any:
+    return Field(default=None, sa_column=sa.Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+class AlertState(enum.StrEnum):
+    TRIGGERED = "triggered"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+    EXHAUSTED = "exhausted"
+
+
+class JobKind(enum.StrEnum):
+    STEP = "step"  # fire step (round, step) of the policy
+    SEND = "send"  # deliver one notification attempt
+    CAP = "cap"  # the chain's max_duration elapsed
+
+
+class Alert(SQLModel, table=True):
+    __tablename__ = "alerts"
+    __table_args__ = (
+        # An open incident per dedup key: NULL once closed, so a new one can start.
+        sa.UniqueConstraint("company", "open_dedup_key", name="uq_alerts_open_dedup"),
+        sa.Index("ix_alerts_company_short_id", "company", "short_id"),
+    )
+
+    id: str = Field(primary_key=True, max_length=36)
+    company: str = Field(max_length=64)
+    short_id: str = Field(max_length=12)
+    title: str = Field(max_length=300)
+    summary: str = Field(default="", sa_column=sa.Column(sa.Text(), nullable=False))
+    severity: str = Field(max_length=20)
+    policy: str = Field(max_length=64)
+    dedup_key: str | None = Field(default=None, max_length=255)
+    open_dedup_key: str | None = Field(default=None, max_length=255)
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(sa.JSON()))
+    state: str = Field(default=AlertState.TRIGGERED.value, max_length=20, index=True)
+    # Snapshot of the resolved policy and the decision core's chain state (see core.py).
+    plan: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(sa.JSON()))
+    chain: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(sa.JSON()))
+    dup_count: int = 0
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    acknowledged_at: datetime | None = _ts(nullable=True)
+    resolved_at: datetime | None = _ts(nullable=True)
+    exhausted_at: datetime | None = _ts(nullable=True)
+    acked_by: str | None = Field(default=None, max_length=200)
+    resolved_by: str | None = Field(default=None, max_length=200)
+    close_reason: str | None = Field(default=None, max_length=100)
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """(api key, Idempotency-Key) -> the alert it created; the PK makes duplicates collide."""
+
+    __tablename__ = "idempotency_keys"
+
+    api_key_hash: str = Field(primary_key=True, max_length=64)
+    idempotency_key: str = Field(primary_key=True, max_length=255)
+    alert_id: str = Field(max_length=36)
+    created_at: datetime = _ts()
+
+
+class NotificationAttempt(SQLModel, table=True):
+    __tablename__ = "notification_attempts"
+    __table_args__ = (
+        sa.UniqueConstraint("notification_id", "attempt", name="uq_attempt"),
+        sa.Index("ix_attempts_rate", "company", "recipient_id", "channel", "sent_at"),
+        sa.Index("ix_attempts_address", "address", "channel"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    company: str = Field(max_length=64)
+    alert_id: str = Field(max_length=36, index=True)
+    notification_id: str = Field(max_length=36, index=True)
+    attempt: int
+    channel: str = Field(max_length=32)
+    recipient_id: str = Field(max_length=64)
+    address: str | None = Field(default=None, max_length=320)
+    round: int = 0
+    step: int = 0
+    # scheduled | held | sending | <DeliveryStatus value> | bundled
+    status: str = Field(max_length=32)
+    reason: str | None = Field(default=None, max_length=200)
+    provider_id: str | None = Field(default=None, max_length=200, index=True)
+    scheduled_for: datetime = _ts()
+    sent_at: datetime | None = _ts(nullable=True)
+    finished_at: datetime | None = _ts(nullable=True)
+
+
+class Job(SQLModel, table=True):
+    """A durable timer/dispatch unit. Claimed by one worker at a time through its lease."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (sa.Index("ix_jobs_pending", "done", "due_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    alert_id: str = Field(max_length=36, index=True)
+    kind: str = Field(max_length=16)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(sa.JSON()))
+    due_at: datetime = _ts()
+    owner: str | None = Field(default=None, max_length=100)
+    lease_until: datetime | None = _ts(nullable=True)
+    attempts: int = 0
+    done: bool = False
+    outcome: str | None = Field(default=None, max_length=32)  # done | cancelled | stale
+    created_at: datetime = _ts()
+
+
+class RecipientRow(SQLModel, table=True):
+    __tablename__ = "recipients"
+
+    company: str = Field(primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=200)
+    phone: str | None = Field(default=None, max_length=32)
+    telegram_chat_id: str | None = Field(default=None, max_length=64)
+    email: str | None = Field(default=None, max_length=320)
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    updated_at: datetime = _ts()
+
+
+class GroupRow(SQLModel, table=True):
+    __tablename__ = "recipient_groups"
+
+    company: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=64)
+    members: list[str] = Field(default_factory=list, sa_column=sa.Column(sa.JSON()))
+    updated_at: datetime = _ts()
+
+
+class PolicyRow(SQLModel, table=True):
+    __tablename__ = "policies"
+
+    company: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=64)
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(sa.JSON()))
+    updated_at: datetime = _ts()

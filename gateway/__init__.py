@@ -1,0 +1,1 @@
+"""SIP/RTP voice core: sans-IO SIP state machines, asyncio transports and RTP media."""

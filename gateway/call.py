@@ -1,0 +1,854 @@
+"""Calls: the session layer on top of transactions and dialogs, and the API apps use.
+
+``Gateway.dial`` places an outbound call and returns once it is answered or has failed;
+an answered ``Call`` can ``play`` prompts, ``collect`` digits and ``hangup``. Incoming
+calls are answered and handed to the ``on_incoming`` hook. Every call ends with a
+``CallResult``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sipmessage import URI, Address, CSeq, Parameters, Request, Response
+
+from gateway.endpoint import CancelReceived, ServerContext, SipEndpoint
+from gateway.media.dtmf import DtmfDigit, DtmfMethod, parse_info_dtmf
+from gateway.media.pacer import Pacer
+from gateway.media.sdp import NegotiatedMedia, SdpError, create_answer, create_offer, parse_answer
+from gateway.media.session import MediaSession
+from gateway.result import CallOutcome, CallResult, ReceivedDigit, classify_final
+from gateway.sip.auth import Credentials, DigestClient, DigestError
+from gateway.sip.dialog import USER_AGENT, Dialog, DialogError
+from gateway.sip.message import new_call_id, new_tag
+from gateway.sip.transaction import (
+    Event,
+    ResponseReceived,
+    TimerSettings,
+    TransactionTimeout,
+    TransportFailure,
+)
+from gateway.transport import Peer
+
+logger = logging.getLogger(__name__)
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO"
+SDP = "application/sdp"
+
+Prompt = Any  # prompts.cache.Prompt, np.ndarray of int16 samples, or text to speak
+IncomingHandler = Callable[["Call"], Awaitable[None]]
+
+
+class CallEnded(Exception):
+    """The operation cannot continue: the call is over."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"  # address SIP and RTP bind to and advertise
+    udp_port: int | None = 0  # None disables UDP; 0 picks a free port
+    tcp_port: int | None = None
+    rtp_ports: tuple[int, int] = (20000, 30000)
+    timers: TimerSettings = field(default_factory=TimerSettings)
+    caller: str = "ackline"  # user part of our From
+    caller_name: str = "ackline"
+    answer_ring_ms: int = 0  # inbound: ring this long before answering
+
+
+def parse_target(target: str) -> URI:
+    """Parse what a user typed as a call target into a SIP URI, with a clear error."""
+    text = target.strip()
+    if not text:
+        raise ValueError("empty call target")
+    if not text.startswith(("sip:", "sips:")):
+        if text.startswith("tel:") or text.lstrip("+").replace(" ", "").isdigit():
+            raise ValueError(
+                f"{target!r} is a phone number; dial a SIP URI such as sip:+15550100@127.0.0.1:5090"
+            )
+        text = "sip:" + text
+    try:
+        uri = URI.parse(text)
+    except ValueError:
+        raise ValueError(f"invalid SIP URI: {target!r}") from None
+    if uri.scheme == "sips":
+        raise ValueError("sips: (TLS) is not supported yet")
+    if not uri.host:
+        raise ValueError(f"SIP URI has no host: {target!r}")
+    if uri.port is not None and not 0 < uri.port < 65536:
+        raise ValueError(f"port out of range in {target!r}")
+    transport = uri.parameters.get("transport")
+    if transport is not None and transport.lower() not in ("udp", "tcp"):
+        raise ValueError(f"unsupported transport {transport!r} (udp or tcp)")
+    return uri
+
+
+async def resolve_target(uri: URI, transport: str) -> Peer:
+    """Where to send requests for ``uri`` (IP literal or A/AAAA lookup; no SRV yet)."""
+    host = uri.host.strip("[]")
+    port = uri.port or 5060
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except socket.gaierror as exc:
+            raise ValueError(f"cannot resolve host {host!r}: {exc}") from None
+        host = str(infos[0][4][0])
+    return Peer(transport, host, port)
+
+
+class Gateway:
+    """A SIP user agent that places and answers calls with media."""
+
+    def __init__(
+        self,
+        config: GatewayConfig | None = None,
+        *,
+        prompts: Any = None,
+        on_incoming: IncomingHandler | None = None,
+        on_call_ended: Callable[[CallResult], None] | None = None,
+    ) -> None:
+        self.config = config or GatewayConfig()
+        self.on_call_ended = on_call_ended
+        self.prompts = prompts  # prompts.cache.PromptCache, used when a prompt is text
+        self.on_incoming = on_incoming
+        self.endpoint = SipEndpoint(
+            host=self.config.host,
+            timers=self.config.timers,
+            on_request=self._on_request,
+            on_stray_response=self._on_stray_response,
+        )
+        self.pacer = Pacer(ptime_ms=20)
+        self.calls: dict[tuple[str, str], Call] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        await self.endpoint.listen(udp_port=self.config.udp_port, tcp_port=self.config.tcp_port)
+
+    async def stop(self) -> None:
+        for call in list(self.calls.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(call.hangup(), timeout=2.0)
+        for task in list(self._tasks):
+            task.cancel()
+        await self.pacer.stop()
+        await self.endpoint.close()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def address(self, transport: str = "udp") -> tuple[str, int]:
+        return self.endpoint.transport.local_address(transport)
+
+    async def dial(
+        self,
+        target: str | URI,
+        *,
+        credentials: Credentials | None = None,
+        ring_timeout: float = 30.0,
+        transport: str | None = None,
+        caller: str | None = None,
+    ) -> Call:
+        """Place a call; returns when it is answered or has ended without answer.
+
+        ``call.answered`` tells which; ``call.result`` is final once ``call.ended``.
+        """
+        uri = parse_target(target) if isinstance(target, str) else target
+        kind = (transport or uri.parameters.get("transport") or "udp").lower()
+        if kind not in ("udp", "tcp"):
+            raise ValueError(f"unsupported transport {kind!r}")
+        peer = await resolve_target(uri, kind)
+        call = Call(self, direction="outbound", transport=kind, peer=peer, target=str(uri))
+        await call._place(uri, credentials, ring_timeout, caller or self.config.caller)
+        return call
+
+    async def options(self, target: str | URI, *, transport: str | None = None) -> Response | None:
+        """Send an out-of-dialog OPTIONS (health probe); None when no answer came."""
+        uri = parse_target(target) if isinstance(target, str) else target
+        kind = (transport or uri.parameters.get("transport") or "udp").lower()
+        peer = await resolve_target(uri, kind)
+        request = Request("OPTIONS", uri)
+        request.via = [self.endpoint.via(kind)]
+        request.max_forwards = 70
+        local = self.endpoint.contact(kind, self.config.caller)
+        request.from_address = Address(uri=local.uri, parameters=Parameters(tag=new_tag()))
+        request.to_address = Address(uri=uri)
+        request.call_id = new_call_id(self.config.host)
+        request.cseq = CSeq(1, "OPTIONS")
+        request.contact = [local]
+        request.headers.set("Accept", SDP)
+        request.user_agent = USER_AGENT
+        request.content_length = 0
+        return await self.endpoint.request(request, peer)
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- incoming requests ----------------------------------------------------------
+
+    def _on_request(self, ctx: ServerContext) -> None:
+        request = ctx.request
+        local_tag = request.to_address.parameters.get("tag")
+        call = self.calls.get((request.call_id, local_tag or ""))
+        if call is not None:
+            call._on_request(ctx)
+            return
+        if request.method == "ACK":
+            return  # ACK for a call we no longer know: nothing to do
+        if local_tag:
+            ctx.respond(481)
+            return
+        if request.method == "INVITE":
+            if self.on_incoming is None:
+                ctx.respond(480)
+                return
+            call = Call(
+                self,
+                direction="inbound",
+                transport=ctx.source.transport,
+                peer=ctx.source,
+                target=str(request.from_address.uri),
+            )
+            self.spawn(call._answer_incoming(ctx))
+        elif request.method == "OPTIONS":
+            response = ctx.respond(200)
+            del response  # headers already complete for a probe answer
+        elif request.method in ("BYE", "INFO", "CANCEL"):
+            ctx.respond(481)
+        else:
+            ctx.respond(501)
+
+    def _on_stray_response(self, response: Response, source: Peer) -> None:
+        """A 2xx retransmission after the INVITE transaction ended: re-ACK it."""
+        if response.code >= 300 or response.cseq.method != "INVITE":
+            return
+        local_tag = response.from_address.parameters.get("tag") or ""
+        call = self.calls.get((response.call_id, local_tag))
+        if call is not None:
+            call._on_invite_2xx(response)
+
+
+class Call:
+    """One call leg: SIP dialog plus RTP media."""
+
+    def __init__(
+        self, gateway: Gateway, *, direction: str, transport: str, peer: Peer, target: str
+    ) -> None:
+        self.gateway = gateway
+        self.direction = direction
+        self.transport = transport
+        self.peer = peer
+        self.target = target
+        self.loop = asyncio.get_running_loop()
+        self.dialog: Dialog | None = None
+        self.media: MediaSession | None = None
+        self.answered = False
+        self.ended = asyncio.Event()
+        self.result: CallResult | None = None
+        self.call_id = ""
+        self.local_tag = new_tag()
+        self._created = self.loop.time()
+        self._invite_sent_at: float | None = None
+        self._answered_at: float | None = None
+        self._pdd_ms: int | None = None
+        self._final: asyncio.Future[None] = self.loop.create_future()
+        self._invite: Request | None = None
+        self._invite_code: int | None = None
+        self._invite_reason = ""
+        self._ack: Request | None = None
+        self._offer: Any = None
+        self._sdp_version = 0
+        self._provisional = False
+        self._cancel_reason: str | None = None  # "ring_timeout" | "hangup"
+        self._cancel_sent = False
+        self._digest: DigestClient | None = None
+        self._authenticated = False
+        self._digits: list[ReceivedDigit] = []
+        self._pending: deque[str] = deque()
+        self._digit_arrived = asyncio.Event()
+        self._rfc4733_seen = False
+        self._acked = asyncio.Event()
+        self._invite_ctx: ServerContext | None = None
+        self._digit_task: asyncio.Task[None] | None = None
+        self._hangup_by: str | None = None
+        self._answer_wallclock: str | None = None
+        self._codec: str | None = None
+        self.terminated_by: str | None = None  # terminator digit that ended the last collect
+
+    # -- public API ---------------------------------------------------------------
+
+    @property
+    def digits(self) -> str:
+        """Every digit received so far, in order, whatever the method."""
+        return "".join(d.digit for d in self._digits)
+
+    async def play(self, prompt: Prompt, *, barge_in: bool = False) -> bool:
+        """Play a prompt; returns True if it played to the end.
+
+        With ``barge_in`` a digit stops the prompt (the digit stays queued for collect).
+        """
+        media = self._require_media()
+        pcm = await self._pcm(prompt)
+        if barge_in and self._pending:
+            return False
+        done = media.play(pcm)
+        waiters: set[asyncio.Future[Any]] = {done, asyncio.ensure_future(self.ended.wait())}
+        digit_waiter: asyncio.Future[Any] | None = None
+        if barge_in:
+            self._digit_arrived.clear()
+            digit_waiter = asyncio.ensure_future(self._digit_arrived.wait())
+            waiters.add(digit_waiter)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                if waiter is not done:
+                    waiter.cancel()
+        if not done.done():
+            media.stop_playback()
+            return False
+        return not done.cancelled()
+
+    async def collect(
+        self, max_digits: int = 1, timeout: float = 5.0, terminators: str = "#"
+    ) -> str:
+        """Collect up to ``max_digits`` (digits pressed earlier, e.g. during a prompt, count).
+
+        Stops early on a terminator (not included), on timeout, or when the call ends.
+        """
+        deadline = self.loop.time() + timeout
+        collected = ""
+        self.terminated_by = None
+        while len(collected) < max_digits:
+            if not self._pending:
+                remaining = deadline - self.loop.time()
+                if remaining <= 0 or self.ended.is_set():
+                    break
+                self._digit_arrived.clear()
+                waiter = asyncio.ensure_future(self._digit_arrived.wait())
+                ender = asyncio.ensure_future(self.ended.wait())
+                try:
+                    await asyncio.wait(
+                        {waiter, ender}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    waiter.cancel()
+                    ender.cancel()
+                continue
+            digit = self._pending.popleft()
+            if digit in terminators:
+                self.terminated_by = digit
+                break
+            collected += digit
+        return collected
+
+    async def gather(
+        self,
+        prompt: Prompt,
+        *,
+        max_digits: int = 1,
+        timeout: float = 30.0,
+        terminators: str = "#",
+        pause: float = 2.0,
+    ) -> str:
+        """Speak ``prompt`` and repeat it until ``max_digits`` arrive or ``timeout`` passes."""
+        deadline = self.loop.time() + timeout
+        collected = ""
+        while len(collected) < max_digits and not self.ended.is_set():
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                break
+            if not self._pending:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.play(prompt, barge_in=True), remaining)
+            remaining = deadline - self.loop.time()
+            part = await self.collect(
+                max_digits - len(collected), max(0.0, min(pause, remaining)), terminators
+            )
+            collected += part
+            if self.terminated_by is not None:
+                break
+        return collected
+
+    async def send_digits(
+        self, digits: str, *, duration_ms: int = 100, method: str = "rfc4733"
+    ) -> None:
+        """Send DTMF to the far end (RFC 4733 events or SIP INFO)."""
+        media = self._require_media()
+        for digit in digits:
+            if method == "sip_info":
+                await self._send_info_digit(digit, duration_ms)
+            else:
+                await media.send_digit(digit, duration_ms)
+            await asyncio.sleep(0.05)
+
+    async def hangup(self) -> CallResult:
+        """End the call politely: BYE when answered, CANCEL while it is ringing."""
+        if self.ended.is_set():
+            assert self.result is not None
+            return self.result
+        if self.answered and self.dialog is not None:
+            self._hangup_by = "local"
+            bye = self.dialog.create_request("BYE", self.gateway.endpoint.via(self.transport))
+            self._finish(CallOutcome.ANSWERED, 200, "local hangup")
+            response = await self.gateway.endpoint.request(bye, self._dialog_peer())
+            if response is None:
+                logger.info("call %s: no answer to BYE", self.call_id)
+        elif self.direction == "outbound" and not self._final.done():
+            self._cancel("hangup")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.shield(self._final), 64 * self.gateway.config.timers.t1
+                )
+        elif self._invite_ctx is not None and not self._invite_ctx.final_sent:
+            self._invite_ctx.respond(480)
+            self._finish(CallOutcome.CANCELLED, 480, "hung up before answer")
+        await self.ended.wait()
+        assert self.result is not None
+        return self.result
+
+    async def wait_ended(self, timeout: float | None = None) -> CallResult:
+        await asyncio.wait_for(self.ended.wait(), timeout)
+        assert self.result is not None
+        return self.result
+
+    # -- outbound ---------------------------------------------------------------------
+
+    async def _place(
+        self, uri: URI, credentials: Credentials | None, ring_timeout: float, caller: str
+    ) -> None:
+        endpoint = self.gateway.endpoint
+        config = self.gateway.config
+        self.call_id = new_call_id(config.host)
+        self.media = MediaSession(
+            local_host=config.host, pacer=self.gateway.pacer, port_range=config.rtp_ports
+        )
+        rtp_port = await self.media.open()
+        self._offer = create_offer(config.host, rtp_port)
+        contact = endpoint.contact(self.transport, caller)
+        from_uri = URI(scheme="sip", user=caller, host=contact.uri.host)
+        request = Request("INVITE", uri)
+        request.via = [endpoint.via(self.transport)]
+        request.max_forwards = 70
+        request.from_address = Address(
+            uri=from_uri, name=config.caller_name, parameters=Parameters(tag=self.local_tag)
+        )
+        request.to_address = Address(
+            uri=URI(scheme="sip", user=uri.user, host=uri.host, port=uri.port)
+        )
+        request.call_id = self.call_id
+        request.cseq = CSeq(1, "INVITE")
+        request.contact = [contact]
+        request.headers.set("Allow", ALLOW)
+        request.user_agent = USER_AGENT
+        request.headers.set("Content-Type", SDP)
+        request.body = str(self._offer).encode()
+        request.content_length = len(request.body)
+        if credentials is not None:
+            self._digest = DigestClient(credentials)
+        self.gateway.calls[(self.call_id, self.local_tag)] = self
+        self._send_invite(request)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._final), ring_timeout)
+        except TimeoutError:
+            self._cancel("ring_timeout")
+            await self._final
+
+    def _send_invite(self, request: Request) -> None:
+        self._invite = request
+        if self._invite_sent_at is None:
+            self._invite_sent_at = self.loop.time()
+        self.gateway.endpoint.start_client_transaction(request, self.peer, self._on_invite_event)
+
+    def _on_invite_event(self, event: Event) -> None:
+        if isinstance(event, ResponseReceived):
+            self._on_invite_response(event.response)
+        elif isinstance(event, TransactionTimeout):
+            if not self._final.done():
+                code, reason = (487, "no answer") if self._cancel_sent else (408, "no response")
+                outcome = self._cancel_outcome() if self._cancel_sent else CallOutcome.FAILED
+                self._fail(outcome, code, f"{reason} (timer {event.timer})")
+        elif isinstance(event, TransportFailure) and not self._final.done():
+            self._fail(CallOutcome.FAILED, 503, "transport error: peer unreachable")
+
+    def _on_invite_response(self, response: Response) -> None:
+        code = response.code
+        if code < 200:
+            if code > 100 and self._pdd_ms is None:
+                self._pdd_ms = self._ms_since(self._invite_sent_at)
+            if code > 100:
+                self._provisional = True
+                if response.body and self.media is not None and self._offer is not None:
+                    self._configure_from_answer(response.body, early=True)
+            if self._cancel_reason is not None and not self._cancel_sent:
+                self._send_cancel()
+            return
+        if self._pdd_ms is None:
+            self._pdd_ms = self._ms_since(self._invite_sent_at)
+        if code < 300:
+            self._on_invite_2xx(response)
+            return
+        if code in (401, 407) and self._digest is not None and self._invite is not None:
+            try:
+                retry = self._digest.authorize(self._invite, response)
+            except DigestError as exc:
+                self._fail(CallOutcome.REJECTED, code, f"authentication failed: {exc}")
+                return
+            self._authenticated = True
+            self._send_invite(retry)
+            return
+        if code == 487 and self._cancel_reason is not None:
+            self._fail(self._cancel_outcome(), code, "cancelled: " + self._cancel_reason)
+            return
+        self._fail(classify_final(code), code, response.phrase)
+
+    def _on_invite_2xx(self, response: Response) -> None:
+        endpoint = self.gateway.endpoint
+        if self._ack is not None:
+            endpoint.send_stateless(self._ack, self._dialog_peer())  # 2xx retransmission
+            return
+        assert self._invite is not None
+        try:
+            self.dialog = Dialog.from_uac_response(self._invite, response)
+        except DialogError as exc:
+            logger.warning("call %s: unusable 2xx: %s", self.call_id, exc)
+            self._fail(CallOutcome.FAILED, response.code, f"invalid 2xx: {exc}")
+            return
+        self._ack = self.dialog.create_ack(endpoint.via(self.transport))
+        endpoint.send_stateless(self._ack, self._dialog_peer())
+        if self._cancel_reason is not None or self._final.done():
+            # Answered after we gave up (CANCEL/200 race): release it straight away.
+            bye = self.dialog.create_request("BYE", endpoint.via(self.transport))
+            self.gateway.spawn(endpoint.request(bye, self._dialog_peer()))
+            if not self._final.done():
+                self._fail(self._cancel_outcome(), 487, "answered after cancel; released")
+            return
+        if not self._configure_from_answer(response.body, early=False):
+            bye = self.dialog.create_request("BYE", endpoint.via(self.transport))
+            self.gateway.spawn(endpoint.request(bye, self._dialog_peer()))
+            self._fail(CallOutcome.FAILED, response.code, "unusable SDP answer")
+            return
+        self._invite_code = response.code
+        self._invite_reason = response.phrase
+        self._mark_answered()
+        self._final.set_result(None)
+
+    def _configure_from_answer(self, body: bytes, *, early: bool) -> bool:
+        assert self.media is not None
+        if not body:
+            return early
+        try:
+            negotiated = parse_answer(body, self._offer)
+        except SdpError as exc:
+            logger.info("call %s: SDP answer rejected: %s", self.call_id, exc)
+            return False
+        self._configure_media(negotiated)
+        return True
+
+    def _configure_media(self, negotiated: NegotiatedMedia) -> None:
+        assert self.media is not None
+        self.media.configure(negotiated)
+        self._codec = negotiated.codec
+
+    def _cancel(self, reason: str) -> None:
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+        if self._provisional and not self._cancel_sent:
+            self._send_cancel()
+
+    def _cancel_outcome(self) -> CallOutcome:
+        return (
+            CallOutcome.NO_ANSWER
+            if self._cancel_reason == "ring_timeout"
+            else CallOutcome.CANCELLED
+        )
+
+    def _send_cancel(self) -> None:
+        """CANCEL matches the INVITE's branch, Call-ID, From, To and CSeq number (§9.1)."""
+        invite = self._invite
+        assert invite is not None
+        self._cancel_sent = True
+        cancel = Request("CANCEL", invite.uri)
+        cancel.headers.set("Via", invite.headers.getlist("Via")[0])
+        cancel.max_forwards = 70
+        cancel.headers.set("From", invite.headers["From"])
+        cancel.headers.set("To", invite.headers["To"])
+        cancel.call_id = invite.call_id
+        cancel.cseq = CSeq(invite.cseq.sequence, "CANCEL")
+        if invite.headers.getlist("Route"):
+            cancel.headers.setlist("Route", invite.headers.getlist("Route"))
+        cancel.user_agent = USER_AGENT
+        cancel.content_length = 0
+        self.gateway.spawn(self.gateway.endpoint.request(cancel, self.peer))
+
+    # -- inbound --------------------------------------------------------------------
+
+    async def _answer_incoming(self, ctx: ServerContext) -> None:
+        request = ctx.request
+        self._invite_ctx = ctx
+        self.call_id = request.call_id
+        self.gateway.calls[(self.call_id, self.local_tag)] = self
+        ctx.on_event = self._on_server_invite_event
+        ctx.respond(100)
+        config = self.gateway.config
+        self.media = MediaSession(
+            local_host=config.host, pacer=self.gateway.pacer, port_range=config.rtp_ports
+        )
+        rtp_port = await self.media.open()
+        answer_body: bytes
+        try:
+            if request.body:
+                answer, negotiated = create_answer(request.body, config.host, rtp_port)
+                self._configure_media(negotiated)
+                answer_body = str(answer).encode()
+            else:
+                self._offer = create_offer(config.host, rtp_port)  # late offer: answer in ACK
+                answer_body = str(self._offer).encode()
+        except SdpError as exc:
+            ctx.respond(488, to_tag=self.local_tag)
+            self._finish(CallOutcome.FAILED, 488, f"SDP offer not acceptable: {exc}")
+            return
+        ctx.respond(180, to_tag=self.local_tag)
+        if config.answer_ring_ms:
+            await asyncio.sleep(config.answer_ring_ms / 1000)
+        if ctx.cancelled or self.ended.is_set():
+            return
+        contact = self.gateway.endpoint.contact(self.transport, config.caller)
+        self.dialog = Dialog.from_uas_request(request, self.local_tag, contact)
+        ok = ctx.respond(200, to_tag=self.local_tag, body=answer_body, content_type=SDP)
+        ok.contact = [contact]
+        ok.headers.set("Allow", ALLOW)
+        ok.user_agent = USER_AGENT
+        self._mark_answered()
+        if not await self._await_ack(ctx, ok):
+            return
+        if self.gateway.on_incoming is not None:
+            try:
+                await self.gateway.on_incoming(self)
+            except CallEnded:
+                pass
+            except Exception:
+                logger.exception("incoming call handler failed")
+        if not self.ended.is_set():
+            await self.hangup()
+
+    async def _await_ack(self, ctx: ServerContext, ok: Response) -> bool:
+        """Retransmit the 2xx until the ACK arrives (RFC 3261 §13.3.1.4, RFC 6026)."""
+        timers = self.gateway.config.timers
+        interval = timers.t1
+        deadline = self.loop.time() + 64 * timers.t1
+        reliable = self.transport != "udp"
+        while not self._acked.is_set() and not self.ended.is_set():
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                logger.info("call %s: no ACK for 2xx, hanging up", self.call_id)
+                await self.hangup()
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), min(interval, remaining))
+            if not self._acked.is_set() and not reliable:
+                ctx.send(ok)
+                interval = min(interval * 2, timers.t2)
+        return not self.ended.is_set()
+
+    def _on_server_invite_event(self, event: Any) -> None:
+        if isinstance(event, CancelReceived) and not self.answered:
+            if self._invite_ctx is not None:
+                self._invite_ctx.respond(487, to_tag=self.local_tag)
+            self._finish(CallOutcome.CANCELLED, 487, "caller cancelled")
+
+    # -- in-dialog requests --------------------------------------------------------------
+
+    def _on_request(self, ctx: ServerContext) -> None:
+        request = ctx.request
+        method = request.method
+        if method == "ACK":
+            if self._offer is not None and request.body and self.media is not None:
+                self._configure_from_answer(request.body, early=False)
+            self._acked.set()
+            return
+        dialog = self.dialog
+        if dialog is None:
+            ctx.respond(481)
+            return
+        if not dialog.receive_request(request):
+            ctx.respond(500, "CSeq out of order")
+            return
+        if method == "BYE":
+            ctx.respond(200)
+            self._hangup_by = "remote"
+            self._finish(CallOutcome.ANSWERED, self._invite_code or 200, "remote hangup")
+        elif method == "INFO":
+            self._on_info(ctx)
+        elif method == "INVITE":
+            self._on_reinvite(ctx)
+        elif method == "OPTIONS":
+            ctx.respond(200)
+        else:
+            ctx.respond(501)
+
+    def _on_info(self, ctx: ServerContext) -> None:
+        request = ctx.request
+        content_type = request.headers.get("Content-Type", "") or ""
+        parsed = parse_info_dtmf(content_type, request.body)
+        ctx.respond(200)
+        if parsed is not None:
+            digit, duration_ms = parsed
+            self._on_digit(DtmfDigit(digit, DtmfMethod.SIP_INFO, self.loop.time(), duration_ms))
+
+    def _on_reinvite(self, ctx: ServerContext) -> None:
+        """Answer a re-INVITE (hold, resume, session refresh) on the same media session."""
+        assert self.dialog is not None and self.media is not None
+        request = ctx.request
+        self.dialog.refresh_target(request)
+        config = self.gateway.config
+        self._sdp_version += 1
+        try:
+            if request.body:
+                answer, negotiated = create_answer(
+                    request.body, config.host, self.media.local_port, version=self._sdp_version
+                )
+                self._configure_media(negotiated)
+                body = str(answer).encode()
+            else:
+                self._offer = create_offer(
+                    config.host, self.media.local_port, version=self._sdp_version
+                )
+                body = str(self._offer).encode()
+        except SdpError:
+            ctx.respond(488)
+            return
+        ok = ctx.respond(200, body=body, content_type=SDP)
+        ok.contact = [self.dialog.contact]
+        self._acked.clear()
+        self.gateway.spawn(self._await_ack(ctx, ok))
+
+    # -- shared -----------------------------------------------------------------------
+
+    def _mark_answered(self) -> None:
+        self.answered = True
+        self._answered_at = self.loop.time()
+        self._answer_wallclock = datetime.datetime.now(datetime.UTC).isoformat()
+        media = self.media
+        assert media is not None
+        self._digit_task = self.gateway.spawn(self._read_digits(media))
+
+    async def _read_digits(self, media: MediaSession) -> None:
+        while True:
+            digit = await media.digits.get()
+            self._on_digit(digit)
+
+    def _on_digit(self, digit: DtmfDigit) -> None:
+        if digit.method == DtmfMethod.RFC4733:
+            self._rfc4733_seen = True
+        elif digit.method == DtmfMethod.INBAND and self._rfc4733_seen:
+            return  # the far end signals out of band; tones it also plays are not new digits
+        at_ms = self._ms_since(self._answered_at) or 0
+        self._digits.append(ReceivedDigit(digit.digit, digit.method.value, at_ms))
+        self._pending.append(digit.digit)
+        self._digit_arrived.set()
+        logger.info("call %s: digit %s via %s", self.call_id, digit.digit, digit.method.value)
+
+    def _fail(self, outcome: CallOutcome, code: int | None, reason: str) -> None:
+        self._finish(outcome, code, reason)
+        if not self._final.done():
+            self._final.set_result(None)
+
+    def _finish(self, outcome: CallOutcome, code: int | None, reason: str) -> None:
+        if self.ended.is_set():
+            return
+        now = self.loop.time()
+        answered = self._answered_at is not None
+        self.result = CallResult(
+            outcome=outcome,
+            sip_code=code,
+            reason=reason,
+            direction=self.direction,
+            target=self.target,
+            call_id=self.call_id,
+            transport=self.transport,
+            codec=self._codec,
+            pdd_ms=self._pdd_ms,
+            answer_delay_ms=self._ms_since(self._invite_sent_at, self._answered_at)
+            if answered
+            else None,
+            answer_time=self._answer_wallclock,
+            duration_ms=int((now - self._answered_at) * 1000) if self._answered_at else 0,
+            hangup_by=self._hangup_by,
+            received=list(self._digits),
+            authenticated=self._authenticated,
+        )
+        self.ended.set()
+        self.gateway.calls.pop((self.call_id, self.local_tag), None)
+        if self.gateway.on_call_ended is not None:
+            try:
+                self.gateway.on_call_ended(self.result)
+            except Exception:
+                logger.exception("on_call_ended hook failed")
+        if self._digit_task is not None:
+            self._digit_task.cancel()
+        if self.media is not None:
+            self.gateway.spawn(self.media.close())
+        logger.info("call %s ended: %s %s %s", self.call_id, outcome.value, code, reason)
+
+    async def _send_info_digit(self, digit: str, duration_ms: int) -> None:
+        from gateway.media.dtmf import info_dtmf_body
+
+        dialog = self._require_dialog()
+        content_type, body = info_dtmf_body(digit, duration_ms)
+        info = dialog.create_request(
+            "INFO", self.gateway.endpoint.via(self.transport), body=body, content_type=content_type
+        )
+        await self.gateway.endpoint.request(info, self._dialog_peer())
+
+    def _dialog_peer(self) -> Peer:
+        """Where in-dialog requests go: the remote target (or first route), same transport."""
+        if self.direction == "inbound" and self.transport == "tcp":
+            return self.peer  # reuse the caller's connection
+        assert self.dialog is not None
+        uri = self.dialog.destination()
+        kind = (uri.parameters.get("transport") or self.transport).lower()
+        return Peer(kind, uri.host.strip("[]"), uri.port or 5060)
+
+    def _require_media(self) -> MediaSession:
+        if self.ended.is_set() or not self.answered or self.media is None:
+            raise CallEnded("the call is not active")
+        return self.media
+
+    def _require_dialog(self) -> Dialog:
+        if self.dialog is None or self.ended.is_set():
+            raise CallEnded("the call is not active")
+        return self.dialog
+
+    async def _pcm(self, prompt: Prompt) -> np.ndarray[Any, np.dtype[np.int16]]:
+        if isinstance(prompt, np.ndarray):
+            return prompt.astype(np.int16, copy=False)
+        if isinstance(prompt, str):
+            if self.gateway.prompts is None:
+                raise ValueError("text prompts need a prompt cache (Gateway(prompts=...))")
+            prompt = await self.gateway.prompts.render(prompt)
+        pcm = prompt.pcm
+        assert isinstance(pcm, np.ndarray)
+        return pcm.astype(np.int16, copy=False)
+
+    def _ms_since(self, start: float | None, end: float | None = None) -> int | None:
+        if start is None:
+            return None
+        return int(((end if end is not None else self.loop.time()) - start) * 1000)

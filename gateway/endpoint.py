@@ -1,0 +1,363 @@
+"""The SIP endpoint: glue between the asyncio transport and the sans-IO transactions.
+
+It matches every message to its transaction, drives transaction timers from the event
+loop (one ``call_at`` handle per live transaction, re-armed to the earliest deadline),
+and hands new requests and transaction events to the user agent above it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sipmessage import Address, Parameters, Request, Response, Via
+
+from gateway.sip.message import create_response, new_branch
+from gateway.sip.transaction import (
+    ClientInviteTransaction,
+    ClientNonInviteTransaction,
+    Event,
+    ServerInviteTransaction,
+    ServerNonInviteTransaction,
+    TimerSettings,
+    TransactionTerminated,
+    transaction_key,
+)
+from gateway.transport import Peer, SipTransport
+
+logger = logging.getLogger(__name__)
+
+ClientTransaction = ClientInviteTransaction | ClientNonInviteTransaction
+ServerTransaction = ServerInviteTransaction | ServerNonInviteTransaction
+EventHandler = Callable[[Event], None]
+
+
+@dataclass(eq=False)
+class ServerContext:
+    """What the user agent needs to answer one incoming request."""
+
+    endpoint: SipEndpoint
+    request: Request
+    source: Peer
+    transaction: ServerTransaction | None  # None for an ACK to a 2xx (it has no transaction)
+    on_event: EventHandler | None = None
+    final_sent: bool = False
+    cancelled: bool = False
+
+    def respond(self, code: int, phrase: str | None = None, **kwargs: Any) -> Response:
+        """Build a response to the request and send it through its transaction."""
+        response = create_response(self.request, code, phrase, **kwargs)
+        self.send(response)
+        return response
+
+    def send(self, response: Response) -> None:
+        if self.transaction is None:
+            raise RuntimeError("an ACK cannot be answered")
+        if response.code >= 200:
+            self.final_sent = True
+        self.endpoint.send_server_response(self, response)
+
+
+RequestHandler = Callable[[ServerContext], None]
+StrayResponseHandler = Callable[[Response, Peer], None]
+
+
+@dataclass(eq=False)
+class _ClientEntry:
+    transaction: ClientTransaction
+    peer: Peer
+    on_event: EventHandler
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class _ServerEntry:
+    context: ServerContext
+    timer: asyncio.TimerHandle | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SipEndpoint:
+    """One SIP endpoint: listening sockets, live transactions and their timers."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        timers: TimerSettings | None = None,
+        on_request: RequestHandler | None = None,
+        on_stray_response: StrayResponseHandler | None = None,
+    ) -> None:
+        self.host = host
+        self.timers = timers or TimerSettings()
+        self.on_request = on_request
+        self.on_stray_response = on_stray_response
+        self.transport = SipTransport(self._on_message)
+        self._clients: dict[str, _ClientEntry] = {}
+        self._servers: dict[str, _ServerEntry] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def listen(self, *, udp_port: int | None = 0, tcp_port: int | None = None) -> None:
+        """Open the UDP and/or TCP listeners (port 0 picks a free port)."""
+        self._loop = asyncio.get_running_loop()
+        if udp_port is not None:
+            await self.transport.listen_udp(self.host, udp_port)
+        if tcp_port is not None:
+            await self.transport.listen_tcp(self.host, tcp_port)
+
+    async def close(self) -> None:
+        for entry in list(self._clients.values()):
+            if entry.timer:
+                entry.timer.cancel()
+        for server in list(self._servers.values()):
+            if server.timer:
+                server.timer.cancel()
+        self._clients.clear()
+        self._servers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.transport.close()
+
+    # -- identities -------------------------------------------------------------------
+
+    def via(self, transport: str) -> Via:
+        """A fresh top Via for a new client transaction (rport requested, RFC 3581)."""
+        host, port = self.transport.local_address(transport)
+        return Via(
+            transport=transport.upper(),
+            host=_uri_host(host),
+            port=port,
+            parameters=Parameters(branch=new_branch(), rport=None),
+        )
+
+    def contact(self, transport: str, user: str = "ackline") -> Address:
+        from sipmessage import URI
+
+        host, port = self.transport.local_address(transport)
+        params = Parameters(transport="tcp") if transport == "tcp" else Parameters()
+        return Address(
+            uri=URI(scheme="sip", user=user, host=_uri_host(host), port=port, parameters=params)
+        )
+
+    # -- client side --------------------------------------------------------------------
+
+    def start_client_transaction(
+        self, request: Request, peer: Peer, on_event: EventHandler
+    ) -> ClientTransaction:
+        """Send ``request`` in a new client transaction; events arrive through ``on_event``."""
+        reliable = peer.transport != "udp"
+        transaction: ClientTransaction
+        if request.method == "INVITE":
+            transaction = ClientInviteTransaction(request, reliable=reliable, timers=self.timers)
+        else:
+            transaction = ClientNonInviteTransaction(request, reliable=reliable, timers=self.timers)
+        entry = _ClientEntry(transaction, peer, on_event)
+        self._clients[transaction.key] = entry
+        transaction.start(self.loop.time())
+        self._pump_client(entry)
+        return transaction
+
+    async def request(self, request: Request, peer: Peer) -> Response | None:
+        """Send a non-INVITE request and wait for its final response (None on timeout)."""
+        from gateway.sip.transaction import ResponseReceived, TransactionTimeout, TransportFailure
+
+        future: asyncio.Future[Response | None] = self.loop.create_future()
+
+        def on_event(event: Event) -> None:
+            if future.done():
+                return
+            if isinstance(event, ResponseReceived) and event.response.code >= 200:
+                future.set_result(event.response)
+            elif isinstance(event, TransactionTimeout | TransportFailure):
+                future.set_result(None)
+
+        self.start_client_transaction(request, peer, on_event)
+        return await future
+
+    def send_stateless(self, message: Request | Response, peer: Peer) -> None:
+        """Send outside any transaction (ACK for 2xx and its retransmissions)."""
+        self._spawn(self._send(message, peer, None))
+
+    def _pump_client(self, entry: _ClientEntry) -> None:
+        transaction = entry.transaction
+        for message in transaction.messages_to_send():
+            self._spawn(self._send(message, entry.peer, entry))
+        while (event := transaction.next_event()) is not None:
+            if isinstance(event, TransactionTerminated):
+                self._clients.pop(transaction.key, None)
+            try:
+                entry.on_event(event)
+            except Exception:
+                logger.exception("client transaction event handler failed")
+        self._arm(entry, transaction.next_timer_at(), self._client_timer)
+
+    def _client_timer(self, entry: _ClientEntry) -> None:
+        entry.timer = None
+        entry.transaction.handle_timer(self.loop.time())
+        self._pump_client(entry)
+
+    # -- server side --------------------------------------------------------------------
+
+    def send_server_response(self, context: ServerContext, response: Response) -> None:
+        transaction = context.transaction
+        assert transaction is not None
+        transaction.send_response(response, self.loop.time())
+        entry = self._servers.get(transaction.key)
+        if entry is None:
+            entry = _ServerEntry(context)
+        self._pump_server(entry)
+
+    def _pump_server(self, entry: _ServerEntry) -> None:
+        context = entry.context
+        transaction = context.transaction
+        assert transaction is not None
+        for response in transaction.messages_to_send():
+            self._spawn(self._send_response(response, context.source))
+        while (event := transaction.next_event()) is not None:
+            if isinstance(event, TransactionTerminated):
+                self._servers.pop(transaction.key, None)
+            if context.on_event is not None:
+                try:
+                    context.on_event(event)
+                except Exception:
+                    logger.exception("server transaction event handler failed")
+        self._arm(entry, transaction.next_timer_at(), self._server_timer)
+
+    def _server_timer(self, entry: _ServerEntry) -> None:
+        entry.timer = None
+        transaction = entry.context.transaction
+        assert transaction is not None
+        transaction.handle_timer(self.loop.time())
+        self._pump_server(entry)
+
+    # -- receive path -------------------------------------------------------------------
+
+    def _on_message(self, message: Request | Response, source: Peer) -> None:
+        if isinstance(message, Response):
+            self._on_response(message, source)
+        else:
+            self._on_request(message, source)
+
+    def _on_response(self, response: Response, source: Peer) -> None:
+        try:
+            key = transaction_key(response)
+        except ValueError:
+            logger.debug("dropping response without usable Via from %s", source)
+            return
+        entry = self._clients.get(key)
+        if entry is None:
+            if self.on_stray_response is not None:
+                self.on_stray_response(response, source)
+            return
+        entry.transaction.receive_response(response, self.loop.time())
+        self._pump_client(entry)
+
+    def _on_request(self, request: Request, source: Peer) -> None:
+        try:
+            key = transaction_key(request)
+        except ValueError:
+            logger.debug("dropping request without usable Via from %s", source)
+            return
+        existing = self._servers.get(key)
+        if existing is not None and existing.context.transaction is not None:
+            existing.context.transaction.receive_request(request, self.loop.time())
+            self._pump_server(existing)
+            return
+        if request.method == "ACK":
+            # An ACK for a 2xx is its own (transactionless) request: the dialog handles it.
+            self._dispatch(ServerContext(self, request, source, None))
+            return
+        reliable = source.transport != "udp"
+        transaction: ServerTransaction
+        if request.method == "INVITE":
+            transaction = ServerInviteTransaction(request, reliable=reliable, timers=self.timers)
+        else:
+            transaction = ServerNonInviteTransaction(request, reliable=reliable, timers=self.timers)
+        context = ServerContext(self, request, source, transaction)
+        self._servers[transaction.key] = _ServerEntry(context)
+        if request.method == "CANCEL":
+            self._on_cancel(context)
+            return
+        self._dispatch(context)
+
+    def _on_cancel(self, cancel: ServerContext) -> None:
+        """RFC 3261 §9.2: answer the CANCEL, then let the INVITE's owner send 487."""
+        invite_key = transaction_key(cancel.request, method="INVITE")
+        invite = self._servers.get(invite_key)
+        if invite is None or invite.context.final_sent:
+            cancel.respond(481)
+            return
+        cancel.respond(200)
+        invite.context.cancelled = True
+        if invite.context.on_event is not None:
+            invite.context.on_event(_CANCELLED)
+        elif not invite.context.final_sent:
+            invite.context.respond(487)
+
+    def _dispatch(self, context: ServerContext) -> None:
+        if self.on_request is None:
+            if context.transaction is not None:
+                context.respond(501)
+            return
+        try:
+            self.on_request(context)
+        except Exception:
+            logger.exception("request handler failed for %s", context.request.method)
+            if context.transaction is not None and not context.final_sent:
+                context.respond(500)
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _arm(self, entry: Any, deadline: float | None, callback: Callable[[Any], None]) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        if deadline is not None:
+            entry.timer = self.loop.call_at(deadline, callback, entry)
+
+    async def _send(
+        self, message: Request | Response, peer: Peer, entry: _ClientEntry | None
+    ) -> None:
+        try:
+            await self.transport.send(message, peer)
+        except OSError as exc:
+            logger.info("send to %s failed: %s", peer, exc)
+            if entry is not None:
+                entry.transaction.transport_error(self.loop.time())
+                self._pump_client(entry)
+
+    async def _send_response(self, response: Response, source: Peer) -> None:
+        try:
+            result = self.transport.send_response(response, source)
+            if inspect.isawaitable(result):
+                await result
+        except OSError as exc:
+            logger.info("response to %s failed: %s", source, exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+@dataclass(frozen=True)
+class CancelReceived:
+    """Pseudo-event given to an INVITE's owner when the caller cancelled it."""
+
+
+_CANCELLED: Any = CancelReceived()
+
+
+def _uri_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

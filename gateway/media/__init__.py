@@ -1,0 +1,1 @@
+"""RTP media: G.711, paced sending, reception and DTMF detection."""

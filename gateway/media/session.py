@@ -1,0 +1,659 @@
+"""The per-call RTP endpoint: one UDP socket, paced sending, reception and DTMF.
+
+Sending is driven by the shared :class:`~gateway.media.pacer.Pacer` tick, never by a timer
+of its own, so hundreds of calls cost one wake-up per 20 ms. Like a real phone the session
+sends a continuous stream (silence between prompts), which keeps NAT bindings and the far
+end's jitter buffer alive and makes the far end's echo of our stream measurable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import secrets
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gateway.media.dtmf import DtmfDigit, GoertzelDetector, Rfc4733Receiver, rfc4733_packets
+from gateway.media.g711 import SILENCE, Decoder, Encoder, decoder_for, encoder_for
+from gateway.media.pacer import Pacer
+from gateway.media.rtp import RtpPacket, RtpReceiver, RtpSender, is_rtcp
+from gateway.media.sdp import NegotiatedMedia
+
+__all__ = ["MediaSession", "MediaSessionClosed", "MediaStats"]
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+# NegotiatedMedia.direction is our side's: "recvonly"/"inactive" mean we are on hold.
+_SENDING_DIRECTIONS = frozenset({"sendrecv", "sendonly"})
+_HOLD_HOSTS = frozenset({"0.0.0.0", "::"})
+_MAX_GAP_FILL = 8000  # samples of silence inserted for a timestamp gap (1 s at 8 kHz)
+# In-band detection runs on 400 ms batches: the detector's cost is almost all per call
+# (~150 us), so per 20 ms packet it would dominate the receive path of hundreds of calls.
+# A key press is still recognised well under a second after it starts.
+_INBAND_BATCH = 3200
+_INBAND_MAX_AGE = 0.6
+_HOUSEKEEPING_TICKS = 3
+_ENCODE_CHUNK = 8000  # samples of a prompt encoded at a time
+
+
+class MediaSessionClosed(RuntimeError):
+    """The session closed before the requested media was sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class MediaStats:
+    """Counters of one session; ``jitter`` is the RFC 3550 interarrival jitter in ms."""
+
+    packets_sent: int = 0
+    packets_received: int = 0
+    duplicates: int = 0
+    ssrc_changes: int = 0
+    reordered: int = 0
+    jitter: float = 0.0
+    lost: int = 0
+    late: int = 0
+    malformed: int = 0
+    foreign: int = 0
+    rtcp: int = 0
+    unconfigured: int = 0
+    other_payload: int = 0
+    send_dropped: int = 0
+    send_errors: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _PlayItem:
+    pcm: NDArray[np.int16]
+    future: asyncio.Future[None]
+    # A window of pcm encoded with the current codec, starting at sample ``data_start``:
+    # encoding a second at a time amortises numpy overhead without a second full copy.
+    data: bytes | None = None
+    data_start: int = 0
+    pos: int = 0  # samples (= bytes, G.711 is one byte per sample) already sent
+
+
+@dataclass(eq=False, slots=True)
+class _DtmfJob:
+    packets: list[tuple[bytes, bool, int]]
+    future: asyncio.Future[None]
+    index: int = 0
+    start_ts: int | None = None
+
+
+@dataclass(slots=True)
+class _Counters:
+    malformed: int = 0
+    foreign: int = 0
+    rtcp: int = 0
+    unconfigured: int = 0
+    other_payload: int = 0
+    send_dropped: int = 0
+    send_errors: int = 0
+    packets_sent: int = 0
+
+
+@dataclass(slots=True)
+class _Segment:
+    decoder: Decoder
+    codes: bytearray = field(default_factory=bytearray)
+
+
+class _AudioHistory:
+    """Received audio kept as G.711 codes (half the memory of PCM), decoded on demand.
+
+    Trimming to ``capacity`` happens only once a quarter of slack has built up, so the
+    front-of-buffer copy is paid every ~15 s of audio, not on every packet.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._segments: deque[_Segment] = deque()
+        self._size = 0
+
+    def append(self, decoder: Decoder, codes: bytes) -> None:
+        if not self._segments or self._segments[-1].decoder is not decoder:
+            self._segments.append(_Segment(decoder))
+        self._segments[-1].codes += codes
+        self._size += len(codes)
+        if self._size > self.capacity + self.capacity // 4:
+            self._trim()
+
+    def _trim(self) -> None:
+        excess = self._size - self.capacity
+        while excess > 0:
+            first = self._segments[0]
+            if len(first.codes) <= excess:
+                self._segments.popleft()
+                excess -= len(first.codes)
+                self._size -= len(first.codes)
+            else:
+                del first.codes[:excess]
+                self._size -= excess
+                excess = 0
+
+    def pcm(self) -> NDArray[np.int16]:
+        parts = [seg.decoder(bytes(seg.codes)) for seg in self._segments]
+        pcm = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+        return pcm[-self.capacity :] if self.capacity else pcm[:0]
+
+
+def _zero() -> int:
+    return 0
+
+
+def _normalize_host(host: str) -> str:
+    """Canonical text of an IP address, so SDP and socket addresses compare equal."""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host
+
+
+class _RtpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, session: MediaSession) -> None:
+        self._session = session
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        try:
+            self._session._on_datagram(data, addr)
+        except Exception:
+            # Whatever arrives from the network must not take down the receive path.
+            self._session._counters.malformed += 1
+            logger.exception("RTP datagram from %s could not be handled", addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # Typically ICMP port unreachable while the far end is not listening yet.
+        self._session._counters.send_errors += 1
+        logger.debug("RTP socket error on port %s: %s", self._session.local_port, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._session._on_connection_lost()
+
+
+class MediaSession:
+    """The RTP endpoint of one call leg.
+
+    ``open`` binds the socket; ``configure`` (again on every re-INVITE) says where to send
+    and with which codec; from then on every pacer tick sends one frame: queued audio,
+    a DTMF event packet, or silence. Received RTP is reordered, kept for recording, and
+    scanned for RFC 4733 and in-band digits, which land in ``digits``. In-band detection
+    works on 400 ms batches (see ``_INBAND_BATCH``), so those digits arrive up to ~0.5 s
+    after the tone; ``inband_dtmf=False`` skips it where the far end is known to use
+    RFC 4733. RTP is accepted from the SDP address or, symmetric-RTP style, from the first
+    other source to send valid RTP before the SDP address does (then also sent there).
+    """
+
+    def __init__(
+        self,
+        *,
+        local_host: str,
+        pacer: Pacer,
+        port_range: tuple[int, int] = (20000, 30000),
+        clock: Callable[[], float] | None = None,
+        history_seconds: float = 60.0,
+        jitter_depth: int = 3,
+        inband_dtmf: bool = True,
+    ) -> None:
+        self.local_host = local_host
+        self.pacer = pacer
+        self.port_range = port_range
+        if not 0 < port_range[0] <= port_range[1] <= 65535 or not self._candidate_ports():
+            raise ValueError(f"no even RTP port in range {port_range}")
+        self.local_port = 0
+        self.digits: asyncio.Queue[DtmfDigit] = asyncio.Queue()
+        self._clock = clock
+        self._transport: asyncio.DatagramTransport | None = None
+        self._buffered: Callable[[], int] = _zero
+        self._lost_waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._counters = _Counters()
+
+        self._media: NegotiatedMedia | None = None
+        self._remote: Address | None = None  # from SDP
+        self._latched: Address | None = None  # symmetric RTP: where the far end really sends from
+        self._remote_seen = False
+        self._send_to: Address | None = None
+        self._sending = False
+
+        self._sender: RtpSender | None = None
+        self._codec = ""
+        self._encode: Encoder | None = None
+        self._decode: Decoder | None = None
+        self._payload_type = -1
+        self._event_pt = -1
+        self._silence = b""
+        self._frame_samples = 160
+        self._ticks_per_frame = 1
+        self._tick_phase = 0
+        self._last_tick: float | None = None
+        self._housekeeping = 0
+        self._marker_pending = True  # first packet of the stream starts a talkspurt
+        self._talking = False
+        self._max_buffered = 0
+
+        self._queue: deque[_PlayItem] = deque()
+        self._dtmf: deque[_DtmfJob] = deque()
+
+        self._receiver = RtpReceiver(8000, depth=jitter_depth)
+        self._events = Rfc4733Receiver(8000)
+        self._events_seen = False
+        self._inband = GoertzelDetector(8000) if inband_dtmf else None
+        self._inband_batch: list[bytes] = []  # payloads, decoded once per batch
+        self._inband_samples = 0
+        self._inband_since = 0.0  # arrival time of the batch's first packet
+        self._sources: dict[tuple[str | Any, int], Address] = {}
+        self._history = _AudioHistory(int(history_seconds * 8000))
+        self._rx_ssrc: int | None = None
+        self._rx_next_ts = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def open(self) -> int:
+        """Bind an even UDP port in ``port_range`` (RTCP convention) and start ticking."""
+        if self._transport is not None or self._closed:
+            raise RuntimeError("media session already opened")
+        loop = asyncio.get_running_loop()
+        candidates = self._candidate_ports()
+        offset = secrets.randbelow(len(candidates))
+        last_error: OSError | None = None
+        for port in candidates[offset:] + candidates[:offset]:
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _RtpProtocol(self), local_addr=(self.local_host, port)
+                )
+            except OSError as exc:
+                if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    raise
+                last_error = exc
+                continue
+            self._transport = transport
+            # Selector transports queue unsent datagrams without limit; typeshed does not
+            # declare the size query on DatagramTransport.
+            self._buffered = getattr(transport, "get_write_buffer_size", _zero)
+            self._lost_waiter = loop.create_future()
+            self.local_port = port
+            if self._clock is None:
+                self._clock = loop.time
+            self.pacer.register(self)
+            return port
+        raise OSError(errno.EADDRINUSE, f"no free RTP port in {self.port_range}") from last_error
+
+    def _candidate_ports(self) -> list[int]:
+        """Even ports, leaving port + 1 inside the range free for RTCP by convention."""
+        low, high = self.port_range
+        first = low + (low % 2)
+        return list(range(first, high, 2)) or ([first] if first <= high else [])
+
+    async def close(self) -> None:
+        """Stop sending, fail pending DTMF, cancel playback and release the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        self.pacer.unregister(self)
+        self.stop_playback()
+        while self._dtmf:
+            job = self._dtmf.popleft()
+            if not job.future.done():
+                job.future.set_exception(MediaSessionClosed("media session closed"))
+        if self._clock is not None:
+            now = self._clock()
+            for packet in self._receiver.flush():
+                self._handle(packet, now)
+            self._detect_inband()
+            self._push_all(self._events.flush(now + self._events.timeout))
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+            if self._lost_waiter is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._lost_waiter), 1.0)
+
+    def _on_connection_lost(self) -> None:
+        if self._lost_waiter is not None and not self._lost_waiter.done():
+            self._lost_waiter.set_result(None)
+
+    # -- negotiation ------------------------------------------------------------------
+
+    def configure(self, media: NegotiatedMedia) -> None:
+        """Apply a (re-)negotiated stream; a held stream keeps its clock but sends nothing."""
+        codec = media.codec.upper()
+        encode, decode = encoder_for(codec), decoder_for(codec)
+        remote = (_normalize_host(media.remote_host), media.remote_port)
+        if remote != self._remote:
+            self._latched = None
+            self._remote_seen = False
+            self._send_to = remote
+        self._remote = remote
+        self._sending = (
+            media.direction in _SENDING_DIRECTIONS
+            and remote[0] not in _HOLD_HOSTS
+            and media.remote_port != 0
+        )
+        tick_ms = self.pacer.ptime_ms
+        self._ticks_per_frame = max(1, round(media.ptime / tick_ms)) if media.ptime else 1
+        if self._ticks_per_frame * tick_ms != media.ptime:
+            logger.warning(
+                "ptime %s ms is not a multiple of the %s ms pacer tick; sending %s ms frames",
+                media.ptime,
+                tick_ms,
+                self._ticks_per_frame * tick_ms,
+            )
+        self._frame_samples = media.clock_rate * self._ticks_per_frame * tick_ms // 1000
+        if codec != self._codec:
+            self._detect_inband()  # the batch holds codes of the old codec; finish it
+            for item in self._queue:
+                item.data = None  # re-encode the unsent rest with the new codec
+            self._marker_pending = True
+        self._codec, self._encode, self._decode = codec, encode, decode
+        self._silence = bytes((SILENCE[codec],)) * self._frame_samples
+        self._payload_type = media.payload_type
+        self._event_pt = -1 if media.telephone_event_pt is None else media.telephone_event_pt
+        self._receiver.clock_rate = media.clock_rate
+        # Datagrams beyond a few frames in the socket's send buffer are stale audio.
+        self._max_buffered = 4 * (12 + self._frame_samples)
+        if self._sender is None:
+            self._sender = RtpSender(
+                media.payload_type, event_payload_type=media.telephone_event_pt
+            )
+        else:
+            self._sender.payload_type = media.payload_type
+            self._sender.event_payload_type = media.telephone_event_pt
+        self._media = media
+
+    @property
+    def media(self) -> NegotiatedMedia | None:
+        return self._media
+
+    @property
+    def sending(self) -> bool:
+        """False before ``configure`` and while on hold."""
+        return self._sending and self._sender is not None and not self._closed
+
+    @property
+    def remote_address(self) -> Address | None:
+        """Where RTP goes: the SDP address, or the latched source address."""
+        return self._send_to
+
+    # -- sending --------------------------------------------------------------------
+
+    def play(self, pcm: NDArray[np.int16]) -> asyncio.Future[None]:
+        """Queue 8 kHz int16 audio; the future resolves once its last frame is sent, or is
+        cancelled by ``stop_playback``/``close``. On hold, playback pauses rather than
+        running on unheard."""
+        if pcm.dtype != np.int16 or pcm.ndim != 1:
+            raise TypeError("play() takes a 1-D int16 array of 8 kHz samples")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.cancel()
+        elif len(pcm) == 0:
+            future.set_result(None)
+        else:
+            self._queue.append(_PlayItem(pcm, future))
+        return future
+
+    def stop_playback(self) -> None:
+        """Barge-in: drop queued audio and cancel the pending play futures."""
+        queue, self._queue = self._queue, deque()
+        for item in queue:
+            item.future.cancel()
+
+    @property
+    def playing(self) -> bool:
+        """True while queued audio remains (paused audio on hold included)."""
+        return any(not item.future.cancelled() for item in self._queue)
+
+    async def send_digit(self, digit: str, duration_ms: int = 100) -> None:
+        """Send one RFC 4733 event, one packet per frame on the pacer tick; queued audio
+        waits meanwhile. Returns when the last (redundant) end packet was sent."""
+        if self._closed:
+            raise MediaSessionClosed("media session closed")
+        if self._media is None or self._media.telephone_event_pt is None:
+            raise RuntimeError("no telephone-event payload type negotiated")
+        if not self._sending:
+            raise RuntimeError("media is on hold or not sending")
+        packets = rfc4733_packets(
+            digit, duration_ms=duration_ms, samples_per_packet=self._frame_samples
+        )
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._dtmf.append(_DtmfJob(packets, future))
+        # If the caller is cancelled the job still runs to its end packets, so the far end
+        # never sees an event that starts and never stops.
+        await future
+
+    def on_tick(self, now: float) -> None:
+        """Pacer callback: housekeeping for reception, then at most one frame out."""
+        sender = self._sender
+        if sender is None or self._transport is None:
+            return
+        self._housekeeping -= 1
+        if self._housekeeping <= 0:
+            # Every few ticks is plenty for timeouts of 60 ms and more, and keeps the
+            # per-tick cost of hundreds of calls down to sending.
+            self._housekeeping = _HOUSEKEEPING_TICKS
+            if self._receiver.pending or self._events_seen or self._inband_batch:
+                self._poll_receive()
+        if self._last_tick is None:
+            elapsed = 1
+        else:
+            elapsed = round((now - self._last_tick) / self.pacer.period)
+            if elapsed <= 0:
+                return
+        self._last_tick = now
+        self._tick_phase += elapsed
+        if self._tick_phase < self._ticks_per_frame:
+            return
+        frames, self._tick_phase = divmod(self._tick_phase, self._ticks_per_frame)
+        samples = self._frame_samples
+        if frames > 1:
+            # Ticks the loop could not run: keep the media clock on real time.
+            sender.advance_timestamp((frames - 1) * samples)
+            self._marker_pending = True
+        if not self._sending:
+            sender.advance_timestamp(samples)
+            self._marker_pending = True
+            return
+        if self._dtmf:
+            self._send_event(sender, samples)
+            return
+        payload, finished = self._next_audio(samples)
+        marker = self._marker_pending or (payload is not self._silence and not self._talking)
+        self._talking = payload is not self._silence
+        self._marker_pending = False
+        self._transmit(sender.next_packet(payload, samples=samples, marker=marker))
+        for future in finished:
+            if not future.done():
+                future.set_result(None)
+
+    def _next_audio(self, samples: int) -> tuple[bytes, list[asyncio.Future[None]]]:
+        queue = self._queue
+        if not queue:
+            return self._silence, []
+        parts: list[bytes] = []
+        finished: list[asyncio.Future[None]] = []
+        need = samples
+        while need and queue:
+            item = queue[0]
+            if item.future.cancelled():
+                queue.popleft()  # the caller gave up on it (e.g. wait_for timed out)
+                continue
+            data = item.data
+            if data is None or item.pos >= item.data_start + len(data):
+                assert self._encode is not None
+                item.data_start = item.pos
+                data = item.data = self._encode(item.pcm[item.pos : item.pos + _ENCODE_CHUNK])
+            offset = item.pos - item.data_start
+            chunk = data[offset : offset + need]
+            item.pos += len(chunk)
+            need -= len(chunk)
+            parts.append(chunk)
+            if item.pos >= len(item.pcm):
+                queue.popleft()
+                finished.append(item.future)
+        if not parts:
+            return self._silence, finished
+        if need:
+            parts.append(self._silence[:need])
+        return b"".join(parts), finished
+
+    def _send_event(self, sender: RtpSender, samples: int) -> None:
+        job = self._dtmf[0]
+        if job.start_ts is None:
+            job.start_ts = sender.timestamp
+        payload, marker, offset = job.packets[job.index]
+        job.index += 1
+        self._transmit(sender.event_packet(payload, marker, job.start_ts + offset))
+        sender.advance_timestamp(samples)  # audio resumes at the event's end time
+        if job.index >= len(job.packets):
+            self._dtmf.popleft()
+            self._marker_pending = True
+            if not job.future.done():
+                job.future.set_result(None)
+
+    def _transmit(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or self._send_to is None:
+            return
+        if self._buffered() > self._max_buffered:
+            self._counters.send_dropped += 1
+            return
+        transport.sendto(data, self._send_to)
+        self._counters.packets_sent += 1
+
+    # -- receiving ------------------------------------------------------------------
+
+    def push_digit(self, digit: DtmfDigit) -> None:
+        """Deliver a digit that arrived outside RTP (SIP INFO) through the same queue."""
+        self.digits.put_nowait(digit)
+
+    def received_audio(self) -> NDArray[np.int16]:
+        """Decoded audio received so far (the last ``history_seconds``), gaps as silence."""
+        return self._history.pcm()
+
+    def _now(self) -> float:
+        assert self._clock is not None
+        return self._clock()
+
+    def _on_datagram(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if self._media is None or self._closed:
+            self._counters.unconfigured += 1
+            return
+        source = self._sources.get(addr)
+        if source is None:
+            if len(self._sources) >= 8:
+                self._sources.clear()  # bounded; a flood of sources just recomputes
+            source = self._sources[addr] = (_normalize_host(str(addr[0])), int(addr[1]))
+        latch = False
+        if source == self._remote:
+            self._remote_seen = True
+        elif source != self._latched:
+            if self._latched is not None or self._remote_seen:
+                self._counters.foreign += 1
+                return
+            latch = True
+        if is_rtcp(data):
+            self._counters.rtcp += 1
+            return
+        try:
+            packet = RtpPacket.parse(data)
+        except ValueError:
+            self._counters.malformed += 1
+            return
+        if latch:
+            # Symmetric RTP: the SDP address is unreachable or NATed; answer the real source.
+            self._latched = self._send_to = source
+            logger.info(
+                "RTP port %s: latched to %s:%s (SDP said %s:%s)",
+                self.local_port,
+                *source,
+                *(self._remote or ("?", 0)),
+            )
+        now = self._now()
+        for ready in self._receiver.push(packet, now):
+            self._handle(ready, now)
+
+    def _handle(self, packet: RtpPacket, now: float) -> None:
+        pt = packet.payload_type
+        if pt == self._event_pt:
+            self._events_seen = True
+            digit = self._events.receive(
+                packet.payload, packet.timestamp, packet.ssrc, packet.marker, now
+            )
+            if digit is not None:
+                self.digits.put_nowait(digit)
+        elif pt == self._payload_type and self._decode is not None:
+            self._store_audio(packet, self._decode)
+            if self._inband is not None:
+                if not self._inband_batch:
+                    self._inband_since = now
+                self._inband_batch.append(packet.payload)
+                self._inband_samples += len(packet.payload)
+                if self._inband_samples >= _INBAND_BATCH:
+                    self._detect_inband()
+        else:
+            self._counters.other_payload += 1
+
+    def _store_audio(self, packet: RtpPacket, decode: Decoder) -> None:
+        """Append to the history, filling timestamp gaps (loss, DTMF, hold) with silence
+        so recordings and answering-machine detection keep real-time alignment."""
+        if packet.ssrc == self._rx_ssrc:
+            gap = (packet.timestamp - self._rx_next_ts) % (1 << 32)
+            if 0 < gap <= _MAX_GAP_FILL:
+                self._history.append(decode, bytes((SILENCE[self._codec],)) * gap)
+        self._rx_ssrc = packet.ssrc
+        self._rx_next_ts = (packet.timestamp + len(packet.payload)) % (1 << 32)
+        self._history.append(decode, packet.payload)
+
+    def _detect_inband(self) -> None:
+        if self._inband is None or not self._inband_batch or self._decode is None:
+            return
+        pcm = self._decode(b"".join(self._inband_batch))
+        self._inband_batch = []
+        self._inband_samples = 0
+        self._push_all(self._inband.feed(pcm, self._inband_since))
+
+    def _poll_receive(self) -> None:
+        now = self._now()
+        for packet in self._receiver.expire(now):
+            self._handle(packet, now)
+        if self._events_seen:
+            self._push_all(self._events.flush(now))
+        if self._inband_batch and now - self._inband_since > _INBAND_MAX_AGE:
+            self._detect_inband()  # the far end went quiet mid-batch
+
+    def _push_all(self, digits: list[DtmfDigit]) -> None:
+        for digit in digits:
+            self.digits.put_nowait(digit)
+
+    # -- statistics -----------------------------------------------------------------
+
+    @property
+    def stats(self) -> MediaStats:
+        rx = self._receiver.stats
+        c = self._counters
+        return MediaStats(
+            packets_sent=c.packets_sent,
+            packets_received=rx.packets_received,
+            duplicates=rx.duplicates,
+            ssrc_changes=rx.ssrc_changes,
+            reordered=rx.reordered,
+            jitter=rx.jitter_ms,
+            lost=rx.lost,
+            late=rx.late,
+            malformed=c.malformed,
+            foreign=c.foreign,
+            rtcp=c.rtcp,
+            unconfigured=c.unconfigured,
+            other_payload=c.other_payload,
+            send_dropped=c.send_dropped,
+            send_errors=c.send_errors,
+        )

@@ -1,0 +1,86 @@
+"""What a finished call reports: outcome, SIP cause, timings and the digits pressed."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class CallOutcome(str, enum.Enum):
+    ANSWERED = "answered"
+    BUSY = "busy"
+    NO_ANSWER = "no_answer"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_BUSY = {486, 600}
+_NO_ANSWER = {408, 480}
+_REJECTED = {401, 403, 404, 407, 484, 485, 488, 603, 604, 606}
+
+
+def classify_final(code: int) -> CallOutcome:
+    """Map a final INVITE response code to an outcome.
+
+    487 is not mapped here: whether it means "no answer" or "cancelled" depends on why
+    we cancelled, which only the caller knows. 3xx redirects count as failures for now.
+    """
+    if 200 <= code < 300:
+        return CallOutcome.ANSWERED
+    if code in _BUSY:
+        return CallOutcome.BUSY
+    if code in _NO_ANSWER:
+        return CallOutcome.NO_ANSWER
+    if code in _REJECTED:
+        return CallOutcome.REJECTED
+    return CallOutcome.FAILED
+
+
+@dataclass(frozen=True)
+class ReceivedDigit:
+    digit: str
+    method: str  # "rfc4733" | "sip_info" | "inband"
+    at_ms: int  # since the call was answered
+
+
+@dataclass
+class CallResult:
+    """The record of one call, printed by ``ackline call --json`` and kept by the engine."""
+
+    outcome: CallOutcome
+    sip_code: int | None
+    reason: str
+    direction: str  # "outbound" | "inbound"
+    target: str
+    call_id: str
+    transport: str
+    codec: str | None = None  # negotiated audio codec (the answerer's choice)
+    pdd_ms: int | None = None  # INVITE sent -> first 18x (or final response without one)
+    answer_delay_ms: int | None = None  # INVITE sent -> 200 OK
+    answer_time: str | None = None  # ISO 8601 UTC wall-clock time of the 200 OK
+    duration_ms: int = 0  # answer -> end of call
+    hangup_by: str | None = None  # "local" | "remote" | None when never answered
+    received: list[ReceivedDigit] = field(default_factory=list)
+    authenticated: bool = False
+
+    @property
+    def digits(self) -> str:
+        return "".join(d.digit for d in self.received)
+
+    @property
+    def dtmf_method(self) -> str | None:
+        """The method that delivered the digits ("mixed" when more than one did)."""
+        methods = {d.method for d in self.received}
+        if not methods:
+            return None
+        return methods.pop() if len(methods) == 1 else "mixed"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["outcome"] = self.outcome.value
+        data["digits"] = self.digits
+        data["dtmf_method"] = self.dtmf_method
+        data["dtmf"] = data.pop("received")
+        return data

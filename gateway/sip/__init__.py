@@ -1,0 +1,1 @@
+"""Sans-IO SIP layers (transactions, dialogs, digest auth) on top of ``sipmessage``."""

@@ -1,0 +1,657 @@
+"""The asyncio edge of the sans-IO SIP stack: UDP socket, TCP listener and connections.
+
+Everything above this module (transactions, dialogs, calls) is pure state machines; this
+is the only place that touches sockets. It frames the byte stream, hands every frame to
+``parse_message`` (the single SIP parser), stamps ``received``/``rport`` on requests
+(RFC 3261 18.2.1, RFC 3581) and routes responses back (RFC 3261 18.2.2). Whatever a peer
+sends, the protocol callbacks never raise: bad input is logged, counted and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sipmessage import Parameters
+
+from gateway.sip.message import Request, Response, Via, parse_message, top_via
+
+__all__ = [
+    "DEFAULT_SIP_PORT",
+    "MAX_UDP_PAYLOAD",
+    "FramingError",
+    "MessageHandler",
+    "Peer",
+    "SipStreamFramer",
+    "SipTransport",
+    "StreamEvent",
+    "TransportError",
+    "TransportStats",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIP_PORT = 5060
+# Largest UDP payload over IPv4; bigger messages must go over TCP (RFC 3261 18.1.1).
+MAX_UDP_PAYLOAD = 65507
+# A peer that stops reading must not make us buffer without bound.
+MAX_TCP_WRITE_BUFFER = 1 << 20
+
+_HEADER_END = b"\r\n\r\n"
+_PONG = b"\r\n"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where a message came from or goes to; ``host`` is an IP (bare, no brackets) or name."""
+
+    transport: str  # "udp" | "tcp"
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport}:{host}:{self.port}"
+
+
+MessageHandler = Callable[[Request | Response, Peer], None]
+
+
+class TransportError(OSError):
+    """Sending failed (no listener, refused or timed-out connect, closed transport)."""
+
+
+@dataclass
+class TransportStats:
+    """Counters for monitoring; ``tcp_connections`` counts connections opened since start."""
+
+    received: int = 0
+    sent: int = 0
+    dropped_malformed: int = 0
+    dropped_oversize: int = 0
+    tcp_connections: int = 0
+    handler_errors: int = 0
+
+
+class StreamEvent(enum.Enum):
+    """Non-message frames the stream framer reports."""
+
+    PING = "ping"  # RFC 5626 double-CRLF keep-alive, to be answered with a single CRLF
+    OVERSIZE = "oversize"  # a message above the size cap was skipped
+
+
+class FramingError(ValueError):
+    """The stream can no longer be split into messages, so the connection must be closed."""
+
+    def __init__(self, reason: str, *, oversize: bool = False) -> None:
+        super().__init__(reason)
+        self.oversize = oversize
+
+
+def _content_length(head: bytes) -> int | None:
+    """Read Content-Length (or compact ``l``) from a header block, for framing only.
+
+    Returns None when absent; raises ValueError when unusable or given twice differently,
+    since then the message boundary cannot be trusted.
+    """
+    found: int | None = None
+    for line in head.split(b"\r\n")[1:]:
+        if line[:1] in (b" ", b"\t"):
+            continue  # folded continuation of the previous header
+        name, sep, value = line.partition(b":")
+        if not sep or name.rstrip().lower() not in (b"content-length", b"l"):
+            continue
+        text = value.strip()
+        if not text.isdigit() or len(text) > 10:
+            raise ValueError(f"invalid Content-Length {text[:20]!r}")
+        length = int(text)
+        if found is not None and found != length:
+            raise ValueError("conflicting Content-Length headers")
+        found = length
+    return found
+
+
+class SipStreamFramer:
+    """Split a TCP byte stream into SIP messages (RFC 3261 18.3, RFC 5626 keep-alives).
+
+    Sans-IO so the tricky cases (split reads, pipelined messages, oversize skipping) are
+    testable without sockets. Memory stays bounded by ``max_message_size``: an oversized
+    message whose length is known is skipped byte-wise instead of buffered.
+    """
+
+    def __init__(self, max_message_size: int) -> None:
+        self._max = max_message_size
+        self._buffer = bytearray()
+        self._skip = 0
+        self._scan_from = 0
+        self._pending = 0  # size of a message whose header is in, awaiting its body
+        self._failed = False
+
+    def feed(self, data: bytes) -> list[bytes | StreamEvent | FramingError]:
+        """Add received bytes; return complete frames in order.
+
+        A ``FramingError`` is always the last item and the framer ignores input after it.
+        """
+        if self._failed:
+            return []
+        self._buffer += data
+        frames: list[bytes | StreamEvent | FramingError] = []
+        buffer = self._buffer
+        # Each pass consumes bytes, or records a pending message that the next consumes, or
+        # breaks: the loop is bounded by the buffer size.
+        while buffer:
+            if self._skip:
+                count = min(self._skip, len(buffer))
+                del buffer[:count]
+                self._skip -= count
+                self._scan_from = 0
+                continue
+            if self._pending:
+                if len(buffer) < self._pending:
+                    break
+                frames.append(bytes(buffer[: self._pending]))
+                del buffer[: self._pending]
+                self._pending = 0
+                continue
+            if buffer.startswith(_HEADER_END):
+                del buffer[:4]
+                frames.append(StreamEvent.PING)
+                self._scan_from = 0
+                continue
+            if _HEADER_END.startswith(buffer):
+                break  # possibly a ping split across reads
+            if buffer.startswith(b"\r\n"):
+                del buffer[:2]  # a pong, or CRLF before a start line (RFC 3261 7.5): ignored
+                self._scan_from = 0
+                continue
+            end = buffer.find(_HEADER_END, self._scan_from)
+            if end < 0:
+                if len(buffer) > self._max:
+                    error = FramingError("header block exceeds size limit", oversize=True)
+                    return self._fail(frames, error)
+                self._scan_from = max(0, len(buffer) - 3)
+                break
+            try:
+                length = _content_length(bytes(buffer[:end]))
+            except ValueError as exc:
+                return self._fail(frames, FramingError(str(exc)))
+            if length is None:
+                return self._fail(frames, FramingError("missing Content-Length on a stream"))
+            head = end + len(_HEADER_END)
+            total = head + length
+            if total > self._max:
+                del buffer[:head]
+                self._skip = length
+                self._scan_from = 0
+                frames.append(StreamEvent.OVERSIZE)
+                continue
+            self._pending = total  # emitted by the branch above, now or after more reads
+            self._scan_from = 0
+        return frames
+
+    def _fail(
+        self, frames: list[bytes | StreamEvent | FramingError], error: FramingError
+    ) -> list[bytes | StreamEvent | FramingError]:
+        self._failed = True
+        self._buffer.clear()
+        frames.append(error)
+        return frames
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Parse an IP literal (brackets allowed), unmapping ``::ffff:a.b.c.d``; None for names."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _normalize_host(host: str) -> str:
+    """Canonical form used as connection key and in Peer: bare IP text or lower-case name."""
+    address = _ip(host)
+    return str(address) if address is not None else host.strip("[]").lower()
+
+
+def _via_received_value(host: str) -> str:
+    """``received`` value; IPv6 is bracketed because sipmessage only reads it back that way."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _stamp_via(request: Request, source: Peer) -> None:
+    """Add ``received``/``rport`` to the top Via (RFC 3261 18.2.1, RFC 3581 section 4).
+
+    Only the top Via is re-serialised, with the new values appended verbatim: sipmessage
+    would percent-encode an IPv6 ``received`` and other hops' Vias must stay untouched.
+    """
+    raw = request.headers.getlist("Via")
+    first_line = Via.parse_many(raw[0])
+    top = first_line[0]
+    params = top.parameters
+    changes: dict[str, str] = {}
+    if "rport" in params and params["rport"] is None:
+        # RFC 3581: received is mandatory with rport, even when equal to sent-by.
+        changes["rport"] = str(source.port)
+        changes["received"] = _via_received_value(source.host)
+    elif _ip(top.host) is None or _ip(top.host) != _ip(source.host):
+        changes["received"] = _via_received_value(source.host)
+    if not changes:
+        return
+    kept = Parameters(**{key: value for key, value in params.items() if key not in changes})
+    text = str(Via(transport=top.transport, host=top.host, port=top.port, parameters=kept))
+    text += "".join(f";{key}={value}" for key, value in changes.items())
+    first = ", ".join([text, *(str(via) for via in first_line[1:])])
+    request.headers.setlist("Via", [first, *raw[1:]])
+
+
+def _valid_port(value: str | None) -> int | None:
+    if value is None or not value.isascii() or not value.isdigit():
+        return None
+    port = int(value)
+    return port if 0 < port < 65536 else None
+
+
+class _DatagramProtocol(asyncio.DatagramProtocol):
+    """Feeds datagrams to the owner; nothing a peer sends may escape this callback."""
+
+    def __init__(self, owner: SipTransport) -> None:
+        self._owner = owner
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        try:
+            self._owner._on_datagram(data, addr)
+        except Exception:
+            logger.exception("unexpected error handling a UDP datagram from %s", addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (port unreachable...) for earlier sendto calls; retransmission timers
+        # in the transaction layer deal with the consequence.
+        logger.debug("UDP socket error: %s", exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class _StreamProtocol(asyncio.Protocol):
+    """One TCP connection, inbound or outbound: framing, keep-alive answers, writes."""
+
+    def __init__(self, owner: SipTransport) -> None:
+        self._owner = owner
+        self._framer = SipStreamFramer(owner.max_message_size)
+        self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peername = transport.get_extra_info("peername")
+        if not peername or self._owner.closed:
+            self.transport.abort()
+            return
+        self.peer = Peer("tcp", _normalize_host(str(peername[0])), int(peername[1]))
+        self._owner._register(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._on_data(data)
+        except Exception:
+            logger.exception("unexpected error on TCP connection from %s", self.peer)
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _on_data(self, data: bytes) -> None:
+        if self.peer is None or self.transport is None:
+            return
+        for frame in self._framer.feed(data):
+            if self.transport.is_closing():
+                return  # the handler closed us (or the transport shut down)
+            if isinstance(frame, bytes):
+                self._owner._deliver(frame, self.peer)
+            elif frame is StreamEvent.PING:
+                self.transport.write(_PONG)
+            elif frame is StreamEvent.OVERSIZE:
+                self._owner._count_oversize(self.peer, "message above size limit skipped")
+            else:
+                if frame.oversize:
+                    self._owner._count_oversize(self.peer, str(frame))
+                else:
+                    self._owner.stats.dropped_malformed += 1
+                logger.warning("closing TCP connection from %s: %s", self.peer, frame)
+                self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too: SIP has no use for half-open connections
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner._unregister(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; refuse when the connection is gone or the peer stopped reading."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise TransportError(f"TCP connection to {self.peer} is closed")
+        if transport.get_write_buffer_size() > MAX_TCP_WRITE_BUFFER:
+            transport.abort()
+            raise TransportError(f"TCP peer {self.peer} is not reading; connection dropped")
+        transport.write(data)
+
+
+class SipTransport:
+    """Owns the UDP socket and TCP listener/connections of one SIP endpoint."""
+
+    def __init__(
+        self,
+        handler: MessageHandler,
+        *,
+        max_message_size: int = 65535,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if max_message_size <= 0:
+            raise ValueError("max_message_size must be positive")
+        self.max_message_size = max_message_size
+        self.connect_timeout = connect_timeout
+        self.stats = TransportStats()
+        self._handler = handler
+        self._closed = False
+        self._udp: asyncio.DatagramTransport | None = None
+        self._udp_protocol: _DatagramProtocol | None = None
+        self._udp_address: tuple[str, int] | None = None
+        self._server: asyncio.Server | None = None
+        self._tcp_address: tuple[str, int] | None = None
+        self._connections: dict[tuple[str, int], _StreamProtocol] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Task[_StreamProtocol]] = {}
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def listen_udp(self, host: str, port: int) -> tuple[str, int]:
+        """Bind the UDP socket (port 0 picks one); it also sends, for symmetric signalling."""
+        self._check_open()
+        if self._udp is not None:
+            raise TransportError("already listening on UDP")
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await loop.create_datagram_endpoint(
+                lambda: _DatagramProtocol(self), local_addr=(host.strip("[]"), port)
+            )
+        except OSError as exc:
+            raise TransportError(f"cannot listen on UDP {host}:{port}: {exc}") from exc
+        self._udp = transport
+        self._udp_protocol = protocol
+        sockname = transport.get_extra_info("sockname")
+        self._udp_address = (str(sockname[0]), int(sockname[1]))
+        return self._udp_address
+
+    async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
+        """Open the TCP listener (port 0 picks one); returns the first bound address."""
+        self._check_open()
+        if self._server is not None:
+            raise TransportError("already listening on TCP")
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(
+                lambda: _StreamProtocol(self), host.strip("[]") or None, port
+            )
+        except OSError as exc:
+            raise TransportError(f"cannot listen on TCP {host}:{port}: {exc}") from exc
+        self._server = server
+        sockname = server.sockets[0].getsockname()
+        self._tcp_address = (str(sockname[0]), int(sockname[1]))
+        return self._tcp_address
+
+    def local_address(self, transport: str) -> tuple[str, int]:
+        """Bound (host, port) of the listener, for Via sent-by and Contact."""
+        kind = transport.lower()
+        address = self._udp_address if kind == "udp" else self._tcp_address
+        if kind not in ("udp", "tcp") or address is None:
+            raise TransportError(f"not listening on {transport!r}")
+        return address
+
+    async def close(self) -> None:
+        """Stop listening and close every connection; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._connecting.values()):
+            task.cancel()
+        waiters: list[asyncio.Future[None]] = []
+        if self._udp is not None and self._udp_protocol is not None:
+            self._udp.close()
+            waiters.append(self._udp_protocol.lost)
+        if self._server is not None:
+            self._server.close()
+        for connection in set(self._connections.values()):
+            if connection.transport is not None:
+                connection.transport.close()
+            waiters.append(connection.lost)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await asyncio.gather(*waiters)
+                if self._server is not None:
+                    await self._server.wait_closed()
+        self._connections.clear()
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def send(self, message: Request | Response, peer: Peer) -> None:
+        """Send ``message`` to ``peer``, fixing Content-Length first.
+
+        UDP leaves from the listening socket so replies come back to it (RFC 3581).
+        TCP reuses any open connection to the peer, inbound ones included.
+        """
+        self._check_open()
+        if not 0 < peer.port < 65536:
+            raise TransportError(f"invalid port in {peer}")
+        message.content_length = len(message.body)
+        try:
+            data = bytes(message)
+        except (ValueError, TypeError) as exc:
+            raise TransportError(f"cannot serialise message for {peer}: {exc}") from exc
+        kind = peer.transport.lower()
+        if kind == "udp":
+            await self._send_udp(data, peer)
+        elif kind == "tcp":
+            connection = await self._tcp_connection(peer.host, peer.port)
+            connection.write(data)
+        else:
+            raise TransportError(f"unsupported transport {peer.transport!r}")
+        self.stats.sent += 1
+
+    async def send_response(self, response: Response, request_source: Peer) -> None:
+        """Route a response per RFC 3261 18.2.2 and RFC 3581.
+
+        TCP: the connection the request arrived on, else a new one to ``received`` (or
+        sent-by host) and the sent-by port. UDP: ``received`` (or sent-by host) and
+        ``rport`` (or ``maddr`` / sent-by port, default 5060).
+        """
+        try:
+            via = top_via(response)
+        except (ValueError, IndexError) as exc:
+            raise TransportError(f"response has no usable Via: {exc}") from exc
+        received = via.parameters.get("received")
+        host = received.strip("[]") if received else via.host.strip("[]")
+        sent_by_port = via.port or DEFAULT_SIP_PORT
+        if request_source.transport.lower() == "tcp":
+            connection = self._find_connection(request_source.host, request_source.port)
+            if connection is not None:
+                await self.send(response, request_source)
+                return
+            await self.send(response, Peer("tcp", host, sent_by_port))
+            return
+        rport = _valid_port(via.parameters.get("rport"))
+        maddr = via.parameters.get("maddr")
+        if rport is not None:
+            target = Peer("udp", host, rport)
+        elif maddr:
+            target = Peer("udp", maddr.strip("[]"), sent_by_port)
+        else:
+            target = Peer("udp", host, sent_by_port)
+        await self.send(response, target)
+
+    async def _send_udp(self, data: bytes, peer: Peer) -> None:
+        udp = self._udp
+        if udp is None or udp.is_closing():
+            raise TransportError("not listening on UDP")
+        if len(data) > MAX_UDP_PAYLOAD:
+            raise TransportError(f"{len(data)} bytes is too large for UDP; use TCP")
+        sock = cast(socket.socket, udp.get_extra_info("socket"))
+        host = peer.host.strip("[]")
+        address = _ip(host)
+        if address is None:
+            loop = asyncio.get_running_loop()
+            try:
+                infos = await loop.getaddrinfo(
+                    host, peer.port, family=sock.family, type=socket.SOCK_DGRAM
+                )
+            except OSError as exc:
+                raise TransportError(f"cannot resolve {host!r}: {exc}") from exc
+            if not infos:
+                raise TransportError(f"cannot resolve {host!r}")
+            address = _ip(str(infos[0][4][0]))
+            if address is None:
+                raise TransportError(f"cannot resolve {host!r}")
+        if sock.family == socket.AF_INET6 and address.version == 4:
+            target = f"::ffff:{address}"
+        elif sock.family == socket.AF_INET and address.version == 6:
+            raise TransportError(f"cannot reach IPv6 {peer} from an IPv4 UDP socket")
+        else:
+            target = str(address)
+        udp.sendto(data, (target, peer.port))
+
+    def _find_connection(self, host: str, port: int) -> _StreamProtocol | None:
+        connection = self._connections.get((_normalize_host(host), port))
+        return connection if connection is not None and connection.usable else None
+
+    async def _tcp_connection(self, host: str, port: int) -> _StreamProtocol:
+        """An open connection to (host, port); concurrent senders share one connect."""
+        connection = self._find_connection(host, port)
+        if connection is not None:
+            return connection
+        key = (_normalize_host(host), port)
+        task = self._connecting.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._connect(key))
+            self._connecting[key] = task
+            task.add_done_callback(lambda done: self._connect_done(key, done))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                # close() cancelled the shared connect, not this sender: report it as such.
+                raise TransportError(f"transport closed while connecting to {key}") from None
+            raise
+
+    def _connect_done(self, key: tuple[str, int], task: asyncio.Task[_StreamProtocol]) -> None:
+        if self._connecting.get(key) is task:
+            del self._connecting[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here so a sender that gave up does not leave it unseen
+
+    async def _connect(self, key: tuple[str, int]) -> _StreamProtocol:
+        host, port = key
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, protocol = await loop.create_connection(
+                    lambda: _StreamProtocol(self), host, port
+                )
+        except OSError as exc:  # includes TimeoutError and refused connections
+            raise TransportError(f"cannot connect to tcp:{host}:{port}: {exc!r}") from exc
+        if not protocol.usable:
+            raise TransportError(f"connection to tcp:{host}:{port} closed at once")
+        if _ip(host) is None:
+            self._connections[key] = protocol  # reachable under the name it was asked for
+        return protocol
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError("transport is closed")
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _register(self, connection: _StreamProtocol) -> None:
+        assert connection.peer is not None
+        self._connections[(connection.peer.host, connection.peer.port)] = connection
+        self.stats.tcp_connections += 1
+        logger.debug("TCP connection with %s opened", connection.peer)
+
+    def _unregister(self, connection: _StreamProtocol) -> None:
+        for key in [key for key, value in self._connections.items() if value is connection]:
+            del self._connections[key]
+        if connection.peer is not None:
+            logger.debug("TCP connection with %s closed", connection.peer)
+
+    def _on_datagram(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        """UDP framing: Content-Length bounds the message, trailing bytes are ignored."""
+        peer = Peer("udp", _normalize_host(str(addr[0])), int(addr[1]))
+        if len(data) > self.max_message_size:
+            self._count_oversize(peer, f"{len(data)}-byte datagram")
+            return
+        data = data.lstrip(b"\r\n")
+        if not data:
+            return  # keep-alive
+        end = data.find(_HEADER_END)
+        if end < 0:
+            self._count_malformed(peer, "no end of headers")
+            return
+        try:
+            length = _content_length(data[:end])
+        except ValueError as exc:
+            self._count_malformed(peer, str(exc))
+            return
+        if length is not None:
+            total = end + len(_HEADER_END) + length
+            if total > len(data):
+                self._count_malformed(peer, "body shorter than Content-Length")
+                return
+            data = data[:total]
+        self._deliver(data, peer)
+
+    def _deliver(self, data: bytes, peer: Peer) -> None:
+        """Parse one framed message, stamp the Via of requests, hand it to the handler."""
+        try:
+            message = parse_message(data)
+            if isinstance(message, Request):
+                _stamp_via(message, peer)
+        except ValueError as exc:
+            self._count_malformed(peer, str(exc))
+            return
+        except Exception:
+            logger.exception("parser failed unexpectedly on a message from %s", peer)
+            self.stats.dropped_malformed += 1
+            return
+        self.stats.received += 1
+        try:
+            self._handler(message, peer)
+        except Exception:
+            self.stats.handler_errors += 1
+            logger.exception("SIP message handler failed on a message from %s", peer)
+
+    def _count_malformed(self, peer: Peer, reason: str) -> None:
+        self.stats.dropped_malformed += 1
+        logger.debug("dropped malformed SIP message from %s: %s", peer, reason)
+
+    def _count_oversize(self, peer: Peer, reason: str) -> None:
+        self.stats.dropped_oversize += 1
+        logger.warning("dropped oversized SIP message from %s: %s", peer, reason)

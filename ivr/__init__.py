@@ -1,0 +1,1 @@
+"""Call flows (say, gather, menu, record, bridge, escalate)."""

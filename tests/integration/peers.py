@@ -1,0 +1,192 @@
+"""Independent SIP peers (SIPp, baresip) started on loopback for interop tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+PCAPS = Path("/usr/share/sip-tester")
+PCAP_NAMES = {"*": "star", "#": "pound"}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (even, as RTP likes)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port % 2:
+            continue
+        try:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u,
+            ):
+                t.bind(("127.0.0.1", port))
+                u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def dtmf_pcap(digit: str) -> Path:
+    return PCAPS / f"dtmf_2833_{PCAP_NAMES.get(digit, digit)}.pcap"
+
+
+def listening(port: int, proto: str) -> bool:
+    """True when something is bound to 127.0.0.1:port (TCP: in LISTEN state)."""
+    path = "/proc/net/udp" if proto == "udp" else "/proc/net/tcp"
+    needle = f":{port:04X} "
+    with open(path) as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(needle.strip()) and (proto == "udp" or fields[3] == "0A"):
+                return True
+    return False
+
+
+def wait_until(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@dataclass
+class SippRun:
+    process: subprocess.Popen[bytes]
+    port: int
+    workdir: Path
+    scenario: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def logs(self) -> str:
+        """Everything SIPp wrote: scenario log, error trace and screen."""
+        parts = []
+        for path in sorted(self.workdir.glob("*")):
+            if path.suffix in (".log", ".out"):
+                parts.append(f"== {path.name}\n{path.read_text(errors='replace')}")
+        return "\n".join(parts)
+
+    def log_lines(self) -> list[str]:
+        lines: list[str] = []
+        for path in self.workdir.glob("*_logs.log"):
+            lines += path.read_text(errors="replace").splitlines()
+        return lines
+
+
+def render_scenario(name: str, workdir: Path, **values: str) -> Path:
+    text = (SCENARIOS / name).read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    missing = re.findall(r"@[A-Z_]+@", text)
+    if missing:
+        raise ValueError(f"unfilled placeholders {missing} in {name}")
+    path = workdir / name
+    path.write_text(text)
+    return path
+
+
+@contextlib.contextmanager
+def sipp(
+    scenario: str,
+    workdir: Path,
+    *,
+    transport: str = "udp",
+    remote: str | None = None,
+    calls: int = 1,
+    timeout_s: int = 30,
+    extra: list[str] | None = None,
+    port: int | None = None,
+    **values: str,
+) -> Iterator[SippRun]:
+    """Run one SIPp instance with a scenario from tests/integration/scenarios."""
+    if shutil.which("sipp") is None:
+        raise RuntimeError("sipp is not installed: run `make test` (installs sip-tester)")
+    path = render_scenario(scenario, workdir, **values)
+    port = port or free_port()
+    media_port = free_port()
+    cmd = [
+        "sipp",
+        "-sf",
+        str(path),
+        "-i",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-mi",
+        "127.0.0.1",
+        "-mp",
+        str(media_port),
+        "-t",
+        "u1" if transport == "udp" else "t1",
+        "-m",
+        str(calls),
+        "-nostdin",
+        "-timeout",
+        f"{timeout_s}s",
+        "-timeout_error",
+        "-trace_err",
+        "-trace_logs",
+        "-trace_msg",
+        *(extra or []),
+    ]
+    if remote:
+        cmd.append(remote)
+    out = open(workdir / "sipp_screen.out", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    run = SippRun(process, port, workdir, path)
+    try:
+        if remote is None:
+            wait_until(lambda: listening(port, transport) or process.poll() is not None, 5, "sipp")
+            if process.poll() is not None:
+                raise RuntimeError(f"sipp exited early:\n{run.logs()}")
+        yield run
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        out.close()
+
+
+def ackline_cli() -> list[str]:
+    """Run the installed console script's entry point with this interpreter."""
+    exe = Path(sys.executable).parent / "ackline"
+    return (
+        [str(exe)] if exe.exists() else [sys.executable, "-c", "from api.cli import main; main()"]
+    )
+
+
+def cli_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["ACKLINE_PROMPT_CACHE"] = str(tmp / "prompts")
+    return env

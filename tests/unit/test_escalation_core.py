@@ -1,0 +1,278 @@
+"""The decision core, driven by a tiny discrete-event simulator (no IO, no sleeps)."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from escalation.channels.base import DeliveryStatus as S
+from escalation.config import Policy, RateLimit, Recipient
+from escalation.core import (
+    Audit,
+    CancelAll,
+    CapTimer,
+    Chain,
+    Close,
+    Dispatch,
+    Event,
+    Outcome,
+    Plan,
+    ScheduleCap,
+    ScheduleStep,
+    Start,
+    StepTimer,
+    Transition,
+    build_plan,
+    decide,
+    rate_limit_release,
+)
+from escalation.models import AlertState
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+ALICE = Recipient(id="alice", name="A", phone="+14155550101", telegram_chat_id="42")
+BOB = Recipient(id="bob", name="B", phone="+14155550102", email="bob@example.com")
+
+
+def plan_of(**policy: object) -> Plan:
+    spec = {"name": "p", "steps": [{"recipients": ["alice"], "channels": ["voice"]}], **policy}
+    return build_plan(
+        Policy.model_validate(spec), {"alice": ALICE, "bob": BOB}, {"team": ["alice", "bob"]}, {}
+    )
+
+
+Script = Callable[[Dispatch], tuple[S, str]]
+
+
+@dataclass
+class Sim:
+    """Applies actions like the runner would: dispatches and timers go on a time queue."""
+
+    plan: Plan
+    script: Script
+    now: datetime = T0
+    state: AlertState = AlertState.TRIGGERED
+    chain: Chain = field(default_factory=Chain)
+    sent: list[tuple[float, Dispatch]] = field(default_factory=list)
+    audit: list[Audit] = field(default_factory=list)
+    queue: list[tuple[datetime, int, object]] = field(default_factory=list)
+    cancelled: bool = False
+    ids: itertools.count[int] = field(default_factory=itertools.count)
+    seq: itertools.count[int] = field(default_factory=itertools.count)
+
+    def feed(self, event: Event) -> None:
+        d = decide(self.state, self.plan, self.chain, event, self.now, lambda: f"n{next(self.ids)}")
+        self.chain = d.chain
+        for a in d.actions:
+            if isinstance(a, Dispatch):
+                heapq.heappush(self.queue, (a.due_at, next(self.seq), a))
+            elif isinstance(a, ScheduleStep):
+                heapq.heappush(self.queue, (a.due_at, next(self.seq), StepTimer(a.round, a.step)))
+            elif isinstance(a, ScheduleCap):
+                heapq.heappush(self.queue, (a.due_at, next(self.seq), CapTimer()))
+            elif isinstance(a, Transition):
+                self.state = a.state
+            elif isinstance(a, CancelAll):
+                self.queue.clear()
+                self.cancelled = True
+            else:
+                self.audit.append(a)
+
+    def run(self, limit: int = 500) -> None:
+        self.feed(Start())
+        for _ in range(limit):
+            if not self.queue:
+                return
+            due, _, item = heapq.heappop(self.queue)
+            self.now = due
+            if isinstance(item, Dispatch):
+                self.sent.append(((due - T0).total_seconds(), item))
+                status, reason = self.script(item)
+                self.feed(Outcome(item.notification_id, item.attempt, status, reason))
+            else:
+                assert isinstance(item, StepTimer | CapTimer)
+                self.feed(item)
+        raise AssertionError("simulation did not finish")
+
+    def path(self) -> list[tuple[float, str, str, int]]:
+        return [(t, d.recipient_id, d.channel, d.attempt) for t, d in self.sent]
+
+
+def always(status: S, reason: str = "x") -> Script:
+    return lambda _d: (status, reason)
+
+
+def test_start_fires_first_step_in_parallel_and_arms_timers() -> None:
+    plan = plan_of(steps=[{"groups": ["team"], "channels": ["voice", "sms"], "delay": 60}])
+    d = decide(AlertState.TRIGGERED, plan, Chain(), Start(), T0, iter("abcd").__next__)
+    dispatches = [a for a in d.actions if isinstance(a, Dispatch)]
+    assert [(a.recipient_id, a.channel, a.due_at) for a in dispatches] == [
+        ("alice", "voice", T0), ("alice", "sms", T0), ("bob", "voice", T0), ("bob", "sms", T0)
+    ]  # fmt: skip
+    assert ScheduleCap(T0 + timedelta(hours=4)) in d.actions
+    assert ScheduleStep(1, 0, T0 + timedelta(seconds=60)) in d.actions  # end of the only step
+    assert d.chain.sent == 4
+
+
+def test_voice_busy_falls_back_in_order_with_configured_backoff() -> None:
+    sim = Sim(plan_of(steps=[{"recipients": ["alice"], "channels": ["voice"], "delay": 3600}]),
+              always(S.FAILED_RETRYABLE, "busy"))  # fmt: skip
+    sim.run()
+    # voice 3x exponential 30s*2^n, then telegram_voice 2x linear 30s, then sms 2x linear 60s
+    assert sim.path() == [
+        (0, "alice", "voice", 1), (30, "alice", "voice", 2), (90, "alice", "voice", 3),
+        (90, "alice", "telegram_voice", 1), (120, "alice", "telegram_voice", 2),
+        (120, "alice", "sms", 1), (180, "alice", "sms", 2),
+    ]  # fmt: skip
+    assert [a.event for a in sim.audit if a.event in ("fallback", "channel_exhausted")] == [
+        "fallback", "fallback", "channel_exhausted"
+    ]  # fmt: skip
+    assert sim.state is AlertState.EXHAUSTED  # the policy ended with nobody reached
+
+
+def test_permanent_failure_skips_retries_and_missing_contacts() -> None:
+    plan = plan_of(steps=[{"recipients": ["bob"], "channels": ["voice"], "delay": 10}])
+    sim = Sim(plan, always(S.FAILED_PERMANENT, "sip_404"))
+    sim.run()
+    # bob has no telegram: telegram_voice is skipped, sms is next; permanent = no retries
+    assert sim.path() == [(0, "bob", "voice", 1), (0, "bob", "sms", 1)]
+    assert any(a.event == "fallback_skipped" and a.channel == "telegram_voice" for a in sim.audit)
+
+
+def test_ack_cancels_everything_and_later_events_do_nothing() -> None:
+    def script(d: Dispatch) -> tuple[S, str]:
+        if d.channel == "sms":
+            return S.ACKNOWLEDGED, "sms_reply"
+        return S.FAILED_RETRYABLE, "busy"
+
+    plan = plan_of(steps=[{"recipients": ["alice"], "channels": ["voice", "sms"]}], repeat=3)
+    sim = Sim(plan, script)
+    sim.run()
+    assert sim.state is AlertState.ACKNOWLEDGED and sim.cancelled
+    assert sim.path() == [(0, "alice", "voice", 1), (0, "alice", "sms", 1)]
+    after = decide(sim.state, plan, sim.chain, StepTimer(0, 0), sim.now, lambda: "z")
+    assert after.actions == []
+    again = decide(sim.state, plan, sim.chain, Close(AlertState.ACKNOWLEDGED, "u"), sim.now,
+                   lambda: "z")  # fmt: skip
+    assert [type(a) for a in again.actions] == [Audit]
+
+
+def test_escalate_fires_next_step_now_and_old_timer_is_stale() -> None:
+    def script(d: Dispatch) -> tuple[S, str]:
+        return (S.ESCALATE, "dtmf_2") if d.recipient_id == "alice" else (S.DELIVERED, "ok")
+
+    plan = plan_of(steps=[
+        {"recipients": ["alice"], "channels": ["voice"], "delay": 300},
+        {"recipients": ["bob"], "channels": ["sms"], "delay": 300},
+    ])  # fmt: skip
+    sim = Sim(plan, script)
+    sim.run()
+    assert sim.path() == [(0, "alice", "voice", 1), (0, "bob", "sms", 1)]
+    steps = [(a.round, a.step, a.reason) for a in sim.audit if a.event == "step"]
+    assert steps == [(0, 0, "start"), (0, 1, "escalate")]
+    assert sim.state is AlertState.EXHAUSTED  # nobody acked by the end of the policy
+
+
+def test_repeat_runs_the_steps_again() -> None:
+    plan = plan_of(steps=[{"recipients": ["bob"], "channels": ["sms"], "delay": 100}], repeat=2)
+    sim = Sim(plan, always(S.DELIVERED, "queued"))
+    sim.run()
+    assert [t for t, _ in sim.sent] == [0, 100, 200]
+    assert sim.state is AlertState.EXHAUSTED
+
+
+def test_caps_end_the_chain() -> None:
+    plan = plan_of(steps=[{"recipients": ["alice"], "channels": ["voice"], "delay": 1000}],
+                   repeat=20, max_notifications=5)  # fmt: skip
+    sim = Sim(plan, always(S.FAILED_RETRYABLE, "no_answer"))
+    sim.run()
+    assert len(sim.sent) == 5 and sim.state is AlertState.EXHAUSTED
+    assert [a.reason for a in sim.audit if a.event == "exhausted"] == ["cap_notifications"]
+
+    plan = plan_of(steps=[{"recipients": ["bob"], "channels": ["sms"], "delay": 60}],
+                   repeat=20, max_duration=150)  # fmt: skip
+    sim = Sim(plan, always(S.DELIVERED, "queued"))
+    sim.run()
+    assert [t for t, _ in sim.sent] == [0, 60, 120]
+    assert [a.reason for a in sim.audit if a.event == "exhausted"] == ["cap_duration"]
+
+
+def test_email_retries_4xx_only() -> None:
+    plan = plan_of(steps=[{"recipients": ["bob"], "channels": ["email"], "delay": 3600}])
+    sim = Sim(plan, always(S.FAILED_RETRYABLE, "smtp_421"))
+    sim.run()
+    assert [d.attempt for _, d in sim.sent] == [1, 2, 3]
+    sim = Sim(plan, always(S.FAILED_RETRYABLE, "smtp_connection_refused"))
+    sim.run()
+    assert [d.attempt for _, d in sim.sent] == [1]
+
+
+def test_late_failure_after_delivery_reopens_the_notification() -> None:
+    plan = plan_of(steps=[{"recipients": ["bob"], "channels": ["sms"], "delay": 3600}])
+    d = decide(AlertState.TRIGGERED, plan, Chain(), Start(), T0, lambda: "n1")
+    chain = decide(AlertState.TRIGGERED, plan, d.chain, Outcome("n1", 1, S.DELIVERED, "queued"),
+                   T0, lambda: "x").chain  # fmt: skip
+    failed = Outcome("n1", 1, S.FAILED_RETRYABLE, "twilio_30003")
+    late = decide(AlertState.TRIGGERED, plan, chain, failed, T0, lambda: "x")
+    assert [a.attempt for a in late.actions if isinstance(a, Dispatch)] == [2]
+
+
+def test_json_round_trips() -> None:
+    plan = plan_of(steps=[{"groups": ["team"], "channels": ["voice", "email"], "delay": 5}])
+    assert Plan.from_json(plan.to_json()) == plan
+    d = decide(AlertState.TRIGGERED, plan, Chain(), Start(), T0, iter("abcdef").__next__)
+    assert Chain.from_json(d.chain.to_json()) == d.chain
+
+
+def test_rate_limit_release() -> None:
+    limit = RateLimit(max=2, window=60)
+    sends = [T0 - timedelta(seconds=50), T0 - timedelta(seconds=10), T0 - timedelta(seconds=90)]
+    assert rate_limit_release(sends, limit, T0) == T0 + timedelta(seconds=10)
+    assert rate_limit_release(sends[:1], limit, T0) is None
+
+
+STATUSES = st.sampled_from(list(S))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    outcomes=st.lists(STATUSES, min_size=1, max_size=40),
+    repeat=st.integers(0, 3),
+    cap=st.integers(1, 30),
+    ack_at=st.integers(0, 40),
+)
+def test_invariants_hold_for_any_outcomes(
+    outcomes: list[S], repeat: int, cap: int, ack_at: int
+) -> None:
+    """Whatever channels report: the cap holds, the chain ends, nothing is sent after close."""
+    script = iter(itertools.cycle(outcomes))
+    plan = plan_of(steps=[
+        {"groups": ["team"], "channels": ["voice", "sms"], "delay": 30},
+        {"recipients": ["bob"], "channels": ["email"], "delay": 30},
+    ], repeat=repeat, max_notifications=cap)  # fmt: skip
+    sim = Sim(plan, lambda _d: (next(script), "r"))
+    sim.feed(Start())
+    for i in range(400):
+        if i == ack_at:
+            sim.feed(Close(AlertState.ACKNOWLEDGED, "api"))
+            closed_at = len(sim.sent)
+        if not sim.queue:
+            break
+        due, _, item = heapq.heappop(sim.queue)
+        sim.now = due
+        if isinstance(item, Dispatch):
+            sim.sent.append((0, item))
+            sim.feed(Outcome(item.notification_id, item.attempt, next(script), "r"))
+        else:
+            assert isinstance(item, StepTimer | CapTimer)
+            sim.feed(item)
+    assert not sim.queue, "the chain never ended"
+    assert len(sim.sent) <= cap
+    assert sim.state is not AlertState.TRIGGERED
+    if ack_at < i:
+        assert len(sim.sent) == closed_at

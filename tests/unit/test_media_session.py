@@ -1,0 +1,619 @@
+"""MediaSession over real UDP on 127.0.0.1: session to session, and against a raw socket."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import cast
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+import gateway.media.session as session_module
+from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, rfc4733_packets
+from gateway.media.g711 import alaw_encode, decoder_for, ulaw_encode
+from gateway.media.pacer import Pacer
+from gateway.media.rtp import RtpPacket
+from gateway.media.sdp import NegotiatedMedia
+from gateway.media.session import MediaSession, MediaSessionClosed
+
+HOST = "127.0.0.1"
+TE = 101
+
+
+def negotiated(
+    port: int,
+    *,
+    codec: str = "PCMU",
+    direction: str = "sendrecv",
+    host: str = HOST,
+    ptime: int = 20,
+    te: int | None = TE,
+) -> NegotiatedMedia:
+    return NegotiatedMedia(
+        remote_host=host,
+        remote_port=port,
+        payload_type=0 if codec == "PCMU" else 8,
+        codec=codec,
+        clock_rate=8000,
+        telephone_event_pt=te,
+        ptime=ptime,
+        direction=direction,
+    )
+
+
+def is_running(pacer: Pacer) -> bool:
+    """Read through a call so mypy does not carry narrowing across awaits."""
+    return pacer.running
+
+
+def is_playing(session: MediaSession) -> bool:
+    return session.playing
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+class RawPeer(asyncio.DatagramProtocol):
+    """A bare UDP socket standing in for the far end."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[tuple[RtpPacket, float]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received.put_nowait((RtpPacket.parse(data), asyncio.get_running_loop().time()))
+
+    @property
+    def port(self) -> int:
+        assert self.transport is not None
+        return int(self.transport.get_extra_info("sockname")[1])
+
+    def send(self, data: bytes, port: int) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, (HOST, port))
+
+    async def next(self, timeout: float = 1.0) -> RtpPacket:
+        async with asyncio.timeout(timeout):
+            packet, _ = await self.received.get()
+        return packet
+
+    async def collect(self, count: int, timeout: float = 3.0) -> list[RtpPacket]:
+        return [await self.next(timeout) for _ in range(count)]
+
+    def drain(self) -> None:
+        while not self.received.empty():
+            self.received.get_nowait()
+
+
+async def raw_peer() -> RawPeer:
+    loop = asyncio.get_running_loop()
+    _, peer = await loop.create_datagram_endpoint(RawPeer, local_addr=(HOST, 0))
+    return peer
+
+
+@pytest.fixture
+async def pacer() -> AsyncIterator[Pacer]:
+    p = Pacer(20)
+    yield p
+    await p.stop()
+
+
+@pytest.fixture
+async def pair(pacer: Pacer) -> AsyncIterator[tuple[MediaSession, MediaSession]]:
+    a = MediaSession(local_host=HOST, pacer=pacer)
+    b = MediaSession(local_host=HOST, pacer=pacer)
+    await a.open()
+    await b.open()
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[RawPeer]:
+    p = await raw_peer()
+    yield p
+    assert p.transport is not None
+    p.transport.close()
+
+
+def rtp(seq: int, payload: bytes, *, ssrc: int = 77, pt: int = 0, ts: int | None = None) -> bytes:
+    timestamp = seq * 160 if ts is None else ts
+    return RtpPacket(pt, seq % 65536, timestamp % (1 << 32), ssrc, payload).serialize()
+
+
+def best_match(received: NDArray[np.int16], sent: NDArray[np.int16]) -> float:
+    """Highest normalised correlation of ``sent`` against any window of ``received``."""
+    r = received.astype(np.float64)
+    s = sent.astype(np.float64)
+    scores = np.correlate(r, s, mode="valid")
+    lag = int(np.argmax(scores))
+    window = r[lag : lag + len(s)]
+    return float(scores[lag] / (np.linalg.norm(window) * np.linalg.norm(s) + 1e-9))
+
+
+# -- session to session ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["PCMU", "PCMA"])
+async def test_audio_arrives_in_order_and_decoded(
+    pair: tuple[MediaSession, MediaSession], codec: str
+) -> None:
+    a, b = pair
+    assert a.local_port % 2 == 0 and 20000 <= a.local_port < 30000
+    a.configure(negotiated(b.local_port, codec=codec))
+    b.configure(negotiated(a.local_port, codec=codec))
+    # Noise, not a tone: any reordering or dropped frame would destroy the correlation.
+    sent = (np.random.default_rng(7).normal(0, 4000, 8000)).astype(np.int16)
+    async with asyncio.timeout(3):
+        await a.play(sent)
+    sent_count = a.stats.packets_sent
+    await wait_for(lambda: b.stats.packets_received >= sent_count)
+    received = b.received_audio()
+    assert len(received) >= len(sent)
+    assert best_match(received, sent) > 0.999
+    stats = b.stats
+    assert stats.lost == 0 and stats.duplicates == 0 and stats.malformed == 0
+    assert stats.ssrc_changes == 0 and stats.foreign == 0
+    assert 0 <= stats.jitter < 20
+    assert a.stats.packets_sent >= 50
+
+
+async def test_silence_is_sent_continuously(pair: tuple[MediaSession, MediaSession]) -> None:
+    a, b = pair
+    loop = asyncio.get_running_loop()
+    a.configure(negotiated(b.local_port))
+    b.configure(negotiated(a.local_port))
+    started = loop.time()
+    await asyncio.sleep(0.5)
+    due = (loop.time() - started) / 0.02
+    # One frame per 20 ms; allow a couple in flight or on the tick boundary.
+    assert due - 3 <= b.stats.packets_received <= due + 2
+    audio = b.received_audio()
+    assert len(audio) >= 20 * 160 and not audio.any()
+
+
+async def test_rfc4733_digit_detected_exactly_once(
+    pair: tuple[MediaSession, MediaSession],
+) -> None:
+    a, b = pair
+    a.configure(negotiated(b.local_port))
+    b.configure(negotiated(a.local_port))
+    async with asyncio.timeout(3):
+        await a.send_digit("5", 100)
+        await a.send_digit("#", 60)
+        first = await b.digits.get()
+        second = await b.digits.get()
+    assert (first.digit, first.method) == ("5", DtmfMethod.RFC4733)
+    assert first.duration_ms == 100
+    assert (second.digit, second.method) == ("#", DtmfMethod.RFC4733)
+    await asyncio.sleep(0.4)  # redundant end packets and timeouts must not repeat them
+    assert b.digits.empty()
+
+
+async def test_inband_digit_detected(pair: tuple[MediaSession, MediaSession]) -> None:
+    a, b = pair
+    a.configure(negotiated(b.local_port))
+    b.configure(negotiated(a.local_port))
+    async with asyncio.timeout(3):
+        await a.play(dtmf_tone("7", 200))
+        digit = await b.digits.get()
+    assert (digit.digit, digit.method) == ("7", DtmfMethod.INBAND)
+    await asyncio.sleep(0.3)
+    assert b.digits.empty()
+
+
+async def test_push_digit_shares_the_queue(pair: tuple[MediaSession, MediaSession]) -> None:
+    a, _ = pair
+    d = DtmfDigit("9", DtmfMethod.SIP_INFO, 1.0, 160)
+    a.push_digit(d)
+    assert a.digits.get_nowait() == d
+
+
+# -- against a raw socket --------------------------------------------------------------
+
+
+async def test_stream_headers_marker_and_audio_payload(
+    pacer: Pacer, peer: RawPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prompts are encoded a window at a time; make a window end mid-frame.
+    monkeypatch.setattr(session_module, "_ENCODE_CHUNK", 250)
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        silence = await peer.collect(3)
+        pcm = (np.arange(400) * 50 - 10000).astype(np.int16)
+        done = s.play(pcm)
+        await asyncio.wait_for(done, 2)
+        await asyncio.sleep(0.05)
+        rest = [p for p, _ in _drain(peer)]
+    finally:
+        await s.close()
+    packets = silence + rest
+    assert packets[0].marker and not any(p.marker for p in packets[1:3])
+    assert all(p.payload == b"\xff" * 160 for p in silence)
+    seqs = [p.sequence_number for p in packets]
+    assert seqs == [(seqs[0] + i) % 65536 for i in range(len(packets))]
+    steps = {(b.timestamp - a.timestamp) % (1 << 32) for a, b in itertools.pairwise(packets)}
+    assert steps == {160}
+    assert len({p.ssrc for p in packets}) == 1 and {p.payload_type for p in packets} == {0}
+    # The prompt: three frames, the first with the talkspurt marker, padded with silence.
+    start = next(i for i, p in enumerate(packets) if p.payload != b"\xff" * 160)
+    audio = packets[start : start + 3]
+    assert [p.marker for p in audio] == [True, False, False]
+    expected = ulaw_encode(pcm) + b"\xff" * 80
+    assert b"".join(p.payload for p in audio) == expected
+    assert all(p.payload == b"\xff" * 160 for p in packets[start + 3 :])
+    assert not any(p.marker for p in packets[start + 1 :])
+
+
+def _drain(peer: RawPeer) -> list[tuple[RtpPacket, float]]:
+    out = []
+    while not peer.received.empty():
+        out.append(peer.received.get_nowait())
+    return out
+
+
+async def test_paced_every_20ms(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    s.configure(negotiated(peer.port))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.sleep(0.5)
+    due = (loop.time() - started) / 0.02
+    await s.close()
+    arrivals = np.array([t for _, t in _drain(peer)])
+    gaps = np.diff(arrivals)
+    assert due - 3 <= len(arrivals) <= due + 2
+    assert abs(float(np.median(gaps)) - 0.02) < 0.003
+
+
+async def test_dtmf_events_pause_audio_and_share_timestamp(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        head = await peer.collect(2)
+        s.play(np.full(8000, 1000, dtype=np.int16))
+        await asyncio.wait_for(s.send_digit("3", 100), 2)
+        await asyncio.sleep(0.06)
+    finally:
+        await s.close()
+    packets = head + [p for p, _ in _drain(peer)]
+    events = [i for i, p in enumerate(packets) if p.payload_type == TE]
+    expected = rfc4733_packets("3", duration_ms=100)
+    assert len(events) == len(expected)
+    assert events == list(range(events[0], events[0] + len(events)))  # no audio in between
+    ev = [packets[i] for i in events]
+    assert [p.payload for p in ev] == [payload for payload, _, _ in expected]
+    assert [p.marker for p in ev] == [m for _, m, _ in expected]
+    assert len({p.timestamp for p in ev}) == 1
+    before, after = packets[events[0] - 1], packets[events[-1] + 1]
+    assert ev[0].timestamp == (before.timestamp + 160) % (1 << 32)
+    # Audio resumes where the media clock got to, as a new talkspurt.
+    assert after.timestamp == (ev[0].timestamp + 160 * len(ev)) % (1 << 32)
+    assert after.marker and after.payload_type == 0
+
+
+async def test_hold_resume_and_codec_change(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        last = (await peer.collect(3))[-1]
+        s.configure(negotiated(peer.port, direction="recvonly"))  # we are held
+        assert not s.sending
+        await asyncio.sleep(0.03)
+        in_flight = _drain(peer)  # sent before the hold, read only now
+        if in_flight:
+            last = in_flight[-1][0]
+        await asyncio.sleep(0.2)
+        assert peer.received.empty()
+        prompt = np.full(160, 1000, dtype=np.int16)
+        done = s.play(prompt)
+        with pytest.raises(RuntimeError):
+            await s.send_digit("1")
+        s.configure(negotiated(peer.port, host="0.0.0.0"))
+        await asyncio.sleep(0.1)
+        assert peer.received.empty() and not done.done()  # paused, not played unheard
+        s.configure(negotiated(peer.port, codec="PCMA"))
+        resumed = await peer.next()
+        await asyncio.wait_for(done, 1)
+        more = await peer.collect(2)
+    finally:
+        await s.close()
+    assert resumed.marker and resumed.payload_type == 8
+    assert resumed.sequence_number == (last.sequence_number + 1) % 65536
+    # The media clock kept running through the hold (≥ 0.3 s = 2400 samples).
+    assert (resumed.timestamp - last.timestamp) % (1 << 32) >= 2400
+    assert resumed.payload == alaw_encode(prompt)
+    assert all(p.payload == b"\xd5" * 160 for p in more)
+
+
+async def test_ptime_40_sends_double_frames(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    s.configure(negotiated(peer.port, ptime=40))
+    packets = await peer.collect(4)
+    await s.close()
+    assert {len(p.payload) for p in packets} == {320}
+    assert all(
+        (b.timestamp - a.timestamp) % (1 << 32) == 320 for a, b in itertools.pairwise(packets)
+    )
+
+
+async def test_stop_playback_cancels_and_returns_to_silence(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        first = s.play(np.full(16000, 3000, dtype=np.int16))
+        second = s.play(np.full(800, 3000, dtype=np.int16))
+        await asyncio.sleep(0.1)
+        assert is_playing(s)
+        s.stop_playback()
+        assert first.cancelled() and second.cancelled() and not is_playing(s)
+        await asyncio.sleep(0.05)
+        peer.drain()
+        tail = await peer.collect(3)
+        assert all(p.payload == b"\xff" * 160 for p in tail)
+        empty = s.play(np.zeros(0, dtype=np.int16))
+        assert empty.done() and not empty.cancelled()
+        with pytest.raises(TypeError):
+            s.play(np.zeros(10, dtype=np.float32))
+    finally:
+        await s.close()
+
+
+async def test_cancelled_play_future_drops_its_audio(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(s.play(np.full(16000, 3000, dtype=np.int16)), 0.1)
+        assert not is_playing(s)
+        await asyncio.sleep(0.05)
+        peer.drain()
+        tail = await peer.collect(3)
+        assert all(p.payload == b"\xff" * 160 for p in tail)
+    finally:
+        await s.close()
+
+
+def test_rejects_port_range_without_even_port(pacer: Pacer) -> None:
+    with pytest.raises(ValueError):
+        MediaSession(local_host=HOST, pacer=pacer, port_range=(5001, 5001))
+    with pytest.raises(ValueError):
+        MediaSession(local_host=HOST, pacer=pacer, port_range=(6000, 5000))
+
+
+async def test_reordered_and_duplicated_packets(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        levels = np.arange(1, 21, dtype=np.int16) * 1000
+        frames = [ulaw_encode(np.full(160, lv, dtype=np.int16)) for lv in levels]
+        order = [0, 2, 1, 3, 3, 5, 4, 6, 7, 7, 7, 9, 8, *range(10, 20), 12]
+        for seq in order:
+            peer.send(rtp(1000 + seq, frames[seq]), s.local_port)
+            await asyncio.sleep(0.002)
+        await wait_for(lambda: s.stats.packets_received >= 20)
+        stats = s.stats
+        audio = s.received_audio()
+    finally:
+        await s.close()
+    assert stats.duplicates == 4 and stats.reordered == 3 and stats.lost == 0
+    got = audio.reshape(-1, 160)[:, 0]
+    decoded = decoder_for("PCMU")(b"".join(f[:1] for f in frames))
+    assert got.tolist() == decoded.tolist()
+
+
+async def test_loss_gap_is_filled_with_silence(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        frame = ulaw_encode(np.full(160, 5000, dtype=np.int16))
+        for seq in (0, 1, 4, 5):
+            peer.send(rtp(seq, frame), s.local_port)
+        await wait_for(lambda: len(s.received_audio()) >= 6 * 160)
+        stats = s.stats
+        audio = s.received_audio().reshape(-1, 160)
+    finally:
+        await s.close()
+    assert stats.lost == 2
+    assert [bool(f.any()) for f in audio] == [True, True, False, False, True, True]
+
+
+async def test_malformed_rtcp_and_other_payloads_are_dropped(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        peer.send(rtp(0, b"\xff" * 160), s.local_port)  # before configure
+        await wait_for(lambda: s.stats.unconfigured == 1)
+        s.configure(negotiated(peer.port))
+        junk = [
+            b"\x80",  # (asyncio never sends an empty datagram)
+            b"hello",
+            b"\x40" + bytes(15),  # RTP version 1
+            bytes.fromhex("a000 0001 00000000 00000000 aabb05"),  # padding overrun
+            bytes.fromhex("8f00 0001 00000000 00000000"),  # 15 CSRCs announced, none present
+        ]
+        for data in junk:
+            peer.send(data, s.local_port)
+        peer.send(bytes.fromhex("80c8 0006") + bytes(24), s.local_port)  # RTCP SR (mux)
+        peer.send(rtp(1, b"\x01" * 4, pt=13), s.local_port)  # comfort noise: not handled
+        peer.send(rtp(2, b"\xff" * 160), s.local_port)
+        await wait_for(lambda: s.stats.packets_received == 2)
+        stats = s.stats
+    finally:
+        await s.close()
+    assert stats.malformed == len(junk)
+    assert stats.rtcp == 1 and stats.other_payload == 1 and stats.unconfigured == 1
+    assert s.digits.empty()
+
+
+async def test_ssrc_change_is_counted(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        for seq in range(3):
+            peer.send(rtp(seq, b"\xff" * 160, ssrc=1), s.local_port)
+        for seq in range(3):
+            peer.send(rtp(9000 + seq, b"\xff" * 160, ssrc=2), s.local_port)
+        await wait_for(lambda: s.stats.packets_received == 6)
+        assert s.stats.ssrc_changes == 1 and s.stats.lost == 0
+    finally:
+        await s.close()
+
+
+async def test_latches_to_first_source_and_rejects_others(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    intruder = await raw_peer()
+    await s.open()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unused:
+        unused.bind((HOST, 0))
+        dead_port = unused.getsockname()[1]
+    try:
+        s.configure(negotiated(dead_port))  # SDP address nobody sends from
+        peer.send(b"junk", s.local_port)  # garbage must not latch
+        await asyncio.sleep(0.05)
+        assert s.remote_address == (HOST, dead_port)
+        peer.send(rtp(0, b"\xff" * 160), s.local_port)
+        await wait_for(lambda: s.stats.packets_received == 1)
+        assert s.remote_address == (HOST, peer.port)
+        peer.drain()
+        echoed = await peer.next()  # our stream now goes to the latched source
+        assert echoed.payload_type == 0
+        intruder.send(rtp(1, b"\xff" * 160, ssrc=99), s.local_port)
+        await wait_for(lambda: s.stats.foreign == 1)
+        assert s.stats.packets_received == 1
+    finally:
+        await s.close()
+        assert intruder.transport is not None
+        intruder.transport.close()
+
+
+async def test_rfc4733_from_raw_socket_with_lost_end_packets(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        packets = rfc4733_packets("8", duration_ms=80)
+        without_end = [p for p in packets if not p[0][1] & 0x80]
+        for seq, (payload, marker, _) in enumerate(without_end):
+            data = RtpPacket(TE, seq, 4000, 5, payload, marker).serialize()
+            peer.send(data, s.local_port)
+        async with asyncio.timeout(2):
+            digit = await s.digits.get()  # reported on the receiver's timeout, via on_tick
+        assert (digit.digit, digit.method) == ("8", DtmfMethod.RFC4733)
+        await asyncio.sleep(0.3)
+        assert s.digits.empty()
+    finally:
+        await s.close()
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+
+
+async def test_open_skips_ports_in_use(pacer: Pacer) -> None:
+    for attempt in range(20):
+        base = 40000 + 4 * (attempt * 97 % 2000)
+        blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            blocker.bind((HOST, base))
+        except OSError:
+            blocker.close()
+            continue
+        try:
+            s = MediaSession(local_host=HOST, pacer=pacer, port_range=(base, base + 3))
+            try:
+                port = await s.open()
+            except OSError:
+                continue  # base + 2 happened to be taken too
+            await s.close()
+            assert port == base + 2
+            full = MediaSession(local_host=HOST, pacer=pacer, port_range=(base, base + 1))
+            with pytest.raises(OSError):
+                await full.open()
+            return
+        finally:
+            blocker.close()
+    pytest.fail("no free port pair found")
+
+
+async def test_close_releases_everything(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    port = await s.open()
+    assert is_running(pacer) and len(pacer) == 1
+    s.configure(negotiated(peer.port))
+    playing = s.play(np.zeros(80000, dtype=np.int16))
+    digit = asyncio.ensure_future(s.send_digit("4", 2000))
+    await asyncio.sleep(0.05)
+    await s.close()
+    await s.close()  # idempotent
+    assert playing.cancelled()
+    with pytest.raises(MediaSessionClosed):
+        await digit
+    with pytest.raises(MediaSessionClosed):
+        await s.send_digit("4")
+    assert s.play(np.zeros(10, dtype=np.int16)).cancelled()
+    assert len(pacer) == 0 and not is_running(pacer)
+    # The port is free again.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+        again.bind((HOST, port))
+    sent = s.stats.packets_sent
+    await asyncio.sleep(0.05)
+    assert s.stats.packets_sent == sent
+
+
+async def test_send_digit_requires_telephone_event(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        with pytest.raises(RuntimeError):
+            await s.send_digit("1")  # not configured
+        s.configure(negotiated(peer.port, te=None))
+        with pytest.raises(RuntimeError):
+            await s.send_digit("1")
+        with pytest.raises(ValueError):
+            s.configure(negotiated(peer.port, codec="G722"))
+    finally:
+        await s.close()
+
+
+async def test_many_sessions_share_one_pacer(pacer: Pacer, peer: RawPeer) -> None:
+    sessions = [MediaSession(local_host=HOST, pacer=pacer) for _ in range(50)]
+    for s in sessions:
+        await s.open()
+    loop = asyncio.get_running_loop()
+    for s in sessions:  # all in one go: they start on the same tick
+        s.configure(negotiated(peer.port))
+    started = loop.time()
+    await asyncio.sleep(0.5)
+    due = (loop.time() - started) / 0.02
+    counts = [s.stats.packets_sent for s in sessions]
+    for s in sessions:
+        await s.close()
+    assert max(counts) - min(counts) <= 1
+    assert due - 2 <= min(counts) <= due + 1
+    assert len(pacer) == 0
+    jitter = pacer.interval_jitter_ms()
+    assert jitter["p99"] < 15
+    ssrcs = {p.ssrc for p, _ in _drain(peer)}
+    assert len(ssrcs) == 50
