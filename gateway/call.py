@@ -275,6 +275,7 @@ class Call:
         self._ack: Request | None = None
         self._offer: Any = None
         self._sdp_version = 0
+        self._sdp_session_id: int | None = None  # kept for every later offer/answer (RFC 3264 §8)
         self._provisional = False
         self._cancel_reason: str | None = None  # "ring_timeout" | "hangup"
         self._cancel_sent = False
@@ -442,6 +443,7 @@ class Call:
         )
         rtp_port = await self.media.open()
         self._offer = create_offer(config.host, rtp_port)
+        self._sdp_session_id = self._offer.origin.session_id
         contact = endpoint.contact(self.transport, caller)
         from_uri = URI(scheme="sip", user=caller, host=contact.uri.host)
         request = Request("INVITE", uri)
@@ -616,10 +618,12 @@ class Call:
         try:
             if request.body:
                 answer, negotiated = create_answer(request.body, config.host, rtp_port)
+                self._sdp_session_id = answer.origin.session_id
                 self._configure_media(negotiated)
                 answer_body = str(answer).encode()
             else:
                 self._offer = create_offer(config.host, rtp_port)  # late offer: answer in ACK
+                self._sdp_session_id = self._offer.origin.session_id
                 answer_body = str(self._offer).encode()
         except SdpError as exc:
             ctx.respond(488, to_tag=self.local_tag)
@@ -723,13 +727,20 @@ class Call:
         try:
             if request.body:
                 answer, negotiated = create_answer(
-                    request.body, config.host, self.media.local_port, version=self._sdp_version
+                    request.body,
+                    config.host,
+                    self.media.local_port,
+                    session_id=self._sdp_session_id,
+                    version=self._sdp_version,
                 )
                 self._configure_media(negotiated)
                 body = str(answer).encode()
             else:
                 self._offer = create_offer(
-                    config.host, self.media.local_port, version=self._sdp_version
+                    config.host,
+                    self.media.local_port,
+                    session_id=self._sdp_session_id,
+                    version=self._sdp_version,
                 )
                 body = str(self._offer).encode()
         except SdpError:

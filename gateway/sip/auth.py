@@ -218,8 +218,8 @@ class DigestClient:
 
         The copy has CSeq + 1, a fresh top Via branch and one credentials header per
         challenged realm. Raises ``DigestError`` when no challenge can be answered or
-        when the server rejected the credentials we already sent (same nonce, not stale),
-        so callers cannot loop on a wrong password.
+        when the server challenges a realm we already answered without stale=true, so
+        callers cannot loop on a wrong password.
         """
         if response.code not in _HEADERS:
             raise DigestError(f"{response.code} is not an authentication challenge")
@@ -242,17 +242,18 @@ class DigestClient:
         if not realms:
             raise DigestError(f"challenge realm(s) {sorted(by_realm)} do not match {wanted!r}")
 
-        sent_nonces = {
-            (c.parameters.get("realm", ""), c.parameters.get("nonce", ""))
+        # A realm we already answered that challenges again without stale=true rejected the
+        # credentials, whether or not it chose a fresh nonce (RFC 7616 §3.3, RFC 2617 §3.2.1).
+        answered_realms = {
+            c.parameters.get("realm", "")
             for c in previous
             if c.parameters is not None and c.scheme.lower() == "digest"
         }
         headers = []
         for realm in realms:
             params = _strongest(by_realm[realm])
-            nonce = params["nonce"]
             stale = params.get("stale", "").lower() == "true"
-            if (realm, nonce) in sent_nonces and not stale:
+            if realm in answered_realms and not stale:
                 raise DigestError(f"credentials for realm {realm!r} were rejected")
             headers.append(self._credentials_for(request, realm, params))
 

@@ -265,6 +265,10 @@ def test_rejected_credentials_raise_instead_of_looping() -> None:
     retry = client.authorize(register, _challenge(register, 401, header))
     with pytest.raises(DigestError, match="rejected"):
         client.authorize(retry, _challenge(retry, 401, header))
+    # A fresh nonce without stale=true rejects the password just the same (RFC 7616 §3.3).
+    fresh = 'Digest realm="biloxi.example.com", nonce="n9", qop="auth"'
+    with pytest.raises(DigestError, match="rejected"):
+        client.authorize(retry, _challenge(retry, 401, fresh))
 
     # stale=true means "right password, old nonce": retry with the new nonce.
     stale = 'Digest realm="biloxi.example.com", nonce="n2", qop="auth", stale=TRUE'
@@ -316,7 +320,8 @@ def test_only_challenged_realm_credentials_are_replaced() -> None:
     register.headers.add("Authorization", 'Digest username="bob", realm="edge", nonce="e1"')
     register.headers.add("Authorization", 'Digest username="bob", realm="core", nonce="c1"')
     retry = client.authorize(
-        register, _challenge(register, 401, 'Digest realm="core", nonce="c2", qop="auth"')
+        register,
+        _challenge(register, 401, 'Digest realm="core", nonce="c2", qop="auth", stale=true'),
     )
     found = {
         c.parameters["realm"]: c.parameters["nonce"]
