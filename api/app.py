@@ -92,14 +92,18 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
     return app
 
 
-async def run_worker(settings: Settings, channels: Mapping[str, Channel]) -> None:
-    """Run one worker until SIGINT/SIGTERM; in-flight notifications get time to finish."""
+async def run_worker(
+    settings: Settings, channels: Mapping[str, Channel], *, stop: asyncio.Event | None = None
+) -> None:
+    """Run one worker until `stop` is set (by default: SIGINT/SIGTERM); in-flight
+    notifications get time to finish."""
     runtime = await start_runtime(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
     try:
         await _worker(runtime, channels).run(stop)
     finally:

@@ -1,18 +1,24 @@
-"""The ``ackline`` command line: place a test call, or serve inbound calls."""
+"""The ``ackline`` command line: place a test call, or run the service (API, worker, gateway)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+import uvicorn
+from pydantic import ValidationError
 
+from api.settings import Settings
+from escalation.config import ConfigError
 from gateway.call import Call, Gateway, GatewayConfig, parse_target, resolve_target
 from gateway.result import CallResult
 from gateway.sip.auth import Credentials
@@ -179,10 +185,30 @@ async def _converse(active: Call, *, say: str | None, gather: int, timeout: floa
             await active.collect(gather, timeout)
 
 
+class Role(enum.StrEnum):
+    ALL = "all"  # API + worker + gateway in one process (the embedded default)
+    API = "api"  # HTTP API only; workers run elsewhere (PostgreSQL + Redis)
+    WORKER = "worker"  # claims and delivers notifications; places calls with its own gateway
+    GATEWAY = "gateway"  # answers inbound calls only
+
+
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="address to listen on and advertise")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="SIP port (UDP and TCP)")] = 5060,
+    role: Annotated[Role, typer.Option(help="what this process runs")] = Role.ALL,
+    host: Annotated[
+        str, typer.Option(envvar="ACKLINE_SIP_HOST", help="SIP address to listen on and advertise")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            envvar="ACKLINE_SIP_PORT",
+            help="SIP port, UDP and TCP (default 5060; a worker alone picks a free one)",
+        ),
+    ] = None,
+    http_host: Annotated[str, typer.Option(envvar="ACKLINE_HTTP_HOST")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(min=1, max=65535, envvar="ACKLINE_HTTP_PORT")] = 8080,
     greeting: Annotated[str, typer.Option(help="text spoken to callers")] = (
         "Welcome to ackline. Press 1 to acknowledge, 2 to escalate."
     ),
@@ -191,39 +217,105 @@ def serve(
     voice: Annotated[str, typer.Option(help="espeak-ng voice")] = "en-us",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Answer inbound calls: greet, collect digits, log one JSON line per call."""
+    """Run ackline: API, escalation worker and SIP gateway, together or one role each.
+
+    Settings come from the environment (see README): ACKLINE_DATABASE_URL, REDIS_URL,
+    ACKLINE_CONFIG, ACKLINE_API_KEYS, ACKLINE_VOICE_TARGET and the channel credentials.
+    """
     _setup_logging(verbose)
     try:
-        asyncio.run(_serve(host, port, greeting, gather, timeout, voice))
+        settings = Settings.from_env()
+    except (ValueError, ValidationError) as exc:
+        typer.echo(f"error: bad settings: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    sip_port = port if port is not None else (0 if role is Role.WORKER else 5060)
+    inbound = Inbound(greeting, gather, timeout)
+    try:
+        asyncio.run(_serve(role, settings, host, sip_port, http_host, http_port, inbound, voice))
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     except OSError as exc:
-        typer.echo(f"error: cannot listen on {host}:{port}: {exc}", err=True)
+        typer.echo(f"error: cannot listen: {exc}", err=True)
         raise typer.Exit(EXIT_UNREACHABLE) from None
 
 
-async def _serve(
-    host: str, port: int, greeting: str, gather: int, timeout: float, voice: str
-) -> None:
-    prompts = _prompt_cache(voice)
-    await prompts.render(greeting)
+@dataclass(frozen=True)
+class Inbound:
+    """What the gateway does with an inbound call until IVR flows take over."""
 
-    async def on_incoming(incoming: Call) -> None:
-        if gather:
-            await incoming.gather(greeting, max_digits=gather, timeout=timeout)
+    greeting: str
+    gather: int
+    timeout: float
+
+    async def __call__(self, incoming: Call) -> None:
+        if self.gather:
+            await incoming.gather(self.greeting, max_digits=self.gather, timeout=self.timeout)
         else:
-            await incoming.play(greeting)
+            await incoming.play(self.greeting)
 
-    def on_call_ended(result: CallResult) -> None:
-        print(json.dumps(result.to_dict(), sort_keys=True), flush=True)
 
-    config = GatewayConfig(host=host, udp_port=port, tcp_port=port)
+async def _serve(
+    role: Role,
+    settings: Settings,
+    host: str,
+    sip_port: int,
+    http_host: str,
+    http_port: int,
+    inbound: Inbound,
+    voice: str,
+) -> None:
+    from api.app import create_app, run_worker
+    from api.channels import channels_for
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(config, prompts=prompts, on_incoming=on_incoming, on_call_ended=on_call_ended)
-    async with gateway:
-        print(f"listening on {host}:{port} (udp, tcp)", file=sys.stderr, flush=True)
-        await stop.wait()
+    prompts = _prompt_cache(voice)
+
+    def on_call_ended(result: CallResult) -> None:
+        print(json.dumps(result.to_dict(), sort_keys=True), flush=True)
+
+    async with contextlib.AsyncExitStack() as stack:
+        gateway: Gateway | None = None
+        if role is not Role.API:
+            answers = role in (Role.ALL, Role.GATEWAY)
+            if answers:
+                await prompts.render(inbound.greeting)
+            gateway = Gateway(
+                GatewayConfig(host=host, udp_port=sip_port, tcp_port=sip_port),
+                prompts=prompts,
+                on_incoming=inbound if answers else None,
+                on_call_ended=on_call_ended,
+            )
+            await stack.enter_async_context(gateway)
+            udp = gateway.address("udp")
+            print(f"sip listening on {udp[0]}:{udp[1]} (udp, tcp)", file=sys.stderr, flush=True)
+        if role is Role.GATEWAY:
+            await stop.wait()
+            return
+        channels = await stack.enter_async_context(channels_for(settings, gateway))
+        if role is Role.WORKER:
+            await run_worker(settings, channels, stop=stop)
+            return
+        embedded = settings.model_copy(update={"embedded_worker": role is Role.ALL})
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(embedded, channels),
+                host=http_host,
+                port=http_port,
+                log_level="warning",
+                lifespan="on",
+            )
+        )
+        served = asyncio.create_task(server.serve())
+        stopped = asyncio.create_task(stop.wait())
+        print(f"api listening on http://{http_host}:{http_port}", file=sys.stderr, flush=True)
+        await asyncio.wait({served, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        stopped.cancel()
+        await served
 
 
 def main() -> None:

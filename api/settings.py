@@ -40,13 +40,31 @@ class Settings(BaseModel):
     audit_dir: Path = Path("var/audit")
     audit_fsync: bool = False
     public_url: str | None = None  # how Twilio/Telegram/email links reach us
-    ack_secret: str | None = None  # signs one-click ack links
-    twilio_auth_token: str | None = None  # validates X-Twilio-Signature
-    telegram_secret: str | None = None  # expected X-Telegram-Bot-Api-Secret-Token
+    ack_secret: str | None = Field(default=None, repr=False)  # signs one-click ack links
+    twilio_auth_token: str | None = Field(default=None, repr=False)  # validates X-Twilio-Signature
+    telegram_secret: str | None = Field(
+        default=None, repr=False
+    )  # expected X-Telegram-Bot-Api-Secret-Token
     embedded_worker: bool | None = None  # None: run the worker in-process unless Redis is set
     lease_seconds: float = 30.0
     poll_interval: float = 1.0
     migrate_on_start: bool = True
+    # Channels: each is built only when its settings are present (api/channels.py).
+    sip_host: str = "127.0.0.1"  # the gateway's SIP address (listen and advertise)
+    sip_port: int = 5060
+    voice_target: str | None = None  # e.g. sip:{number}@127.0.0.1:5090
+    voice_auth_user: str | None = None
+    voice_auth_password: str | None = Field(default=None, repr=False)
+    voice_ring_timeout: float = 30.0
+    twilio_account_sid: str | None = None
+    twilio_from_numbers: tuple[str, ...] = ()
+    twilio_api_base: str | None = None  # None: Twilio itself
+    telegram_bot_token: str | None = Field(default=None, repr=False)
+    telegram_api_base: str | None = None  # None: the public Bot API
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_from: str | None = None
+    webhook_secret: str | None = Field(default=None, repr=False)
 
     @property
     def run_embedded_worker(self) -> bool:
@@ -77,4 +95,21 @@ class Settings(BaseModel):
             lease_seconds=float(e.get("ACKLINE_LEASE_SECONDS", "30")),
             poll_interval=float(e.get("ACKLINE_POLL_INTERVAL", "1")),
             migrate_on_start=_bool(e.get("ACKLINE_MIGRATE"), True),
+            sip_host=e.get("ACKLINE_SIP_HOST", "127.0.0.1"),
+            sip_port=int(e.get("ACKLINE_SIP_PORT", "5060")),
+            voice_target=e.get("ACKLINE_VOICE_TARGET") or None,
+            voice_auth_user=e.get("ACKLINE_VOICE_AUTH_USER") or None,
+            voice_auth_password=e.get("ACKLINE_VOICE_AUTH_PASSWORD") or None,
+            voice_ring_timeout=float(e.get("ACKLINE_VOICE_RING_TIMEOUT", "30")),
+            twilio_account_sid=e.get("TWILIO_ACCOUNT_SID") or None,
+            twilio_from_numbers=tuple(
+                n.strip() for n in e.get("TWILIO_FROM_NUMBERS", "").split(",") if n.strip()
+            ),
+            twilio_api_base=e.get("TWILIO_API_BASE") or None,
+            telegram_bot_token=e.get("TELEGRAM_BOT_TOKEN") or None,
+            telegram_api_base=e.get("TELEGRAM_API_BASE") or None,
+            smtp_host=e.get("ACKLINE_SMTP_HOST") or None,
+            smtp_port=int(e.get("ACKLINE_SMTP_PORT", "25")),
+            smtp_from=e.get("ACKLINE_SMTP_FROM") or None,
+            webhook_secret=e.get("ACKLINE_WEBHOOK_SECRET") or None,
         )

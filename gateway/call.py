@@ -162,10 +162,13 @@ class Gateway:
         ring_timeout: float = 30.0,
         transport: str | None = None,
         caller: str | None = None,
+        on_call: Callable[[Call], None] | None = None,
     ) -> Call:
         """Place a call; returns when it is answered or has ended without answer.
 
         ``call.answered`` tells which; ``call.result`` is final once ``call.ended``.
+        ``on_call`` receives the call before the INVITE goes out, so the application can
+        hang it up (CANCEL) while it is still ringing.
         """
         uri = parse_target(target) if isinstance(target, str) else target
         kind = (transport or uri.parameters.get("transport") or "udp").lower()
@@ -173,6 +176,8 @@ class Gateway:
             raise ValueError(f"unsupported transport {kind!r}")
         peer = await resolve_target(uri, kind)
         call = Call(self, direction="outbound", transport=kind, peer=peer, target=str(uri))
+        if on_call is not None:
+            on_call(call)
         await call._place(uri, credentials, ring_timeout, caller or self.config.caller)
         return call
 
@@ -277,6 +282,9 @@ class Call:
         self._sdp_version = 0
         self._sdp_session_id: int | None = None  # kept for every later offer/answer (RFC 3264 §8)
         self._provisional = False
+        # Set by the first response to our INVITE, 100 Trying included (carrier failover
+        # gives up on a trunk that stays silent: carriers.router).
+        self.responded = asyncio.Event()
         self._cancel_reason: str | None = None  # "ring_timeout" | "hangup"
         self._cancel_sent = False
         self._digest: DigestClient | None = None
@@ -466,6 +474,9 @@ class Call:
         if credentials is not None:
             self._digest = DigestClient(credentials)
         self.gateway.calls[(self.call_id, self.local_tag)] = self
+        if self._cancel_reason is not None:  # hung up (via on_call) before the INVITE left
+            self._fail(CallOutcome.CANCELLED, None, "cancelled before the INVITE was sent")
+            return
         self._send_invite(request)
         try:
             await asyncio.wait_for(asyncio.shield(self._final), ring_timeout)
@@ -491,6 +502,7 @@ class Call:
             self._fail(CallOutcome.FAILED, 503, "transport error: peer unreachable")
 
     def _on_invite_response(self, response: Response) -> None:
+        self.responded.set()
         code = response.code
         if code < 200:
             if code > 100 and self._pdd_ms is None:

@@ -29,7 +29,19 @@ pytestmark = pytest.mark.interop
 def serve(tmp: Path, *args: str) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     port = free_port()
     proc = subprocess.Popen(
-        [*ackline_cli(), "serve", "--port", str(port), "--gather", "1", "--timeout", "10", *args],
+        [
+            *ackline_cli(),
+            "serve",
+            "--role",
+            "gateway",
+            "--port",
+            str(port),
+            "--gather",
+            "1",
+            "--timeout",
+            "10",
+            *args,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

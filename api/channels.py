@@ -1,0 +1,94 @@
+"""Builds the notification channels a worker can use from its settings.
+
+A channel whose provider is not configured is simply absent: the engine then records
+`channel_unavailable` for it and takes the fallback, instead of pretending to deliver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from api.settings import Settings
+from escalation.channels.base import Channel
+from gateway.call import Gateway
+from gateway.sip.auth import Credentials
+
+
+def _wav_tts(prompts: Any) -> Callable[[str], Awaitable[bytes]]:
+    """The gateway's cached TTS as WAV bytes, for voice notes."""
+    from prompts.audio import pcm_to_wav
+
+    async def render(text: str) -> bytes:
+        prompt = await prompts.render(text)
+        return pcm_to_wav(prompt.pcm)
+
+    return render
+
+
+@contextlib.asynccontextmanager
+async def channels_for(
+    settings: Settings, gateway: Gateway | None
+) -> AsyncIterator[dict[str, Channel]]:
+    """The configured channels, closed again when the worker stops."""
+    channels: dict[str, Channel] = {}
+    closers: list[Any] = []
+    if gateway is not None and settings.voice_target:
+        from escalation.channels.voice import SipUriDialer, VoiceChannel
+
+        credentials = (
+            Credentials(settings.voice_auth_user, settings.voice_auth_password or "")
+            if settings.voice_auth_user
+            else None
+        )
+        dialer = SipUriDialer(gateway, settings.voice_target, credentials)
+        channels["voice"] = VoiceChannel(dialer, ring_timeout=settings.voice_ring_timeout)
+    if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from_numbers:
+        from escalation.channels.sms import SmsChannel, TwilioSender
+
+        senders = [
+            TwilioSender(settings.twilio_account_sid, settings.twilio_auth_token, from_number=n)
+            for n in settings.twilio_from_numbers
+        ]
+        status_url = (
+            f"{settings.public_url.rstrip('/')}/v1/webhooks/twilio/status"
+            if settings.public_url
+            else None
+        )
+        channels["sms"] = SmsChannel(
+            senders, api_base=settings.twilio_api_base, status_callback_url=status_url
+        )
+    if settings.telegram_bot_token:
+        from escalation.channels.telegram import (
+            TELEGRAM_API_BASE,
+            TelegramBotApi,
+            TelegramChannel,
+            TelegramVoiceChannel,
+        )
+
+        bot = TelegramBotApi(
+            settings.telegram_bot_token, api_base=settings.telegram_api_base or TELEGRAM_API_BASE
+        )
+        closers.append(bot.aclose)
+        channels["telegram"] = TelegramChannel(bot)
+        if gateway is not None and gateway.prompts is not None:
+            channels["telegram_voice"] = TelegramVoiceChannel(bot, _wav_tts(gateway.prompts))
+    if settings.smtp_host and settings.smtp_from:
+        from escalation.channels.email import EmailChannel
+
+        channels["email"] = EmailChannel(
+            settings.smtp_host, settings.smtp_port, sender=settings.smtp_from
+        )
+    if settings.webhook_secret:
+        from escalation.channels.webhook import WebhookChannel
+
+        webhook = WebhookChannel(settings.webhook_secret)
+        closers.append(webhook.aclose)
+        channels["webhook"] = webhook
+    try:
+        yield channels
+    finally:
+        for close in closers:
+            with contextlib.suppress(Exception):
+                await close()

@@ -1,0 +1,277 @@
+"""`ackline serve` end to end: an alert posted over HTTP rings a SIPp phone, the keypress
+acknowledges it and nothing else is paged; a busy phone falls back channel by channel.
+
+The service runs as a real subprocess (API + worker + gateway in one, on SQLite); SIPp is
+the far end of the call; Telegram and Twilio are local servers speaking their wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.fakes.telegram_server import FakeTelegram
+from tests.fakes.twilio_server import FakeTwilio
+from tests.integration.peers import (
+    ackline_cli,
+    cli_env,
+    dtmf_pcap,
+    free_port,
+    sipp,
+)
+
+pytestmark = pytest.mark.interop
+
+KEY = {"X-API-Key": "k-acme"}
+ALICE = "+14155550101"
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen[str]
+    client: httpx.AsyncClient
+    audit: Path
+
+    async def post_alert(self, policy: str) -> str:
+        body = {"title": "Database down on eu-1", "summary": "primary unreachable"}
+        r = await self.client.post("/v1/alerts", json={**body, "policy": policy}, headers=KEY)
+        assert r.status_code == 202, r.text
+        alert_id: str = r.json()["id"]
+        return alert_id
+
+    async def until(
+        self, alert_id: str, done: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = await self.client.get(f"/v1/alerts/{alert_id}", headers=KEY)
+            assert r.status_code == 200, r.text
+            data: dict[str, Any] = r.json()
+            if done(data) or time.monotonic() > deadline:
+                return data
+            assert self.proc.poll() is None, "ackline serve died"
+            await asyncio.sleep(0.1)
+
+    def audit_lines(self, alert_id: str) -> list[dict[str, Any]]:
+        lines = [json.loads(x) for x in self.audit.read_text().splitlines() if x.strip()]
+        return [x for x in lines if x.get("alert_id") == alert_id]
+
+
+@contextlib.asynccontextmanager
+async def serve(tmp: Path, config: dict[str, Any], env: dict[str, str]) -> AsyncIterator[Service]:
+    (tmp / "ackline.yaml").write_text(yaml.safe_dump(config))
+    sip_port, http_port = free_port(), free_port()
+    full_env = {
+        **cli_env(tmp),
+        "ACKLINE_DATABASE_URL": f"sqlite:///{tmp}/ackline.db",
+        "ACKLINE_CONFIG": str(tmp / "ackline.yaml"),
+        "ACKLINE_API_KEYS": "k-acme:acme",
+        "ACKLINE_AUDIT_DIR": str(tmp / "audit"),
+        "ACKLINE_POLL_INTERVAL": "0.2",
+        **env,
+    }
+    full_env.pop("REDIS_URL", None)
+    log = open(tmp / "serve.log", "w")  # noqa: SIM115 - closed below
+    cmd = [*ackline_cli(), "serve", "--port", str(sip_port), "--http-port", str(http_port)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, text=True, env=full_env, cwd=tmp)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, (tmp / "serve.log").read_text()
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "ackline serve did not become ready"
+                await asyncio.sleep(0.1)
+            yield Service(proc, client, tmp / "audit" / "acme.jsonl")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def recipients(telegram: bool = True) -> list[dict[str, str]]:
+    alice = {"id": "alice", "name": "Alice", "phone": ALICE}
+    if telegram:
+        alice["telegram_chat_id"] = "4242"
+    return [alice]
+
+
+async def test_keypress_1_acknowledges_and_later_steps_never_fire(tmp_path: Path) -> None:
+    config = {
+        "company": "acme",
+        "recipients": recipients(),
+        "policies": [
+            {
+                "name": "page",
+                "steps": [
+                    {"recipients": ["alice"], "channels": ["voice"], "delay": "4s"},
+                    {"recipients": ["alice"], "channels": ["telegram", "sms"], "delay": "0s"},
+                ],
+            }
+        ],
+    }
+    async with FakeTelegram() as telegram, FakeTwilio() as twilio:
+        account = twilio.add_account(numbers=("+14155550106",))
+        env = {
+            "TELEGRAM_BOT_TOKEN": telegram.token,
+            "TELEGRAM_API_BASE": telegram.url,
+            "TWILIO_ACCOUNT_SID": account.sid,
+            "TWILIO_AUTH_TOKEN": account.auth_token,
+            "TWILIO_FROM_NUMBERS": account.numbers[0],
+            "TWILIO_API_BASE": twilio.url,
+        }
+        scenario = {"CODECS": "0", "RING_MS": "300", "PAUSE_MS": "1000"}
+        with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), **scenario) as uas:
+            env["ACKLINE_VOICE_TARGET"] = f"sip:{{number}}@{uas.address}"
+            async with serve(tmp_path, config, env) as service:
+                alert_id = await service.post_alert("page")
+                alert = await service.until(alert_id, lambda a: a["state"] != "triggered", 20)
+                assert alert["state"] == "acknowledged", alert
+                assert await asyncio.to_thread(uas.wait, 15) == 0, uas.logs()
+                await asyncio.sleep(5)  # past step 1's delay: step 2 must not fire
+                alert = await service.until(alert_id, lambda a: False, 0)
+                audit = service.audit_lines(alert_id)
+        assert telegram.requests == []
+        assert twilio.requests == []
+    assert alert["state"] == "acknowledged"
+    [voice] = alert["attempts"]
+    assert (voice["channel"], voice["status"], voice["reason"]) == (
+        "voice",
+        "acknowledged",
+        "pressed_1",
+    )
+    path = [(x["channel"], x["status"]) for x in audit if x.get("channel")]
+    assert ("voice", "acknowledged") in path, audit
+    assert {x.get("channel") for x in audit} <= {None, "", "voice"}, audit
+    assert audit[-1]["status"] == "acknowledged", audit
+
+
+async def test_busy_phone_retries_with_backoff_then_falls_back_in_order(tmp_path: Path) -> None:
+    config = {
+        "company": "acme",
+        "recipients": recipients(),
+        "channel_defaults": {
+            "voice": {"attempts": 2, "backoff": "linear", "base": "1s", "factor": 1,
+                      "max": "5s", "fallback_channel": "telegram"},
+            "telegram": {"attempts": 1, "fallback_channel": "sms"},
+        },
+        "policies": [
+            {"name": "page",
+             "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}]},
+        ],
+    }  # fmt: skip
+    async with FakeTelegram() as telegram, FakeTwilio() as twilio:
+        telegram.fail_next(400, description="Bad Request: chat not found", match="sendMessage")
+        account = twilio.add_account(numbers=("+14155550106",))
+        env = {
+            "TELEGRAM_BOT_TOKEN": telegram.token,
+            "TELEGRAM_API_BASE": telegram.url,
+            "TWILIO_ACCOUNT_SID": account.sid,
+            "TWILIO_AUTH_TOKEN": account.auth_token,
+            "TWILIO_FROM_NUMBERS": account.numbers[0],
+            "TWILIO_API_BASE": twilio.url,
+        }
+        with sipp("uas_reject.xml", tmp_path, calls=2, CODE="486", PHRASE="Busy Here") as uas:
+            env["ACKLINE_VOICE_TARGET"] = f"sip:{{number}}@{uas.address}"
+            async with serve(tmp_path, config, env) as service:
+                alert_id = await service.post_alert("page")
+                alert = await service.until(
+                    alert_id, lambda a: any(n["channel"] == "sms" for n in a["attempts"]), 20
+                )
+                alert = await service.until(
+                    alert_id,
+                    lambda a: all(n["status"] not in ("scheduled", "sending")
+                                  for n in a["attempts"]),
+                    5,
+                )  # fmt: skip
+                audit = service.audit_lines(alert_id)
+            assert await asyncio.to_thread(uas.wait, 15) == 0, uas.logs()  # both INVITEs
+    attempts = [(n["channel"], n["attempt"], n["status"], n["reason"])
+                for n in alert["attempts"]]  # fmt: skip
+    assert attempts == [
+        ("voice", 1, "failed_retryable", "busy"),
+        ("voice", 2, "failed_retryable", "busy"),
+        ("telegram", 1, "failed_permanent", attempts[2][3]),
+        ("sms", 1, "delivered", attempts[3][3]),
+    ], attempts
+    assert "telegram" in attempts[2][3], attempts
+    assert [m["to"] for m in twilio.messages] == [ALICE]
+    assert len([r for r in telegram.requests if r.path.endswith("/sendMessage")]) == 1
+
+    # The audit trail alone replays the path, with the configured 1 s backoff between calls.
+    results = [x for x in audit if x.get("event") == "result"]
+    assert [(x["channel"], x["status"]) for x in results] == [
+        ("voice", "failed_retryable"),
+        ("voice", "failed_retryable"),
+        ("telegram", "failed_permanent"),
+        ("sms", "delivered"),
+    ], audit
+    sent = [x for x in audit if x.get("status") == "sending"]
+    assert [x["channel"] for x in sent] == ["voice", "voice", "telegram", "sms"], audit
+    first, second = (datetime.fromisoformat(x["ts"]) for x in sent[:2])
+    assert (second - first).total_seconds() >= 1.0, sent
+    assert any(x.get("event") == "retry" and x["channel"] == "voice" for x in audit), audit
+    assert any(x.get("event") == "fallback" and x["channel"] == "voice" for x in audit), audit
+    assert os.path.getsize(service.audit) > 0
+
+
+@pytest.mark.parametrize(
+    ("scenario", "answered"), [("uas_answer_wait_bye.xml", True), ("uas_ring_cancel.xml", False)]
+)
+async def test_ack_from_api_hangs_up_the_call_in_progress(
+    tmp_path: Path, scenario: str, answered: bool
+) -> None:
+    """An ack on another channel ends the call at once: BYE while the prompt plays, CANCEL
+    while it rings. SIPp's scenario passes only when that request arrives."""
+    config = {
+        "company": "acme",
+        "recipients": recipients(telegram=False),
+        "policies": [
+            {"name": "page",
+             "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}]},
+        ],
+    }  # fmt: skip
+    with sipp(scenario, tmp_path) as uas:
+        env = {"ACKLINE_VOICE_TARGET": f"sip:{{number}}@{uas.address}"}
+        async with serve(tmp_path, config, env) as service:
+            alert_id = await service.post_alert("page")
+            alert = await service.until(
+                alert_id, lambda a: [n["status"] for n in a["attempts"]] == ["sending"], 10
+            )
+            await asyncio.sleep(1.0)  # ringing, or the prompt is playing
+            r = await service.client.post(f"/v1/alerts/{alert_id}/ack", headers=KEY)
+            assert r.status_code == 200, r.text
+            acked_at = time.monotonic()
+            code = await asyncio.to_thread(uas.wait, 10)
+            hung_up_after = time.monotonic() - acked_at
+            alert = await service.until(
+                alert_id, lambda a: a["attempts"][0]["status"] != "sending", 10
+            )
+            audit = service.audit_lines(alert_id)
+    assert code == 0, uas.logs()  # SIPp saw the BYE (or CANCEL) it waits for
+    assert hung_up_after < 3.0, hung_up_after
+    assert alert["state"] == "acknowledged"
+    assert alert["acked_by"] == "api:acme", alert
+    [voice] = alert["attempts"]
+    assert voice["status"] == "cancelled", voice
+    assert audit[-1]["status"] in ("cancelled", "acknowledged"), audit
