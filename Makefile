@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit system-deps bench clean
+.PHONY: install run test lint typecheck unit system-deps services bench bench-dispatch clean
 
 install: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 
 system-deps:
 	bash scripts/install-system-deps.sh
+
+services: system-deps
+	bash scripts/start-services.sh
 
 run: install system-deps
 	$(BIN)/ackline serve
@@ -30,11 +33,14 @@ typecheck: install
 unit: install
 	$(BIN)/pytest tests/unit -q
 
-test: install system-deps lint typecheck
+test: install system-deps services lint typecheck
 	$(BIN)/pytest -q
 
 bench: install system-deps
 	$(BIN)/python -m bench.calls
+
+bench-dispatch: install services
+	$(BIN)/python -m bench.dispatch
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -9,6 +9,8 @@ command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v sox >/dev/null || need+=(sox)
 command -v ffmpeg >/dev/null || need+=(ffmpeg)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-cli >/dev/null || need+=(redis-tools)
+command -v psql >/dev/null || need+=(postgresql-client)
 command -v pg_ctlcluster >/dev/null || need+=(postgresql)
 
 if ((${#need[@]})); then
