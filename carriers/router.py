@@ -1,0 +1,393 @@
+"""Carrier routing: one outbound call, tried through the trunks in strategy order.
+
+Failover is per call and only on carrier failures (408, 5xx, silence, transport errors,
+403/404 from the trunk). Anything that says the person was reached or refused (answer,
+busy, decline, no answer) is final: ringing them again through a second carrier would be
+a second, confusing call. Every attempt feeds the trunk's circuit breaker and quality
+statistics, so a carrier that fails live calls drops out even before probes notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from carriers import metrics
+from carriers.health import HealthBoard, HealthChange, HealthPolicy, Prober
+from carriers.numbers import REFUSED_TYPES, Destination, FraudGuard, FraudRefused, normalise
+from carriers.rotation import AttemptKind, QualityStats, RouteView, Strategy, make_strategy
+from carriers.trunk import Trunk
+from gateway.call import Call, Gateway
+from gateway.result import CallOutcome
+
+logger = logging.getLogger(__name__)
+
+# Final INVITE responses that mean "this carrier cannot or will not carry the call" rather
+# than anything about the person: try the next trunk. 3xx too, as redirects are not followed.
+FAILOVER_CODES = frozenset({400, 401, 403, 404, 407, 408, 416, 420, 421, 488})
+
+
+def is_failover_code(code: int) -> bool:
+    return code in FAILOVER_CODES or 300 <= code < 400 or 500 <= code < 600
+
+
+@dataclass(frozen=True)
+class TrunkAttempt:
+    """One try through one trunk, in the order they happened."""
+
+    trunk: str
+    outcome: AttemptKind
+    sip_code: int | None
+    reason: str
+    elapsed_ms: int  # from starting the dial to the verdict
+
+    @property
+    def final(self) -> bool:
+        return self.outcome.final
+
+
+@dataclass(frozen=True)
+class SkippedTrunk:
+    trunk: str
+    reason: str
+
+
+@dataclass
+class RoutedCall:
+    """The call as the application sees it: answered, or ended for good (busy, declined...)."""
+
+    call: Call
+    trunk: str | None  # the trunk that carried the final attempt
+    attempts: list[TrunkAttempt]
+    destination: Destination
+    skipped: list[SkippedTrunk] = field(default_factory=list)
+
+    @property
+    def answered(self) -> bool:
+        return self.call.answered
+
+
+class NoRouteAvailable(Exception):
+    """No trunk could carry the call: none usable, or every one failed as a carrier."""
+
+    def __init__(
+        self,
+        number: str,
+        message: str,
+        attempts: Sequence[TrunkAttempt] = (),
+        skipped: Sequence[SkippedTrunk] = (),
+    ) -> None:
+        super().__init__(f"no route to {number}: {message}")
+        self.number = number
+        self.attempts = list(attempts)
+        self.skipped = list(skipped)
+
+
+class TokenBucket:
+    """Calls-per-second budget: ``rate`` tokens a second, at most ``burst`` saved up."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate)
+        self._tokens = self.burst
+        self._at: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+def classify(call: Call) -> tuple[AttemptKind, int | None, str]:
+    """What a finished dial says: (kind, SIP code, reason)."""
+    if call.answered:
+        return AttemptKind.ANSWERED, 200, "answered"
+    result = call.result
+    if result is None:  # dial() returns only answered or ended; be safe anyway
+        return AttemptKind.TRANSPORT_ERROR, None, "call ended without a result"
+    code, reason = result.sip_code, result.reason
+    if not call.responded.is_set():  # any code here is synthetic (503/408 from our side)
+        if result.outcome is CallOutcome.CANCELLED:
+            return AttemptKind.CANCELLED, None, reason
+        return AttemptKind.TRANSPORT_ERROR, None, reason
+    if result.outcome is CallOutcome.CANCELLED:
+        return AttemptKind.CANCELLED, code, reason
+    if code is not None and is_failover_code(code):
+        return AttemptKind.CARRIER_ERROR, code, reason
+    final = {
+        CallOutcome.BUSY: AttemptKind.BUSY,
+        CallOutcome.NO_ANSWER: AttemptKind.NO_ANSWER,
+        CallOutcome.REJECTED: AttemptKind.REJECTED,
+    }
+    return final.get(result.outcome, AttemptKind.FAILED), code, reason
+
+
+class CarrierRouter:
+    """Places calls through a set of trunks with rotation, health and failover.
+
+    ``allowed_countries`` is the deployment-wide toll-fraud allowlist (required: the guard
+    is fail-closed); each trunk's own ``allowed_countries`` narrows it further.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        trunks: Sequence[Trunk],
+        strategy: Strategy | str = "priority",
+        *,
+        allowed_countries: Iterable[str],
+        refused_types: Iterable[int] = REFUSED_TYPES,
+        health: HealthPolicy | None = None,
+        quality: QualityStats | None = None,
+        on_health_change: Callable[[HealthChange], None] | None = None,
+        default_region: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        names = [t.name for t in trunks]
+        if len(set(names)) != len(names):
+            raise ValueError("trunk names must be unique")
+        self.gateway = gateway
+        self.trunks = list(trunks)
+        self.strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
+        self.guard = FraudGuard(allowed_countries, refused_types=refused_types)
+        self.health = HealthBoard(names, health, on_change=on_health_change, clock=clock)
+        self.quality = quality or QualityStats()
+        self.default_region = default_region
+        self.clock = clock
+        self._active = dict.fromkeys(names, 0)
+        self._buckets = {t.name: TokenBucket(t.max_cps) for t in trunks if t.max_cps}
+        self._background: set[asyncio.Future[Any]] = set()
+
+    # -- public -------------------------------------------------------------------------
+
+    def active(self, trunk: str) -> int:
+        """Calls in progress through ``trunk`` (ringing, answered, or being released)."""
+        return self._active[trunk]
+
+    def prober(self, *, interval: float = 5.0, timeout: float | None = None) -> Prober:
+        """An OPTIONS prober feeding this router's health board (start it, close it)."""
+        return Prober(self.gateway, self.trunks, self.health, interval=interval, timeout=timeout)
+
+    async def close(self) -> None:
+        """Stop watching calls; abandoned attempts still pending are cancelled."""
+        pending = list(self._background)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def place_call(self, number: str, *, ring_timeout: float = 30.0) -> RoutedCall:
+        """Call ``number``; returns once answered or finally refused, else raises.
+
+        Raises ``InvalidNumber`` or ``FraudRefused`` before any carrier is touched, and
+        ``NoRouteAvailable`` when no trunk is usable or all of them failed as carriers.
+        """
+        destination = normalise(number, default_region=self.default_region)
+        self.guard.check(destination)
+        allowing = [t for t in self.trunks if t.allows_country(destination.region)]
+        if not allowing:
+            raise FraudRefused(destination.e164, f"no trunk allows calls to {destination.region}")
+        skipped: list[SkippedTrunk] = []
+        candidates: list[Trunk] = []
+        for trunk in allowing:
+            if not trunk.enabled:
+                skipped.append(SkippedTrunk(trunk.name, "disabled"))
+            elif not self.health.usable(trunk.name):
+                skipped.append(SkippedTrunk(trunk.name, self._unusable_reason(trunk)))
+            else:
+                candidates.append(trunk)
+        view = RouteView(active=dict(self._active), quality=self.quality)
+        attempts: list[TrunkAttempt] = []
+        for trunk in self.strategy.order(candidates, view):
+            reason = self._budget_refusal(trunk)
+            if reason is not None:
+                skipped.append(SkippedTrunk(trunk.name, reason))
+                metrics.TRUNK_SKIPPED.labels(trunk=trunk.name, reason=reason.split(" ")[0]).inc()
+                continue
+            call, attempt = await self._attempt(trunk, destination, ring_timeout)
+            attempts.append(attempt)
+            logger.info(
+                "call to %s via %s: %s %s %s (%d ms)",
+                destination.e164,
+                trunk.name,
+                attempt.outcome.value,
+                attempt.sip_code,
+                attempt.reason,
+                attempt.elapsed_ms,
+            )
+            if attempt.final and call is not None:
+                return RoutedCall(call, trunk.name, attempts, destination, skipped)
+        raise NoRouteAvailable(
+            destination.e164, self._explain(attempts, skipped), attempts, skipped
+        )
+
+    # -- one attempt ----------------------------------------------------------------------
+
+    async def _attempt(
+        self, trunk: Trunk, destination: Destination, ring_timeout: float
+    ) -> tuple[Call | None, TrunkAttempt]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        def attempt(kind: AttemptKind, code: int | None, reason: str) -> TrunkAttempt:
+            return TrunkAttempt(trunk.name, kind, code, reason, int((loop.time() - started) * 1000))
+
+        created: asyncio.Future[Call] = loop.create_future()
+
+        def on_call(call: Call) -> None:
+            if not created.done():
+                created.set_result(call)
+
+        self._active[trunk.name] += 1
+        metrics.TRUNK_ACTIVE.labels(trunk=trunk.name).set(self._active[trunk.name])
+        dial: asyncio.Future[Call] = asyncio.ensure_future(
+            self.gateway.dial(
+                trunk.request_uri(destination.parsed),
+                credentials=trunk.credentials(),
+                ring_timeout=ring_timeout,
+                transport=trunk.transport,
+                caller=trunk.caller_id,
+                on_call=on_call,
+            )
+        )
+        dial.add_done_callback(lambda task: self._on_dial_done(trunk.name, task))
+        try:
+            responded = await self._first_response(dial, created, trunk.trying_timeout)
+            if not responded:
+                # Silence: give up on this trunk now. hangup() sends CANCEL as soon as a
+                # provisional response turns up (RFC 3261 §9.1) and BYE for a late 2xx.
+                self._abandon(dial, created)
+                result = attempt(
+                    AttemptKind.NO_TRYING,
+                    None,
+                    f"no response within trying_timeout {trunk.trying_timeout:g} s",
+                )
+                self._record(trunk, result, None)
+                return None, result
+            call = await asyncio.shield(dial)
+        except asyncio.CancelledError:
+            self._abandon(dial, created)
+            self.health.call_result(trunk.name, None)
+            raise
+        except (OSError, ValueError) as exc:
+            result = attempt(AttemptKind.TRANSPORT_ERROR, None, f"{type(exc).__name__}: {exc}")
+            self._record(trunk, result, None)
+            return None, result
+        kind, code, reason = classify(call)
+        result = attempt(kind, code, reason)
+        self._record(trunk, result, call.result.pdd_ms if call.result else None)
+        return call, result
+
+    async def _first_response(
+        self, dial: asyncio.Future[Call], created: asyncio.Future[Call], timeout: float
+    ) -> bool:
+        """True once the INVITE got any response (or the dial finished) within ``timeout``."""
+
+        async def responded() -> None:
+            call = await created
+            await call.responded.wait()
+
+        waiter = asyncio.ensure_future(responded())
+        watched: set[asyncio.Future[Any]] = {dial, waiter}
+        try:
+            done, _ = await asyncio.wait(
+                watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waiter.cancel()
+        return bool(done)
+
+    def _abandon(self, dial: asyncio.Future[Call], created: asyncio.Future[Call]) -> None:
+        """Leave an attempt behind without leaking it: hang the call up in the background."""
+        self._keep(dial)
+
+        def hang_up(created: asyncio.Future[Call]) -> None:
+            # Also when the call only comes into being later (a slow DNS lookup): hangup()
+            # before the INVITE left means the INVITE never leaves.
+            if not created.cancelled():
+                self._keep(asyncio.ensure_future(created.result().hangup()))
+
+        created.add_done_callback(hang_up)
+
+    def _on_dial_done(self, trunk: str, dial: asyncio.Future[Call]) -> None:
+        """The dial is over; its call may still be up (answered): count it until it ends."""
+        call: Call | None = None
+        if not dial.cancelled() and dial.exception() is None:
+            call = dial.result()
+        if call is None or call.ended.is_set():
+            self._release(trunk)
+            return
+
+        async def until_ended(ended: asyncio.Event) -> None:
+            try:
+                await ended.wait()
+            finally:
+                self._release(trunk)
+
+        self._keep(asyncio.ensure_future(until_ended(call.ended)))
+
+    def _release(self, trunk: str) -> None:
+        self._active[trunk] -= 1
+        metrics.TRUNK_ACTIVE.labels(trunk=trunk).set(self._active[trunk])
+
+    def _keep(self, future: asyncio.Future[Any]) -> None:
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
+
+    def _record(self, trunk: Trunk, attempt: TrunkAttempt, pdd_ms: int | None) -> None:
+        metrics.TRUNK_ATTEMPTS.labels(trunk=trunk.name, outcome=attempt.outcome.value).inc()
+        if attempt.outcome is AttemptKind.CANCELLED:
+            self.health.call_result(trunk.name, None)
+            return
+        self.quality.record(trunk.name, attempt.outcome, pdd_ms)
+        detail = f"{attempt.outcome.value} {attempt.sip_code or ''} {attempt.reason}".strip()
+        self.health.call_result(trunk.name, not attempt.final, detail)
+
+    # -- budgets and explanations --------------------------------------------------------
+
+    def _budget_refusal(self, trunk: Trunk) -> str | None:
+        """Why ``trunk`` cannot take this call right now, or None (and claim it)."""
+        if trunk.max_concurrent is not None and self._active[trunk.name] >= trunk.max_concurrent:
+            return f"max_concurrent reached ({trunk.max_concurrent})"
+        if not self.health.usable(trunk.name):
+            return self._unusable_reason(trunk)
+        bucket = self._buckets.get(trunk.name)
+        if bucket is not None and not bucket.take(self.clock()):
+            return f"max_cps reached ({trunk.max_cps:g}/s)"
+        if not self.health.begin_call(trunk.name):
+            return "half_open trial call already in progress"
+        return None
+
+    def _unusable_reason(self, trunk: Trunk) -> str:
+        health = self.health[trunk.name]
+        if health.probe.value == "down":
+            return "down (OPTIONS probes failing)"
+        if health.breaker.value == "open":
+            return "breaker open (recent call failures)"
+        return "half_open trial call already in progress"
+
+    @staticmethod
+    def _explain(attempts: Sequence[TrunkAttempt], skipped: Sequence[SkippedTrunk]) -> str:
+        parts = [
+            f"{a.trunk}: {a.outcome.value}"
+            + (f" {a.sip_code}" if a.sip_code is not None else "")
+            + f" ({a.reason})"
+            for a in attempts
+        ]
+        parts += [f"{s.trunk}: skipped, {s.reason}" for s in skipped]
+        if not parts:
+            return "no trunk configured"
+        head = "every trunk failed" if attempts else "no trunk usable"
+        return head + ": " + "; ".join(parts)

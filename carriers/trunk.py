@@ -1,0 +1,157 @@
+"""Carrier trunks: where outbound calls leave, and how each carrier wants numbers written.
+
+A ``Trunk`` is configuration only (no state): health, budgets and statistics live in the
+router so one trunk definition can be reloaded without losing them.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Literal
+from urllib.parse import quote
+
+import phonenumbers
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from gateway.sip.auth import Credentials
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)$")
+_CALLER_ID = re.compile(r"^\+?[A-Za-z0-9._-]{1,32}$")
+_TECH_PREFIX = re.compile(r"^[0-9*#]{1,16}$")
+
+
+class NumberFormat(str, enum.Enum):
+    """How the carrier expects the dialled number in the request URI's user part."""
+
+    E164 = "e164"  # +14155550101
+    NATIONAL = "national"  # 4155550101 (the national number with the national prefix)
+    TECH_PREFIX = "tech_prefix"  # <prefix>14155550101: carriers that route on a prefix
+
+
+class Trunk(BaseModel):
+    """One carrier trunk. Unknown keys are errors so typos in YAML do not pass silently."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    kind: Literal["sip", "twilio"] = "sip"
+    host: str
+    port: int = Field(default=5060, ge=1, le=65535)
+    transport: Literal["udp", "tcp"] = "udp"
+    username: str | None = None
+    password: SecretStr | None = None
+    caller_id: str | None = None
+    number_format: NumberFormat = NumberFormat.E164
+    tech_prefix: str | None = None
+    allowed_countries: tuple[str, ...] = ()  # empty: only the deployment-wide list applies
+    max_concurrent: int | None = Field(default=None, ge=1)
+    max_cps: float | None = Field(default=None, gt=0)
+    enabled: bool = True
+    priority: int = 100  # lower goes first
+    weight: int = Field(default=1, ge=1, le=10_000)
+    trying_timeout: float = Field(default=2.0, gt=0, le=60)  # seconds to wait for any response
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("trunk names are 1-64 of A-Z a-z 0-9 _ . - (used in metrics labels)")
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _check_kind(cls, value: str) -> str:
+        if value == "twilio":
+            # Reserved in the schema so configs can be written ahead, but refused loudly
+            # rather than silently routing nowhere.
+            raise ValueError("trunk kind 'twilio' is not supported yet; use kind: sip")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        if not _HOST.match(value):
+            raise ValueError(f"invalid host {value!r} (a hostname or IP address, no port)")
+        return value
+
+    @field_validator("caller_id")
+    @classmethod
+    def _check_caller_id(cls, value: str | None) -> str | None:
+        if value is not None and not _CALLER_ID.match(value):
+            raise ValueError(f"invalid caller_id {value!r} (e.g. +14155550100)")
+        return value
+
+    @field_validator("allowed_countries", mode="before")
+    @classmethod
+    def _upper_countries(cls, value: object) -> object:
+        if isinstance(value, str):
+            raise ValueError("allowed_countries is a list of ISO 3166 alpha-2 codes")
+        if isinstance(value, list | tuple):
+            return tuple(str(code).strip().upper() for code in value)
+        return value
+
+    @field_validator("allowed_countries")
+    @classmethod
+    def _check_countries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_countries(value)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Trunk:
+        if self.number_format is NumberFormat.TECH_PREFIX:
+            if self.tech_prefix is None or not _TECH_PREFIX.match(self.tech_prefix):
+                raise ValueError("number_format tech_prefix needs tech_prefix: 1-16 of 0-9 * #")
+        elif self.tech_prefix is not None:
+            raise ValueError("tech_prefix is only used with number_format: tech_prefix")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("digest authentication needs both username and password")
+        return self
+
+    # -- derived -----------------------------------------------------------------------
+
+    def allows_country(self, region: str) -> bool:
+        return not self.allowed_countries or region in self.allowed_countries
+
+    def credentials(self) -> Credentials | None:
+        if self.username is None or self.password is None:
+            return None
+        return Credentials(self.username, self.password.get_secret_value())
+
+    def dial_string(self, number: phonenumbers.PhoneNumber | str) -> str:
+        """The user part this carrier expects for ``number`` (E.164 string or parsed)."""
+        parsed = phonenumbers.parse(number) if isinstance(number, str) else number
+        e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+        if self.number_format is NumberFormat.E164:
+            return e164
+        if self.number_format is NumberFormat.NATIONAL:
+            national = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.NATIONAL)
+            return re.sub(r"[^0-9]", "", national)
+        assert self.tech_prefix is not None
+        return self.tech_prefix + e164.lstrip("+")
+
+    def request_uri(self, number: phonenumbers.PhoneNumber | str) -> str:
+        """The SIP request URI for ``number`` through this trunk."""
+        user = quote(self.dial_string(number), safe="+*")  # '#' must be escaped (RFC 3261 §25)
+        return f"sip:{user}@{self._hostport()}{self._transport_param()}"
+
+    def probe_uri(self) -> str:
+        """Where OPTIONS health probes go: the trunk itself, no user part."""
+        return f"sip:{self._hostport()}{self._transport_param()}"
+
+    def _hostport(self) -> str:
+        host = self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+    def _transport_param(self) -> str:
+        return ";transport=tcp" if self.transport == "tcp" else ""
+
+
+def check_countries(codes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate ISO 3166 alpha-2 codes against the regions phonenumbers knows."""
+    bad = [code for code in codes if code not in phonenumbers.SUPPORTED_REGIONS]
+    if bad:
+        raise ValueError(f"unknown ISO 3166 alpha-2 country code(s): {', '.join(bad)}")
+    return tuple(codes)
