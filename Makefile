@@ -20,8 +20,10 @@ system-deps:
 services: system-deps
 	bash scripts/start-services.sh
 
+# Uses ./ackline.yaml when present, else the shipped example configuration.
 run: install system-deps
-	$(BIN)/ackline serve
+	ACKLINE_CONFIG="$${ACKLINE_CONFIG:-$$(test -f ackline.yaml && echo ackline.yaml || echo ackline.example.yaml)}" \
+		$(BIN)/ackline serve
 
 lint: install
 	$(BIN)/ruff check .

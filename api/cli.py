@@ -7,6 +7,8 @@ import contextlib
 import enum
 import json
 import logging
+import os
+import secrets
 import signal
 import socket
 import sys
@@ -228,6 +230,8 @@ def serve(
     except (ValueError, ValidationError) as exc:
         typer.echo(f"error: bad settings: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    if role in (Role.ALL, Role.API) and not settings.api_keys:
+        settings = settings.model_copy(update={"api_keys": _local_api_key(settings)})
     sip_port = port if port is not None else (0 if role is Role.WORKER else 5060)
     inbound = Inbound(greeting, gather, timeout)
     try:
@@ -238,6 +242,29 @@ def serve(
     except OSError as exc:
         typer.echo(f"error: cannot listen: {exc}", err=True)
         raise typer.Exit(EXIT_UNREACHABLE) from None
+
+
+def _local_api_key(settings: Settings) -> dict[str, str]:
+    """With no ACKLINE_API_KEYS, make one key for the configured company and keep it in
+    var/api-key (mode 0600), so a first `make run` is usable and the key survives restarts."""
+    from escalation.config import AcklineConfig, load_config
+
+    config = load_config(settings.config_path) if settings.config_path else AcklineConfig()
+    path = settings.audit_dir.parent / "api-key"
+    if path.exists():
+        key = path.read_text().strip()
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+    print(
+        f"no ACKLINE_API_KEYS set: use X-API-Key from {path} (company {config.company!r})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {key: config.company}
 
 
 @dataclass(frozen=True)
