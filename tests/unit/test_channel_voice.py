@@ -1,0 +1,59 @@
+"""How a finished call becomes the engine's next move (retry, fallback, ack, escalate)."""
+
+from __future__ import annotations
+
+import pytest
+
+from escalation.channels.base import DeliveryStatus as S
+from escalation.channels.voice import SipUriDialer, classify_call
+from gateway.result import CallOutcome, CallResult, ReceivedDigit
+
+
+def result(
+    outcome: CallOutcome, code: int | None, *, digits: str = "", hangup_by: str | None = None
+) -> CallResult:
+    return CallResult(
+        outcome=outcome,
+        sip_code=code,
+        reason="x",
+        direction="outbound",
+        target="sip:+14155550101@127.0.0.1:5090",
+        call_id="c1@127.0.0.1",
+        transport="udp",
+        hangup_by=hangup_by,
+        received=[ReceivedDigit(d, "rfc4733", 100 * i) for i, d in enumerate(digits)],
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "choice", "status", "reason"),
+    [
+        (result(CallOutcome.ANSWERED, 200, digits="1"), "1", S.ACKNOWLEDGED, "pressed_1"),
+        (result(CallOutcome.ANSWERED, 200, digits="2"), "2", S.ESCALATE, "pressed_2"),
+        (result(CallOutcome.ANSWERED, 200, digits="77"), "", S.NOT_ACKNOWLEDGED,
+         "no_valid_digit"),
+        # a voicemail greeting: answered, nobody presses anything
+        (result(CallOutcome.ANSWERED, 200, hangup_by="local"), "", S.NOT_ACKNOWLEDGED,
+         "no_valid_digit"),
+        (result(CallOutcome.ANSWERED, 200, hangup_by="remote"), "", S.NOT_ACKNOWLEDGED,
+         "hung_up_without_digit"),
+        (result(CallOutcome.BUSY, 486), "", S.FAILED_RETRYABLE, "busy"),
+        (result(CallOutcome.NO_ANSWER, 487), "", S.FAILED_RETRYABLE, "no_answer"),
+        (result(CallOutcome.REJECTED, 603), "", S.FAILED_RETRYABLE, "rejected_sip_603"),
+        (result(CallOutcome.REJECTED, 404), "", S.FAILED_PERMANENT, "rejected_sip_404"),
+        (result(CallOutcome.REJECTED, 484), "", S.FAILED_PERMANENT, "rejected_sip_484"),
+        (result(CallOutcome.FAILED, 503), "", S.FAILED_RETRYABLE, "sip_503"),
+        (result(CallOutcome.FAILED, None), "", S.FAILED_RETRYABLE, "no_response"),
+        (result(CallOutcome.CANCELLED, 487), "", S.CANCELLED, "call_cancelled"),
+    ],
+)  # fmt: skip
+def test_classify_call(call: CallResult, choice: str, status: S, reason: str) -> None:
+    got = classify_call(call, choice)
+    assert (got.status, got.reason) == (status, reason)
+    assert got.provider_id == "c1@127.0.0.1"
+    assert got.details["digits"] == call.digits
+
+
+def test_dialer_template_needs_the_number() -> None:
+    with pytest.raises(ValueError, match="number"):
+        SipUriDialer(gateway=None, template="sip:alice@127.0.0.1")  # type: ignore[arg-type]
