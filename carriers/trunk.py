@@ -6,7 +6,9 @@ router so one trunk definition can be reloaded without losing them.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import ipaddress
 import re
 from typing import Literal
 from urllib.parse import quote
@@ -17,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from gateway.sip.auth import Credentials
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)$")
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _CALLER_ID = re.compile(r"^\+?[A-Za-z0-9._-]{1,32}$")
 _TECH_PREFIX = re.compile(r"^[0-9*#]{1,16}$")
 
@@ -72,6 +74,8 @@ class Trunk(BaseModel):
     @field_validator("host")
     @classmethod
     def _check_host(cls, value: str) -> str:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(value.strip("[]")))
         if not _HOST.match(value):
             raise ValueError(f"invalid host {value!r} (a hostname or IP address, no port)")
         return value

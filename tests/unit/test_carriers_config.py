@@ -1,0 +1,143 @@
+"""The carriers: YAML section: a full example loads; mistakes give errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from phonenumbers import PhoneNumberType
+
+from carriers.config import CarrierConfigError, load_carriers, parse_duration
+from carriers.trunk import NumberFormat
+
+EXAMPLE = """
+carriers:
+  strategy: weighted
+  allowed_countries: [US, ca]
+  probe: {interval: 500ms, down_after: 4, up_after: 3}
+  breaker: {failures: 5, cooldown: 1m}
+  trunks:
+    - name: primary
+      host: 127.0.0.1
+      port: 5090
+      transport: tcp
+      caller_id: "+14155550100"
+      weight: 3
+      priority: 10
+      trying_timeout: 1.5
+      max_concurrent: 20
+      max_cps: 5
+    - name: backup
+      host: sip.backup.example
+      username: acct-1
+      password_env: ACKLINE_TEST_TRUNK_PASSWORD
+      number_format: tech_prefix
+      tech_prefix: "0101#"
+      allowed_countries: [US]
+      enabled: false
+"""
+
+
+def test_full_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACKLINE_TEST_TRUNK_PASSWORD", "not-a-real-secret")
+    config = load_carriers(EXAMPLE)
+    assert config.strategy == "weighted"
+    assert config.allowed_countries == ("US", "CA")
+    assert config.probe.interval == 0.5 and config.probe.down_after == 4
+    policy = config.health_policy()
+    assert (policy.down_after, policy.up_after) == (4, 3)
+    assert (policy.breaker_failures, policy.breaker_cooldown) == (5, 60.0)
+    primary, backup = config.trunks
+    assert primary.transport == "tcp" and primary.weight == 3 and primary.trying_timeout == 1.5
+    assert primary.max_cps == 5 and primary.max_concurrent == 20
+    assert backup.number_format is NumberFormat.TECH_PREFIX and not backup.enabled
+    assert backup.password is not None
+    assert backup.password.get_secret_value() == "not-a-real-secret"
+    assert "not-a-real-secret" not in repr(config) and "not-a-real-secret" not in str(config)
+    assert "not-a-real-secret" not in config.model_dump_json()
+    assert PhoneNumberType.PREMIUM_RATE in config.refused_type_values()
+
+
+def test_loads_from_a_file_and_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "ackline.yaml"
+    path.write_text(
+        "carriers:\n  allowed_countries: [US]\n  trunks:\n    - {name: a, host: 127.0.0.1}\n"
+    )
+    config = load_carriers(path)
+    assert config.strategy == "priority" and config.trunks[0].port == 5060
+    mapping = {"carriers": {"allowed_countries": ["US"], "trunks": [{"name": "a", "host": "x"}]}}
+    assert load_carriers(mapping).trunks[0].host == "x"
+
+
+def errors_of(text: str) -> str:
+    with pytest.raises(CarrierConfigError) as info:
+        load_carriers(text)
+    return str(info.value)
+
+
+BASE = "carriers:\n  allowed_countries: [US]\n"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("other: {}\n", "no carriers: section"),
+        ("carriers: [1, 2]\n", "must be a mapping"),
+        ("carriers: {trunks: [\n", "invalid YAML"),
+        (BASE, "carriers.trunks: Field required"),
+        (BASE + "  trunks: []\n", "carriers.trunks: List should have at least 1 item"),
+        (
+            "carriers:\n  trunks: [{name: a, host: h}]\n",
+            "carriers.allowed_countries: Field required",
+        ),
+        (
+            "carriers:\n  allowed_countries: []\n  trunks: [{name: a, host: h}]\n",
+            "carriers.allowed_countries",
+        ),
+        (
+            "carriers:\n  allowed_countries: [US, XX]\n  trunks: [{name: a, host: h}]\n",
+            "unknown ISO 3166 alpha-2 country code(s): XX",
+        ),
+        (
+            BASE + "  trunks:\n    - {name: a, host: h}\n    - {name: b, host: h, port: 99999}\n",
+            "carriers.trunks[1] (b).port: Input should be less than or equal to 65535",
+        ),
+        (
+            BASE + "  trunks:\n    - {name: tw, host: h, kind: twilio}\n",
+            "carriers.trunks[0] (tw).kind: trunk kind 'twilio' is not supported yet",
+        ),
+        (BASE + "  strategy: fastest\n  trunks: [{name: a, host: h}]\n", "carriers.strategy"),
+        (BASE + "  trunks: [{name: a, host: h}, {name: a, host: h2}]\n", "duplicate trunk"),
+        (BASE + "  trunks: [{name: a, host: h, enabled: false}]\n", "every trunk is disabled"),
+        (BASE + "  trunks: [{name: a, host: h, prot: 5060}]\n", "carriers.trunks[0] (a).prot"),
+        (BASE + "  trunks: [{name: a, host: h}]\n  probe: {interval: soon}\n", "duration"),
+        (BASE + "  trunks: [{name: a, host: h}]\n  probe: {down_after: 0}\n", "down_after"),
+        (BASE + "  trunks: [{name: a, host: h}]\n  refused_types: [cheap]\n", "unknown number"),
+        (BASE + "  trunks: [{name: a, host: h}]\n  colour: blue\n", "carriers.colour"),
+        (
+            BASE + "  trunks: [{name: a, host: h, password_env: ACKLINE_TEST_UNSET_VAR}]\n",
+            "ACKLINE_TEST_UNSET_VAR is not set",
+        ),
+    ],
+)
+def test_validation_errors_name_the_key(yaml_text: str, expected: str) -> None:
+    message = errors_of(yaml_text)
+    assert expected in message, message
+
+
+def test_every_problem_is_listed() -> None:
+    message = errors_of(
+        BASE + "  trunks:\n    - {name: a, host: h, port: 0}\n    - {name: b, host: h, weight: 0}\n"
+    )
+    assert "trunks[0] (a).port" in message and "trunks[1] (b).weight" in message
+
+
+def test_parse_duration() -> None:
+    assert parse_duration(2) == 2.0
+    assert parse_duration("250ms") == 0.25
+    assert parse_duration("1.5s") == 1.5
+    assert parse_duration("2m") == 120.0
+    assert parse_duration("3") == 3.0
+    for bad in ("fast", True, None, "-1s"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
