@@ -23,6 +23,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.conftest_escalation import REDIS_URL
 from tests.fakes.telegram_server import FakeTelegram
 from tests.fakes.twilio_server import FakeTwilio
 from tests.integration.peers import (
@@ -34,6 +35,7 @@ from tests.integration.peers import (
 )
 
 pytestmark = pytest.mark.interop
+pytest_plugins = ["tests.conftest_escalation"]
 
 KEY = {"X-API-Key": "k-acme"}
 ALICE = "+14155550101"
@@ -41,7 +43,7 @@ ALICE = "+14155550101"
 
 @dataclass
 class Service:
-    proc: subprocess.Popen[str]
+    procs: list[subprocess.Popen[str]]
     client: httpx.AsyncClient
     audit: Path
 
@@ -62,7 +64,7 @@ class Service:
             data: dict[str, Any] = r.json()
             if done(data) or time.monotonic() > deadline:
                 return data
-            assert self.proc.poll() is None, "ackline serve died"
+            assert all(p.poll() is None for p in self.procs), "ackline serve died"
             await asyncio.sleep(0.1)
 
     def audit_lines(self, alert_id: str) -> list[dict[str, Any]]:
@@ -71,9 +73,15 @@ class Service:
 
 
 @contextlib.asynccontextmanager
-async def serve(tmp: Path, config: dict[str, Any], env: dict[str, str]) -> AsyncIterator[Service]:
+async def serve(
+    tmp: Path,
+    config: dict[str, Any],
+    env: dict[str, str],
+    roles: tuple[str, ...] = ("all",),
+) -> AsyncIterator[Service]:
+    """Start one `ackline serve` process per role; the first one must serve the API."""
     (tmp / "ackline.yaml").write_text(yaml.safe_dump(config))
-    sip_port, http_port = free_port(), free_port()
+    http_port = free_port()
     full_env = {
         **cli_env(tmp),
         "ACKLINE_DATABASE_URL": f"sqlite:///{tmp}/ackline.db",
@@ -83,30 +91,41 @@ async def serve(tmp: Path, config: dict[str, Any], env: dict[str, str]) -> Async
         "ACKLINE_POLL_INTERVAL": "0.2",
         **env,
     }
-    full_env.pop("REDIS_URL", None)
-    log = open(tmp / "serve.log", "w")  # noqa: SIM115 - closed below
-    cmd = [*ackline_cli(), "serve", "--port", str(sip_port), "--http-port", str(http_port)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, text=True, env=full_env, cwd=tmp)
-    base = f"http://127.0.0.1:{http_port}"
+    if "REDIS_URL" not in env:
+        full_env.pop("REDIS_URL", None)
+    procs: list[subprocess.Popen[str]] = []
+    logs = []
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+        for role in roles:
+            log = open(tmp / f"serve-{role}.log", "w")  # noqa: SIM115 - closed below
+            logs.append(log)
+            cmd = [*ackline_cli(), "serve", "--role", role, "--port", str(free_port()),
+                   "--http-port", str(http_port)]  # fmt: skip
+            procs.append(
+                subprocess.Popen(cmd, stdout=log, stderr=log, text=True, env=full_env, cwd=tmp)
+            )
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=5) as c:
             deadline = time.monotonic() + 30
             while True:
-                assert proc.poll() is None, (tmp / "serve.log").read_text()
+                dead = [p for p in procs if p.poll() is not None]
+                assert not dead, "\n".join(f.read_text() for f in tmp.glob("serve-*.log"))
                 with contextlib.suppress(httpx.TransportError):
-                    if (await client.get("/readyz")).status_code == 200:
+                    if (await c.get("/readyz")).status_code == 200:
                         break
                 assert time.monotonic() < deadline, "ackline serve did not become ready"
                 await asyncio.sleep(0.1)
-            yield Service(proc, client, tmp / "audit" / "acme.jsonl")
+            yield Service(procs, c, tmp / "audit" / "acme.jsonl")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
 
 
 def recipients(telegram: bool = True) -> list[dict[str, str]]:
@@ -275,3 +294,37 @@ async def test_ack_from_api_hangs_up_the_call_in_progress(
     [voice] = alert["attempts"]
     assert voice["status"] == "cancelled", voice
     assert audit[-1]["status"] in ("cancelled", "acknowledged"), audit
+
+
+async def test_api_and_worker_as_separate_processes_on_postgres_and_redis(
+    tmp_path: Path, pg_url: str, redis_prefix: str
+) -> None:
+    """Scale-out: `--role api` takes the alert, `--role worker` (with its own SIP user agent)
+    rings the phone; the keypress acks through the shared PostgreSQL and Redis."""
+    config = {
+        "company": "acme",
+        "recipients": recipients(telegram=False),
+        "policies": [
+            {"name": "page",
+             "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}]},
+        ],
+    }  # fmt: skip
+    scenario = {"CODECS": "8", "RING_MS": "100", "PAUSE_MS": "800"}
+    with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), **scenario) as uas:
+        env = {
+            "ACKLINE_DATABASE_URL": pg_url,
+            "REDIS_URL": REDIS_URL,
+            "ACKLINE_REDIS_PREFIX": redis_prefix,
+            "ACKLINE_VOICE_TARGET": f"sip:{{number}}@{uas.address}",
+        }
+        async with serve(tmp_path, config, env, roles=("api", "worker")) as service:
+            alert_id = await service.post_alert("page")
+            alert = await service.until(alert_id, lambda a: a["state"] != "triggered", 20)
+        assert await asyncio.to_thread(uas.wait, 10) == 0, uas.logs()
+    assert alert["state"] == "acknowledged", alert
+    [voice] = alert["attempts"]
+    assert (voice["status"], voice["reason"]) == ("acknowledged", "pressed_1")
+    worker_log = (tmp_path / "serve-worker.log").read_text()
+    api_log = (tmp_path / "serve-api.log").read_text()
+    assert '"digits": "1"' in worker_log and '"codec": "PCMA"' in worker_log, worker_log
+    assert "sip listening" not in api_log, api_log  # the API process placed no call
