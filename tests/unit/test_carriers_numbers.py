@@ -45,7 +45,7 @@ def test_normalises_to_e164(text: str) -> None:
 
 
 def test_national_input_needs_a_default_region() -> None:
-    with pytest.raises(InvalidNumber, match="E.164"):
+    with pytest.raises(InvalidNumber, match=r"E\.164"):
         normalise("(415) 555-0101")
     assert normalise("(415) 555-0101", default_region="US").e164 == "+14155550101"
 
@@ -149,9 +149,7 @@ def test_request_uri_e164_udp_and_tcp() -> None:
 
 def test_request_uri_national_and_tech_prefix() -> None:
     gb_mobile = example("GB", PhoneNumberType.MOBILE)  # +447400123456
-    assert trunk(number_format="national").request_uri("+14155550101").startswith(
-        "sip:4155550101@"
-    )
+    assert trunk(number_format="national").request_uri("+14155550101").startswith("sip:4155550101@")
     assert trunk(number_format="national").request_uri(gb_mobile).startswith("sip:07400123456@")
     prefixed = trunk(number_format="tech_prefix", tech_prefix="0101#")
     uri = prefixed.request_uri("+14155550101")
