@@ -179,8 +179,11 @@ class CarrierRouter:
         """An OPTIONS prober feeding this router's health board (start it, close it)."""
         return Prober(self.gateway, self.trunks, self.health, interval=interval, timeout=timeout)
 
-    async def close(self) -> None:
-        """Stop watching calls; abandoned attempts still pending are cancelled."""
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop watching calls. Abandoned attempts (INVITEs that never got an answer) end by
+        timer B; ``grace`` seconds are given for that before the rest is cancelled."""
+        if grace > 0 and self._background:
+            await asyncio.wait(set(self._background), timeout=grace)
         pending = list(self._background)
         for task in pending:
             task.cancel()
