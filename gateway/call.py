@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from sipmessage import URI, Address, CSeq, Parameters, Request, Response
 
+from gateway.admission import Decision, InboundGuard
 from gateway.endpoint import CancelReceived, ServerContext, SipEndpoint
 from gateway.media.dtmf import DtmfDigit, DtmfMethod, parse_info_dtmf
 from gateway.media.pacer import Pacer
@@ -29,7 +30,7 @@ from gateway.media.session import MediaSession
 from gateway.result import CallOutcome, CallResult, ReceivedDigit, classify_final
 from gateway.sip.auth import Credentials, DigestClient, DigestError
 from gateway.sip.dialog import USER_AGENT, Dialog, DialogError
-from gateway.sip.message import new_call_id, new_tag
+from gateway.sip.message import create_response, new_call_id, new_tag
 from gateway.sip.transaction import (
     Event,
     ResponseReceived,
@@ -117,8 +118,12 @@ class Gateway:
         prompts: Any = None,
         on_incoming: IncomingHandler | None = None,
         on_call_ended: Callable[[CallResult], None] | None = None,
+        guard: InboundGuard | None = None,
+        on_refused: Callable[[Decision, Request, Peer], None] | None = None,
     ) -> None:
         self.config = config or GatewayConfig()
+        self.guard = guard  # admission of new inbound INVITEs (ACL, digest, flood limit)
+        self.on_refused = on_refused  # told about every INVITE the guard turned away
         self.on_call_ended = on_call_ended
         self.prompts = prompts  # prompts.cache.PromptCache, used when a prompt is text
         self.on_incoming = on_incoming
@@ -224,6 +229,8 @@ class Gateway:
             if self.on_incoming is None:
                 ctx.respond(480)
                 return
+            if self.guard is not None and not self._admit(ctx):
+                return
             call = Call(
                 self,
                 direction="inbound",
@@ -239,6 +246,33 @@ class Gateway:
             ctx.respond(481)
         else:
             ctx.respond(501)
+
+    def _admit(self, ctx: ServerContext) -> bool:
+        """Apply the inbound guard; answer and report a refused INVITE."""
+        assert self.guard is not None
+        request = ctx.request
+        decision = self.guard.check(request, ctx.source.host, asyncio.get_running_loop().time())
+        if decision.admitted:
+            return True
+        response = create_response(request, decision.code, to_tag=new_tag())
+        if decision.retry_after is not None:
+            response.headers.set("Retry-After", str(decision.retry_after))
+        if decision.challenge is not None and decision.challenge_header is not None:
+            response.headers.set(decision.challenge_header, str(decision.challenge))
+        ctx.send(response)
+        logger.info(
+            "refused INVITE from %s:%s: %s %s",
+            ctx.source.host,
+            ctx.source.port,
+            decision.code,
+            decision.reason,
+        )
+        if self.on_refused is not None:
+            try:
+                self.on_refused(decision, request, ctx.source)
+            except Exception:
+                logger.exception("on_refused hook failed")
+        return False
 
     def _on_stray_response(self, response: Response, source: Peer) -> None:
         """A 2xx retransmission after the INVITE transaction ended: re-ACK it."""
