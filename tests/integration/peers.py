@@ -41,6 +41,24 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     raise RuntimeError("no free port")
 
 
+def free_media_port(avoid: int) -> int:
+    """An even port whose next three (RTCP, video RTP/RTCP: SIPp binds all four) are free
+    too and clear of ``avoid`` (the SIP port), so SIPp never trips over its own sockets."""
+    for _ in range(200):
+        base = free_port()
+        if avoid in range(base - 3, base + 4):
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for offset in range(1, 4):
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                    sock.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free media port block")
+
+
 def dtmf_pcap(digit: str) -> Path:
     return PCAPS / f"dtmf_2833_{PCAP_NAMES.get(digit, digit)}.pcap"
 
@@ -130,7 +148,7 @@ def sipp(
         raise RuntimeError("sipp is not installed: run `make test` (installs sip-tester)")
     path = render_scenario(scenario, workdir, **values)
     port = port or free_port()
-    media_port = free_port()
+    media_port = free_media_port(avoid=port)
     cmd = [
         "sipp",
         "-sf",
