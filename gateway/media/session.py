@@ -28,11 +28,12 @@ from gateway.media.pacer import Pacer
 from gateway.media.rtp import RtpPacket, RtpReceiver, RtpSender, is_rtcp
 from gateway.media.sdp import NegotiatedMedia
 
-__all__ = ["MediaSession", "MediaSessionClosed", "MediaStats"]
+__all__ = ["AudioListener", "MediaSession", "MediaSessionClosed", "MediaStats"]
 
 logger = logging.getLogger(__name__)
 
 Address = tuple[str, int]
+AudioListener = Callable[[NDArray[np.int16]], None]
 # NegotiatedMedia.direction is our side's: "recvonly"/"inactive" mean we are on hold.
 _SENDING_DIRECTIONS = frozenset({"sendrecv", "sendonly"})
 _HOLD_HOSTS = frozenset({"0.0.0.0", "::"})
@@ -255,6 +256,7 @@ class MediaSession:
         self._history = _AudioHistory(int(history_seconds * 8000))
         self._rx_ssrc: int | None = None
         self._rx_next_ts = 0
+        self._listeners: list[AudioListener] = []
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -539,6 +541,32 @@ class MediaSession:
         """Decoded audio received so far (the last ``history_seconds``), gaps as silence."""
         return self._history.pcm()
 
+    def add_audio_listener(self, listener: AudioListener) -> Callable[[], None]:
+        """Hand each chunk of received audio, decoded, to ``listener`` as it is stored.
+
+        For consumers that need audio as it happens (recording, answering-machine detection)
+        rather than the history snapshot of ``received_audio``. Chunks follow the history
+        exactly, timestamp gaps filled with silence. Returns a function that removes the
+        listener; a listener that raises is logged and removed.
+        """
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return remove
+
+    def _notify(self, decode: Decoder, codes: bytes) -> None:
+        pcm = decode(codes)
+        for listener in list(self._listeners):
+            try:
+                listener(pcm)
+            except Exception:
+                logger.exception("audio listener failed; removing it")
+                with contextlib.suppress(ValueError):
+                    self._listeners.remove(listener)
+
     def _now(self) -> float:
         assert self._clock is not None
         return self._clock()
@@ -608,10 +636,15 @@ class MediaSession:
         if packet.ssrc == self._rx_ssrc:
             gap = (packet.timestamp - self._rx_next_ts) % (1 << 32)
             if 0 < gap <= _MAX_GAP_FILL:
-                self._history.append(decode, bytes((SILENCE[self._codec],)) * gap)
+                fill = bytes((SILENCE[self._codec],)) * gap
+                self._history.append(decode, fill)
+                if self._listeners:
+                    self._notify(decode, fill)
         self._rx_ssrc = packet.ssrc
         self._rx_next_ts = (packet.timestamp + len(packet.payload)) % (1 << 32)
         self._history.append(decode, packet.payload)
+        if self._listeners:
+            self._notify(decode, packet.payload)
 
     def _detect_inband(self) -> None:
         if self._inband is None or not self._inband_batch or self._decode is None:
