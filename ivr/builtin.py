@@ -1,0 +1,192 @@
+"""Built-in flows: the outbound alert acknowledgement and a reference inbound hotline.
+
+They are YAML text in this module (not package data files) so they ship with the code in
+any install; :func:`ack_flow` adjusts the menu's patience and adds answering-machine
+detection before validating, so every variant goes through the same checks as a flow an
+operator writes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.call import Call
+from ivr.flow import Flow, parse_flow
+from ivr.runner import FlowHooks, FlowResult, FlowRunner
+
+__all__ = [
+    "ACK_FLOW_YAML",
+    "ACK_OUTCOMES",
+    "HOTLINE_FLOW_YAML",
+    "ack_flow",
+    "hotline_flow",
+    "run_ack_flow",
+]
+
+ACK_OUTCOMES = ("acknowledged", "escalate", "not_acknowledged", "machine")
+"""Every outcome the ack flow can return; anything but "acknowledged" means keep paging."""
+
+ACK_FLOW_YAML = """
+name: ack
+start: alert
+default_outcome: not_acknowledged
+max_steps: 40
+variables:
+  alert_severity: New
+  alert_title: an alert
+  alert_summary: ""
+nodes:
+  alert:
+    type: say
+    text: "{alert_severity} alert. {alert_title}. {alert_summary}"
+    next: menu
+  menu:
+    type: menu
+    say: "Press 1 to acknowledge, 2 to escalate now, 9 to repeat."
+    choices: {"1": acknowledged, "2": escalate, "9": alert}
+    timeout: 6
+    retries: 2
+    invalid_prompt: "Sorry, that is not a valid choice."
+    on_failure: no_choice
+  acknowledged:
+    type: say
+    text: "Thank you. The alert is acknowledged. Goodbye."
+    outcome: acknowledged
+    barge_in: false
+    next: end
+  escalate:
+    type: say
+    text: "Escalating to the next responder. Goodbye."
+    outcome: escalate
+    barge_in: false
+    next: end
+  no_choice:
+    type: say
+    text: "No choice received. Goodbye."
+    outcome: not_acknowledged
+    next: end
+  end:
+    type: hangup
+"""
+
+HOTLINE_FLOW_YAML = """
+name: hotline
+start: greet
+default_outcome: abandoned
+variables:
+  policy: default
+nodes:
+  greet:
+    type: say
+    text: "Welcome to the ackline on-call hotline."
+    next: menu
+  menu:
+    type: menu
+    say: "Press 1 to report an outage."
+    choices: {"1": record}
+    timeout: 5
+    retries: 2
+    invalid_prompt: "Sorry, that is not a valid choice."
+    on_failure: goodbye
+  record:
+    type: record
+    say: "Describe the outage after the tone. Press pound when you are done."
+    max_length: 30
+    silence_timeout: 2
+    next: page
+  page:
+    type: escalate
+    policy: "{policy}"
+    next: paged
+    on_error: page_failed
+  paged:
+    type: say
+    text: "Thank you. The team has been paged. Goodbye."
+    outcome: reported
+    barge_in: false
+    next: end
+  page_failed:
+    type: say
+    text: "Sorry, the team could not be paged. Please call again."
+    outcome: failed
+    next: end
+  goodbye:
+    type: say
+    text: "Goodbye."
+    next: end
+  end:
+    type: hangup
+"""
+
+
+def _load(text: str) -> dict[str, Any]:
+    raw = yaml.safe_load(text)
+    assert isinstance(raw, dict)
+    return raw
+
+
+_ACK = _load(ACK_FLOW_YAML)
+
+
+def ack_flow(
+    *,
+    retries: int = 2,
+    digit_timeout: float = 6.0,
+    invalid_prompt: str | None = "Sorry, that is not a valid choice.",
+    amd: bool = False,
+    machine_message: str | None = None,
+) -> Flow:
+    """The acknowledgement flow: 1 acknowledged, 2 escalate, 9 repeat, else re-prompt.
+
+    ``retries`` is how many times the menu is repeated after no or a wrong key before the
+    result is ``not_acknowledged``. With ``amd`` the callee's first words are analysed
+    first: a machine gets ``machine_message`` after its beep (or nothing, and the call
+    ends), and the outcome is ``machine``.
+    """
+    raw = copy.deepcopy(_ACK)
+    menu = raw["nodes"]["menu"]
+    menu["retries"] = retries
+    menu["timeout"] = digit_timeout
+    if invalid_prompt is None:
+        menu.pop("invalid_prompt")
+    else:
+        menu["invalid_prompt"] = invalid_prompt
+    if amd:
+        detect: dict[str, Any] = {"type": "amd", "on_human": raw["start"]}
+        if machine_message:
+            detect["on_machine"] = "voicemail"
+            raw["nodes"]["voicemail"] = {
+                "type": "say",
+                "text": machine_message,
+                "barge_in": False,
+                "next": "end",
+            }
+        raw["nodes"]["detect"] = detect
+        raw["start"] = "detect"
+    return parse_flow(raw, source="built-in ack flow")
+
+
+def hotline_flow() -> Flow:
+    """Reference inbound flow: greet, 1 to report, record, page the team, confirm."""
+    return parse_flow(HOTLINE_FLOW_YAML, source="built-in hotline flow")
+
+
+async def run_ack_flow(
+    call: Call,
+    alert: Mapping[str, object],
+    *,
+    flow: Flow | None = None,
+    hooks: FlowHooks | None = None,
+    recordings_dir: Path | None = None,
+) -> FlowResult:
+    """Run the ack flow on an answered outbound call; ``result.outcome`` is in ACK_OUTCOMES.
+
+    ``alert`` fills the prompt: ``alert_title``, ``alert_summary``, ``alert_severity``.
+    """
+    runner = FlowRunner(flow or ack_flow(), hooks, recordings_dir=recordings_dir)
+    return await runner.run(call, alert)

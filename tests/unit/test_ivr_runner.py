@@ -1,0 +1,261 @@
+"""FlowRunner on real Calls: two in-process gateways over loopback SIP/RTP."""
+
+from __future__ import annotations
+
+import asyncio
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ivr import FlowRunner, ack_flow, parse_flow
+from ivr.audio import frame_dbfs
+from tests.ivr_harness import RecordingHooks, loopback, press
+
+pytestmark = pytest.mark.timeout(60)
+
+MENU_FLOW = """
+name: menu-test
+start: hello
+default_outcome: nothing
+nodes:
+  hello: {type: say, text: "Hello {name}.", next: menu}
+  menu:
+    type: menu
+    say: "Press 1 or 2."
+    choices: {"1": one, "2": two}
+    timeout: 1.0
+    retries: 1
+    invalid_prompt: "Invalid."
+    no_input_prompt: "Nothing pressed."
+    on_failure: failed
+  one: {type: say, text: "One.", outcome: chose_one, next: bye}
+  two: {type: hangup, outcome: chose_two}
+  failed: {type: hangup, outcome: gave_up}
+  bye: {type: hangup}
+"""
+
+
+def speech(seconds: float, amplitude: int = 8000) -> np.ndarray:
+    """A stand-in for a caller speaking: a warbling tone (not a steady beep)."""
+    t = np.arange(int(seconds * 8000)) / 8000
+    freq = 300 + 150 * np.sin(2 * np.pi * 3 * t)
+    phase = 2 * np.pi * np.cumsum(freq) / 8000
+    return (amplitude * np.sin(phase)).astype(np.int16)
+
+
+async def test_menu_choice_path_variables_and_barge_in(tmp_path: Path) -> None:
+    runner = FlowRunner(parse_flow(MENU_FLOW))
+    name = "Alice" + " and friends" * 40  # a greeting of about 3 s
+    async with loopback(tmp_path, runner, name=name) as lb:
+        call = await lb.call()
+        answered = asyncio.get_running_loop().time()
+        await press(call, "1", after=0.3)  # during the greeting: barge-in, type-ahead
+        result = await lb.result()
+        await call.wait_ended(5)
+        took = asyncio.get_running_loop().time() - answered
+    assert result.path == ["hello", "menu", "one", "bye"]
+    assert result.outcome == "chose_one"
+    assert result.ended_by == "flow"
+    assert result.variables["menu_choice"] == "1"
+    assert result.variables["caller"] == "+14155550142"
+    assert result.variables["direction"] == "inbound"
+    assert f"Hello {name}." in lb.prompts.texts
+    assert took < 2.0  # the key cut the 3 s greeting short and answered the menu
+    assert call.result is not None and call.result.hangup_by == "remote"
+
+
+async def test_menu_invalid_then_valid(tmp_path: Path) -> None:
+    runner = FlowRunner(parse_flow(MENU_FLOW))
+    async with loopback(tmp_path, runner, name="Bob") as lb:
+        call = await lb.call()
+        await press(call, "7", after=0.6)
+        await press(call, "2", after=0.8)
+        result = await lb.result()
+    assert result.outcome == "chose_two"
+    assert result.path == ["hello", "menu", "two"]
+    assert "Invalid." in lb.prompts.texts
+    assert "Nothing pressed." not in lb.prompts.texts
+
+
+async def test_menu_retries_exhausted(tmp_path: Path) -> None:
+    runner = FlowRunner(parse_flow(MENU_FLOW))
+    async with loopback(tmp_path, runner, name="Carol") as lb:
+        await lb.call()
+        result = await lb.result()
+    assert result.path == ["hello", "menu", "failed"]
+    assert result.outcome == "gave_up"
+    assert lb.prompts.texts.count("Press 1 or 2.") == 2  # first prompt + one retry
+    assert lb.prompts.texts.count("Nothing pressed.") == 1
+
+
+GATHER_FLOW = """
+name: gather-test
+start: pin
+nodes:
+  pin:
+    type: gather
+    say: "Enter your PIN then pound."
+    variable: pin
+    min_digits: 4
+    max_digits: 6
+    timeout: 2.5
+    retries: 1
+    invalid_prompt: "That PIN is too short."
+    next: ok
+    on_failure: bad
+  ok: {type: say, text: "PIN {pin} accepted.", outcome: ok}
+  bad: {type: hangup, outcome: bad}
+"""
+
+
+async def test_gather_retries_short_input_then_accepts(tmp_path: Path) -> None:
+    runner = FlowRunner(parse_flow(GATHER_FLOW))
+    async with loopback(tmp_path, runner) as lb:
+        call = await lb.call()
+        await press(call, "12#", after=0.5)
+        await asyncio.sleep(0.8)
+        await press(call, "4321#")
+        result = await lb.result()
+    assert result.variables["pin"] == "4321"
+    assert result.outcome == "ok"
+    assert lb.prompts.texts.count("That PIN is too short.") == 1
+    assert "PIN 4321 accepted." in lb.prompts.texts
+
+
+HOTLINE_LIKE = """
+name: record-test
+start: rec
+nodes:
+  rec:
+    type: record
+    say: "Speak after the tone."
+    max_length: 8
+    silence_timeout: 1.0
+    next: page
+  page: {type: escalate, policy: "ops-{severity}", next: done, on_error: sorry}
+  done: {type: webhook, url: "http://127.0.0.1:9/hook/{alert_id}", outcome: paged}
+  sorry: {type: hangup, outcome: page_failed}
+"""
+
+
+async def test_record_ends_on_silence_then_hooks_get_variables(tmp_path: Path) -> None:
+    hooks = RecordingHooks()
+    runner = FlowRunner(parse_flow(HOTLINE_LIKE), hooks, recordings_dir=tmp_path / "rec")
+    async with loopback(tmp_path, runner, severity="high") as lb:
+        call = await lb.call()
+        await asyncio.sleep(1.2)  # prompt (0.2 s) and beep (0.4 s)
+        await call.play(speech(1.5))
+        result = await lb.result()
+    assert result.path == ["rec", "page", "done"]
+    assert result.outcome == "paged"
+    [recording] = result.recordings
+    assert result.variables["recording"] == str(recording)
+    assert result.variables["recording_ended_by"] == "silence"
+    with wave.open(str(recording)) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (8000, 1, 2)
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    seconds = len(pcm) / 8000
+    assert 1.3 < seconds < 3.5  # the speech plus a little: trailing silence was trimmed
+    assert frame_dbfs(pcm) > -30
+    [(policy, variables)] = hooks.escalations
+    assert policy == "ops-high"
+    assert variables["recording"] == str(recording)
+    assert variables["caller"] == "+14155550142"
+    [(url, hook_vars)] = hooks.webhooks
+    assert url == "http://127.0.0.1:9/hook/alert-42"
+    assert hook_vars["alert_id"] == "alert-42"
+
+
+async def test_record_ends_on_pound_and_failed_hook_takes_on_error(tmp_path: Path) -> None:
+    hooks = RecordingHooks(fail=True)
+    runner = FlowRunner(parse_flow(HOTLINE_LIKE), hooks, recordings_dir=tmp_path / "rec")
+    async with loopback(tmp_path, runner, severity="low") as lb:
+        call = await lb.call()
+        await asyncio.sleep(1.2)
+        playing = asyncio.ensure_future(call.play(speech(6.0)))
+        await asyncio.sleep(1.0)
+        await press(call, "#")
+        result = await lb.result()
+        playing.cancel()
+    assert result.variables["recording_ended_by"] == "key"
+    assert float(result.variables["recording_seconds"]) < 4.0  # well before max_length
+    assert result.path == ["rec", "page", "sorry"]
+    assert result.outcome == "page_failed"
+    assert "escalation engine unavailable" in result.variables["error"]
+
+
+async def test_hook_error_without_on_error_stops_the_flow(tmp_path: Path) -> None:
+    flow = parse_flow(
+        """
+start: page
+nodes:
+  page: {type: escalate, policy: p, next: done}
+  done: {type: say, text: "Paged.", outcome: paged}
+"""
+    )
+    runner = FlowRunner(flow, RecordingHooks(fail=True))
+    async with loopback(tmp_path, runner) as lb:
+        await lb.call()
+        result = await lb.result()
+    assert result.ended_by == "error"
+    assert result.error is not None and "escalate hook failed" in result.error
+    assert result.path == ["page"]
+    assert result.outcome == "completed"
+
+
+async def test_caller_hangup_ends_the_flow(tmp_path: Path) -> None:
+    runner = FlowRunner(parse_flow(MENU_FLOW))
+    async with loopback(tmp_path, runner, name="Dan") as lb:
+        call = await lb.call()
+        await asyncio.sleep(0.5)
+        await call.hangup()
+        result = await lb.result()
+    assert result.ended_by == "caller"
+    assert result.outcome == "nothing"
+    assert result.path[0] == "hello"
+
+
+async def test_step_limit_bounds_a_repeat_loop(tmp_path: Path) -> None:
+    flow = parse_flow(
+        """
+start: a
+max_steps: 5
+nodes:
+  a: {type: say, text: "Again.", next: a}
+"""
+    )
+    async with loopback(tmp_path, FlowRunner(flow)) as lb:
+        await lb.call()
+        result = await lb.result()
+    assert result.ended_by == "step_limit"
+    assert result.path == ["a"] * 5
+
+
+@pytest.mark.parametrize(
+    ("keys", "outcome", "path_tail"),
+    [
+        ("1", "acknowledged", ["menu", "acknowledged", "end"]),
+        ("2", "escalate", ["menu", "escalate", "end"]),
+        ("91", "acknowledged", ["menu", "alert", "menu", "acknowledged", "end"]),
+        ("", "not_acknowledged", ["menu", "no_choice", "end"]),
+        ("5", "not_acknowledged", ["menu", "no_choice", "end"]),
+    ],
+)
+async def test_ack_flow(tmp_path: Path, keys: str, outcome: str, path_tail: list[str]) -> None:
+    runner = FlowRunner(ack_flow(retries=1, digit_timeout=1.0))
+    alert = {"alert_title": "Database down on eu-1", "alert_summary": "Replica lag"}
+    async with loopback(tmp_path, runner, **alert) as lb:
+        call = await lb.call()
+        for index, key in enumerate(keys):
+            await press(call, key, after=0.6 if index == 0 else 0.9)
+            if key == "5":  # a wrong key, twice: each attempt gets one
+                await press(call, key, after=1.2)
+        result = await lb.result()
+    assert result.outcome == outcome
+    assert result.path[0] == "alert"
+    assert result.path[-len(path_tail) :] == path_tail
+    assert "New alert. Database down on eu-1. Replica lag" in lb.prompts.texts
+    if keys == "5":
+        assert "Sorry, that is not a valid choice." in lb.prompts.texts
