@@ -1,4 +1,16 @@
-"""Carrier trunks: rotation, health checks, failover and the toll-fraud guard for outbound calls."""
+"""Carrier trunks: rotation, health checks, failover and the toll-fraud guard for outbound calls.
+
+    config = load_carriers(Path("ackline.yaml"))          # the carriers: section
+    router = config.router(gateway, on_health_change=audit)
+    async with router.prober(interval=config.probe.interval):
+        routed = await router.place_call("+14155550101", ring_timeout=25)
+        # routed.call is the gateway Call (answered, or ended: busy/declined/no answer);
+        # routed.attempts lists every trunk tried, in order, with outcome and SIP code.
+    await router.close()
+
+``InvalidNumber`` / ``FraudRefused`` are raised before any INVITE; ``NoRouteAvailable``
+when no trunk is usable or every trunk failed as a carrier (its ``attempts`` say how).
+"""
 
 from carriers.config import CarrierConfig, CarrierConfigError, load_carriers
 from carriers.health import HealthBoard, HealthChange, HealthPolicy, Prober

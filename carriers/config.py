@@ -16,7 +16,6 @@ person reading them is editing YAML, not Python.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -27,28 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from carriers.health import HealthChange, HealthPolicy
 from carriers.numbers import REFUSED_TYPES, type_from_name, type_name
 from carriers.router import CarrierRouter
-from carriers.trunk import Trunk, check_countries
+from carriers.trunk import Trunk, check_countries, parse_duration
 from gateway.call import Gateway
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
 
 class CarrierConfigError(ValueError):
     """The carriers section is invalid; the message lists every problem found."""
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like ``500ms``, ``2s``, ``1.5s``, ``1m``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 2s or 500ms")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            number, unit = float(match.group(1)), match.group(2) or "s"
-            return number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
-    raise ValueError(f"expected a duration such as 2s or 500ms, got {value!r}")
 
 
 class ProbeSettings(BaseModel):

@@ -288,6 +288,9 @@ class CarrierRouter:
             result = attempt(AttemptKind.TRANSPORT_ERROR, None, f"{type(exc).__name__}: {exc}")
             self._record(trunk, result, None)
             return None, result
+        except BaseException:
+            self.health.call_result(trunk.name, None)  # a bug of ours: free a half-open trial
+            raise
         kind, code, reason = classify(call)
         result = attempt(kind, code, reason)
         self._record(trunk, result, call.result.pdd_ms if call.result else None)

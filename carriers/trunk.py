@@ -22,6 +22,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _CALLER_ID = re.compile(r"^\+?[A-Za-z0-9._-]{1,32}$")
 _TECH_PREFIX = re.compile(r"^[0-9*#]{1,16}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
 
 class NumberFormat(str, enum.Enum):
@@ -79,6 +80,11 @@ class Trunk(BaseModel):
         if not _HOST.match(value):
             raise ValueError(f"invalid host {value!r} (a hostname or IP address, no port)")
         return value
+
+    @field_validator("trying_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value)
 
     @field_validator("caller_id")
     @classmethod
@@ -151,6 +157,20 @@ class Trunk(BaseModel):
 
     def _transport_param(self) -> str:
         return ";transport=tcp" if self.transport == "tcp" else ""
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like ``500ms``, ``2s``, ``1.5s``, ``1m``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 2s or 500ms")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            number, unit = float(match.group(1)), match.group(2) or "s"
+            return number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
+    raise ValueError(f"expected a duration such as 2s or 500ms, got {value!r}")
 
 
 def check_countries(codes: tuple[str, ...] | list[str]) -> tuple[str, ...]:

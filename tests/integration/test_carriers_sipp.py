@@ -404,3 +404,104 @@ async def test_probes_mark_a_killed_carrier_down_and_a_restarted_one_up(tmp_path
     assert down_after_s < 2.5, down_after_s
     assert up_after_s < 2.0, up_after_s
     assert len(changes) == 2  # no flapping in between
+
+
+# -- abandoned and cancelled attempts are cleaned up ----------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_late_ringing_after_trying_timeout_is_cancelled(
+    tmp_path: Path, transport: str
+) -> None:
+    """The silent carrier rings after we moved on: it gets a CANCEL, not a second call."""
+    with (
+        sipp(
+            "carrier_late_ringing.xml",
+            sipp_dir(tmp_path, "slow"),
+            transport=transport,
+            DELAY_MS="600",
+        ) as slow,
+        sipp(
+            "carrier_uas.xml", sipp_dir(tmp_path, "fast"), transport=transport, RING_MS="0"
+        ) as fast,
+    ):
+        trunks = [
+            carrier("slow", slow, priority=1, transport=transport, trying_timeout=0.3),
+            carrier("fast", fast, priority=2, transport=transport),
+        ]
+        async with gateway() as gw, router(gw, trunks) as r:
+            routed = await place(r)
+            assert path_of(routed) == [("slow", "no_trying", None), ("fast", "answered", 200)]
+            assert await sipp_exit(slow) == 0, slow.logs()  # CANCEL came, 487 was ACKed
+            await asyncio.wait_for(routed.call.hangup(), 5)
+        assert await sipp_exit(fast) == 0, fast.logs()
+        assert log_lines(slow, "CANCEL CSeq 1"), slow.logs()
+
+
+async def test_late_answer_after_trying_timeout_is_released(tmp_path: Path) -> None:
+    """A 200 from a carrier we gave up on is ACKed and hung up at once (BYE)."""
+    with (
+        sipp("carrier_late_answer.xml", sipp_dir(tmp_path, "slow"), DELAY_MS="600") as slow,
+        sipp("carrier_uas.xml", sipp_dir(tmp_path, "fast"), RING_MS="0") as fast,
+    ):
+        trunks = [
+            carrier("slow", slow, priority=1, trying_timeout=0.3),
+            carrier("fast", fast, priority=2),
+        ]
+        async with gateway() as gw, router(gw, trunks) as r:
+            routed = await place(r)
+            assert routed.trunk == "fast" and routed.answered
+            assert await sipp_exit(slow) == 0, slow.logs()  # ACK, then our BYE
+            assert r.active("slow") == 0
+            await asyncio.wait_for(routed.call.hangup(), 5)
+        assert await sipp_exit(fast) == 0, fast.logs()
+        assert log_lines(slow, "BYE received")
+
+
+async def test_cancelling_place_call_cancels_the_ringing_invite(tmp_path: Path) -> None:
+    """The alert was acknowledged elsewhere: the router's caller goes away mid-ring."""
+    with sipp("uas_ring_cancel.xml", sipp_dir(tmp_path, "ringing")) as ringing:
+        trunks = [carrier("ringing", ringing)]
+        async with gateway() as gw, router(gw, trunks) as r:
+            task = asyncio.ensure_future(r.place_call(NUMBER, ring_timeout=10))
+            await asyncio.sleep(0.5)  # 100 + 180 arrived; the phone rings
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await sipp_exit(ringing, 5) == 0, ringing.logs()  # CANCEL, 487, ACK
+            await asyncio.sleep(0.05)
+            assert r.active("ringing") == 0
+            assert r.health["ringing"].call_failures == 0  # no verdict on the carrier
+
+
+async def test_config_builds_a_working_router(tmp_path: Path) -> None:
+    from carriers.config import load_carriers
+
+    with (
+        sipp("uas_reject.xml", sipp_dir(tmp_path, "a"), CODE="502", PHRASE="Bad Gateway") as a,
+        sipp("carrier_uas.xml", sipp_dir(tmp_path, "b"), RING_MS="0") as b,
+    ):
+        config = load_carriers(
+            f"""
+carriers:
+  strategy: quality
+  allowed_countries: [US]
+  breaker: {{failures: 5, cooldown: 10s}}
+  trunks:
+    - {{name: a, host: 127.0.0.1, port: {a.port}, priority: 1, trying_timeout: 500ms}}
+    - {{name: b, host: 127.0.0.1, port: {b.port}, priority: 2}}
+"""
+        )
+        async with gateway() as gw:
+            r = config.router(gw)
+            try:
+                routed = await place(r)
+                await asyncio.wait_for(routed.call.hangup(), 5)
+            finally:
+                await r.close()
+        assert await sipp_exit(b) == 0, b.logs()
+    assert path_of(routed) == [("a", "carrier_error", 502), ("b", "answered", 200)]
+    assert r.strategy.name == "quality"
+    assert r.health.policy.breaker_failures == 5
+    assert r.quality.samples("a") == 1 and r.quality.failure_rate("a") == 1.0  # fed live
+    assert r.quality.asr("b") == 1.0
