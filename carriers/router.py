@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from carriers import metrics
-from carriers.health import HealthBoard, HealthChange, HealthPolicy, Prober
+from carriers.health import (
+    BreakerState,
+    HealthBoard,
+    HealthChange,
+    HealthPolicy,
+    Prober,
+    ProbeState,
+)
 from carriers.numbers import REFUSED_TYPES, Destination, FraudGuard, FraudRefused, normalise
 from carriers.rotation import AttemptKind, QualityStats, RouteView, Strategy, make_strategy
 from carriers.trunk import Trunk
@@ -194,8 +201,11 @@ class CarrierRouter:
     async def place_call(self, number: str, *, ring_timeout: float = 30.0) -> RoutedCall:
         """Call ``number``; returns once answered or finally refused, else raises.
 
-        Raises ``InvalidNumber`` or ``FraudRefused`` before any carrier is touched, and
+        ``ring_timeout`` applies to each attempt (failed carriers usually answer within
+        milliseconds, or within their ``trying_timeout`` when silent). Raises
+        ``InvalidNumber`` or ``FraudRefused`` before any carrier is touched, and
         ``NoRouteAvailable`` when no trunk is usable or all of them failed as carriers.
+        Cancelling the task hangs up the attempt in progress (CANCEL, or BYE if answered).
         """
         destination = normalise(number, default_region=self.default_region)
         self.guard.check(destination)
@@ -378,9 +388,9 @@ class CarrierRouter:
 
     def _unusable_reason(self, trunk: Trunk) -> str:
         health = self.health[trunk.name]
-        if health.probe.value == "down":
+        if health.probe is ProbeState.DOWN:
             return "down (OPTIONS probes failing)"
-        if health.breaker.value == "open":
+        if health.breaker is BreakerState.OPEN:
             return "breaker open (recent call failures)"
         return "half_open trial call already in progress"
 
