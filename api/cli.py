@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -343,6 +344,43 @@ async def _serve(
         server.should_exit = True
         stopped.cancel()
         await served
+
+
+@app.command()
+def softphone(
+    script: Annotated[Path, typer.Argument(help="YAML call-flow script", exists=False)],
+    target: Annotated[str | None, typer.Option(help="override the script's `call:` URI")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a scripted call-flow test: call (or answer), listen, press keys, check outcomes.
+
+    Exit status 0 when every step and expectation passed, 1 when one failed, 2 for a bad
+    script.
+    """
+    from gateway.softphone import ScriptError, load_script, run_script
+
+    _setup_logging(verbose)
+    try:
+        parsed = load_script(script)
+    except ScriptError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    try:
+        report = asyncio.run(run_script(parsed, target=target))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), sort_keys=True))
+    else:
+        for step in report.steps:
+            typer.echo(
+                f"{'ok  ' if step.ok else 'FAIL'} {step.step} ({step.elapsed_ms} ms) {step.detail}"
+            )
+        typer.echo("passed" if report.ok else "failed")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

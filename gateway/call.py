@@ -23,7 +23,7 @@ from sipmessage import URI, Address, CSeq, Parameters, Request, Response
 
 from gateway.admission import Decision, InboundGuard
 from gateway.endpoint import CancelReceived, ServerContext, SipEndpoint
-from gateway.media.dtmf import DtmfDigit, DtmfMethod, parse_info_dtmf
+from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, parse_info_dtmf
 from gateway.media.pacer import Pacer
 from gateway.media.sdp import NegotiatedMedia, SdpError, create_answer, create_offer, parse_answer
 from gateway.media.session import MediaSession
@@ -433,11 +433,16 @@ class Call:
     async def send_digits(
         self, digits: str, *, duration_ms: int = 100, method: str = "rfc4733"
     ) -> None:
-        """Send DTMF to the far end (RFC 4733 events or SIP INFO)."""
+        """Send DTMF to the far end: RFC 4733 events, SIP INFO, or in-band tones (for peers
+        that only listen to the audio)."""
+        if method not in ("rfc4733", "sip_info", "inband"):
+            raise ValueError(f"unknown DTMF method {method!r} (rfc4733, sip_info, inband)")
         media = self._require_media()
         for digit in digits:
             if method == "sip_info":
                 await self._send_info_digit(digit, duration_ms)
+            elif method == "inband":
+                await media.play(dtmf_tone(digit, duration_ms))
             else:
                 await media.send_digit(digit, duration_ms)
             await asyncio.sleep(0.05)
