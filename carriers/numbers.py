@@ -55,8 +55,11 @@ class InvalidNumber(ValueError):
     """The destination is not a valid, dialable phone number."""
 
 
-class FraudRefused(Exception):
-    """The destination is valid but policy forbids calling it (country or number type)."""
+class FraudRefused(ValueError):
+    """The destination is valid but policy forbids calling it (country or number type).
+
+    A ``ValueError`` because retrying cannot help: this number is not a usable target.
+    """
 
     def __init__(self, number: str, reason: str) -> None:
         super().__init__(f"refusing to call {number}: {reason}")

@@ -79,8 +79,12 @@ class RoutedCall:
         return self.call.answered
 
 
-class NoRouteAvailable(Exception):
-    """No trunk could carry the call: none usable, or every one failed as a carrier."""
+class NoRouteAvailable(OSError):
+    """No trunk could carry the call: none usable, or every one failed as a carrier.
+
+    An ``OSError`` (like ENETUNREACH) because that is what it is to a caller: nothing
+    about the number is wrong, trying again later may work.
+    """
 
     def __init__(
         self,
@@ -198,7 +202,13 @@ class CarrierRouter:
             with contextlib.suppress(BaseException):
                 await task
 
-    async def place_call(self, number: str, *, ring_timeout: float = 30.0) -> RoutedCall:
+    async def place_call(
+        self,
+        number: str,
+        *,
+        ring_timeout: float = 30.0,
+        on_call: Callable[[Call], None] | None = None,
+    ) -> RoutedCall:
         """Call ``number``; returns once answered or finally refused, else raises.
 
         ``ring_timeout`` applies to each attempt (failed carriers usually answer within
@@ -206,6 +216,9 @@ class CarrierRouter:
         ``InvalidNumber`` or ``FraudRefused`` before any carrier is touched, and
         ``NoRouteAvailable`` when no trunk is usable or all of them failed as carriers.
         Cancelling the task hangs up the attempt in progress (CANCEL, or BYE if answered).
+        ``on_call`` gets each attempt's ``Call`` before its INVITE leaves (as in
+        ``Gateway.dial``), so the application can hang up whichever attempt is current; a
+        call hung up that way ends routing (outcome ``cancelled``).
         """
         destination = normalise(number, default_region=self.default_region)
         self.guard.check(destination)
@@ -229,7 +242,7 @@ class CarrierRouter:
                 skipped.append(SkippedTrunk(trunk.name, reason))
                 metrics.TRUNK_SKIPPED.labels(trunk=trunk.name, reason=reason.split(" ")[0]).inc()
                 continue
-            call, attempt = await self._attempt(trunk, destination, ring_timeout)
+            call, attempt = await self._attempt(trunk, destination, ring_timeout, on_call)
             attempts.append(attempt)
             logger.info(
                 "call to %s via %s: %s %s %s (%d ms)",
@@ -249,7 +262,11 @@ class CarrierRouter:
     # -- one attempt ----------------------------------------------------------------------
 
     async def _attempt(
-        self, trunk: Trunk, destination: Destination, ring_timeout: float
+        self,
+        trunk: Trunk,
+        destination: Destination,
+        ring_timeout: float,
+        app_on_call: Callable[[Call], None] | None,
     ) -> tuple[Call | None, TrunkAttempt]:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -262,6 +279,11 @@ class CarrierRouter:
         def on_call(call: Call) -> None:
             if not created.done():
                 created.set_result(call)
+            if app_on_call is not None:
+                try:
+                    app_on_call(call)
+                except Exception:
+                    logger.exception("place_call on_call hook failed")
 
         self._active[trunk.name] += 1
         metrics.TRUNK_ACTIVE.labels(trunk=trunk.name).set(self._active[trunk.name])

@@ -505,3 +505,65 @@ carriers:
     assert r.health.policy.breaker_failures == 5
     assert r.quality.samples("a") == 1 and r.quality.failure_rate("a") == 1.0  # fed live
     assert r.quality.asr("b") == 1.0
+
+
+# -- the voice channel's Dialer shape -------------------------------------------------------------
+
+
+async def test_carrier_dialer_hands_out_every_attempt(tmp_path: Path) -> None:
+    from carriers.dialer import CarrierDialer
+
+    with (
+        sipp("uas_reject.xml", sipp_dir(tmp_path, "a"), CODE="503", PHRASE="Down") as a,
+        sipp("carrier_uas.xml", sipp_dir(tmp_path, "b"), RING_MS="0") as b,
+    ):
+        trunks = [carrier("a", a, priority=1), carrier("b", b, priority=2)]
+        seen: list[Any] = []
+        routes: list[RoutedCall] = []
+        async with gateway() as gw, router(gw, trunks) as r:
+            dialer = CarrierDialer(r, on_routed=routes.append)
+            call = await asyncio.wait_for(
+                dialer.dial(NUMBER, ring_timeout=5, on_call=seen.append), 15
+            )
+            assert call.answered
+            await asyncio.wait_for(call.hangup(), 5)
+        assert await sipp_exit(b) == 0, b.logs()
+    assert len(seen) == 2 and seen[1] is call and seen[0] is not call
+    assert [path_of(route) for route in routes] == [
+        [("a", "carrier_error", 503), ("b", "answered", 200)]
+    ]
+
+
+async def test_hanging_up_the_current_attempt_ends_routing(tmp_path: Path) -> None:
+    """What VoiceChannel.cancel does: hang up the call on_call handed out, mid-ring."""
+    from carriers.dialer import CarrierDialer
+
+    with (
+        sipp("uas_ring_cancel.xml", sipp_dir(tmp_path, "ringing")) as ringing,
+        sipp("carrier_uas.xml", sipp_dir(tmp_path, "other"), RING_MS="0") as other,
+    ):
+        trunks = [carrier("ringing", ringing, priority=1), carrier("other", other, priority=2)]
+        seen: list[Any] = []
+        async with gateway() as gw, router(gw, trunks) as r:
+            dialing = asyncio.ensure_future(
+                CarrierDialer(r).dial(NUMBER, ring_timeout=10, on_call=seen.append)
+            )
+            await asyncio.sleep(0.5)
+            await asyncio.wait_for(seen[0].hangup(), 5)  # CANCEL
+            call = await asyncio.wait_for(dialing, 5)
+        assert await sipp_exit(ringing) == 0, ringing.logs()
+        await asyncio.sleep(0.2)
+        assert invites_seen(other) == 0, other.logs()
+    assert call is seen[0] and len(seen) == 1
+    assert call.result is not None and call.result.outcome == CallOutcome.CANCELLED
+
+
+async def test_errors_keep_the_voice_channel_classification(tmp_path: Path) -> None:
+    """InvalidNumber / FraudRefused are ValueError (permanent), NoRouteAvailable OSError."""
+    trunks = [Trunk(name="nowhere", host="127.0.0.1", port=free_port(), transport="tcp")]
+    async with gateway() as gw, router(gw, trunks) as r:
+        for number in ("+15550100", "+19005550100"):
+            with pytest.raises(ValueError):
+                await place(r, number)
+        with pytest.raises(OSError, match="every trunk failed"):
+            await place(r)
