@@ -206,15 +206,16 @@ class MenuNode(_Prompted):
 class RecordNode(_Prompted):
     """Record what the caller says into a WAV file, stored in ``variable``.
 
-    Ends after ``max_length`` seconds, on ``silence_timeout`` seconds of silence (counted
-    once speech started, or from the start if none comes), on a ``finish_on_key`` key, or
-    when the caller hangs up (what was said is kept).
+    Ends after ``max_length`` seconds, on ``silence_timeout`` seconds of silence after
+    speech, when no speech starts within ``initial_timeout`` (people take a moment to
+    begin), on a ``finish_on_key`` key, or when the caller hangs up (what was said is kept).
     """
 
     type: Literal["record"]
     variable: str = "recording"
     max_length: float = Field(60.0, gt=0, le=3600)
     silence_timeout: float = Field(3.0, ge=0, le=60)  # 0 disables
+    initial_timeout: float = Field(5.0, gt=0, le=60)
     finish_on_key: Keys = "#"
     beep: bool = True
     next: str | None = None

@@ -309,6 +309,7 @@ class FlowRunner:
         silent = 0
         limit = round(node.max_length * SAMPLE_RATE / FRAME_SAMPLES)
         silence_limit = round(node.silence_timeout * SAMPLE_RATE / FRAME_SAMPLES)
+        initial_limit = round(node.initial_timeout * SAMPLE_RATE / FRAME_SAMPLES)
         async with AudioStream(call) as stream:
             key = asyncio.ensure_future(self._wait_key(call, node.finish_on_key, node.max_length))
             try:
@@ -325,7 +326,10 @@ class FlowRunner:
                         speech_seen, silent = True, 0
                     else:
                         silent += 1
-                    if silence_limit and silent >= silence_limit:
+                    if not speech_seen and silent >= initial_limit:
+                        reason = "no_speech"
+                        break
+                    if speech_seen and silence_limit and silent >= silence_limit:
                         reason = "silence"
                         break
             finally:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from numpy.typing import NDArray
 
 from ivr.audio import write_wav
@@ -317,3 +318,9 @@ def build_corpus(workdir: Path) -> dict[str, Path]:
 
 def load(path: Path) -> NDArray[np.int16]:
     return wav_to_pcm(path.read_bytes(), rate=RATE)
+
+
+@pytest.fixture(scope="session", name="corpus")
+def corpus_fixture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The labelled clips, rendered once per test session (import this fixture to use it)."""
+    return build_corpus(tmp_path_factory.getbasetemp() / "amd-corpus")

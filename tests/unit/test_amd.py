@@ -11,14 +11,17 @@ from numpy.typing import NDArray
 from gateway.media.dtmf import dtmf_tone
 from gateway.media.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from ivr.amd import AmdConfig, AmdDecision, AmdDetector, classify
-from tests.ivr_audio import ALL_CLIPS, HUMAN_CLIPS, MACHINE_CLIPS, RATE, Clip, build_corpus, load
+from tests.ivr_audio import (  # noqa: F401 - corpus is a fixture
+    ALL_CLIPS,
+    HUMAN_CLIPS,
+    MACHINE_CLIPS,
+    RATE,
+    Clip,
+    corpus_fixture,
+    load,
+)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_corpus(tmp_path_factory.getbasetemp() / "amd-corpus")
 
 
 def silence(seconds: float) -> NDArray[np.int16]:

@@ -11,6 +11,7 @@ import pytest
 
 from ivr import FlowRunner, ack_flow, parse_flow
 from ivr.audio import frame_dbfs
+from tests.ivr_audio import corpus_fixture, load  # noqa: F401 - corpus is a fixture
 from tests.ivr_harness import RecordingHooks, loopback, press
 
 pytestmark = pytest.mark.timeout(60)
@@ -259,3 +260,49 @@ async def test_ack_flow(tmp_path: Path, keys: str, outcome: str, path_tail: list
     assert "New alert. Database down on eu-1. Replica lag" in lb.prompts.texts
     if keys == "5":
         assert "Sorry, that is not a valid choice." in lb.prompts.texts
+
+
+async def test_record_without_speech_ends_after_initial_timeout(tmp_path: Path) -> None:
+    flow = parse_flow(
+        """
+start: rec
+nodes:
+  rec: {type: record, initial_timeout: 1.0, silence_timeout: 0.5, beep: false}
+"""
+    )
+    runner = FlowRunner(flow, recordings_dir=tmp_path / "rec")
+    async with loopback(tmp_path, runner) as lb:
+        await lb.call()
+        started = asyncio.get_running_loop().time()
+        result = await lb.result()
+        took = asyncio.get_running_loop().time() - started
+    assert result.variables["recording_ended_by"] == "no_speech"
+    assert 0.8 < took < 2.5
+    assert 0.9 <= float(result.variables["recording_seconds"]) <= 1.2
+
+
+AMD_FLOW = """
+start: detect
+nodes:
+  detect: {type: amd, on_human: hello, settings: {max_analysis: 4}}
+  hello: {type: say, text: "Hello, this is ackline.", outcome: talked}
+"""
+
+
+@pytest.mark.parametrize(
+    ("clip", "outcome", "path"),
+    [("h03_bob", "talked", ["detect", "hello"]), ("m03_bob_nobeep", "machine", ["detect"])],
+)
+async def test_amd_node_routes_on_the_verdict(
+    tmp_path: Path, corpus: dict[str, Path], clip: str, outcome: str, path: list[str]
+) -> None:
+    async with loopback(tmp_path, FlowRunner(parse_flow(AMD_FLOW))) as lb:
+        call = await lb.call()
+        playing = asyncio.ensure_future(call.play(load(corpus[clip])))
+        result = await lb.result()
+        playing.cancel()
+    assert result.outcome == outcome
+    assert result.path == path
+    expected = "human" if clip.startswith("h") else "machine"
+    assert result.amd is not None and result.amd.decision.value == expected
+    assert result.variables["amd_result"] == expected
