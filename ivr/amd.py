@@ -22,7 +22,6 @@ vary in pitch from one voicemail system to the next; here an FFT per frame finds
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
@@ -288,7 +287,6 @@ async def detect_on_call(
                 if frame is None:
                     break
                 detector.feed(frame)
-                await asyncio.sleep(0)
         logger.info(
             "call %s: AMD %s (%s) at %.2f s, greeting %.2f s, %d silent frames filled",
             call.call_id,

@@ -83,7 +83,11 @@ class FlowContext:
 
 @dataclass(frozen=True)
 class FlowResult:
-    """How a run went. ``ended_by``: flow (end or hangup node), caller, error, step_limit."""
+    """How a run went.
+
+    ``ended_by``: flow (an end or hangup node), caller (hung up first), error (a hook, file
+    or prompt failed; see ``error``), step_limit (``max_steps``), not_answered.
+    """
 
     flow: str
     outcome: str
@@ -152,7 +156,9 @@ class FlowRunner:
         values.update({key: "" if v is None else str(v) for key, v in (variables or {}).items()})
         ctx = FlowContext(call=call, flow=self.flow, variables=values)
         ended_by, error = "flow", None
-        node_id: str | None = self.flow.start
+        node_id: str | None = self.flow.start if call.answered else None
+        if node_id is None:
+            ended_by = "not_answered"
         steps = 0
         try:
             while node_id is not None:
@@ -172,6 +178,9 @@ class FlowRunner:
             ended_by, error = stop.ended_by, stop.error
         except CallEnded:
             ended_by = "caller"
+        except Exception as exc:  # a broken prompt or file must still yield a result
+            logger.exception("call %s: flow %s failed", call.call_id, self.flow.name)
+            ended_by, error = "error", f"node {ctx.node_id!r}: {type(exc).__name__}: {exc}"
         result = call.result
         if ended_by == "flow" and result is not None and result.hangup_by == "remote":
             ended_by = "caller"

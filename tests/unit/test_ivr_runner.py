@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from gateway.call import Gateway, GatewayConfig
+from gateway.sip.transaction import TimerSettings
 from ivr import FlowRunner, ack_flow, parse_flow
-from ivr.audio import frame_dbfs
+from ivr.audio import frame_dbfs, write_wav
 from tests.ivr_audio import corpus_fixture, load  # noqa: F401 - corpus is a fixture
 from tests.ivr_harness import RecordingHooks, loopback, press
 
@@ -306,3 +309,50 @@ async def test_amd_node_routes_on_the_verdict(
     expected = "human" if clip.startswith("h") else "machine"
     assert result.amd is not None and result.amd.decision.value == expected
     assert result.variables["amd_result"] == expected
+
+
+async def test_play_node_sends_the_wav_and_a_missing_file_is_an_error(tmp_path: Path) -> None:
+    t = np.arange(8000) / 8000
+    chirp = (6000 * np.sin(2 * np.pi * (300 + 400 * t) * t)).astype(np.int16)
+    (tmp_path / "sounds").mkdir()
+    write_wav(tmp_path / "sounds" / "chirp.wav", chirp)
+    flow = parse_flow(
+        """
+start: chirp
+nodes:
+  chirp: {type: play, file: chirp.wav, barge_in: false, next: missing}
+  missing: {type: play, file: nothere.wav}
+"""
+    )
+    runner = FlowRunner(flow, files_dir=tmp_path / "sounds")
+    async with loopback(tmp_path, runner) as lb:
+        call = await lb.call()
+        result = await lb.result()
+        await call.wait_ended(5)
+        assert call.media is not None
+        heard = call.media.received_audio()
+    assert result.path == ["chirp", "missing"]
+    assert result.ended_by == "error"
+    assert result.error is not None and "nothere.wav" in result.error
+    scores = np.correlate(heard.astype(np.float64), chirp.astype(np.float64), mode="valid")
+    lag = int(np.argmax(scores))
+    window = heard[lag : lag + len(chirp)].astype(np.float64)
+    similarity = scores[lag] / (np.linalg.norm(window) * np.linalg.norm(chirp) + 1e-9)
+    assert similarity > 0.95  # G.711 round trip of the file, as the caller heard it
+
+
+async def test_unanswered_call_runs_nothing(tmp_path: Path) -> None:
+    quick = GatewayConfig(host="127.0.0.1", timers=TimerSettings(t1=0.02, t2=0.1))
+    async with Gateway(quick) as gateway:  # nobody listens: timer B fires in 1.3 s
+        call = await gateway.dial(f"sip:nobody@127.0.0.1:{free_udp_port()}", ring_timeout=3)
+        assert not call.answered
+        result = await FlowRunner(parse_flow(MENU_FLOW)).run(call)
+    assert result.ended_by == "not_answered"
+    assert result.path == []
+    assert result.outcome == "nothing"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
