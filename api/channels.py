@@ -11,7 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from api.settings import Settings
+from carriers.health import HealthChange
+from escalation.audit import AuditLog
 from escalation.channels.base import Channel
+from escalation.config import AcklineConfig, load_config
 from gateway.call import Gateway
 from gateway.sip.auth import Credentials
 
@@ -27,6 +30,31 @@ def _wav_tts(prompts: Any) -> Callable[[str], Awaitable[bytes]]:
     return render
 
 
+def audit_trunk_health(audit: AuditLog, config: AcklineConfig, change: HealthChange) -> None:
+    """A trunk going down or up (probes) or its breaker opening is part of the record."""
+    audit.write(
+        config.company,
+        [
+            {
+                "event": "trunk_health",
+                "status": change.new,
+                "reason": change.reason,
+                "actor": "carriers",
+                "trunk": change.trunk,
+                "aspect": change.aspect,
+                "previous": change.old,
+            }
+        ],
+    )
+
+
+def _async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        close()
+
+    return run
+
+
 @contextlib.asynccontextmanager
 async def channels_for(
     settings: Settings, gateway: Gateway | None
@@ -34,7 +62,22 @@ async def channels_for(
     """The configured channels, closed again when the worker stops."""
     channels: dict[str, Channel] = {}
     closers: list[Any] = []
-    if gateway is not None and settings.voice_target:
+    config = load_config(settings.config_path) if settings.config_path else AcklineConfig()
+    if gateway is not None and config.carriers is not None:
+        from escalation.channels.voice import CarrierDialer, VoiceChannel
+
+        audit = AuditLog(settings.audit_dir, fsync=settings.audit_fsync)
+        closers.append(_async(audit.close))
+        router = config.carriers.router(
+            gateway, on_health_change=lambda change: audit_trunk_health(audit, config, change)
+        )
+        prober = router.prober(interval=config.carriers.probe.interval)
+        prober.start()
+        closers += [prober.close, router.close]
+        channels["voice"] = VoiceChannel(
+            CarrierDialer(router), ring_timeout=settings.voice_ring_timeout
+        )
+    elif gateway is not None and settings.voice_target:
         from escalation.channels.voice import SipUriDialer, VoiceChannel
 
         credentials = (

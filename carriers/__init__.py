@@ -13,7 +13,6 @@ when no trunk is usable or every trunk failed as a carrier (its ``attempts`` say
 """
 
 from carriers.config import CarrierConfig, CarrierConfigError, load_carriers
-from carriers.dialer import CarrierDialer
 from carriers.health import HealthBoard, HealthChange, HealthPolicy, Prober
 from carriers.numbers import Destination, FraudGuard, FraudRefused, InvalidNumber, normalise
 from carriers.rotation import AttemptKind, QualityStats, make_strategy
@@ -24,7 +23,6 @@ __all__ = [
     "AttemptKind",
     "CarrierConfig",
     "CarrierConfigError",
-    "CarrierDialer",
     "CarrierRouter",
     "Destination",
     "FraudGuard",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import phonenumbers
 from phonenumbers import PhoneNumberType
@@ -54,12 +55,16 @@ def type_from_name(name: str) -> int:
 class InvalidNumber(ValueError):
     """The destination is not a valid, dialable phone number."""
 
+    reason_code: ClassVar[str] = "invalid_number"  # what the voice channel records
+
 
 class FraudRefused(ValueError):
     """The destination is valid but policy forbids calling it (country or number type).
 
     A ``ValueError`` because retrying cannot help: this number is not a usable target.
     """
+
+    reason_code: ClassVar[str] = "fraud_refused"  # what the voice channel records
 
     def __init__(self, number: str, reason: str) -> None:
         super().__init__(f"refusing to call {number}: {reason}")

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from carriers import metrics
 from carriers.health import (
@@ -85,6 +85,8 @@ class NoRouteAvailable(OSError):
     An ``OSError`` (like ENETUNREACH) because that is what it is to a caller: nothing
     about the number is wrong, trying again later may work.
     """
+
+    reason_code: ClassVar[str] = "no_route"  # what the voice channel records
 
     def __init__(
         self,

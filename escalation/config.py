@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from carriers.config import CarrierConfig, CarrierConfigError, load_carriers
+
 # Which contact field each channel needs; a channel not listed here is not accepted.
 CHANNEL_CONTACT_FIELD: Mapping[str, str] = {
     "voice": "phone",
@@ -323,6 +325,8 @@ class AcklineConfig(BaseModel):
     channel_defaults: dict[str, RetryPolicy] = Field(default_factory=dict)
     # keys: a channel name, or "default" for every channel without its own entry
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+    # trunks, rotation, probing, fraud policy: validated by carriers.config (parse_config)
+    carriers: CarrierConfig | None = Field(default=None, exclude=True)
 
     @field_validator("channel_defaults", "rate_limits")
     @classmethod
@@ -393,11 +397,19 @@ def parse_config(data: object, source: str = "<config>") -> AcklineConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
+    data = dict(data)
+    carriers_section = data.pop("carriers", None)
     try:
         cfg = AcklineConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, f"{source}: ")) from None
     errors: list[str] = []
+    if carriers_section is not None:
+        try:
+            cfg.carriers = load_carriers({"carriers": carriers_section})
+        except CarrierConfigError as exc:
+            lines = [line.strip() for line in str(exc).splitlines()]
+            errors += [line for line in lines if line.startswith("carriers")] or lines
     recipients: dict[str, Recipient] = {}
     for i, r in enumerate(cfg.recipients):
         if r.id in recipients:

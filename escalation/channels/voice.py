@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from carriers.router import CarrierRouter, RoutedCall
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
 from gateway.call import Call, Gateway
 from gateway.result import CallOutcome, CallResult
@@ -23,6 +24,8 @@ from gateway.sip.auth import Credentials
 
 __all__ = [
     "AckMenu",
+    "CarrierDialer",
+    "DialedCall",
     "Dialer",
     "SipUriDialer",
     "VoiceChannel",
@@ -39,10 +42,22 @@ OnCall = Callable[[Call], None]
 _PERMANENT_CODES = frozenset({404, 484, 485, 604})
 
 
-class Dialer(Protocol):
-    """Turns a recipient's phone number into a placed call (a SIP URI, a carrier route)."""
+@dataclass(frozen=True)
+class DialedCall:
+    """A placed call plus how it was routed (trunk used, trunks tried), for the audit."""
 
-    async def dial(self, number: str, *, ring_timeout: float, on_call: OnCall) -> Call: ...
+    call: Call
+    details: Mapping[str, str] = field(default_factory=dict)
+
+
+class Dialer(Protocol):
+    """Turns a recipient's phone number into a placed call (a SIP URI, a carrier route).
+
+    Raises ValueError when the number can never be called (invalid, refused) and OSError
+    when no route works right now.
+    """
+
+    async def dial(self, number: str, *, ring_timeout: float, on_call: OnCall) -> DialedCall: ...
 
 
 @dataclass
@@ -61,14 +76,38 @@ class SipUriDialer:
         if "{number}" not in self.template:
             raise ValueError("voice target template must contain {number}")
 
-    async def dial(self, number: str, *, ring_timeout: float, on_call: OnCall) -> Call:
-        return await self.gateway.dial(
-            self.template.format(number=number),
+    async def dial(self, number: str, *, ring_timeout: float, on_call: OnCall) -> DialedCall:
+        target = self.template.format(number=number)
+        call = await self.gateway.dial(
+            target,
             credentials=self.credentials,
             ring_timeout=ring_timeout,
             transport=self.transport,
             on_call=on_call,
         )
+        return DialedCall(call, {"target": target})
+
+
+@dataclass
+class CarrierDialer:
+    """Routes the call through the carrier trunks (rotation, health, failover, fraud guard).
+
+    `on_routed` sees every routing decision (e.g. to audit it); the delivery result's
+    details carry the trunk used and every trunk tried, in order, with its SIP code.
+    """
+
+    router: CarrierRouter
+    on_routed: Callable[[RoutedCall], None] | None = None
+
+    async def dial(self, number: str, *, ring_timeout: float, on_call: OnCall) -> DialedCall:
+        routed = await self.router.place_call(number, ring_timeout=ring_timeout, on_call=on_call)
+        if self.on_routed is not None:
+            try:
+                self.on_routed(routed)
+            except Exception:
+                log.exception("on_routed hook failed")
+        tried = ",".join(f"{a.trunk}:{a.sip_code or a.outcome.value}" for a in routed.attempts)
+        return DialedCall(routed.call, {"trunk": routed.trunk or "", "trunks_tried": tried})
 
 
 @dataclass(frozen=True)
@@ -102,9 +141,12 @@ async def run_ack_menu(call: Call, n: Notification, menu: AckMenu) -> str:
     return ""
 
 
-def classify_call(result: CallResult, choice: str) -> DeliveryResult:
+def classify_call(
+    result: CallResult, choice: str, route: Mapping[str, str] | None = None
+) -> DeliveryResult:
     """Map a finished call and the key pressed to what the engine does next."""
     details = {
+        **(route or {}),
         "sip_code": str(result.sip_code or ""),
         "call_id": result.call_id,
         "digits": result.digits,
@@ -142,6 +184,12 @@ def classify_call(result: CallResult, choice: str) -> DeliveryResult:
     return done(DeliveryStatus.FAILED_RETRYABLE, f"sip_{code}" if code else "no_response")
 
 
+def _reason(exc: Exception, default: str) -> str:
+    """A dialer's error may name its own reason (e.g. "fraud_refused", "no_route")."""
+    reason = getattr(exc, "reason_code", None)
+    return reason if isinstance(reason, str) and reason else default
+
+
 class VoiceChannel:
     """Phone calls with a keypad acknowledgement; `cancel` hangs up (CANCEL or BYE)."""
 
@@ -175,17 +223,20 @@ class VoiceChannel:
                 call.gateway.spawn(call.hangup())
 
         try:
-            call = await self._dialer.dial(number, ring_timeout=self._ring_timeout, on_call=track)
-        except ValueError as exc:  # the number cannot become a valid target
+            dialed = await self._dialer.dial(number, ring_timeout=self._ring_timeout, on_call=track)
+        except ValueError as exc:  # the number cannot become a valid target, or is refused
             self._forget(nid)
+            reason = _reason(exc, "invalid_target")
             return DeliveryResult(
-                DeliveryStatus.FAILED_PERMANENT, "invalid_target", details={"error": str(exc)}
+                DeliveryStatus.FAILED_PERMANENT, reason, details={"error": str(exc)}
             )
-        except OSError as exc:  # DNS or socket failure before anything was sent
+        except OSError as exc:  # no route right now: DNS, sockets, every carrier failing
             self._forget(nid)
+            reason = _reason(exc, "transport_error")
             return DeliveryResult(
-                DeliveryStatus.FAILED_RETRYABLE, "transport_error", details={"error": str(exc)}
+                DeliveryStatus.FAILED_RETRYABLE, reason, details={"error": str(exc)}
             )
+        call = dialed.call
         try:
             choice = ""
             if call.answered and not call.ended.is_set():
@@ -198,7 +249,7 @@ class VoiceChannel:
             return DeliveryResult(
                 DeliveryStatus.CANCELLED, "alert_closed", provider_id=result.call_id or None
             )
-        return classify_call(result, choice)
+        return classify_call(result, choice, dialed.details)
 
     async def cancel(self, notification_id: str) -> None:
         """Hang up politely; a call not placed yet is never placed."""

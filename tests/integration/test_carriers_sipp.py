@@ -511,7 +511,7 @@ carriers:
 
 
 async def test_carrier_dialer_hands_out_every_attempt(tmp_path: Path) -> None:
-    from carriers.dialer import CarrierDialer
+    from escalation.channels.voice import CarrierDialer
 
     with (
         sipp("uas_reject.xml", sipp_dir(tmp_path, "a"), CODE="503", PHRASE="Down") as a,
@@ -522,10 +522,13 @@ async def test_carrier_dialer_hands_out_every_attempt(tmp_path: Path) -> None:
         routes: list[RoutedCall] = []
         async with gateway() as gw, router(gw, trunks) as r:
             dialer = CarrierDialer(r, on_routed=routes.append)
-            call = await asyncio.wait_for(
+            dialed = await asyncio.wait_for(
                 dialer.dial(NUMBER, ring_timeout=5, on_call=seen.append), 15
             )
+            call = dialed.call
             assert call.answered
+            assert dialed.details["trunk"] == "b"
+            assert dialed.details["trunks_tried"] == "a:503,b:200"
             await asyncio.wait_for(call.hangup(), 5)
         assert await sipp_exit(b) == 0, b.logs()
     assert len(seen) == 2 and seen[1] is call and seen[0] is not call
@@ -536,7 +539,7 @@ async def test_carrier_dialer_hands_out_every_attempt(tmp_path: Path) -> None:
 
 async def test_hanging_up_the_current_attempt_ends_routing(tmp_path: Path) -> None:
     """What VoiceChannel.cancel does: hang up the call on_call handed out, mid-ring."""
-    from carriers.dialer import CarrierDialer
+    from escalation.channels.voice import CarrierDialer
 
     with (
         sipp("uas_ring_cancel.xml", sipp_dir(tmp_path, "ringing")) as ringing,
@@ -550,7 +553,7 @@ async def test_hanging_up_the_current_attempt_ends_routing(tmp_path: Path) -> No
             )
             await asyncio.sleep(0.5)
             await asyncio.wait_for(seen[0].hangup(), 5)  # CANCEL
-            call = await asyncio.wait_for(dialing, 5)
+            call = (await asyncio.wait_for(dialing, 5)).call
         assert await sipp_exit(ringing) == 0, ringing.logs()
         await asyncio.sleep(0.2)
         assert invites_seen(other) == 0, other.logs()

@@ -67,9 +67,13 @@ class Service:
             assert all(p.poll() is None for p in self.procs), "ackline serve died"
             await asyncio.sleep(0.1)
 
+    def audit_lines_all(self) -> list[dict[str, Any]]:
+        if not self.audit.exists():
+            return []
+        return [json.loads(x) for x in self.audit.read_text().splitlines() if x.strip()]
+
     def audit_lines(self, alert_id: str) -> list[dict[str, Any]]:
-        lines = [json.loads(x) for x in self.audit.read_text().splitlines() if x.strip()]
-        return [x for x in lines if x.get("alert_id") == alert_id]
+        return [x for x in self.audit_lines_all() if x.get("alert_id") == alert_id]
 
 
 @contextlib.asynccontextmanager
@@ -328,3 +332,53 @@ async def test_api_and_worker_as_separate_processes_on_postgres_and_redis(
     api_log = (tmp_path / "serve-api.log").read_text()
     assert '"digits": "1"' in worker_log and '"codec": "PCMA"' in worker_log, worker_log
     assert "sip listening" not in api_log, api_log  # the API process placed no call
+
+
+async def test_alert_call_fails_over_across_carrier_trunks_and_audits_health(
+    tmp_path: Path,
+) -> None:
+    """With a `carriers:` section the voice channel routes through the trunks: a carrier
+    answering 503 is skipped for the next one, whose callee presses 1; a dead trunk is
+    probed down and that is written to the audit trail."""
+    dead_port = free_port()  # nothing listens there
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        sipp("carrier_reject.xml", tmp_path / "a", calls=100, CODE="503", PHRASE="Down") as broken,
+        sipp("carrier_answer_dtmf.xml", tmp_path / "b", calls=100, RING_MS="100",
+             PAUSE_MS="800", PCAP=str(dtmf_pcap("1"))) as healthy,
+    ):  # fmt: skip
+        config = {
+            "company": "acme",
+            "recipients": recipients(telegram=False),
+            "policies": [
+                {"name": "page",
+                 "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}]},
+            ],
+            "carriers": {
+                "allowed_countries": ["US"],
+                "probe": {"interval": "300ms", "down_after": 2, "up_after": 2},
+                "trunks": [
+                    {"name": "dead", "host": "127.0.0.1", "port": dead_port, "priority": 0,
+                     "trying_timeout": "300ms"},
+                    {"name": "broken", "host": "127.0.0.1", "port": broken.port, "priority": 1},
+                    {"name": "healthy", "host": "127.0.0.1", "port": healthy.port,
+                     "priority": 2},
+                ],
+            },
+        }  # fmt: skip
+        async with serve(tmp_path, config, {}) as service:
+            deadline = time.monotonic() + 10
+            while not any(x.get("trunk") == "dead" for x in service.audit_lines_all()):
+                assert time.monotonic() < deadline, "the dead trunk was never probed down"
+                await asyncio.sleep(0.1)
+            alert_id = await service.post_alert("page")
+            alert = await service.until(alert_id, lambda a: a["state"] != "triggered", 20)
+            health = [x for x in service.audit_lines_all() if x.get("event") == "trunk_health"]
+    assert alert["state"] == "acknowledged", alert
+    [voice] = alert["attempts"]
+    assert (voice["status"], voice["reason"]) == ("acknowledged", "pressed_1")
+    dead = [x for x in health if x["trunk"] == "dead"]
+    assert dead and dead[0]["status"] == "down" and dead[0]["aspect"] == "probe", health
+    invites = (tmp_path / "a").glob("*_messages.log")
+    assert any("INVITE sip:+14155550101@" in p.read_text() for p in invites)  # tried first
