@@ -21,6 +21,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from api.settings import Settings
+from carriers.config import CarrierConfig
 from escalation.config import ConfigError
 from gateway.call import Call, Gateway, GatewayConfig, parse_target, resolve_target
 from gateway.result import CallResult
@@ -83,7 +84,13 @@ def _setup_logging(verbose: bool) -> None:
 
 @app.command()
 def call(
-    target: Annotated[str, typer.Argument(help="SIP URI, e.g. sip:+15550100@127.0.0.1:5090")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="SIP URI (sip:+15550100@127.0.0.1:5090), or a phone number to route "
+            "through the configured carrier trunks"
+        ),
+    ],
     say: Annotated[str | None, typer.Option(help="text to speak (repeated until digits)")] = None,
     gather: Annotated[int, typer.Option(min=0, max=32, help="digits to collect")] = 0,
     timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for digits")] = 15.0,
@@ -95,11 +102,24 @@ def call(
         str | None, typer.Option(help="local address (default: route to target)")
     ] = None,
     voice: Annotated[str, typer.Option(help="espeak-ng voice")] = "en-us",
+    route: Annotated[
+        str | None, typer.Option(help="carrier route for a phone number (carriers.routes)")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(envvar="ACKLINE_CONFIG", help="ackline.yaml with the carriers: section"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Place one call, speak, collect digits, hang up and report the result."""
     _setup_logging(verbose)
+    if not target.strip().lower().startswith(("sip:", "sips:")) and _looks_like_number(target):
+        _call_number(target, route, config, say, gather, timeout, ring_timeout, voice, as_json)
+        return
+    if route is not None:
+        typer.echo("error: --route applies to phone numbers, not SIP URIs", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
     try:
         uri = parse_target(target)
         kind = (transport or uri.parameters.get("transport") or "udp").lower()
@@ -131,14 +151,124 @@ def call(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    _print_result(result, as_json)
+
+
+def _print_result(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
-    else:
-        typer.echo(
-            f"{result['outcome']} ({result['sip_code']} {result['reason']}) "
-            f"pdd={result['pdd_ms']}ms duration={result['duration_ms']}ms "
-            f"digits={result['digits'] or '-'} via {result['dtmf_method'] or '-'}"
+        return
+    line = (
+        f"{result['outcome']} ({result['sip_code']} {result['reason']}) "
+        f"pdd={result['pdd_ms']}ms duration={result['duration_ms']}ms "
+        f"digits={result['digits'] or '-'} via {result['dtmf_method'] or '-'}"
+    )
+    if "trunks_tried" in result:
+        tried = ", ".join(
+            f"{a['trunk']}={a['sip_code'] or a['outcome']}" for a in result["trunks_tried"]
         )
+        line += f" trunk={result['trunk'] or '-'} tried: {tried or '-'}"
+    typer.echo(line)
+
+
+def _looks_like_number(target: str) -> bool:
+    digits = [c for c in target if c.isdigit()]
+    return len(digits) >= 3 and all(c.isdigit() or c in "+-(). " for c in target.strip())
+
+
+def _carriers_config(path: Path | None) -> CarrierConfig:
+    from escalation.config import load_config
+
+    source = path or (Path("ackline.yaml") if Path("ackline.yaml").exists() else None)
+    if source is None:
+        raise ValueError(
+            "a phone number needs carrier trunks: set ACKLINE_CONFIG or pass --config "
+            "(an ackline.yaml with a carriers: section)"
+        )
+    loaded = load_config(source).carriers
+    if loaded is None:
+        raise ValueError(f"{source} has no carriers: section")
+    return loaded
+
+
+def _call_number(
+    number: str,
+    route: str | None,
+    config_path: Path | None,
+    say: str | None,
+    gather: int,
+    timeout: float,
+    ring_timeout: float,
+    voice: str,
+    as_json: bool,
+) -> None:
+    """A phone number goes out through the trunks; the result names the trunks tried."""
+    from carriers.numbers import FraudRefused, InvalidNumber
+    from carriers.router import NoRouteAvailable
+
+    try:
+        carriers = _carriers_config(config_path)
+    except (ValueError, ConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    try:
+        result = asyncio.run(
+            _route_call(carriers, number, route, say, gather, timeout, ring_timeout, voice)
+        )
+    except (InvalidNumber, FraudRefused) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except NoRouteAvailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        if as_json:
+            tried = [_attempt_dict(a) for a in exc.attempts]
+            typer.echo(json.dumps({"outcome": "failed", "reason": str(exc), "trunk": None,
+                                   "trunks_tried": tried}, sort_keys=True))  # fmt: skip
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    except ValueError as exc:  # e.g. an unknown route
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    _print_result(result, as_json)
+
+
+def _attempt_dict(attempt: Any) -> dict[str, Any]:
+    return {
+        "trunk": attempt.trunk,
+        "outcome": attempt.outcome.value,
+        "sip_code": attempt.sip_code,
+        "reason": attempt.reason,
+        "elapsed_ms": attempt.elapsed_ms,
+    }
+
+
+async def _route_call(
+    carriers: CarrierConfig,
+    number: str,
+    route: str | None,
+    say: str | None,
+    gather: int,
+    timeout: float,
+    ring_timeout: float,
+    voice: str,
+) -> dict[str, Any]:
+    hosts = {t.host for t in carriers.trunks}
+    host = local_address_for(sorted(hosts)[0]) if hosts else "127.0.0.1"
+    prompts = _prompt_cache(voice) if say else None
+    if prompts is not None:
+        await prompts.render(say)
+    async with Gateway(GatewayConfig(host=host, udp_port=0, tcp_port=0), prompts=prompts) as gw:
+        router = carriers.router(gw, route=route)
+        try:
+            routed = await router.place_call(number, ring_timeout=ring_timeout)
+            if routed.call.answered:
+                await _converse(routed.call, say=say, gather=gather, timeout=timeout)
+            result = (await routed.call.hangup()).to_dict()
+        finally:
+            await router.close(grace=1.0)
+    result["trunk"] = routed.trunk
+    result["trunks_tried"] = [_attempt_dict(a) for a in routed.attempts]
+    result["destination"] = number
+    return result
 
 
 async def _call(

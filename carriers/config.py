@@ -2,6 +2,8 @@
 
     carriers:
       strategy: priority            # priority | round_robin | weighted | least_active | quality
+      routes:                       # optional named subsets, e.g. ackline call --route cheap
+        cheap: {trunks: [backup], strategy: round_robin}
       allowed_countries: [US, CA]   # required: calls anywhere else are refused
       probe: {interval: 5s, down_after: 3, up_after: 2}
       breaker: {failures: 3, cooldown: 30s}
@@ -60,11 +62,24 @@ class BreakerSettings(BaseModel):
         return parse_duration(value)
 
 
+Strategy = Literal["priority", "round_robin", "weighted", "least_active", "quality"]
+
+
+class RouteSettings(BaseModel):
+    """A named subset of the trunks with its own strategy (``ackline call --route NAME``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    trunks: tuple[str, ...] = Field(min_length=1)
+    strategy: Strategy | None = None  # default: the carriers' strategy
+
+
 class CarrierConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     trunks: list[Trunk] = Field(min_length=1)
-    strategy: Literal["priority", "round_robin", "weighted", "least_active", "quality"] = "priority"
+    strategy: Strategy = "priority"
+    routes: dict[str, RouteSettings] = Field(default_factory=dict)
     allowed_countries: tuple[str, ...] = Field(min_length=1)
     refused_types: tuple[str, ...] = tuple(sorted(type_name(t) for t in REFUSED_TYPES))
     default_region: str | None = None  # lets numbers be written nationally; E.164 otherwise
@@ -123,6 +138,10 @@ class CarrierConfig(BaseModel):
             raise ValueError(f"duplicate trunk names: {', '.join(duplicates)}")
         if not any(t.enabled for t in self.trunks):
             raise ValueError("every trunk is disabled: no call could be placed")
+        for route, settings in self.routes.items():
+            unknown = [n for n in settings.trunks if n not in names]
+            if unknown:
+                raise ValueError(f"route {route!r} names unknown trunks: {', '.join(unknown)}")
         return self
 
     def health_policy(self) -> HealthPolicy:
@@ -140,12 +159,22 @@ class CarrierConfig(BaseModel):
         self,
         gateway: Gateway,
         *,
+        route: str | None = None,
         on_health_change: Callable[[HealthChange], None] | None = None,
     ) -> CarrierRouter:
+        """A router over every trunk, or over the trunks of the named ``route``."""
+        trunks, strategy = self.trunks, self.strategy
+        if route is not None:
+            settings = self.routes.get(route)
+            if settings is None:
+                known = ", ".join(sorted(self.routes)) or "none configured"
+                raise ValueError(f"unknown route {route!r} (routes: {known})")
+            trunks = [t for t in self.trunks if t.name in settings.trunks]
+            strategy = settings.strategy or self.strategy
         return CarrierRouter(
             gateway,
-            self.trunks,
-            self.strategy,
+            trunks,
+            strategy,
             allowed_countries=self.allowed_countries,
             refused_types=self.refused_type_values(),
             health=self.health_policy(),
