@@ -51,7 +51,11 @@ def build_runtime(settings: Settings) -> Runtime:
     return Runtime(settings, db, audit, bus, engine, config)
 
 
-def get_runtime(request: Request) -> Runtime:
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a
+# worker thread, two thread hand-offs per request for a dict lookup.
+
+
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -65,7 +69,7 @@ class Tenant:
     api_key: str
 
 
-def get_tenant(
+async def get_tenant(
     runtime: RuntimeDep,
     x_api_key: Annotated[str | None, Header(description="API key; selects the company")] = None,
 ) -> Tenant:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ async def _serve_api(args: argparse.Namespace) -> None:
 
     app = create_app(_settings(args), {})
     config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning",
-                            access_log=False, loop="asyncio")  # fmt: skip
+                            access_log=False, http="httptools")  # fmt: skip
     await uvicorn.Server(config).serve()
 
 
@@ -351,6 +352,14 @@ async def _bench(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _run_fast(coro: Coroutine[Any, Any, None]) -> None:
+    """API and worker run on uvloop, as a production deployment would."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rate", type=float, default=200.0, help="alerts per second")
@@ -368,10 +377,10 @@ def main() -> int:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "api":
-        asyncio.run(_serve_api(args))
+        _run_fast(_serve_api(args))
         return 0
     if args.role == "worker":
-        asyncio.run(_serve_worker(args))
+        _run_fast(_serve_worker(args))
         return 0
     return asyncio.run(_bench(args))
 
