@@ -19,7 +19,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import Table, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -66,6 +68,11 @@ _SHORT_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: read aloud
 _MAX_DETAILS_BYTES = 16_384
 _INFLIGHT = "sending"
 _PLAN_CACHE_SIZE = 20_000
+# Core tables: hot-path inserts skip the ORM's bulk-insert machinery.
+_ALERTS: Table = Alert.__table__  # type: ignore[attr-defined]
+_ATTEMPTS: Table = NotificationAttempt.__table__  # type: ignore[attr-defined]
+_JOBS: Table = Job.__table__  # type: ignore[attr-defined]
+_ALERT_COLUMNS = tuple(c.name for c in _ALERTS.columns)
 Severity = Literal["critical", "high", "medium", "low", "info"]
 
 
@@ -103,6 +110,10 @@ ENGINE = RequestContext("engine")
 
 class UnknownPolicy(LookupError):
     pass
+
+
+class _Retry(Exception):
+    """Roll the transaction back and run it again."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +177,21 @@ class NewJob:
     owned: bool = False
 
 
+# Built once: the claim runs several times a second per worker.
+_CLAIM = (
+    select(Job, Alert)
+    .join(Alert, col(Alert.id) == col(Job.alert_id))
+    .where(
+        col(Job.done).is_(False),
+        col(Job.due_at) <= bindparam("now"),
+        or_(col(Job.lease_until).is_(None), col(Job.lease_until) < bindparam("now")),
+    )
+    .order_by(col(Job.due_at), col(Job.id))
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+
+
 def _job_row(
     alert_id: str, kind: JobKind, payload: dict[str, Any], due: datetime, now: datetime
 ) -> dict[str, Any]:
@@ -207,6 +233,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.clock = clock
         self._plans_by_alert: OrderedDict[str, Plan] = OrderedDict()
+        self._plans_by_content: dict[tuple[str, str], tuple[dict[str, Any], Plan]] = {}
         self._policy_plans: dict[tuple[str, str], tuple[float, Plan, dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -289,11 +316,11 @@ class Engine:
         s: AsyncSession, attempts: list[dict[str, Any]], jobs: list[dict[str, Any]], fx: _Effects
     ) -> None:
         if attempts:
-            await s.execute(insert(NotificationAttempt), attempts)
+            await s.execute(insert(_ATTEMPTS), attempts)
             attempts.clear()
         if jobs:
             res = await s.execute(
-                insert(Job).returning(col(Job.id), sort_by_parameter_order=True), jobs
+                insert(_JOBS).returning(_JOBS.c.id, sort_by_parameter_order=True), jobs
             )
             for job_id, row in zip(res.scalars(), jobs, strict=True):
                 assert job_id is not None
@@ -363,7 +390,15 @@ class Engine:
         """Plans are immutable per alert, so parse each once (the hot path of every tx)."""
         plan = self._plans_by_alert.get(alert.id)
         if plan is None:
-            plan = Plan.from_json(alert.plan)
+            # Alerts of one policy mostly share one snapshot: comparing dicts is far cheaper
+            # than parsing one (a worker sees every alert for the first time).
+            key = (alert.company, alert.policy)
+            shared = self._plans_by_content.get(key)
+            if shared is not None and shared[0] == alert.plan:
+                plan = shared[1]
+            else:
+                plan = Plan.from_json(alert.plan)
+                self._plans_by_content[key] = (alert.plan, plan)
             self._plans_by_alert[alert.id] = plan
             if len(self._plans_by_alert) > _PLAN_CACHE_SIZE:
                 self._plans_by_alert.popitem(last=False)
@@ -436,7 +471,7 @@ class Engine:
                     result = await self._ingest_tx(
                         s, company, key_hash, idempotency_key, body, ctx, fx
                     )
-            except IntegrityError:
+            except (IntegrityError, _Retry):
                 continue
             await self._after_commit(fx)
             outcome = "created" if result.created else "deduplicated"
@@ -454,12 +489,28 @@ class Engine:
         ctx: RequestContext,
         fx: _Effects,
     ) -> IngestResult:
+        """Claim the idempotency key first (one INSERT .. ON CONFLICT DO NOTHING instead of
+        a lookup plus an insert), then insert the alert with Core: no ORM unit of work, no
+        reload after commit. A key that is taken means a replay: return the first alert."""
         now = self.clock()
+        alert_id = str(uuid.uuid4())
         if idempotency_key is not None:
-            seen = await s.get(IdempotencyKey, (key_hash, idempotency_key))
-            if seen is not None:
-                alert = await s.get(Alert, seen.alert_id)
-                assert alert is not None
+            claimed = await s.execute(
+                self._insert_ignore(IdempotencyKey)
+                .values(api_key_hash=key_hash, idempotency_key=idempotency_key,
+                        alert_id=alert_id, created_at=now)
+                .returning(col(IdempotencyKey.alert_id))
+            )  # fmt: skip
+            if claimed.first() is None:
+                seen = await s.scalar(
+                    select(col(IdempotencyKey.alert_id)).where(
+                        col(IdempotencyKey.api_key_hash) == key_hash,
+                        col(IdempotencyKey.idempotency_key) == idempotency_key,
+                    )
+                )
+                alert = None if seen is None else await s.get(Alert, seen)
+                if alert is None:  # the other request rolled back after all: try again
+                    raise _Retry
                 return IngestResult(alert, created=False)
         if body.dedup_key is not None:
             res = await s.execute(
@@ -470,7 +521,15 @@ class Engine:
             existing = res.scalar_one_or_none()
             if existing is not None:
                 existing.dup_count += 1
-                self._remember_key(s, key_hash, idempotency_key, existing.id, now)
+                if idempotency_key is not None:
+                    await s.execute(
+                        update(IdempotencyKey)
+                        .where(
+                            col(IdempotencyKey.api_key_hash) == key_hash,
+                            col(IdempotencyKey.idempotency_key) == idempotency_key,
+                        )
+                        .values(alert_id=existing.id)
+                    )
                 self._audit(
                     fx, existing, ctx, now, event="deduplicated", status=existing.state,
                     reason=f"dedup_key:{body.dedup_key}",
@@ -478,7 +537,7 @@ class Engine:
                 return IngestResult(existing, created=False, deduplicated=True)
         plan, plan_json = await self._plan(s, company, body.policy)
         alert = Alert(
-            id=str(uuid.uuid4()),
+            id=alert_id,
             company=company,
             short_id=short_id(),
             title=body.title,
@@ -491,30 +550,29 @@ class Engine:
             state=AlertState.TRIGGERED.value,
             plan=plan_json,
             chain=Chain().to_json(),
+            dup_count=0,
             created_at=now,
             updated_at=now,
         )
-        s.add(alert)
-        self._plans_by_alert[alert.id] = plan
-        self._remember_key(s, key_hash, idempotency_key, alert.id, now)
         self._audit(
             fx, alert, ctx, now, event="created", status="triggered", reason=body.policy,
             severity=body.severity, title=body.title,
         )  # fmt: skip
+        # Not added to the session: the row goes in below, once the first decision has
+        # shaped its chain (no foreign keys, so the order of the inserts is free).
         await self._decide(s, alert, Start(), now, ctx, fx)
-        await s.flush()
+        await s.execute(insert(_ALERTS), [{c: getattr(alert, c) for c in _ALERT_COLUMNS}])
+        self._plans_by_alert[alert.id] = plan
+        if len(self._plans_by_alert) > _PLAN_CACHE_SIZE:
+            self._plans_by_alert.popitem(last=False)
+        self._plans_by_content[(company, body.policy)] = (plan_json, plan)
         return IngestResult(alert, created=True)
 
-    @staticmethod
-    def _remember_key(
-        s: AsyncSession, key_hash: str, idem: str | None, alert_id: str, now: datetime
-    ) -> None:
-        if idem is not None:
-            s.add(
-                IdempotencyKey(
-                    api_key_hash=key_hash, idempotency_key=idem, alert_id=alert_id, created_at=now
-                )
-            )
+    def _insert_ignore(self, table: type[IdempotencyKey]) -> Any:
+        """INSERT .. ON CONFLICT DO NOTHING for the database in use."""
+        if self.db.is_sqlite:
+            return sqlite_insert(table).on_conflict_do_nothing()
+        return pg_insert(table).on_conflict_do_nothing()
 
     # ------------------------------------------------------------------ ack / resolve
 
@@ -585,38 +643,13 @@ class Engine:
         now = self.clock()
         fx = _Effects()
         async with self.db.session() as s, s.begin():
-            cand = (
-                await s.execute(
-                    select(col(Job.id), col(Job.alert_id))
-                    .where(
-                        col(Job.done).is_(False),
-                        col(Job.due_at) <= now,
-                        or_(col(Job.lease_until).is_(None), col(Job.lease_until) < now),
-                    )
-                    .order_by(col(Job.due_at))
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
-                )
-            ).all()
-            if not cand:
+            # Due jobs and their alerts in one statement, both rows locked; whatever another
+            # transaction holds (a worker, an ack) is skipped, never waited for.
+            rows = (await s.execute(_CLAIM, {"now": now, "limit": limit})).all()
+            if not rows:
                 return []
-            res = await s.execute(
-                select(Alert)
-                .where(col(Alert.id).in_({a for _, a in cand}))
-                .order_by(col(Alert.id))
-                .with_for_update(skip_locked=True)
-            )
-            alerts = {a.id: a for a in res.scalars()}
-            job_ids = [j for j, a in cand if a in alerts]
-            jobs = list(
-                (
-                    await s.execute(
-                        select(Job)
-                        .where(col(Job.id).in_(job_ids))
-                        .order_by(col(Job.due_at), col(Job.id))
-                    )
-                ).scalars()
-            )
+            alerts = {a.id: a for _, a in rows}
+            jobs = [j for j, _ in rows]
             sends: list[Job] = []
             for job in jobs:
                 alert = alerts[job.alert_id]
@@ -767,30 +800,65 @@ class Engine:
         if not job_ids:
             return
         lease = self.clock() + timedelta(seconds=self.config.lease_seconds)
+        # Rows another transaction holds are skipped, not waited for: they are being
+        # finished (a result, an ack), and waiting on several of them could deadlock with
+        # a batch of results recorded at the same moment.
+        mine = (
+            select(col(Job.id))
+            .where(col(Job.id).in_(job_ids), col(Job.owner) == owner, col(Job.done).is_(False))
+            .with_for_update(skip_locked=True)
+        )
         async with self.db.session() as s, s.begin():
             await s.execute(
                 update(Job)
-                .where(col(Job.id).in_(job_ids), col(Job.owner) == owner, col(Job.done).is_(False))
+                .where(col(Job.id).in_(mine))
                 .values(lease_until=lease)
+                .execution_options(synchronize_session=False)
             )
 
     async def complete(self, task: SendTask, result: DeliveryResult, owner: str) -> None:
         """Record a delivery result (for a bundle: for each member) and decide what's next."""
-        members = [task, *task.bundled]
+        await self.complete_many([(task, result)], owner)
+
+    async def complete_many(
+        self, results: Sequence[tuple[SendTask, DeliveryResult]], owner: str
+    ) -> None:
+        """Record several results in one transaction: one lock statement for all their
+        alerts (in id order, like every other multi-alert lock), one read of their jobs
+        and attempts, then each result is decided in the order given."""
+        members = [(m, result, task) for task, result in results for m in (task, *task.bundled)]
         fx = _Effects()
         now = self.clock()
         async with self.db.session() as s, s.begin():
             res = await s.execute(
                 select(Alert)
-                .where(col(Alert.id).in_({m.notification.alert_id for m in members}))
+                .where(col(Alert.id).in_({m.notification.alert_id for m, _, _ in members}))
                 .order_by(col(Alert.id))
                 .with_for_update()
             )
             alerts = {a.id: a for a in res.scalars()}
-            for m in members:
+            jobs = {
+                j.id: j
+                for j in (
+                    await s.execute(
+                        select(Job).where(col(Job.id).in_({m.job_id for m, _, _ in members}))
+                    )
+                ).scalars()
+            }
+            rows = {
+                r.id: r
+                for r in (
+                    await s.execute(
+                        select(NotificationAttempt).where(
+                            col(NotificationAttempt.id).in_({m.attempt_row for m, _, _ in members})
+                        )
+                    )
+                ).scalars()
+            }
+            for m, result, task in members:
                 alert = alerts[m.notification.alert_id]
-                job = await s.get(Job, m.job_id)
-                row = await s.get(NotificationAttempt, m.attempt_row)
+                job = jobs.get(m.job_id)
+                row = rows.get(m.attempt_row)
                 if job is None or row is None or job.owner != owner:
                     self._audit(
                         fx, alert, ENGINE, now, event="stale_result", status=result.status.value,

@@ -55,8 +55,10 @@ class InProcessBus:
         self._handlers: list[CancelHandler] = []
 
     async def jobs_added(self, jobs: Sequence[tuple[int, datetime]]) -> None:
+        now = time.time()
         for _, due in jobs:
-            heapq.heappush(self._due, due.timestamp())
+            if due.timestamp() > now:  # due now: the wake-up below is enough
+                heapq.heappush(self._due, due.timestamp())
         self._event.set()
 
     async def alert_closed(self, request: CancelRequest) -> None:
@@ -102,8 +104,15 @@ class RedisBus:
         self._pubsub: Any = None
 
     async def jobs_added(self, jobs: Sequence[tuple[int, datetime]]) -> None:
+        """Publish a wake-up; only timers still in the future go into the sorted set (one
+        already due would only make the woken worker run a second, empty pass)."""
+        now = time.time()
+        later = {str(job_id): due.timestamp() for job_id, due in jobs if due.timestamp() > now}
+        if not later:
+            await self.redis.publish(self.wake_channel, b"1")
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.due_key, {str(job_id): due.timestamp() for job_id, due in jobs})
+            pipe.zadd(self.due_key, later)
             pipe.publish(self.wake_channel, b"1")
             await pipe.execute()
 
@@ -188,6 +197,7 @@ class Worker:
         batch: int = 100,
         max_inflight: int = 1000,
         poll_interval: float = 1.0,
+        record_linger: float = 0.002,
     ) -> None:
         self.engine = engine
         self.bus = bus
@@ -199,6 +209,10 @@ class Worker:
         self._inflight: dict[str, tuple[str, SendTask, asyncio.Task[None]]] = {}
         self._closed: dict[str, float] = {}  # alert id -> when its close was announced
         self._cancels: set[asyncio.Task[None]] = set()
+        # Results waiting to be recorded, and the task recording them (group commit)
+        self.record_linger = record_linger
+        self._results: list[tuple[SendTask, DeliveryResult, asyncio.Future[None]]] = []
+        self._recorder: asyncio.Task[None] | None = None
         bus.on_cancel(self.cancel)
 
     async def run(self, stop: asyncio.Event, *, grace: float = 10.0) -> None:
@@ -268,6 +282,32 @@ class Worker:
             self._inflight.pop(n.notification_id, None)
 
     async def _record(self, task: SendTask, result: DeliveryResult) -> None:
+        """Hand the result to the recorder and wait until it is committed.
+
+        Results that finish together (a claim's worth of quick sends) are recorded in one
+        transaction instead of one each; a batch that fails is retried result by result."""
+        done = asyncio.get_running_loop().create_future()
+        self._results.append((task, result, done))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record_pending(), name="recorder")
+        await done
+
+    async def _record_pending(self) -> None:
+        while self._results:
+            if self.record_linger > 0:
+                await asyncio.sleep(self.record_linger)
+            batch = self._results[: self.batch]
+            del self._results[: len(batch)]
+            try:
+                await self.engine.complete_many([(t, r) for t, r, _ in batch], self.worker_id)
+            except Exception:
+                log.exception("recording a batch of %d results failed; one by one", len(batch))
+                await asyncio.gather(*(self._record_one(t, r) for t, r, _ in batch))
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
+    async def _record_one(self, task: SendTask, result: DeliveryResult) -> None:
         for attempt in range(6):
             try:
                 await self.engine.complete(task, result, self.worker_id)
