@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api import metrics
+from api import metrics, webphone
 from api.deps import Runtime, build_runtime
 from api.routes import alerts, audit, config, health, webhooks
 from api.settings import Settings
@@ -89,6 +89,7 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
     for router in (alerts.router, config.router, audit.router, webhooks.router, health.router,
                    metrics.router):  # fmt: skip
         app.include_router(router)
+    app.include_router(webphone.router)  # off until app.state.webphone is set
     return app
 
 

@@ -12,6 +12,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v pg_ctlcluster >/dev/null || need+=(postgresql)
+command -v chromium >/dev/null || need+=(chromium)  # the browser softphone's headless test
 
 if ((${#need[@]})); then
     SUDO=""
