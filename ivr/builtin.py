@@ -9,7 +9,7 @@ operator writes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -183,10 +183,13 @@ async def run_ack_flow(
     flow: Flow | None = None,
     hooks: FlowHooks | None = None,
     recordings_dir: Path | None = None,
+    on_outcome: Callable[[str], None] | None = None,
 ) -> FlowResult:
     """Run the ack flow on an answered outbound call; ``result.outcome`` is in ACK_OUTCOMES.
 
     ``alert`` fills the prompt: ``alert_title``, ``alert_summary``, ``alert_severity``.
     """
-    runner = FlowRunner(flow or ack_flow(), hooks, recordings_dir=recordings_dir)
+    runner = FlowRunner(
+        flow or ack_flow(), hooks, recordings_dir=recordings_dir, on_outcome=on_outcome
+    )
     return await runner.run(call, alert)

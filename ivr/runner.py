@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -136,6 +136,7 @@ class FlowRunner:
         files_dir: Path | None = None,
         voice: str | None = None,
         hangup_at_end: bool = True,
+        on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         if hooks is None and (flow.uses("escalate") or flow.uses("webhook")):
             raise ValueError(f"flow {flow.name!r} has escalate/webhook nodes but no hooks")
@@ -147,7 +148,18 @@ class FlowRunner:
         self.files_dir = files_dir
         self.voice = voice
         self.hangup_at_end = hangup_at_end
+        # Told as soon as a node sets the outcome, before the rest of the flow (a goodbye)
+        # plays: an acknowledgement must not wait for the thank-you message.
+        self.on_outcome = on_outcome
         self._files: dict[Path, NDArray[np.int16]] = {}
+
+    def _set_outcome(self, ctx: FlowContext, outcome: str) -> None:
+        ctx.outcome = outcome
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(outcome)
+            except Exception:
+                logger.exception("on_outcome hook failed")
 
     async def run(self, call: Call, variables: Mapping[str, object] | None = None) -> FlowResult:
         """Run the flow from its start node until it ends, the caller hangs up or it fails."""
@@ -172,7 +184,7 @@ class FlowRunner:
                 ctx.node_id = node_id
                 ctx.path.append(node_id)
                 if node.outcome is not None:
-                    ctx.outcome = node.outcome
+                    self._set_outcome(ctx, node.outcome)
                 node_id = await self._execute(ctx, node)
         except _Stop as stop:
             ended_by, error = stop.ended_by, stop.error
@@ -393,7 +405,7 @@ class FlowRunner:
         ctx.variables["amd_result"] = result.decision.value
         ctx.variables["amd_reason"] = result.reason
         if result.decision is AmdDecision.MACHINE:
-            ctx.outcome = node.outcome or "machine"
+            self._set_outcome(ctx, node.outcome or "machine")
             return node.on_machine
         if result.decision is AmdDecision.HUMAN:
             return node.on_human

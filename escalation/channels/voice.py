@@ -1,8 +1,9 @@
 """Channel "voice": ring the responder through the gateway and ask for a keypress.
 
-The call speaks the alert and offers 1 (acknowledge), 2 (escalate now) and 9 (repeat).
-Only a real keypress acknowledges: an answered call without a digit, which is what a
-voicemail pickup looks like, counts as not acknowledged so the chain moves on. Every way
+The call runs the IVR ack flow: it speaks the alert and offers 1 (acknowledge), 2
+(escalate now) and 9 (repeat). Only a real keypress acknowledges: an answered call
+without a digit, or one answering machine detection says is a machine, counts as not
+acknowledged so the chain moves on. Every way
 a call can fail is classified for the engine, so busy or a carrier 5xx retries or falls
 back at once instead of waiting for a timer.
 """
@@ -14,13 +15,15 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from carriers.router import CarrierRouter, RoutedCall
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
 from gateway.call import Call, Gateway
 from gateway.result import CallOutcome, CallResult
 from gateway.sip.auth import Credentials
+from ivr.builtin import ack_flow, run_ack_flow
+from ivr.flow import Flow
 
 __all__ = [
     "AckMenu",
@@ -29,9 +32,8 @@ __all__ = [
     "Dialer",
     "SipUriDialer",
     "VoiceChannel",
-    "ack_prompt",
+    "ack_conversation",
     "classify_call",
-    "run_ack_menu",
 ]
 
 log = logging.getLogger(__name__)
@@ -112,39 +114,77 @@ class CarrierDialer:
 
 @dataclass(frozen=True)
 class AckMenu:
-    """How patient the acknowledgement menu is."""
+    """How the acknowledgement call behaves (the built-in IVR ack flow's knobs)."""
 
-    prompts: int = 3  # times the menu is spoken before giving up (9 = repeat counts too)
+    prompts: int = 3  # times the menu is offered before giving up (no key / wrong key)
     digit_timeout: float = 6.0  # wait for a key after each prompt
-    invalid_prompt: str = "Sorry, that is not a valid choice."
+    amd: bool = False  # classify human vs answering machine before the prompt
+    machine_message: str | None = None  # said after the beep; None hangs up on a machine
+
+    def flow(self) -> Flow:
+        return ack_flow(
+            retries=max(0, self.prompts - 1),
+            digit_timeout=self.digit_timeout,
+            amd=self.amd,
+            machine_message=self.machine_message,
+        )
 
 
-def ack_prompt(n: Notification) -> str:
-    return (
-        f"{n.severity} alert. {n.title}. {n.summary}. "
-        "Press 1 to acknowledge, 2 to escalate now, 9 to repeat."
-    )
+Conversation = Callable[[Call, Notification], Awaitable[str]]
+# Outcomes reported the moment the key is pressed; the flow's goodbye plays afterwards.
+EARLY_OUTCOMES = frozenset({"acknowledged", "escalate"})
 
 
-async def run_ack_menu(call: Call, n: Notification, menu: AckMenu) -> str:
-    """Speak the alert and return "1", "2" or "" (no valid choice, or the call ended)."""
-    prompt = ack_prompt(n)
-    for _ in range(menu.prompts):
-        if call.ended.is_set():
-            break
-        await call.play(prompt, barge_in=True)
-        digit = await call.collect(1, menu.digit_timeout, terminators="")
-        if digit in ("1", "2"):
-            return digit
-        if digit and digit != "9" and not call.ended.is_set():
-            await call.play(menu.invalid_prompt, barge_in=True)
-    return ""
+def ack_conversation(flow: Flow, *, finish_timeout: float = 30.0) -> Conversation:
+    """Run the ack flow on an answered call; returns one of ivr's ACK_OUTCOMES.
+
+    An acknowledgement (or escalate) is returned as soon as the flow decides it, while the
+    flow finishes (thank-you message, hang-up) in the background, bounded by
+    `finish_timeout`, so the engine can stop everything else at once.
+    """
+
+    async def converse(call: Call, n: Notification) -> str:
+        variables = {
+            "alert_severity": n.severity,
+            "alert_title": n.title,
+            "alert_summary": n.summary,
+        }
+        decided: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_outcome(outcome: str) -> None:
+            if outcome in EARLY_OUTCOMES and not decided.done():
+                decided.set_result(outcome)
+
+        flow_run = asyncio.ensure_future(
+            run_ack_flow(call, variables, flow=flow, on_outcome=on_outcome)
+        )
+        waiting: set[asyncio.Future[Any]] = {flow_run, decided}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not flow_run.done():
+            call.gateway.spawn(_finish(call, flow_run, finish_timeout))
+            return decided.result()
+        decided.cancel()
+        result = flow_run.result()
+        if result.error:
+            log.warning("ack flow on %s ended with an error: %s", call.call_id, result.error)
+        return result.outcome
+
+    return converse
+
+
+async def _finish(call: Call, flow_run: asyncio.Future[Any], timeout: float) -> None:
+    """Let the flow say goodbye, then make sure the call is over."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(flow_run, timeout)
+    if not call.ended.is_set():
+        with contextlib.suppress(Exception):
+            await call.hangup()
 
 
 def classify_call(
-    result: CallResult, choice: str, route: Mapping[str, str] | None = None
+    result: CallResult, outcome: str, route: Mapping[str, str] | None = None
 ) -> DeliveryResult:
-    """Map a finished call and the key pressed to what the engine does next."""
+    """Map a finished call and the ack flow's outcome to what the engine does next."""
     details = {
         **(route or {}),
         "sip_code": str(result.sip_code or ""),
@@ -158,23 +198,24 @@ def classify_call(
     def done(status: DeliveryStatus, reason: str) -> DeliveryResult:
         return DeliveryResult(status, reason, provider_id=result.call_id or None, details=details)
 
-    outcome = result.outcome
-    if outcome is CallOutcome.ANSWERED:
-        if choice == "1":
+    if result.outcome is CallOutcome.ANSWERED:
+        if outcome == "acknowledged":
             return done(DeliveryStatus.ACKNOWLEDGED, "pressed_1")
-        if choice == "2":
+        if outcome == "escalate":
             return done(DeliveryStatus.ESCALATE, "pressed_2")
+        if outcome == "machine":
+            return done(DeliveryStatus.NOT_ACKNOWLEDGED, "answering_machine")
         if result.hangup_by == "remote" and not result.digits:
             return done(DeliveryStatus.NOT_ACKNOWLEDGED, "hung_up_without_digit")
         return done(DeliveryStatus.NOT_ACKNOWLEDGED, "no_valid_digit")
-    if outcome is CallOutcome.BUSY:
+    if result.outcome is CallOutcome.BUSY:
         return done(DeliveryStatus.FAILED_RETRYABLE, "busy")
-    if outcome is CallOutcome.NO_ANSWER:
+    if result.outcome is CallOutcome.NO_ANSWER:
         return done(DeliveryStatus.FAILED_RETRYABLE, "no_answer")
-    if outcome is CallOutcome.CANCELLED:
+    if result.outcome is CallOutcome.CANCELLED:
         return done(DeliveryStatus.CANCELLED, "call_cancelled")
     code = result.sip_code
-    if outcome is CallOutcome.REJECTED:
+    if result.outcome is CallOutcome.REJECTED:
         status = (
             DeliveryStatus.FAILED_PERMANENT
             if code in _PERMANENT_CODES
@@ -182,6 +223,17 @@ def classify_call(
         )
         return done(status, f"rejected_sip_{code}" if code else "rejected")
     return done(DeliveryStatus.FAILED_RETRYABLE, f"sip_{code}" if code else "no_response")
+
+
+def early_result(call: Call, outcome: str, route: Mapping[str, str]) -> DeliveryResult:
+    """The result of a call that is still saying goodbye: the key has been pressed."""
+    status, reason = (
+        (DeliveryStatus.ACKNOWLEDGED, "pressed_1")
+        if outcome == "acknowledged"
+        else (DeliveryStatus.ESCALATE, "pressed_2")
+    )
+    details = {**route, "call_id": call.call_id, "digits": call.digits, "sip_code": "200"}
+    return DeliveryResult(status, reason, provider_id=call.call_id or None, details=details)
 
 
 def _reason(exc: Exception, default: str) -> str:
@@ -201,12 +253,11 @@ class VoiceChannel:
         *,
         ring_timeout: float = 30.0,
         menu: AckMenu | None = None,
-        conversation: Callable[[Call, Notification, AckMenu], Awaitable[str]] = run_ack_menu,
+        conversation: Conversation | None = None,
     ) -> None:
         self._dialer = dialer
         self._ring_timeout = ring_timeout
-        self._menu = menu or AckMenu()
-        self._conversation = conversation
+        self._conversation = conversation or ack_conversation((menu or AckMenu()).flow())
         self._active: dict[str, Call | None] = {}  # in-flight notification -> its call
         self._cancelled: set[str] = set()  # only ever holds keys of _active
 
@@ -238,9 +289,11 @@ class VoiceChannel:
             )
         call = dialed.call
         try:
-            choice = ""
+            outcome = ""
             if call.answered and not call.ended.is_set():
-                choice = await self._conversation(call, notification, self._menu)
+                outcome = await self._conversation(call, notification)
+            if outcome in EARLY_OUTCOMES and not call.ended.is_set():
+                return early_result(call, outcome, dialed.details)  # goodbye still playing
             result = await call.hangup()
         finally:
             cancelled = nid in self._cancelled
@@ -249,7 +302,7 @@ class VoiceChannel:
             return DeliveryResult(
                 DeliveryStatus.CANCELLED, "alert_closed", provider_id=result.call_id or None
             )
-        return classify_call(result, choice, dialed.details)
+        return classify_call(result, outcome, dialed.details)
 
     async def cancel(self, notification_id: str) -> None:
         """Hang up politely; a call not placed yet is never placed."""

@@ -26,12 +26,15 @@ def result(
 
 
 @pytest.mark.parametrize(
-    ("call", "choice", "status", "reason"),
+    ("call", "outcome", "status", "reason"),
     [
-        (result(CallOutcome.ANSWERED, 200, digits="1"), "1", S.ACKNOWLEDGED, "pressed_1"),
-        (result(CallOutcome.ANSWERED, 200, digits="2"), "2", S.ESCALATE, "pressed_2"),
-        (result(CallOutcome.ANSWERED, 200, digits="77"), "", S.NOT_ACKNOWLEDGED,
+        (result(CallOutcome.ANSWERED, 200, digits="1"), "acknowledged", S.ACKNOWLEDGED,
+         "pressed_1"),
+        (result(CallOutcome.ANSWERED, 200, digits="2"), "escalate", S.ESCALATE, "pressed_2"),
+        (result(CallOutcome.ANSWERED, 200, digits="77"), "not_acknowledged", S.NOT_ACKNOWLEDGED,
          "no_valid_digit"),
+        (result(CallOutcome.ANSWERED, 200, hangup_by="local"), "machine", S.NOT_ACKNOWLEDGED,
+         "answering_machine"),
         # a voicemail greeting: answered, nobody presses anything
         (result(CallOutcome.ANSWERED, 200, hangup_by="local"), "", S.NOT_ACKNOWLEDGED,
          "no_valid_digit"),
@@ -47,8 +50,8 @@ def result(
         (result(CallOutcome.CANCELLED, 487), "", S.CANCELLED, "call_cancelled"),
     ],
 )  # fmt: skip
-def test_classify_call(call: CallResult, choice: str, status: S, reason: str) -> None:
-    got = classify_call(call, choice)
+def test_classify_call(call: CallResult, outcome: str, status: S, reason: str) -> None:
+    got = classify_call(call, outcome)
     assert (got.status, got.reason) == (status, reason)
     assert got.provider_id == "c1@127.0.0.1"
     assert got.details["digits"] == call.digits
