@@ -374,6 +374,9 @@ class Webphone:
                 raise ValueError("the offer has no audio stream")
             pc.addTrack(record.downlink)
             await pc.setLocalDescription(await pc.createAnswer())  # gathers all candidates
+        except asyncio.CancelledError:  # the client went away mid-negotiation
+            self.gateway.spawn(self._close_peer(record))
+            raise
         except ValueError:
             await self._close_peer(record)
             raise
