@@ -368,22 +368,23 @@ class Webphone:
             uplink=_Uplink(self.config.uplink_queue_ms // 20),
         )
         self._watch_peer(record)
+        self.calls[record.id] = record  # counted from now on: concurrent offers see the limit
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             if not any(t.kind == "audio" for t in pc.getTransceivers()):
                 raise ValueError("the offer has no audio stream")
             pc.addTrack(record.downlink)
             await pc.setLocalDescription(await pc.createAnswer())  # gathers all candidates
-        except asyncio.CancelledError:  # the client went away mid-negotiation
-            self.gateway.spawn(self._close_peer(record))
-            raise
-        except ValueError:
+        except BaseException as exc:
+            self.calls.pop(record.id, None)
+            if isinstance(exc, asyncio.CancelledError):  # the client left mid-negotiation
+                self.gateway.spawn(self._close_peer(record))
+                raise
             await self._close_peer(record)
-            raise
-        except Exception as exc:  # aiortc raises its own errors for offers it cannot take
-            await self._close_peer(record)
+            if isinstance(exc, ValueError) or not isinstance(exc, Exception):
+                raise
+            # aiortc raises its own errors for offers it cannot take
             raise ValueError(f"unusable offer: {exc}") from None
-        self.calls[record.id] = record
         self._spawn(record, self._run(record))
         return record, str(pc.localDescription.sdp)
 

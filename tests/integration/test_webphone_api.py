@@ -228,3 +228,41 @@ async def test_browser_going_away_hangs_up_the_sip_call() -> None:
     assert ended["digits_sent"] == "42#"
     assert ended["connection_state"] == "closed"
     assert webphone.active == 0 and not gateway.calls
+
+
+async def test_concurrent_offers_respect_the_limit_and_a_silent_browser_times_out() -> None:
+    config = WebphoneConfig(max_calls=1, connect_timeout=1.0)
+    async with api(config) as (http, webphone, gateway):
+        browsers = [Browser(), Browser()]
+        try:
+            offers = [await b.offer() for b in browsers]
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/webphone/calls",
+                        json={"sdp": sdp, "type": "offer", "target": "sip:qa@127.0.0.1:9"},
+                    )
+                    for sdp in offers
+                )
+            )
+            assert sorted(r.status_code for r in responses) == [201, 503]
+            [winner] = [r.json() for r in responses if r.status_code == 201]
+            # The browser never applies the answer: no ICE, so no SIP call is placed.
+            ended = await until_state(http, winner["id"], "ended")
+        finally:
+            for browser in browsers:
+                await browser.close()
+        assert ended["error"] == "the browser's WebRTC connection did not come up", ended
+        assert ended["result"] is None and ended["connection_state"] == "closed"
+        assert webphone.active == 0 and not gateway.calls
+
+
+async def test_an_offer_aiortc_cannot_take_is_a_400() -> None:
+    sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=candidate:1 1 udp 1 127.0.0.1 5 typ host\r\n"
+    async with api() as (http, webphone, _):
+        r = await http.post(
+            "/v1/webphone/calls", json={"sdp": sdp, "type": "offer", "target": "sip:qa@127.0.0.1:9"}
+        )
+        assert r.status_code == 400, r.text
+        assert "ICE username" in r.json()["detail"], r.text  # aiortc's own word for it
+        assert not webphone.calls
