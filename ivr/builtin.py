@@ -102,8 +102,20 @@ nodes:
   page:
     type: escalate
     policy: "{policy}"
-    next: paged
+    outcome: reported
+    next: connect
     on_error: page_failed
+  connect:
+    type: bridge
+    to: "oncall:{policy}"
+    say: "Connecting you to the on-call engineer."
+    ring_timeout: 20
+    next: connected
+    on_no_answer: paged
+    on_error: paged
+  connected:
+    type: hangup
+    outcome: connected
   paged:
     type: say
     text: "Thank you. The team has been paged. Goodbye."
@@ -172,7 +184,8 @@ def ack_flow(
 
 
 def hotline_flow() -> Flow:
-    """Reference inbound flow: greet, 1 to report, record, page the team, confirm."""
+    """Reference inbound flow: greet, 1 to report, record, page the team, then try to put
+    the caller through to the on-call responder; if nobody answers, confirm the page."""
     return parse_flow(HOTLINE_FLOW_YAML, source="built-in hotline flow")
 
 

@@ -107,13 +107,16 @@ class _Node(BaseModel):
 
     def targets(self) -> Iterator[tuple[str, str]]:
         """(field, node id) pairs this node can continue to, for reference checks."""
-        for name in ("next", "on_failure", "on_error", "on_human", "on_machine", "on_unknown"):
+        for name in (
+            "next", "on_failure", "on_error", "on_human", "on_machine", "on_unknown",
+            "on_no_answer",
+        ):  # fmt: skip
             value = getattr(self, name, None)
             if value is not None:
                 yield name, value
 
     def texts(self) -> Iterator[tuple[str, str]]:
-        for name in ("text", "say", "invalid_prompt", "no_input_prompt", "url", "policy"):
+        for name in ("text", "say", "invalid_prompt", "no_input_prompt", "url", "policy", "to"):
             value = getattr(self, name, None)
             if isinstance(value, str):
                 yield name, value
@@ -246,6 +249,24 @@ class WebhookNode(_Node):
     on_error: str | None = None
 
 
+class BridgeNode(_Node):
+    """Connect the caller to ``to`` through the application's ``bridge`` hook.
+
+    ``to`` is a phone number, a SIP URI, or whatever the application understands (the
+    ackline hotline takes ``oncall:<policy>``). While it rings the caller hears ``say``.
+    When the bridged conversation ends the flow continues at ``next`` (the call is usually
+    over by then); when nobody answers, at ``on_no_answer``.
+    """
+
+    type: Literal["bridge"]
+    to: Text
+    say: Text | None = None
+    ring_timeout: float = Field(20.0, gt=0, le=120)
+    next: str | None = None
+    on_no_answer: str | None = None
+    on_error: str | None = None
+
+
 Seconds = Annotated[float, Field(gt=0, le=60)]
 
 
@@ -287,10 +308,13 @@ Node = Annotated[
     | HangupNode
     | EscalateNode
     | WebhookNode
-    | AmdNode,
+    | AmdNode
+    | BridgeNode,
     Field(discriminator="type"),
 ]
-NODE_TYPES = ("say", "play", "gather", "menu", "record", "hangup", "escalate", "webhook", "amd")
+NODE_TYPES = (
+    "say", "play", "gather", "menu", "record", "hangup", "escalate", "webhook", "amd", "bridge",
+)  # fmt: skip
 
 
 class Flow(BaseModel):

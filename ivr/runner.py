@@ -10,6 +10,7 @@ knowing about it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,6 +30,7 @@ from ivr.amd import AmdConfig, AmdDecision, AmdResult, detect_on_call
 from ivr.audio import FRAME_SAMPLES, SAMPLE_RATE, AudioStream, VoiceActivity, write_wav
 from ivr.flow import (
     AmdNode,
+    BridgeNode,
     EscalateNode,
     Flow,
     GatherNode,
@@ -64,6 +66,11 @@ class FlowHooks(Protocol):
 
     async def webhook(self, ctx: FlowContext, url: str, variables: Mapping[str, str]) -> None:
         """Deliver the flow's variables to ``url``."""
+        ...
+
+    async def bridge(self, ctx: FlowContext, target: str, ring_timeout: float) -> bool:
+        """Connect the caller to ``target``; True once a bridged conversation took place
+        (returns when it ended), False when nobody answered."""
         ...
 
 
@@ -138,8 +145,8 @@ class FlowRunner:
         hangup_at_end: bool = True,
         on_outcome: Callable[[str], None] | None = None,
     ) -> None:
-        if hooks is None and (flow.uses("escalate") or flow.uses("webhook")):
-            raise ValueError(f"flow {flow.name!r} has escalate/webhook nodes but no hooks")
+        if hooks is None and any(flow.uses(t) for t in ("escalate", "webhook", "bridge")):
+            raise ValueError(f"flow {flow.name!r} has escalate/webhook/bridge nodes but no hooks")
         if recordings_dir is None and flow.uses("record"):
             raise ValueError(f"flow {flow.name!r} records audio: give recordings_dir")
         self.flow = flow
@@ -250,6 +257,8 @@ class FlowRunner:
             return await self._escalate(ctx, node)
         if isinstance(node, WebhookNode):
             return await self._webhook(ctx, node)
+        if isinstance(node, BridgeNode):
+            return await self._bridge(ctx, node)
         if isinstance(node, HangupNode):
             await ctx.call.hangup()
             return None
@@ -430,6 +439,24 @@ class FlowRunner:
         except Exception as exc:
             return self._hook_failed(ctx, node.on_error, "webhook", exc)
         return node.next
+
+    async def _bridge(self, ctx: FlowContext, node: BridgeNode) -> str | None:
+        assert self.hooks is not None
+        target = self._text(ctx, node.to)
+        ringback: asyncio.Future[Any] | None = None
+        if node.say is not None:
+            ringback = asyncio.ensure_future(self._say(ctx, node.say, barge_in=False))
+        try:
+            connected = await self.hooks.bridge(ctx, target, node.ring_timeout)
+        except Exception as exc:
+            return self._hook_failed(ctx, node.on_error, "bridge", exc)
+        finally:
+            if ringback is not None and not ringback.done():
+                ringback.cancel()
+                with contextlib.suppress(BaseException):
+                    await ringback
+        ctx.variables[f"{ctx.node_id}_connected"] = "yes" if connected else "no"
+        return node.next if connected else node.on_no_answer
 
     def _hook_failed(
         self, ctx: FlowContext, on_error: str | None, hook: str, exc: Exception

@@ -63,6 +63,8 @@ class RecordingHooks:
     fail: bool = False
     escalations: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     webhooks: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    bridges: list[str] = field(default_factory=list)
+    bridge_answers: bool = False  # True: pretend the target answered and hung up again
 
     async def escalate(
         self, ctx: FlowContext, policy: str, variables: Mapping[str, str]
@@ -74,6 +76,10 @@ class RecordingHooks:
 
     async def webhook(self, ctx: FlowContext, url: str, variables: Mapping[str, str]) -> None:
         self.webhooks.append((url, dict(variables)))
+
+    async def bridge(self, ctx: FlowContext, target: str, ring_timeout: float) -> bool:
+        self.bridges.append(target)
+        return self.bridge_answers
 
 
 @dataclass

@@ -177,7 +177,8 @@ async def test_hotline_flow_records_and_pages(
                 break
             await asyncio.sleep(0.05)
     [result] = results
-    assert result.path == ["greet", "menu", "record", "page", "paged", "end"]
+    assert result.path == ["greet", "menu", "record", "page", "connect", "paged", "end"]
+    assert hooks.bridges == ["oncall:platform"]  # nobody answered: the caller hears "paged"
     assert result.outcome == "reported"
     assert result.ended_by == "flow"
     assert result.variables["menu_choice"] == "1"

@@ -356,3 +356,53 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+BRIDGE_FLOW = """
+name: bridge-test
+start: connect
+default_outcome: nothing
+nodes:
+  connect:
+    type: bridge
+    to: "oncall:{team}"
+    say: "Connecting you."
+    ring_timeout: 3
+    next: talked
+    on_no_answer: missed
+    on_error: broken
+  talked: {type: hangup, outcome: talked}
+  missed: {type: hangup, outcome: missed}
+  broken: {type: hangup, outcome: broken}
+"""
+
+
+@pytest.mark.parametrize(
+    ("answers", "fail", "outcome"),
+    [(True, False, "talked"), (False, False, "missed"), (False, True, "broken")],
+)
+async def test_bridge_node_follows_the_hook(
+    tmp_path: Path, answers: bool, fail: bool, outcome: str
+) -> None:
+    class Hooks(RecordingHooks):
+        async def bridge(self, ctx: object, target: str, ring_timeout: float) -> bool:
+            self.bridges.append(f"{target}/{ring_timeout:g}")
+            if fail:
+                raise OSError("no carrier")
+            return answers
+
+    hooks = Hooks()
+    runner = FlowRunner(parse_flow(BRIDGE_FLOW), hooks)
+    async with loopback(tmp_path, runner, team="db") as lb:
+        await lb.call()
+        result = await lb.result()
+    assert hooks.bridges == ["oncall:db/3"]
+    assert result.outcome == outcome
+    assert result.path[0] == "connect"
+    assert result.variables.get("connect_connected") == (None if fail else
+                                                         ("yes" if answers else "no"))  # fmt: skip
+
+
+def test_bridge_node_needs_hooks() -> None:
+    with pytest.raises(ValueError, match="bridge"):
+        FlowRunner(parse_flow(BRIDGE_FLOW))
