@@ -112,7 +112,12 @@ async def _serve_worker(args: argparse.Namespace) -> None:
     from api.app import run_worker
     from escalation.channels.base import Channel
 
-    r = aioredis.from_url(REDIS_URL)
+    # Blocking pool: a claim of 100 sends must queue for connections, not fail the sends.
+    r = aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            REDIS_URL, max_connections=32, timeout=30
+        )
+    )
     channels: dict[str, Channel] = {
         "webhook": StampingCarrier("webhook", r, args.prefix, ring=False),
         "voice": StampingCarrier("voice", r, args.prefix, ring=True),
