@@ -3,7 +3,8 @@
 An open-loop client POSTs alerts at a steady rate to the API (uvicorn); a worker process
 hands them to a carrier double that stamps each hand-off into Redis. Reports P50/P99 of
 
-* ingest -> channel hand-off: client starts the POST .. the worker calls channel.send();
+* ingest -> channel hand-off: the POST's scheduled send time .. the worker calls
+  channel.send() (latencies count from the schedule, so a lagging client shows up too);
 * POST latency (the 202 comes only after the commit);
 * ack -> cancel: for a share of alerts the "call" rings until hung up; the client acks
   once it rings and we measure until channel.cancel() runs in the worker.
@@ -223,10 +224,10 @@ async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
 
     ackers: list[asyncio.Task[None]] = []
 
-    async def post(i: int, ring: bool) -> None:
+    async def post(i: int, ring: bool, t0: float) -> None:
+        """`t0` is the scheduled send time (open loop): a late client counts against us."""
         nonlocal errors
         body = {"title": f"bench {i}", "summary": "load", "policy": "ring" if ring else "fast"}
-        t0 = time.time()
         try:
             status, data = await client.request(
                 "POST", "/v1/alerts", body, {**auth, "Idempotency-Key": f"b{i}"}
@@ -245,13 +246,13 @@ async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
     total = int(args.rate * args.duration)
     every = max(1, round(1 / args.ack_share)) if args.ack_share > 0 else 0
     tasks: list[asyncio.Task[None]] = []
-    start = time.perf_counter()
+    start, wall_start = time.perf_counter(), time.time()
     for i in range(total):
         delay = start + i / args.rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         ring = bool(every) and i % every == every - 1
-        tasks.append(asyncio.create_task(post(i, ring)))
+        tasks.append(asyncio.create_task(post(i, ring, wall_start + i / args.rate)))
     await asyncio.gather(*tasks)
     achieved = total / (time.perf_counter() - start)
     await asyncio.gather(*ackers)

@@ -197,7 +197,7 @@ class Worker:
         batch: int = 100,
         max_inflight: int = 1000,
         poll_interval: float = 1.0,
-        record_linger: float = 0.002,
+        record_linger: float = 0.01,
     ) -> None:
         self.engine = engine
         self.bus = bus
