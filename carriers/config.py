@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from carriers.health import HealthChange, HealthPolicy
 from carriers.numbers import REFUSED_TYPES, type_from_name, type_name
 from carriers.router import CarrierRouter
-from carriers.trunk import Trunk, check_countries, parse_duration
+from carriers.trunk import Trunk, check_countries
+from escalation.durations import parse_duration
 from gateway.call import Gateway
 
 

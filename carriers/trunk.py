@@ -16,13 +16,13 @@ from urllib.parse import quote
 import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from escalation.durations import parse_duration
 from gateway.sip.auth import Credentials
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _CALLER_ID = re.compile(r"^\+?[A-Za-z0-9._-]{1,32}$")
 _TECH_PREFIX = re.compile(r"^[0-9*#]{1,16}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
 
 class NumberFormat(str, enum.Enum):
@@ -157,20 +157,6 @@ class Trunk(BaseModel):
 
     def _transport_param(self) -> str:
         return ";transport=tcp" if self.transport == "tcp" else ""
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like ``500ms``, ``2s``, ``1.5s``, ``1m``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 2s or 500ms")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            number, unit = float(match.group(1)), match.group(2) or "s"
-            return number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
-    raise ValueError(f"expected a duration such as 2s or 500ms, got {value!r}")
 
 
 def check_countries(codes: tuple[str, ...] | list[str]) -> tuple[str, ...]:

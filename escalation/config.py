@@ -9,16 +9,16 @@ operator can fix the file without reading code.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import phonenumbers
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from carriers.config import CarrierConfig, CarrierConfigError, load_carriers
+from escalation.durations import Duration
 
 # Which contact field each channel needs; a channel not listed here is not accepted.
 CHANNEL_CONTACT_FIELD: Mapping[str, str] = {
@@ -39,8 +40,6 @@ CHANNEL_CONTACT_FIELD: Mapping[str, str] = {
 }
 KNOWN_CHANNELS = tuple(CHANNEL_CONTACT_FIELD)
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -51,28 +50,6 @@ class ConfigError(ValueError):
     def __init__(self, errors: Iterable[str]) -> None:
         self.errors = list(errors)
         super().__init__("invalid configuration:\n  " + "\n  ".join(self.errors))
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like "90s", "5m", "1h30m" (YAML stays readable)."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like '30s', '5m'")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().replace(" ", "")
-        parts = _DURATION_PART.findall(text)
-        if not parts or "".join(n + u for n, u in parts) != text:
-            raise ValueError(f"invalid duration {value!r}: use e.g. 30s, 5m, 1h30m")
-        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-    else:
-        raise ValueError("a duration is a number of seconds or a string like '30s', '5m'")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return seconds
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 def normalize_phone(value: str) -> str:
@@ -313,6 +290,48 @@ class RateLimit(BaseModel):
         return value
 
 
+class HotlineNumber(BaseModel):
+    """What an inbound number (DID) runs: a flow (built-in name or YAML file) and the
+    policy its escalate/bridge nodes use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flow: str = "hotline"  # "hotline" (built-in) or a path to a flow YAML file
+    policy: str
+
+
+class TrustedSource(BaseModel):
+    """A carrier allowed to send inbound calls: its addresses, optionally a digest login."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    sources: list[str] = Field(min_length=1)  # addresses or CIDR networks
+    username: str | None = None
+    password_env: str | None = None  # the password comes from this environment variable
+
+    @model_validator(mode="after")
+    def _login(self) -> TrustedSource:
+        if (self.username is None) != (self.password_env is None):
+            raise ValueError("username and password_env go together")
+        return self
+
+
+class HotlineConfig(BaseModel):
+    """Inbound calls: which flow each number runs, who may call in, how fast."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    numbers: dict[str, HotlineNumber] = Field(min_length=1)  # DID or "default" -> flow
+    trusted: list[TrustedSource] | None = None  # None: the carriers' IP-literal trunk hosts
+    recordings_dir: Path = Path("var/recordings")
+    invite_rate: float = Field(default=5.0, gt=0)  # new INVITEs per second per source
+    invite_burst: int = Field(default=10, ge=1)
+
+    def number_for(self, did: str) -> HotlineNumber | None:
+        return self.numbers.get(did) or self.numbers.get("default")
+
+
 class AcklineConfig(BaseModel):
     """The whole `ackline.yaml`; cross-references are checked by `validate_references`."""
 
@@ -327,6 +346,7 @@ class AcklineConfig(BaseModel):
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
     # trunks, rotation, probing, fraud policy: validated by carriers.config (parse_config)
     carriers: CarrierConfig | None = Field(default=None, exclude=True)
+    hotline: HotlineConfig | None = None
 
     @field_validator("channel_defaults", "rate_limits")
     @classmethod
@@ -391,6 +411,18 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> list[str]
     return lines
 
 
+def hotline_sources_from_carriers(cfg: AcklineConfig) -> list[TrustedSource]:
+    """The outbound trunks whose host is an IP address also count as inbound sources."""
+    out = []
+    for trunk in cfg.carriers.trunks if cfg.carriers else []:
+        try:
+            ipaddress.ip_address(trunk.host)
+        except ValueError:
+            continue
+        out.append(TrustedSource(name=trunk.name, sources=[trunk.host]))
+    return out
+
+
 def parse_config(data: object, source: str = "<config>") -> AcklineConfig:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     if data is None:
@@ -410,6 +442,16 @@ def parse_config(data: object, source: str = "<config>") -> AcklineConfig:
         except CarrierConfigError as exc:
             lines = [line.strip() for line in str(exc).splitlines()]
             errors += [line for line in lines if line.startswith("carriers")] or lines
+    if cfg.hotline is not None:
+        policies = {p.name for p in cfg.policies}
+        for did, number in cfg.hotline.numbers.items():
+            if number.policy not in policies:
+                errors.append(f"hotline.numbers[{did}].policy: unknown policy {number.policy!r}")
+        if cfg.hotline.trusted is None and not hotline_sources_from_carriers(cfg):
+            errors.append(
+                "hotline.trusted: no trusted sources: list the carriers allowed to call in "
+                "(or give carrier trunks with IP address hosts)"
+            )
     recipients: dict[str, Recipient] = {}
     for i, r in enumerate(cfg.recipients):
         if r.id in recipients:

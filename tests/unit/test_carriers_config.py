@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from phonenumbers import PhoneNumberType
 
-from carriers.config import CarrierConfigError, load_carriers, parse_duration
+from carriers.config import CarrierConfigError, load_carriers
 from carriers.trunk import NumberFormat
+from escalation.durations import parse_duration
 
 EXAMPLE = """
 carriers:

@@ -15,8 +15,8 @@ from escalation.config import (
     RetryPolicy,
     load_config,
     parse_config,
-    parse_duration,
 )
+from escalation.durations import parse_duration
 
 ROOT = Path(__file__).resolve().parents[2]
 
