@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from api.settings import Settings
 from carriers.health import HealthChange
 from escalation.audit import AuditLog
 from escalation.channels.base import Channel
+from escalation.channels.voice import AckMenu, CarrierDialer, Dialer, SipUriDialer, VoiceChannel
 from escalation.config import AcklineConfig, load_config
 from gateway.call import Gateway
 from gateway.sip.auth import Credentials
@@ -55,17 +57,24 @@ def _async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
     return run
 
 
-@contextlib.asynccontextmanager
-async def channels_for(
-    settings: Settings, gateway: Gateway | None
-) -> AsyncIterator[dict[str, Channel]]:
-    """The configured channels, closed again when the worker stops."""
-    channels: dict[str, Channel] = {}
-    closers: list[Any] = []
-    config = load_config(settings.config_path) if settings.config_path else AcklineConfig()
-    if gateway is not None and config.carriers is not None:
-        from escalation.channels.voice import CarrierDialer, VoiceChannel
+@dataclass
+class Services:
+    """What a process that pages people needs: the channels, and the dialer the voice
+    channel uses (the hotline bridges callers with the same one)."""
 
+    config: AcklineConfig
+    channels: dict[str, Channel] = field(default_factory=dict)
+    dialer: Dialer | None = None
+
+
+@contextlib.asynccontextmanager
+async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIterator[Services]:
+    """The configured channels, closed again when the worker stops."""
+    config = load_config(settings.config_path) if settings.config_path else AcklineConfig()
+    services = Services(config)
+    channels = services.channels
+    closers: list[Any] = []
+    if gateway is not None and config.carriers is not None:
         audit = AuditLog(settings.audit_dir, fsync=settings.audit_fsync)
         closers.append(_async(audit.close))
         router = config.carriers.router(
@@ -74,19 +83,19 @@ async def channels_for(
         prober = router.prober(interval=config.carriers.probe.interval)
         prober.start()
         closers += [prober.close, router.close]
-        channels["voice"] = VoiceChannel(
-            CarrierDialer(router), ring_timeout=settings.voice_ring_timeout
-        )
+        services.dialer = CarrierDialer(router)
     elif gateway is not None and settings.voice_target:
-        from escalation.channels.voice import SipUriDialer, VoiceChannel
-
         credentials = (
             Credentials(settings.voice_auth_user, settings.voice_auth_password or "")
             if settings.voice_auth_user
             else None
         )
-        dialer = SipUriDialer(gateway, settings.voice_target, credentials)
-        channels["voice"] = VoiceChannel(dialer, ring_timeout=settings.voice_ring_timeout)
+        services.dialer = SipUriDialer(gateway, settings.voice_target, credentials)
+    if services.dialer is not None:
+        menu = AckMenu(amd=settings.voice_amd, machine_message=settings.voice_machine_message)
+        channels["voice"] = VoiceChannel(
+            services.dialer, ring_timeout=settings.voice_ring_timeout, menu=menu
+        )
     if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from_numbers:
         from escalation.channels.sms import SmsChannel, TwilioSender
 
@@ -130,7 +139,7 @@ async def channels_for(
         closers.append(webhook.aclose)
         channels["webhook"] = webhook
     try:
-        yield channels
+        yield services
     finally:
         for close in closers:
             with contextlib.suppress(Exception):

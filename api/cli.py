@@ -14,7 +14,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import uvicorn
@@ -26,6 +26,9 @@ from escalation.config import ConfigError
 from gateway.call import Call, Gateway, GatewayConfig, parse_target, resolve_target
 from gateway.result import CallResult
 from gateway.sip.auth import Credentials
+
+if TYPE_CHECKING:
+    from api.channels import Services
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ackline voice gateway")
 
@@ -348,6 +351,9 @@ def serve(
     gather: Annotated[int, typer.Option(min=0, max=32, help="digits to collect")] = 1,
     timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for digits")] = 15.0,
     voice: Annotated[str, typer.Option(help="espeak-ng voice")] = "en-us",
+    webphone: Annotated[
+        bool, typer.Option(help="serve the browser softphone at /webphone (role all)")
+    ] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run ackline: API, escalation worker and SIP gateway, together or one role each.
@@ -366,7 +372,9 @@ def serve(
     sip_port = port if port is not None else (0 if role is Role.WORKER else 5060)
     inbound = Inbound(greeting, gather, timeout)
     try:
-        asyncio.run(_serve(role, settings, host, sip_port, http_host, http_port, inbound, voice))
+        asyncio.run(
+            _serve(role, settings, host, sip_port, http_host, http_port, inbound, voice, webphone)
+        )
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -422,9 +430,10 @@ async def _serve(
     http_port: int,
     inbound: Inbound,
     voice: str,
+    webphone: bool = True,
 ) -> None:
     from api.app import create_app, run_worker
-    from api.channels import channels_for
+    from api.channels import services_for
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -438,34 +447,34 @@ async def _serve(
     async with contextlib.AsyncExitStack() as stack:
         gateway: Gateway | None = None
         if role is not Role.API:
-            answers = role in (Role.ALL, Role.GATEWAY)
-            if answers:
-                await prompts.render(inbound.greeting)
             gateway = Gateway(
                 GatewayConfig(host=host, udp_port=sip_port, tcp_port=sip_port),
                 prompts=prompts,
-                on_incoming=inbound if answers else None,
                 on_call_ended=on_call_ended,
             )
-            await stack.enter_async_context(gateway)
+        services = await stack.enter_async_context(services_for(settings, gateway))
+        if gateway is not None:
+            if role in (Role.ALL, Role.GATEWAY):
+                await _answer_with(gateway, services, settings, inbound, prompts, stack)
+            await gateway.start()
+            stack.push_async_callback(gateway.stop)
             udp = gateway.address("udp")
             print(f"sip listening on {udp[0]}:{udp[1]} (udp, tcp)", file=sys.stderr, flush=True)
         if role is Role.GATEWAY:
             await stop.wait()
             return
-        channels = await stack.enter_async_context(channels_for(settings, gateway))
         if role is Role.WORKER:
-            await run_worker(settings, channels, stop=stop)
+            await run_worker(settings, services.channels, stop=stop)
             return
         embedded = settings.model_copy(update={"embedded_worker": role is Role.ALL})
+        api = create_app(embedded, services.channels)
+        if webphone and gateway is not None:
+            from api.webphone import Webphone
+
+            api.state.webphone = Webphone(gateway)
+            stack.push_async_callback(api.state.webphone.close)
         server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(embedded, channels),
-                host=http_host,
-                port=http_port,
-                log_level="warning",
-                lifespan="on",
-            )
+            uvicorn.Config(api, host=http_host, port=http_port, log_level="warning", lifespan="on")
         )
         served = asyncio.create_task(server.serve())
         stopped = asyncio.create_task(stop.wait())
@@ -474,6 +483,33 @@ async def _serve(
         server.should_exit = True
         stopped.cancel()
         await served
+
+
+async def _answer_with(
+    gateway: Gateway,
+    services: Services,
+    settings: Settings,
+    inbound: Inbound,
+    prompts: Any,
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """Inbound calls run the hotline flows when ackline.yaml has a hotline: section (only
+    from trusted sources, into the escalation engine); otherwise the greeting."""
+    from api.app import start_runtime, stop_runtime
+    from ivr.hotline import Hotline
+
+    if services.config.hotline is None:
+        await prompts.render(inbound.greeting)
+        gateway.on_incoming = inbound
+        return
+    runtime = await start_runtime(settings)
+    stack.push_async_callback(stop_runtime, runtime)
+    hotline = Hotline(
+        services.config, runtime.engine, runtime.audit, gateway, dialer=services.dialer
+    )
+    gateway.on_incoming = hotline.on_incoming
+    gateway.guard = hotline.guard
+    gateway.on_refused = hotline.on_refused
 
 
 @app.command()

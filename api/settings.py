@@ -56,6 +56,8 @@ class Settings(BaseModel):
     voice_auth_user: str | None = None
     voice_auth_password: str | None = Field(default=None, repr=False)
     voice_ring_timeout: float = 30.0
+    voice_amd: bool = False  # answering-machine detection before the ack prompt
+    voice_machine_message: str | None = None  # left after the beep; None: hang up
     twilio_account_sid: str | None = None
     twilio_from_numbers: tuple[str, ...] = ()
     twilio_api_base: str | None = None  # None: Twilio itself
@@ -101,6 +103,8 @@ class Settings(BaseModel):
             voice_auth_user=e.get("ACKLINE_VOICE_AUTH_USER") or None,
             voice_auth_password=e.get("ACKLINE_VOICE_AUTH_PASSWORD") or None,
             voice_ring_timeout=float(e.get("ACKLINE_VOICE_RING_TIMEOUT", "30")),
+            voice_amd=_bool(e.get("ACKLINE_VOICE_AMD"), False),
+            voice_machine_message=e.get("ACKLINE_VOICE_MACHINE_MESSAGE") or None,
             twilio_account_sid=e.get("TWILIO_ACCOUNT_SID") or None,
             twilio_from_numbers=tuple(
                 n.strip() for n in e.get("TWILIO_FROM_NUMBERS", "").split(",") if n.strip()

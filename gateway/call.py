@@ -338,6 +338,20 @@ class Call:
     # -- public API ---------------------------------------------------------------
 
     @property
+    def dialed(self) -> str:
+        """What the caller dialed (inbound: the user part of the INVITE's Request-URI, e.g.
+        the DID +14155550100; outbound: our target), so a hotline can pick the flow."""
+        if self._invite_ctx is not None:
+            uri = self._invite_ctx.request.uri
+            return uri.user or str(uri)
+        return self.target
+
+    @property
+    def source_host(self) -> str:
+        """The address the other side's signalling comes from."""
+        return self.peer.host
+
+    @property
     def digits(self) -> str:
         """Every digit received so far, in order, whatever the method."""
         return "".join(d.digit for d in self._digits)

@@ -110,12 +110,10 @@ nodes:
     to: "oncall:{policy}"
     say: "Connecting you to the on-call engineer."
     ring_timeout: 20
-    next: connected
+    connected_outcome: connected
+    next: end
     on_no_answer: paged
     on_error: paged
-  connected:
-    type: hangup
-    outcome: connected
   paged:
     type: say
     text: "Thank you. The team has been paged. Goodbye."

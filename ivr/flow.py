@@ -255,12 +255,14 @@ class BridgeNode(_Node):
     ``to`` is a phone number, a SIP URI, or whatever the application understands (the
     ackline hotline takes ``oncall:<policy>``). While it rings the caller hears ``say``.
     When the bridged conversation ends the flow continues at ``next`` (the call is usually
-    over by then); when nobody answers, at ``on_no_answer``.
+    over by then, so ``connected_outcome`` is set as soon as the parties are connected);
+    when nobody answers, at ``on_no_answer``.
     """
 
     type: Literal["bridge"]
     to: Text
     say: Text | None = None
+    connected_outcome: str | None = None
     ring_timeout: float = Field(20.0, gt=0, le=120)
     next: str | None = None
     on_no_answer: str | None = None

@@ -456,6 +456,8 @@ class FlowRunner:
                 with contextlib.suppress(BaseException):
                     await ringback
         ctx.variables[f"{ctx.node_id}_connected"] = "yes" if connected else "no"
+        if connected and node.connected_outcome is not None:
+            self._set_outcome(ctx, node.connected_outcome)
         return node.next if connected else node.on_no_answer
 
     def _hook_failed(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Request, Response
+from fastapi.responses import FileResponse
 
 from api.deps import RuntimeDep, TenantDep, context
 from api.routes.schemas import AlertAccepted, AlertOut, Error
@@ -54,6 +56,28 @@ async def get_alert(alert_id: str, runtime: RuntimeDep, tenant: TenantDep) -> Al
     if got is None:
         raise HTTPException(404, "alert not found")
     return AlertOut.of(*got)
+
+
+@router.get(
+    "/{alert_id}/recording",
+    response_class=FileResponse,
+    responses={**_ERRORS, 200: {"content": {"audio/wav": {}}}},
+)
+async def get_recording(alert_id: str, runtime: RuntimeDep, tenant: TenantDep) -> FileResponse:
+    """The caller's recorded message of a hotline alert (8 kHz WAV)."""
+    got = await runtime.engine.get_alert(alert_id, tenant.company)
+    if got is None:
+        raise HTTPException(404, "alert not found")
+    hotline = runtime.config.hotline
+    recording = got[0].details.get("recording")
+    if hotline is None or not isinstance(recording, str):
+        raise HTTPException(404, "this alert has no recording")
+    # details are client input too: serve only files the hotline itself wrote
+    root = hotline.recordings_dir.resolve()
+    path = Path(recording).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise HTTPException(404, "this alert has no recording")
+    return FileResponse(path, media_type="audio/wav", filename=path.name)
 
 
 async def _close(

@@ -46,6 +46,7 @@ class Service:
     procs: list[subprocess.Popen[str]]
     client: httpx.AsyncClient
     audit: Path
+    sip_port: int = 0  # the first process's
 
     async def post_alert(self, policy: str) -> str:
         body = {"title": "Database down on eu-1", "summary": "primary unreachable"}
@@ -99,11 +100,12 @@ async def serve(
         full_env.pop("REDIS_URL", None)
     procs: list[subprocess.Popen[str]] = []
     logs = []
+    sip_ports = [free_port() for _ in roles]
     try:
-        for role in roles:
+        for role, sip_port in zip(roles, sip_ports, strict=True):
             log = open(tmp / f"serve-{role}.log", "w")  # noqa: SIM115 - closed below
             logs.append(log)
-            cmd = [*ackline_cli(), "serve", "--role", role, "--port", str(free_port()),
+            cmd = [*ackline_cli(), "serve", "--role", role, "--port", str(sip_port),
                    "--http-port", str(http_port)]  # fmt: skip
             procs.append(
                 subprocess.Popen(cmd, stdout=log, stderr=log, text=True, env=full_env, cwd=tmp)
@@ -118,7 +120,7 @@ async def serve(
                         break
                 assert time.monotonic() < deadline, "ackline serve did not become ready"
                 await asyncio.sleep(0.1)
-            yield Service(procs, c, tmp / "audit" / "acme.jsonl")
+            yield Service(procs, c, tmp / "audit" / "acme.jsonl", sip_ports[0])
     finally:
         for proc in procs:
             proc.terminate()

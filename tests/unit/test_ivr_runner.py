@@ -368,6 +368,7 @@ nodes:
     to: "oncall:{team}"
     say: "Connecting you."
     ring_timeout: 3
+    connected_outcome: bridged
     next: talked
     on_no_answer: missed
     on_error: broken

@@ -1,0 +1,204 @@
+"""The inbound hotline: callers on a number (DID) run that number's flow, and its
+escalate and bridge nodes go into the same escalation engine as every other alert.
+
+Only trusted carrier addresses may call in (others get 403 and an audit line), INVITE
+floods are cut off per source, a recording made by the flow is attached to the alert it
+raises, and the caller can be put through to the policy's first responders.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sipmessage import Request
+
+from escalation.audit import AuditLog
+from escalation.channels.voice import Dialer
+from escalation.config import (
+    AcklineConfig,
+    HotlineConfig,
+    TrustedSource,
+    hotline_sources_from_carriers,
+)
+from escalation.engine import AlertIn, Engine, RequestContext, UnknownPolicy
+from gateway.admission import Decision, InboundGuard, TrustedTrunk
+from gateway.bridge import bridge_calls
+from gateway.call import Call, Gateway
+from gateway.transport import Peer
+from ivr.builtin import hotline_flow
+from ivr.flow import Flow, load_flow
+from ivr.runner import FlowContext, FlowRunner
+
+__all__ = ["HOTLINE_API_KEY", "Hotline", "build_guard"]
+
+logger = logging.getLogger(__name__)
+
+HOTLINE_API_KEY = "hotline"  # idempotency namespace of alerts raised by calls
+
+
+def build_guard(hotline: HotlineConfig, config: AcklineConfig) -> InboundGuard:
+    """The ACL (hotline.trusted, or the carriers' IP trunk hosts) and the flood limit."""
+    sources: list[TrustedSource] = (
+        hotline.trusted if hotline.trusted is not None else hotline_sources_from_carriers(config)
+    )
+    trunks = []
+    for source in sources:
+        users: dict[str, str] = {}
+        if source.username is not None and source.password_env is not None:
+            password = os.environ.get(source.password_env)
+            if password is None:
+                raise ValueError(f"hotline.trusted {source.name}: {source.password_env} is not set")
+            users[source.username] = password
+        trunks.append(TrustedTrunk.parse(source.name, source.sources, users=users))
+    return InboundGuard(trunks, rate=hotline.invite_rate, burst=hotline.invite_burst)
+
+
+class Hotline:
+    """Answers inbound calls with flows; implements the flows' hooks (ivr.FlowHooks)."""
+
+    def __init__(
+        self,
+        config: AcklineConfig,
+        engine: Engine,
+        audit: AuditLog,
+        gateway: Gateway,
+        *,
+        dialer: Dialer | None = None,
+    ) -> None:
+        if config.hotline is None:
+            raise ValueError("no hotline: section in the configuration")
+        self.config = config
+        self.hotline = config.hotline
+        self.engine = engine
+        self.audit = audit
+        self.gateway = gateway
+        self.dialer = dialer
+        self.guard = build_guard(self.hotline, config)
+        self.recordings = self.hotline.recordings_dir
+        self._flows: dict[str, Flow] = {}
+        for number in self.hotline.numbers.values():  # a broken flow file fails at start
+            self._flow(number.flow)
+
+    def _flow(self, name: str) -> Flow:
+        if name not in self._flows:
+            self._flows[name] = hotline_flow() if name == "hotline" else load_flow(Path(name))
+        return self._flows[name]
+
+    # -- the gateway's hooks -----------------------------------------------------------
+
+    async def on_incoming(self, call: Call) -> None:
+        did = call.dialed
+        number = self.hotline.number_for(did)
+        if number is None:
+            logger.info("hotline: no flow for %s; hanging up", did)
+            return
+        runner = FlowRunner(self._flow(number.flow), self, recordings_dir=self.recordings)
+        result = await runner.run(call, {"policy": number.policy, "did": did})
+        self.audit.write(
+            self.config.company,
+            [
+                {
+                    "event": "hotline_call",
+                    "status": result.outcome,
+                    "reason": result.ended_by,
+                    "alert_id": result.variables.get("alert_id"),
+                    "actor": f"hotline:{did}",
+                    "ip": call.source_host,
+                    "caller": result.variables.get("caller"),
+                    "call_id": call.call_id,
+                    "path": result.path,
+                }
+            ],
+        )
+
+    def on_refused(self, decision: Decision, request: Request, source: Peer) -> None:
+        """Every INVITE the guard turns away is part of the record (who, from where, why)."""
+        self.audit.write(
+            self.config.company,
+            [
+                {
+                    "event": "inbound_refused",
+                    "status": str(decision.code),
+                    "reason": decision.reason,
+                    "actor": "hotline",
+                    "ip": source.host,
+                    "trunk": decision.trunk,
+                    "caller": str(request.from_address.uri),
+                    "dialed": request.uri.user or str(request.uri),
+                    "call_id": request.call_id,
+                }
+            ],
+        )
+
+    # -- the flows' hooks (ivr.FlowHooks) ------------------------------------------------
+
+    async def escalate(
+        self, ctx: FlowContext, policy: str, variables: Mapping[str, str]
+    ) -> str | None:
+        caller = variables.get("caller", "unknown caller")
+        did = variables.get("did", ctx.call.dialed)
+        details: dict[str, Any] = {"source": "hotline", "caller": caller, "did": did}
+        if variables.get("recording"):
+            details["recording"] = variables["recording"]
+            details["recording_seconds"] = variables.get("recording_seconds", "")
+        body = AlertIn(
+            title=f"Hotline call from {caller}",
+            summary=f"{caller} called {did} and reported an outage.",
+            severity="critical",
+            policy=policy,
+            details=details,
+        )
+        request = RequestContext(actor=f"hotline:{did}", ip=ctx.call.source_host)
+        result = await self.engine.ingest(
+            self.config.company, HOTLINE_API_KEY, f"call:{ctx.call.call_id}", body, request
+        )
+        return result.alert.id
+
+    async def webhook(self, ctx: FlowContext, url: str, variables: Mapping[str, str]) -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.post(url, json=dict(variables))
+            response.raise_for_status()
+
+    async def bridge(self, ctx: FlowContext, target: str, ring_timeout: float) -> bool:
+        """`oncall:<policy>` tries the policy's first responders' phones in turn; a SIP URI
+        or a number is dialed as it is."""
+        if target.startswith("oncall:"):
+            try:
+                people = await self.engine.first_responders(self.config.company, target[7:])
+            except UnknownPolicy:
+                logger.warning("hotline: bridge to unknown policy %s", target)
+                return False
+            numbers = [p.phone for p in people if p.phone]
+        else:
+            numbers = [target]
+        for number in numbers:
+            if ctx.call.ended.is_set():
+                return False
+            callee = await self._dial(number, ring_timeout)
+            if callee is None:
+                continue
+            if callee.answered and not ctx.call.ended.is_set():
+                await bridge_calls(ctx.call, callee)
+                return True
+            if not callee.ended.is_set():
+                await callee.hangup()
+        return False
+
+    async def _dial(self, target: str, ring_timeout: float) -> Call | None:
+        try:
+            if target.lower().startswith(("sip:", "sips:")) or self.dialer is None:
+                return await self.gateway.dial(target, ring_timeout=ring_timeout)
+            dialed = await self.dialer.dial(target, ring_timeout=ring_timeout, on_call=_ignore)
+            return dialed.call
+        except (OSError, ValueError) as exc:
+            logger.info("hotline: cannot reach %s: %s", target, exc)
+            return None
+
+
+def _ignore(_call: Call) -> None:
+    return None
