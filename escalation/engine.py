@@ -951,6 +951,7 @@ class Engine:
             attempt=row.attempt,
             ack_url=ack_url,
             details={str(k): str(v) for k, v in alert.details.items()},
+            policy=alert.policy,
         )
 
     async def renew(self, owner: str, job_ids: Sequence[int]) -> None:
@@ -1115,4 +1116,5 @@ def _bundle(carrier: Notification, members: Sequence[SendTask]) -> Notification:
         attempt=carrier.attempt,
         ack_url=carrier.ack_url,
         details=details,
+        policy=carrier.policy,
     )

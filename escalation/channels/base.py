@@ -52,6 +52,7 @@ class Notification:
     attempt: int  # 1-based within this channel's retry policy
     ack_url: str | None = None  # signed one-click link (email/webhook)
     details: Mapping[str, str] = field(default_factory=dict)
+    policy: str = ""  # the escalation policy paging (per-policy channel behaviour)
 
 
 @dataclass(frozen=True)
