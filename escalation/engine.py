@@ -1035,6 +1035,7 @@ class Engine:
                     channel=row.channel, attempt=row.attempt, recipient_id=row.recipient_id,
                     provider_id=result.provider_id, bundled_into=None if m is task
                     else task.notification.notification_id,
+                    details=dict(result.details) or None,  # e.g. trunk used, trunks tried
                 )  # fmt: skip
                 metrics.NOTIFICATIONS.labels(row.channel, result.status.value).inc()
                 outcome = Outcome(row.notification_id, row.attempt, result.status, result.reason)

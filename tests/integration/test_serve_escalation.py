@@ -377,9 +377,14 @@ async def test_alert_call_fails_over_across_carrier_trunks_and_audits_health(
             alert_id = await service.post_alert("page")
             alert = await service.until(alert_id, lambda a: a["state"] != "triggered", 20)
             health = [x for x in service.audit_lines_all() if x.get("event") == "trunk_health"]
+            [result] = [x for x in service.audit_lines(alert_id) if x.get("event") == "result"]
     assert alert["state"] == "acknowledged", alert
     [voice] = alert["attempts"]
     assert (voice["status"], voice["reason"]) == ("acknowledged", "pressed_1")
+    # the audit line of the result names the route: the 503 trunk, then the healthy one
+    # (the dead trunk was already down, so it was not tried)
+    assert result["details"]["trunk"] == "healthy", result
+    assert result["details"]["trunks_tried"] == "broken:503,healthy:200", result
     dead = [x for x in health if x["trunk"] == "dead"]
     assert dead and dead[0]["status"] == "down" and dead[0]["aspect"] == "probe", health
     invites = (tmp_path / "a").glob("*_messages.log")
