@@ -19,6 +19,7 @@ from escalation.channels.voice import AckMenu, CarrierDialer, Dialer, SipUriDial
 from escalation.config import AcklineConfig, load_config
 from gateway.call import Gateway
 from gateway.sip.auth import Credentials
+from ivr.flow import Flow, load_flow
 
 
 def _wav_tts(prompts: Any) -> Callable[[str], Awaitable[bytes]]:
@@ -55,6 +56,26 @@ def _async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
         close()
 
     return run
+
+
+def policy_flows(config: AcklineConfig) -> dict[str, Flow]:
+    """The ack flow each policy with `voice:` options runs (a broken flow file fails here,
+    at start, not at 3 a.m. on the first call)."""
+    flows: dict[str, Flow] = {}
+    for policy in config.policies:
+        options = policy.voice
+        if options is None:
+            continue
+        if options.flow is not None:
+            flows[policy.name] = load_flow(options.flow)
+        else:
+            flows[policy.name] = AckMenu(
+                prompts=options.prompts,
+                digit_timeout=options.digit_timeout,
+                amd=options.amd,
+                machine_message=options.machine_message,
+            ).flow()
+    return flows
 
 
 @dataclass
@@ -94,7 +115,10 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
     if services.dialer is not None:
         menu = AckMenu(amd=settings.voice_amd, machine_message=settings.voice_machine_message)
         channels["voice"] = VoiceChannel(
-            services.dialer, ring_timeout=settings.voice_ring_timeout, menu=menu
+            services.dialer,
+            ring_timeout=settings.voice_ring_timeout,
+            menu=menu,
+            flows=policy_flows(config),
         )
     if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from_numbers:
         from escalation.channels.sms import SmsChannel, TwilioSender

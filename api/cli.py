@@ -26,6 +26,7 @@ from escalation.config import ConfigError
 from gateway.call import Call, Gateway, GatewayConfig, parse_target, resolve_target
 from gateway.result import CallResult
 from gateway.sip.auth import Credentials
+from ivr.flow import FlowError
 
 if TYPE_CHECKING:
     from api.channels import Services
@@ -375,7 +376,7 @@ def serve(
         asyncio.run(
             _serve(role, settings, host, sip_port, http_host, http_port, inbound, voice, webphone)
         )
-    except ConfigError as exc:
+    except (ConfigError, FlowError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except OSError as exc:

@@ -231,6 +231,20 @@ class Step(BaseModel):
         return self
 
 
+class VoiceOptions(BaseModel):
+    """How this policy's alert calls behave: the ack menu's patience, answering-machine
+    detection, or an IVR flow of its own (its outcomes acknowledged / escalate / machine
+    are understood; anything else means not acknowledged)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompts: int = Field(default=3, ge=1, le=10)
+    digit_timeout: Duration = 6.0
+    amd: bool = False
+    machine_message: str | None = Field(default=None, max_length=500)  # None: hang up
+    flow: Path | None = None  # a flow YAML file instead of the built-in ack flow
+
+
 class Policy(BaseModel):
     """Ordered steps, repeated `repeat` more times, bounded by hard caps."""
 
@@ -242,6 +256,7 @@ class Policy(BaseModel):
     max_duration: Duration = 4 * 3600.0
     max_notifications: int = Field(default=100, ge=1, le=10_000)
     retry: dict[str, RetryPolicy] = Field(default_factory=dict)
+    voice: VoiceOptions | None = None
 
     @field_validator("name")
     @classmethod

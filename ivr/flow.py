@@ -398,4 +398,8 @@ def parse_flow(data: str | Mapping[str, Any], *, source: str = "flow") -> Flow:
 def load_flow(path: str | Path) -> Flow:
     """Read and validate a flow YAML file."""
     file = Path(path)
-    return parse_flow(file.read_text(encoding="utf-8"), source=str(file))
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FlowError(f"{file}: cannot read the flow: {exc.strerror or exc}") from None
+    return parse_flow(text, source=str(file))

@@ -254,10 +254,15 @@ class VoiceChannel:
         ring_timeout: float = 30.0,
         menu: AckMenu | None = None,
         conversation: Conversation | None = None,
+        flows: Mapping[str, Flow] | None = None,
     ) -> None:
+        """`flows` maps a policy name to the flow its calls run (else the default menu)."""
         self._dialer = dialer
         self._ring_timeout = ring_timeout
         self._conversation = conversation or ack_conversation((menu or AckMenu()).flow())
+        self._policy_conversations = {
+            policy: ack_conversation(flow) for policy, flow in (flows or {}).items()
+        }
         self._active: dict[str, Call | None] = {}  # in-flight notification -> its call
         self._cancelled: set[str] = set()  # only ever holds keys of _active
 
@@ -291,7 +296,8 @@ class VoiceChannel:
         try:
             outcome = ""
             if call.answered and not call.ended.is_set():
-                outcome = await self._conversation(call, notification)
+                converse = self._policy_conversations.get(notification.policy)
+                outcome = await (converse or self._conversation)(call, notification)
             if outcome in EARLY_OUTCOMES and not call.ended.is_set():
                 return early_result(call, outcome, dialed.details)  # goodbye still playing
             result = await call.hangup()

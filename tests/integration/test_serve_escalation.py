@@ -389,3 +389,52 @@ async def test_alert_call_fails_over_across_carrier_trunks_and_audits_health(
     assert dead and dead[0]["status"] == "down" and dead[0]["aspect"] == "probe", health
     invites = (tmp_path / "a").glob("*_messages.log")
     assert any("INVITE sip:+14155550101@" in p.read_text() for p in invites)  # tried first
+
+
+async def test_policy_with_amd_counts_a_voicemail_as_not_acknowledged(tmp_path: Path) -> None:
+    """voice: {amd: true} on a policy: a voicemail greeting (generated with espeak-ng and a
+    beep, played by SIPp) is classified as a machine, a message is left, and the chain
+    goes on (not acknowledged)."""
+    from tests.integration.pcap import write_pcmu_pcap
+    from tests.ivr_audio import MACHINE_CLIPS, load, render
+
+    greeting = write_pcmu_pcap(tmp_path / "vm.pcap", load(render(MACHINE_CLIPS[0], tmp_path)))
+    config = {
+        "company": "acme",
+        "recipients": recipients(telegram=False),
+        "channel_defaults": {"voice": {"attempts": 1}},
+        "policies": [
+            {"name": "page", "voice": {"amd": True, "machine_message": "Please call back."},
+             "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}]},
+        ],
+    }  # fmt: skip
+    with sipp("ivr_uas_greeting.xml", tmp_path, PAUSE_MS="0", PCAP=str(greeting)) as uas:
+        env = {"ACKLINE_VOICE_TARGET": f"sip:{{number}}@{uas.address}"}
+        async with serve(tmp_path, config, env) as service:
+            alert_id = await service.post_alert("page")
+            alert = await service.until(
+                alert_id, lambda a: a["attempts"] and a["attempts"][0]["status"] != "sending", 40
+            )
+        assert await asyncio.to_thread(uas.wait, 10) == 0, uas.logs()  # our BYE came
+    [voice] = alert["attempts"]
+    assert (voice["status"], voice["reason"]) == ("not_acknowledged", "answering_machine")
+    assert alert["state"] != "acknowledged"
+
+
+def test_a_policy_with_a_broken_flow_file_stops_serve_at_start(tmp_path: Path) -> None:
+    config = {
+        "company": "acme",
+        "recipients": recipients(telegram=False),
+        "policies": [{"name": "page", "voice": {"flow": str(tmp_path / "missing.yaml")},
+                      "steps": [{"recipients": ["alice"], "channels": ["voice"]}]}],
+    }  # fmt: skip
+    (tmp_path / "ackline.yaml").write_text(yaml.safe_dump(config))
+    env = {**cli_env(tmp_path), "ACKLINE_CONFIG": str(tmp_path / "ackline.yaml"),
+           "ACKLINE_VOICE_TARGET": "sip:{number}@127.0.0.1:9",
+           "ACKLINE_DATABASE_URL": f"sqlite:///{tmp_path}/a.db"}  # fmt: skip
+    proc = subprocess.run(
+        [*ackline_cli(), "serve", "--port", str(free_port()), "--http-port", str(free_port())],
+        capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "missing.yaml" in proc.stderr and "cannot read the flow" in proc.stderr
