@@ -152,3 +152,35 @@ async def test_untrusted_source_gets_403_and_an_audit_line(tmp_path: Path) -> No
     [line] = refused
     assert (line["status"], line["reason"], line["ip"]) == ("403", "untrusted_source", "127.0.0.1")
     assert line["caller"].startswith("sip:+14155550123@")
+
+
+async def test_baresip_caller_through_the_hotline_raises_an_alert(tmp_path: Path) -> None:
+    """A second independent peer: baresip dials in, presses 1 (RFC 4733), talks (its tone
+    generator) until it presses # to end the recording; the alert carries the recording."""
+    from tests.integration.baresip_peer import baresip_uac
+
+    (tmp_path / "carrier").mkdir()
+    with sipp("carrier_reject.xml", tmp_path / "carrier", calls=100, CODE="480",
+              PHRASE="Temporarily Unavailable") as carrier:  # fmt: skip
+        config = hotline_config(carrier.port, tmp_path / "rec", ["voice"])
+        async with serve(tmp_path, config, {}) as service:
+            target = f"sip:+14155550100@127.0.0.1:{service.sip_port}"
+            with baresip_uac(tmp_path / "baresip", target, dtmf="1", dtmf_delay_s=1.0,
+                             lifetime_s=60, tone_hz=700) as peer:  # fmt: skip
+                await asyncio.to_thread(peer.wait_established, 10)
+                await asyncio.sleep(9.0)  # the menu, the record prompt and its tone, talking
+                await asyncio.to_thread(peer.send_dtmf, "#")
+                await asyncio.to_thread(peer.wait_closed, 40)
+                closed_by_remote = peer.closed_by_remote
+            call = await hotline_alert(service)
+            alert = await service.until(call["alert_id"], lambda a: bool(a["attempts"]), 10)
+    assert closed_by_remote  # the flow said goodbye and hung up
+    assert call["status"] == "reported" and "record" in call["path"], call
+    recording = Path(alert["details"]["recording"])
+    with wave.open(str(recording)) as wav:
+        recorded = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    assert len(recorded) > 8000  # more than a second of the caller
+    spectrum = np.abs(np.fft.rfft(recorded.astype(np.float64)))
+    assert (
+        abs(np.fft.rfftfreq(len(recorded), 1 / 8000)[int(np.argmax(spectrum[1:])) + 1] - 700) < 15
+    )
