@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from carriers.budgets import Budgets
 from carriers.health import HealthChange, HealthPolicy
 from carriers.numbers import REFUSED_TYPES, type_from_name, type_name
 from carriers.router import CarrierRouter
@@ -162,6 +163,7 @@ class CarrierConfig(BaseModel):
         *,
         route: str | None = None,
         on_health_change: Callable[[HealthChange], None] | None = None,
+        budgets: Budgets | None = None,
     ) -> CarrierRouter:
         """A router over every trunk, or over the trunks of the named ``route``."""
         trunks, strategy = self.trunks, self.strategy
@@ -181,6 +183,7 @@ class CarrierConfig(BaseModel):
             health=self.health_policy(),
             on_health_change=on_health_change,
             default_region=self.default_region,
+            budgets=budgets,
         )
 
 

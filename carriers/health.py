@@ -248,7 +248,7 @@ class Prober:
         if interval <= 0:
             raise ValueError("probe interval must be > 0")
         self.gateway = gateway
-        self.trunks = [t for t in trunks if t.enabled]
+        self.trunks = list(trunks)  # disabled ones are skipped each round, not dropped
         self.board = board
         self.interval = interval
         self.timeout = timeout
@@ -262,7 +262,13 @@ class Prober:
         count = max(1, len(self.trunks))
         for index, trunk in enumerate(self.trunks):
             offset = self.interval * index / count
-            self._tasks.append(asyncio.ensure_future(self._run(trunk, offset)))
+            self._tasks.append(asyncio.ensure_future(self._run(trunk.name, offset)))
+
+    def update(self, trunks: Sequence[Trunk]) -> None:
+        """New definitions of the same trunks (an operator's change); the next round uses
+        them, and a trunk enabled again is probed again."""
+        known = {t.name for t in self.trunks}
+        self.trunks = [t for t in trunks if t.name in known]
 
     async def close(self) -> None:
         self._closed.set()
@@ -300,15 +306,17 @@ class Prober:
         self.board.probe_result(trunk.name, ok, detail)
         return ok
 
-    async def _run(self, trunk: Trunk, offset: float) -> None:
+    async def _run(self, name: str, offset: float) -> None:
         if await self._sleep(offset):
             return
         while not self._closed.is_set():
             started = asyncio.get_running_loop().time()
+            trunk = next((t for t in self.trunks if t.name == name), None)
             try:
-                await self.probe(trunk)
+                if trunk is not None and trunk.enabled:
+                    await self.probe(trunk)
             except Exception:
-                logger.exception("probe of trunk %s failed unexpectedly", trunk.name)
+                logger.exception("probe of trunk %s failed unexpectedly", name)
             elapsed = asyncio.get_running_loop().time() - started
             if await self._sleep(max(0.0, self.interval - elapsed)):
                 return

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from carriers import metrics
+from carriers.budgets import Budgets, LocalBudgets
 from carriers.health import (
     BreakerState,
     HealthBoard,
@@ -101,27 +102,6 @@ class NoRouteAvailable(OSError):
         self.skipped = list(skipped)
 
 
-class TokenBucket:
-    """Calls-per-second budget: ``rate`` tokens a second, at most ``burst`` saved up."""
-
-    def __init__(self, rate: float, burst: float | None = None) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be > 0")
-        self.rate = rate
-        self.burst = burst if burst is not None else max(1.0, rate)
-        self._tokens = self.burst
-        self._at: float | None = None
-
-    def take(self, now: float) -> bool:
-        if self._at is not None:
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-
 def classify(call: Call) -> tuple[AttemptKind, int | None, str]:
     """What a finished dial says: (kind, SIP code, reason)."""
     if call.answered:
@@ -166,6 +146,7 @@ class CarrierRouter:
         on_health_change: Callable[[HealthChange], None] | None = None,
         default_region: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        budgets: Budgets | None = None,
     ) -> None:
         names = [t.name for t in trunks]
         if len(set(names)) != len(names):
@@ -179,8 +160,10 @@ class CarrierRouter:
         self.default_region = default_region
         self.clock = clock
         self._active = dict.fromkeys(names, 0)
-        self._buckets = {t.name: TokenBucket(t.max_cps) for t in trunks if t.max_cps}
+        # max_concurrent / max_cps: this process's, or shared by all workers (Redis)
+        self.budgets: Budgets = budgets or LocalBudgets(clock)
         self._background: set[asyncio.Future[Any]] = set()
+        self._probers: list[Prober] = []
 
     # -- public -------------------------------------------------------------------------
 
@@ -190,11 +173,28 @@ class CarrierRouter:
 
     def prober(self, *, interval: float = 5.0, timeout: float | None = None) -> Prober:
         """An OPTIONS prober feeding this router's health board (start it, close it)."""
-        return Prober(self.gateway, self.trunks, self.health, interval=interval, timeout=timeout)
+        prober = Prober(self.gateway, self.trunks, self.health, interval=interval, timeout=timeout)
+        self._probers.append(prober)
+        return prober
+
+    def update_trunks(self, trunks: Sequence[Trunk]) -> None:
+        """Take new definitions of the same trunks (enabled, priority, weight, budgets)
+        for the next call, without a restart; calls in progress are not touched."""
+        by_name = {t.name: t for t in trunks}
+        unknown = set(by_name) - set(self._active)
+        if unknown:
+            raise ValueError(f"unknown trunks: {', '.join(sorted(unknown))}")
+        self.trunks = [by_name.get(t.name, t) for t in self.trunks]
+        for prober in self._probers:
+            prober.update(self.trunks)
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop watching calls. Abandoned attempts (INVITEs that never got an answer) end by
         timer B; ``grace`` seconds are given for that before the rest is cancelled."""
+        await self._close_calls(grace)
+        await self.budgets.close()
+
+    async def _close_calls(self, grace: float) -> None:
         if grace > 0 and self._background:
             await asyncio.wait(set(self._background), timeout=grace)
         pending = list(self._background)
@@ -239,12 +239,12 @@ class CarrierRouter:
         view = RouteView(active=dict(self._active), quality=self.quality)
         attempts: list[TrunkAttempt] = []
         for trunk in self.strategy.order(candidates, view):
-            reason = self._budget_refusal(trunk)
+            reason, claim = await self._budget_refusal(trunk)
             if reason is not None:
                 skipped.append(SkippedTrunk(trunk.name, reason))
                 metrics.TRUNK_SKIPPED.labels(trunk=trunk.name, reason=reason.split(" ")[0]).inc()
                 continue
-            call, attempt = await self._attempt(trunk, destination, ring_timeout, on_call)
+            call, attempt = await self._attempt(trunk, claim, destination, ring_timeout, on_call)
             attempts.append(attempt)
             logger.info(
                 "call to %s via %s: %s %s %s (%d ms)",
@@ -266,6 +266,7 @@ class CarrierRouter:
     async def _attempt(
         self,
         trunk: Trunk,
+        claim: str,
         destination: Destination,
         ring_timeout: float,
         app_on_call: Callable[[Call], None] | None,
@@ -299,7 +300,7 @@ class CarrierRouter:
                 on_call=on_call,
             )
         )
-        dial.add_done_callback(lambda task: self._on_dial_done(trunk.name, task))
+        dial.add_done_callback(lambda task: self._on_dial_done(trunk.name, claim, task))
         try:
             responded = await self._first_response(dial, created, trunk.trying_timeout)
             if not responded:
@@ -361,26 +362,33 @@ class CarrierRouter:
 
         created.add_done_callback(hang_up)
 
-    def _on_dial_done(self, trunk: str, dial: asyncio.Future[Call]) -> None:
+    def _on_dial_done(self, trunk: str, claim: str, dial: asyncio.Future[Call]) -> None:
         """The dial is over; its call may still be up (answered): count it until it ends."""
         call: Call | None = None
         if not dial.cancelled() and dial.exception() is None:
             call = dial.result()
         if call is None or call.ended.is_set():
-            self._release(trunk)
+            self._release(trunk, claim)
             return
 
         async def until_ended(ended: asyncio.Event) -> None:
             try:
                 await ended.wait()
             finally:
-                self._release(trunk)
+                self._release(trunk, claim)
 
         self._keep(asyncio.ensure_future(until_ended(call.ended)))
 
-    def _release(self, trunk: str) -> None:
+    def _release(self, trunk: str, claim: str) -> None:
         self._active[trunk] -= 1
         metrics.TRUNK_ACTIVE.labels(trunk=trunk).set(self._active[trunk])
+        self._keep(asyncio.ensure_future(self._release_budget(trunk, claim)))
+
+    async def _release_budget(self, trunk: str, claim: str) -> None:
+        try:
+            await self.budgets.release(trunk, claim)
+        except Exception:  # a shared budget's lease frees the slot anyway
+            logger.exception("releasing the budget of trunk %s failed", trunk)
 
     def _keep(self, future: asyncio.Future[Any]) -> None:
         self._background.add(future)
@@ -397,18 +405,22 @@ class CarrierRouter:
 
     # -- budgets and explanations --------------------------------------------------------
 
-    def _budget_refusal(self, trunk: Trunk) -> str | None:
-        """Why ``trunk`` cannot take this call right now, or None (and claim it)."""
-        if trunk.max_concurrent is not None and self._active[trunk.name] >= trunk.max_concurrent:
-            return f"max_concurrent reached ({trunk.max_concurrent})"
+    async def _budget_refusal(self, trunk: Trunk) -> tuple[str | None, str]:
+        """Why ``trunk`` cannot take this call right now, or (None, claim) having claimed
+        its budget; the claim is released when the call is over."""
         if not self.health.usable(trunk.name):
-            return self._unusable_reason(trunk)
-        bucket = self._buckets.get(trunk.name)
-        if bucket is not None and not bucket.take(self.clock()):
-            return f"max_cps reached ({trunk.max_cps:g}/s)"
+            return self._unusable_reason(trunk), ""
+        try:
+            reason, claim = await self.budgets.acquire(trunk)
+        except Exception as exc:  # Redis away: better this call than none (logged)
+            logger.warning("budget of trunk %s unavailable (%s); calling anyway", trunk.name, exc)
+            reason, claim = None, ""
+        if reason is not None:
+            return reason, ""
         if not self.health.begin_call(trunk.name):
-            return "half_open trial call already in progress"
-        return None
+            self._keep(asyncio.ensure_future(self._release_budget(trunk.name, claim)))
+            return "half_open trial call already in progress", ""
+        return None, claim
 
     def _unusable_reason(self, trunk: Trunk) -> str:
         health = self.health[trunk.name]

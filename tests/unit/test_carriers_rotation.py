@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from carriers.budgets import TokenBucket
 from carriers.rotation import (
     AttemptKind,
     LeastActiveStrategy,
@@ -17,7 +18,6 @@ from carriers.rotation import (
     WeightedStrategy,
     make_strategy,
 )
-from carriers.router import TokenBucket
 from carriers.trunk import Trunk
 
 

@@ -1,0 +1,148 @@
+"""Per-trunk budgets: concurrent calls and calls per second, in one process or shared.
+
+A carrier enforces its limits across everything we send it, so with several workers the
+budget must be shared too, or the workers together hit the carrier's 503 instead of
+spreading the load. `RedisBudgets` keeps each trunk's calls in Redis (one atomic script
+per decision); a slot has a lease, so a worker that dies mid-call frees it in time.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from carriers.trunk import Trunk
+
+__all__ = ["Budgets", "LocalBudgets", "RedisBudgets", "TokenBucket"]
+
+
+class TokenBucket:
+    """Calls-per-second budget: ``rate`` tokens a second, at most ``burst`` saved up."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate)
+        self._tokens = self.burst
+        self._at: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class Budgets(Protocol):
+    async def acquire(self, trunk: Trunk) -> tuple[str | None, str]:
+        """Claim a slot for one call: (refusal reason or None, the claim's key)."""
+        ...
+
+    async def release(self, trunk: str, key: str) -> None:
+        """The call through `trunk` claimed as `key` is over."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LocalBudgets:
+    """Budgets of this process alone (the embedded default, one worker)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._active: dict[str, set[str]] = {}
+        self._buckets: dict[str, tuple[float, TokenBucket]] = {}
+
+    async def acquire(self, trunk: Trunk) -> tuple[str | None, str]:
+        active = self._active.setdefault(trunk.name, set())
+        if trunk.max_concurrent is not None and len(active) >= trunk.max_concurrent:
+            return f"max_concurrent reached ({trunk.max_concurrent})", ""
+        if trunk.max_cps:
+            entry = self._buckets.get(trunk.name)
+            if entry is None or entry[0] != trunk.max_cps:  # new, or changed at run time
+                entry = (trunk.max_cps, TokenBucket(trunk.max_cps))
+                self._buckets[trunk.name] = entry
+            if not entry[1].take(self.clock()):
+                return f"max_cps reached ({trunk.max_cps:g}/s)", ""
+        key = uuid.uuid4().hex
+        active.add(key)
+        return None, key
+
+    async def release(self, trunk: str, key: str) -> None:
+        self._active.get(trunk, set()).discard(key)
+
+    async def close(self) -> None:
+        return None
+
+
+# KEYS: active zset (member: claim, score: lease end ms), starts zset (member: claim, score:
+# start ms). ARGV: now ms, max concurrent (-1: none), window ms, calls per window (-1: none),
+# lease ms, claim. Returns "" (claimed) or the refusal.
+_ACQUIRE = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if tonumber(ARGV[2]) >= 0 and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 'max_concurrent'
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
+if tonumber(ARGV[4]) >= 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
+  return 'max_cps'
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[6])
+redis.call('ZADD', KEYS[2], now, ARGV[6])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) + 1000)
+return ''
+"""
+
+
+class RedisBudgets:
+    """Budgets shared by every worker through Redis.
+
+    Calls per second are a sliding window: at most ``max(1, cps * w)`` starts in any window
+    ``w = max(1 s, 1 / cps)``. A claim's lease (default 4 h) bounds how long a crashed
+    worker's call keeps its slot.
+    """
+
+    def __init__(self, url: str, prefix: str = "ackline", *, lease_s: float = 4 * 3600) -> None:
+        import redis.asyncio as aioredis
+
+        self.redis: Any = aioredis.from_url(url)
+        self.prefix = f"{prefix}:trunk"
+        self.lease_ms = int(lease_s * 1000)
+        self._script: Any = self.redis.register_script(_ACQUIRE)
+
+    async def acquire(self, trunk: Trunk) -> tuple[str | None, str]:
+        key = uuid.uuid4().hex
+        cps = trunk.max_cps
+        window_ms = int(max(1.0, 1.0 / cps) * 1000) if cps else 1000
+        per_window = max(1, int(cps * window_ms / 1000)) if cps else -1
+        result = await self._script(
+            keys=[f"{self.prefix}:{trunk.name}:active", f"{self.prefix}:{trunk.name}:starts"],
+            args=[
+                int(time.time() * 1000),
+                trunk.max_concurrent if trunk.max_concurrent is not None else -1,
+                window_ms,
+                per_window,
+                self.lease_ms,
+                key,
+            ],
+        )
+        refusal = result.decode() if isinstance(result, bytes) else str(result)
+        if refusal == "max_concurrent":
+            return f"max_concurrent reached ({trunk.max_concurrent}, all workers)", ""
+        if refusal == "max_cps":
+            return f"max_cps reached ({cps:g}/s, all workers)", ""
+        return None, key
+
+    async def release(self, trunk: str, key: str) -> None:
+        await self.redis.zrem(f"{self.prefix}:{trunk}:active", key)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
