@@ -183,7 +183,7 @@ _CLAIM = (
     select(Job, Alert)
     .join(Alert, col(Alert.id) == col(Job.alert_id))
     .where(
-        col(Job.done).is_(False),
+        ~col(Job.done),
         col(Job.due_at) <= bindparam("now"),
         or_(col(Job.lease_until).is_(None), col(Job.lease_until) < bindparam("now")),
     )
@@ -423,7 +423,7 @@ class Engine:
         await s.flush()
         await s.execute(
             update(Job)
-            .where(col(Job.alert_id) == alert_id, col(Job.done).is_(False))
+            .where(col(Job.alert_id) == alert_id, ~col(Job.done))
             .values(done=True, outcome="cancelled")
         )
         await s.execute(
@@ -964,7 +964,7 @@ class Engine:
         # a batch of results recorded at the same moment.
         mine = (
             select(col(Job.id))
-            .where(col(Job.id).in_(job_ids), col(Job.owner) == owner, col(Job.done).is_(False))
+            .where(col(Job.id).in_(job_ids), col(Job.owner) == owner, ~col(Job.done))
             .with_for_update(skip_locked=True)
         )
         async with self.db.session() as s, s.begin():
@@ -1076,7 +1076,7 @@ class Engine:
 
     async def next_due(self) -> datetime | None:
         async with self.db.session() as s:
-            due = await s.scalar(select(func.min(col(Job.due_at))).where(col(Job.done).is_(False)))
+            due = await s.scalar(select(func.min(col(Job.due_at))).where(~col(Job.done)))
         if isinstance(due, datetime) and due.tzinfo is None:
             due = due.replace(tzinfo=UTC)
         return due

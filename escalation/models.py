@@ -112,7 +112,7 @@ class NotificationAttempt(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     company: str = Field(max_length=64)
     alert_id: str = Field(max_length=36, index=True)
-    notification_id: str = Field(max_length=36, index=True)
+    notification_id: str = Field(max_length=36)  # looked up through uq_attempt
     attempt: int
     channel: str = Field(max_length=32)
     recipient_id: str = Field(max_length=64)
@@ -132,7 +132,17 @@ class Job(SQLModel, table=True):
     """A durable timer/dispatch unit. Claimed by one worker at a time through its lease."""
 
     __tablename__ = "jobs"
-    __table_args__ = (sa.Index("ix_jobs_pending", "done", "due_at"),)
+    __table_args__ = (
+        # Undone jobs in claim order; the claim and next_due must say `NOT done` (SQLite:
+        # `done = 0`), as `~col(Job.done)` renders, for the planner to use it.
+        sa.Index(
+            "ix_jobs_due",
+            "due_at",
+            "id",
+            postgresql_where=sa.text("NOT done"),
+            sqlite_where=sa.text("done = 0"),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     alert_id: str = Field(max_length=36, index=True)
