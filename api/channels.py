@@ -6,17 +6,23 @@ A channel whose provider is not configured is simply absent: the engine then rec
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from api.settings import Settings
+from carriers.budgets import RedisBudgets
 from carriers.health import HealthChange
+from carriers.router import CarrierRouter
+from carriers.store import TrunkStore
+from carriers.trunk import Trunk
 from escalation.audit import AuditLog
 from escalation.channels.base import Channel
 from escalation.channels.voice import AckMenu, CarrierDialer, Dialer, SipUriDialer, VoiceChannel
 from escalation.config import AcklineConfig, load_config
+from escalation.db import Database
 from gateway.call import Gateway
 from gateway.sip.auth import Credentials
 from ivr.flow import Flow, load_flow
@@ -49,6 +55,25 @@ def audit_trunk_health(audit: AuditLog, config: AcklineConfig, change: HealthCha
             }
         ],
     )
+
+
+async def _watch_overrides(
+    settings: Settings, trunks: Sequence[Trunk], router: CarrierRouter
+) -> Callable[[], Awaitable[None]]:
+    """Apply the operators' trunk changes (API/CLI) now and whenever they change."""
+    db = Database(settings.database_url)
+    if settings.migrate_on_start:
+        await db.migrate()
+    stop = asyncio.Event()
+    task = asyncio.create_task(TrunkStore(db).watch(trunks, router.update_trunks, stop=stop))
+
+    async def close() -> None:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task
+        await db.dispose()
+
+    return close
 
 
 def _async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
@@ -86,6 +111,7 @@ class Services:
     config: AcklineConfig
     channels: dict[str, Channel] = field(default_factory=dict)
     dialer: Dialer | None = None
+    router: CarrierRouter | None = None  # when calls go out through carrier trunks
 
 
 @contextlib.asynccontextmanager
@@ -98,13 +124,22 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
     if gateway is not None and config.carriers is not None:
         audit = AuditLog(settings.audit_dir, fsync=settings.audit_fsync)
         closers.append(_async(audit.close))
+        budgets = (
+            RedisBudgets(settings.redis_url, settings.redis_prefix)
+            if settings.redis_url
+            else None  # one process: its own budgets
+        )
         router = config.carriers.router(
-            gateway, on_health_change=lambda change: audit_trunk_health(audit, config, change)
+            gateway,
+            on_health_change=lambda change: audit_trunk_health(audit, config, change),
+            budgets=budgets,
         )
         prober = router.prober(interval=config.carriers.probe.interval)
         prober.start()
         closers += [prober.close, router.close]
         services.dialer = CarrierDialer(router)
+        services.router = router
+        closers.append(await _watch_overrides(settings, config.carriers.trunks, router))
     elif gateway is not None and settings.voice_target:
         credentials = (
             Credentials(settings.voice_auth_user, settings.voice_auth_password or "")

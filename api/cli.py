@@ -469,6 +469,7 @@ async def _serve(
             return
         embedded = settings.model_copy(update={"embedded_worker": role is Role.ALL})
         api = create_app(embedded, services.channels)
+        api.state.carriers_router = services.router  # live trunk health for /v1/carriers
         if webphone and gateway is not None:
             from api.webphone import Webphone
 
@@ -547,6 +548,138 @@ def softphone(
             )
         typer.echo("passed" if report.ok else "failed")
     if not report.ok:
+        raise typer.Exit(1)
+
+
+carriers_app = typer.Typer(no_args_is_help=True, help="carrier trunks: list, test, enable, disable")
+app.add_typer(carriers_app, name="carriers")
+
+
+def _carriers_runtime() -> tuple[Settings, CarrierConfig]:
+    try:
+        settings = Settings.from_env()
+        return settings, _carriers_config(settings.config_path)
+    except (ValueError, ConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+async def _with_store(settings: Settings, action: Any) -> Any:
+    from carriers.store import TrunkStore
+    from escalation.db import Database
+
+    db = Database(settings.database_url)
+    try:
+        if settings.migrate_on_start:
+            await db.migrate()
+        return await action(TrunkStore(db))
+    finally:
+        await db.dispose()
+
+
+@carriers_app.command("list")
+def carriers_list(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The configured trunks with the changes operators made (from the database)."""
+    from api.routes.carriers import describe
+    from carriers.store import apply_overrides
+
+    settings, carriers = _carriers_runtime()
+
+    async def read(store: Any) -> dict[str, dict[str, Any]]:
+        overrides: dict[str, dict[str, Any]] = await store.overrides()
+        return overrides
+
+    overrides = asyncio.run(_with_store(settings, read))
+    rows = [
+        describe(t, overrides.get(t.name, {}), None)
+        for t in apply_overrides(carriers.trunks, overrides)
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, sort_keys=True))
+        return
+    for row in rows:
+        state = "enabled " if row["enabled"] else "disabled"
+        changed = f" (changed: {', '.join(sorted(row['overrides']))})" if row["overrides"] else ""
+        typer.echo(
+            f"{row['name']:<16} {state} {row['transport']}:{row['host']}:{row['port']} "
+            f"priority={row['priority']} weight={row['weight']}{changed}"
+        )
+
+
+def _set_enabled(name: str, enabled: bool) -> None:
+    from carriers.store import TrunkChanges
+    from escalation.audit import AuditLog
+    from escalation.config import load_config
+
+    settings, carriers = _carriers_runtime()
+    if name not in {t.name for t in carriers.trunks}:
+        typer.echo(f"error: no trunk {name!r}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    actor = f"cli:{os.environ.get('USER') or os.getuid()}"
+
+    changes = TrunkChanges(enabled=enabled)
+
+    async def write(store: Any) -> None:
+        await store.change(name, changes, actor)
+
+    asyncio.run(_with_store(settings, write))
+    company = load_config(settings.config_path).company if settings.config_path else "default"
+    audit = AuditLog(settings.audit_dir, fsync=settings.audit_fsync)
+    try:
+        audit.write(company, [{"event": "trunk_changed", "status": "changed",
+                               "reason": "enabled", "actor": actor, "trunk": name,
+                               "changes": changes.as_dict()}])  # fmt: skip
+    finally:
+        audit.close()
+    typer.echo(f"{name} {'enabled' if enabled else 'disabled'} (workers apply it within seconds)")
+
+
+@carriers_app.command("enable")
+def carriers_enable(name: Annotated[str, typer.Argument(help="trunk name")]) -> None:
+    """Put a trunk back into rotation, without a restart."""
+    _set_enabled(name, True)
+
+
+@carriers_app.command("disable")
+def carriers_disable(name: Annotated[str, typer.Argument(help="trunk name")]) -> None:
+    """Take a trunk out of rotation for new calls, without a restart."""
+    _set_enabled(name, False)
+
+
+@carriers_app.command("test")
+def carriers_test(
+    name: Annotated[str | None, typer.Argument(help="trunk name (default: all)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+) -> None:
+    """Probe trunks with SIP OPTIONS now; exit 1 if any did not answer."""
+    from api.routes.carriers import probe_once
+
+    _settings, carriers = _carriers_runtime()
+    trunks = [t for t in carriers.trunks if name is None or t.name == name]
+    if not trunks:
+        typer.echo(f"error: no trunk {name!r}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+    async def probe_all() -> list[dict[str, Any]]:
+        host = local_address_for(trunks[0].host)
+        config = GatewayConfig(host=host, udp_port=0, tcp_port=0)
+        async with Gateway(config) as gateway:
+            router = carriers.router(gateway)
+            try:
+                return [await probe_once(router, t) for t in trunks]
+            finally:
+                await router.close()
+
+    results = asyncio.run(probe_all())
+    for result in results:
+        if as_json:
+            typer.echo(json.dumps(result, sort_keys=True))
+        else:
+            mark = "ok  " if result["ok"] else "FAIL"
+            typer.echo(f"{mark} {result['trunk']:<16} {result['detail']} ({result['rtt_ms']} ms)")
+    if not all(r["ok"] for r in results):
         raise typer.Exit(1)
 
 

@@ -186,3 +186,16 @@ class PolicyRow(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=64)
     spec: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(sa.JSON()))
     updated_at: datetime = _ts()
+
+
+class TrunkOverrideRow(SQLModel, table=True):
+    """Operational changes to a carrier trunk made through the API or CLI (enable/disable,
+    priority, weight, budgets) on top of its ackline.yaml definition, shared by every
+    process: workers pick them up without a restart."""
+
+    __tablename__ = "trunk_overrides"
+
+    name: str = Field(primary_key=True, max_length=64)
+    changes: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(sa.JSON()))
+    updated_at: datetime = _ts()
+    updated_by: str = Field(default="", max_length=200)

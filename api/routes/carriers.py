@@ -1,0 +1,164 @@
+"""Carrier trunks for telecom admins: list them with their health, change them at run
+time (enable, disable, priority, weight, budgets), and probe one now.
+
+Trunks are defined in ackline.yaml; changes made here are stored overrides that every
+worker applies within seconds and that survive restarts. Passwords are never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+
+from api.deps import RuntimeDep, TenantDep, context
+from api.routes.schemas import Error
+from carriers.health import probe_ok
+from carriers.router import CarrierRouter
+from carriers.store import TrunkChanges, TrunkStore, apply_overrides
+from carriers.trunk import Trunk
+
+router = APIRouter(prefix="/v1/carriers", tags=["carriers"])
+_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": Error}, 404: {"model": Error}, 422: {"model": Error}, 503: {"model": Error}
+}  # fmt: skip
+
+
+def _trunks(runtime: Any) -> list[Trunk]:
+    carriers = runtime.config.carriers
+    if carriers is None:
+        raise HTTPException(404, "no carriers are configured (ackline.yaml has no carriers:)")
+    trunks: list[Trunk] = carriers.trunks
+    return trunks
+
+
+def _in_process_router(request: Request) -> CarrierRouter | None:
+    found: CarrierRouter | None = getattr(request.app.state, "carriers_router", None)
+    return found
+
+
+def describe(
+    trunk: Trunk, overrides: dict[str, Any], router: CarrierRouter | None
+) -> dict[str, Any]:
+    """A trunk as an admin sees it: its settings (no secrets), overrides, live health."""
+    out = trunk.model_dump(mode="json", exclude={"password"})
+    out["has_password"] = trunk.password is not None
+    out["overrides"] = overrides
+    out["health"] = None
+    if router is not None:
+        health = router.health[trunk.name]
+        out["health"] = {
+            "probe": health.probe.value,
+            "breaker": health.breaker.value,
+            "usable": router.health.usable(trunk.name),
+            "active_calls": router.active(trunk.name),
+            "asr": router.quality.asr(trunk.name),
+            "samples": router.quality.samples(trunk.name),
+        }
+    return out
+
+
+async def _current(runtime: Any, name: str) -> tuple[Trunk, dict[str, Any]]:
+    configured = {t.name: t for t in _trunks(runtime)}
+    if name not in configured:
+        raise HTTPException(404, f"no trunk {name!r}")
+    overrides = await TrunkStore(runtime.db).overrides()
+    [trunk] = apply_overrides([configured[name]], overrides)
+    return trunk, overrides.get(name, {})
+
+
+@router.get("", responses=_ERRORS)
+async def list_carriers(
+    request: Request, runtime: RuntimeDep, tenant: TenantDep
+) -> list[dict[str, Any]]:
+    """Every configured trunk with its overrides applied."""
+    overrides = await TrunkStore(runtime.db).overrides()
+    live = _in_process_router(request)
+    return [
+        describe(t, overrides.get(t.name, {}), live)
+        for t in apply_overrides(_trunks(runtime), overrides)
+    ]
+
+
+@router.get("/{name}", responses=_ERRORS)
+async def get_carrier(
+    name: str, request: Request, runtime: RuntimeDep, tenant: TenantDep
+) -> dict[str, Any]:
+    trunk, overrides = await _current(runtime, name)
+    return describe(trunk, overrides, _in_process_router(request))
+
+
+@router.patch("/{name}", responses=_ERRORS)
+async def change_carrier(
+    name: str, changes: TrunkChanges, request: Request, runtime: RuntimeDep, tenant: TenantDep
+) -> dict[str, Any]:
+    """Change a trunk without a restart (e.g. `{"enabled": false}` takes it out of rotation
+    for new calls; calls in progress are not touched). Audited."""
+    await _current(runtime, name)  # 404 before anything is written
+    if not changes.as_dict():
+        raise HTTPException(422, "nothing to change")
+    ctx = context(request, f"api:{tenant.company}")
+    merged = await TrunkStore(runtime.db).change(name, changes, ctx.actor)
+    runtime.audit.write(
+        tenant.company,
+        [{"event": "trunk_changed", "status": "changed", "reason": ",".join(sorted(merged)),
+          "actor": ctx.actor, "ip": ctx.ip, "request_id": ctx.request_id, "trunk": name,
+          "changes": changes.as_dict()}],
+    )  # fmt: skip
+    trunk, overrides = await _current(runtime, name)
+    return describe(trunk, overrides, _in_process_router(request))
+
+
+@router.delete("/{name}/overrides", responses=_ERRORS)
+async def reset_carrier(
+    name: str, request: Request, runtime: RuntimeDep, tenant: TenantDep
+) -> dict[str, Any]:
+    """Back to the trunk's ackline.yaml definition. Audited."""
+    await _current(runtime, name)
+    await TrunkStore(runtime.db).reset(name)
+    ctx = context(request, f"api:{tenant.company}")
+    runtime.audit.write(
+        tenant.company,
+        [{"event": "trunk_changed", "status": "reset", "reason": "overrides_cleared",
+          "actor": ctx.actor, "ip": ctx.ip, "request_id": ctx.request_id, "trunk": name}],
+    )  # fmt: skip
+    trunk, overrides = await _current(runtime, name)
+    return describe(trunk, overrides, _in_process_router(request))
+
+
+@router.post("/{name}/test", responses=_ERRORS)
+async def test_carrier(
+    name: str, request: Request, runtime: RuntimeDep, tenant: TenantDep
+) -> dict[str, Any]:
+    """Send one OPTIONS probe to the trunk now (needs the gateway in this process)."""
+    trunk, _ = await _current(runtime, name)
+    live = _in_process_router(request)
+    if live is None:
+        raise HTTPException(503, "no SIP gateway runs in this process (use ackline serve)")
+    return await probe_once(live, trunk)
+
+
+async def probe_once(router: CarrierRouter, trunk: Trunk) -> dict[str, Any]:
+    """One OPTIONS to `trunk`: answered or not, the SIP code and the round trip."""
+    started = time.monotonic()
+    code: int | None = None
+    detail = ""
+    try:
+        response = await asyncio.wait_for(
+            router.gateway.options(trunk.probe_uri(), transport=trunk.transport),
+            trunk.trying_timeout,
+        )
+        code = response.code if response is not None else None
+    except TimeoutError:
+        detail = f"no answer within {trunk.trying_timeout:g} s"
+    except (OSError, ValueError) as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+    return {
+        "trunk": trunk.name,
+        "ok": probe_ok(code),
+        "sip_code": code,
+        "rtt_ms": round((time.monotonic() - started) * 1000, 1),
+        "detail": detail or (f"answered {code}" if code is not None else "no answer"),
+    }
