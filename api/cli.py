@@ -609,7 +609,7 @@ def carriers_list(
 
 
 def _set_enabled(name: str, enabled: bool) -> None:
-    from carriers.store import TrunkChanges
+    from carriers.store import TrunkChanges, trunk_change_record
     from escalation.audit import AuditLog
     from escalation.config import load_config
 
@@ -628,9 +628,9 @@ def _set_enabled(name: str, enabled: bool) -> None:
     company = load_config(settings.config_path).company if settings.config_path else "default"
     audit = AuditLog(settings.audit_dir, fsync=settings.audit_fsync)
     try:
-        audit.write(company, [{"event": "trunk_changed", "status": "changed",
-                               "reason": "enabled", "actor": actor, "trunk": name,
-                               "changes": changes.as_dict()}])  # fmt: skip
+        audit.write(
+            company, [trunk_change_record(name, "changed", "enabled", actor, changes.as_dict())]
+        )
     finally:
         audit.close()
     typer.echo(f"{name} {'enabled' if enabled else 'disabled'} (workers apply it within seconds)")

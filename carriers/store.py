@@ -124,3 +124,28 @@ class TrunkStore:
                 logger.exception("reading trunk overrides failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
+
+
+def trunk_change_record(
+    trunk: str,
+    status: str,
+    reason: str,
+    actor: str,
+    changes: Mapping[str, Any] | None = None,
+    *,
+    ip: str | None = None,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """The audit line of an operator's change to a trunk (the API's and the CLI's alike)."""
+    record: dict[str, Any] = {
+        "event": "trunk_changed",
+        "status": status,
+        "reason": reason,
+        "actor": actor,
+        "ip": ip,
+        "request_id": request_id,
+        "trunk": trunk,
+    }
+    if changes is not None:
+        record["changes"] = dict(changes)
+    return record

@@ -17,7 +17,7 @@ from api.deps import RuntimeDep, TenantDep, context
 from api.routes.schemas import Error
 from carriers.health import probe_ok
 from carriers.router import CarrierRouter
-from carriers.store import TrunkChanges, TrunkStore, apply_overrides
+from carriers.store import TrunkChanges, TrunkStore, apply_overrides, trunk_change_record
 from carriers.trunk import Trunk
 
 router = APIRouter(prefix="/v1/carriers", tags=["carriers"])
@@ -103,9 +103,8 @@ async def change_carrier(
     merged = await TrunkStore(runtime.db).change(name, changes, ctx.actor)
     runtime.audit.write(
         tenant.company,
-        [{"event": "trunk_changed", "status": "changed", "reason": ",".join(sorted(merged)),
-          "actor": ctx.actor, "ip": ctx.ip, "request_id": ctx.request_id, "trunk": name,
-          "changes": changes.as_dict()}],
+        [trunk_change_record(name, "changed", ",".join(sorted(merged)), ctx.actor,
+                             changes.as_dict(), ip=ctx.ip, request_id=ctx.request_id)],
     )  # fmt: skip
     trunk, overrides = await _current(runtime, name)
     return describe(trunk, overrides, _in_process_router(request))
@@ -121,8 +120,8 @@ async def reset_carrier(
     ctx = context(request, f"api:{tenant.company}")
     runtime.audit.write(
         tenant.company,
-        [{"event": "trunk_changed", "status": "reset", "reason": "overrides_cleared",
-          "actor": ctx.actor, "ip": ctx.ip, "request_id": ctx.request_id, "trunk": name}],
+        [trunk_change_record(name, "reset", "overrides_cleared", ctx.actor,
+                             ip=ctx.ip, request_id=ctx.request_id)],
     )  # fmt: skip
     trunk, overrides = await _current(runtime, name)
     return describe(trunk, overrides, _in_process_router(request))
