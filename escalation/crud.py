@@ -6,7 +6,8 @@ The YAML file and the API go through the same functions and the same validation
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -74,9 +75,22 @@ async def _put_policy(s: AsyncSession, company: str, p: Policy) -> None:
     row.spec, row.updated_at = p.model_dump(mode="json"), utcnow()
 
 
+@contextlib.asynccontextmanager
+async def _config_write(db: Database, company: str) -> AsyncIterator[AsyncSession]:
+    """A transaction that changes a company's recipients, groups or policies.
+
+    Writers take turns per company: each one reads (does the row exist, is it still
+    referenced) before it writes, and two `serve` processes starting together sync the same
+    file at the same moment.
+    """
+    async with db.session() as s, s.begin():
+        await db.serialize(s, f"ackline-config:{company}")
+        yield s
+
+
 async def sync_config(db: Database, cfg: AcklineConfig) -> None:
     """Upsert everything the file defines; things created through the API are kept."""
-    async with db.session() as s, s.begin():
+    async with _config_write(db, cfg.company) as s:
         for r in cfg.recipients:
             await _put_recipient(s, cfg.company, r)
         for g in cfg.groups:
@@ -101,12 +115,12 @@ async def list_policies(db: Database, company: str) -> list[Policy]:
 
 
 async def put_recipient(db: Database, company: str, r: Recipient) -> None:
-    async with db.session() as s, s.begin():
+    async with _config_write(db, company) as s:
         await _put_recipient(s, company, r)
 
 
 async def put_group(db: Database, company: str, g: Group) -> None:
-    async with db.session() as s, s.begin():
+    async with _config_write(db, company) as s:
         recipients = await _recipients(s, company)
         missing = [m for m in g.members if m not in recipients]
         if missing:
@@ -117,7 +131,7 @@ async def put_group(db: Database, company: str, g: Group) -> None:
 async def put_policy(
     db: Database, company: str, p: Policy, channel_defaults: Mapping[str, RetryPolicy]
 ) -> None:
-    async with db.session() as s, s.begin():
+    async with _config_write(db, company) as s:
         errors = reference_errors(
             [("policy", p)], await _recipients(s, company), await _groups(s, company),
             channel_defaults,
@@ -145,7 +159,7 @@ def _users(policies: Mapping[str, Policy], groups: Mapping[str, Group]) -> dict[
 async def delete(db: Database, company: str, kind: str, key: str) -> bool:
     """Delete a recipient, group or policy; Conflict if something still refers to it."""
     table: Any = {"recipient": RecipientRow, "group": GroupRow, "policy": PolicyRow}[kind]
-    async with db.session() as s, s.begin():
+    async with _config_write(db, company) as s:
         row = await s.get(table, (company, key))
         if row is None:
             return False

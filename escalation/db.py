@@ -21,6 +21,7 @@ from alembic.config import Config
 from sqlalchemy import event, exc, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -96,12 +97,18 @@ class Database:
                     )
         return self._driver_pool
 
+    async def serialize(self, txn: AsyncConnection | AsyncSession, name: str) -> None:
+        """Hold the lock `name` until `txn` ends, so processes doing the same read-then-write
+        (two starters syncing one config file) take turns. SQLite's BEGIN IMMEDIATE already
+        serialises every writer; PostgreSQL gets a transaction-scoped advisory lock."""
+        if not self.is_sqlite:
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+            await txn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
     async def migrate(self, revision: str = "head") -> None:
-        """Upgrade the schema; concurrent starters on PostgreSQL wait on an advisory lock."""
+        """Upgrade the schema; concurrent starters take turns."""
         async with self.engine.begin() as conn:
-            if not self.is_sqlite:
-                key = int.from_bytes(hashlib.sha256(b"ackline-migrate").digest()[:4], "big")
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            await self.serialize(conn, "ackline-migrate")
             await conn.run_sync(run_migrations, revision)
 
     async def ping(self) -> None:

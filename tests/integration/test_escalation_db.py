@@ -13,6 +13,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 
+from escalation.config import AcklineConfig
+from escalation.crud import list_recipients, sync_config
 from escalation.db import Database
 from escalation.models import IdempotencyKey, Job
 
@@ -59,3 +61,29 @@ async def test_times_round_trip_as_utc_and_idempotency_is_unique(db_url: str) ->
                 raise AssertionError("duplicate idempotency key was accepted")
     finally:
         await db.dispose()
+
+
+async def test_processes_starting_together_sync_one_config_file(db_url: str) -> None:
+    """`--role api` and `--role worker` start at once and both load ackline.yaml: the first
+    to write must not make the other fail on the recipient it just inserted."""
+    cfg = AcklineConfig.model_validate(
+        {
+            "company": "acme",
+            "recipients": [
+                {"id": f"r{i}", "name": f"R{i}", "phone": f"+1415555{i:04d}"}
+                for i in range(100, 130)
+            ],
+            "groups": [{"name": "ops", "members": ["r100", "r101"]}],
+            "policies": [{"name": "p", "steps": [{"groups": ["ops"], "channels": ["sms"]}]}],
+        }
+    )
+    starters = [Database(db_url) for _ in range(4)]  # separate pools, like processes
+    try:
+        await starters[0].migrate()
+        await asyncio.gather(*(sync_config(db, cfg) for db in starters))
+        assert [r.id for r in await list_recipients(starters[0], "acme")] == [
+            r.id for r in cfg.recipients
+        ]
+    finally:
+        for db in starters:
+            await db.dispose()

@@ -46,6 +46,7 @@ class Service:
     procs: list[subprocess.Popen[str]]
     client: httpx.AsyncClient
     audit: Path
+    log_dir: Path
     sip_port: int = 0  # the first process's
 
     async def post_alert(self, policy: str) -> str:
@@ -65,8 +66,14 @@ class Service:
             data: dict[str, Any] = r.json()
             if done(data) or time.monotonic() > deadline:
                 return data
-            assert all(p.poll() is None for p in self.procs), "ackline serve died"
+            assert all(p.poll() is None for p in self.procs), "ackline serve died:\n" + self.logs()
             await asyncio.sleep(0.1)
+
+    def logs(self) -> str:
+        """What every `ackline serve` process printed, for a failure message."""
+        return "\n".join(
+            f"--- {f.name}\n{f.read_text()}" for f in sorted(self.log_dir.glob("serve-*.log"))
+        )
 
     def audit_lines_all(self) -> list[dict[str, Any]]:
         if not self.audit.exists():
@@ -120,7 +127,7 @@ async def serve(
                         break
                 assert time.monotonic() < deadline, "ackline serve did not become ready"
                 await asyncio.sleep(0.1)
-            yield Service(procs, c, tmp / "audit" / "acme.jsonl", sip_ports[0])
+            yield Service(procs, c, tmp / "audit" / "acme.jsonl", tmp, sip_ports[0])
     finally:
         for proc in procs:
             proc.terminate()
