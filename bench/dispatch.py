@@ -200,6 +200,51 @@ async def _wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen[bytes]) 
     raise SystemExit("the API did not become ready")
 
 
+async def _wait_subscribed(prefix: str, workers: int, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Start the load once every worker listens for wake-ups (it claims right after
+    subscribing), not after a guessed pause: a worker still importing would otherwise
+    show up as hand-off latency of the first alerts."""
+    r = aioredis.from_url(REDIS_URL)
+    try:
+        for _ in range(600):
+            for p in procs:
+                if p.poll() is not None:
+                    raise SystemExit(f"a benchmark process exited early ({p.returncode})")
+            [(_, subscribed)] = await r.pubsub_numsub(f"{prefix}:wake")
+            if subscribed >= workers:
+                await asyncio.sleep(0.2)  # the first (empty) claim pass
+                return
+            await asyncio.sleep(0.1)
+        raise SystemExit("the workers did not subscribe")
+    finally:
+        await r.aclose()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU jiffies of the whole machine (all cores)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def _cpu_report(
+    procs: list[subprocess.Popen[bytes]], before: list[float], machine: tuple[float, float]
+) -> str:
+    """CPU seconds the API and the workers used during the load, and how busy the box was."""
+    used = [_cpu_seconds(p.pid) - b for p, b in zip(procs, before, strict=True)]
+    busy, total = _machine_busy()
+    share = (busy - machine[0]) / max(1.0, total - machine[1]) * 100
+    workers = " + ".join(f"{u:.1f}" for u in used[1:])
+    return (f"api {used[0]:.1f} s, worker(s) {workers} s; machine {share:.0f}% busy "
+            f"({os.cpu_count()} cores)")  # fmt: skip
+
+
 async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
     r = aioredis.from_url(REDIS_URL)
     client = RawHttp("127.0.0.1", port, args.connections)
@@ -323,11 +368,10 @@ async def _bench(args: argparse.Namespace) -> int:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "bench.dispatch", "--role", "worker", *common]
                 ))  # fmt: skip
-            await asyncio.sleep(1.5)  # workers connected and subscribed
-            for p in procs:
-                if p.poll() is not None:
-                    raise SystemExit(f"a benchmark process exited early ({p.returncode})")
+            await _wait_subscribed(prefix, args.workers, procs)
+            cpu_before = [_cpu_seconds(p.pid) for p in procs], _machine_busy()
             result = await _drive(args, args.port)
+            result["cpu"] = _cpu_report(procs, *cpu_before)
         finally:
             for p in procs:
                 p.terminate()
@@ -348,6 +392,7 @@ async def _bench(args: argparse.Namespace) -> int:
     print(line("ack response (pending cancelled)", result["ack_response"]))
     print(f"lost alerts: {result['lost']}  POST errors: {result['post_errors']}  "
           f"acks: {result['acks']}  hang-ups: {result['cancels']}")  # fmt: skip
+    print(f"cpu during the load: {result['cpu']}")
     if args.json:
         summary = {k: v for k, v in result.items() if not isinstance(v, list)}
         for key in ("ingest_to_handoff", "post_latency", "ack_to_cancel", "ack_response"):
