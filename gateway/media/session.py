@@ -14,8 +14,9 @@ import errno
 import ipaddress
 import logging
 import secrets
+import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,15 @@ def _zero() -> int:
     return 0
 
 
+def _address_family(host: str) -> socket.AddressFamily:
+    """Socket family for binding ``host`` (an IP literal, or a name to resolve)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][0]
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
 def _normalize_host(host: str) -> str:
     """Canonical text of an IP address, so SDP and socket addresses compare equal."""
     try:
@@ -173,9 +183,7 @@ class _RtpProtocol(asyncio.DatagramProtocol):
             logger.exception("RTP datagram from %s could not be handled", addr)
 
     def error_received(self, exc: Exception) -> None:
-        # Typically ICMP port unreachable while the far end is not listening yet.
-        self._session._counters.send_errors += 1
-        logger.debug("RTP socket error on port %s: %s", self._session.local_port, exc)
+        self._session._protocol_error(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._session._on_connection_lost()
@@ -214,6 +222,7 @@ class MediaSession:
         self.digits: asyncio.Queue[DtmfDigit] = asyncio.Queue()
         self._clock = clock
         self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
         self._buffered: Callable[[], int] = _zero
         self._lost_waiter: asyncio.Future[None] | None = None
         self._closed = False
@@ -268,16 +277,24 @@ class MediaSession:
         candidates = self._candidate_ports()
         offset = secrets.randbelow(len(candidates))
         last_error: OSError | None = None
+        family = _address_family(self.local_host)
         for port in candidates[offset:] + candidates[:offset]:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda: _RtpProtocol(self), local_addr=(self.local_host, port)
-                )
+                sock.bind((self.local_host, port))
             except OSError as exc:
+                sock.close()
                 if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
                     raise
                 last_error = exc
                 continue
+            sock.setblocking(False)
+            # We keep the socket object itself: frames go out with a direct sendto while
+            # the transport has nothing queued (see _transmit), reception stays asyncio's.
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _RtpProtocol(self), sock=sock
+            )
+            self._sock = sock
             self._transport = transport
             # Selector transports queue unsent datagrams without limit; typeshed does not
             # declare the size query on DatagramTransport.
@@ -314,6 +331,7 @@ class MediaSession:
             self._detect_inband()
             self._push_all(self._events.flush(now + self._events.timeout))
         transport, self._transport = self._transport, None
+        self._sock = None  # the transport closes it
         if transport is not None:
             transport.close()
             if self._lost_waiter is not None:
@@ -476,10 +494,18 @@ class MediaSession:
             if not future.done():
                 future.set_result(None)
 
-    def _next_audio(self, samples: int) -> tuple[bytes, list[asyncio.Future[None]]]:
+    def _next_audio(self, samples: int) -> tuple[bytes, Sequence[asyncio.Future[None]]]:
         queue = self._queue
         if not queue:
-            return self._silence, []
+            return self._silence, ()
+        item = queue[0]
+        data = item.data
+        if data is not None and item.pos + samples < len(item.pcm):
+            # Fast path: a whole frame inside the encoded window of an unfinished item.
+            offset = item.pos - item.data_start
+            if offset + samples <= len(data) and not item.future.cancelled():
+                item.pos += samples
+                return data[offset : offset + samples], ()
         parts: list[bytes] = []
         finished: list[asyncio.Future[None]] = []
         need = samples
@@ -522,14 +548,32 @@ class MediaSession:
                 job.future.set_result(None)
 
     def _transmit(self, data: bytes) -> None:
-        transport = self._transport
-        if transport is None or self._send_to is None:
+        transport, sock, address = self._transport, self._sock, self._send_to
+        if transport is None or sock is None or address is None:
             return
-        if self._buffered() > self._max_buffered:
+        buffered = self._buffered()
+        if buffered == 0:
+            # Nothing queued in the transport, so sending directly keeps datagram order and
+            # skips asyncio's sendto wrapper (a fifth of the per-frame cost); what it does
+            # on errors is repeated here.
+            try:
+                sock.sendto(data, address)
+            except (BlockingIOError, InterruptedError):
+                transport.sendto(data, address)  # queued; asyncio writes it when it can
+            except OSError as exc:
+                self._protocol_error(exc)
+                return
+        elif buffered > self._max_buffered:
             self._counters.send_dropped += 1
             return
-        transport.sendto(data, self._send_to)
+        else:
+            transport.sendto(data, address)
         self._counters.packets_sent += 1
+
+    def _protocol_error(self, exc: Exception) -> None:
+        # Typically ICMP port unreachable while the far end is not listening yet.
+        self._counters.send_errors += 1
+        logger.debug("RTP socket error on port %s: %s", self.local_port, exc)
 
     # -- receiving ------------------------------------------------------------------
 

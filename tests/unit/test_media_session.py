@@ -617,3 +617,86 @@ async def test_many_sessions_share_one_pacer(pacer: Pacer, peer: RawPeer) -> Non
     assert jitter["p99"] < 15
     ssrcs = {p.ssrc for p, _ in _drain(peer)}
     assert len(ssrcs) == 50
+
+
+async def test_long_prompt_is_byte_identical_to_encoding_it_whole(
+    pacer: Pacer, peer: RawPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Many encode windows, each spanning several frames and ending mid-frame: the per-frame
+    # fast path and the window refill must together send exactly the whole-prompt encoding.
+    monkeypatch.setattr(session_module, "_ENCODE_CHUNK", 1000)
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        rng = np.random.default_rng(7)
+        pcm = rng.integers(-20000, 20000, 160 * 30 + 37).astype(np.int16)
+        await asyncio.wait_for(s.play(pcm), 3)
+        await asyncio.sleep(0.05)
+    finally:
+        await s.close()
+    packets = [p for p, _ in _drain(peer)]
+    start = next(i for i, p in enumerate(packets) if p.payload != b"\xff" * 160)
+    audio = b"".join(p.payload for p in packets[start : start + 31])
+    assert audio == ulaw_encode(pcm) + b"\xff" * (160 - 37)
+    seqs = [p.sequence_number for p in packets]
+    assert seqs == [(seqs[0] + i) % 65536 for i in range(len(packets))]
+
+
+class _RecordingTransport:
+    """Stands in for the asyncio transport to see which frames take which path."""
+
+    def __init__(self, buffered: int) -> None:
+        self.buffered = buffered
+        self.sent: list[bytes] = []
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def sendto(self, data: bytes, addr: object) -> None:
+        self.sent.append(data)
+
+
+class _BlockedSocket:
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def sendto(self, data: bytes, addr: object) -> int:
+        raise self.error
+
+
+async def test_transmit_goes_through_the_transport_only_when_it_queues(
+    pacer: Pacer, peer: RawPeer
+) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    real = s._transport
+    try:
+        s.configure(negotiated(peer.port))
+        await peer.collect(2)  # direct sends reach the peer
+        await pacer.stop()
+        # Something already queued: the frame must queue behind it, not overtake it.
+        queued = _RecordingTransport(buffered=172)
+        s._transport, s._buffered = queued, queued.get_write_buffer_size  # type: ignore[assignment]
+        s._transmit(b"frame-1")
+        assert queued.sent == [b"frame-1"]
+        # More than a few frames queued: stale audio is dropped and counted.
+        queued.buffered = 10_000
+        dropped = s.stats.send_dropped
+        s._transmit(b"frame-2")
+        assert queued.sent == [b"frame-1"] and s.stats.send_dropped == dropped + 1
+        # Empty queue but the socket would block: handed to the transport to queue.
+        queued.buffered = 0
+        s._sock = _BlockedSocket(BlockingIOError())  # type: ignore[assignment]
+        sent = s.stats.packets_sent
+        s._transmit(b"frame-3")
+        assert queued.sent == [b"frame-1", b"frame-3"] and s.stats.packets_sent == sent + 1
+        # Any other socket error is what error_received counts, and nothing is queued.
+        s._sock = _BlockedSocket(ConnectionRefusedError())  # type: ignore[assignment]
+        errors = s.stats.send_errors
+        s._transmit(b"frame-4")
+        assert queued.sent == [b"frame-1", b"frame-3"] and s.stats.send_errors == errors + 1
+    finally:
+        if real is not None:
+            s._transport = real
+        await s.close()
