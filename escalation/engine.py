@@ -212,6 +212,11 @@ _Canceller = Callable[[str, datetime], Awaitable[list[tuple[str, str]]]]
 # (pressed 2), or any transaction that closes an alert as acked/resolved, commits
 # synchronously (see _durable).
 _PG_ASYNC_COMMIT = "SET LOCAL synchronous_commit TO off"
+# On the driver connection a worker transaction starts asynchronous in the same round trip
+# as its BEGIN (simple query protocol: several statements, one message) and one that turns
+# out to carry a person's answer is made synchronous again in its COMMIT's round trip.
+_PG_BEGIN_ASYNC = f"BEGIN; {_PG_ASYNC_COMMIT}"
+_PG_COMMIT_DURABLE = "SET LOCAL synchronous_commit TO on; COMMIT"
 
 # The driver-level ingest on PostgreSQL (`Engine._ingest_pg`): the same rows the Core
 # inserts write, as prepared statements. JSON goes in as text (see Database.driver_pool),
@@ -241,24 +246,23 @@ _PG_INSERT_JOBS = (
 )
 _JSON_COLUMNS = frozenset(c.name for c in _ALERTS.columns if isinstance(c.type, JSON))
 
-# The driver-level claim (`Engine._claim_pg`): `_CLAIM` with only what a send needs.
+# The driver-level claim (`Engine._claim_pg`): `_CLAIM` with only what a send needs, and
+# a send's attempt row read in the same statement (not locked: the alert's lock covers it).
 _PG_CLAIM = (
     "SELECT j.id, j.alert_id, j.kind, j.payload, j.due_at, a.state, a.company, a.short_id, "
-    "a.title, a.summary, a.severity, a.policy, a.details, a.plan "
+    "a.title, a.summary, a.severity, a.policy, a.details, a.plan, n.id AS attempt_row, "
+    "n.notification_id, n.attempt, n.channel, n.recipient_id, n.reason "
     "FROM jobs j JOIN alerts a ON a.id = j.alert_id "
+    "LEFT JOIN notification_attempts n ON j.kind = 'send' "
+    "AND n.notification_id = j.payload->>'nid' AND n.attempt = (j.payload->>'attempt')::int "
     "WHERE NOT j.done AND j.due_at <= $1 AND (j.lease_until IS NULL OR j.lease_until < $1) "
-    "ORDER BY j.due_at, j.id LIMIT $2 FOR UPDATE SKIP LOCKED"
+    "ORDER BY j.due_at, j.id LIMIT $2 FOR UPDATE OF j, a SKIP LOCKED"
 )
-_PG_CLAIM_ATTEMPTS = (
-    "SELECT id, notification_id, attempt, channel, recipient_id, reason "
-    "FROM notification_attempts WHERE notification_id = any($1::varchar[])"
-)
-_PG_LEASE_JOBS = (
-    "UPDATE jobs SET owner = $1, lease_until = $2, attempts = attempts + 1 "
-    "WHERE id = any($3::int[])"
-)
-_PG_MARK_SENDING = (
-    "UPDATE notification_attempts SET status = 'sending', sent_at = $1 WHERE id = any($2::int[])"
+# Lease the sends and mark their attempts in flight: one statement, one round trip.
+_PG_LEASE_SENDS = (
+    "WITH leased AS (UPDATE jobs SET owner = $1, lease_until = $2, attempts = attempts + 1 "
+    "WHERE id = any($3::int[])) "
+    "UPDATE notification_attempts SET status = 'sending', sent_at = $4 WHERE id = any($5::int[])"
 )
 _PG_CANCEL_JOBS = "UPDATE jobs SET done = true, outcome = 'cancelled' WHERE id = any($1::int[])"
 
@@ -283,21 +287,58 @@ _PG_UPDATE_ALERT = (
     f"UPDATE alerts SET {', '.join(f'{c} = ${i + 2}' for i, c in enumerate(_ALERT_MUTABLE))} "
     "WHERE id = $1"
 )
-_PG_CANCEL_ALERT_JOBS = (
-    "UPDATE jobs SET done = true, outcome = 'cancelled' WHERE alert_id = $1 AND NOT done"
-)
-_PG_CANCEL_ALERT_ATTEMPTS = (
-    "UPDATE notification_attempts SET status = 'cancelled', reason = 'alert_closed', "
-    "finished_at = $2 WHERE alert_id = $1 AND status IN ('scheduled', 'held')"
-)
-_PG_INFLIGHT = (
+# `Engine._cancel_all` in one statement: the undone jobs and the scheduled/held attempts
+# cancelled, the attempts in flight returned (the SELECT sees the rows as they were before
+# the statement: the updates never touch a 'sending' one).
+_PG_CANCEL_ALL = (
+    "WITH jobs_cancelled AS (UPDATE jobs SET done = true, outcome = 'cancelled' "
+    "WHERE alert_id = $1 AND NOT done), "
+    "attempts_cancelled AS (UPDATE notification_attempts SET status = 'cancelled', "
+    "reason = 'alert_closed', finished_at = $2 "
+    "WHERE alert_id = $1 AND status IN ('scheduled', 'held')) "
     "SELECT notification_id, channel FROM notification_attempts "
     "WHERE alert_id = $1 AND status = 'sending'"
 )
+_PG_LOCK_ALERT = "SELECT * FROM alerts WHERE id = $1 FOR UPDATE"
 
 
 class _Fallback(Exception):
     """The driver-level path met something only the general path handles."""
+
+
+class _WorkerTx:
+    """A worker-side transaction on a driver connection, asynchronous unless marked
+    `durable` before it ends (see _PG_ASYNC_COMMIT, _durable)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.durable = False
+
+    async def __aenter__(self) -> _WorkerTx:
+        await self.raw.execute(_PG_BEGIN_ASYNC)
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            await self.raw.execute(_PG_COMMIT_DURABLE if self.durable else "COMMIT")
+        elif not self.raw.is_closed():
+            await self.raw.execute("ROLLBACK")
+
+
+async def _pg_cancel_all(raw: Any, alert_id: str, at: datetime) -> list[tuple[str, str]]:
+    return [(r[0], r[1]) for r in await raw.fetch(_PG_CANCEL_ALL, alert_id, at)]
+
+
+async def _pg_update_alerts(raw: Any, alerts: Sequence[Alert]) -> None:
+    """Write back what a decision changed on locked alerts (`_ALERT_MUTABLE`)."""
+    await raw.executemany(
+        _PG_UPDATE_ALERT,
+        [
+            (a.id, *(json.dumps(v) if c == "chain" else v
+                     for c in _ALERT_MUTABLE for v in (getattr(a, c),)))
+            for a in alerts
+        ],
+    )  # fmt: skip
 
 
 def _pg_alert_args(alert: Alert) -> list[Any]:
@@ -849,11 +890,33 @@ class Engine:
         """Ack or resolve: one commit cancels every scheduled notification of the alert;
         in-flight ones are hung up right after. None if the alert does not exist."""
         fx = _Effects()
-        async with self.db.session() as s, s.begin():
-            alert = await self._lock_alert(s, alert_id)
-            if alert is None or (company is not None and alert.company != company):
-                return None
-            await self._decide(s, alert, Close(state, ctx.actor, reason), self.clock(), ctx, fx)
+        event = Close(state, ctx.actor, reason)
+        if not self.db.is_sqlite:
+            # the same transaction as prepared SQL on the driver pool (synchronous commit)
+            pool = await self.db.driver_pool()
+            async with pool.acquire() as raw, raw.transaction():
+                row = await raw.fetchrow(_PG_LOCK_ALERT, alert_id)
+                if row is None or (company is not None and row["company"] != company):
+                    return None
+                alert = Alert(**dict(row))
+
+                async def put(
+                    attempts: list[dict[str, Any]], jobs: list[dict[str, Any]], f: _Effects
+                ) -> None:
+                    await _pg_insert_rows(raw, attempts, jobs, f)
+
+                async def cancel(alert_id: str, at: datetime) -> list[tuple[str, str]]:
+                    return await _pg_cancel_all(raw, alert_id, at)
+
+                await self._decide(None, alert, event, self.clock(), ctx, fx, put, cancel)
+                await _pg_update_alerts(raw, [alert])
+        else:
+            async with self.db.session() as s, s.begin():
+                found = await self._lock_alert(s, alert_id)
+                if found is None or (company is not None and found.company != company):
+                    return None
+                alert = found
+                await self._decide(s, alert, event, self.clock(), ctx, fx)
         await self._after_commit(fx)
         return alert
 
@@ -961,7 +1024,7 @@ class Engine:
         tasks: list[SendTask] = []
         async with pool.acquire() as raw:
             try:
-                async with raw.transaction():
+                async with _WorkerTx(raw):
                     rows = await raw.fetch(_PG_CLAIM, now, limit)
                     if not rows:
                         return []
@@ -977,12 +1040,6 @@ class Engine:
                     if cancelled:
                         await raw.execute(_PG_CANCEL_JOBS, cancelled)
                     if sends:
-                        attempts = {
-                            (a["notification_id"], a["attempt"]): a
-                            for a in await raw.fetch(
-                                _PG_CLAIM_ATTEMPTS, list({r["payload"]["nid"] for r in sends})
-                            )
-                        }
                         lease = now + timedelta(seconds=self.config.lease_seconds)
                         rows_sent = []
                         for r in sends:
@@ -991,20 +1048,25 @@ class Engine:
                                 k: r[k] for k in ("company", "short_id", "title", "summary",
                                                   "severity", "policy", "details", "plan")
                             }))  # fmt: skip
-                            a = attempts[(r["payload"]["nid"], r["payload"]["attempt"])]
-                            row = cast(NotificationAttempt, SimpleNamespace(**a))
-                            rows_sent.append(a["id"])
-                            tasks.append(SendTask(r["id"], a["id"], alert.company, r["due_at"],
-                                                  self._notification(alert, row)))  # fmt: skip
+                            row = cast(NotificationAttempt, SimpleNamespace(**{
+                                k: r[k] for k in ("notification_id", "attempt", "channel",
+                                                  "recipient_id", "reason")
+                            }))  # fmt: skip
+                            rows_sent.append(r["attempt_row"])
+                            n = self._notification(alert, row)
+                            task = SendTask(
+                                r["id"], r["attempt_row"], alert.company, r["due_at"], n
+                            )
+                            tasks.append(task)
                             self._audit(
                                 fx, alert, ENGINE, now, event="send", status=_INFLIGHT,
                                 reason=row.reason, notification_uuid=row.notification_id,
                                 channel=row.channel, attempt=row.attempt,
                                 recipient_id=row.recipient_id, worker=owner,
                             )  # fmt: skip
-                        await raw.execute(_PG_LEASE_JOBS, owner, lease, [r["id"] for r in sends])
-                        await raw.execute(_PG_MARK_SENDING, now, rows_sent)
-                    await raw.execute(_PG_ASYNC_COMMIT)
+                        await raw.execute(
+                            _PG_LEASE_SENDS, owner, lease, [r["id"] for r in sends], now, rows_sent
+                        )
             except _Fallback:
                 return None
         await self._after_commit(fx)
@@ -1227,7 +1289,7 @@ class Engine:
         fx = _Effects()
         now = self.clock()
         pool = await self.db.driver_pool()
-        async with pool.acquire() as raw, raw.transaction():
+        async with pool.acquire() as raw, _WorkerTx(raw) as tx:
             alerts = {
                 r["id"]: cast(Alert, SimpleNamespace(**r))
                 for r in await raw.fetch(
@@ -1263,9 +1325,7 @@ class Engine:
 
             async def cancel(alert_id: str, at: datetime) -> list[tuple[str, str]]:
                 await flush()
-                await raw.execute(_PG_CANCEL_ALERT_JOBS, alert_id)
-                await raw.execute(_PG_CANCEL_ALERT_ATTEMPTS, alert_id, at)
-                return [(r[0], r[1]) for r in await raw.fetch(_PG_INFLIGHT, alert_id)]
+                return await _pg_cancel_all(raw, alert_id, at)
 
             for m, result, task in members:
                 alert = alerts[m.notification.alert_id]
@@ -1294,17 +1354,8 @@ class Engine:
                 decided.add(alert.id)
             await flush()
             if decided:
-                await raw.executemany(
-                    _PG_UPDATE_ALERT,
-                    [
-                        (a.id, *(json.dumps(v) if c == "chain" else v
-                                 for c in _ALERT_MUTABLE for v in (getattr(a, c),)))
-                        for a in alerts.values()
-                        if a.id in decided
-                    ],
-                )  # fmt: skip
-            if not _durable(fx, [r for _, r, _ in members]):
-                await raw.execute(_PG_ASYNC_COMMIT)
+                await _pg_update_alerts(raw, [a for a in alerts.values() if a.id in decided])
+            tx.durable = _durable(fx, [r for _, r, _ in members])
         await self._after_commit(fx)
 
     async def provider_update(

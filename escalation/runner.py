@@ -162,10 +162,14 @@ class RedisBus:
             self._event.clear()
             return
         now = time.time()
-        # A timer that came due since the last pass means: run another pass now.
-        if await self.redis.zremrangebyscore(self.due_key, "-inf", now):
+        # A timer that came due since the last pass means: run another pass now. Both
+        # questions go in one round trip (this runs after every claim pass).
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(self.due_key, "-inf", now)
+            pipe.zrange(self.due_key, 0, 0, withscores=True)
+            came_due, head = await pipe.execute()
+        if came_due:
             return
-        head = await self.redis.zrange(self.due_key, 0, 0, withscores=True)
         delay = min(timeout, float(head[0][1]) - now) if head else timeout
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), max(0.0, delay))
