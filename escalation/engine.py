@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol, cast
 
 import asyncpg  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import JSON, Table, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import JSON, Table, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -144,6 +144,11 @@ class EngineConfig:
     ack_link_ttl: float = 7 * 86400.0
     lease_seconds: float = 30.0
     plan_ttl: float = 2.0  # how long a resolved policy is reused for new alerts
+    # Done jobs whose due time is longer ago than this are deleted by the workers, a
+    # bounded batch at a time (`Engine.purge_done_jobs`); the attempts and the audit log
+    # keep the history. Far longer than any lease: a result for a job that is gone is
+    # recorded as stale.
+    done_job_retention: float = 86400.0
 
     def rate_limit_for(self, channel: str) -> RateLimit | None:
         return self.rate_limits.get(channel) or self.rate_limits.get("default")
@@ -1389,6 +1394,25 @@ class Engine:
                 await self._decide(s, alert, outcome, now, ctx, fx)
         await self._after_commit(fx)
         return True
+
+    async def purge_done_jobs(self, limit: int = 1000) -> int:
+        """Delete up to `limit` done jobs whose due time is more than the retention ago,
+        oldest first; returns how many. Undone jobs are never touched."""
+        cutoff = self.clock() - timedelta(seconds=self.config.done_job_retention)
+        oldest = (
+            select(col(Job.id))
+            .where(col(Job.done), col(Job.due_at) < cutoff)
+            .order_by(col(Job.due_at))
+            .limit(limit)
+        )
+        async with self.db.session() as s, s.begin():
+            await self._worker_commit(s)  # a lost delete is only done again
+            res = await s.execute(
+                delete(Job)
+                .where(col(Job.id).in_(oldest), col(Job.done))
+                .execution_options(synchronize_session=False)
+            )
+        return int(getattr(res, "rowcount", 0) or 0)
 
     async def next_due(self) -> datetime | None:
         async with self.db.session() as s:

@@ -142,6 +142,13 @@ class Job(SQLModel, table=True):
             postgresql_where=sa.text("NOT done"),
             sqlite_where=sa.text("done = 0"),
         ),
+        # Done jobs in due order: the cleanup deletes the oldest (Engine.purge_done_jobs).
+        sa.Index(
+            "ix_jobs_done_due",
+            "due_at",
+            postgresql_where=sa.text("done"),
+            sqlite_where=sa.text("done = 1"),
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True)

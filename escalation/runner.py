@@ -202,6 +202,8 @@ class Worker:
         max_inflight: int = 1000,
         poll_interval: float = 1.0,
         record_linger: float = 0.01,
+        purge_interval: float = 60.0,
+        purge_batch: int = 1000,
     ) -> None:
         self.engine = engine
         self.bus = bus
@@ -210,6 +212,8 @@ class Worker:
         self.batch = batch
         self.max_inflight = max_inflight
         self.poll_interval = poll_interval
+        self.purge_interval = purge_interval  # <= 0: this worker deletes no done jobs
+        self.purge_batch = purge_batch
         self._inflight: dict[str, tuple[str, SendTask, asyncio.Task[None]]] = {}
         self._closed: dict[str, float] = {}  # alert id -> when its close was announced
         self._cancels: set[asyncio.Task[None]] = set()
@@ -224,6 +228,7 @@ class Worker:
         The bus is started here; closing it is left to its owner, who may still publish."""
         await self.bus.start()
         renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
+        purger = asyncio.create_task(self._purge_done_jobs(), name="done-job-purger")
         try:
             while not stop.is_set():
                 try:
@@ -243,9 +248,10 @@ class Worker:
             pending = [t for _, _, t in self._inflight.values()]
             if pending:
                 await asyncio.wait(pending, timeout=grace)
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            for t in (renewer, purger):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
 
     async def run_once(self) -> int:
         """One claim pass; returns how many notifications were handed to channels."""
@@ -342,6 +348,20 @@ class Worker:
             await channel.cancel(nid)
         except Exception:
             log.exception("cancel of %s failed", nid)
+
+    async def _purge_done_jobs(self) -> None:
+        """Every `purge_interval` s delete old done jobs, at most a few batches at a time,
+        so the jobs table stays the size of the retention window."""
+        if self.purge_interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.purge_interval)
+            try:
+                for _ in range(10):
+                    if await self.engine.purge_done_jobs(self.purge_batch) < self.purge_batch:
+                        break
+            except Exception:
+                log.exception("deleting done jobs failed")
 
     async def _renew_leases(self) -> None:
         period = max(0.5, self.engine.config.lease_seconds / 3)
