@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 
 from api import metrics, webphone
 from api.deps import Runtime, build_runtime
-from api.routes import alerts, audit, carriers, config, health, webhooks
+from api.routes import alerts, audit, carriers, config, health, twilio_voice, webhooks
 from api.settings import Settings
 from escalation.channels.base import Channel
 from escalation.crud import sync_config
@@ -87,7 +87,7 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
         return JSONResponse({"detail": detail}, status_code=422)
 
     for router in (alerts.router, config.router, carriers.router, audit.router, webhooks.router,
-                   health.router, metrics.router):  # fmt: skip
+                   twilio_voice.router, health.router, metrics.router):  # fmt: skip
         app.include_router(router)
     app.include_router(webphone.router)  # off until app.state.webphone is set
     return app

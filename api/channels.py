@@ -18,6 +18,7 @@ from carriers.health import HealthChange
 from carriers.router import CarrierRouter
 from carriers.store import TrunkStore
 from carriers.trunk import Trunk
+from carriers.twilio_voice import CallEvents, TwilioVoice
 from escalation.audit import AuditLog
 from escalation.channels.base import Channel
 from escalation.channels.voice import AckMenu, CarrierDialer, Dialer, SipUriDialer, VoiceChannel
@@ -26,6 +27,7 @@ from escalation.db import Database
 from gateway.call import Gateway
 from gateway.sip.auth import Credentials
 from ivr.flow import Flow, load_flow
+from ivr.twiml import twiml_errors
 
 
 def _wav_tts(prompts: Any) -> Callable[[str], Awaitable[bytes]]:
@@ -83,6 +85,11 @@ def _async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
     return run
 
 
+def default_ack_flow(settings: Settings) -> Flow:
+    """The ack flow of policies without `voice:` options (ACKLINE_VOICE_AMD...)."""
+    return AckMenu(amd=settings.voice_amd, machine_message=settings.voice_machine_message).flow()
+
+
 def policy_flows(config: AcklineConfig) -> dict[str, Flow]:
     """The ack flow each policy with `voice:` options runs (a broken flow file fails here,
     at start, not at 3 a.m. on the first call)."""
@@ -103,6 +110,18 @@ def policy_flows(config: AcklineConfig) -> dict[str, Flow]:
     return flows
 
 
+def _check_twilio_ready(settings: Settings, config: AcklineConfig) -> None:
+    """Refuse to start rather than fail the first Twilio call at 3 a.m."""
+    if not settings.public_url:
+        raise ValueError(
+            "twilio trunks need ACKLINE_PUBLIC_URL: Twilio fetches the call flow from it"
+        )
+    flows = {"default": default_ack_flow(settings), **policy_flows(config)}
+    errors = [f"policy {name}: {e}" for name, flow in flows.items() for e in twiml_errors(flow)]
+    if errors:
+        raise ValueError("flows that twilio trunks cannot run: " + "; ".join(errors))
+
+
 @dataclass
 class Services:
     """What a process that pages people needs: the channels, and the dialer the voice
@@ -112,6 +131,7 @@ class Services:
     channels: dict[str, Channel] = field(default_factory=dict)
     dialer: Dialer | None = None
     router: CarrierRouter | None = None  # when calls go out through carrier trunks
+    twilio_events: CallEvents | None = None  # Twilio call webhooks -> the calls they report
 
 
 @contextlib.asynccontextmanager
@@ -121,6 +141,16 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
     services = Services(config)
     channels = services.channels
     closers: list[Any] = []
+    twilio: TwilioVoice | None = None
+    if config.carriers is not None and any(t.kind == "twilio" for t in config.carriers.trunks):
+        events = CallEvents(settings.redis_url, settings.redis_prefix)
+        await events.start()
+        closers.append(events.close)
+        services.twilio_events = events
+        if gateway is not None:  # this process places calls
+            _check_twilio_ready(settings, config)
+            assert settings.public_url is not None
+            twilio = TwilioVoice(events, settings.public_url)
     if gateway is not None and config.carriers is not None:
         audit = AuditLog(settings.audit_dir, fsync=settings.audit_fsync)
         closers.append(_async(audit.close))
@@ -133,6 +163,7 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
             gateway,
             on_health_change=lambda change: audit_trunk_health(audit, config, change),
             budgets=budgets,
+            twilio=twilio,
         )
         prober = router.prober(interval=config.carriers.probe.interval)
         prober.start()
@@ -148,11 +179,10 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
         )
         services.dialer = SipUriDialer(gateway, settings.voice_target, credentials)
     if services.dialer is not None:
-        menu = AckMenu(amd=settings.voice_amd, machine_message=settings.voice_machine_message)
         channels["voice"] = VoiceChannel(
             services.dialer,
             ring_timeout=settings.voice_ring_timeout,
-            menu=menu,
+            flow=default_ack_flow(settings),
             flows=policy_flows(config),
         )
     if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from_numbers:

@@ -255,7 +255,7 @@ async def _route_call(
     ring_timeout: float,
     voice: str,
 ) -> dict[str, Any]:
-    hosts = {t.host for t in carriers.trunks}
+    hosts = {t.host for t in carriers.trunks if t.host is not None}
     host = local_address_for(sorted(hosts)[0]) if hosts else "127.0.0.1"
     prompts = _prompt_cache(voice) if say else None
     if prompts is not None:
@@ -263,8 +263,9 @@ async def _route_call(
     async with Gateway(GatewayConfig(host=host, udp_port=0, tcp_port=0), prompts=prompts) as gw:
         router = carriers.router(gw, route=route)
         try:
-            routed = await router.place_call(number, ring_timeout=ring_timeout)
-            if routed.call.answered:
+            # the prompt and keys go over our own RTP: SIP trunks only
+            routed = await router.place_call(number, ring_timeout=ring_timeout, needs_media=True)
+            if isinstance(routed.call, Call) and routed.call.answered:
                 await _converse(routed.call, say=say, gather=gather, timeout=timeout)
             result = (await routed.call.hangup()).to_dict()
         finally:
@@ -470,6 +471,7 @@ async def _serve(
         embedded = settings.model_copy(update={"embedded_worker": role is Role.ALL})
         api = create_app(embedded, services.channels)
         api.state.carriers_router = services.router  # live trunk health for /v1/carriers
+        api.state.twilio_events = services.twilio_events  # Twilio call webhooks -> calls
         if webphone and gateway is not None:
             from api.webphone import Webphone
 
@@ -663,7 +665,8 @@ def carriers_test(
         raise typer.Exit(EXIT_BAD_INPUT)
 
     async def probe_all() -> list[dict[str, Any]]:
-        host = local_address_for(trunks[0].host)
+        sip_hosts = [t.host for t in trunks if t.host is not None]
+        host = local_address_for(sip_hosts[0]) if sip_hosts else "127.0.0.1"
         config = GatewayConfig(host=host, udp_port=0, tcp_port=0)
         async with Gateway(config) as gateway:
             router = carriers.router(gateway)
@@ -677,9 +680,10 @@ def carriers_test(
         if as_json:
             typer.echo(json.dumps(result, sort_keys=True))
         else:
-            mark = "ok  " if result["ok"] else "FAIL"
-            typer.echo(f"{mark} {result['trunk']:<16} {result['detail']} ({result['rtt_ms']} ms)")
-    if not all(r["ok"] for r in results):
+            mark = {True: "ok  ", False: "FAIL", None: "skip"}[result["ok"]]
+            rtt = f" ({result['rtt_ms']} ms)" if result["rtt_ms"] is not None else ""
+            typer.echo(f"{mark} {result['trunk']:<16} {result['detail']}{rtt}")
+    if any(r["ok"] is False for r in results):
         raise typer.Exit(1)
 
 

@@ -30,6 +30,7 @@ from carriers.health import HealthChange, HealthPolicy
 from carriers.numbers import REFUSED_TYPES, type_from_name, type_name
 from carriers.router import CarrierRouter
 from carriers.trunk import Trunk, check_countries
+from carriers.twilio_voice import TwilioVoice
 from escalation.durations import parse_duration
 from gateway.call import Gateway
 
@@ -164,6 +165,7 @@ class CarrierConfig(BaseModel):
         route: str | None = None,
         on_health_change: Callable[[HealthChange], None] | None = None,
         budgets: Budgets | None = None,
+        twilio: TwilioVoice | None = None,
     ) -> CarrierRouter:
         """A router over every trunk, or over the trunks of the named ``route``."""
         trunks, strategy = self.trunks, self.strategy
@@ -184,6 +186,7 @@ class CarrierConfig(BaseModel):
             on_health_change=on_health_change,
             default_region=self.default_region,
             budgets=budgets,
+            twilio=twilio,
         )
 
 

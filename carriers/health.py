@@ -229,7 +229,9 @@ def probe_ok(code: int | None) -> bool:
 
 
 class Prober:
-    """Sends OPTIONS to every enabled trunk every ``interval`` seconds until closed.
+    """Sends OPTIONS to every enabled SIP trunk every ``interval`` seconds until closed.
+
+    REST trunks (Twilio) are not probed: their health comes from live calls (the breaker).
 
     One probe in flight per trunk at most; each waits ``timeout`` (default: the trunk's
     trying_timeout) rather than the transaction's 64*T1, so a dead trunk is noticed after
@@ -313,7 +315,7 @@ class Prober:
             started = asyncio.get_running_loop().time()
             trunk = next((t for t in self.trunks if t.name == name), None)
             try:
-                if trunk is not None and trunk.enabled:
+                if trunk is not None and trunk.enabled and trunk.kind == "sip":
                     await self.probe(trunk)
             except Exception:
                 logger.exception("probe of trunk %s failed unexpectedly", name)

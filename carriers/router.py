@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,6 +30,7 @@ from carriers.health import (
 from carriers.numbers import REFUSED_TYPES, Destination, FraudGuard, FraudRefused, normalise
 from carriers.rotation import AttemptKind, QualityStats, RouteView, Strategy, make_strategy
 from carriers.trunk import Trunk
+from carriers.twilio_voice import TwilioCall, TwilioVoice
 from gateway.call import Call, Gateway
 from gateway.result import CallOutcome
 
@@ -65,11 +66,15 @@ class SkippedTrunk:
     reason: str
 
 
+AnyCall = Call | TwilioCall
+"""A call on a SIP trunk (ours: signalling and media) or on a Twilio trunk (Twilio's)."""
+
+
 @dataclass
 class RoutedCall:
     """The call as the application sees it: answered, or ended for good (busy, declined...)."""
 
-    call: Call
+    call: AnyCall
     trunk: str | None  # the trunk that carried the final attempt
     attempts: list[TrunkAttempt]
     destination: Destination
@@ -102,7 +107,7 @@ class NoRouteAvailable(OSError):
         self.skipped = list(skipped)
 
 
-def classify(call: Call) -> tuple[AttemptKind, int | None, str]:
+def classify(call: AnyCall) -> tuple[AttemptKind, int | None, str]:
     """What a finished dial says: (kind, SIP code, reason)."""
     if call.answered:
         return AttemptKind.ANSWERED, 200, "answered"
@@ -147,6 +152,7 @@ class CarrierRouter:
         default_region: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         budgets: Budgets | None = None,
+        twilio: TwilioVoice | None = None,
     ) -> None:
         names = [t.name for t in trunks]
         if len(set(names)) != len(names):
@@ -164,6 +170,7 @@ class CarrierRouter:
         self.budgets: Budgets = budgets or LocalBudgets(clock)
         self._background: set[asyncio.Future[Any]] = set()
         self._probers: list[Prober] = []
+        self.twilio = twilio  # places calls on twilio trunks (needs our public webhook URL)
 
     # -- public -------------------------------------------------------------------------
 
@@ -209,7 +216,9 @@ class CarrierRouter:
         number: str,
         *,
         ring_timeout: float = 30.0,
-        on_call: Callable[[Call], None] | None = None,
+        on_call: Callable[[AnyCall], None] | None = None,
+        context: Mapping[str, str] | None = None,
+        needs_media: bool = False,
     ) -> RoutedCall:
         """Call ``number``; returns once answered or finally refused, else raises.
 
@@ -220,7 +229,9 @@ class CarrierRouter:
         Cancelling the task hangs up the attempt in progress (CANCEL, or BYE if answered).
         ``on_call`` gets each attempt's ``Call`` before its INVITE leaves (as in
         ``Gateway.dial``), so the application can hang up whichever attempt is current; a
-        call hung up that way ends routing (outcome ``cancelled``).
+        call hung up that way ends routing (outcome ``cancelled``). ``context`` travels
+        with a Twilio call to the webhooks that run its flow (alert and notification ids).
+        ``needs_media`` (bridging a caller) skips Twilio trunks: their audio is Twilio's.
         """
         destination = normalise(number, default_region=self.default_region)
         self.guard.check(destination)
@@ -232,6 +243,8 @@ class CarrierRouter:
         for trunk in allowing:
             if not trunk.enabled:
                 skipped.append(SkippedTrunk(trunk.name, "disabled"))
+            elif needs_media and trunk.kind != "sip":
+                skipped.append(SkippedTrunk(trunk.name, f"{trunk.kind} calls carry no media here"))
             elif not self.health.usable(trunk.name):
                 skipped.append(SkippedTrunk(trunk.name, self._unusable_reason(trunk)))
             else:
@@ -244,7 +257,15 @@ class CarrierRouter:
                 skipped.append(SkippedTrunk(trunk.name, reason))
                 metrics.TRUNK_SKIPPED.labels(trunk=trunk.name, reason=reason.split(" ")[0]).inc()
                 continue
-            call, attempt = await self._attempt(trunk, claim, destination, ring_timeout, on_call)
+            call: AnyCall | None
+            if trunk.kind == "twilio":
+                call, attempt = await self._attempt_twilio(
+                    trunk, claim, destination, ring_timeout, on_call, context or {}
+                )
+            else:
+                call, attempt = await self._attempt(
+                    trunk, claim, destination, ring_timeout, on_call
+                )
             attempts.append(attempt)
             logger.info(
                 "call to %s via %s: %s %s %s (%d ms)",
@@ -269,14 +290,10 @@ class CarrierRouter:
         claim: str,
         destination: Destination,
         ring_timeout: float,
-        app_on_call: Callable[[Call], None] | None,
+        app_on_call: Callable[[AnyCall], None] | None,
     ) -> tuple[Call | None, TrunkAttempt]:
         loop = asyncio.get_running_loop()
-        started = loop.time()
-
-        def attempt(kind: AttemptKind, code: int | None, reason: str) -> TrunkAttempt:
-            return TrunkAttempt(trunk.name, kind, code, reason, int((loop.time() - started) * 1000))
-
+        attempt = self._attempt_clock(trunk)
         created: asyncio.Future[Call] = loop.create_future()
 
         def on_call(call: Call) -> None:
@@ -331,6 +348,84 @@ class CarrierRouter:
         self._record(trunk, result, call.result.pdd_ms if call.result else None)
         return call, result
 
+    async def _attempt_twilio(
+        self,
+        trunk: Trunk,
+        claim: str,
+        destination: Destination,
+        ring_timeout: float,
+        app_on_call: Callable[[AnyCall], None] | None,
+        context: Mapping[str, str],
+    ) -> tuple[TwilioCall | None, TrunkAttempt]:
+        """One try through Twilio's REST API: a refusal by Twilio (5xx, 429, auth, an
+        unreachable API) or a failed call moves on to the next trunk, like a SIP 503."""
+        attempt = self._attempt_clock(trunk)
+        if self.twilio is None:
+            result = attempt(
+                AttemptKind.TRANSPORT_ERROR, None, "twilio trunks need public_url for webhooks"
+            )
+            self._record(trunk, result, None)
+            self._keep(asyncio.ensure_future(self._release_budget(trunk.name, claim)))
+            return None, result
+        placed: list[TwilioCall] = []
+
+        def on_call(call: TwilioCall) -> None:
+            placed.append(call)
+            if app_on_call is not None:
+                try:
+                    app_on_call(call)
+                except Exception:
+                    logger.exception("place_call on_call hook failed")
+
+        self._active[trunk.name] += 1
+        metrics.TRUNK_ACTIVE.labels(trunk=trunk.name).set(self._active[trunk.name])
+        place: asyncio.Future[TwilioCall] = asyncio.ensure_future(
+            self.twilio.place(
+                trunk, destination.e164, ring_timeout=ring_timeout, context=context,
+                on_call=on_call,
+            )
+        )  # fmt: skip
+        place.add_done_callback(lambda task: self._on_dial_done(trunk.name, claim, task))
+        try:
+            call = await asyncio.shield(place)
+        except asyncio.CancelledError:
+            if placed:
+                self._keep(asyncio.ensure_future(self._hang_up_placed(place, placed[0])))
+            self.health.call_result(trunk.name, None)
+            raise
+        except ValueError:  # Twilio refused the number itself: no carrier can fix that
+            self.health.call_result(trunk.name, None)
+            raise
+        except OSError as exc:
+            result = attempt(AttemptKind.CARRIER_ERROR, None, str(exc))
+            self._record(trunk, result, None)
+            return None, result
+        except BaseException:
+            self.health.call_result(trunk.name, None)
+            raise
+        kind, code, reason = classify(call)
+        result = attempt(kind, code, reason)
+        self._record(trunk, result, call.result.pdd_ms if call.result else None)
+        return call, result
+
+    @staticmethod
+    async def _hang_up_placed(place: asyncio.Future[TwilioCall], call: TwilioCall) -> None:
+        """The caller gave up while Twilio was placing the call: end it once it exists."""
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(call.responded.wait(), 30)
+        if call.call_id:
+            await call.hangup()
+
+    @staticmethod
+    def _attempt_clock(trunk: Trunk) -> Callable[[AttemptKind, int | None, str], TrunkAttempt]:
+        started = time.monotonic()
+
+        def attempt(kind: AttemptKind, code: int | None, reason: str) -> TrunkAttempt:
+            elapsed_ms = int((time.monotonic() - started) * 1000)
+            return TrunkAttempt(trunk.name, kind, code, reason, elapsed_ms)
+
+        return attempt
+
     async def _first_response(
         self, dial: asyncio.Future[Call], created: asyncio.Future[Call], timeout: float
     ) -> bool:
@@ -362,9 +457,11 @@ class CarrierRouter:
 
         created.add_done_callback(hang_up)
 
-    def _on_dial_done(self, trunk: str, claim: str, dial: asyncio.Future[Call]) -> None:
+    def _on_dial_done(
+        self, trunk: str, claim: str, dial: asyncio.Future[Call] | asyncio.Future[TwilioCall]
+    ) -> None:
         """The dial is over; its call may still be up (answered): count it until it ends."""
-        call: Call | None = None
+        call: AnyCall | None = None
         if not dial.cancelled() and dial.exception() is None:
             call = dial.result()
         if call is None or call.ended.is_set():

@@ -23,6 +23,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _CALLER_ID = re.compile(r"^\+?[A-Za-z0-9._-]{1,32}$")
 _TECH_PREFIX = re.compile(r"^[0-9*#]{1,16}$")
+_ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}$")
 
 
 class NumberFormat(str, enum.Enum):
@@ -40,7 +41,7 @@ class Trunk(BaseModel):
 
     name: str
     kind: Literal["sip", "twilio"] = "sip"
-    host: str
+    host: str | None = None  # sip: the carrier's SIP server (required)
     port: int = Field(default=5060, ge=1, le=65535)
     transport: Literal["udp", "tcp"] = "udp"
     username: str | None = None
@@ -55,6 +56,10 @@ class Trunk(BaseModel):
     priority: int = 100  # lower goes first
     weight: int = Field(default=1, ge=1, le=10_000)
     trying_timeout: float = Field(default=2.0, gt=0, le=60)  # seconds to wait for any response
+    # twilio: calls through the REST API of this account; caller_id is the From number
+    account_sid: str | None = None
+    auth_token: SecretStr | None = None
+    api_base: str | None = None  # another API endpoint (a regional edge, a proxy, a test fake)
 
     @field_validator("name")
     @classmethod
@@ -63,18 +68,11 @@ class Trunk(BaseModel):
             raise ValueError("trunk names are 1-64 of A-Z a-z 0-9 _ . - (used in metrics labels)")
         return value
 
-    @field_validator("kind")
-    @classmethod
-    def _check_kind(cls, value: str) -> str:
-        if value == "twilio":
-            # Reserved in the schema so configs can be written ahead, but refused loudly
-            # rather than silently routing nowhere.
-            raise ValueError("trunk kind 'twilio' is not supported yet; use kind: sip")
-        return value
-
     @field_validator("host")
     @classmethod
-    def _check_host(cls, value: str) -> str:
+    def _check_host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         with contextlib.suppress(ValueError):
             return str(ipaddress.ip_address(value.strip("[]")))
         if not _HOST.match(value):
@@ -116,7 +114,36 @@ class Trunk(BaseModel):
             raise ValueError("tech_prefix is only used with number_format: tech_prefix")
         if (self.username is None) != (self.password is None):
             raise ValueError("digest authentication needs both username and password")
+        if self.kind == "sip":
+            self._check_sip()
+        else:
+            self._check_twilio()
         return self
+
+    def _check_sip(self) -> None:
+        if self.host is None:
+            raise ValueError("a sip trunk needs host (the carrier's SIP server)")
+        twilio_only = [
+            k for k in ("account_sid", "auth_token", "api_base") if getattr(self, k) is not None
+        ]
+        if twilio_only:
+            raise ValueError(f"{', '.join(twilio_only)}: twilio trunks only")
+
+    def _check_twilio(self) -> None:
+        if self.account_sid is None or not _ACCOUNT_SID.match(self.account_sid):
+            raise ValueError("a twilio trunk needs account_sid (AC followed by 32 hex digits)")
+        if self.auth_token is None or not self.auth_token.get_secret_value():
+            raise ValueError("a twilio trunk needs auth_token")
+        if self.caller_id is None or not self.caller_id.startswith("+"):
+            raise ValueError("a twilio trunk needs caller_id: one of the account's numbers, E.164")
+        sip_only = [k for k in ("host", "username") if getattr(self, k) is not None]
+        if sip_only or self.number_format is not NumberFormat.E164:
+            raise ValueError(
+                f"{', '.join(sip_only or ['number_format'])}: sip trunks only "
+                "(Twilio takes E.164 numbers over its REST API)"
+            )
+        if self.api_base is not None and not re.match(r"^https?://[^/\s]+/?$", self.api_base):
+            raise ValueError(f"invalid api_base {self.api_base!r} (e.g. https://host:port)")
 
     # -- derived -----------------------------------------------------------------------
 
@@ -151,6 +178,8 @@ class Trunk(BaseModel):
 
     def _hostport(self) -> str:
         host = self.host
+        if host is None:
+            raise ValueError(f"trunk {self.name} is a {self.kind} trunk: it has no SIP address")
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"{host}:{self.port}"

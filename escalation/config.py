@@ -430,6 +430,8 @@ def hotline_sources_from_carriers(cfg: AcklineConfig) -> list[TrustedSource]:
     """The outbound trunks whose host is an IP address also count as inbound sources."""
     out = []
     for trunk in cfg.carriers.trunks if cfg.carriers else []:
+        if trunk.host is None:  # a REST trunk (Twilio) sends no SIP
+            continue
         try:
             ipaddress.ip_address(trunk.host)
         except ValueError:

@@ -193,12 +193,17 @@ class Hotline:
         try:
             if target.lower().startswith(("sip:", "sips:")) or self.dialer is None:
                 return await self.gateway.dial(target, ring_timeout=ring_timeout)
-            dialed = await self.dialer.dial(target, ring_timeout=ring_timeout, on_call=_ignore)
+            dialed = await self.dialer.dial(
+                target, ring_timeout=ring_timeout, on_call=_ignore, needs_media=True
+            )
+            if not isinstance(dialed.call, Call):  # a dialer ignoring needs_media: refuse it
+                await dialed.call.hangup()
+                raise OSError("the route gave a call without media; bridging needs SIP")
             return dialed.call
         except (OSError, ValueError) as exc:
             logger.info("hotline: cannot reach %s: %s", target, exc)
             return None
 
 
-def _ignore(_call: Call) -> None:
+def _ignore(_call: object) -> None:
     return None

@@ -43,8 +43,8 @@ def describe(
     trunk: Trunk, overrides: dict[str, Any], router: CarrierRouter | None
 ) -> dict[str, Any]:
     """A trunk as an admin sees it: its settings (no secrets), overrides, live health."""
-    out = trunk.model_dump(mode="json", exclude={"password"})
-    out["has_password"] = trunk.password is not None
+    out = trunk.model_dump(mode="json", exclude={"password", "auth_token"})
+    out["has_password"] = trunk.password is not None or trunk.auth_token is not None
     out["overrides"] = overrides
     out["health"] = None
     if router is not None:
@@ -141,6 +141,10 @@ async def test_carrier(
 
 async def probe_once(router: CarrierRouter, trunk: Trunk) -> dict[str, Any]:
     """One OPTIONS to `trunk`: answered or not, the SIP code and the round trip."""
+    if trunk.kind != "sip":
+        return {"trunk": trunk.name, "ok": None, "sip_code": None, "rtt_ms": None,
+                "detail": f"not probed: a {trunk.kind} trunk has no SIP server (its breaker "
+                          "follows live calls)"}  # fmt: skip
     started = time.monotonic()
     code: int | None = None
     detail = ""

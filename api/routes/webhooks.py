@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Header, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse
 
-from api.deps import RuntimeDep, context
+from api.deps import Runtime, RuntimeDep, context
 from escalation.channels.signing import verify_ack
 from escalation.channels.sms import (
     parse_inbound_sms,
@@ -25,10 +25,15 @@ TELEGRAM_CHANNELS = ("telegram", "telegram_voice")
 
 
 async def _twilio_form(request: Request, runtime: RuntimeDep) -> dict[str, str]:
-    """The form Twilio posted, after checking X-Twilio-Signature against our public URL."""
+    """The form Twilio posted for the Messaging account (TWILIO_AUTH_TOKEN), verified."""
     token = runtime.settings.twilio_auth_token
     if not token:
         raise HTTPException(404, "Twilio webhooks are not configured")
+    return await verified_twilio_form(request, runtime, token)
+
+
+async def verified_twilio_form(request: Request, runtime: Runtime, token: str) -> dict[str, str]:
+    """The form Twilio posted, after checking X-Twilio-Signature against our public URL."""
     form = {k: str(v) for k, v in (await request.form()).items()}
     url = str(request.url)
     if runtime.settings.public_url:

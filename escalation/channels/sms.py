@@ -12,8 +12,7 @@ import asyncio
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
+from typing import NamedTuple
 
 import requests
 from twilio.base.exceptions import (  # type: ignore[import-untyped]
@@ -21,11 +20,9 @@ from twilio.base.exceptions import (  # type: ignore[import-untyped]
     TwilioRestException,
     TwilioServiceException,
 )
-from twilio.http.http_client import TwilioHttpClient  # type: ignore[import-untyped]
-from twilio.http.response import Response  # type: ignore[import-untyped]
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
-from twilio.rest import Client  # type: ignore[import-untyped]
 
+from carriers.twilio_api import twilio_client
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
 
 __all__ = [
@@ -69,23 +66,6 @@ class TwilioSender:
         return f"{self.account_sid}/{self.from_number or self.messaging_service_sid}"
 
 
-class _RebasedHttpClient(TwilioHttpClient):  # type: ignore[misc]
-    """Sends every SDK request to `api_base` instead of *.twilio.com (a local fake, a proxy).
-
-    The HttpClient is the SDK's documented extension point; rewriting here keeps the SDK's
-    own URL building, auth and error parsing in the path.
-    """
-
-    def __init__(self, api_base: str, timeout: float) -> None:
-        super().__init__(timeout=timeout)
-        base = urlsplit(api_base)
-        self._scheme, self._netloc = base.scheme, base.netloc
-
-    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Response:
-        target = urlsplit(url)._replace(scheme=self._scheme, netloc=self._netloc)
-        return super().request(method, urlunsplit(target), *args, **kwargs)
-
-
 def sms_body(notification: Notification) -> str:
     """What a responder reads and can answer with one keystroke."""
     return (
@@ -121,15 +101,7 @@ class SmsChannel:
         self._senders = list(senders)
         self._status_callback_url = status_callback_url
         self._clients = [
-            Client(
-                s.account_sid,
-                s.auth_token,
-                http_client=(
-                    _RebasedHttpClient(api_base, timeout_s)
-                    if api_base
-                    else TwilioHttpClient(timeout=timeout_s)
-                ),
-            )
+            twilio_client(s.account_sid, s.auth_token, api_base=api_base, timeout=timeout_s)
             for s in self._senders
         ]
 

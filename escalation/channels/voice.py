@@ -17,13 +17,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from carriers.router import CarrierRouter, RoutedCall
+from carriers.router import AnyCall, CarrierRouter, RoutedCall
+from carriers.twilio_voice import TwilioCall
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
 from gateway.call import Call, Gateway
 from gateway.result import CallOutcome, CallResult
 from gateway.sip.auth import Credentials
 from ivr.builtin import ack_flow, run_ack_flow
 from ivr.flow import Flow
+from ivr.twiml import machine_detection
 
 __all__ = [
     "AckMenu",
@@ -38,7 +40,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OnCall = Callable[[Call], None]
+OnCall = Callable[[AnyCall], None]
+# A Twilio call runs its flow at Twilio; if its reports stop coming, end it after this long.
+TWILIO_CALL_LIMIT = 600.0
 
 # SIP codes that say the number itself is wrong: no retry on this channel can fix it.
 _PERMANENT_CODES = frozenset({404, 484, 485, 604})
@@ -48,7 +52,7 @@ _PERMANENT_CODES = frozenset({404, 484, 485, 604})
 class DialedCall:
     """A placed call plus how it was routed (trunk used, trunks tried), for the audit."""
 
-    call: Call
+    call: AnyCall
     details: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -56,10 +60,20 @@ class Dialer(Protocol):
     """Turns a recipient's phone number into a placed call (a SIP URI, a carrier route).
 
     Raises ValueError when the number can never be called (invalid, refused) and OSError
-    when no route works right now.
+    when no route works right now. `context` names the alert and notification, for calls
+    whose flow runs elsewhere (a Twilio trunk asks our webhooks what to say);
+    `needs_media` asks for a call whose audio we carry (bridging), i.e. not a Twilio one.
     """
 
-    async def dial(self, number: str, *, ring_timeout: float, on_call: OnCall) -> DialedCall: ...
+    async def dial(
+        self,
+        number: str,
+        *,
+        ring_timeout: float,
+        on_call: OnCall,
+        context: Mapping[str, str] | None = None,
+        needs_media: bool = False,
+    ) -> DialedCall: ...
 
 
 @dataclass
@@ -78,7 +92,15 @@ class SipUriDialer:
         if "{number}" not in self.template:
             raise ValueError("voice target template must contain {number}")
 
-    async def dial(self, number: str, *, ring_timeout: float, on_call: OnCall) -> DialedCall:
+    async def dial(
+        self,
+        number: str,
+        *,
+        ring_timeout: float,
+        on_call: OnCall,
+        context: Mapping[str, str] | None = None,
+        needs_media: bool = False,
+    ) -> DialedCall:
         target = self.template.format(number=number)
         call = await self.gateway.dial(
             target,
@@ -101,8 +123,19 @@ class CarrierDialer:
     router: CarrierRouter
     on_routed: Callable[[RoutedCall], None] | None = None
 
-    async def dial(self, number: str, *, ring_timeout: float, on_call: OnCall) -> DialedCall:
-        routed = await self.router.place_call(number, ring_timeout=ring_timeout, on_call=on_call)
+    async def dial(
+        self,
+        number: str,
+        *,
+        ring_timeout: float,
+        on_call: OnCall,
+        context: Mapping[str, str] | None = None,
+        needs_media: bool = False,
+    ) -> DialedCall:
+        routed = await self.router.place_call(
+            number, ring_timeout=ring_timeout, on_call=on_call, context=context,
+            needs_media=needs_media,
+        )  # fmt: skip
         if self.on_routed is not None:
             try:
                 self.on_routed(routed)
@@ -225,7 +258,36 @@ def classify_call(
     return done(DeliveryStatus.FAILED_RETRYABLE, f"sip_{code}" if code else "no_response")
 
 
-def early_result(call: Call, outcome: str, route: Mapping[str, str]) -> DeliveryResult:
+async def _twilio_outcome(call: TwilioCall) -> str:
+    """Wait for the flow's verdict (a keypress, from our Gather webhook) or the call's end;
+    Twilio says goodbye and hangs up by itself. A call whose reports stop is ended."""
+    waiters = {
+        asyncio.ensure_future(call.decided.wait()),
+        asyncio.ensure_future(call.ended.wait()),
+    }
+    try:
+        await asyncio.wait(waiters, timeout=TWILIO_CALL_LIMIT, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if call.outcome is not None:
+        return call.outcome
+    if call.answered_by.startswith("machine") or call.answered_by == "fax":
+        return "machine"
+    return ""
+
+
+async def _end_eventually(call: TwilioCall) -> None:
+    """Twilio hangs up after the goodbye; if its final report never comes, end it anyway
+    (the trunk's call count waits for the end)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(call.ended.wait(), 60.0)
+    if not call.ended.is_set():
+        with contextlib.suppress(Exception):
+            await call.hangup()
+
+
+def early_result(call: AnyCall, outcome: str, route: Mapping[str, str]) -> DeliveryResult:
     """The result of a call that is still saying goodbye: the key has been pressed."""
     status, reason = (
         (DeliveryStatus.ACKNOWLEDGED, "pressed_1")
@@ -253,18 +315,22 @@ class VoiceChannel:
         *,
         ring_timeout: float = 30.0,
         menu: AckMenu | None = None,
+        flow: Flow | None = None,
         conversation: Conversation | None = None,
         flows: Mapping[str, Flow] | None = None,
     ) -> None:
         """`flows` maps a policy name to the flow its calls run (else the default menu)."""
         self._dialer = dialer
         self._ring_timeout = ring_timeout
-        self._conversation = conversation or ack_conversation((menu or AckMenu()).flow())
+        self._flow = flow or (menu or AckMenu()).flow()
+        self._flows = dict(flows or {})
+        self._conversation = conversation or ack_conversation(self._flow)
         self._policy_conversations = {
-            policy: ack_conversation(flow) for policy, flow in (flows or {}).items()
+            policy: ack_conversation(flow) for policy, flow in self._flows.items()
         }
-        self._active: dict[str, Call | None] = {}  # in-flight notification -> its call
+        self._active: dict[str, AnyCall | None] = {}  # in-flight notification -> its call
         self._cancelled: set[str] = set()  # only ever holds keys of _active
+        self._background: set[asyncio.Future[Any]] = set()
 
     async def send(self, notification: Notification) -> DeliveryResult:
         nid = notification.notification_id
@@ -273,13 +339,16 @@ class VoiceChannel:
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "no_phone")
         self._active[nid] = None
 
-        def track(call: Call) -> None:
+        def track(call: AnyCall) -> None:
             self._active[nid] = call
             if nid in self._cancelled:  # the ack raced the dial: never let it ring
-                call.gateway.spawn(call.hangup())
+                self._spawn(call.hangup())
 
         try:
-            dialed = await self._dialer.dial(number, ring_timeout=self._ring_timeout, on_call=track)
+            dialed = await self._dialer.dial(
+                number, ring_timeout=self._ring_timeout, on_call=track,
+                context=self._context(notification),
+            )  # fmt: skip
         except ValueError as exc:  # the number cannot become a valid target, or is refused
             self._forget(nid)
             reason = _reason(exc, "invalid_target")
@@ -295,10 +364,14 @@ class VoiceChannel:
         call = dialed.call
         try:
             outcome = ""
-            if call.answered and not call.ended.is_set():
+            if isinstance(call, TwilioCall):
+                outcome = await _twilio_outcome(call)
+            elif call.answered and not call.ended.is_set():
                 converse = self._policy_conversations.get(notification.policy)
                 outcome = await (converse or self._conversation)(call, notification)
             if outcome in EARLY_OUTCOMES and not call.ended.is_set():
+                if isinstance(call, TwilioCall):
+                    self._spawn(_end_eventually(call))
                 return early_result(call, outcome, dialed.details)  # goodbye still playing
             result = await call.hangup()
         finally:
@@ -319,6 +392,19 @@ class VoiceChannel:
         if call is not None and not call.ended.is_set():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(call.hangup(), timeout=10.0)
+
+    def _context(self, n: Notification) -> dict[str, str]:
+        """What a Twilio call's webhooks need to run this notification's flow."""
+        context = {"alert": n.alert_id, "notification": n.notification_id, "policy": n.policy}
+        detection = machine_detection(self._flows.get(n.policy, self._flow))
+        if detection:
+            context["machine_detection"] = detection
+        return context
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _forget(self, nid: str) -> None:
         self._active.pop(nid, None)

@@ -101,7 +101,8 @@ async def serve(
         "ACKLINE_API_KEYS": "k-acme:acme",
         "ACKLINE_AUDIT_DIR": str(tmp / "audit"),
         "ACKLINE_POLL_INTERVAL": "0.2",
-        **env,
+        # "{http_port}" in a value: the API's port (e.g. ACKLINE_PUBLIC_URL for webhooks)
+        **{k: v.replace("{http_port}", str(http_port)) for k, v in env.items()},
     }
     if "REDIS_URL" not in env:
         full_env.pop("REDIS_URL", None)

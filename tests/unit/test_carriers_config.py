@@ -105,7 +105,7 @@ BASE = "carriers:\n  allowed_countries: [US]\n"
         ),
         (
             BASE + "  trunks:\n    - {name: tw, host: h, kind: twilio}\n",
-            "carriers.trunks[0] (tw).kind: trunk kind 'twilio' is not supported yet",
+            "carriers.trunks[0] (tw): a twilio trunk needs account_sid",
         ),
         (BASE + "  strategy: fastest\n  trunks: [{name: a, host: h}]\n", "carriers.strategy"),
         (BASE + "  trunks: [{name: a, host: h}, {name: a, host: h2}]\n", "duplicate trunk"),

@@ -172,9 +172,34 @@ def test_password_never_shows_in_repr_or_json() -> None:
     assert credentials is not None and credentials.password == "hunter2-not-real"
 
 
-def test_twilio_kind_is_reserved_not_pretended() -> None:
-    with pytest.raises(ValidationError, match="'twilio' is not supported yet"):
-        trunk(kind="twilio")
+SID = "AC" + "0" * 32
+
+
+def twilio_trunk(**values: object) -> Trunk:
+    base = {"name": "tw", "kind": "twilio", "account_sid": SID, "auth_token": "secret",
+            "caller_id": "+14155550100"}  # fmt: skip
+    return Trunk.model_validate({**base, **values})
+
+
+def test_twilio_trunks_need_an_account_and_no_sip_settings() -> None:
+    assert twilio_trunk().host is None
+    assert "secret" not in repr(twilio_trunk())
+    for values, message in [
+        ({"account_sid": "AC123"}, "account_sid"),
+        ({"auth_token": ""}, "auth_token"),
+        ({"caller_id": None}, "caller_id"),
+        ({"host": "127.0.0.1"}, "host: sip trunks only"),
+        ({"number_format": "national"}, "number_format: sip trunks only"),
+        ({"api_base": "ftp://127.0.0.1"}, "api_base"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            twilio_trunk(**values)
+    with pytest.raises(ValidationError, match="needs host"):
+        Trunk.model_validate({"name": "s"})
+    with pytest.raises(ValidationError, match="account_sid: twilio trunks only"):
+        trunk(account_sid=SID)
+    with pytest.raises(ValueError, match="no SIP address"):
+        twilio_trunk().probe_uri()
     with pytest.raises(ValidationError):
         trunk(kind="pstn")
 
