@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import time
 import uuid
@@ -22,6 +23,7 @@ from typing import Any, Literal, Protocol, cast
 import asyncpg  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import JSON, Table, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -226,14 +228,6 @@ _PG_COMMIT_DURABLE = "SET LOCAL synchronous_commit TO on; COMMIT"
 # The driver-level ingest on PostgreSQL (`Engine._ingest_pg`): the same rows the Core
 # inserts write, as prepared statements. JSON goes in as text (see Database.driver_pool),
 # timestamps as aware datetimes.
-_PG_CLAIM_KEY = (
-    "INSERT INTO idempotency_keys (api_key_hash, idempotency_key, alert_id, created_at) "
-    "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING alert_id"
-)
-_PG_INSERT_ALERT = (
-    f"INSERT INTO alerts ({', '.join(c.name for c in _ALERTS.columns)}) "
-    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_ALERTS.columns)))})"
-)
 _PG_ATTEMPT_COLUMNS = ("company", "alert_id", "notification_id", "attempt", "channel",
                        "recipient_id", "address", "round", "step", "status", "reason",
                        "scheduled_for")  # fmt: skip
@@ -250,6 +244,51 @@ _PG_INSERT_JOBS = (
     "ORDER BY n RETURNING id"
 )
 _JSON_COLUMNS = frozenset(c.name for c in _ALERTS.columns if isinstance(c.type, JSON))
+
+
+def _pg_ingest_statement(keyed: bool) -> str:
+    """The whole ingest as one statement, so one round trip and its own (synchronous)
+    commit: the Idempotency-Key claimed ($1-$4; without a key the gate is one constant
+    row), and only if it was, the alert, its attempts and its jobs inserted (the rows
+    `_decide` staged: parameters as arrays per column, as in _PG_INSERT_JOBS). Returns
+    whether the key was claimed and the new job ids in insertion order."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+    def cast_to(column: Any) -> str:
+        # the type without its length: a value too long fails as in a plain INSERT
+        # (a cast to VARCHAR(n) would cut it silently)
+        return re.sub(r"\(\d+\)", "", column.type.compile(dialect=dialect))
+
+    alert_types = [cast_to(c) for c in _ALERTS.columns]
+    attempt_types = [cast_to(_ATTEMPTS.c[name]) for name in _PG_ATTEMPT_COLUMNS]
+    alert_params = [f"${i + 5}::{t}" for i, t in enumerate(alert_types)]
+    first = 5 + len(alert_types)
+    attempt_params = [f"${first + i}::{t}[]" for i, t in enumerate(attempt_types)]
+    job = [f"${first + len(attempt_types) + i}" for i in range(5)]
+    gate = (
+        "INSERT INTO idempotency_keys (api_key_hash, idempotency_key, alert_id, created_at) "
+        "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING alert_id"
+        if keyed
+        else "SELECT $1::varchar, $2::varchar, $3::varchar, $4::timestamptz"
+    )
+    return (
+        f"WITH key_claimed AS ({gate}), "
+        f"alert_in AS (INSERT INTO alerts ({', '.join(c.name for c in _ALERTS.columns)}) "
+        f"SELECT {', '.join(alert_params)} FROM key_claimed), "
+        f"attempts_in AS (INSERT INTO notification_attempts ({', '.join(_PG_ATTEMPT_COLUMNS)}) "
+        f"SELECT * FROM unnest({', '.join(attempt_params)}) "
+        "WHERE EXISTS (SELECT 1 FROM key_claimed)), "
+        "jobs_in AS (INSERT INTO jobs (alert_id, kind, payload, due_at, attempts, done, "
+        f"created_at) SELECT a, k, p, d, 0, false, c FROM unnest({job[0]}::varchar[], "
+        f"{job[1]}::varchar[], {job[2]}::json[], {job[3]}::timestamptz[], "
+        f"{job[4]}::timestamptz[]) WITH ORDINALITY AS t(a, k, p, d, c, n) "
+        "WHERE EXISTS (SELECT 1 FROM key_claimed) ORDER BY n RETURNING id) "
+        "SELECT EXISTS (SELECT 1 FROM key_claimed) AS claimed, "
+        "array(SELECT id FROM jobs_in ORDER BY id) AS ids"
+    )
+
+
+_PG_INGEST = {keyed: _pg_ingest_statement(keyed) for keyed in (True, False)}
 
 # The driver-level claim (`Engine._claim_pg`): `_CLAIM` with only what a send needs, and
 # a send's attempt row read in the same statement (not locked: the alert's lock covers it).
@@ -353,6 +392,17 @@ def _pg_alert_args(alert: Alert) -> list[Any]:
     ]
 
 
+def _pg_job_arrays(jobs: list[dict[str, Any]]) -> list[list[Any]]:
+    """Job rows as the per-column arrays _PG_INSERT_JOBS (and the ingest) unnest."""
+    return [
+        [j["alert_id"] for j in jobs],
+        [j["kind"] for j in jobs],
+        [json.dumps(j["payload"]) for j in jobs],
+        [j["due_at"] for j in jobs],
+        [j["created_at"] for j in jobs],
+    ]
+
+
 async def _pg_insert_rows(
     raw: Any, attempts: list[dict[str, Any]], jobs: list[dict[str, Any]], fx: _Effects
 ) -> None:
@@ -365,15 +415,7 @@ async def _pg_insert_rows(
     attempts.clear()
     if jobs:
         ids = sorted(
-            await raw.fetch(
-                _PG_INSERT_JOBS,
-                [j["alert_id"] for j in jobs],
-                [j["kind"] for j in jobs],
-                [json.dumps(j["payload"]) for j in jobs],
-                [j["due_at"] for j in jobs],
-                [j["created_at"] for j in jobs],
-            ),
-            key=lambda r: int(r[0]),
+            await raw.fetch(_PG_INSERT_JOBS, *_pg_job_arrays(jobs)), key=lambda r: int(r[0])
         )
         for (job_id,), row in zip(ids, jobs, strict=True):
             fx.jobs.append(NewJob(job_id, row["alert_id"], row["kind"], row["due_at"]))
@@ -791,38 +833,47 @@ class Engine:
         ctx: RequestContext,
         fx: _Effects,
     ) -> IngestResult | None:
-        """PostgreSQL, no dedup key: the same transaction as `_ingest_tx`, run on the
-        driver connection with prepared statements (SQLAlchemy's per-statement overhead
-        was most of an ingest's CPU time). None when the key is taken (a replay) or a
-        constraint fired: the caller then takes the general path, which finds the first
-        alert and pages nobody."""
+        """PostgreSQL, no dedup key: the rows `_ingest_tx` writes, as one prepared
+        statement on the driver connection (one round trip, committed and flushed before
+        it answers; SQLAlchemy's per-statement overhead was most of an ingest's CPU time,
+        then the round trips). None when the key is taken (a replay) or a constraint
+        fired: the caller then takes the general path, which finds the first alert and
+        pages nobody."""
         plan, plan_json = await self._plan_for(company, body.policy)
         now = self.clock()
         alert = self._new_alert(company, body, plan_json, now)
+        self._audit(
+            fx, alert, ctx, now, event="created", status="triggered", reason=body.policy,
+            severity=body.severity, title=body.title,
+        )  # fmt: skip
+        # The first decision needs nothing from the database: stage its rows, then write
+        # everything in one statement (see _pg_ingest_statement).
+        attempts: list[dict[str, Any]] = []
+        jobs: list[dict[str, Any]] = []
+
+        async def put(a: list[dict[str, Any]], j: list[dict[str, Any]], _f: _Effects) -> None:
+            attempts.extend(a)
+            jobs.extend(j)
+            a.clear()
+            j.clear()
+
+        await self._decide(None, alert, Start(), now, ctx, fx, put)
         pool = await self.db.driver_pool()
-        async with pool.acquire() as raw:
-            try:
-                async with raw.transaction():
-                    if idempotency_key is not None:
-                        claimed = await raw.fetchval(
-                            _PG_CLAIM_KEY, key_hash, idempotency_key, alert.id, now
-                        )
-                        if claimed is None:
-                            raise _Retry
-                    self._audit(
-                        fx, alert, ctx, now, event="created", status="triggered",
-                        reason=body.policy, severity=body.severity, title=body.title,
-                    )  # fmt: skip
-
-                    async def put(
-                        attempts: list[dict[str, Any]], jobs: list[dict[str, Any]], f: _Effects
-                    ) -> None:
-                        await _pg_insert_rows(raw, attempts, jobs, f)
-
-                    await self._decide(None, alert, Start(), now, ctx, fx, put)
-                    await raw.execute(_PG_INSERT_ALERT, *_pg_alert_args(alert))
-            except (_Retry, asyncpg.UniqueViolationError):
-                return None
+        try:
+            async with pool.acquire() as raw:
+                row = await raw.fetchrow(
+                    _PG_INGEST[idempotency_key is not None],
+                    key_hash, idempotency_key, alert.id, now,
+                    *_pg_alert_args(alert),
+                    *([a[c] for a in attempts] for c in _PG_ATTEMPT_COLUMNS),
+                    *_pg_job_arrays(jobs),
+                )  # fmt: skip
+        except asyncpg.UniqueViolationError:
+            return None
+        if not row["claimed"]:
+            return None  # a replay
+        for job_id, job in zip(row["ids"], jobs, strict=True):
+            fx.jobs.append(NewJob(job_id, job["alert_id"], job["kind"], job["due_at"]))
         self._remember_plan(alert.id, company, body.policy, plan, plan_json)
         return IngestResult(alert, created=True)
 
