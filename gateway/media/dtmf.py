@@ -8,9 +8,11 @@ state machine or function; the RTP/SIP layers feed it.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
@@ -25,6 +27,7 @@ __all__ = [
     "GoertzelDetector",
     "Rfc4733Receiver",
     "dtmf_tone",
+    "feed_all",
     "info_dtmf_body",
     "parse_info_dtmf",
     "rfc4733_packets",
@@ -197,6 +200,39 @@ def rfc4733_packets(
 # --------------------------------------------------------------------------------------------
 
 
+# OpenBLAS multithreads a GEMM from m * n * k = 4 * 65536 on; stay below that.
+_SINGLE_THREAD_GEMM = 200_000
+
+
+@functools.cache
+def _dft_basis(sample_rate: int, freqs: tuple[float, ...], length: int) -> npt.NDArray[np.float64]:
+    """Cosine then sine columns of the DFT at ``freqs``: real, so a block's power at all of
+    them is one real matrix product (BLAS), and shared by every detector with that layout."""
+    phase = 2.0 * np.pi * np.outer(np.arange(length), freqs) / sample_rate
+    basis = np.concatenate((np.cos(phase), np.sin(phase)), axis=1)
+    basis.flags.writeable = False
+    return basis
+
+
+def _power(
+    blocks: npt.NDArray[np.float64], basis: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """|X(f)|^2 per block (row) and frequency of ``basis``, as Goertzel would give.
+
+    The product runs in slices small enough that OpenBLAS keeps them on this thread: a
+    threaded GEMM of a few hundred blocks costs several times more on a busy machine (its
+    threads spin for cores the event loop and the far end need) than it saves.
+    """
+    rows = max(1, _SINGLE_THREAD_GEMM // basis.size)
+    if len(blocks) <= rows:
+        parts = blocks @ basis
+    else:
+        parts = np.concatenate([blocks[i : i + rows] @ basis for i in range(0, len(blocks), rows)])
+    half = basis.shape[1] // 2
+    power: npt.NDArray[np.float64] = parts[:, :half] ** 2 + parts[:, half:] ** 2
+    return power
+
+
 class GoertzelDetector:
     """In-band DTMF detector over Goertzel filters, for calls that carry keys only as audio.
 
@@ -253,11 +289,8 @@ class GoertzelDetector:
         self._min_purity = min_purity
         self.reset()
 
-    def _dft_basis(self, freqs: npt.NDArray[np.float64], length: int) -> npt.NDArray[np.complex128]:
-        basis: npt.NDArray[np.complex128] = np.exp(
-            -2j * np.pi * np.outer(freqs, np.arange(length)) / self.sample_rate
-        )
-        return basis
+    def _dft_basis(self, freqs: npt.NDArray[np.float64], length: int) -> npt.NDArray[np.float64]:
+        return _dft_basis(self.sample_rate, tuple(freqs.tolist()), length)
 
     def reset(self) -> None:
         """Forget buffered audio and debounce state, e.g. after a media change."""
@@ -270,6 +303,23 @@ class GoertzelDetector:
 
     def feed(self, pcm: npt.NDArray[Any], now: float) -> list[DtmfDigit]:
         """Analyse a chunk of audio of any length; returns the keys recognised in it."""
+        return feed_all([(self, pcm, now)])[0]
+
+    @property
+    def _settings(self) -> tuple[float, ...]:
+        """What ``_classify`` depends on: detectors sharing it can classify in one pass."""
+        return (
+            self.sample_rate,
+            self._min_power,
+            self._normal_twist,
+            self._reverse_twist,
+            self._peak_ratio,
+            self._min_fraction,
+        )
+
+    def _take_blocks(self, pcm: npt.NDArray[Any]) -> tuple[npt.NDArray[np.float64], int]:
+        """Whole blocks of the buffered audio plus ``pcm`` (the rest stays buffered), and
+        how many of their samples were buffered from before."""
         samples = np.asarray(pcm).reshape(-1)
         if np.issubdtype(samples.dtype, np.floating):
             chunk = samples.astype(np.float64) * 32768.0
@@ -279,13 +329,23 @@ class GoertzelDetector:
         data = np.concatenate((self._buffer, chunk))
         count = len(data) // self.block_size
         self._buffer = data[count * self.block_size :]
-        if count == 0:
+        return data[: count * self.block_size].reshape(count, self.block_size), carried
+
+    def _finish(
+        self, blocks: npt.NDArray[np.float64], keys: list[str | None], carried: int, now: float
+    ) -> list[DtmfDigit]:
+        """Confirm and debounce classified (DC-free) blocks; the digits they complete."""
+        if len(blocks) == 0:
             return []
-        blocks = data[: count * self.block_size].reshape(count, self.block_size)
-        blocks = blocks - blocks.mean(axis=1, keepdims=True)  # DC would dilute the tones
-        keys = self._classify(blocks)
+        last_block = blocks[-1]
+        if self._active is None and keys.count(None) == len(keys):
+            # Nothing held and nothing heard: what stepping through the blocks would do.
+            self._last_block = last_block
+            self._run = 1
+            self._previous = None
+            return []
         confirmed = self._confirm(blocks, keys)
-        self._last_block = blocks[-1]
+        self._last_block = last_block
         found: list[DtmfDigit] = []
         block_ms = 1000.0 * self.block_size / self.sample_rate
         for index, key in enumerate(keys):
@@ -317,7 +377,7 @@ class GoertzelDetector:
 
     def _classify(self, blocks: npt.NDArray[np.float64]) -> list[str | None]:
         """Decide per block which key (if any) it holds, all blocks at once."""
-        power = np.abs(blocks @ self._basis.T) ** 2
+        power = _power(blocks, self._basis)
         energy = np.einsum("ij,ij->i", blocks, blocks)
         rows, cols = power[:, :4], power[:, 4:]
         r = np.argmax(rows, axis=1)
@@ -337,7 +397,10 @@ class GoertzelDetector:
         # For a pure tone filling the block, 2|X|^2 / (N * energy) == 1.
         fraction = 2.0 * (row_p + col_p) / (self.block_size * np.maximum(energy, 1e-9))
         ok &= fraction >= self._min_fraction
-        return [_KEYPAD[int(r[i])][int(c[i])] if ok[i] else None for i in range(len(blocks))]
+        keys: list[str | None] = [None] * len(blocks)
+        for i in np.flatnonzero(ok).tolist():
+            keys[i] = _KEYPAD[int(r[i])][int(c[i])]
+        return keys
 
     def _confirm(self, blocks: npt.NDArray[np.float64], keys: list[str | None]) -> set[int]:
         """Indices of blocks that, with the block before, form a pure enough tone pair."""
@@ -355,7 +418,7 @@ class GoertzelDetector:
             shift = 0
         seconds = [i + shift for i, _ in candidates]
         pairs = np.concatenate((blocks[[s - 1 for s in seconds]], blocks[seconds]), axis=1)
-        power = np.abs(pairs @ self._pair_basis.T) ** 2
+        power = _power(pairs, self._pair_basis)
         tones = power.reshape(len(pairs), 8, len(_PAIR_OFFSETS)).max(axis=2)
         energy = np.einsum("ij,ij->i", pairs, pairs)
         confirmed: set[int] = set()
@@ -365,6 +428,35 @@ class GoertzelDetector:
             if 2.0 * tone_power >= self._min_purity * pairs.shape[1] * max(energy[j], 1e-9):
                 confirmed.add(index)
         return confirmed
+
+
+def feed_all(
+    jobs: Sequence[tuple[GoertzelDetector, npt.NDArray[Any], float]],
+) -> list[list[DtmfDigit]]:
+    """``detector.feed(pcm, now)`` for each job, as one vectorised pass over all their blocks.
+
+    Per call the detector's cost is almost all numpy call overhead, so hundreds of calls are
+    far cheaper classified together. Results are those of feeding each job in turn; a
+    detector may appear more than once (its chunks are then taken in order).
+    """
+    results: list[list[DtmfDigit]] = [[] for _ in jobs]
+    taken = [detector._take_blocks(pcm) for detector, pcm, _ in jobs]
+    groups: dict[tuple[float, ...], list[int]] = {}
+    for index, (detector, _, _) in enumerate(jobs):
+        if len(taken[index][0]):
+            groups.setdefault(detector._settings, []).append(index)
+    for indices in groups.values():
+        parts = [taken[i][0] for i in indices]
+        stacked = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        stacked = stacked - stacked.mean(axis=1, keepdims=True)  # DC would dilute the tones
+        keys = jobs[indices[0]][0]._classify(stacked)
+        start = 0
+        for i, part in zip(indices, parts, strict=True):
+            detector, _, now = jobs[i]
+            end = start + len(part)
+            results[i] = detector._finish(stacked[start:end], keys[start:end], taken[i][1], now)
+            start = end
+    return results
 
 
 def dtmf_tone(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +19,7 @@ from gateway.media.dtmf import (
     GoertzelDetector,
     Rfc4733Receiver,
     dtmf_tone,
+    feed_all,
     info_dtmf_body,
     parse_info_dtmf,
     rfc4733_packets,
@@ -575,3 +577,75 @@ def test_info_body_defaults_and_validation() -> None:
 def test_parse_info_never_raises(content_type: str, body: bytes) -> None:
     result = parse_info_dtmf(content_type, body)
     assert result is None or (result[0] in DIGITS and result[1] >= 0)
+
+
+# --------------------------------------------------------------------------------------------
+# feed_all: many detectors in one pass
+# --------------------------------------------------------------------------------------------
+
+
+def _streams() -> list[tuple[GoertzelDetector, npt.NDArray[Any]]]:
+    """Detectors with the audio each hears: keys at various offsets, noise, a quiet key that
+    only a more sensitive detector (other settings, so another group) reports."""
+    rng = np.random.default_rng(3)
+    quiet = keyed("9", amplitude=0.004)  # int16 scale: float input would mean full scale 1.0
+    return [
+        (GoertzelDetector(), keyed("147")),
+        (GoertzelDetector(), np.concatenate([silence(33), keyed("2580")])),
+        (GoertzelDetector(), rng.normal(0, 3000 / 32768, 8000)),
+        (GoertzelDetector(), add_noise(keyed("*#"), 20.0).astype(np.int16)),
+        (GoertzelDetector(), quiet),
+        (GoertzelDetector(min_level_dbfs=-60.0), quiet),
+        (GoertzelDetector(), keyed("36", tone_ms=2000, gap_ms=30)),
+    ]
+
+
+def _alone(chunk: int) -> list[list[DtmfDigit]]:
+    out = []
+    for detector, pcm in _streams():
+        found: list[DtmfDigit] = []
+        for start in range(0, len(pcm), chunk):
+            found += detector.feed(pcm[start : start + chunk], start / RATE)
+        out.append(found)
+    return out
+
+
+@pytest.mark.parametrize("chunk", [160, 1000, 3200])
+def test_feed_all_equals_feeding_each_detector_alone(chunk: int) -> None:
+    streams = _streams()
+    together: list[list[DtmfDigit]] = [[] for _ in streams]
+    longest = max(len(pcm) for _, pcm in streams)
+    for start in range(0, longest, chunk):
+        jobs = [(d, pcm[start : start + chunk], start / RATE) for d, pcm in streams]
+        jobs = [job for job in jobs if len(job[1])]
+        for index, found in zip(
+            [i for i, (_, pcm) in enumerate(streams) if len(pcm) > start],
+            feed_all(jobs),
+            strict=True,
+        ):
+            together[index] += found
+    assert together == _alone(chunk)
+    assert ["".join(d.digit for d in found) for found in together] == [
+        "147",
+        "2580",
+        "",
+        "*#",
+        "",
+        "9",
+        "36",
+    ]
+
+
+def test_feed_all_takes_a_detectors_repeated_chunks_in_order() -> None:
+    pcm = keyed("42")
+    half = len(pcm) // 2 + 53
+    detector = GoertzelDetector()
+    found = feed_all([(detector, pcm[:half], 0.0), (detector, pcm[half:], half / RATE)])
+    assert "".join(d.digit for chunk in found for d in chunk) == "42"
+    reference = GoertzelDetector()
+    assert found == [reference.feed(pcm[:half], 0.0), reference.feed(pcm[half:], half / RATE)]
+
+
+def test_feed_all_of_nothing() -> None:
+    assert feed_all([]) == []
+    assert feed_all([(GoertzelDetector(), np.zeros(50, dtype=np.int16), 0.0)]) == [[]]

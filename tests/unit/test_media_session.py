@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import socket
 from collections.abc import AsyncIterator, Callable
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -700,3 +700,52 @@ async def test_transmit_goes_through_the_transport_only_when_it_queues(
         if real is not None:
             s._transport = real
         await s.close()
+
+
+def _inband_packets(digit: str, ssrc: int, tail: int = 480) -> list[bytes]:
+    pcm = np.concatenate([np.zeros(800, np.int16), dtmf_tone(digit, 200), np.zeros(tail, np.int16)])
+    codes = ulaw_encode(pcm)
+    return [rtp(i, codes[i * 160 : (i + 1) * 160], ssrc=ssrc) for i in range(len(codes) // 160)]
+
+
+async def test_inband_digits_of_many_sessions_scanned_together(
+    pacer: Pacer, peer: RawPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passes: list[int] = []
+    real_feed_all = session_module.feed_all
+
+    def counting_feed_all(jobs: Any) -> Any:
+        passes.append(len(jobs))
+        return real_feed_all(jobs)
+
+    monkeypatch.setattr(session_module, "feed_all", counting_feed_all)
+    sessions = [MediaSession(local_host=HOST, pacer=pacer) for _ in range(4)]
+    for s in sessions:
+        await s.open()
+        s.configure(negotiated(peer.port))
+    try:
+        # Enough audio to fill each session's batch, so all hand it over in the same tick.
+        for index, s in enumerate(sessions):
+            for data in _inband_packets("1470"[index], ssrc=index + 1, tail=1600):
+                peer.send(data, s.local_port)
+        async with asyncio.timeout(3):
+            got = [await s.digits.get() for s in sessions]
+        assert [(d.digit, d.method) for d in got] == [(k, DtmfMethod.INBAND) for k in "1470"]
+        assert 4 in passes  # one vectorised pass for the four batches
+    finally:
+        for s in sessions:
+            await s.close()
+
+
+async def test_close_detects_the_batch_still_waiting(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    s.configure(negotiated(peer.port))
+    packets = _inband_packets("5", ssrc=9)
+    assert len(packets) * 160 < session_module._INBAND_BATCH  # no batch full before close
+    for data in packets:
+        peer.send(data, s.local_port)
+    await wait_for(lambda: s.stats.packets_received == len(packets))
+    await s.close()
+    digit = s.digits.get_nowait()
+    assert (digit.digit, digit.method) == ("5", DtmfMethod.INBAND)
