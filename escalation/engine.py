@@ -385,9 +385,14 @@ async def _pg_update_alerts(raw: Any, alerts: Sequence[Alert]) -> None:
     )  # fmt: skip
 
 
-def _pg_alert_args(alert: Alert) -> list[Any]:
+def _pg_alert_args(alert: Alert, plan_text: str | None = None) -> list[Any]:
+    """The alert's columns in order, JSON as text (`plan_text`: its plan already dumped)."""
     return [
-        json.dumps(getattr(alert, c)) if c in _JSON_COLUMNS else getattr(alert, c)
+        plan_text
+        if c == "plan" and plan_text is not None
+        else json.dumps(getattr(alert, c))
+        if c in _JSON_COLUMNS
+        else getattr(alert, c)
         for c in _ALERT_COLUMNS
     ]
 
@@ -478,6 +483,9 @@ class Engine:
         self._plans_by_content: dict[tuple[str, str], tuple[dict[str, Any], Plan]] = {}
         self._pg_fast_ingest = not db.is_sqlite
         self._policy_plans: dict[tuple[str, str], tuple[float, Plan, dict[str, Any]]] = {}
+        # A resolved policy's snapshot as JSON text, by the identity of the cached dict
+        # (kept here, so the id stays its own): every alert of a policy stores the same.
+        self._plan_texts: dict[int, tuple[dict[str, Any], str]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -864,7 +872,7 @@ class Engine:
                 row = await raw.fetchrow(
                     _PG_INGEST[idempotency_key is not None],
                     key_hash, idempotency_key, alert.id, now,
-                    *_pg_alert_args(alert),
+                    *_pg_alert_args(alert, self._plan_text(plan_json)),
                     *([a[c] for a in attempts] for c in _PG_ATTEMPT_COLUMNS),
                     *_pg_job_arrays(jobs),
                 )  # fmt: skip
@@ -876,6 +884,16 @@ class Engine:
             fx.jobs.append(NewJob(job_id, job["alert_id"], job["kind"], job["due_at"]))
         self._remember_plan(alert.id, company, body.policy, plan, plan_json)
         return IngestResult(alert, created=True)
+
+    def _plan_text(self, plan_json: dict[str, Any]) -> str:
+        cached = self._plan_texts.get(id(plan_json))
+        if cached is not None and cached[0] is plan_json:
+            return cached[1]
+        if len(self._plan_texts) > 256:
+            self._plan_texts.clear()
+        text = json.dumps(plan_json)
+        self._plan_texts[id(plan_json)] = (plan_json, text)
+        return text
 
     async def first_responders(self, company: str, policy: str) -> list[ContactPoint]:
         """Who the policy's first step pages, in order (a hotline bridges callers to them).

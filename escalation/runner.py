@@ -102,19 +102,42 @@ class RedisBus:
         self._handlers: list[CancelHandler] = []
         self._reader: asyncio.Task[None] | None = None
         self._pubsub: Any = None
+        # Wake-ups are sent in batches: what is added while one batch is on its way goes
+        # in the next, one round trip and one wake-up message for all of it.
+        self._later: dict[str, float] = {}
+        self._batch: asyncio.Future[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
 
     async def jobs_added(self, jobs: Sequence[tuple[int, datetime]]) -> None:
         """Publish a wake-up; only timers still in the future go into the sorted set (one
-        already due would only make the woken worker run a second, empty pass)."""
+        already due would only make the woken worker run a second, empty pass). Returns
+        once the batch this joined is sent (its error, if any, is raised here)."""
         now = time.time()
-        later = {str(job_id): due.timestamp() for job_id, due in jobs if due.timestamp() > now}
-        if not later:
-            await self.redis.publish(self.wake_channel, b"1")
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.due_key, later)
-            pipe.publish(self.wake_channel, b"1")
-            await pipe.execute()
+        self._later.update(
+            {str(job_id): due.timestamp() for job_id, due in jobs if due.timestamp() > now}
+        )
+        if self._batch is None:
+            self._batch = asyncio.get_running_loop().create_future()
+        batch = self._batch
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_wake_ups(), name="redis-bus-wake")
+        await asyncio.shield(batch)
+
+    async def _send_wake_ups(self) -> None:
+        while self._batch is not None:
+            batch, later = self._batch, self._later
+            self._batch, self._later = None, {}
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    if later:
+                        pipe.zadd(self.due_key, later)
+                    pipe.publish(self.wake_channel, b"1")
+                    await pipe.execute()
+            except Exception as exc:  # the callers see it; polling finds the jobs anyway
+                batch.set_exception(exc)
+                batch.exception()  # retrieved: no warning if every caller has gone
+            else:
+                batch.set_result(None)
 
     async def alert_closed(self, request: CancelRequest) -> None:
         payload = {
@@ -179,6 +202,9 @@ class RedisBus:
         return bool(await self.redis.ping())
 
     async def close(self) -> None:
+        if self._sender is not None:
+            with contextlib.suppress(Exception):
+                await self._sender
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
