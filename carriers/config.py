@@ -77,6 +77,22 @@ class RouteSettings(BaseModel):
     strategy: Strategy | None = None  # default: the carriers' strategy
 
 
+SECRET_KEYS = ("password", "auth_token")
+
+
+def _secret_from_env(item: dict[str, Any], key: str) -> None:
+    env_key = f"{key}_env"
+    if env_key not in item:
+        return
+    env = str(item.pop(env_key))
+    if key in item:
+        raise ValueError(f"give either {key} or {env_key}, not both")
+    secret = os.environ.get(env)
+    if secret is None:
+        raise ValueError(f"{env_key} {env} is not set in the environment")
+    item[key] = secret
+
+
 class CarrierConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -92,20 +108,16 @@ class CarrierConfig(BaseModel):
     @field_validator("trunks", mode="before")
     @classmethod
     def _resolve_secrets(cls, value: object) -> object:
-        """``password_env: NAME`` reads the password from the environment, not the file."""
+        """``password_env: NAME`` (``auth_token_env`` for Twilio) reads the secret from the
+        environment, not the file."""
         if not isinstance(value, list):
             return value
         out: list[object] = []
         for item in value:
-            if isinstance(item, Mapping) and "password_env" in item:
+            if isinstance(item, Mapping):
                 item = dict(item)
-                env = str(item.pop("password_env"))
-                if "password" in item:
-                    raise ValueError("give either password or password_env, not both")
-                secret = os.environ.get(env)
-                if secret is None:
-                    raise ValueError(f"password_env {env} is not set in the environment")
-                item["password"] = secret
+                for secret_key in SECRET_KEYS:
+                    _secret_from_env(item, secret_key)
             out.append(item)
         return out
 

@@ -161,6 +161,11 @@ async def test_webhooks_refuse_a_forged_signature(tmp_path: Path) -> None:
             good = twilio_signature(url, form, account.auth_token)
             r = await service.client.post(url, data=form, headers={"X-Twilio-Signature": good})
             assert r.status_code == 204, r.text
+            listed = await service.client.get("/v1/carriers", headers=KEY)
+            assert listed.status_code == 200, listed.text
+            assert account.auth_token not in listed.text  # never echoed back
+            [tw] = listed.json()
+            assert tw["kind"] == "twilio" and tw["has_password"] is True
 
 
 async def test_api_and_worker_processes_share_twilio_reports_through_redis(

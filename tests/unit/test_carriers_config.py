@@ -36,11 +36,18 @@ carriers:
       tech_prefix: "0101#"
       allowed_countries: [US]
       enabled: false
+    - name: cloud
+      kind: twilio
+      account_sid: AC0123456789abcdef0123456789abcdef
+      auth_token_env: ACKLINE_TEST_TWILIO_TOKEN
+      caller_id: "+14155550109"
+      priority: 20
 """
 
 
 def test_full_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACKLINE_TEST_TRUNK_PASSWORD", "not-a-real-secret")
+    monkeypatch.setenv("ACKLINE_TEST_TWILIO_TOKEN", "not-a-real-token")
     config = load_carriers(EXAMPLE)
     assert config.strategy == "weighted"
     assert config.allowed_countries == ("US", "CA")
@@ -48,7 +55,10 @@ def test_full_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     policy = config.health_policy()
     assert (policy.down_after, policy.up_after) == (4, 3)
     assert (policy.breaker_failures, policy.breaker_cooldown) == (5, 60.0)
-    primary, backup = config.trunks
+    primary, backup, cloud = config.trunks
+    assert cloud.kind == "twilio" and cloud.host is None and cloud.auth_token is not None
+    assert cloud.auth_token.get_secret_value() == "not-a-real-token"
+    assert "not-a-real-token" not in config.model_dump_json()
     assert primary.transport == "tcp" and primary.weight == 3 and primary.trying_timeout == 1.5
     assert primary.max_cps == 5 and primary.max_concurrent == 20
     assert backup.number_format is NumberFormat.TECH_PREFIX and not backup.enabled
@@ -56,6 +66,9 @@ def test_full_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert backup.password.get_secret_value() == "not-a-real-secret"
     assert "not-a-real-secret" not in repr(config) and "not-a-real-secret" not in str(config)
     assert "not-a-real-secret" not in config.model_dump_json()
+    monkeypatch.delenv("ACKLINE_TEST_TWILIO_TOKEN")
+    with pytest.raises(CarrierConfigError, match="auth_token_env ACKLINE_TEST_TWILIO_TOKEN"):
+        load_carriers(EXAMPLE)
     assert PhoneNumberType.PREMIUM_RATE in config.refused_type_values()
 
 
