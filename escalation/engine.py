@@ -313,17 +313,22 @@ _PG_CANCEL_JOBS = "UPDATE jobs SET done = true, outcome = 'cancelled' WHERE id =
 
 # The driver-level result recording (`Engine._complete_pg`).
 _PG_LOCK_ALERTS = "SELECT * FROM alerts WHERE id = any($1::varchar[]) ORDER BY id FOR UPDATE"
-_PG_RESULT_JOBS = "SELECT id, owner, done FROM jobs WHERE id = any($1::int[])"
-_PG_RESULT_ATTEMPTS = (
-    "SELECT id, notification_id, attempt, channel, recipient_id "
-    "FROM notification_attempts WHERE id = any($1::int[])"
+# The results' jobs and attempt rows in one read, the jobs done and the results written
+# in one statement (a job cancelled meanwhile stays cancelled).
+_PG_RESULT_ROWS = (
+    "SELECT true AS is_job, id, owner, done, NULL::varchar AS notification_id, "
+    "NULL::int AS attempt, NULL::varchar AS channel, NULL::varchar AS recipient_id "
+    "FROM jobs WHERE id = any($1::int[]) UNION ALL "
+    "SELECT false, id, NULL, NULL, notification_id, attempt, channel, recipient_id "
+    "FROM notification_attempts WHERE id = any($2::int[])"
 )
-_PG_JOB_DONE = (
-    "UPDATE jobs SET done = true, outcome = 'done' WHERE id = any($1::int[]) AND NOT done"
-)
-_PG_RECORD_RESULT = (
-    "UPDATE notification_attempts SET status = $2, reason = $3, provider_id = $4, "
-    "finished_at = $5 WHERE id = $1"
+_PG_RECORD_RESULTS = (
+    "WITH finished AS (UPDATE jobs SET done = true, outcome = 'done' "
+    "WHERE id = any($1::int[]) AND NOT done) "
+    "UPDATE notification_attempts n SET status = r.status, reason = r.reason, "
+    "provider_id = r.provider_id, finished_at = $6 "
+    "FROM unnest($2::int[], $3::varchar[], $4::varchar[], $5::varchar[]) "
+    "AS r(id, status, reason, provider_id) WHERE n.id = r.id"
 )
 _ALERT_MUTABLE = ("chain", "updated_at", "state", "close_reason", "acknowledged_at", "acked_by",
                   "resolved_at", "resolved_by", "exhausted_at", "open_dedup_key")  # fmt: skip
@@ -1370,27 +1375,34 @@ class Engine:
                     _PG_LOCK_ALERTS, list({m.notification.alert_id for m, _, _ in members})
                 )
             }
-            jobs = {
-                r["id"]: r
-                for r in await raw.fetch(_PG_RESULT_JOBS, list({m.job_id for m, _, _ in members}))
-            }
-            rows = {
-                r["id"]: cast(NotificationAttempt, SimpleNamespace(**r))
-                for r in await raw.fetch(
-                    _PG_RESULT_ATTEMPTS, list({m.attempt_row for m, _, _ in members})
-                )
-            }
+            jobs: dict[int, Any] = {}
+            rows: dict[int, NotificationAttempt] = {}
+            for r in await raw.fetch(
+                _PG_RESULT_ROWS,
+                list({m.job_id for m, _, _ in members}),
+                list({m.attempt_row for m, _, _ in members}),
+            ):
+                if r["is_job"]:
+                    jobs[r["id"]] = r
+                else:
+                    rows[r["id"]] = cast(NotificationAttempt, SimpleNamespace(**{
+                        k: r[k] for k in ("id", "notification_id", "attempt", "channel",
+                                          "recipient_id")
+                    }))  # fmt: skip
             done: list[int] = []
-            recorded: list[tuple[Any, ...]] = []
+            recorded: dict[int, tuple[str, str | None, str | None]] = {}  # by attempt row
             decided: set[str] = set()
 
             async def flush() -> None:
-                if done:
-                    await raw.execute(_PG_JOB_DONE, done)
-                    done.clear()
-                if recorded:
-                    await raw.executemany(_PG_RECORD_RESULT, recorded)
-                    recorded.clear()
+                if not done and not recorded:
+                    return
+                results = list(recorded.values())
+                await raw.execute(
+                    _PG_RECORD_RESULTS, done, list(recorded), [r[0] for r in results],
+                    [r[1] for r in results], [r[2] for r in results], now,
+                )  # fmt: skip
+                done.clear()
+                recorded.clear()
 
             async def put(
                 attempts: list[dict[str, Any]], new_jobs: list[dict[str, Any]], f: _Effects
@@ -1413,8 +1425,8 @@ class Engine:
                     )  # fmt: skip
                     continue
                 done.append(m.job_id)  # a job cancelled meanwhile stays cancelled
-                recorded.append((m.attempt_row, result.status.value, result.reason,
-                                 result.provider_id, now))  # fmt: skip
+                recorded[m.attempt_row] = (result.status.value, result.reason,
+                                           result.provider_id)  # fmt: skip
                 self._audit(
                     fx, alert, ENGINE, now, event="result", status=result.status.value,
                     reason=result.reason, notification_uuid=row.notification_id,
