@@ -59,6 +59,10 @@ class QualityWeights:
     failures: float = 0.4
     pdd: float = 0.2
     pdd_worst_ms: int = 5000  # a PDD this long (or longer) scores 0
+    # Time to acknowledgement of answered alert calls: counts only for trunks that carried
+    # some. A trunk whose answered calls never get a key (DTMF lost on the way) sinks.
+    ack: float = 0.3
+    ack_worst_s: float = 60.0  # acknowledged this late (or never) scores 0
 
 
 class QualityStats:
@@ -77,10 +81,24 @@ class QualityStats:
         self.min_samples = min_samples
         self.weights = weights or QualityWeights()
         self._samples: dict[str, deque[_Sample]] = {}
+        self._acks: dict[str, deque[float | None]] = {}
 
     def record(self, trunk: str, kind: AttemptKind, pdd_ms: int | None = None) -> None:
         samples = self._samples.setdefault(trunk, deque(maxlen=self.window))
         samples.append(_Sample(kind is AttemptKind.ANSWERED, kind in CARRIER_FAILURES, pdd_ms))
+
+    def record_ack(self, trunk: str, seconds: float | None) -> None:
+        """An answered alert call: seconds from answer to the responder's key, or None
+        when it ended without one."""
+        self._acks.setdefault(trunk, deque(maxlen=self.window)).append(seconds)
+
+    def ack_score(self, trunk: str) -> float | None:
+        """1 for keys pressed at once, 0 for never or after ``ack_worst_s``; None: no data."""
+        acks = self._acks.get(trunk)
+        if not acks:
+            return None
+        worst = self.weights.ack_worst_s
+        return sum(0.0 if s is None else max(0.0, 1.0 - s / worst) for s in acks) / len(acks)
 
     def samples(self, trunk: str) -> int:
         return len(self._samples.get(trunk, ()))
@@ -110,7 +128,11 @@ class QualityStats:
         pdd = self.mean_pdd_ms(trunk)
         pdd_score = 0.0 if pdd is None else max(0.0, 1.0 - pdd / w.pdd_worst_ms)
         total = w.asr + w.failures + w.pdd
-        return (w.asr * asr + w.failures * (1.0 - failures) + w.pdd * pdd_score) / total
+        score = w.asr * asr + w.failures * (1.0 - failures) + w.pdd * pdd_score
+        ack = self.ack_score(trunk)
+        if ack is not None:
+            score, total = score + w.ack * ack, total + w.ack
+        return score / total
 
 
 @dataclass(frozen=True)

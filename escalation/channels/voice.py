@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -54,6 +55,9 @@ class DialedCall:
 
     call: AnyCall
     details: Mapping[str, str] = field(default_factory=dict)
+    # told how the answered call went: seconds from answer to the responder's key, or
+    # None without one (the route's quality statistics learn from it)
+    on_answered: Callable[[float | None], None] | None = None
 
 
 class Dialer(Protocol):
@@ -142,7 +146,14 @@ class CarrierDialer:
             except Exception:
                 log.exception("on_routed hook failed")
         tried = ",".join(f"{a.trunk}:{a.sip_code or a.outcome.value}" for a in routed.attempts)
-        return DialedCall(routed.call, {"trunk": routed.trunk or "", "trunks_tried": tried})
+        details = {"trunk": routed.trunk or "", "trunks_tried": tried}
+        trunk, quality = routed.trunk, self.router.quality
+
+        def on_answered(seconds: float | None) -> None:
+            if trunk is not None:
+                quality.record_ack(trunk, seconds)
+
+        return DialedCall(routed.call, details, on_answered)
 
 
 @dataclass(frozen=True)
@@ -364,11 +375,15 @@ class VoiceChannel:
         call = dialed.call
         try:
             outcome = ""
+            answered_at = time.monotonic()
             if isinstance(call, TwilioCall):
                 outcome = await _twilio_outcome(call)
             elif call.answered and not call.ended.is_set():
                 converse = self._policy_conversations.get(notification.policy)
                 outcome = await (converse or self._conversation)(call, notification)
+            if call.answered and dialed.on_answered is not None and outcome != "machine":
+                keyed = outcome in EARLY_OUTCOMES  # a person pressed a key that got through
+                dialed.on_answered(time.monotonic() - answered_at if keyed else None)
             if outcome in EARLY_OUTCOMES and not call.ended.is_set():
                 if isinstance(call, TwilioCall):
                     self._spawn(_end_eventually(call))

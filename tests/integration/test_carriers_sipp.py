@@ -570,3 +570,38 @@ async def test_errors_keep_the_voice_channel_classification(tmp_path: Path) -> N
                 await place(r, number)
         with pytest.raises(OSError, match="every trunk failed"):
             await place(r)
+
+
+async def test_quality_learns_time_to_acknowledgement_from_alert_calls(tmp_path: Path) -> None:
+    """A responder's key through trunk "keys" raises its score; a trunk whose answered
+    calls never deliver a key (DTMF lost on the way) sinks below it."""
+    from escalation.channels.base import DeliveryStatus
+    from escalation.channels.voice import AckMenu, CarrierDialer, VoiceChannel
+    from prompts import EspeakEngine, PromptCache
+    from tests.fakes import make_notification
+    from tests.integration.peers import dtmf_pcap
+
+    prompts = PromptCache(tmp_path / "prompts", EspeakEngine())
+    scenario = {"CODECS": "0", "RING_MS": "0", "PAUSE_MS": "600"}
+    with (
+        sipp("uas_answer_dtmf.xml", sipp_dir(tmp_path, "keys"), PCAP=str(dtmf_pcap("1")),
+             **scenario) as keys,
+        sipp("carrier_uas.xml", sipp_dir(tmp_path, "mute"), RING_MS="0") as mute,
+    ):  # fmt: skip
+        trunks = [carrier("keys", keys, priority=1), carrier("mute", mute, priority=2)]
+        config = GatewayConfig(host="127.0.0.1", udp_port=0, tcp_port=0, timers=TIMERS)
+        async with Gateway(config, prompts=prompts) as gw, router(gw, trunks) as r:
+            channel = VoiceChannel(CarrierDialer(r), menu=AckMenu(prompts=1, digit_timeout=1))
+            acked = await asyncio.wait_for(
+                channel.send(make_notification("voice", phone=NUMBER)), 30
+            )
+            assert acked.status is DeliveryStatus.ACKNOWLEDGED, acked
+            r.update_trunks([trunks[0].model_copy(update={"enabled": False}), trunks[1]])
+            silent = await asyncio.wait_for(
+                channel.send(make_notification("voice", phone=NUMBER)), 30
+            )
+            assert silent.status is DeliveryStatus.NOT_ACKNOWLEDGED, silent
+            assert silent.details["trunk"] == "mute"
+            keyed, never = r.quality.ack_score("keys"), r.quality.ack_score("mute")
+    assert keyed is not None and keyed > 0.8
+    assert never == 0.0

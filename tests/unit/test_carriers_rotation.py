@@ -177,3 +177,23 @@ def test_token_bucket_fractional_rate() -> None:
     assert bucket.take(0.0)
     assert not bucket.take(1.0)
     assert bucket.take(2.0)
+
+
+def test_quality_counts_time_to_acknowledgement_of_alert_calls() -> None:
+    """Same ASR and PDD, but b's answered calls never get a key through: a goes first."""
+    stats = QualityStats(window=10, min_samples=3)
+    record(stats, "a", [AttemptKind.ANSWERED] * 5)
+    record(stats, "b", [AttemptKind.ANSWERED] * 5)
+    assert stats.ack_score("a") is None and stats.score("a") == stats.score("b")
+    for seconds in (3.0, 6.0):
+        stats.record_ack("a", seconds)
+    stats.record_ack("b", None)
+    stats.record_ack("b", 59.0)
+    ack_a, ack_b = stats.ack_score("a"), stats.ack_score("b")
+    assert ack_a == pytest.approx(1 - 4.5 / 60) and ack_b == pytest.approx(0.5 * (1 - 59 / 60))
+    score_a, score_b = stats.score("a"), stats.score("b")
+    assert score_a is not None and score_b is not None and score_a > score_b
+    assert names(QualityStrategy().order([B, A], RouteView(quality=stats)))[0] == "a"
+    for _ in range(10):  # the window slides: b's keys get through now
+        stats.record_ack("b", 1.0)
+    assert stats.ack_score("b") == pytest.approx(1 - 1 / 60)
