@@ -13,7 +13,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from carriers import metrics
@@ -228,10 +228,15 @@ def probe_ok(code: int | None) -> bool:
     return code is not None and code != 408 and not 500 <= code < 600
 
 
+RestProbe = Callable[[Trunk], Awaitable[tuple[bool, str]]]
+"""Checks a REST trunk's API: (usable, why)."""
+
+
 class Prober:
     """Sends OPTIONS to every enabled SIP trunk every ``interval`` seconds until closed.
 
-    REST trunks (Twilio) are not probed: their health comes from live calls (the breaker).
+    REST trunks (Twilio) are probed with ``rest_probe`` (their API's account resource)
+    when given, else only their breaker (live calls) speaks for them.
 
     One probe in flight per trunk at most; each waits ``timeout`` (default: the trunk's
     trying_timeout) rather than the transaction's 64*T1, so a dead trunk is noticed after
@@ -246,9 +251,11 @@ class Prober:
         *,
         interval: float = 5.0,
         timeout: float | None = None,
+        rest_probe: RestProbe | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("probe interval must be > 0")
+        self.rest_probe = rest_probe
         self.gateway = gateway
         self.trunks = list(trunks)  # disabled ones are skipped each round, not dropped
         self.board = board
@@ -288,10 +295,22 @@ class Prober:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def probes(self, trunk: Trunk) -> bool:
+        return trunk.kind == "sip" or self.rest_probe is not None
+
     async def probe(self, trunk: Trunk) -> bool:
-        """Send one OPTIONS to ``trunk``, record the result, and return it."""
+        """Send one OPTIONS to ``trunk`` (or ask its REST API), record the result, and
+        return it."""
         timeout = self.timeout if self.timeout is not None else trunk.trying_timeout
         self.probes_sent += 1
+        if trunk.kind != "sip":
+            assert self.rest_probe is not None
+            try:
+                ok, detail = await asyncio.wait_for(self.rest_probe(trunk), timeout)
+            except TimeoutError:
+                ok, detail = False, f"no answer within {timeout:g} s"
+            self.board.probe_result(trunk.name, ok, detail)
+            return ok
         detail = ""
         try:
             response = await asyncio.wait_for(
@@ -315,7 +334,7 @@ class Prober:
             started = asyncio.get_running_loop().time()
             trunk = next((t for t in self.trunks if t.name == name), None)
             try:
-                if trunk is not None and trunk.enabled and trunk.kind == "sip":
+                if trunk is not None and trunk.enabled and self.probes(trunk):
                     await self.probe(trunk)
             except Exception:
                 logger.exception("probe of trunk %s failed unexpectedly", name)

@@ -180,7 +180,10 @@ class CarrierRouter:
 
     def prober(self, *, interval: float = 5.0, timeout: float | None = None) -> Prober:
         """An OPTIONS prober feeding this router's health board (start it, close it)."""
-        prober = Prober(self.gateway, self.trunks, self.health, interval=interval, timeout=timeout)
+        prober = Prober(
+            self.gateway, self.trunks, self.health, interval=interval, timeout=timeout,
+            rest_probe=self.twilio.probe if self.twilio is not None else None,
+        )  # fmt: skip
         self._probers.append(prober)
         return prober
 

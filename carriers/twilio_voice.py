@@ -340,6 +340,19 @@ class TwilioVoice:
             )
         return self._clients[key]
 
+    async def probe(self, trunk: Trunk) -> tuple[bool, str]:
+        """A health probe: the trunk's account resource answers, and the account is active."""
+        assert trunk.account_sid is not None
+        fetch = self._client(trunk).api.v2010.accounts(trunk.account_sid).fetch
+        try:
+            account = await asyncio.to_thread(fetch)
+        except TwilioRestException as exc:
+            return False, f"Twilio API: HTTP {exc.status} code {exc.code}"
+        except OSError as exc:  # requests' connection errors are OSErrors
+            return False, f"Twilio API unreachable: {type(exc).__name__}"
+        status = str(account.status)
+        return status == "active", f"account {status}"
+
     async def place(
         self,
         trunk: Trunk,

@@ -141,11 +141,16 @@ async def test_carrier(
 
 async def probe_once(router: CarrierRouter, trunk: Trunk) -> dict[str, Any]:
     """One OPTIONS to `trunk`: answered or not, the SIP code and the round trip."""
-    if trunk.kind != "sip":
-        return {"trunk": trunk.name, "ok": None, "sip_code": None, "rtt_ms": None,
-                "detail": f"not probed: a {trunk.kind} trunk has no SIP server (its breaker "
-                          "follows live calls)"}  # fmt: skip
     started = time.monotonic()
+    if trunk.kind != "sip":
+        if router.twilio is None:
+            return {"trunk": trunk.name, "ok": None, "sip_code": None, "rtt_ms": None,
+                    "detail": f"not probed: a {trunk.kind} trunk is checked through its API by "
+                              "a process that places calls"}  # fmt: skip
+        ok, detail = await router.twilio.probe(trunk)
+        rtt_ms = round((time.monotonic() - started) * 1000, 1)
+        return {"trunk": trunk.name, "ok": ok, "sip_code": None, "rtt_ms": rtt_ms,
+                "detail": detail}  # fmt: skip
     code: int | None = None
     detail = ""
     try:

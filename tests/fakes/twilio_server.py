@@ -48,10 +48,11 @@ __all__ = [
     "twilio_signature",
 ]
 
-_ACCOUNT_PREFIX = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/")
+_ACCOUNT_PREFIX = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})[/.]")
 _MESSAGES_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Messages\.json")
 _CALLS_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Calls\.json")
 _CALL_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Calls/(CA[0-9a-f]{32})\.json")
+_ACCOUNT_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})\.json")
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 _MAX_BODY = 1600
 
@@ -357,6 +358,7 @@ class FakeTwilio(FakeService):
         self.accounts: dict[str, TwilioAccount] = {}
         self.messages: list[dict[str, Any]] = []  # every message resource created
         self.unsubscribed: set[str] = set()  # numbers that texted STOP
+        self.account_status: dict[str, str] = {}  # sid -> "suspended" | "closed" (else active)
         self.calls: dict[str, FakeCall] = {}  # every call created, in creation order
         self.callbacks: list[SentCallback] = []  # every request made to the app, all calls
         self.callback_timeout_s = 5.0
@@ -453,8 +455,10 @@ class FakeTwilio(FakeService):
         messages = _MESSAGES_PATH.fullmatch(request.path)
         calls = _CALLS_PATH.fullmatch(request.path)
         one_call = _CALL_PATH.fullmatch(request.path)
+        the_account = _ACCOUNT_PATH.fullmatch(request.path)
         known = (
-            (messages is not None and request.method == "POST")
+            (the_account is not None and request.method == "GET")
+            or (messages is not None and request.method == "POST")
             or (calls is not None and request.method == "POST")
             or (one_call is not None and one_call.group(2) in self.calls)
         )
@@ -469,6 +473,8 @@ class FakeTwilio(FakeService):
                 path=request.path,
                 service=request.form.get("MessagingServiceSid", ""),
             )
+        if the_account is not None:
+            return JSONResponse(self._account_resource(account))
         if messages is not None:
             return self._create_message(account, request.form)
         if calls is not None:
@@ -478,6 +484,22 @@ class FakeTwilio(FakeService):
         if request.method == "GET":
             return JSONResponse(call.resource)
         return self._update_call(call, request.form)
+
+    def _account_resource(self, account: TwilioAccount) -> dict[str, Any]:
+        """GET /Accounts/{Sid}.json: what a health probe of a twilio trunk reads."""
+        uri = f"/2010-04-01/Accounts/{account.sid}.json"
+        return {
+            "auth_token": account.auth_token,
+            "date_created": format_datetime(datetime.now(UTC)),
+            "date_updated": format_datetime(datetime.now(UTC)),
+            "friendly_name": "test account",
+            "owner_account_sid": account.sid,
+            "sid": account.sid,
+            "status": self.account_status.get(account.sid, "active"),
+            "subresource_uris": {"calls": uri.replace(".json", "/Calls.json")},
+            "type": "Full",
+            "uri": uri,
+        }
 
     def _create_message(self, account: TwilioAccount, form: Mapping[str, str]) -> Response:
         to, body = form.get("To", ""), form.get("Body", "")

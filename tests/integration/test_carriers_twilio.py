@@ -209,3 +209,38 @@ def test_worker_refuses_to_start_without_a_public_url(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode != 0
     assert "twilio trunks need ACKLINE_PUBLIC_URL" in proc.stderr, proc.stderr[-2000:]
+
+
+async def test_probes_take_a_twilio_trunk_down_and_up_through_its_api() -> None:
+    from carriers.health import HealthPolicy
+    from carriers.router import CarrierRouter
+    from carriers.trunk import Trunk
+    from carriers.twilio_voice import CallEvents, TwilioVoice
+    from gateway.call import Gateway, GatewayConfig
+
+    async with FakeTwilio() as twilio:
+        account = twilio.add_account(numbers=(FROM,))
+        trunk = Trunk.model_validate(twilio_trunk(twilio, account))
+        config = GatewayConfig(host="127.0.0.1", udp_port=0, tcp_port=0)
+        async with Gateway(config) as gw:
+            voice = TwilioVoice(CallEvents(), "http://127.0.0.1:9")
+            r = CarrierRouter(gw, [trunk], allowed_countries=["US"], twilio=voice,
+                              health=HealthPolicy(down_after=2, up_after=1))  # fmt: skip
+            prober = r.prober(interval=60, timeout=5)
+            try:
+                assert await prober.probe(trunk) and r.health.usable("tw")
+                twilio.account_status[account.sid] = "suspended"
+                assert not await prober.probe(trunk)
+                assert r.health.usable("tw")  # one failure is not enough (no flapping)
+                assert not await prober.probe(trunk)
+                assert not r.health.usable("tw")
+                assert r.health["tw"].probe.value == "down"
+                del twilio.account_status[account.sid]
+                assert await prober.probe(trunk) and r.health.usable("tw")
+                twilio.fail_next(20503, match=account.sid)
+                ok, detail = await voice.probe(trunk)
+                assert not ok and "HTTP 503" in detail
+            finally:
+                await r.close()
+    ok, detail = await voice.probe(trunk)  # the API is gone altogether
+    assert not ok and "unreachable" in detail, detail
