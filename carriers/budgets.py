@@ -1,4 +1,5 @@
-"""Per-trunk budgets: concurrent calls and calls per second, in one process or shared.
+"""Per-trunk budgets (concurrent calls, calls per second) and the toll-fraud guard's hourly
+call budgets (all calls, calls to one number), in one process or shared.
 
 A carrier enforces its limits across everything we send it, so with several workers the
 budget must be shared too, or the workers together hit the carrier's 503 instead of
@@ -10,12 +11,37 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from carriers.trunk import Trunk
 
-__all__ = ["Budgets", "LocalBudgets", "RedisBudgets", "TokenBucket"]
+__all__ = ["Budgets", "CallBudget", "LocalBudgets", "RedisBudgets", "TokenBucket"]
+
+HOUR = 3600.0
+
+
+@dataclass(frozen=True)
+class CallBudget:
+    """At most this many calls started per sliding hour: in all (a runaway loop, a leaked
+    API key dialling out) and to any one number (a flapping alert, a looping hotline)."""
+
+    per_hour: int | None = None
+    per_number_per_hour: int | None = None
+
+    def refusal(self, total: int, to_number: int) -> str | None:
+        """Why one more call would break the budget, with `total` and `to_number` calls
+        already started within the hour."""
+        if self.per_hour is not None and total >= self.per_hour:
+            return f"hourly call budget spent ({self.per_hour} calls in the last hour)"
+        if self.per_number_per_hour is not None and to_number >= self.per_number_per_hour:
+            return (
+                f"hourly budget for this number spent ({self.per_number_per_hour} calls "
+                "in the last hour)"
+            )
+        return None
 
 
 class TokenBucket:
@@ -48,6 +74,10 @@ class Budgets(Protocol):
         """The call through `trunk` claimed as `key` is over."""
         ...
 
+    async def admit_call(self, number: str, budget: CallBudget) -> str | None:
+        """Count one call to `number` unless that breaks `budget` (then: why not)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -58,6 +88,8 @@ class LocalBudgets:
         self.clock = clock
         self._active: dict[str, set[str]] = {}
         self._buckets: dict[str, tuple[float, TokenBucket]] = {}
+        self._calls: deque[float] = deque()  # start times within the last hour
+        self._calls_to: dict[str, deque[float]] = {}
 
     async def acquire(self, trunk: Trunk) -> tuple[str | None, str]:
         active = self._active.setdefault(trunk.name, set())
@@ -76,6 +108,22 @@ class LocalBudgets:
 
     async def release(self, trunk: str, key: str) -> None:
         self._active.get(trunk, set()).discard(key)
+
+    async def admit_call(self, number: str, budget: CallBudget) -> str | None:
+        now = self.clock()
+        for starts in (self._calls, self._calls_to.get(number, deque())):
+            while starts and starts[0] <= now - HOUR:
+                starts.popleft()
+        for gone in [n for n, starts in self._calls_to.items() if not starts]:
+            del self._calls_to[gone]
+        to_number = self._calls_to.setdefault(number, deque())
+        refusal = budget.refusal(len(self._calls), len(to_number))
+        if refusal is None:
+            self._calls.append(now)
+            to_number.append(now)
+        elif not to_number:
+            del self._calls_to[number]
+        return refusal
 
     async def close(self) -> None:
         return None
@@ -102,6 +150,27 @@ return ''
 """
 
 
+# KEYS: all calls zset, calls to the number zset (member: unique, score: start ms).
+# ARGV: now ms, window ms, limit of all (-1: none), limit per number (-1: none), member.
+# Returns "" (counted), "all" or "number".
+_ADMIT = """
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+if tonumber(ARGV[3]) >= 0 and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 'all'
+end
+if tonumber(ARGV[4]) >= 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
+  return 'number'
+end
+redis.call('ZADD', KEYS[1], now, ARGV[5])
+redis.call('ZADD', KEYS[2], now, ARGV[5])
+redis.call('PEXPIRE', KEYS[1], window)
+redis.call('PEXPIRE', KEYS[2], window)
+return ''
+"""
+
+
 class RedisBudgets:
     """Budgets shared by every worker through Redis.
 
@@ -117,6 +186,8 @@ class RedisBudgets:
         self.prefix = f"{prefix}:trunk"
         self.lease_ms = int(lease_s * 1000)
         self._script: Any = self.redis.register_script(_ACQUIRE)
+        self._admit: Any = self.redis.register_script(_ADMIT)
+        self.calls_prefix = f"{prefix}:calls"
 
     async def acquire(self, trunk: Trunk) -> tuple[str | None, str]:
         key = uuid.uuid4().hex
@@ -143,6 +214,26 @@ class RedisBudgets:
 
     async def release(self, trunk: str, key: str) -> None:
         await self.redis.zrem(f"{self.prefix}:{trunk}:active", key)
+
+    async def admit_call(self, number: str, budget: CallBudget) -> str | None:
+        if budget.per_hour is None and budget.per_number_per_hour is None:
+            return None
+        result = await self._admit(
+            keys=[f"{self.calls_prefix}:all", f"{self.calls_prefix}:to:{number}"],
+            args=[
+                int(time.time() * 1000),
+                int(HOUR * 1000),
+                budget.per_hour if budget.per_hour is not None else -1,
+                budget.per_number_per_hour if budget.per_number_per_hour is not None else -1,
+                uuid.uuid4().hex,
+            ],
+        )
+        which = result.decode() if isinstance(result, bytes) else str(result)
+        if which == "all":
+            return budget.refusal(budget.per_hour or 0, 0)
+        if which == "number":
+            return budget.refusal(0, budget.per_number_per_hour or 0)
+        return None
 
     async def close(self) -> None:
         await self.redis.aclose()

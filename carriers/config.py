@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from carriers.budgets import Budgets
+from carriers.budgets import Budgets, CallBudget
 from carriers.health import HealthChange, HealthPolicy
 from carriers.numbers import REFUSED_TYPES, type_from_name, type_name
 from carriers.router import CarrierRouter
@@ -77,6 +77,18 @@ class RouteSettings(BaseModel):
     strategy: Strategy | None = None  # default: the carriers' strategy
 
 
+class CallBudgetSettings(BaseModel):
+    """The toll-fraud guard's hourly call budgets (null: no limit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_hour: int | None = Field(default=600, ge=1)
+    per_number_per_hour: int | None = Field(default=20, ge=1)
+
+    def budget(self) -> CallBudget:
+        return CallBudget(self.per_hour, self.per_number_per_hour)
+
+
 SECRET_KEYS = ("password", "auth_token")
 
 
@@ -104,6 +116,7 @@ class CarrierConfig(BaseModel):
     default_region: str | None = None  # lets numbers be written nationally; E.164 otherwise
     probe: ProbeSettings = ProbeSettings()
     breaker: BreakerSettings = BreakerSettings()
+    call_budget: CallBudgetSettings = CallBudgetSettings()
 
     @field_validator("trunks", mode="before")
     @classmethod
@@ -199,6 +212,7 @@ class CarrierConfig(BaseModel):
             default_region=self.default_region,
             budgets=budgets,
             twilio=twilio,
+            call_budget=self.call_budget.budget(),
         )
 
 

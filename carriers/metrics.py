@@ -26,3 +26,8 @@ HEALTH_CHANGES = Counter(
     "Health state changes per trunk (probe up/down, breaker transitions)",
     ["trunk", "aspect", "state"],
 )
+CALLS_REFUSED = Counter(
+    "ackline_calls_refused_total",
+    "Calls the toll-fraud guard refused before any carrier was touched",
+    ["reason"],
+)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from carriers import metrics
-from carriers.budgets import Budgets, LocalBudgets
+from carriers.budgets import Budgets, CallBudget, LocalBudgets
 from carriers.health import (
     BreakerState,
     HealthBoard,
@@ -153,6 +153,7 @@ class CarrierRouter:
         clock: Callable[[], float] = time.monotonic,
         budgets: Budgets | None = None,
         twilio: TwilioVoice | None = None,
+        call_budget: CallBudget | None = None,
     ) -> None:
         names = [t.name for t in trunks]
         if len(set(names)) != len(names):
@@ -171,6 +172,7 @@ class CarrierRouter:
         self._background: set[asyncio.Future[Any]] = set()
         self._probers: list[Prober] = []
         self.twilio = twilio  # places calls on twilio trunks (needs our public webhook URL)
+        self.call_budget = call_budget or CallBudget()  # hourly, all calls and per number
 
     # -- public -------------------------------------------------------------------------
 
@@ -227,7 +229,8 @@ class CarrierRouter:
 
         ``ring_timeout`` applies to each attempt (failed carriers usually answer within
         milliseconds, or within their ``trying_timeout`` when silent). Raises
-        ``InvalidNumber`` or ``FraudRefused`` before any carrier is touched, and
+        ``InvalidNumber`` or ``FraudRefused`` (a refused destination, or an hourly call
+        budget spent) before any carrier is touched, and
         ``NoRouteAvailable`` when no trunk is usable or all of them failed as carriers.
         Cancelling the task hangs up the attempt in progress (CANCEL, or BYE if answered).
         ``on_call`` gets each attempt's ``Call`` before its INVITE leaves (as in
@@ -237,10 +240,16 @@ class CarrierRouter:
         ``needs_media`` (bridging a caller) skips Twilio trunks: their audio is Twilio's.
         """
         destination = normalise(number, default_region=self.default_region)
-        self.guard.check(destination)
+        try:
+            self.guard.check(destination)
+        except FraudRefused:
+            metrics.CALLS_REFUSED.labels(reason="destination").inc()
+            raise
         allowing = [t for t in self.trunks if t.allows_country(destination.region)]
         if not allowing:
+            metrics.CALLS_REFUSED.labels(reason="destination").inc()
             raise FraudRefused(destination.e164, f"no trunk allows calls to {destination.region}")
+        await self._admit(destination)
         skipped: list[SkippedTrunk] = []
         candidates: list[Trunk] = []
         for trunk in allowing:
@@ -521,6 +530,17 @@ class CarrierRouter:
             self._keep(asyncio.ensure_future(self._release_budget(trunk.name, claim)))
             return "half_open trial call already in progress", ""
         return None, claim
+
+    async def _admit(self, destination: Destination) -> None:
+        """Count the call against the hourly budgets; FraudRefused once one is spent."""
+        try:
+            refusal = await self.budgets.admit_call(destination.e164, self.call_budget)
+        except Exception as exc:  # Redis away: the page matters more (logged)
+            logger.warning("hourly call budget unavailable (%s); calling anyway", exc)
+            return
+        if refusal is not None:
+            metrics.CALLS_REFUSED.labels(reason="call_budget").inc()
+            raise FraudRefused(destination.e164, refusal)
 
     def _unusable_reason(self, trunk: Trunk) -> str:
         health = self.health[trunk.name]

@@ -84,3 +84,22 @@ async def test_two_workers_spread_load_instead_of_overrunning_a_trunk(
             third = await worker2.place_call(NUMBER, ring_timeout=5)
             assert third.trunk == "a", third.skipped
             await third.call.hangup()
+
+
+async def test_hourly_call_budgets_are_shared_by_every_worker(budgets: RedisBudgets) -> None:
+    from carriers.budgets import CallBudget
+
+    other = RedisBudgets(REDIS_URL, budgets.prefix.removesuffix(":trunk"))
+    try:
+        per_number = CallBudget(per_hour=None, per_number_per_hour=2)
+        assert await budgets.admit_call(NUMBER, per_number) is None
+        assert await other.admit_call(NUMBER, per_number) is None
+        refused = await budgets.admit_call(NUMBER, per_number)
+        assert refused is not None and "this number" in refused
+        assert await other.admit_call("+14155550102", per_number) is None  # another number
+        overall = CallBudget(per_hour=3)
+        refused = await other.admit_call("+14155550103", overall)  # 3 counted already
+        assert refused is not None and "3 calls in the last hour" in refused
+        assert await other.admit_call(NUMBER, CallBudget()) is None  # no limits: no count
+    finally:
+        await other.close()

@@ -572,6 +572,24 @@ async def test_errors_keep_the_voice_channel_classification(tmp_path: Path) -> N
             await place(r)
 
 
+async def test_an_hourly_call_budget_refuses_before_any_carrier_is_touched(tmp_path: Path) -> None:
+    from carriers.budgets import CallBudget
+
+    with sipp("carrier_uas.xml", sipp_dir(tmp_path, "c"), calls=3, RING_MS="0") as c:
+        budget = CallBudget(per_hour=None, per_number_per_hour=2)
+        async with gateway() as gw, router(gw, [carrier("c", c)], call_budget=budget) as r:
+            for _ in range(2):
+                routed = await place(r)
+                await asyncio.wait_for(routed.call.hangup(), 5)
+            with pytest.raises(FraudRefused, match="hourly budget for this number spent"):
+                await place(r)
+            other = await place(r, "+14155550102")  # a different number still goes out
+            assert other.call.answered
+            await asyncio.wait_for(other.call.hangup(), 5)
+        assert await sipp_exit(c) == 0, c.logs()
+    assert invites_seen(c) == 3
+
+
 async def test_quality_learns_time_to_acknowledgement_from_alert_calls(tmp_path: Path) -> None:
     """A responder's key through trunk "keys" raises its score; a trunk whose answered
     calls never deliver a key (DTMF lost on the way) sinks below it."""

@@ -197,3 +197,20 @@ def test_quality_counts_time_to_acknowledgement_of_alert_calls() -> None:
     for _ in range(10):  # the window slides: b's keys get through now
         stats.record_ack("b", 1.0)
     assert stats.ack_score("b") == pytest.approx(1 - 1 / 60)
+
+
+async def test_local_hourly_call_budget_slides() -> None:
+    from carriers.budgets import CallBudget, LocalBudgets
+
+    now = [0.0]
+    budgets = LocalBudgets(clock=lambda: now[0])
+    budget = CallBudget(per_hour=3, per_number_per_hour=2)
+    assert [await budgets.admit_call("+14155550101", budget) for _ in range(2)] == [None, None]
+    refused = await budgets.admit_call("+14155550101", budget)
+    assert refused is not None and "this number" in refused
+    assert await budgets.admit_call("+14155550102", budget) is None
+    refused = await budgets.admit_call("+14155550103", budget)
+    assert refused is not None and "3 calls in the last hour" in refused
+    now[0] = 3600.5  # an hour later every call has left the window
+    assert await budgets.admit_call("+14155550101", budget) is None
+    assert await budgets.admit_call("+14155550101", budget) is None
