@@ -114,6 +114,12 @@ class TwilioCall:
 
     def on_report(self, report: Mapping[str, str]) -> None:
         """A status callback, or our own Gather webhook's verdict (`kind` = "gather")."""
+        if report.get("kind") == "gather" and self.ended.is_set() and self.result is not None:
+            # A keypress reported after the end (another API process was faster with the
+            # final status): it still counts.
+            self._on_gather(report.get("digit", ""), report.get("outcome", ""), True)
+            self.result.received = list(self._digits)
+            return
         if self.ended.is_set():
             return
         if report.get("kind") == "gather":
@@ -193,6 +199,13 @@ class TwilioCall:
         result, from Twilio's final report or, failing that, from the REST resource."""
         if not self.ended.is_set():
             self._hangup_requested = True
+            if not self.call_id:  # Twilio has not accepted it yet: cancel once it has
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.responded.wait(), HANGUP_WAIT)
+                if not self.call_id:
+                    self._finish("canceled", {})
+                    assert self.result is not None
+                    return self.result
             status = "completed" if self.answered else "canceled"
             try:
                 await asyncio.to_thread(self._client.calls(self.call_id).update, status=status)

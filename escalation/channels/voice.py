@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 OnCall = Callable[[AnyCall], None]
 # A Twilio call runs its flow at Twilio; if its reports stop coming, end it after this long.
 TWILIO_CALL_LIMIT = 600.0
+LATE_KEY_WAIT = 1.0  # after a Twilio call ended without a verdict, for a report overtaken
 
 # SIP codes that say the number itself is wrong: no retry on this channel can fix it.
 _PERMANENT_CODES = frozenset({404, 484, 485, 604})
@@ -281,6 +282,10 @@ async def _twilio_outcome(call: TwilioCall) -> str:
     finally:
         for waiter in waiters:
             waiter.cancel()
+    if call.outcome is None and call.answered and call.ended.is_set():
+        # the final status may overtake the last keypress's report (two API processes)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(call.decided.wait(), LATE_KEY_WAIT)
     if call.outcome is not None:
         return call.outcome
     if call.answered_by.startswith("machine") or call.answered_by == "fax":

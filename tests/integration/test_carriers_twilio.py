@@ -244,3 +244,41 @@ async def test_probes_take_a_twilio_trunk_down_and_up_through_its_api() -> None:
                 await r.close()
     ok, detail = await voice.probe(trunk)  # the API is gone altogether
     assert not ok and "unreachable" in detail, detail
+
+
+async def test_an_ack_while_twilio_is_still_creating_the_call_cancels_it_at_once(
+    tmp_path: Path,
+) -> None:
+    async with FakeTwilio() as twilio:
+        account = twilio.add_account(numbers=(FROM,))
+        twilio.script_call(ALICE, ring=20)
+        config = config_with([twilio_trunk(twilio, account)])
+        config["carriers"]["probe"] = {"interval": "10m"}
+        async with serve(tmp_path, config, {"ACKLINE_PUBLIC_URL": PUBLIC}) as service:
+            for _ in range(100):  # the first health probe (GET the account) is out of the way
+                if any(r.method == "GET" for r in twilio.requests):
+                    break
+                await asyncio.sleep(0.05)
+            twilio.stall_next(1.5, match=account.sid)  # the create's answer is slow
+            alert_id = await service.post_alert("page")
+            for _ in range(100):
+                if any(r.path.endswith("/Calls.json") for r in twilio.requests):
+                    break
+                await asyncio.sleep(0.05)
+            assert not twilio.calls  # Twilio has not answered the create yet
+            r = await service.client.post(f"/v1/alerts/{alert_id}/ack", headers=KEY)
+            assert r.status_code == 200, r.text
+            for _ in range(100):
+                if twilio.calls:
+                    break
+                await asyncio.sleep(0.05)
+            [call] = twilio.calls.values()
+            await twilio.call_finished(call.sid, timeout=5)
+            alert = await service.until(
+                alert_id, lambda a: all(n["status"] != "sending" for n in a["attempts"]), 10
+            )
+    assert call.status == "canceled" and call.ended_by == "api", (call.status, call.ended_by)
+    assert "in-progress" not in call.statuses
+    assert [(n["status"], n["reason"]) for n in alert["attempts"]] == [
+        ("cancelled", "alert_closed")
+    ], alert["attempts"]

@@ -105,3 +105,13 @@ async def test_reports_that_beat_the_rest_answer_are_replayed_on_watch() -> None
     # an ended call is forgotten: later reports for it are only buffered, never applied
     assert SID not in events._calls
     await events.close()
+
+
+async def test_a_keypress_reported_after_the_final_status_still_counts() -> None:
+    call = placed()
+    status(call, "in-progress")
+    status(call, "completed", CallDuration="9")
+    assert call.ended.is_set() and call.outcome is None
+    call.on_report({"kind": "gather", "digit": "1", "outcome": "acknowledged", "decided": "1"})
+    assert call.decided.is_set() and call.outcome == "acknowledged"
+    assert call.result is not None and call.result.digits == "1"
