@@ -131,6 +131,23 @@ def classify(call: AnyCall) -> tuple[AttemptKind, int | None, str]:
     return final.get(result.outcome, AttemptKind.FAILED), code, reason
 
 
+def _then_app(
+    ours: Callable[[Any], None], app_on_call: Callable[[AnyCall], None] | None
+) -> Callable[[Any], None]:
+    """Our own on_call bookkeeping, then the application's hook (whose errors are logged,
+    never allowed to break routing)."""
+
+    def on_call(call: Any) -> None:
+        ours(call)
+        if app_on_call is not None:
+            try:
+                app_on_call(call)
+            except Exception:
+                logger.exception("place_call on_call hook failed")
+
+    return on_call
+
+
 class CarrierRouter:
     """Places calls through a set of trunks with rotation, health and failover.
 
@@ -308,17 +325,12 @@ class CarrierRouter:
         attempt = self._attempt_clock(trunk)
         created: asyncio.Future[Call] = loop.create_future()
 
-        def on_call(call: Call) -> None:
+        def note(call: Call) -> None:
             if not created.done():
                 created.set_result(call)
-            if app_on_call is not None:
-                try:
-                    app_on_call(call)
-                except Exception:
-                    logger.exception("place_call on_call hook failed")
 
-        self._active[trunk.name] += 1
-        metrics.TRUNK_ACTIVE.labels(trunk=trunk.name).set(self._active[trunk.name])
+        on_call = _then_app(note, app_on_call)
+        self._count_active(trunk)
         dial: asyncio.Future[Call] = asyncio.ensure_future(
             self.gateway.dial(
                 trunk.request_uri(destination.parsed),
@@ -380,17 +392,8 @@ class CarrierRouter:
             self._keep(asyncio.ensure_future(self._release_budget(trunk.name, claim)))
             return None, result
         placed: list[TwilioCall] = []
-
-        def on_call(call: TwilioCall) -> None:
-            placed.append(call)
-            if app_on_call is not None:
-                try:
-                    app_on_call(call)
-                except Exception:
-                    logger.exception("place_call on_call hook failed")
-
-        self._active[trunk.name] += 1
-        metrics.TRUNK_ACTIVE.labels(trunk=trunk.name).set(self._active[trunk.name])
+        on_call = _then_app(placed.append, app_on_call)
+        self._count_active(trunk)
         place: asyncio.Future[TwilioCall] = asyncio.ensure_future(
             self.twilio.place(
                 trunk, destination.e164, ring_timeout=ring_timeout, context=context,
@@ -487,6 +490,11 @@ class CarrierRouter:
                 self._release(trunk, claim)
 
         self._keep(asyncio.ensure_future(until_ended(call.ended)))
+
+    def _count_active(self, trunk: Trunk) -> None:
+        """One more call in progress through `trunk` (until `_release`)."""
+        self._active[trunk.name] += 1
+        metrics.TRUNK_ACTIVE.labels(trunk=trunk.name).set(self._active[trunk.name])
 
     def _release(self, trunk: str, claim: str) -> None:
         self._active[trunk] -= 1

@@ -30,6 +30,16 @@ def twilio_trunk(twilio: FakeTwilio, account: TwilioAccount, **extra: Any) -> di
             **extra}  # fmt: skip
 
 
+async def first_probe(twilio: FakeTwilio) -> None:
+    """Wait until the worker's first health probe (GET the account) is out of the way, so a
+    scripted failure or stall meets the call, not the probe."""
+    for _ in range(200):
+        if any(r.method == "GET" for r in twilio.requests):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the twilio trunk was never probed")
+
+
 def config_with(trunks: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return {
         "company": "acme",
@@ -100,7 +110,6 @@ async def test_busy_on_twilio_retries_and_the_second_call_is_acknowledged(
 async def test_twilio_refusing_the_call_fails_over_to_a_sip_trunk(tmp_path: Path) -> None:
     async with FakeTwilio() as twilio:
         account = twilio.add_account(numbers=(FROM,))
-        twilio.fail_next(20500, match=account.sid)  # Twilio's API is having a bad day
         scenario = {"CODECS": "0", "RING_MS": "100", "PAUSE_MS": "800"}
         with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), **scenario) as uas:
             host, port = uas.address.rsplit(":", 1)
@@ -108,7 +117,11 @@ async def test_twilio_refusing_the_call_fails_over_to_a_sip_trunk(tmp_path: Path
                 twilio_trunk(twilio, account, priority=1),
                 {"name": "sip-b", "host": host, "port": int(port), "priority": 2},
             ]
-            async with serve(tmp_path, config_with(trunks), {"ACKLINE_PUBLIC_URL": PUBLIC}) as s:
+            config = config_with(trunks)
+            config["carriers"]["probe"] = {"interval": "10m"}
+            async with serve(tmp_path, config, {"ACKLINE_PUBLIC_URL": PUBLIC}) as s:
+                await first_probe(twilio)
+                twilio.fail_next(20500, match=account.sid)  # Twilio's API has a bad moment
                 alert_id = await s.post_alert("page")
                 alert = await s.until(alert_id, lambda a: a["state"] != "triggered", 20)
                 audit = s.audit_lines(alert_id)
@@ -255,10 +268,7 @@ async def test_an_ack_while_twilio_is_still_creating_the_call_cancels_it_at_once
         config = config_with([twilio_trunk(twilio, account)])
         config["carriers"]["probe"] = {"interval": "10m"}
         async with serve(tmp_path, config, {"ACKLINE_PUBLIC_URL": PUBLIC}) as service:
-            for _ in range(100):  # the first health probe (GET the account) is out of the way
-                if any(r.method == "GET" for r in twilio.requests):
-                    break
-                await asyncio.sleep(0.05)
+            await first_probe(twilio)
             twilio.stall_next(1.5, match=account.sid)  # the create's answer is slow
             alert_id = await service.post_alert("page")
             for _ in range(100):
