@@ -613,8 +613,7 @@ async def test_many_sessions_share_one_pacer(pacer: Pacer, peer: RawPeer) -> Non
     assert max(counts) - min(counts) <= 1
     assert due - 2 <= min(counts) <= due + 1
     assert len(pacer) == 0
-    jitter = pacer.interval_jitter_ms()
-    assert jitter["p99"] < 15
+    # (pacing jitter is a figure of bench.calls, not a timed assertion here)
     ssrcs = {p.ssrc for p, _ in _drain(peer)}
     assert len(ssrcs) == 50
 
