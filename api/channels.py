@@ -22,7 +22,7 @@ from carriers.twilio_voice import CallEvents, TwilioVoice
 from escalation.audit import AuditLog
 from escalation.channels.base import Channel
 from escalation.channels.voice import AckMenu, CarrierDialer, Dialer, SipUriDialer, VoiceChannel
-from escalation.config import AcklineConfig, load_config
+from escalation.config import AcklineConfig, ConfigError, load_config
 from escalation.db import Database
 from gateway.call import Gateway
 from gateway.sip.auth import Credentials
@@ -113,13 +113,13 @@ def policy_flows(config: AcklineConfig) -> dict[str, Flow]:
 def _check_twilio_ready(settings: Settings, config: AcklineConfig) -> None:
     """Refuse to start rather than fail the first Twilio call at 3 a.m."""
     if not settings.public_url:
-        raise ValueError(
-            "twilio trunks need ACKLINE_PUBLIC_URL: Twilio fetches the call flow from it"
+        raise ConfigError(
+            ["twilio trunks need ACKLINE_PUBLIC_URL: Twilio fetches the call flow from it"]
         )
     flows = {"default": default_ack_flow(settings), **policy_flows(config)}
     errors = [f"policy {name}: {e}" for name, flow in flows.items() for e in twiml_errors(flow)]
     if errors:
-        raise ValueError("flows that twilio trunks cannot run: " + "; ".join(errors))
+        raise ConfigError(f"{e} (a twilio trunk may carry its calls)" for e in errors)
 
 
 @dataclass

@@ -202,7 +202,8 @@ async def test_api_and_worker_processes_share_twilio_reports_through_redis(
     assert [n["reason"] for n in alert["attempts"]] == ["pressed_1"]
 
 
-def test_worker_refuses_to_start_without_a_public_url(tmp_path: Path) -> None:
+@pytest.mark.parametrize("problem", ["no_public_url", "flow_with_record"])
+def test_worker_refuses_to_start_with_twilio_it_cannot_serve(tmp_path: Path, problem: str) -> None:
     import subprocess
 
     import yaml
@@ -212,16 +213,26 @@ def test_worker_refuses_to_start_without_a_public_url(tmp_path: Path) -> None:
     sid = "AC" + "3" * 32
     trunk = {"name": "tw", "kind": "twilio", "account_sid": sid, "auth_token": "t",
              "caller_id": FROM}  # fmt: skip
-    (tmp_path / "ackline.yaml").write_text(yaml.safe_dump(config_with([trunk])))
+    config = config_with([trunk])
     env = {**cli_env(tmp_path), "ACKLINE_CONFIG": str(tmp_path / "ackline.yaml"),
            "ACKLINE_DATABASE_URL": f"sqlite:///{tmp_path}/a.db"}  # fmt: skip
     env.pop("ACKLINE_PUBLIC_URL", None)
+    expected = "twilio trunks need ACKLINE_PUBLIC_URL"
+    if problem == "flow_with_record":
+        env["ACKLINE_PUBLIC_URL"] = "http://127.0.0.1:9"
+        flow = {"name": "vm", "start": "rec", "nodes": {"rec": {"type": "record"}}}
+        (tmp_path / "vm.yaml").write_text(yaml.safe_dump(flow))
+        config["policies"][0]["voice"] = {"flow": str(tmp_path / "vm.yaml")}
+        expected = "policy page: node 'rec': record is not supported on twilio trunks"
+    (tmp_path / "ackline.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.run(
         [*ackline_cli(), "serve", "--role", "worker", "--port", "0"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert proc.returncode != 0
-    assert "twilio trunks need ACKLINE_PUBLIC_URL" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]  # bad configuration, said plainly
+    assert "error: invalid configuration" in proc.stderr
+    assert expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 async def test_probes_take_a_twilio_trunk_down_and_up_through_its_api() -> None:
