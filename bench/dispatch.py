@@ -158,8 +158,20 @@ class RawHttp:
         ]
         reader, writer = await self._pool.get()
         try:
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
-            raw = await reader.readuntil(b"\r\n\r\n")
+            message = ("\r\n".join(head) + "\r\n\r\n").encode() + data
+            writer.write(message)
+            try:
+                raw = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+                if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                    raise
+                # The server closed the connection while it sat idle (uvicorn's 5 s
+                # keep-alive, e.g. acks waiting for a lagging worker): nothing was read,
+                # so send it again on a new connection.
+                writer.close()
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+                writer.write(message)
+                raw = await reader.readuntil(b"\r\n\r\n")
             lines = raw.decode("latin-1").split("\r\n")
             status = int(lines[0].split()[1])
             length = next(
