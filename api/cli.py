@@ -20,6 +20,7 @@ import typer
 import uvicorn
 from pydantic import ValidationError
 
+from api.loop import run as run_service
 from api.settings import Settings
 from carriers.config import CarrierConfig
 from escalation.config import ConfigError
@@ -374,7 +375,7 @@ def serve(
     sip_port = port if port is not None else (0 if role is Role.WORKER else 5060)
     inbound = Inbound(greeting, gather, timeout)
     try:
-        asyncio.run(
+        run_service(
             _serve(role, settings, host, sip_port, http_host, http_port, inbound, voice, webphone)
         )
     except (ConfigError, FlowError) as exc:

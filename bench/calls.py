@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from api.loop import run as run_service
 from gateway.call import Call, Gateway, GatewayConfig
 
 HERE = Path(__file__).parent
@@ -181,7 +182,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="call setups per second")
     parser.add_argument("--setups", type=int, default=500, help="calls in the setup phase")
     args = parser.parse_args()
-    report = asyncio.run(main_async(args))
+    report = run_service(main_async(args))  # the loop `ackline serve` runs on
     print(json.dumps(report, indent=2))
 
 
