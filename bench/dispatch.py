@@ -258,7 +258,13 @@ def _cpu_report(
 
 
 async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
-    r = aioredis.from_url(REDIS_URL)
+    # Blocking pool: hundreds of ackers polling for their call at once queue for a
+    # connection instead of failing the run (MaxConnectionsError).
+    r = aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            REDIS_URL, max_connections=32, timeout=30
+        )
+    )
     client = RawHttp("127.0.0.1", port, args.connections)
     await client.open()
     posted: dict[str, float] = {}
