@@ -517,6 +517,25 @@ class Engine:
             }
         )
 
+    def _audit_result(
+        self,
+        fx: _Effects,
+        alert: Alert,
+        now: datetime,
+        row: Any,
+        result: DeliveryResult,
+        member: SendTask,
+        carrier: SendTask,
+    ) -> None:
+        """The audit line of a channel's answer (both result paths write the same one)."""
+        self._audit(
+            fx, alert, ENGINE, now, event="result", status=result.status.value,
+            reason=result.reason, notification_uuid=row.notification_id, channel=row.channel,
+            attempt=row.attempt, recipient_id=row.recipient_id, provider_id=result.provider_id,
+            bundled_into=None if member is carrier else carrier.notification.notification_id,
+            details=dict(result.details) or None,  # e.g. trunk used, trunks tried
+        )  # fmt: skip
+
     async def _decide(
         self,
         s: AsyncSession | None,
@@ -1354,14 +1373,7 @@ class Engine:
                     job.done, job.outcome = True, "done"
                 row.status, row.reason = result.status.value, result.reason
                 row.provider_id, row.finished_at = result.provider_id, now
-                self._audit(
-                    fx, alert, ENGINE, now, event="result", status=result.status.value,
-                    reason=result.reason, notification_uuid=row.notification_id,
-                    channel=row.channel, attempt=row.attempt, recipient_id=row.recipient_id,
-                    provider_id=result.provider_id, bundled_into=None if m is task
-                    else task.notification.notification_id,
-                    details=dict(result.details) or None,  # e.g. trunk used, trunks tried
-                )  # fmt: skip
+                self._audit_result(fx, alert, now, row, result, m, task)
                 metrics.NOTIFICATIONS.labels(row.channel, result.status.value).inc()
                 outcome = Outcome(row.notification_id, row.attempt, result.status, result.reason)
                 await self._decide(s, alert, outcome, now, ENGINE, fx)
@@ -1437,13 +1449,7 @@ class Engine:
                 done.append(m.job_id)  # a job cancelled meanwhile stays cancelled
                 recorded[m.attempt_row] = (result.status.value, result.reason,
                                            result.provider_id)  # fmt: skip
-                self._audit(
-                    fx, alert, ENGINE, now, event="result", status=result.status.value,
-                    reason=result.reason, notification_uuid=row.notification_id,
-                    channel=row.channel, attempt=row.attempt, recipient_id=row.recipient_id,
-                    provider_id=result.provider_id, bundled_into=None if m is task
-                    else task.notification.notification_id,
-                )  # fmt: skip
+                self._audit_result(fx, alert, now, row, result, m, task)
                 metrics.NOTIFICATIONS.labels(row.channel, result.status.value).inc()
                 outcome = Outcome(row.notification_id, row.attempt, result.status, result.reason)
                 await self._decide(None, alert, outcome, now, ENGINE, fx, put, cancel)

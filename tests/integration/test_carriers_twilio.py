@@ -198,8 +198,12 @@ async def test_api_and_worker_processes_share_twilio_reports_through_redis(
         async with serve(tmp_path, config, env, roles=("api", "worker")) as service:
             alert_id = await service.post_alert("page")
             alert = await service.until(alert_id, lambda a: a["state"] != "triggered", 20)
+            audit = service.audit_lines(alert_id)
     assert alert["state"] == "acknowledged", alert
     assert [n["reason"] for n in alert["attempts"]] == ["pressed_1"]
+    # the PostgreSQL result path audits the same channel details as the embedded one
+    result = next(x for x in audit if x.get("event") == "result")
+    assert result["details"]["trunk"] == "tw", result
 
 
 @pytest.mark.parametrize("problem", ["no_public_url", "flow_with_record"])
