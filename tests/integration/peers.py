@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import socket
@@ -20,14 +21,26 @@ PCAP_NAMES = {"*": "star", "#": "pound"}
 REPO = Path(__file__).resolve().parents[2]
 
 
+_PICK = random.SystemRandom()  # not the per-test seeded `random`: ports differ per test
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (even, as RTP likes)."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port % 2:
-            continue
+    """A port free for both UDP and TCP on 127.0.0.1 (even, as RTP likes).
+
+    Picked below the kernel's ephemeral range: a port from there can be taken, between
+    our check and the server's bind, as the source port of any outbound connection (a
+    health probe, a database client) and the server then fails with EADDRINUSE."""
+    del kind  # both kinds are checked
+    high = _ephemeral_low()
+    for _ in range(500):
+        port = _PICK.randrange(10000, high) & ~1
         try:
             with (
                 socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
