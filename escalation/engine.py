@@ -230,6 +230,14 @@ _PG_BEGIN_ASYNC = f"BEGIN; {_PG_ASYNC_COMMIT}"
 # at 20,000 alerts, against 0.5 ms). Hash and merge joins are off for the claim only.
 _PG_CLAIM_JOINS = ("SET LOCAL enable_hashjoin TO off", "SET LOCAL enable_mergejoin TO off")
 _PG_COMMIT_DURABLE = "SET LOCAL synchronous_commit TO on; COMMIT"
+# The driver connections keep their prepared statements, and after five runs PostgreSQL
+# may settle on one generic plan per statement for the connection's life. Planned while
+# the tables were young (a fresh install under its first alert storm), those plans scan
+# whole tables (`id = any($1)` by sequential scan, unnest joined by hash), a cost that
+# grows with every alert stored: at 200 alerts/s the worker's statements alone kept a
+# core of PostgreSQL busy. Worker and close transactions plan each statement for its
+# own parameters and the tables' present size instead (a fraction of a millisecond).
+_PG_CUSTOM_PLANS = "SET LOCAL plan_cache_mode TO force_custom_plan"
 
 # The driver-level ingest on PostgreSQL (`Engine._ingest_pg`): the same rows the Core
 # inserts write, as prepared statements. JSON goes in as text (see Database.driver_pool),
@@ -362,13 +370,15 @@ class _Fallback(Exception):
 
 
 class _WorkerTx:
-    """A worker-side transaction on a driver connection, asynchronous unless marked
-    `durable` before it ends (see _PG_ASYNC_COMMIT, _durable)."""
+    """A transaction on a driver connection with custom plans (_PG_CUSTOM_PLANS); a
+    worker's is asynchronous unless marked `durable` before it ends (see
+    _PG_ASYNC_COMMIT, _durable), one begun `durable` commits synchronously throughout."""
 
-    def __init__(self, raw: Any, settings: Sequence[str] = ()) -> None:
+    def __init__(self, raw: Any, settings: Sequence[str] = (), *, durable: bool = False) -> None:
         self.raw = raw
-        self.durable = False
-        self.begin = "; ".join((_PG_BEGIN_ASYNC, *settings))
+        self.durable = durable
+        self.begin = "; ".join(("BEGIN" if durable else _PG_BEGIN_ASYNC, _PG_CUSTOM_PLANS,
+                                *settings))  # fmt: skip
 
     async def __aenter__(self) -> _WorkerTx:
         await self.raw.execute(self.begin)
@@ -999,7 +1009,7 @@ class Engine:
         if not self.db.is_sqlite:
             # the same transaction as prepared SQL on the driver pool (synchronous commit)
             pool = await self.db.driver_pool()
-            async with pool.acquire() as raw, raw.transaction():
+            async with pool.acquire() as raw, _WorkerTx(raw, durable=True):
                 row = await raw.fetchrow(_PG_LOCK_ALERT, alert_id)
                 if row is None or (company is not None and row["company"] != company):
                     return None

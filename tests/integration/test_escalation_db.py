@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
@@ -16,6 +17,7 @@ from sqlmodel import SQLModel
 from escalation.config import AcklineConfig
 from escalation.crud import list_recipients, sync_config
 from escalation.db import Database
+from escalation.engine import _PG_RESULT_ROWS, _WorkerTx
 from escalation.models import IdempotencyKey, Job
 
 pytest_plugins = ["tests.conftest_escalation"]
@@ -87,3 +89,35 @@ async def test_processes_starting_together_sync_one_config_file(db_url: str) -> 
     finally:
         for db in starters:
             await db.dispose()
+
+
+async def test_worker_transactions_do_not_reuse_plans_made_on_young_tables(pg_url: str) -> None:
+    """A generic plan cached while the tables were empty scans them whole for the life of
+    the connection; inside a worker transaction each statement is planned afresh."""
+    db = Database(pg_url)
+    await db.migrate()
+    await db.dispose()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        # After five runs on the empty tables PostgreSQL settles on a generic plan.
+        await conn.execute(f"PREPARE result_rows(int[], int[]) AS {_PG_RESULT_ROWS}")
+        run = "EXECUTE result_rows('{1, 2}', '{1, 2}')"
+        for _ in range(8):
+            await conn.fetch(run)
+        await conn.execute(
+            "INSERT INTO notification_attempts (company, alert_id, notification_id, attempt, "
+            "channel, recipient_id, round, step, status, scheduled_for) "
+            "SELECT 'c', 'a', 'n' || g, 1, 'sms', 'r', 0, 0, 'sending', now() "
+            "FROM generate_series(1, 20000) g"
+        )
+
+        async def plan() -> str:
+            return "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {run}"))
+
+        assert "Seq Scan on notification_attempts" in await plan()  # the stale plan
+        async with _WorkerTx(conn):
+            fresh = await plan()
+        assert "Seq Scan on notification_attempts" not in fresh
+        assert "notification_attempts_pkey" in fresh
+    finally:
+        await conn.close()
