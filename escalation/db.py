@@ -60,7 +60,14 @@ class Database:
             # instead of sleeping in SQLite's busy handler, which backs off up to 100 ms.
             kwargs.update(connect_args={"timeout": 30}, pool_size=1, max_overflow=0)
         else:
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size)
+            # The ORM's statements are prepared and cached per connection too; a generic
+            # plan settled on while the tables were empty would scan them whole for the
+            # connection's life (see _PG_CUSTOM_PLANS in escalation.engine).
+            kwargs.update(
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},
+            )
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             _sqlite_immediate_transactions(self.engine)

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
@@ -121,3 +121,12 @@ async def test_worker_transactions_do_not_reuse_plans_made_on_young_tables(pg_ur
         assert "notification_attempts_pkey" in fresh
     finally:
         await conn.close()
+
+
+async def test_orm_connections_plan_each_statement_afresh(pg_url: str) -> None:
+    db = Database(pg_url)
+    try:
+        async with db.session() as s:
+            assert await s.scalar(text("SHOW plan_cache_mode")) == "force_custom_plan"
+    finally:
+        await db.dispose()
