@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import httpx
 import redis.asyncio as aioredis
 import yaml
 
+from api.loop import run as run_service
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
 
 PG_ADMIN = os.environ.get("ACKLINE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -421,14 +421,6 @@ async def _bench(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _run_fast(coro: Coroutine[Any, Any, None]) -> None:
-    """API and worker run on uvloop, as a production deployment would."""
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rate", type=float, default=200.0, help="alerts per second")
@@ -446,10 +438,10 @@ def main() -> int:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "api":
-        _run_fast(_serve_api(args))
+        run_service(_serve_api(args))
         return 0
     if args.role == "worker":
-        _run_fast(_serve_worker(args))
+        run_service(_serve_worker(args))
         return 0
     return asyncio.run(_bench(args))
 
