@@ -29,7 +29,7 @@ from carriers.budgets import Budgets, CallBudget
 from carriers.health import HealthChange, HealthPolicy
 from carriers.numbers import REFUSED_TYPES, type_from_name, type_name
 from carriers.router import CarrierRouter
-from carriers.trunk import Trunk, check_countries
+from carriers.trunk import CountryCodes, Trunk, check_countries
 from carriers.twilio_voice import TwilioVoice
 from escalation.durations import parse_duration
 from gateway.call import Gateway
@@ -111,7 +111,7 @@ class CarrierConfig(BaseModel):
     trunks: list[Trunk] = Field(min_length=1)
     strategy: Strategy = "priority"
     routes: dict[str, RouteSettings] = Field(default_factory=dict)
-    allowed_countries: tuple[str, ...] = Field(min_length=1)
+    allowed_countries: CountryCodes = Field(min_length=1)
     refused_types: tuple[str, ...] = tuple(sorted(type_name(t) for t in REFUSED_TYPES))
     default_region: str | None = None  # lets numbers be written nationally; E.164 otherwise
     probe: ProbeSettings = ProbeSettings()
@@ -133,18 +133,6 @@ class CarrierConfig(BaseModel):
                     _secret_from_env(item, secret_key)
             out.append(item)
         return out
-
-    @field_validator("allowed_countries", mode="before")
-    @classmethod
-    def _countries(cls, value: object) -> object:
-        if isinstance(value, list | tuple):
-            return tuple(str(code).strip().upper() for code in value)
-        return value
-
-    @field_validator("allowed_countries")
-    @classmethod
-    def _check_countries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return check_countries(value)
 
     @field_validator("default_region")
     @classmethod

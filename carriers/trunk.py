@@ -10,11 +10,20 @@ import contextlib
 import enum
 import ipaddress
 import re
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 import phonenumbers
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from escalation.durations import parse_duration
 from gateway.sip.auth import Credentials
@@ -24,6 +33,29 @@ _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _CALLER_ID = re.compile(r"^\+?[A-Za-z0-9._-]{1,32}$")
 _TECH_PREFIX = re.compile(r"^[0-9*#]{1,16}$")
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}$")
+
+
+def check_countries(codes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate ISO 3166 alpha-2 codes against the regions phonenumbers knows."""
+    bad = [code for code in codes if code not in phonenumbers.SUPPORTED_REGIONS]
+    if bad:
+        raise ValueError(f"unknown ISO 3166 alpha-2 country code(s): {', '.join(bad)}")
+    return tuple(codes)
+
+
+def _country_list(value: object) -> object:
+    """Codes as YAML lists them, in any case; a bare string is a mistake, not a list."""
+    if isinstance(value, str):
+        raise ValueError("allowed_countries is a list of ISO 3166 alpha-2 codes")
+    if isinstance(value, list | tuple):
+        return tuple(str(code).strip().upper() for code in value)
+    return value
+
+
+# An allowed_countries list, per trunk and deployment-wide: upper-cased, each code known.
+CountryCodes = Annotated[
+    tuple[str, ...], BeforeValidator(_country_list), AfterValidator(check_countries)
+]
 
 
 class NumberFormat(str, enum.Enum):
@@ -49,7 +81,7 @@ class Trunk(BaseModel):
     caller_id: str | None = None
     number_format: NumberFormat = NumberFormat.E164
     tech_prefix: str | None = None
-    allowed_countries: tuple[str, ...] = ()  # empty: only the deployment-wide list applies
+    allowed_countries: CountryCodes = ()  # empty: only the deployment-wide list applies
     max_concurrent: int | None = Field(default=None, ge=1)
     max_cps: float | None = Field(default=None, gt=0)
     enabled: bool = True
@@ -90,20 +122,6 @@ class Trunk(BaseModel):
         if value is not None and not _CALLER_ID.match(value):
             raise ValueError(f"invalid caller_id {value!r} (e.g. +14155550100)")
         return value
-
-    @field_validator("allowed_countries", mode="before")
-    @classmethod
-    def _upper_countries(cls, value: object) -> object:
-        if isinstance(value, str):
-            raise ValueError("allowed_countries is a list of ISO 3166 alpha-2 codes")
-        if isinstance(value, list | tuple):
-            return tuple(str(code).strip().upper() for code in value)
-        return value
-
-    @field_validator("allowed_countries")
-    @classmethod
-    def _check_countries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return check_countries(value)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Trunk:
@@ -186,11 +204,3 @@ class Trunk(BaseModel):
 
     def _transport_param(self) -> str:
         return ";transport=tcp" if self.transport == "tcp" else ""
-
-
-def check_countries(codes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """Validate ISO 3166 alpha-2 codes against the regions phonenumbers knows."""
-    bad = [code for code in codes if code not in phonenumbers.SUPPORTED_REGIONS]
-    if bad:
-        raise ValueError(f"unknown ISO 3166 alpha-2 country code(s): {', '.join(bad)}")
-    return tuple(codes)

@@ -113,6 +113,15 @@ BASE = "carriers:\n  allowed_countries: [US]\n"
             "unknown ISO 3166 alpha-2 country code(s): XX",
         ),
         (
+            "carriers:\n  allowed_countries: US\n  trunks: [{name: a, host: h}]\n",
+            "carriers.allowed_countries: allowed_countries is a list",
+        ),
+        (
+            BASE + "  trunks: [{name: a, host: h, allowed_countries: [us, zz]}]\n",
+            "carriers.trunks[0] (a).allowed_countries: unknown ISO 3166 alpha-2 "
+            "country code(s): ZZ",
+        ),
+        (
             BASE + "  trunks:\n    - {name: a, host: h}\n    - {name: b, host: h, port: 99999}\n",
             "carriers.trunks[1] (b).port: Input should be less than or equal to 65535",
         ),
