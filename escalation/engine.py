@@ -304,25 +304,29 @@ def _pg_ingest_statement(keyed: bool) -> str:
 
 _PG_INGEST = {keyed: _pg_ingest_statement(keyed) for keyed in (True, False)}
 
-# The driver-level claim (`Engine._claim_pg`): `_CLAIM` with only what a send needs, and
-# a send's attempt row read in the same statement (not locked: the alert's lock covers it).
+# The driver-level claim (`Engine._claim_pg`) in one statement: `_CLAIM` with only what
+# a send needs (a send's attempt row read alongside, not locked: the alert's lock covers
+# it), and in the same round trip the sends of triggered alerts leased and their attempts
+# marked in flight, the jobs of closed alerts cancelled. The rows come back as they were
+# before those updates; a due timer among them rolls the whole claim back (_Fallback).
+_PG_CLAIM_SENDABLE = "due.kind = 'send' AND due.state = 'triggered'"
 _PG_CLAIM = (
-    "SELECT j.id, j.alert_id, j.kind, j.payload, j.due_at, a.state, a.company, a.short_id, "
-    "a.title, a.summary, a.severity, a.policy, a.details, a.plan, n.id AS attempt_row, "
-    "n.notification_id, n.attempt, n.channel, n.recipient_id, n.reason "
+    "WITH due AS (SELECT j.id, j.alert_id, j.kind, j.payload, j.due_at, a.state, a.company, "
+    "a.short_id, a.title, a.summary, a.severity, a.policy, a.details, a.plan, "
+    "n.id AS attempt_row, n.notification_id, n.attempt, n.channel, n.recipient_id, n.reason "
     "FROM jobs j JOIN alerts a ON a.id = j.alert_id "
     "LEFT JOIN notification_attempts n ON j.kind = 'send' "
     "AND n.notification_id = j.payload->>'nid' AND n.attempt = (j.payload->>'attempt')::int "
     "WHERE NOT j.done AND j.due_at <= $1 AND (j.lease_until IS NULL OR j.lease_until < $1) "
-    "ORDER BY j.due_at, j.id LIMIT $2 FOR UPDATE OF j, a SKIP LOCKED"
+    "ORDER BY j.due_at, j.id LIMIT $2 FOR UPDATE OF j, a SKIP LOCKED), "
+    "leased AS (UPDATE jobs SET owner = $3, lease_until = $4, attempts = jobs.attempts + 1 "
+    f"FROM due WHERE jobs.id = due.id AND {_PG_CLAIM_SENDABLE}), "
+    "cancelled AS (UPDATE jobs SET done = true, outcome = 'cancelled' "
+    "FROM due WHERE jobs.id = due.id AND due.state <> 'triggered'), "
+    "marked AS (UPDATE notification_attempts SET status = 'sending', sent_at = $1 "
+    f"FROM due WHERE notification_attempts.id = due.attempt_row AND {_PG_CLAIM_SENDABLE}) "
+    "SELECT * FROM due ORDER BY due_at, id"
 )
-# Lease the sends and mark their attempts in flight: one statement, one round trip.
-_PG_LEASE_SENDS = (
-    "WITH leased AS (UPDATE jobs SET owner = $1, lease_until = $2, attempts = attempts + 1 "
-    "WHERE id = any($3::int[])) "
-    "UPDATE notification_attempts SET status = 'sending', sent_at = $4 WHERE id = any($5::int[])"
-)
-_PG_CANCEL_JOBS = "UPDATE jobs SET done = true, outcome = 'cancelled' WHERE id = any($1::int[])"
 
 
 # The driver-level result recording (`Engine._complete_pg`).
@@ -1143,48 +1147,32 @@ class Engine:
         async with pool.acquire() as raw:
             try:
                 async with _WorkerTx(raw, _PG_CLAIM_JOINS):
-                    rows = await raw.fetch(_PG_CLAIM, now, limit)
-                    if not rows:
-                        return []
-                    sends = []
-                    cancelled = []
+                    lease = now + timedelta(seconds=self.config.lease_seconds)
+                    rows = await raw.fetch(_PG_CLAIM, now, limit, owner, lease)
                     for r in rows:
                         if r["state"] != AlertState.TRIGGERED.value:
-                            cancelled.append(r["id"])
-                        elif r["kind"] == JobKind.SEND.value:
-                            sends.append(r)
-                        else:
+                            continue  # cancelled by the claim statement
+                        if r["kind"] != JobKind.SEND.value:
                             raise _Fallback
-                    if cancelled:
-                        await raw.execute(_PG_CANCEL_JOBS, cancelled)
-                    if sends:
-                        lease = now + timedelta(seconds=self.config.lease_seconds)
-                        rows_sent = []
-                        for r in sends:
-                            # a plain record, not an ORM instance (one costs ~0.1 ms to build)
-                            alert = cast(Alert, SimpleNamespace(id=r["alert_id"], **{
-                                k: r[k] for k in ("company", "short_id", "title", "summary",
-                                                  "severity", "policy", "details", "plan")
-                            }))  # fmt: skip
-                            row = cast(NotificationAttempt, SimpleNamespace(**{
-                                k: r[k] for k in ("notification_id", "attempt", "channel",
-                                                  "recipient_id", "reason")
-                            }))  # fmt: skip
-                            rows_sent.append(r["attempt_row"])
-                            n = self._notification(alert, row)
-                            task = SendTask(
-                                r["id"], r["attempt_row"], alert.company, r["due_at"], n
-                            )
-                            tasks.append(task)
-                            self._audit(
-                                fx, alert, ENGINE, now, event="send", status=_INFLIGHT,
-                                reason=row.reason, notification_uuid=row.notification_id,
-                                channel=row.channel, attempt=row.attempt,
-                                recipient_id=row.recipient_id, worker=owner,
-                            )  # fmt: skip
-                        await raw.execute(
-                            _PG_LEASE_SENDS, owner, lease, [r["id"] for r in sends], now, rows_sent
+                        # a plain record, not an ORM instance (one costs ~0.1 ms to build)
+                        alert = cast(Alert, SimpleNamespace(id=r["alert_id"], **{
+                            k: r[k] for k in ("company", "short_id", "title", "summary",
+                                              "severity", "policy", "details", "plan")
+                        }))  # fmt: skip
+                        row = cast(NotificationAttempt, SimpleNamespace(**{
+                            k: r[k] for k in ("notification_id", "attempt", "channel",
+                                              "recipient_id", "reason")
+                        }))  # fmt: skip
+                        n = self._notification(alert, row)
+                        tasks.append(
+                            SendTask(r["id"], r["attempt_row"], alert.company, r["due_at"], n)
                         )
+                        self._audit(
+                            fx, alert, ENGINE, now, event="send", status=_INFLIGHT,
+                            reason=row.reason, notification_uuid=row.notification_id,
+                            channel=row.channel, attempt=row.attempt,
+                            recipient_id=row.recipient_id, worker=owner,
+                        )  # fmt: skip
             except _Fallback:
                 return None
         await self._after_commit(fx)

@@ -272,3 +272,45 @@ async def test_concurrent_duplicates_page_once(db_url: str, tmp_path: Path) -> N
         assert len(h.channels["sms"].sent) == 2  # one per distinct incident
     finally:
         await h.stop()
+
+
+async def test_claim_leases_sends_and_cancels_jobs_of_closed_alerts(
+    db_url: str, tmp_path: Path
+) -> None:
+    """One claim pass: a triggered alert's send is leased to the claimer and its attempt
+    marked in flight; a job whose alert closed without its jobs being cancelled (a close
+    racing a timer) is cancelled, never handed out, and not seen again."""
+    from sqlalchemy import select, update
+    from sqlmodel import col
+
+    from escalation.models import Alert, Job, NotificationAttempt
+
+    cfg = config([{"recipients": ["alice"], "channels": ["sms"], "delay": 60}])
+    h = await make_harness(db_url, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
+    try:
+        live, closed = await h.ingest(), await h.ingest()
+        async with h.db.session() as s, s.begin():
+            await s.execute(
+                update(Alert).where(col(Alert.id) == closed.id).values(state="acknowledged")
+            )
+        tasks = await h.engine.claim("worker-a", 10)
+        assert [t.notification.alert_id for t in tasks] == [live.id]
+        assert await h.engine.claim("worker-b", 10) == []  # leased, cancelled: nothing left
+        async with h.db.session() as s:
+            sends = select(Job).where(col(Job.kind) == "send")
+            jobs = {j.alert_id: j for j in (await s.execute(sends)).scalars()}
+            attempts = {
+                a.alert_id: a for a in (await s.execute(select(NotificationAttempt))).scalars()
+            }
+        leased = jobs[live.id]
+        assert (leased.owner, leased.attempts, leased.done) == ("worker-a", 1, False)
+        assert leased.lease_until is not None
+        assert (attempts[live.id].status, attempts[live.id].sent_at is not None) == (
+            "sending",
+            True,
+        )
+        assert (jobs[closed.id].done, jobs[closed.id].outcome) == (True, "cancelled")
+        assert attempts[closed.id].status == "scheduled" and attempts[closed.id].sent_at is None
+    finally:
+        await h.db.dispose()
+        h.audit.close()
