@@ -309,7 +309,9 @@ _PG_INGEST = {keyed: _pg_ingest_statement(keyed) for keyed in (True, False)}
 # it), and in the same round trip the sends of triggered alerts leased and their attempts
 # marked in flight, the jobs of closed alerts cancelled. The rows come back as they were
 # before those updates; a due timer among them rolls the whole claim back (_Fallback).
-_PG_CLAIM_SENDABLE = "due.kind = 'send' AND due.state = 'triggered'"
+_PG_CLAIM_SENDABLE = (
+    f"due.kind = '{JobKind.SEND.value}' AND due.state = '{AlertState.TRIGGERED.value}'"
+)
 _PG_CLAIM = (
     "WITH due AS (SELECT j.id, j.alert_id, j.kind, j.payload, j.due_at, a.state, a.company, "
     "a.short_id, a.title, a.summary, a.severity, a.policy, a.details, a.plan, "
@@ -322,7 +324,7 @@ _PG_CLAIM = (
     "leased AS (UPDATE jobs SET owner = $3, lease_until = $4, attempts = jobs.attempts + 1 "
     f"FROM due WHERE jobs.id = due.id AND {_PG_CLAIM_SENDABLE}), "
     "cancelled AS (UPDATE jobs SET done = true, outcome = 'cancelled' "
-    "FROM due WHERE jobs.id = due.id AND due.state <> 'triggered'), "
+    f"FROM due WHERE jobs.id = due.id AND due.state <> '{AlertState.TRIGGERED.value}'), "
     "marked AS (UPDATE notification_attempts SET status = 'sending', sent_at = $1 "
     f"FROM due WHERE notification_attempts.id = due.attempt_row AND {_PG_CLAIM_SENDABLE}) "
     "SELECT * FROM due ORDER BY due_at, id"

@@ -31,13 +31,12 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+def free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1 (even, as RTP likes).
 
     Picked below the kernel's ephemeral range: a port from there can be taken, between
     our check and the server's bind, as the source port of any outbound connection (a
     health probe, a database client) and the server then fails with EADDRINUSE."""
-    del kind  # both kinds are checked
     high = _ephemeral_low()
     for _ in range(500):
         port = _PICK.randrange(10000, high) & ~1

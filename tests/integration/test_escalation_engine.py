@@ -10,10 +10,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select, update
+from sqlmodel import col
+
 from escalation.audit import replay
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
 from escalation.engine import AlertIn, RequestContext
-from escalation.models import AlertState
+from escalation.models import Alert, AlertState, Job, NotificationAttempt
 from tests.conftest_escalation import Harness, make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]
@@ -280,11 +283,6 @@ async def test_claim_leases_sends_and_cancels_jobs_of_closed_alerts(
     """One claim pass: a triggered alert's send is leased to the claimer and its attempt
     marked in flight; a job whose alert closed without its jobs being cancelled (a close
     racing a timer) is cancelled, never handed out, and not seen again."""
-    from sqlalchemy import select, update
-    from sqlmodel import col
-
-    from escalation.models import Alert, Job, NotificationAttempt
-
     cfg = config([{"recipients": ["alice"], "channels": ["sms"], "delay": 60}])
     h = await make_harness(db_url, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
     try:
@@ -312,5 +310,4 @@ async def test_claim_leases_sends_and_cancels_jobs_of_closed_alerts(
         assert (jobs[closed.id].done, jobs[closed.id].outcome) == (True, "cancelled")
         assert attempts[closed.id].status == "scheduled" and attempts[closed.id].sent_at is None
     finally:
-        await h.db.dispose()
-        h.audit.close()
+        await h.stop()  # never started: only closes the database and the audit log
