@@ -34,6 +34,8 @@ async def start_runtime(settings: Settings) -> Runtime:
         await runtime.db.migrate()
     if settings.config_path is not None:
         await sync_config(runtime.db, runtime.config)
+    if not runtime.db.is_sqlite:
+        await runtime.db.driver_pool()  # opened before the first alert, not by it
     return runtime
 
 

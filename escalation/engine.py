@@ -227,17 +227,10 @@ _PG_BEGIN_ASYNC = f"BEGIN; {_PG_ASYNC_COMMIT}"
 # planner without statistics (a young table, or a server without autovacuum, where
 # ANALYZE never runs) takes the tables for tiny and hashes all of alerts and attempts
 # instead, a scan of both on every claim that grows with every alert ever stored (35 ms
-# at 20,000 alerts, against 0.5 ms). Hash and merge joins are off for the claim only.
+# at 20,000 alerts, against 0.5 ms). Hash and merge joins are off for the ORM claim (the
+# general path; the driver pool's statements plan under db.DRIVER_PLANNER).
 _PG_CLAIM_JOINS = ("SET LOCAL enable_hashjoin TO off", "SET LOCAL enable_mergejoin TO off")
 _PG_COMMIT_DURABLE = "SET LOCAL synchronous_commit TO on; COMMIT"
-# The driver connections keep their prepared statements, and after five runs PostgreSQL
-# may settle on one generic plan per statement for the connection's life. Planned while
-# the tables were young (a fresh install under its first alert storm), those plans scan
-# whole tables (`id = any($1)` by sequential scan, unnest joined by hash), a cost that
-# grows with every alert stored: at 200 alerts/s the worker's statements alone kept a
-# core of PostgreSQL busy. Worker and close transactions plan each statement for its
-# own parameters and the tables' present size instead (a fraction of a millisecond).
-_PG_CUSTOM_PLANS = "SET LOCAL plan_cache_mode TO force_custom_plan"
 
 # The driver-level ingest on PostgreSQL (`Engine._ingest_pg`): the same rows the Core
 # inserts write, as prepared statements. JSON goes in as text (see Database.driver_pool),
@@ -376,15 +369,14 @@ class _Fallback(Exception):
 
 
 class _WorkerTx:
-    """A transaction on a driver connection with custom plans (_PG_CUSTOM_PLANS); a
+    """A transaction on a driver connection (planned under db.DRIVER_PLANNER); a
     worker's is asynchronous unless marked `durable` before it ends (see
     _PG_ASYNC_COMMIT, _durable), one begun `durable` commits synchronously throughout."""
 
-    def __init__(self, raw: Any, settings: Sequence[str] = (), *, durable: bool = False) -> None:
+    def __init__(self, raw: Any, *, durable: bool = False) -> None:
         self.raw = raw
         self.durable = durable
-        self.begin = "; ".join(("BEGIN" if durable else _PG_BEGIN_ASYNC, _PG_CUSTOM_PLANS,
-                                *settings))  # fmt: skip
+        self.begin = "BEGIN" if durable else _PG_BEGIN_ASYNC
 
     async def __aenter__(self) -> _WorkerTx:
         await self.raw.execute(self.begin)
@@ -1148,7 +1140,7 @@ class Engine:
         tasks: list[SendTask] = []
         async with pool.acquire() as raw:
             try:
-                async with _WorkerTx(raw, _PG_CLAIM_JOINS):
+                async with _WorkerTx(raw):
                     lease = now + timedelta(seconds=self.config.lease_seconds)
                     rows = await raw.fetch(_PG_CLAIM, now, limit, owner, lease)
                     for r in rows:

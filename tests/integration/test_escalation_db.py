@@ -6,7 +6,6 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select, text
@@ -14,10 +13,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 
+from escalation import engine as engine_module
 from escalation.config import AcklineConfig
 from escalation.crud import list_recipients, sync_config
 from escalation.db import Database
-from escalation.engine import _PG_RESULT_ROWS, _WorkerTx
 from escalation.models import IdempotencyKey, Job
 
 pytest_plugins = ["tests.conftest_escalation"]
@@ -91,36 +90,51 @@ async def test_processes_starting_together_sync_one_config_file(db_url: str) -> 
             await db.dispose()
 
 
-async def test_worker_transactions_do_not_reuse_plans_made_on_young_tables(pg_url: str) -> None:
-    """A generic plan cached while the tables were empty scans them whole for the life of
-    the connection; inside a worker transaction each statement is planned afresh."""
-    db = Database(pg_url)
+def _driver_statements() -> dict[str, str]:
+    """Every prepared statement the engine runs on the driver pool (its `_PG_*` SQL)."""
+    found = {
+        name: sql
+        for name, sql in vars(engine_module).items()
+        if name.startswith("_PG_")
+        and isinstance(sql, str)
+        and sql.lstrip().upper().startswith(("WITH", "SELECT", "INSERT", "UPDATE", "DELETE"))
+    }
+    found |= {f"_PG_INGEST[{keyed}]": sql for keyed, sql in engine_module._PG_INGEST.items()}
+    return found
+
+
+def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
+
+
+async def test_driver_statements_plan_once_by_index_even_on_empty_tables(pg_url: str) -> None:
+    """The driver pool keeps one generic plan per statement for the connection's life.
+    Planned on empty tables without statistics, each must still look its rows up by
+    index: a sequential scan or a hash join there would grow with every alert stored."""
+    db = Database(pg_url, pool_size=2)
     await db.migrate()
-    await db.dispose()
-    conn = await asyncpg.connect(pg_url)
     try:
-        # After five runs on the empty tables PostgreSQL settles on a generic plan.
-        await conn.execute(f"PREPARE result_rows(int[], int[]) AS {_PG_RESULT_ROWS}")
-        run = "EXECUTE result_rows('{1, 2}', '{1, 2}')"
-        for _ in range(8):
-            await conn.fetch(run)
-        await conn.execute(
-            "INSERT INTO notification_attempts (company, alert_id, notification_id, attempt, "
-            "channel, recipient_id, round, step, status, scheduled_for) "
-            "SELECT 'c', 'a', 'n' || g, 1, 'sms', 'r', 0, 0, 'sending', now() "
-            "FROM generate_series(1, 20000) g"
-        )
-
-        async def plan() -> str:
-            return "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {run}"))
-
-        assert "Seq Scan on notification_attempts" in await plan()  # the stale plan
-        async with _WorkerTx(conn):
-            fresh = await plan()
-        assert "Seq Scan on notification_attempts" not in fresh
-        assert "notification_attempts_pkey" in fresh
+        pool = await db.driver_pool()
+        assert pool.get_size() == 2  # opened up front, not by the first alert
+        statements = _driver_statements()
+        assert {"_PG_CLAIM", "_PG_RECORD_RESULTS", "_PG_CANCEL_ALL"} <= statements.keys()
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+            for name, sql in statements.items():
+                params = len((await conn.prepare(sql)).get_parameters())
+                await conn.execute(f"PREPARE probe AS {sql}")
+                args = f"({', '.join(['NULL'] * params)})" if params else ""
+                # (the pool decodes json itself)
+                [plan] = await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE probe{args}")
+                await conn.execute("DEALLOCATE probe")
+                bad = [
+                    (n["Node Type"], n.get("Relation Name"))
+                    for n in _plan_nodes(plan["Plan"])
+                    if n["Node Type"] in ("Seq Scan", "Hash Join", "Merge Join")
+                ]
+                assert bad == [], f"{name}: {bad}"
     finally:
-        await conn.close()
+        await db.dispose()
 
 
 async def test_orm_connections_plan_each_statement_afresh(pg_url: str) -> None:
