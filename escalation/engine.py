@@ -964,24 +964,17 @@ class Engine:
 
     @staticmethod
     def _new_alert(company: str, body: AlertIn, plan_json: dict[str, Any], now: datetime) -> Alert:
-        return Alert(
-            id=str(uuid.uuid4()),
-            company=company,
-            short_id=short_id(),
-            title=body.title,
-            summary=body.summary,
-            severity=body.severity,
-            policy=body.policy,
-            dedup_key=body.dedup_key,
-            open_dedup_key=body.dedup_key,
-            details=body.details,
-            state=AlertState.TRIGGERED.value,
-            plan=plan_json,
-            chain=Chain().to_json(),
-            dup_count=0,
-            created_at=now,
-            updated_at=now,
-        )
+        """The new alert as a plain record with every column (the row is inserted with
+        Core or prepared SQL, never through the ORM, and an ORM instance costs ~0.1 ms
+        to build: a twentieth of an ingest's CPU time)."""
+        return cast(Alert, SimpleNamespace(**dict.fromkeys(_ALERT_COLUMNS) | {
+            "id": str(uuid.uuid4()), "company": company, "short_id": short_id(),
+            "title": body.title, "summary": body.summary, "severity": body.severity,
+            "policy": body.policy, "dedup_key": body.dedup_key,
+            "open_dedup_key": body.dedup_key, "details": body.details,
+            "state": AlertState.TRIGGERED.value, "plan": plan_json,
+            "chain": Chain().to_json(), "dup_count": 0, "created_at": now, "updated_at": now,
+        }))  # fmt: skip
 
     def _insert_ignore(self, table: type[IdempotencyKey]) -> Any:
         """INSERT .. ON CONFLICT DO NOTHING for the database in use."""
