@@ -140,11 +140,15 @@ class Database:
 # by a tenth. A generic plan made while the tables are
 # young (a fresh install under its first alert storm, or a server without autovacuum,
 # where ANALYZE never runs) would scan them whole for the connection's life; every
-# statement on this pool looks its rows up by key, so the planner is told to take index
-# scans and nested loops only, which is the right plan at any table size.
+# statement on this pool looks its rows up by key, so the planner is told to take plain
+# index scans and nested loops only, which is the right plan at any table size. Not
+# bitmap scans either: one never marks the dead row versions its index still lists as
+# dead (a plain index scan does, the first time it meets them), so until a VACUUM each
+# claim revisited every job already sent, and without autovacuum that grew all day.
 DRIVER_PLANNER = {
     "plan_cache_mode": "force_generic_plan",
     "enable_seqscan": "off",
+    "enable_bitmapscan": "off",
     "enable_hashjoin": "off",
     "enable_mergejoin": "off",
 }

@@ -327,7 +327,9 @@ _PG_CLAIM = (
 # The driver-level result recording (`Engine._complete_pg`).
 _PG_LOCK_ALERTS = "SELECT * FROM alerts WHERE id = any($1::varchar[]) ORDER BY id FOR UPDATE"
 # The results' jobs and attempt rows in one read, the jobs done and the results written
-# in one statement (a job cancelled meanwhile stays cancelled).
+# in one statement (a job cancelled meanwhile stays cancelled: its outcome is kept; the
+# test is not `AND NOT done`, which lets the planner walk all of ix_jobs_due, every
+# pending timer, for the ids).
 _PG_RESULT_ROWS = (
     "SELECT true AS is_job, id, owner, done, NULL::varchar AS notification_id, "
     "NULL::int AS attempt, NULL::varchar AS channel, NULL::varchar AS recipient_id "
@@ -336,8 +338,8 @@ _PG_RESULT_ROWS = (
     "FROM notification_attempts WHERE id = any($2::int[])"
 )
 _PG_RECORD_RESULTS = (
-    "WITH finished AS (UPDATE jobs SET done = true, outcome = 'done' "
-    "WHERE id = any($1::int[]) AND NOT done) "
+    "WITH finished AS (UPDATE jobs SET done = true, "
+    "outcome = CASE WHEN done THEN outcome ELSE 'done' END WHERE id = any($1::int[])) "
     "UPDATE notification_attempts n SET status = r.status, reason = r.reason, "
     "provider_id = r.provider_id, finished_at = $6 "
     "FROM unnest($2::int[], $3::varchar[], $4::varchar[], $5::varchar[]) "

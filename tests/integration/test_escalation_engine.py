@@ -277,6 +277,28 @@ async def test_concurrent_duplicates_page_once(db_url: str, tmp_path: Path) -> N
         await h.stop()
 
 
+async def test_result_of_a_send_cancelled_in_flight_keeps_the_job_cancelled(
+    db_url: str, tmp_path: Path
+) -> None:
+    """An ack while a send is out cancels its job; the send's result, arriving after,
+    is recorded on its attempt but does not turn the cancelled job into a finished one."""
+    cfg = config([{"recipients": ["alice"], "channels": ["sms"], "delay": 60}])
+    h = await make_harness(db_url, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
+    try:
+        alert = await h.ingest()
+        [task] = await h.engine.claim("worker-a", 10)
+        await h.engine.close(alert.id, AlertState.ACKNOWLEDGED, RequestContext("api:u"))
+        await h.engine.complete(task, DeliveryResult(S.DELIVERED, "accepted"), "worker-a")
+        async with h.db.session() as s:
+            job = (await s.execute(select(Job).where(col(Job.id) == task.job_id))).scalar_one()
+            row = await s.get(NotificationAttempt, task.attempt_row)
+        assert (job.done, job.outcome) == (True, "cancelled")
+        assert row is not None and (row.status, row.reason) == ("delivered", "accepted")
+        assert await h.state(alert.id) == "acknowledged"
+    finally:
+        await h.stop()  # never started: only closes the database and the audit log
+
+
 async def test_claim_leases_sends_and_cancels_jobs_of_closed_alerts(
     db_url: str, tmp_path: Path
 ) -> None:
