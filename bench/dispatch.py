@@ -9,7 +9,7 @@ hands them to a carrier double that stamps each hand-off into Redis. Reports P50
 * ack -> cancel: for a share of alerts the "call" rings until hung up; the client acks
   once it rings and we measure until channel.cancel() runs in the worker.
 
-    python -m bench.dispatch [--rate 200] [--duration 60] [--ack-share 0.05]
+    python -m bench.dispatch [--rate 200] [--duration 60] [--ack-share 0.05] [--keep-db]
 """
 
 from __future__ import annotations
@@ -398,9 +398,12 @@ async def _bench(args: argparse.Namespace) -> int:
                     p.wait(20)
                 except subprocess.TimeoutExpired:
                     p.kill()
-            admin = await asyncpg.connect(PG_ADMIN)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
+            if args.keep_db:
+                print(f"kept the benchmark database {name} (drop it when done)")
+            else:
+                admin = await asyncpg.connect(PG_ADMIN)
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                await admin.close()
     print(f"dispatch benchmark: {result['alerts']} alerts at {result['achieved_rate']}/s "
           f"(asked {args.rate}/s for {args.duration:g} s), {args.workers} worker(s), "
           f"PostgreSQL + Redis")  # fmt: skip
@@ -431,6 +434,8 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=18081)
     parser.add_argument("--connections", type=int, default=32, help="client keep-alive pool")
     parser.add_argument("--json", help="also write a summary to this file")
+    parser.add_argument("--keep-db", action="store_true",
+                        help="leave the benchmark database for inspection")  # fmt: skip
     parser.add_argument("--role", choices=["bench", "api", "worker"], default="bench",
                         help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument("--db", help=argparse.SUPPRESS)
