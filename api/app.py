@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from api import metrics, webphone
 from api.deps import Runtime, build_runtime
+from api.loop import freeze_startup_objects
 from api.routes import alerts, audit, carriers, config, health, twilio_voice, webhooks
 from api.settings import Settings
 from escalation.channels.base import Channel
@@ -36,6 +37,7 @@ async def start_runtime(settings: Settings) -> Runtime:
         await sync_config(runtime.db, runtime.config)
     if not runtime.db.is_sqlite:
         await runtime.db.driver_pool()  # opened before the first alert, not by it
+    freeze_startup_objects()
     return runtime
 
 
