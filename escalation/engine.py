@@ -297,13 +297,18 @@ def _pg_ingest_statement(keyed: bool) -> str:
 
 _PG_INGEST = {keyed: _pg_ingest_statement(keyed) for keyed in (True, False)}
 
-# The driver-level claim (`Engine._claim_pg`) in one statement: `_CLAIM` with only what
-# a send needs (a send's attempt row read alongside, not locked: the alert's lock covers
-# it), and in the same round trip the sends of triggered alerts leased and their attempts
-# marked in flight, the jobs of closed alerts cancelled. The rows come back as they were
-# before those updates; a due timer among them rolls the whole claim back (_Fallback).
+# The driver-level claim (`Engine._claim_pg`): one statement in its own transaction, so
+# one round trip. `_CLAIM` with only what a send needs (a send's attempt row read
+# alongside, not locked: the alert's lock covers it), and in the same statement the sends
+# of triggered alerts leased and their attempts marked in flight, the jobs of closed
+# alerts cancelled. The rows come back as they were before those updates. A due timer
+# among them leaves everything as it was (the updates are guarded by `timers`): the
+# general path then runs the claim. Like every worker transaction it commits without
+# waiting for the WAL flush (_PG_ASYNC_COMMIT), set from inside the statement: a plain
+# `SET LOCAL` would need a transaction block, two round trips more.
 _PG_CLAIM_SENDABLE = (
-    f"due.kind = '{JobKind.SEND.value}' AND due.state = '{AlertState.TRIGGERED.value}'"
+    f"due.kind = '{JobKind.SEND.value}' AND due.state = '{AlertState.TRIGGERED.value}' "
+    "AND NOT timers.due"
 )
 _PG_CLAIM = (
     "WITH due AS (SELECT j.id, j.alert_id, j.kind, j.payload, j.due_at, a.state, a.company, "
@@ -314,13 +319,18 @@ _PG_CLAIM = (
     "AND n.notification_id = j.payload->>'nid' AND n.attempt = (j.payload->>'attempt')::int "
     "WHERE NOT j.done AND j.due_at <= $1 AND (j.lease_until IS NULL OR j.lease_until < $1) "
     "ORDER BY j.due_at, j.id LIMIT $2 FOR UPDATE OF j, a SKIP LOCKED), "
+    f"timers AS (SELECT EXISTS (SELECT 1 FROM due WHERE kind <> '{JobKind.SEND.value}' "
+    f"AND state = '{AlertState.TRIGGERED.value}') AS due), "
     "leased AS (UPDATE jobs SET owner = $3, lease_until = $4, attempts = jobs.attempts + 1 "
-    f"FROM due WHERE jobs.id = due.id AND {_PG_CLAIM_SENDABLE}), "
-    "cancelled AS (UPDATE jobs SET done = true, outcome = 'cancelled' "
-    f"FROM due WHERE jobs.id = due.id AND due.state <> '{AlertState.TRIGGERED.value}'), "
+    f"FROM due, timers WHERE jobs.id = due.id AND {_PG_CLAIM_SENDABLE}), "
+    "cancelled AS (UPDATE jobs SET done = true, outcome = 'cancelled' FROM due, timers "
+    f"WHERE jobs.id = due.id AND due.state <> '{AlertState.TRIGGERED.value}' "
+    "AND NOT timers.due), "
     "marked AS (UPDATE notification_attempts SET status = 'sending', sent_at = $1 "
-    f"FROM due WHERE notification_attempts.id = due.attempt_row AND {_PG_CLAIM_SENDABLE}) "
-    "SELECT * FROM due ORDER BY due_at, id"
+    f"FROM due, timers WHERE notification_attempts.id = due.attempt_row "
+    f"AND {_PG_CLAIM_SENDABLE}), "
+    "async_commit AS (SELECT set_config('synchronous_commit', 'off', true)) "
+    "SELECT due.* FROM due, async_commit ORDER BY due_at, id"
 )
 
 
@@ -364,10 +374,6 @@ _PG_CANCEL_ALL = (
     "WHERE alert_id = $1 AND status = 'sending'"
 )
 _PG_LOCK_ALERT = "SELECT * FROM alerts WHERE id = $1 FOR UPDATE"
-
-
-class _Fallback(Exception):
-    """The driver-level path met something only the general path handles."""
 
 
 class _WorkerTx:
@@ -1124,46 +1130,44 @@ class Engine:
 
     async def _claim_pg(self, owner: str, limit: int) -> list[SendTask] | None:
         """PostgreSQL without rate limits: the claim as prepared SQL on the driver pool
-        (the ORM's row loading and unit of work were most of a claim's CPU time). Same
-        transaction as the general path: due jobs and their alerts locked in one
-        statement, skipping what others hold; jobs of closed alerts cancelled; sends
-        leased and their attempts marked in flight. None when a due timer is among the
-        jobs: the general path then runs it (and claims the sends it makes)."""
+        (the ORM's row loading and unit of work were most of a claim's CPU time). What
+        the general path's transaction does, as one statement (_PG_CLAIM): due jobs and
+        their alerts locked, skipping what others hold; jobs of closed alerts cancelled;
+        sends leased and their attempts marked in flight. None when a due timer is among
+        the jobs, with nothing changed: the general path then runs it (and claims the
+        sends it makes)."""
         now = self.clock()
         fx = _Effects()
         pool = await self.db.driver_pool()
         tasks: list[SendTask] = []
+        lease = now + timedelta(seconds=self.config.lease_seconds)
         async with pool.acquire() as raw:
-            try:
-                async with _WorkerTx(raw):
-                    lease = now + timedelta(seconds=self.config.lease_seconds)
-                    rows = await raw.fetch(_PG_CLAIM, now, limit, owner, lease)
-                    for r in rows:
-                        if r["state"] != AlertState.TRIGGERED.value:
-                            continue  # cancelled by the claim statement
-                        if r["kind"] != JobKind.SEND.value:
-                            raise _Fallback
-                        # a plain record, not an ORM instance (one costs ~0.1 ms to build)
-                        alert = cast(Alert, SimpleNamespace(id=r["alert_id"], **{
-                            k: r[k] for k in ("company", "short_id", "title", "summary",
-                                              "severity", "policy", "details", "plan")
-                        }))  # fmt: skip
-                        row = cast(NotificationAttempt, SimpleNamespace(**{
-                            k: r[k] for k in ("notification_id", "attempt", "channel",
-                                              "recipient_id", "reason")
-                        }))  # fmt: skip
-                        n = self._notification(alert, row)
-                        tasks.append(
-                            SendTask(r["id"], r["attempt_row"], alert.company, r["due_at"], n)
-                        )
-                        self._audit(
-                            fx, alert, ENGINE, now, event="send", status=_INFLIGHT,
-                            reason=row.reason, notification_uuid=row.notification_id,
-                            channel=row.channel, attempt=row.attempt,
-                            recipient_id=row.recipient_id, worker=owner,
-                        )  # fmt: skip
-            except _Fallback:
-                return None
+            rows = await raw.fetch(_PG_CLAIM, now, limit, owner, lease)
+        if any(
+            r["kind"] != JobKind.SEND.value and r["state"] == AlertState.TRIGGERED.value
+            for r in rows
+        ):
+            return None  # nothing was changed
+        for r in rows:
+            if r["state"] != AlertState.TRIGGERED.value:
+                continue  # cancelled by the claim statement
+            # a plain record, not an ORM instance (one costs ~0.1 ms to build)
+            alert = cast(Alert, SimpleNamespace(id=r["alert_id"], **{
+                k: r[k] for k in ("company", "short_id", "title", "summary",
+                                  "severity", "policy", "details", "plan")
+            }))  # fmt: skip
+            row = cast(NotificationAttempt, SimpleNamespace(**{
+                k: r[k] for k in ("notification_id", "attempt", "channel",
+                                  "recipient_id", "reason")
+            }))  # fmt: skip
+            n = self._notification(alert, row)
+            tasks.append(SendTask(r["id"], r["attempt_row"], alert.company, r["due_at"], n))
+            self._audit(
+                fx, alert, ENGINE, now, event="send", status=_INFLIGHT,
+                reason=row.reason, notification_uuid=row.notification_id,
+                channel=row.channel, attempt=row.attempt,
+                recipient_id=row.recipient_id, worker=owner,
+            )  # fmt: skip
         await self._after_commit(fx)
         return tasks
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
@@ -15,12 +17,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 
 from escalation import engine as engine_module
+from escalation.channels.base import DeliveryResult, DeliveryStatus
 from escalation.config import AcklineConfig
 from escalation.crud import list_recipients, sync_config
 from escalation.db import Database
-from escalation.models import IdempotencyKey, Job
+from escalation.engine import RequestContext
+from escalation.models import AlertState, IdempotencyKey, Job
+from tests.conftest_escalation import make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]
+S = DeliveryStatus
 
 
 def _diff(conn: Connection) -> list[Any]:
@@ -162,3 +168,65 @@ async def test_orm_connections_plan_each_statement_afresh(pg_url: str) -> None:
             assert await s.scalar(text("SHOW plan_cache_mode")) == "force_custom_plan"
     finally:
         await db.dispose()
+
+
+async def _timed(coro: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = await coro
+    return result, time.perf_counter() - start
+
+
+async def test_only_worker_bookkeeping_commits_without_waiting_for_the_wal_flush(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """With every driver connection told to wait 100 ms before each WAL flush
+    (commit_delay), a commit that waits for durability takes 100 ms and one that does
+    not (synchronous_commit off) takes none of it. An ingest (the 202 promises the alert
+    is on disk), an ack and a person's answer wait; a claim and a plain delivery result,
+    which a crash would only make happen again, do not."""
+    cfg = {
+        "recipients": [{"id": "alice", "name": "Alice", "phone": "+14155550101"}],
+        "policies": [{"name": "p", "steps": [
+            {"recipients": ["alice"], "channels": ["sms"], "delay": 600},
+            {"recipients": ["alice"], "channels": ["sms"], "delay": 600},
+        ]}],
+    }  # fmt: skip
+    h = await make_harness(pg_url, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
+    try:
+        pool = await h.db.driver_pool()
+        held = [await pool.acquire() for _ in range(pool.get_size())]
+        for conn in held:  # (server settings: the tests connect as a superuser)
+            await conn.execute("SET commit_delay = 100000; SET commit_siblings = 0")
+        for conn in held:
+            await pool.release(conn)
+        delay = 0.1
+
+        first, waited = await _timed(h.ingest())
+        assert waited >= delay, "the ingest answered before its commit was flushed"
+        [task], waited = await _timed(h.engine.claim("w", 10))
+        assert waited < delay / 2, "the claim waited for the WAL flush"
+        delivered = DeliveryResult(S.DELIVERED, "accepted")
+        _, waited = await _timed(h.engine.complete(task, delivered, "w"))
+        assert waited < delay / 2, "a plain delivery result waited for the WAL flush"
+
+        second = await h.ingest()
+        [task] = await h.engine.claim("w", 10)
+        pressed_2 = DeliveryResult(S.ESCALATE, "digit_2")
+        _, waited = await _timed(h.engine.complete(task, pressed_2, "w"))
+        assert waited >= delay, "a pressed 2 was recorded without waiting for the flush"
+        got = await h.engine.get_alert(second.id)
+        assert got is not None and {a.step for a in got[1]} == {0, 1}  # the next step fired
+        third = await h.ingest()
+        # (with the second alert's next step, due now)
+        claimed = await h.engine.claim("w", 10)
+        [task] = [t for t in claimed if t.notification.alert_id == third.id]
+        pressed_1 = DeliveryResult(S.ACKNOWLEDGED, "digit_1")
+        _, waited = await _timed(h.engine.complete(task, pressed_1, "w"))
+        assert waited >= delay, "a pressed 1 was recorded without waiting for the flush"
+        assert await h.state(third.id) == "acknowledged"
+        _, waited = await _timed(
+            h.engine.close(first.id, AlertState.ACKNOWLEDGED, RequestContext("api:u"))
+        )
+        assert waited >= delay, "an ack answered before its commit was flushed"
+    finally:
+        await h.stop()
