@@ -229,6 +229,29 @@ def test_json_round_trips() -> None:
     assert Chain.from_json(d.chain.to_json()) == d.chain
 
 
+def test_decide_leaves_the_chain_it_was_given_untouched() -> None:
+    """The engine keeps the stored chain until the transaction commits; a decision works
+    on its own copy, down to each notification's state."""
+    plan = plan_of(steps=[{"recipients": ["alice"], "channels": ["voice", "sms"]}])
+    first = decide(AlertState.TRIGGERED, plan, Chain(), Start(), T0, iter("abcd").__next__)
+    before = first.chain.to_json()
+    [nid, *_] = first.chain.notifs
+    n = first.chain.notifs[nid]
+    outcome = Outcome(nid, n.attempt, S.FAILED_RETRYABLE, "busy")
+    later = decide(AlertState.TRIGGERED, plan, first.chain, outcome, T0, iter("efgh").__next__)
+    assert later.chain.to_json() != before  # the decision did change its copy
+    assert first.chain.to_json() == before
+
+
+def test_audit_records_carry_every_field_flat() -> None:
+    record = Audit("send", "sending", "busy", "n-1", "voice", 2, "alice", 0, 1, "engine").record()
+    assert record == {
+        "event": "send", "status": "sending", "reason": "busy", "notification_uuid": "n-1",
+        "channel": "voice", "attempt": 2, "recipient_id": "alice", "round": 0, "step": 1,
+        "actor": "engine",
+    }  # fmt: skip
+
+
 def test_rate_limit_release() -> None:
     limit = RateLimit(max=2, window=60)
     sends = [T0 - timedelta(seconds=50), T0 - timedelta(seconds=10), T0 - timedelta(seconds=90)]
