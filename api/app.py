@@ -36,7 +36,7 @@ async def start_runtime(settings: Settings) -> Runtime:
     if settings.config_path is not None:
         await sync_config(runtime.db, runtime.config)
     if not runtime.db.is_sqlite:
-        await runtime.db.driver_pool()  # opened before the first alert, not by it
+        await runtime.engine.warm_up()  # connections opened and primed before the first alert
     freeze_startup_objects()
     return runtime
 

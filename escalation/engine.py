@@ -7,6 +7,7 @@ rolled back (audit lines, wake-ups, hanging up calls) happen only after the comm
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -941,6 +942,53 @@ class Engine:
         text = json.dumps(plan_json)
         self._plan_texts[id(plan_json)] = (plan_json, text)
         return text
+
+    async def warm_up(self) -> None:
+        """PostgreSQL: run every driver statement once on each pooled connection, with
+        arguments that match no row (the inserts in a transaction rolled back), so its
+        server process has loaded the catalogs and cached the plan before the first
+        alert. Cold, a statement's first run took ~4 ms instead of 0.3, and the first
+        storm after a start met ten cold connections at once: a quarter of a dispatch
+        bench's slowest hand-offs came in its first second."""
+        if self.db.is_sqlite:
+            return
+        pool = await self.db.driver_pool()
+        held = [await pool.acquire() for _ in range(pool.get_size())]
+        try:
+            await asyncio.gather(*(self._warm_up(raw) for raw in held))
+        finally:
+            for raw in held:
+                await pool.release(raw)
+
+    async def _warm_up(self, raw: Any) -> None:
+        past = datetime(2000, 1, 1, tzinfo=UTC)
+        alert = self._new_alert("-", AlertIn(title="-", policy="-"), {}, past)
+        await raw.fetch(_PG_CLAIM, past, 0, "-", past)
+        await raw.fetch(_PG_LOCK_ALERTS, [alert.id])
+        await raw.fetchrow(_PG_LOCK_ALERT, alert.id)
+        await raw.fetch(_PG_RESULT_ROWS, [], [])
+        await raw.execute(_PG_RECORD_RESULTS, [], [], [], [], [], past)
+        await raw.fetch(_PG_CANCEL_ALL, alert.id, past)
+        await _pg_update_alerts(raw, [alert])
+        await raw.fetch(_PG_INSERT_JOBS, *_pg_job_arrays([]))
+        attempt = {c: None for c in _PG_ATTEMPT_COLUMNS} | {
+            "company": "-", "alert_id": alert.id, "notification_id": alert.id, "attempt": 1,
+            "channel": "-", "recipient_id": "-", "round": 0, "step": 0, "status": "-",
+            "scheduled_for": past,
+        }  # fmt: skip
+        no_rows: list[list[Any]] = [[] for _ in _PG_ATTEMPT_COLUMNS]
+        rollback = raw.transaction()
+        await rollback.start()
+        try:
+            await _pg_insert_rows(raw, [attempt], [], _Effects())
+            for keyed, sql in _PG_INGEST.items():
+                new = self._new_alert("-", AlertIn(title="-", policy="-"), {}, past)
+                await raw.fetchrow(
+                    sql, "-", "-" if keyed else None, new.id, past,
+                    *_pg_alert_args(new), *no_rows, *_pg_job_arrays([]),
+                )  # fmt: skip
+        finally:
+            await rollback.rollback()
 
     async def first_responders(self, company: str, policy: str) -> list[ContactPoint]:
         """Who the policy's first step pages, in order (a hotline bridges callers to them).

@@ -230,3 +230,33 @@ async def test_only_worker_bookkeeping_commits_without_waiting_for_the_wal_flush
         assert waited >= delay, "an ack answered before its commit was flushed"
     finally:
         await h.stop()
+
+
+async def test_warm_up_primes_every_driver_connection_and_writes_nothing(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Each pooled connection has run every driver statement once (its server process
+    holds it prepared) before the first alert, and the tables are as empty as before."""
+    h = await make_harness(pg_url, tmp_path / "audit", {"recipients": []}, {})
+    try:
+        await h.engine.warm_up()
+        pool = await h.db.driver_pool()
+        held = [await pool.acquire() for _ in range(pool.get_size())]
+        try:
+            for conn in held:
+                prepared = {r[0] for r in await conn.fetch(
+                    "SELECT statement FROM pg_prepared_statements"
+                )}  # fmt: skip
+                missing = [n for n, sql in _driver_statements().items() if sql not in prepared]
+                assert missing == []
+            counts = await held[0].fetchrow(
+                "SELECT (SELECT count(*) FROM alerts) a, (SELECT count(*) FROM jobs) j, "
+                "(SELECT count(*) FROM notification_attempts) n, "
+                "(SELECT count(*) FROM idempotency_keys) k"
+            )
+            assert tuple(counts) == (0, 0, 0, 0)
+        finally:
+            for conn in held:
+                await pool.release(conn)
+    finally:
+        await h.stop()
