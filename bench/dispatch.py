@@ -338,6 +338,10 @@ async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
     await r.aclose()
 
     ingest = [handoffs[a] - t for a, t in posted.items() if a in handoffs]
+    if args.raw:  # when in the run each slow hand-off happened: a start-up cost, a stall
+        Path(args.raw).write_text(json.dumps(
+            sorted((t - wall_start, handoffs[a] - t) for a, t in posted.items() if a in handoffs)
+        ))  # fmt: skip
     # Each cancelled call belongs to one acked alert; match them by order of time.
     cancel_lat = [c - a for c, a in zip(sorted(cancels), sorted(acks.values()), strict=False)]
     return {
@@ -436,6 +440,8 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=18081)
     parser.add_argument("--connections", type=int, default=32, help="client keep-alive pool")
     parser.add_argument("--json", help="also write a summary to this file")
+    parser.add_argument("--raw", help="also write each alert's [seconds into the load, "
+                        "hand-off latency s] to this file")  # fmt: skip
     parser.add_argument("--keep-db", action="store_true",
                         help="leave the benchmark database for inspection")  # fmt: skip
     parser.add_argument("--role", choices=["bench", "api", "worker"], default="bench",
