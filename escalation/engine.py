@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import secrets
 import time
@@ -68,6 +69,8 @@ from escalation.models import (
     RecipientRow,
     utcnow,
 )
+
+log = logging.getLogger(__name__)
 
 _SHORT_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: read aloud and typed
 _MAX_DETAILS_BYTES = 16_384
@@ -512,6 +515,7 @@ class Engine:
         self._plans_by_content: dict[tuple[str, str], tuple[dict[str, Any], Plan]] = {}
         self._pg_fast_ingest = not db.is_sqlite
         self._policy_plans: dict[tuple[str, str], tuple[float, Plan, dict[str, Any]]] = {}
+        self._plan_loads: dict[tuple[str, str], asyncio.Task[tuple[Plan, dict[str, Any]]]] = {}
         # A resolved policy's snapshot as JSON text, by the identity of the cached dict
         # (kept here, so the id stays its own): every alert of a policy stores the same.
         self._plan_texts: dict[int, tuple[dict[str, Any], str]] = {}
@@ -731,6 +735,8 @@ class Engine:
         """Forget resolved policies after a policy/recipient/group change in this process."""
         for key in [k for k in self._policy_plans if k[0] == company]:
             del self._policy_plans[key]
+        for key in [k for k in self._plan_loads if k[0] == company]:
+            del self._plan_loads[key]  # a load under way may predate the change
 
     async def _plan(
         self, s: AsyncSession, company: str, policy_name: str
@@ -741,7 +747,9 @@ class Engine:
         cached = self._policy_plans.get(key)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1], cached[2]
-        plan = await self._load_plan(s, company, policy_name)
+        return self._cache_plan(key, await self._load_plan(s, company, policy_name))
+
+    def _cache_plan(self, key: tuple[str, str], plan: Plan) -> tuple[Plan, dict[str, Any]]:
         data = plan.to_json()
         self._policy_plans[key] = (time.monotonic() + self.config.plan_ttl, plan, data)
         return plan, data
@@ -1004,11 +1012,39 @@ class Engine:
         return list(seen.values())
 
     async def _plan_for(self, company: str, policy: str) -> tuple[Plan, dict[str, Any]]:
-        cached = self._policy_plans.get((company, policy))
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1], cached[2]
-        async with self.db.session() as s:
-            return await self._plan(s, company, policy)
+        """The resolved policy for a new alert, outside any transaction. One load at a
+        time per policy: in the last quarter of its `plan_ttl` a cached plan is reloaded
+        in the background, so under a steady stream it never expires; one that has (a
+        quiet spell) is loaded once while the requests arriving meanwhile wait for it
+        (each loading it for itself took a session apiece, and at 200 alerts/s with the
+        default two-second `plan_ttl` that window came every two seconds)."""
+        key = (company, policy)
+        cached = self._policy_plans.get(key)
+        if cached is not None:
+            expires, plan, data = cached
+            left = expires - time.monotonic()
+            if left > 0:
+                if left < self.config.plan_ttl / 4 and key not in self._plan_loads:
+                    self._load_plan_once(key)
+                return plan, data
+        return await asyncio.shield(self._plan_loads.get(key) or self._load_plan_once(key))
+
+    def _load_plan_once(self, key: tuple[str, str]) -> asyncio.Task[tuple[Plan, dict[str, Any]]]:
+        async def load() -> tuple[Plan, dict[str, Any]]:
+            async with self.db.session() as s:
+                return self._cache_plan(key, await self._load_plan(s, *key))
+
+        def done(task: asyncio.Task[tuple[Plan, dict[str, Any]]]) -> None:
+            if self._plan_loads.get(key) is task:
+                del self._plan_loads[key]
+            error = None if task.cancelled() else task.exception()  # (seen: no warning)
+            if error is not None and not isinstance(error, UnknownPolicy):
+                log.warning("loading policy %s/%s failed: %r", *key, error)
+
+        task = asyncio.create_task(load(), name=f"plan-{key[0]}-{key[1]}")
+        self._plan_loads[key] = task
+        task.add_done_callback(done)
+        return task
 
     def _remember_plan(
         self, alert_id: str, company: str, policy: str, plan: Plan, plan_json: dict[str, Any]

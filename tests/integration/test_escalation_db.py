@@ -11,7 +11,7 @@ from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
@@ -22,7 +22,7 @@ from escalation.config import AcklineConfig
 from escalation.crud import list_recipients, sync_config
 from escalation.db import Database
 from escalation.engine import RequestContext
-from escalation.models import AlertState, IdempotencyKey, Job
+from escalation.models import AlertState, IdempotencyKey, Job, PolicyRow
 from tests.conftest_escalation import make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]
@@ -258,5 +258,63 @@ async def test_warm_up_primes_every_driver_connection_and_writes_nothing(
         finally:
             for conn in held:
                 await pool.release(conn)
+    finally:
+        await h.stop()
+
+
+def _count_policy_loads(db: Database) -> list[str]:
+    """Every statement that reads the policies table, as the database sees them."""
+    seen: list[str] = []
+
+    @event.listens_for(db.engine.sync_engine, "before_cursor_execute")
+    def _seen(_c: Any, _cur: Any, statement: str, *_args: Any) -> None:
+        if "FROM policies" in statement:
+            seen.append(statement)
+
+    return seen
+
+
+async def test_a_burst_of_alerts_loads_its_policy_once_and_edits_still_apply(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Thirty alerts arriving together on a cold cache share one load of their policy;
+    a steady stream keeps the cached plan fresh in the background (it never expires
+    under the stream's feet), and another process's edit reaches new alerts within
+    about `plan_ttl`."""
+    ttl = 0.4
+    cfg = {
+        "recipients": [{"id": "alice", "name": "Alice", "phone": "+14155550101",
+                        "email": "alice@example.com"}],
+        "policies": [{"name": "p", "steps": [{"recipients": ["alice"], "channels": ["sms"]}]}],
+    }  # fmt: skip
+    h = await make_harness(pg_url, tmp_path / "audit", cfg, {}, plan_ttl=ttl)
+    try:
+        loads = _count_policy_loads(h.db)
+        burst = await asyncio.gather(*(h.ingest() for _ in range(30)))
+        assert len({a.id for a in burst}) == 30
+        assert len(loads) == 1
+
+        other = Database(pg_url)  # another process edits the policy
+        try:
+            async with other.session() as s, s.begin():
+                row = await s.get(PolicyRow, ("acme", "p"))
+                assert row is not None
+                row.spec = {**row.spec, "steps": [{"recipients": ["alice"], "channels": ["email"]}]}
+        finally:
+            await other.dispose()
+        edited = time.monotonic()
+        channels: list[tuple[float, str]] = []
+        while time.monotonic() - edited < 3 * ttl:
+            start = time.perf_counter()
+            alert = await h.ingest()
+            assert time.perf_counter() - start < ttl / 2  # none waited out a reload
+            got = await h.engine.get_alert(alert.id)
+            assert got is not None
+            channels.append((time.monotonic() - edited, got[1][0].channel))
+            await asyncio.sleep(0.02)
+        assert {ch for t, ch in channels if t > ttl * 1.25} == {"email"}
+        assert channels[0][1] == "sms"  # cached: the edit is not seen at once
+        # the stream was served by background reloads: about one per 3/4 ttl
+        assert 2 <= len(loads) <= 1 + 3 * ttl / (0.75 * ttl) + 2
     finally:
         await h.stop()
