@@ -312,7 +312,7 @@ _PG_INGEST = {keyed: _pg_ingest_statement(keyed) for keyed in (True, False)}
 # `SET LOCAL` would need a transaction block, two round trips more.
 _PG_CLAIM_SENDABLE = (
     f"due.kind = '{JobKind.SEND.value}' AND due.state = '{AlertState.TRIGGERED.value}' "
-    "AND NOT timers.due"
+    "AND NOT timers.found"
 )
 _PG_CLAIM = (
     "WITH due AS (SELECT j.id, j.alert_id, j.kind, j.payload, j.due_at, a.state, a.company, "
@@ -324,12 +324,12 @@ _PG_CLAIM = (
     "WHERE NOT j.done AND j.due_at <= $1 AND (j.lease_until IS NULL OR j.lease_until < $1) "
     "ORDER BY j.due_at, j.id LIMIT $2 FOR UPDATE OF j, a SKIP LOCKED), "
     f"timers AS (SELECT EXISTS (SELECT 1 FROM due WHERE kind <> '{JobKind.SEND.value}' "
-    f"AND state = '{AlertState.TRIGGERED.value}') AS due), "
+    f"AND state = '{AlertState.TRIGGERED.value}') AS found), "
     "leased AS (UPDATE jobs SET owner = $3, lease_until = $4, attempts = jobs.attempts + 1 "
     f"FROM due, timers WHERE jobs.id = due.id AND {_PG_CLAIM_SENDABLE}), "
     "cancelled AS (UPDATE jobs SET done = true, outcome = 'cancelled' FROM due, timers "
     f"WHERE jobs.id = due.id AND due.state <> '{AlertState.TRIGGERED.value}' "
-    "AND NOT timers.due), "
+    "AND NOT timers.found), "
     "marked AS (UPDATE notification_attempts SET status = 'sending', sent_at = $1 "
     f"FROM due, timers WHERE notification_attempts.id = due.attempt_row "
     f"AND {_PG_CLAIM_SENDABLE}), "

@@ -299,6 +299,32 @@ async def test_result_of_a_send_cancelled_in_flight_keeps_the_job_cancelled(
         await h.stop()  # never started: only closes the database and the audit log
 
 
+async def test_a_claim_meeting_a_due_timer_still_hands_out_every_due_send_once(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A due step timer among the claimed jobs is run by the general path; the sends
+    due alongside it are claimed by that same pass, none left leased to nobody."""
+    cfg = config([
+        {"recipients": ["alice"], "channels": ["sms"], "delay": 0.05},
+        {"recipients": ["bob"], "channels": ["sms"], "delay": 60},
+    ])  # fmt: skip
+    h = await make_harness(db_url, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
+    try:
+        first = await h.ingest()
+        await asyncio.sleep(0.1)  # its step timer is due now, its first send too
+        second = await h.ingest()
+        tasks = await h.engine.claim("worker-a", 10)
+        sent = sorted((t.notification.alert_id, t.notification.contact.recipient_id)
+                      for t in tasks)  # fmt: skip
+        assert sent == sorted([(first.id, "alice"), (first.id, "bob"), (second.id, "alice")])
+        async with h.db.session() as s:
+            sends = (await s.execute(select(Job).where(col(Job.kind) == "send"))).scalars()
+            leases = {j.id: (j.owner, j.attempts) for j in sends}
+        assert [leases[t.job_id] for t in tasks] == [("worker-a", 1)] * 3  # leased once
+    finally:
+        await h.stop()  # never started: only closes the database and the audit log
+
+
 async def test_claim_leases_sends_and_cancels_jobs_of_closed_alerts(
     db_url: str, tmp_path: Path
 ) -> None:
