@@ -30,8 +30,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 def freeze_startup_objects() -> None:
     """Move everything alive now (modules, classes, the app, pools) to the collector's
     permanent generation, so a full collection no longer walks it: with the web, ORM and
-    validation libraries loaded, each took 25-100 ms, a stall every few seconds that every
-    alert in flight waited out (the dispatch bench's worst hand-offs). Call it once the
+    validation libraries loaded, each took 25-100 ms that every alert in flight waited out
+    (one of 92 ms in the worker during a minute of the dispatch bench). Call it once the
     process is ready; what it creates later is collected as usual."""
     gc.collect()
     gc.freeze()

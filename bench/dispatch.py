@@ -9,7 +9,8 @@ hands them to a carrier double that stamps each hand-off into Redis. Reports P50
 * ack -> cancel: for a share of alerts the "call" rings until hung up; the client acks
   once it rings and we measure until channel.cancel() runs in the worker.
 
-    python -m bench.dispatch [--rate 200] [--duration 60] [--ack-share 0.05] [--keep-db]
+    python -m bench.dispatch [--rate 200] [--duration 60] [--ack-share 0.05]
+                             [--raw FILE] [--keep-db]
 """
 
 from __future__ import annotations
