@@ -9,9 +9,11 @@ upgrade failures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,18 @@ class Database:
                         server_settings=DRIVER_PLANNER,
                     )
         return self._driver_pool
+
+    @contextlib.asynccontextmanager
+    async def every_driver_connection(self) -> AsyncIterator[list[Any]]:
+        """All of the driver pool's connections at once (each held until the block ends),
+        to prepare or set something on every one of them."""
+        pool = await self.driver_pool()
+        held = [await pool.acquire() for _ in range(pool.get_size())]
+        try:
+            yield held
+        finally:
+            for raw in held:
+                await pool.release(raw)
 
     async def serialize(self, txn: AsyncConnection | AsyncSession, name: str) -> None:
         """Hold the lock `name` until `txn` ends, so processes doing the same read-then-write

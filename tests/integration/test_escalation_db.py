@@ -193,12 +193,9 @@ async def test_only_worker_bookkeeping_commits_without_waiting_for_the_wal_flush
     }  # fmt: skip
     h = await make_harness(pg_url, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
     try:
-        pool = await h.db.driver_pool()
-        held = [await pool.acquire() for _ in range(pool.get_size())]
-        for conn in held:  # (server settings: the tests connect as a superuser)
-            await conn.execute("SET commit_delay = 100000; SET commit_siblings = 0")
-        for conn in held:
-            await pool.release(conn)
+        async with h.db.every_driver_connection() as held:
+            for conn in held:  # (server settings: the tests connect as a superuser)
+                await conn.execute("SET commit_delay = 100000; SET commit_siblings = 0")
         delay = 0.1
 
         first, waited = await _timed(h.ingest())
@@ -240,9 +237,7 @@ async def test_warm_up_primes_every_driver_connection_and_writes_nothing(
     h = await make_harness(pg_url, tmp_path / "audit", {"recipients": []}, {})
     try:
         await h.engine.warm_up()
-        pool = await h.db.driver_pool()
-        held = [await pool.acquire() for _ in range(pool.get_size())]
-        try:
+        async with h.db.every_driver_connection() as held:
             for conn in held:
                 prepared = {r[0] for r in await conn.fetch(
                     "SELECT statement FROM pg_prepared_statements"
@@ -255,9 +250,6 @@ async def test_warm_up_primes_every_driver_connection_and_writes_nothing(
                 "(SELECT count(*) FROM idempotency_keys) k"
             )
             assert tuple(counts) == (0, 0, 0, 0)
-        finally:
-            for conn in held:
-                await pool.release(conn)
     finally:
         await h.stop()
 
