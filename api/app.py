@@ -42,6 +42,7 @@ async def start_runtime(settings: Settings) -> Runtime:
 
 
 async def stop_runtime(runtime: Runtime) -> None:
+    await runtime.engine.shutdown()
     await runtime.bus.close()
     await runtime.db.dispose()
     runtime.audit.close()

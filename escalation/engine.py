@@ -1042,6 +1042,14 @@ class Engine:
         task.add_done_callback(done)
         return task
 
+    async def shutdown(self) -> None:
+        """End the background plan refreshes before the database goes away: a refresh
+        is only a cache fill, and one left running would outlive its pool."""
+        loads = list(self._plan_loads.values())
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
+
     def _remember_plan(
         self, alert_id: str, company: str, policy: str, plan: Plan, plan_json: dict[str, Any]
     ) -> None:

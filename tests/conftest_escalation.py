@@ -148,6 +148,7 @@ class Harness:
         self._stop.set()
         if self._task is not None:
             await self._task
+        await self.engine.shutdown()
         await self.db.dispose()
         self.audit.close()
 

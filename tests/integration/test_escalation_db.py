@@ -310,3 +310,33 @@ async def test_a_burst_of_alerts_loads_its_policy_once_and_edits_still_apply(
         assert 2 <= len(loads) <= 1 + 3 * ttl / (0.75 * ttl) + 2
     finally:
         await h.stop()
+
+
+async def test_shutdown_ends_a_background_policy_refresh(
+    pg_url: str, tmp_path: Path, caplog: Any
+) -> None:
+    """A plan refresh started by the last alert before shutdown ends with the engine
+    (here it is stuck behind another session's lock): no task outlives the stop, and
+    nothing is logged as a failed load."""
+    ttl = 0.4
+    cfg = {
+        "recipients": [{"id": "alice", "name": "Alice", "phone": "+14155550101"}],
+        "policies": [{"name": "p", "steps": [{"recipients": ["alice"], "channels": ["sms"]}]}],
+    }  # fmt: skip
+    h = await make_harness(pg_url, tmp_path / "audit", cfg, {}, plan_ttl=ttl)
+    other = Database(pg_url)  # another process holds the policies table
+    try:
+        await h.ingest()
+        await asyncio.sleep(ttl * 0.8)  # into the last quarter: the next alert refreshes
+        async with other.session() as s, s.begin():
+            await s.execute(text("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE"))
+            await h.ingest()  # served from the cache; the refresh waits on the lock
+            refreshing = [t for t in asyncio.all_tasks() if t.get_name().startswith("plan-")]
+            assert len(refreshing) == 1
+            await asyncio.sleep(0.1)
+            assert not refreshing[0].done()
+            await asyncio.wait_for(h.stop(), 5)
+            assert refreshing[0].done()
+    finally:
+        await other.dispose()
+    assert [r.getMessage() for r in caplog.records if "loading policy" in r.getMessage()] == []
