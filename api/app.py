@@ -35,6 +35,8 @@ async def start_runtime(settings: Settings) -> Runtime:
         await runtime.db.migrate()
     if settings.config_path is not None:
         await sync_config(runtime.db, runtime.config)
+    for warning in await runtime.db.vacuum_warnings():
+        log.warning("%s", warning)
     if not runtime.db.is_sqlite:
         await runtime.engine.warm_up()  # connections opened and primed before the first alert
     freeze_startup_objects()

@@ -137,6 +137,30 @@ class Database:
             await self.serialize(conn, "ackline-migrate")
             await conn.run_sync(run_migrations, revision)
 
+    async def vacuum_warnings(self) -> list[str]:
+        """PostgreSQL: what keeps dead rows from being cleaned up. Every sent notification
+        and fired timer leaves a dead row version in `jobs`; with autovacuum off nothing
+        reclaims them, so the tables and their indexes grow until someone runs VACUUM."""
+        if self.is_sqlite:
+            return []
+        async with self.engine.connect() as conn:
+            server = (await conn.execute(text("SHOW autovacuum"))).scalar_one()
+            tables = (await conn.execute(text(
+                "SELECT c.relname FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = current_schema() AND c.relkind = 'r' "
+                "AND 'autovacuum_enabled=false' = ANY(c.reloptions) ORDER BY c.relname"
+            ))).scalars().all()  # fmt: skip
+        warnings = []
+        if server != "on":
+            warnings.append(
+                "autovacuum is off on this PostgreSQL server: nothing reclaims the dead rows "
+                "that every sent notification leaves; schedule VACUUM ANALYZE or turn it on"
+            )
+        if tables:
+            warnings.append(f"autovacuum is disabled on table(s) {', '.join(tables)}")
+        return warnings
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))

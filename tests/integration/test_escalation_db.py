@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 
+from api.app import start_runtime, stop_runtime
+from api.settings import Settings
 from escalation import engine as engine_module
 from escalation.channels.base import DeliveryResult, DeliveryStatus
 from escalation.config import AcklineConfig
@@ -340,3 +343,29 @@ async def test_shutdown_ends_a_background_policy_refresh(
     finally:
         await other.dispose()
     assert [r.getMessage() for r in caplog.records if "loading policy" in r.getMessage()] == []
+
+
+async def test_start_up_warns_when_nothing_vacuums_the_tables(
+    pg_url: str, tmp_path: Path, caplog: Any
+) -> None:
+    """Without autovacuum the dead rows every sent notification leaves pile up: the
+    server's setting and a table's own opt-out are both reported at start-up."""
+    db = Database(pg_url)
+    try:
+        await db.migrate()
+        async with db.engine.connect() as conn:
+            server_on = (await conn.execute(text("SHOW autovacuum"))).scalar_one() == "on"
+        warned = await db.vacuum_warnings()
+        assert len(warned) == (0 if server_on else 1)
+        assert all("autovacuum is off on this PostgreSQL server" in w for w in warned)
+        async with db.engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE jobs SET (autovacuum_enabled = false)"))
+    finally:
+        await db.dispose()
+    settings = Settings(database_url=pg_url, audit_dir=tmp_path / "audit")
+    with caplog.at_level(logging.WARNING, logger="api.app"):
+        runtime = await start_runtime(settings)
+        await stop_runtime(runtime)
+    logged = [r.getMessage() for r in caplog.records if r.name == "api.app"]
+    assert "autovacuum is disabled on table(s) jobs" in logged
+    assert any("nothing reclaims the dead rows" in m for m in logged) is not server_on
