@@ -515,6 +515,14 @@ async def _answer_with(
     gateway.on_incoming = hotline.on_incoming
     gateway.guard = hotline.guard
     gateway.on_refused = hotline.on_refused
+    retention = asyncio.create_task(hotline.keep_retention(), name="recordings-retention")
+    stack.push_async_callback(_cancel_and_wait, retention)
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @app.command()

@@ -340,8 +340,17 @@ class HotlineConfig(BaseModel):
     numbers: dict[str, HotlineNumber] = Field(min_length=1)  # DID or "default" -> flow
     trusted: list[TrustedSource] | None = None  # None: the carriers' IP-literal trunk hosts
     recordings_dir: Path = Path("var/recordings")
+    # callers' messages are personal data: kept this long, then deleted (None: kept)
+    recordings_retention: Duration | None = None
     invite_rate: float = Field(default=5.0, gt=0)  # new INVITEs per second per source
     invite_burst: int = Field(default=10, ge=1)
+
+    @field_validator("recordings_retention")
+    @classmethod
+    def _retention(cls, value: float | None) -> float | None:
+        if value is not None and value < 1:
+            raise ValueError("recordings_retention is at least 1s (or omitted: keep them)")
+        return value
 
     def number_for(self, did: str) -> HotlineNumber | None:
         return self.numbers.get(did) or self.numbers.get("default")

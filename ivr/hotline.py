@@ -8,8 +8,10 @@ raises, and the caller can be put through to the policy's first responders.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from ivr.builtin import hotline_flow
 from ivr.flow import Flow, load_flow
 from ivr.runner import FlowContext, FlowRunner
 
-__all__ = ["HOTLINE_API_KEY", "Hotline", "build_guard"]
+__all__ = ["HOTLINE_API_KEY", "Hotline", "build_guard", "expire_recordings"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +137,37 @@ class Hotline:
             ],
         )
 
+    # -- recordings ----------------------------------------------------------------------
+
+    def expire_recordings(self, now: float | None = None) -> list[Path]:
+        """Apply `recordings_retention` once; every deleted file is an audit line
+        (`recording_deleted`, with the path an alert's details name)."""
+        retention = self.hotline.recordings_retention
+        if retention is None:
+            return []
+        expired = expire_recordings(self.recordings, retention, time.time() if now is None else now)
+        if expired:
+            self.audit.write(self.config.company, [
+                {"event": "recording_deleted", "status": "deleted", "reason": "retention",
+                 "actor": "hotline", "recording": str(path)}
+                for path in expired
+            ])  # fmt: skip
+        return expired
+
+    async def keep_retention(self) -> None:
+        """Expire recordings now and then every tenth of the retention period (at least
+        every second, at most every hour) until cancelled."""
+        retention = self.hotline.recordings_retention
+        if retention is None:
+            return
+        interval = min(max(retention / 10, 1.0), 3600.0)
+        while True:
+            try:
+                await asyncio.to_thread(self.expire_recordings)
+            except OSError as exc:  # a full or unreadable disk must not stop the hotline
+                logger.warning("hotline: expiring recordings failed: %s", exc)
+            await asyncio.sleep(interval)
+
     # -- the flows' hooks (ivr.FlowHooks) ------------------------------------------------
 
     async def escalate(
@@ -203,6 +236,26 @@ class Hotline:
         except (OSError, ValueError) as exc:
             logger.info("hotline: cannot reach %s: %s", target, exc)
             return None
+
+
+def expire_recordings(directory: Path, retention: float, now: float) -> list[Path]:
+    """Delete the WAV files in `directory` last written more than `retention` seconds
+    before `now`; a recording still being written is fresh by definition. Several
+    gateways may share the directory, so a file another one deleted first is no error."""
+    expired = []
+    try:
+        candidates = list(directory.glob("*.wav"))
+    except FileNotFoundError:
+        return []
+    for path in candidates:
+        try:
+            if not path.is_file() or now - path.stat().st_mtime <= retention:
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        expired.append(path)
+    return sorted(expired)
 
 
 def _ignore(_call: object) -> None:

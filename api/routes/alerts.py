@@ -61,7 +61,7 @@ async def get_alert(alert_id: str, runtime: RuntimeDep, tenant: TenantDep) -> Al
 @router.get(
     "/{alert_id}/recording",
     response_class=FileResponse,
-    responses={**_ERRORS, 200: {"content": {"audio/wav": {}}}},
+    responses={**_ERRORS, 200: {"content": {"audio/wav": {}}}, 410: {"model": Error}},
 )
 async def get_recording(alert_id: str, runtime: RuntimeDep, tenant: TenantDep) -> FileResponse:
     """The caller's recorded message of a hotline alert (8 kHz WAV)."""
@@ -75,8 +75,10 @@ async def get_recording(alert_id: str, runtime: RuntimeDep, tenant: TenantDep) -
     # details are client input too: serve only files the hotline itself wrote
     root = hotline.recordings_dir.resolve()
     path = Path(recording).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
+    if not path.is_relative_to(root):
         raise HTTPException(404, "this alert has no recording")
+    if not path.is_file():  # deleted by hotline.recordings_retention (or by hand)
+        raise HTTPException(410, "this alert's recording has been deleted")
     return FileResponse(path, media_type="audio/wav", filename=path.name)
 
 

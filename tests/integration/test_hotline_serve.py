@@ -6,6 +6,7 @@ hears that the team was paged. Untrusted sources get 403 and an audit line."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import wave
 from pathlib import Path
@@ -184,3 +185,39 @@ async def test_baresip_caller_through_the_hotline_raises_an_alert(tmp_path: Path
     assert (
         abs(np.fft.rfftfreq(len(recorded), 1 / 8000)[int(np.argmax(spectrum[1:])) + 1] - 700) < 15
     )
+
+
+async def test_recordings_past_their_retention_are_deleted_and_audited(tmp_path: Path) -> None:
+    """`recordings_retention`: the serve process deletes what is older at start and keeps
+    doing so while it runs; each deletion is an audit line, and the alert's recording
+    link then answers 410 Gone instead of serving a file or pretending there was none."""
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    old, fresh = rec / "20260101T000000-old-record-1.wav", rec / "fresh-record-1.wav"
+    for path in (old, fresh):
+        path.write_bytes(b"RIFF")
+    day_ago = time.time() - 86400
+    os.utime(old, (day_ago, day_ago))
+    config = hotline_config(9, rec, ["voice"])
+    config["hotline"]["recordings_retention"] = "30s"  # swept every 3 s
+
+    async def gone(path: Path) -> None:
+        deadline = time.monotonic() + 10
+        while path.exists():
+            assert time.monotonic() < deadline, f"{path} outlived its retention"
+            await asyncio.sleep(0.2)
+
+    async with serve(tmp_path, config, {}) as service:
+        await gone(old)
+        assert fresh.exists()  # 30 s have not passed
+        os.utime(fresh, (day_ago, day_ago))  # as if it had aged while the process runs
+        await gone(fresh)
+        body = {"title": "hotline", "policy": "hotline", "details": {"recording": str(old)}}
+        r = await service.client.post("/v1/alerts", json=body, headers=KEY)
+        assert r.status_code == 202, r.text
+        link = await service.client.get(f"/v1/alerts/{r.json()['id']}/recording", headers=KEY)
+        deleted = [x for x in service.audit_lines_all() if x.get("event") == "recording_deleted"]
+    assert link.status_code == 410, link.text
+    assert "deleted" in link.json()["detail"]
+    assert [(x["recording"], x["reason"]) for x in deleted] == [
+        (str(old), "retention"), (str(fresh), "retention")]  # fmt: skip
