@@ -4,6 +4,11 @@ The relay works on decoded audio (a listener on one call's media session queues 
 arrives into the other's playback), so the two legs may use different codecs, ports
 and transports. A leg that falls behind drops audio instead of building up delay: a
 conversation with a growing lag is worse than one with a short gap.
+
+Keys pressed out of band (RFC 4733 events, SIP INFO) are sent on to the other leg in
+the way it understands (events when it negotiated telephone-event, else INFO), so a
+caller can work an IVR or enter a conference PIN behind the bridge. In-band tones are
+audio and cross with it; relaying them out of band as well would press them twice.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.call import Call
+from gateway.call import Call, CallEnded
+from gateway.media.dtmf import DtmfMethod
 from gateway.media.session import MediaSession
+from gateway.result import ReceivedDigit
 
 __all__ = ["BridgeResult", "bridge_calls"]
 
@@ -31,6 +38,7 @@ class BridgeResult:
     seconds: float
     relayed_ms: tuple[int, int]  # audio carried a -> b and b -> a
     dropped_ms: tuple[int, int]  # audio dropped because the other side was behind
+    relayed_digits: tuple[str, str] = ("", "")  # out-of-band keys sent whole a -> b, b -> a
 
 
 class _Relay:
@@ -56,6 +64,36 @@ class _Relay:
         self.pending -= 1
 
 
+class _DigitRelay:
+    """Sends one leg's out-of-band digits to the other leg, one at a time, in order."""
+
+    def __init__(self, target: Call) -> None:
+        self.target = target
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.sent = ""
+        self.task = asyncio.ensure_future(self._send())
+
+    def __call__(self, digit: ReceivedDigit) -> None:
+        if digit.method != DtmfMethod.INBAND.value:
+            self.queue.put_nowait(digit.digit)
+
+    async def _send(self) -> None:
+        while True:
+            digit = await self.queue.get()
+            try:
+                await self.target.send_digits(digit, method=self.target.dtmf_method)
+            except (CallEnded, RuntimeError, OSError) as exc:  # it hung up, or is on hold
+                logger.info("bridge: digit %s not relayed to %s: %s",
+                            digit, self.target.call_id, exc)  # fmt: skip
+                continue
+            self.sent += digit
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
 async def bridge_calls(
     a: Call, b: Call, *, max_lag_ms: int = 120, max_duration: float = 3600.0
 ) -> BridgeResult:
@@ -65,9 +103,12 @@ async def bridge_calls(
     a.media.stop_playback()
     b.media.stop_playback()
     to_b, to_a = _Relay(b.media, max_lag_ms), _Relay(a.media, max_lag_ms)
+    keys_to_b, keys_to_a = _DigitRelay(b), _DigitRelay(a)
     removers: list[Callable[[], None]] = [
         a.media.add_audio_listener(to_b),
         b.media.add_audio_listener(to_a),
+        a.add_digit_listener(keys_to_b),
+        b.add_digit_listener(keys_to_a),
     ]
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -82,6 +123,8 @@ async def bridge_calls(
         b_ended.cancel()
         for remove in removers:
             remove()
+        await keys_to_b.close()
+        await keys_to_a.close()
     ended_by = "a" if a_ended in done else "b" if b_ended in done else "timeout"
     for leg in (a, b):
         if not leg.ended.is_set():
@@ -92,6 +135,7 @@ async def bridge_calls(
         loop.time() - started,
         (to_b.relayed_samples // 8, to_a.relayed_samples // 8),
         (to_b.dropped_samples // 8, to_a.dropped_samples // 8),
+        (keys_to_b.sent, keys_to_a.sent),
     )
     logger.info("bridge %s <-> %s ended by %s: %s", a.call_id, b.call_id, ended_by, result)
     return result

@@ -324,6 +324,7 @@ class Call:
         self._digest: DigestClient | None = None
         self._authenticated = False
         self._digits: list[ReceivedDigit] = []
+        self._digit_listeners: list[Callable[[ReceivedDigit], None]] = []
         self._pending: deque[str] = deque()
         self._digit_arrived = asyncio.Event()
         self._rfc4733_seen = False
@@ -355,6 +356,25 @@ class Call:
     def digits(self) -> str:
         """Every digit received so far, in order, whatever the method."""
         return "".join(d.digit for d in self._digits)
+
+    def add_digit_listener(self, listener: Callable[[ReceivedDigit], None]) -> Callable[[], None]:
+        """Hand each digit to ``listener`` as it arrives (after the in-band duplicates of
+        out-of-band digits are dropped), besides queueing it for `collect`. Returns a
+        function that removes the listener; one that raises is logged and removed."""
+        self._digit_listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._digit_listeners.remove(listener)
+
+        return remove
+
+    @property
+    def dtmf_method(self) -> str:
+        """How `send_digits` should reach this peer: RFC 4733 events when it negotiated
+        telephone-event, else SIP INFO."""
+        negotiated = self.media.media if self.media is not None else None
+        return "rfc4733" if negotiated and negotiated.telephone_event_pt is not None else "sip_info"
 
     async def play(self, prompt: Prompt, *, barge_in: bool = False) -> bool:
         """Play a prompt; returns True if it played to the end.
@@ -837,9 +857,17 @@ class Call:
         elif digit.method == DtmfMethod.INBAND and self._rfc4733_seen:
             return  # the far end signals out of band; tones it also plays are not new digits
         at_ms = self._ms_since(self._answered_at) or 0
-        self._digits.append(ReceivedDigit(digit.digit, digit.method.value, at_ms))
+        received = ReceivedDigit(digit.digit, digit.method.value, at_ms)
+        self._digits.append(received)
         self._pending.append(digit.digit)
         self._digit_arrived.set()
+        for listener in list(self._digit_listeners):
+            try:
+                listener(received)
+            except Exception:
+                logger.exception("call %s: digit listener failed; removing it", self.call_id)
+                with contextlib.suppress(ValueError):
+                    self._digit_listeners.remove(listener)
         logger.info("call %s: digit %s via %s", self.call_id, digit.digit, digit.method.value)
 
     def _fail(self, outcome: CallOutcome, code: int | None, reason: str) -> None:
