@@ -530,9 +530,11 @@ def softphone(
     script: Annotated[Path, typer.Argument(help="YAML call-flow script", exists=False)],
     target: Annotated[str | None, typer.Option(help="override the script's `call:` URI")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    voice: Annotated[str, typer.Option(help="espeak-ng voice of `say` steps")] = "en-us",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run a scripted call-flow test: call (or answer), listen, press keys, check outcomes.
+    """Run a scripted call-flow test: call (or answer), listen, press keys, speak, check
+    outcomes.
 
     Exit status 0 when every step and expectation passed, 1 when one failed, 2 for a bad
     script.
@@ -546,7 +548,7 @@ def softphone(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
-        report = asyncio.run(run_script(parsed, target=target))
+        report = asyncio.run(run_script(parsed, target=target, prompts=_prompt_cache(voice)))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -1,7 +1,8 @@
 """A scripted SIP phone for call-flow tests: call or answer, listen, press keys, assert.
 
-QA engineers describe what a caller does ("wait for the greeting, press 1, expect the
-line to drop within 10 s") and get a pass/fail report per step, from a small YAML script
+QA engineers describe what a caller does ("wait for the greeting, press 1, describe the
+outage after the tone, expect the line to drop within 30 s": keys, text spoken by TTS or
+a WAV file) and get a pass/fail report per step, from a small YAML script
 (`ackline softphone script.yaml`) or from Python/pytest through `Softphone` and `Leg`.
 It is a full user agent of its own (our gateway core), so the flow under test sees real
 SIP and RTP from another address and port.
@@ -176,7 +177,9 @@ class Softphone:
         port: int = 0,
         transport: str = "udp",
         threshold_dbfs: float = -40.0,
+        prompts: Any = None,
     ) -> None:
+        """`prompts` (a prompts.cache.PromptCache) lets a leg's call play text."""
         self.transport = transport
         self.threshold = threshold_dbfs
         self._incoming: asyncio.Queue[tuple[Leg, asyncio.Event]] = asyncio.Queue()
@@ -187,7 +190,7 @@ class Softphone:
             caller="softphone",
             caller_name="ackline softphone",
         )
-        self.gateway = Gateway(config, on_incoming=self._on_incoming)
+        self.gateway = Gateway(config, on_incoming=self._on_incoming, prompts=prompts)
 
     async def __aenter__(self) -> Softphone:
         await self.gateway.start()
@@ -274,6 +277,19 @@ class Sleep(_Step):
     sleep: float = Field(ge=0, le=300)
 
 
+class Play(_Step):
+    """Speak into the call from a WAV file (any rate and channels; relative paths are
+    taken from the script's directory), e.g. the message left at a `record` node."""
+
+    play: Path
+
+
+class Say(_Step):
+    """Speak text into the call (TTS), for flows that record or listen to the caller."""
+
+    say: str = Field(min_length=1, max_length=1000)
+
+
 class ExpectHangup(_Step):
     expect_hangup: float = Field(gt=0, description="timeout in seconds")
 
@@ -282,7 +298,7 @@ class Hangup(_Step):
     hangup: Literal[True]
 
 
-Step = WaitAudio | WaitSilence | Dtmf | Sleep | ExpectHangup | Hangup
+Step = WaitAudio | WaitSilence | Dtmf | Sleep | Play | Say | ExpectHangup | Hangup
 
 
 class Expect(BaseModel):
@@ -291,6 +307,7 @@ class Expect(BaseModel):
     answered: bool | None = None
     hangup_by: Literal["local", "remote"] | None = None
     min_heard_ms: int | None = Field(default=None, ge=0)
+    digits: str | None = None  # every key the phone received, in order, by any method
 
 
 class SoftphoneScript(BaseModel):
@@ -321,10 +338,16 @@ def load_script(path: Path) -> SoftphoneScript:
     except (OSError, yaml.YAMLError) as exc:
         raise ScriptError(f"{path}: {exc}") from None
     try:
-        return SoftphoneScript.model_validate(data)
+        script = SoftphoneScript.model_validate(data)
     except ValidationError as exc:
         lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise ScriptError(f"{path}: " + "; ".join(lines)) from None
+    for n, step in enumerate(script.steps):
+        if isinstance(step, Play):
+            step.play = path.parent / step.play  # an absolute path stays as it is
+            if not step.play.is_file():
+                raise ScriptError(f"{path}: steps.{n}.play: no such file {step.play}")
+    return script
 
 
 @dataclass
@@ -377,6 +400,15 @@ async def _run_step(leg: Leg, step: Step) -> str:
     if isinstance(step, Sleep):
         await asyncio.sleep(step.sleep)
         return ""
+    if isinstance(step, Play | Say):
+        if leg.call.ended.is_set():
+            raise ConnectionError("the call ended before it could be spoken to")
+        audio = _wav_pcm(step.play) if isinstance(step, Play) else step.say
+        try:
+            whole = await leg.call.play(audio)
+        except MediaSessionClosed:
+            whole = False
+        return f"played {'to the end' if whole else 'in part: the call ended or it was cut'}"
     if isinstance(step, ExpectHangup):
         result = await leg.wait_hangup(step.expect_hangup)
         return f"{result.hangup_by or 'no'} hangup: {result.reason}"
@@ -400,6 +432,15 @@ async def _run_leg(leg: Leg, script: SoftphoneScript, report: ScriptReport) -> N
             return
 
 
+def _wav_pcm(path: Path) -> NDArray[np.int16]:
+    from prompts.audio import WavFormatError, to_telephony_pcm
+
+    try:
+        return to_telephony_pcm(path.read_bytes())
+    except (OSError, WavFormatError) as exc:
+        raise RuntimeError(f"cannot play {path}: {exc}") from None
+
+
 def _check_expectations(script: SoftphoneScript, leg: Leg, report: ScriptReport) -> None:
     exp = script.expect
     result = leg.call.result
@@ -413,20 +454,32 @@ def _check_expectations(script: SoftphoneScript, leg: Leg, report: ScriptReport)
         checks.append(
             ("expect min_heard_ms", leg.heard_ms >= exp.min_heard_ms, f"heard {leg.heard_ms} ms")
         )
+    if exp.digits is not None:
+        got_digits = leg.call.digits
+        checks.append(("expect digits", got_digits == exp.digits, f"received {got_digits!r}"))
     for name, ok, detail in checks:
         report.steps.append(StepReport(name, ok, 0, detail))
         report.ok = report.ok and ok
 
 
-async def run_script(script: SoftphoneScript, *, target: str | None = None) -> ScriptReport:
-    """Run a script to its end; the report says which step failed and why."""
+async def run_script(
+    script: SoftphoneScript, *, target: str | None = None, prompts: Any = None
+) -> ScriptReport:
+    """Run a script to its end; the report says which step failed and why. `prompts`
+    (a prompts.cache.PromptCache) speaks the `say` steps."""
+    if prompts is None and any(isinstance(step, Say) for step in script.steps):
+        raise ValueError("`say` steps need a text-to-speech prompt cache")
     report = ScriptReport(ok=True)
     host, port = "127.0.0.1", 0
     if script.listen:
         host, _, port_text = script.listen.rpartition(":")
         port = int(port_text)
     async with Softphone(
-        host=host, port=port, transport=script.transport, threshold_dbfs=script.threshold_dbfs
+        host=host,
+        port=port,
+        transport=script.transport,
+        threshold_dbfs=script.threshold_dbfs,
+        prompts=prompts,
     ) as phone:
         if script.answer:
             session = phone.answer(timeout=script.ring_timeout)

@@ -19,6 +19,7 @@ from gateway.softphone import Softphone
 from tests.integration.pcap import write_pcmu_pcap
 from tests.integration.peers import dtmf_pcap, sipp
 from tests.integration.test_serve_escalation import KEY, serve
+from tests.integration.test_softphone import run_softphone
 from tests.ivr_audio import Clip, load, render
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
@@ -221,3 +222,38 @@ async def test_recordings_past_their_retention_are_deleted_and_audited(tmp_path:
     assert "deleted" in link.json()["detail"]
     assert [(x["recording"], x["reason"]) for x in deleted] == [
         (str(old), "retention"), (str(fresh), "retention")]  # fmt: skip
+
+
+async def test_a_softphone_script_reports_an_outage_by_voice(tmp_path: Path) -> None:
+    """A QA script drives the whole hotline flow: greeting, 1, it speaks its report after
+    the tone (TTS), and the flow pages and hangs up; the alert carries what it said."""
+    (tmp_path / "carrier").mkdir()
+    report_text = "The checkout service is returning errors for every customer."
+    with sipp("carrier_reject.xml", tmp_path / "carrier", calls=100, CODE="480",
+              PHRASE="Temporarily Unavailable") as carrier:  # fmt: skip
+        config = hotline_config(carrier.port, tmp_path / "rec", ["voice"])
+        async with serve(tmp_path, config, {}) as service:
+            script = {
+                "call": f"sip:+14155550100@127.0.0.1:{service.sip_port}",
+                "steps": [
+                    {"wait_audio": 10},  # the greeting
+                    {"sleep": 1},
+                    {"dtmf": "1"},  # the menu takes it
+                    {"wait_audio": 10},  # "describe the outage after the tone"
+                    {"wait_silence": 15},  # 0.8 s of quiet: prompt and tone are over
+                    {"say": report_text},
+                    {"expect_hangup": 40},  # silence ends the recording; paged, goodbye
+                ],
+                "expect": {"answered": True, "hangup_by": "remote"},
+            }
+            code, report, err = await asyncio.to_thread(run_softphone, tmp_path, script)
+            call = await hotline_alert(service)
+            alert = await service.until(call["alert_id"], lambda a: bool(a["attempts"]), 10)
+    assert code == 0, (report, err)
+    assert [s["ok"] for s in report["steps"]] == [True] * 9, report
+    assert call["status"] == "reported" and call["path"][-2:] == ["paged", "end"], call
+    with wave.open(alert["details"]["recording"]) as wav:
+        recorded = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    spoken = render(Clip("r", "human", report_text, "en-us", 175, lead=0, tail=0), tmp_path)
+    assert len(recorded) > 0.6 * len(load(spoken))  # the report itself, not a blip
+    assert np.sqrt(np.mean(recorded.astype(np.float64) ** 2)) > 300  # not silence

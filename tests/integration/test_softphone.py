@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from gateway.call import Gateway, GatewayConfig
-from gateway.softphone import Softphone
-from tests.integration.peers import ackline_cli, cli_env
+from gateway.softphone import Softphone, load_script, run_script
+from tests.integration.peers import ackline_cli, cli_env, free_port
 from tests.integration.test_serve_inbound_sipp import results, serve
 
 pytestmark = pytest.mark.interop
@@ -117,3 +117,62 @@ async def test_softphone_answers_and_presses_2_for_our_gateway() -> None:
     assert result.dtmf_method == "rfc4733"
     assert waited < 2.0
     assert hangup_by == "remote"
+
+
+def _tone_wav(path: Path, hz: float, rate: int, channels: int) -> Path:
+    t = np.arange(rate) / rate  # one second
+    mono = (np.sin(2 * np.pi * hz * t) * 12000).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(np.repeat(mono, channels).tobytes())
+    return path
+
+
+@pytest.mark.parametrize("expected_digits", ["42", "24"])
+async def test_answering_script_speaks_a_wav_file_and_checks_the_keys_it_got(
+    tmp_path: Path, expected_digits: str
+) -> None:
+    """`play:` sends a 16 kHz stereo WAV (found next to the script) as 8 kHz audio, and
+    `expect: {digits}` passes only for the keys the caller really pressed, in order."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    _tone_wav(scripts / "tone.wav", 1000, 16000, 2)
+    port = free_port()
+    (scripts / "answer.yaml").write_text(yaml.safe_dump({
+        "answer": True, "listen": f"127.0.0.1:{port}", "ring_timeout": 10,
+        "steps": [{"play": "tone.wav"}, {"expect_hangup": 10}],
+        "expect": {"digits": expected_digits, "hangup_by": "remote"},
+    }))  # fmt: skip
+    script = load_script(scripts / "answer.yaml")
+    running = asyncio.create_task(run_script(script))
+    heard: list[np.ndarray] = []
+    async with Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
+        await asyncio.sleep(0.3)  # the script's phone is listening
+        call = await gateway.dial(f"sip:qa@127.0.0.1:{port}", ring_timeout=5)
+        assert call.answered and call.media is not None
+        call.media.add_audio_listener(lambda pcm: heard.append(pcm.copy()))
+        await asyncio.sleep(1.3)  # the phone plays its one-second file
+        await call.send_digits("42")
+        await asyncio.sleep(0.3)
+        await call.hangup()
+        report = await asyncio.wait_for(running, 15)
+    pcm = np.concatenate(heard)
+    loud = pcm[np.abs(pcm) > 3000]
+    assert len(loud) > 4000  # most of a second of tone, at 8 kHz
+    spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64)))
+    assert abs(np.fft.rfftfreq(len(pcm), 1 / 8000)[int(np.argmax(spectrum[1:])) + 1] - 1000) < 20
+    [play, hangup, *checks] = report.steps
+    assert play.ok and "to the end" in play.detail and hangup.ok, report
+    digits = next(c for c in checks if c.step == "expect digits")
+    assert digits.ok is (expected_digits == "42") and digits.detail == "received '42'"
+    assert report.ok is (expected_digits == "42")
+
+
+def test_a_missing_wav_file_is_a_bad_script(tmp_path: Path) -> None:
+    code, _, err = run_softphone(
+        tmp_path, {"call": "sip:x@127.0.0.1:5", "steps": [{"play": "nowhere.wav"}]}
+    )
+    assert code == 2
+    assert "steps.0.play" in err and "nowhere.wav" in err, err
