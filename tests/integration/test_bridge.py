@@ -28,17 +28,40 @@ def dominant_hz(pcm: np.ndarray) -> float:
     return float(np.fft.rfftfreq(len(pcm), 1 / 8000)[int(np.argmax(spectrum[1:])) + 1])
 
 
+def bridging_gateway(callee: str, bridged: list[BridgeResult]) -> Gateway:
+    """A gateway that puts every incoming call through to `callee`."""
+
+    async def on_incoming(caller: Call) -> None:
+        leg = await gateway.dial(callee, ring_timeout=5)
+        assert leg.answered
+        bridged.append(await bridge_calls(caller, leg))
+
+    gateway = Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming)
+    return gateway
+
+
+async def _until_digits(call: Call, want: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while call.digits != want:
+        assert asyncio.get_running_loop().time() < deadline, f"got {call.digits!r}, not {want}"
+        await asyncio.sleep(0.05)
+
+
+async def _call_in_until_digits(gateway: Gateway, want: str, linger: float) -> list[ReceivedDigit]:
+    """Call through `gateway` until `want` arrives, stay `linger` s, hang up: all received."""
+    host, port = gateway.address("udp")
+    async with Softphone() as phone, phone.call(f"sip:hotline@{host}:{port}") as leg:
+        await _until_digits(leg.call, want)
+        await asyncio.sleep(linger)
+    assert leg.call.result is not None
+    return leg.call.result.received
+
+
 async def test_caller_and_callee_hear_each_other_until_one_hangs_up() -> None:
     bridged: list[BridgeResult] = []
     async with Softphone() as callee_phone:
         callee_host, callee_port = callee_phone.address
-
-        async def on_incoming(caller: Call) -> None:
-            callee = await gateway.dial(f"sip:oncall@{callee_host}:{callee_port}", ring_timeout=5)
-            assert callee.answered
-            bridged.append(await bridge_calls(caller, callee))
-
-        gateway = Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming)
+        gateway = bridging_gateway(f"sip:oncall@{callee_host}:{callee_port}", bridged)
         async with gateway, Softphone() as caller_phone:
             host, port = gateway.address("udp")
 
@@ -76,13 +99,6 @@ async def test_unanswered_calls_cannot_be_bridged() -> None:
             await bridge_calls(call, call)
 
 
-async def _until_digits(call: Call, want: str, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while call.digits != want:
-        assert asyncio.get_running_loop().time() < deadline, f"got {call.digits!r}, not {want}"
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.interop
 async def test_a_sipp_callers_rfc2833_key_reaches_the_callee_across_the_bridge(
     tmp_path: Path,
@@ -92,13 +108,7 @@ async def test_a_sipp_callers_rfc2833_key_reaches_the_callee_across_the_bridge(
     bridged: list[BridgeResult] = []
     async with Softphone() as callee_phone:
         callee_host, callee_port = callee_phone.address
-
-        async def on_incoming(caller: Call) -> None:
-            callee = await gateway.dial(f"sip:oncall@{callee_host}:{callee_port}", ring_timeout=5)
-            assert callee.answered
-            bridged.append(await bridge_calls(caller, callee))
-
-        gateway = Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming)
+        gateway = bridging_gateway(f"sip:oncall@{callee_host}:{callee_port}", bridged)
         async with gateway:
             host, port = gateway.address("udp")
 
@@ -129,20 +139,8 @@ async def test_a_sipp_callees_sip_info_key_reaches_the_caller_as_an_rfc4733_even
     bridged: list[BridgeResult] = []
     info = {"CONTENT_TYPE": "application/dtmf-relay", "BODY": "Signal=9\nDuration=160"}
     with sipp("uas_info_dtmf.xml", tmp_path, PAUSE_MS="800", **info) as callee:
-
-        async def on_incoming(caller: Call) -> None:
-            leg = await gateway.dial(f"sip:oncall@{callee.address}", ring_timeout=5)
-            assert leg.answered
-            bridged.append(await bridge_calls(caller, leg))
-
-        gateway = Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming)
-        async with gateway, Softphone() as caller_phone:
-            host, port = gateway.address("udp")
-            async with caller_phone.call(f"sip:hotline@{host}:{port}") as leg:
-                await _until_digits(leg.call, "9")
-                await asyncio.sleep(0.3)  # the event's end packets, then leave (hang up)
-            assert leg.call.result is not None
-            received = leg.call.result.received
+        async with bridging_gateway(f"sip:oncall@{callee.address}", bridged) as gateway:
+            received = await _call_in_until_digits(gateway, "9", 0.3)  # the end packets
             # the caller left: the bridge sends the callee BYE, SIPp's last step
             assert await asyncio.to_thread(callee.wait, 15) == 0, callee.logs()
     assert [(d.digit, d.method) for d in received] == [("9", "rfc4733")]
@@ -156,20 +154,9 @@ async def test_in_band_keys_cross_as_audio_only_so_none_is_pressed_twice(tmp_pat
     bridged: list[BridgeResult] = []
     pcap = inband_dtmf_pcap(tmp_path / "inband_3.pcap", "3")
     with sipp("uas_inband_dtmf.xml", tmp_path, PAUSE_MS="800", PCAP=str(pcap)) as callee:
-
-        async def on_incoming(caller: Call) -> None:
-            leg = await gateway.dial(f"sip:oncall@{callee.address}", ring_timeout=5)
-            assert leg.answered
-            bridged.append(await bridge_calls(caller, leg))
-
-        gateway = Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming)
-        async with gateway, Softphone() as caller_phone:
-            host, port = gateway.address("udp")
-            async with caller_phone.call(f"sip:hotline@{host}:{port}") as leg:
-                await _until_digits(leg.call, "3")
-                await asyncio.sleep(0.5)  # time for a second copy to arrive, if one came
-            assert leg.call.result is not None
-            received = leg.call.result.received
+        async with bridging_gateway(f"sip:oncall@{callee.address}", bridged) as gateway:
+            # lingering long enough for a second copy to arrive, if one came
+            received = await _call_in_until_digits(gateway, "3", 0.5)
             assert await asyncio.to_thread(callee.wait, 15) == 0, callee.logs()
     assert [(d.digit, d.method) for d in received] == [("3", "inband")]
     assert bridged[0].relayed_digits == ("", "")
