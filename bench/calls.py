@@ -24,21 +24,14 @@ import numpy as np
 import psutil
 
 from api.loop import run as run_service
+from bench.ports import free_media_port, free_port
 from gateway.call import Call, Gateway, GatewayConfig
 
 HERE = Path(__file__).parent
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_sipp(workdir: Path, max_calls: int) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
+    port = free_port()
     cmd = [
         "sipp",
         "-sf",
@@ -50,7 +43,7 @@ def start_sipp(workdir: Path, max_calls: int) -> tuple[subprocess.Popen[bytes], 
         "-mi",
         "127.0.0.1",
         "-mp",
-        str(_free_port()),
+        str(free_media_port(avoid=port)),
         "-rtp_echo",
         "-t",
         "u1",

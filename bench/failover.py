@@ -19,7 +19,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.ports import free_media_port, free_port
 from carriers.health import HealthChange, HealthPolicy
 from carriers.router import CarrierRouter, NoRouteAvailable
 from carriers.trunk import Trunk
@@ -37,20 +37,6 @@ from gateway.sip.transaction import TimerSettings
 
 SCENARIO = Path(__file__).resolve().parents[1] / "tests/integration/scenarios/carrier_uas.xml"
 NUMBERS = [f"+1415555{n:04d}" for n in range(100, 200)]  # fictional 555-01xx range
-
-
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        try:  # free for both UDP and TCP
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                t.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
 
 
 class Carrier:
@@ -74,7 +60,7 @@ class Carrier:
             "-mi",
             "127.0.0.1",
             "-mp",
-            str(free_port()),
+            str(free_media_port(avoid=self.port)),
             "-t",
             "u1" if transport == "udp" else "t1",
             "-m",

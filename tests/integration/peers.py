@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,60 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.ports import free_media_port, free_port
+
 SCENARIOS = Path(__file__).parent / "scenarios"
 PCAPS = Path("/usr/share/sip-tester")
 PCAP_NAMES = {"*": "star", "#": "pound"}
 REPO = Path(__file__).resolve().parents[2]
-
-
-_PICK = random.SystemRandom()  # not the per-test seeded `random`: ports differ per test
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (even, as RTP likes).
-
-    Picked below the kernel's ephemeral range: a port from there can be taken, between
-    our check and the server's bind, as the source port of any outbound connection (a
-    health probe, a database client) and the server then fails with EADDRINUSE."""
-    high = _ephemeral_low()
-    for _ in range(500):
-        port = _PICK.randrange(10000, high) & ~1
-        try:
-            with (
-                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u,
-            ):
-                t.bind(("127.0.0.1", port))
-                u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
-
-
-def free_media_port(avoid: int) -> int:
-    """An even port whose next three (RTCP, video RTP/RTCP: SIPp binds all four) are free
-    too and clear of ``avoid`` (the SIP port), so SIPp never trips over its own sockets."""
-    for _ in range(200):
-        base = free_port()
-        if avoid in range(base - 3, base + 4):
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for offset in range(1, 4):
-                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-                    sock.bind(("127.0.0.1", base + offset))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free media port block")
 
 
 def dtmf_pcap(digit: str) -> Path:
