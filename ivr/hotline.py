@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,14 +145,15 @@ class Hotline:
         retention = self.hotline.recordings_retention
         if retention is None:
             return []
-        expired = expire_recordings(self.recordings, retention, time.time() if now is None else now)
-        if expired:
+
+        def audited(path: Path) -> None:
             self.audit.write(self.config.company, [
                 {"event": "recording_deleted", "status": "deleted", "reason": "retention",
                  "actor": "hotline", "recording": str(path)}
-                for path in expired
             ])  # fmt: skip
-        return expired
+
+        at = time.time() if now is None else now
+        return expire_recordings(self.recordings, retention, at, audited)
 
     async def keep_retention(self) -> None:
         """Expire recordings now and then every tenth of the retention period (at least
@@ -238,10 +239,17 @@ class Hotline:
             return None
 
 
-def expire_recordings(directory: Path, retention: float, now: float) -> list[Path]:
+def expire_recordings(
+    directory: Path,
+    retention: float,
+    now: float,
+    on_deleted: Callable[[Path], None] | None = None,
+) -> list[Path]:
     """Delete the WAV files in `directory` last written more than `retention` seconds
     before `now`; a recording still being written is fresh by definition. Several
-    gateways may share the directory, so a file another one deleted first is no error."""
+    gateways may share the directory, so a file another one deleted first is no error.
+    `on_deleted` hears of each file as soon as it is gone (a crash midway leaves no
+    deletion unrecorded but the one under way)."""
     expired = []
     try:
         candidates = list(directory.glob("*.wav"))
@@ -254,6 +262,8 @@ def expire_recordings(directory: Path, retention: float, now: float) -> list[Pat
             path.unlink()
         except FileNotFoundError:
             continue
+        if on_deleted is not None:
+            on_deleted(path)
         expired.append(path)
     return sorted(expired)
 
