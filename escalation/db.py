@@ -149,7 +149,9 @@ class Database:
                 "SELECT c.relname FROM pg_class c "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE n.nspname = current_schema() AND c.relkind = 'r' "
-                "AND 'autovacuum_enabled=false' = ANY(c.reloptions) ORDER BY c.relname"
+                "AND EXISTS (SELECT FROM unnest(c.reloptions) o "  # any spelling of false
+                "WHERE o ~* '^autovacuum_enabled=(f(a(l(se?)?)?)?|no?|off?|0)$') "
+                "ORDER BY c.relname"
             ))).scalars().all()  # fmt: skip
         warnings = []
         if server != "on":

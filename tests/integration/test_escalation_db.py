@@ -360,6 +360,8 @@ async def test_start_up_warns_when_nothing_vacuums_the_tables(
         assert all("autovacuum is off on this PostgreSQL server" in w for w in warned)
         async with db.engine.begin() as conn:
             await conn.execute(text("ALTER TABLE jobs SET (autovacuum_enabled = false)"))
+            await conn.execute(text("ALTER TABLE alerts SET (autovacuum_enabled = off)"))
+            await conn.execute(text("ALTER TABLE recipients SET (autovacuum_enabled = on)"))
     finally:
         await db.dispose()
     settings = Settings(database_url=pg_url, audit_dir=tmp_path / "audit")
@@ -367,5 +369,5 @@ async def test_start_up_warns_when_nothing_vacuums_the_tables(
         runtime = await start_runtime(settings)
         await stop_runtime(runtime)
     logged = [r.getMessage() for r in caplog.records if r.name == "api.app"]
-    assert "autovacuum is disabled on table(s) jobs" in logged
+    assert "autovacuum is disabled on table(s) alerts, jobs" in logged
     assert any("nothing reclaims the dead rows" in m for m in logged) is not server_on
