@@ -5,7 +5,9 @@ hands them to a carrier double that stamps each hand-off into Redis. Reports P50
 
 * ingest -> channel hand-off: the POST's scheduled send time .. the worker calls
   channel.send() (latencies count from the schedule, so a lagging client shows up too);
-* POST latency (the 202 comes only after the commit);
+* POST latency (the 202 comes only after the commit), and the part of it that is the
+  client's own delay (scheduled .. request written): a stall there is the client's or the
+  whole machine's, not the service's;
 * ack -> cancel: for a share of alerts the "call" rings until hung up; the client acks
   once it rings and we measure until channel.cancel() runs in the worker.
 
@@ -270,6 +272,7 @@ async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
     client = RawHttp("127.0.0.1", port, args.connections)
     await client.open()
     posted: dict[str, float] = {}
+    send_lag: dict[str, float] = {}  # scheduled .. the request is written: the client's own delay
     post_lat: list[float] = []
     errors = 0
     acks: dict[str, float] = {}
@@ -293,6 +296,7 @@ async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
         """`t0` is the scheduled send time (open loop): a late client counts against us."""
         nonlocal errors
         body = {"title": f"bench {i}", "summary": "load", "policy": "ring" if ring else "fast"}
+        lag = time.time() - t0
         try:
             status, data = await client.request(
                 "POST", "/v1/alerts", body, {**auth, "Idempotency-Key": f"b{i}"}
@@ -305,6 +309,7 @@ async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
             return
         post_lat.append(time.time() - t0)
         posted[data["id"]] = t0
+        send_lag[data["id"]] = lag
         if ring:
             ackers.append(asyncio.create_task(ack_when_ringing(data["id"])))
 
@@ -340,9 +345,10 @@ async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
 
     ingest = [handoffs[a] - t for a, t in posted.items() if a in handoffs]
     if args.raw:  # when in the run each slow hand-off happened: a start-up cost, a stall
-        Path(args.raw).write_text(json.dumps(
-            sorted((t - wall_start, handoffs[a] - t) for a, t in posted.items() if a in handoffs)
-        ))  # fmt: skip
+        Path(args.raw).write_text(json.dumps(sorted(
+            (t - wall_start, handoffs[a] - t, send_lag[a])
+            for a, t in posted.items() if a in handoffs
+        )))  # fmt: skip
     # Each cancelled call belongs to one acked alert; match them by order of time.
     cancel_lat = [c - a for c, a in zip(sorted(cancels), sorted(acks.values()), strict=False)]
     return {
@@ -353,6 +359,7 @@ async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
         "lost": len([a for a in posted if a not in handoffs]),
         "ingest_to_handoff": ingest,
         "post_latency": post_lat,
+        "send_lag": list(send_lag.values()),
         "ack_response": ack_lat,
         "ack_to_cancel": cancel_lat,
         "acks": len(acks),
@@ -416,6 +423,7 @@ async def _bench(args: argparse.Namespace) -> int:
           f"PostgreSQL + Redis")  # fmt: skip
     print(line("ingest -> channel hand-off", result["ingest_to_handoff"]))
     print(line("POST /v1/alerts (202 after commit)", result["post_latency"]))
+    print(line("  of which the client's own delay", result["send_lag"]))
     print(line("ack -> in-flight call hung up", result["ack_to_cancel"]))
     print(line("ack response (pending cancelled)", result["ack_response"]))
     print(f"lost alerts: {result['lost']}  POST errors: {result['post_errors']}  "
@@ -442,7 +450,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32, help="client keep-alive pool")
     parser.add_argument("--json", help="also write a summary to this file")
     parser.add_argument("--raw", help="also write each alert's [seconds into the load, "
-                        "hand-off latency s] to this file")  # fmt: skip
+                        "hand-off latency s, client delay s] to this file")  # fmt: skip
     parser.add_argument("--keep-db", action="store_true",
                         help="leave the benchmark database for inspection")  # fmt: skip
     parser.add_argument("--role", choices=["bench", "api", "worker"], default="bench",
