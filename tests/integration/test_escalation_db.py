@@ -328,6 +328,7 @@ async def test_shutdown_ends_a_background_policy_refresh(
     }  # fmt: skip
     h = await make_harness(pg_url, tmp_path / "audit", cfg, {}, plan_ttl=ttl)
     other = Database(pg_url)  # another process holds the policies table
+    stopped = False
     try:
         await h.ingest()
         await asyncio.sleep(ttl * 0.8)  # into the last quarter: the next alert refreshes
@@ -340,8 +341,11 @@ async def test_shutdown_ends_a_background_policy_refresh(
             await asyncio.sleep(0.1)
             assert not refreshing[0].done()
             await asyncio.wait_for(h.stop(), 5)
+            stopped = True
             assert refreshing[0].done()
     finally:
+        if not stopped:
+            await h.stop()
         await other.dispose()
     assert [r.getMessage() for r in caplog.records if "loading policy" in r.getMessage()] == []
 
