@@ -59,6 +59,27 @@ def audit_trunk_health(audit: AuditLog, config: AcklineConfig, change: HealthCha
     )
 
 
+def _share_trunk_health(
+    url: str, prefix: str, router: CarrierRouter
+) -> Callable[[], Awaitable[None]]:
+    """Publish this process's trunk health for the API (carriers.shared_health)."""
+    import redis.asyncio as aioredis
+
+    from carriers.shared_health import SharedTrunkHealth, process_name, publish_trunk_health
+
+    redis = aioredis.from_url(url)
+    shared = SharedTrunkHealth(redis, prefix, process_name())
+    task = asyncio.create_task(publish_trunk_health(shared, router), name="trunk-health")
+
+    async def close() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await redis.aclose()
+
+    return close
+
+
 async def _watch_overrides(
     settings: Settings, trunks: Sequence[Trunk], router: CarrierRouter
 ) -> Callable[[], Awaitable[None]]:
@@ -171,6 +192,8 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
         services.dialer = CarrierDialer(router)
         services.router = router
         closers.append(await _watch_overrides(settings, config.carriers.trunks, router))
+        if settings.redis_url:  # scale-out: the API shows what each worker sees
+            closers.append(_share_trunk_health(settings.redis_url, settings.redis_prefix, router))
     elif gateway is not None and settings.voice_target:
         credentials = (
             Credentials(settings.voice_auth_user, settings.voice_auth_password or "")

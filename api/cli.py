@@ -600,13 +600,13 @@ def carriers_list(
 
     settings, carriers = _carriers_runtime()
 
-    async def read(store: Any) -> dict[str, dict[str, Any]]:
+    async def read(store: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         overrides: dict[str, dict[str, Any]] = await store.overrides()
-        return overrides
+        return overrides, await _shared_trunk_health(settings)
 
-    overrides = asyncio.run(_with_store(settings, read))
+    overrides, workers = asyncio.run(_with_store(settings, read))
     rows = [
-        describe(t, overrides.get(t.name, {}), None)
+        describe(t, overrides.get(t.name, {}), None, workers)
         for t in apply_overrides(carriers.trunks, overrides)
     ]
     if as_json:
@@ -615,10 +615,30 @@ def carriers_list(
     for row in rows:
         state = "enabled " if row["enabled"] else "disabled"
         changed = f" (changed: {', '.join(sorted(row['overrides']))})" if row["overrides"] else ""
+        seen = "; ".join(
+            f"{process}: probe {h['probe']}, breaker {h['breaker']}"
+            for process, h in row["health_by_process"].items()
+        )
         typer.echo(
             f"{row['name']:<16} {state} {row['transport']}:{row['host']}:{row['port']} "
             f"priority={row['priority']} weight={row['weight']}{changed}"
+            + (f" [{seen}]" if seen else "")
         )
+
+
+async def _shared_trunk_health(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Each worker's trunk health, when they share it through Redis (REDIS_URL)."""
+    if not settings.redis_url:
+        return {}
+    import redis.asyncio as aioredis
+
+    from carriers.shared_health import SharedTrunkHealth
+
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        return await SharedTrunkHealth(redis, settings.redis_prefix, "").read()
+    finally:
+        await redis.aclose()
 
 
 def _set_enabled(name: str, enabled: bool) -> None:

@@ -197,6 +197,18 @@ class CarrierRouter:
         """Calls in progress through ``trunk`` (ringing, answered, or being released)."""
         return self._active[trunk]
 
+    def health_report(self, trunk: str) -> dict[str, Any]:
+        """What this process knows of ``trunk`` right now, as an admin reads it."""
+        health = self.health[trunk]
+        return {
+            "probe": health.probe.value,
+            "breaker": health.breaker.value,
+            "usable": self.health.usable(trunk),
+            "active_calls": self.active(trunk),
+            "asr": self.quality.asr(trunk),
+            "samples": self.quality.samples(trunk),
+        }
+
     def prober(self, *, interval: float = 5.0, timeout: float | None = None) -> Prober:
         """An OPTIONS prober feeding this router's health board (start it, close it)."""
         prober = Prober(

@@ -17,8 +17,10 @@ from api.deps import RuntimeDep, TenantDep, context
 from api.routes.schemas import Error
 from carriers.health import probe_ok
 from carriers.router import CarrierRouter
+from carriers.shared_health import SharedTrunkHealth
 from carriers.store import TrunkChanges, TrunkStore, apply_overrides, trunk_change_record
 from carriers.trunk import Trunk
+from escalation.runner import RedisBus
 
 router = APIRouter(prefix="/v1/carriers", tags=["carriers"])
 _ERRORS: dict[int | str, dict[str, object]] = {
@@ -39,24 +41,32 @@ def _in_process_router(request: Request) -> CarrierRouter | None:
     return found
 
 
+async def _workers_health(runtime: Any) -> dict[str, dict[str, Any]]:
+    """What each calling process reports through Redis (scale-out); {} without Redis."""
+    bus = runtime.bus
+    if not isinstance(bus, RedisBus):
+        return {}
+    return await SharedTrunkHealth(bus.redis, runtime.settings.redis_prefix, "").read()
+
+
 def describe(
-    trunk: Trunk, overrides: dict[str, Any], router: CarrierRouter | None
+    trunk: Trunk,
+    overrides: dict[str, Any],
+    router: CarrierRouter | None,
+    workers: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """A trunk as an admin sees it: its settings (no secrets), overrides, live health."""
+    """A trunk as an admin sees it: its settings (no secrets), overrides, live health:
+    this process's (`health`) and, with Redis, every calling process's
+    (`health_by_process`: host/pid -> the same fields, plus when it was reported)."""
     out = trunk.model_dump(mode="json", exclude={"password", "auth_token"})
     out["has_password"] = trunk.password is not None or trunk.auth_token is not None
     out["overrides"] = overrides
-    out["health"] = None
-    if router is not None:
-        health = router.health[trunk.name]
-        out["health"] = {
-            "probe": health.probe.value,
-            "breaker": health.breaker.value,
-            "usable": router.health.usable(trunk.name),
-            "active_calls": router.active(trunk.name),
-            "asr": router.quality.asr(trunk.name),
-            "samples": router.quality.samples(trunk.name),
-        }
+    out["health"] = router.health_report(trunk.name) if router is not None else None
+    out["health_by_process"] = {
+        process: {**report["trunks"][trunk.name], "reported_at": report["at"]}
+        for process, report in sorted(workers.items())
+        if trunk.name in report.get("trunks", {})
+    }
     return out
 
 
@@ -76,8 +86,9 @@ async def list_carriers(
     """Every configured trunk with its overrides applied."""
     overrides = await TrunkStore(runtime.db).overrides()
     live = _in_process_router(request)
+    workers = await _workers_health(runtime)
     return [
-        describe(t, overrides.get(t.name, {}), live)
+        describe(t, overrides.get(t.name, {}), live, workers)
         for t in apply_overrides(_trunks(runtime), overrides)
     ]
 
@@ -87,7 +98,7 @@ async def get_carrier(
     name: str, request: Request, runtime: RuntimeDep, tenant: TenantDep
 ) -> dict[str, Any]:
     trunk, overrides = await _current(runtime, name)
-    return describe(trunk, overrides, _in_process_router(request))
+    return describe(trunk, overrides, _in_process_router(request), await _workers_health(runtime))
 
 
 @router.patch("/{name}", responses=_ERRORS)
@@ -107,7 +118,7 @@ async def change_carrier(
                              changes.as_dict(), ip=ctx.ip, request_id=ctx.request_id)],
     )  # fmt: skip
     trunk, overrides = await _current(runtime, name)
-    return describe(trunk, overrides, _in_process_router(request))
+    return describe(trunk, overrides, _in_process_router(request), await _workers_health(runtime))
 
 
 @router.delete("/{name}/overrides", responses=_ERRORS)
@@ -124,7 +135,7 @@ async def reset_carrier(
                              ip=ctx.ip, request_id=ctx.request_id)],
     )  # fmt: skip
     trunk, overrides = await _current(runtime, name)
-    return describe(trunk, overrides, _in_process_router(request))
+    return describe(trunk, overrides, _in_process_router(request), await _workers_health(runtime))
 
 
 @router.post("/{name}/test", responses=_ERRORS)

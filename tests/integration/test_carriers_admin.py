@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
+from tests.conftest_escalation import REDIS_URL
 from tests.integration.peers import ackline_cli, cli_env, dtmf_pcap, free_port, sipp
 from tests.integration.test_serve_escalation import KEY, recipients, serve
 
+pytest_plugins = ["tests.conftest_escalation"]
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
 
@@ -34,9 +36,13 @@ def config(primary: int, secondary: int) -> dict[str, Any]:
 
 
 def cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return cli_with(tmp, {}, *args)
+
+
+def cli_with(tmp: Path, extra: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     env = {**cli_env(tmp), "ACKLINE_CONFIG": str(tmp / "ackline.yaml"),
            "ACKLINE_DATABASE_URL": f"sqlite:///{tmp}/ackline.db",
-           "ACKLINE_AUDIT_DIR": str(tmp / "audit")}  # fmt: skip
+           "ACKLINE_AUDIT_DIR": str(tmp / "audit"), **extra}  # fmt: skip
     return subprocess.run([*ackline_cli(), "carriers", *args], capture_output=True, text=True,
                           env=env, timeout=60, cwd=tmp)  # fmt: skip
 
@@ -126,3 +132,48 @@ def test_cli_test_probes_every_trunk_and_fails_on_a_dead_one(tmp_path: Path) -> 
     assert results["secondary"]["ok"] is False
     unknown = cli(tmp_path, "disable", "nope")
     assert unknown.returncode == 2 and "no trunk 'nope'" in unknown.stderr
+
+
+async def test_the_api_shows_each_workers_trunk_health_in_scale_out(
+    tmp_path: Path, pg_url: str, redis_prefix: str
+) -> None:
+    """`--role api` places no calls and probes nothing; the admin still sees how each
+    worker sees every trunk (probe, breaker), through Redis, over HTTP and in the CLI;
+    a worker that stops takes its report with it."""
+    dead = free_port()  # nothing answers there
+    (tmp_path / "live").mkdir()
+    with sipp("carrier_uas.xml", tmp_path / "live", calls=1000, RING_MS="0") as live:
+        cfg = config(live.port, dead)
+        cfg["carriers"]["probe"] = {"interval": "300ms", "down_after": 2, "up_after": 2}
+        env = {"ACKLINE_DATABASE_URL": pg_url, "REDIS_URL": REDIS_URL,
+               "ACKLINE_REDIS_PREFIX": redis_prefix}  # fmt: skip
+        async with serve(tmp_path, cfg, env, roles=("api", "worker")) as service:
+            worker = service.procs[1]
+            deadline = time.monotonic() + 15
+            while True:
+                r = await service.client.get("/v1/carriers", headers=KEY)
+                assert r.status_code == 200, r.text
+                trunks = {t["name"]: t for t in r.json()}
+                seen = {n: list(t["health_by_process"].values()) for n, t in trunks.items()}
+                probes = {n: [h["probe"] for h in views] for n, views in seen.items()}
+                if probes == {"primary": ["up"], "secondary": ["down"]}:
+                    break
+                assert time.monotonic() < deadline, probes
+                await asyncio.sleep(0.2)
+            assert trunks["primary"]["health"] is None  # the API process has no router
+            [process] = trunks["primary"]["health_by_process"]
+            assert process.endswith(f"/{worker.pid}"), process
+            listed = await asyncio.to_thread(
+                cli_with, tmp_path, {"REDIS_URL": REDIS_URL, "ACKLINE_REDIS_PREFIX": redis_prefix,
+                                     "ACKLINE_DATABASE_URL": pg_url}, "list", "--json")  # fmt: skip
+            assert listed.returncode == 0, listed.stderr
+            by_name = {t["name"]: t for t in json.loads(listed.stdout)}
+            assert by_name["secondary"]["health_by_process"][process]["probe"] == "down"
+            text = await asyncio.to_thread(
+                cli_with, tmp_path, {"REDIS_URL": REDIS_URL, "ACKLINE_REDIS_PREFIX": redis_prefix,
+                                     "ACKLINE_DATABASE_URL": pg_url}, "list")  # fmt: skip
+            assert f"[{process}: probe down, breaker" in text.stdout, text.stdout
+            worker.terminate()
+            worker.wait(15)
+            r = await service.client.get("/v1/carriers", headers=KEY)
+    assert all(t["health_by_process"] == {} for t in r.json()), r.json()
