@@ -58,8 +58,15 @@ class SharedTrunkHealth:
         self, max_age: float = MAX_AGE, now: float | None = None
     ) -> dict[str, dict[str, Any]]:
         """Every live process's report, by process; stale ones are removed as they are
-        met, so the hash does not collect dead workers."""
-        at = time.time() if now is None else now
+        met, so the hash does not collect dead workers. Redis being away reads as no
+        reports (logged): the trunks' settings must stay readable without it."""
+        try:
+            return await self._read(max_age, time.time() if now is None else now)
+        except (OSError, RedisError) as exc:
+            logger.warning("workers' trunk health unavailable: %s", exc)
+            return {}
+
+    async def _read(self, max_age: float, at: float) -> dict[str, dict[str, Any]]:
         live: dict[str, dict[str, Any]] = {}
         stale: list[Any] = []
         for field, raw in (await self.redis.hgetall(self.key)).items():

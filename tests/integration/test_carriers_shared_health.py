@@ -55,3 +55,13 @@ async def test_a_report_replaces_the_same_processs_last_one(
         assert list(await shared.read(now=NOW)) == ["gw-1/100"]
     finally:
         await redis.delete(shared.key)
+
+
+async def test_redis_being_away_reads_as_no_reports(caplog: pytest.LogCaptureFixture) -> None:
+    """The API's trunk list must not fail because Redis is down: no views, a warning."""
+    away = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    try:
+        assert await SharedTrunkHealth(away, "x", "gw/1").read() == {}
+    finally:
+        await away.aclose()
+    assert any("trunk health unavailable" in r.getMessage() for r in caplog.records)
