@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from api.loop import cancel_and_wait
 from api.settings import Settings
 from carriers.budgets import RedisBudgets
 from carriers.health import HealthChange
@@ -72,9 +73,7 @@ def _share_trunk_health(
     task = asyncio.create_task(publish_trunk_health(shared, router), name="trunk-health")
 
     async def close() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         await redis.aclose()
 
     return close

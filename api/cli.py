@@ -501,6 +501,7 @@ async def _answer_with(
     """Inbound calls run the hotline flows when ackline.yaml has a hotline: section (only
     from trusted sources, into the escalation engine); otherwise the greeting."""
     from api.app import start_runtime, stop_runtime
+    from api.loop import cancel_and_wait
     from ivr.hotline import Hotline
 
     if services.config.hotline is None:
@@ -516,13 +517,7 @@ async def _answer_with(
     gateway.guard = hotline.guard
     gateway.on_refused = hotline.on_refused
     retention = asyncio.create_task(hotline.keep_retention(), name="recordings-retention")
-    stack.push_async_callback(_cancel_and_wait, retention)
-
-
-async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    stack.push_async_callback(cancel_and_wait, retention)
 
 
 @app.command()

@@ -5,12 +5,13 @@ machinery; uvloop (a declared dependency on POSIX) does that work in C, which sh
 fewer lost packets and faster call set-up under load. Plain asyncio remains the fallback.
 
 Such a process also takes its start-up objects out of the garbage collector's sight once
-it is up (`freeze_startup_objects`).
+it is up (`freeze_startup_objects`), and ends its background tasks with `cancel_and_wait`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -35,3 +36,10 @@ def freeze_startup_objects() -> None:
     process is ready; what it creates later is collected as usual."""
     gc.collect()
     gc.freeze()
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Stop a background task and wait until it has (its `finally` blocks have run)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
