@@ -17,7 +17,7 @@ import secrets
 import socket
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,16 +35,24 @@ from gateway.media.g711 import SILENCE, Decoder, Encoder, decoder_for, encoder_f
 from gateway.media.pacer import Pacer
 from gateway.media.rtp import RtpPacket, RtpReceiver, RtpSender, is_rtcp
 from gateway.media.sdp import NegotiatedMedia
+from gateway.media.source import (
+    Address,
+    RtpSourceFilter,
+    SourceVerdict,
+    is_hold_address,
+    normalize_host,
+)
+from gateway.metrics import RTP_DROPPED_BY_REASON, RtpDropReason
 
 __all__ = ["AudioListener", "MediaSession", "MediaSessionClosed", "MediaStats"]
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 AudioListener = Callable[[NDArray[np.int16]], None]
 # NegotiatedMedia.direction is our side's: "recvonly"/"inactive" mean we are on hold.
 _SENDING_DIRECTIONS = frozenset({"sendrecv", "sendonly"})
-_HOLD_HOSTS = frozenset({"0.0.0.0", "::"})
+_DROPPED_FOREIGN = RTP_DROPPED_BY_REASON[RtpDropReason.FOREIGN_SOURCE]
+_DROPPED_MALFORMED = RTP_DROPPED_BY_REASON[RtpDropReason.MALFORMED]
 _MAX_GAP_FILL = 8000  # samples of silence inserted for a timestamp gap (1 s at 8 kHz)
 # In-band detection runs on 400 ms batches: the detector's cost is almost all per call
 # (~150 us), so per 20 ms packet it would dominate the receive path of hundreds of calls.
@@ -170,14 +178,6 @@ def _address_family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
-def _normalize_host(host: str) -> str:
-    """Canonical text of an IP address, so SDP and socket addresses compare equal."""
-    try:
-        return ipaddress.ip_address(host).compressed
-    except ValueError:
-        return host
-
-
 class _InbandScanner:
     """Runs the in-band DTMF detection of every session on one pacer in one vectorised pass
     (``feed_all``) per tick, rather than one detector pass per session per batch.
@@ -236,7 +236,7 @@ class _RtpProtocol(asyncio.DatagramProtocol):
             self._session._on_datagram(data, addr)
         except Exception:
             # Whatever arrives from the network must not take down the receive path.
-            self._session._counters.malformed += 1
+            self._session._count_malformed()
             logger.exception("RTP datagram from %s could not be handled", addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -255,8 +255,15 @@ class MediaSession:
     scanned for RFC 4733 and in-band digits, which land in ``digits``. In-band detection
     works on 400 ms batches (see ``_INBAND_BATCH``), so those digits arrive up to ~0.5 s
     after the tone; ``inband_dtmf=False`` skips it where the far end is known to use
-    RFC 4733. RTP is accepted from the SDP address or, symmetric-RTP style, from the first
-    other source to send valid RTP before the SDP address does (then also sent there).
+    RFC 4733.
+
+    RTP is accepted only from the far end's media source (see
+    :mod:`gateway.media.source`): the SDP address or, for NAT, one source latched before
+    that address is heard, on the SDP's IP or on one of ``trusted_hosts`` (the call's
+    signalling peer); our stream then goes there too. Anything else is dropped unparsed and
+    counted (``MediaStats.foreign``, ``ackline_rtp_dropped_packets_total``).
+    ``latch_any_source`` latches to whoever sends first, for media from an unrelated
+    address; it is off because that whoever may be a stranger pressing keys.
     """
 
     def __init__(
@@ -269,6 +276,8 @@ class MediaSession:
         history_seconds: float = 60.0,
         jitter_depth: int = 3,
         inband_dtmf: bool = True,
+        trusted_hosts: Iterable[str] = (),
+        latch_any_source: bool = False,
     ) -> None:
         self.local_host = local_host
         self.pacer = pacer
@@ -286,10 +295,8 @@ class MediaSession:
         self._counters = _Counters()
 
         self._media: NegotiatedMedia | None = None
-        self._remote: Address | None = None  # from SDP
-        self._latched: Address | None = None  # symmetric RTP: where the far end really sends from
-        self._remote_seen = False
-        self._send_to: Address | None = None
+        self._source_filter = RtpSourceFilter(trusted_hosts, latch_any_source=latch_any_source)
+        self._send_to: Address | None = None  # the filter's, kept here for the send path
         self._sending = False
 
         self._sender: RtpSender | None = None
@@ -411,17 +418,10 @@ class MediaSession:
         """Apply a (re-)negotiated stream; a held stream keeps its clock but sends nothing."""
         codec = media.codec.upper()
         encode, decode = encoder_for(codec), decoder_for(codec)
-        remote = (_normalize_host(media.remote_host), media.remote_port)
-        if remote != self._remote:
-            self._latched = None
-            self._remote_seen = False
-            self._send_to = remote
-        self._remote = remote
-        self._sending = (
-            media.direction in _SENDING_DIRECTIONS
-            and remote[0] not in _HOLD_HOSTS
-            and media.remote_port != 0
-        )
+        remote = (normalize_host(media.remote_host), media.remote_port)
+        if self._source_filter.set_remote(remote):
+            self._send_to = self._source_filter.send_to
+        self._sending = media.direction in _SENDING_DIRECTIONS and not is_hold_address(remote)
         tick_ms = self.pacer.ptime_ms
         self._ticks_per_frame = max(1, round(media.ptime / tick_ms)) if media.ptime else 1
         if self._ticks_per_frame * tick_ms != media.ptime:
@@ -464,7 +464,8 @@ class MediaSession:
 
     @property
     def remote_address(self) -> Address | None:
-        """Where RTP goes: the SDP address, or the latched source address."""
+        """Where RTP goes: the SDP address, or the latched source address (a hold address
+        in SDP leaves it as it was)."""
         return self._send_to
 
     # -- sending --------------------------------------------------------------------
@@ -686,35 +687,51 @@ class MediaSession:
         if source is None:
             if len(self._sources) >= 8:
                 self._sources.clear()  # bounded; a flood of sources just recomputes
-            source = self._sources[addr] = (_normalize_host(str(addr[0])), int(addr[1]))
-        latch = False
-        if source == self._remote:
-            self._remote_seen = True
-        elif source != self._latched:
-            if self._latched is not None or self._remote_seen:
-                self._counters.foreign += 1
-                return
-            latch = True
+            source = self._sources[addr] = (normalize_host(str(addr[0])), int(addr[1]))
+        verdict = self._source_filter.check(source)
+        if verdict is SourceVerdict.DROP:
+            self._count_foreign(source)
+            return
         if is_rtcp(data):
             self._counters.rtcp += 1
             return
         try:
             packet = RtpPacket.parse(data)
         except ValueError:
-            self._counters.malformed += 1
+            self._count_malformed()
             return
-        if latch:
-            # Symmetric RTP: the SDP address is unreachable or NATed; answer the real source.
-            self._latched = self._send_to = source
-            logger.info(
-                "RTP port %s: latched to %s:%s (SDP said %s:%s)",
-                self.local_port,
-                *source,
-                *(self._remote or ("?", 0)),
-            )
+        if verdict is SourceVerdict.LEARN and self._source_filter.learn(source):
+            self._send_to = self._source_filter.send_to
+            self._log_send_to_changed(source)
         now = self._now()
         for ready in self._receiver.push(packet, now):
             self._handle(ready, now)
+
+    def _count_foreign(self, source: Address) -> None:
+        self._counters.foreign += 1
+        _DROPPED_FOREIGN.inc()
+        if self._counters.foreign == 1:  # once per session: a flood must not flood the log
+            logger.info(
+                "RTP port %s: dropping packets from %s:%s, not this call's media source",
+                self.local_port,
+                *source,
+            )
+
+    def _count_malformed(self) -> None:
+        self._counters.malformed += 1
+        _DROPPED_MALFORMED.inc()
+
+    def _log_send_to_changed(self, source: Address) -> None:
+        remote = self._source_filter.remote or ("?", 0)
+        if self._source_filter.latched == source:
+            # Symmetric RTP: the SDP address is unreachable or NATed; answer the real source.
+            logger.info(
+                "RTP port %s: latched to %s:%s (SDP said %s:%s)", self.local_port, *source, *remote
+            )
+        else:
+            logger.info(
+                "RTP port %s: SDP address %s:%s heard, latch dropped", self.local_port, *remote
+            )
 
     def _handle(self, packet: RtpPacket, now: float) -> None:
         pt = packet.payload_type

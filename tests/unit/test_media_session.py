@@ -11,6 +11,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 from numpy.typing import NDArray
+from prometheus_client import REGISTRY
 
 import gateway.media.session as session_module
 from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, rfc4733_packets
@@ -19,6 +20,7 @@ from gateway.media.pacer import Pacer
 from gateway.media.rtp import RtpPacket
 from gateway.media.sdp import NegotiatedMedia
 from gateway.media.session import MediaSession, MediaSessionClosed
+from gateway.media.source import RtpSourceFilter, SourceVerdict
 
 HOST = "127.0.0.1"
 TE = 101
@@ -95,9 +97,9 @@ class RawPeer(asyncio.DatagramProtocol):
             self.received.get_nowait()
 
 
-async def raw_peer() -> RawPeer:
+async def raw_peer(host: str = HOST) -> RawPeer:
     loop = asyncio.get_running_loop()
-    _, peer = await loop.create_datagram_endpoint(RawPeer, local_addr=(HOST, 0))
+    _, peer = await loop.create_datagram_endpoint(RawPeer, local_addr=(host, 0))
     return peer
 
 
@@ -130,6 +132,12 @@ async def peer() -> AsyncIterator[RawPeer]:
 def rtp(seq: int, payload: bytes, *, ssrc: int = 77, pt: int = 0, ts: int | None = None) -> bytes:
     timestamp = seq * 160 if ts is None else ts
     return RtpPacket(pt, seq % 65536, timestamp % (1 << 32), ssrc, payload).serialize()
+
+
+def dropped(reason: str) -> float:
+    """The process's ackline_rtp_dropped_packets_total for ``reason``."""
+    value = REGISTRY.get_sample_value("ackline_rtp_dropped_packets_total", {"reason": reason})
+    return value or 0.0
 
 
 def best_match(received: NDArray[np.int16], sent: NDArray[np.int16]) -> float:
@@ -442,6 +450,7 @@ async def test_loss_gap_is_filled_with_silence(pacer: Pacer, peer: RawPeer) -> N
 async def test_malformed_rtcp_and_other_payloads_are_dropped(pacer: Pacer, peer: RawPeer) -> None:
     s = MediaSession(local_host=HOST, pacer=pacer)
     await s.open()
+    before = dropped("malformed")
     try:
         peer.send(rtp(0, b"\xff" * 160), s.local_port)  # before configure
         await wait_for(lambda: s.stats.unconfigured == 1)
@@ -462,7 +471,7 @@ async def test_malformed_rtcp_and_other_payloads_are_dropped(pacer: Pacer, peer:
         stats = s.stats
     finally:
         await s.close()
-    assert stats.malformed == len(junk)
+    assert stats.malformed == len(junk) == dropped("malformed") - before
     assert stats.rtcp == 1 and stats.other_payload == 1 and stats.unconfigured == 1
     assert s.digits.empty()
 
@@ -748,3 +757,213 @@ async def test_close_detects_the_batch_still_waiting(pacer: Pacer, peer: RawPeer
     await s.close()
     digit = s.digits.get_nowait()
     assert (digit.digit, digit.method) == ("5", DtmfMethod.INBAND)
+
+
+# -- media source: symmetric RTP without injection ----------------------------------------
+
+SDP = ("192.0.2.10", 4000)  # the filter is pure: documentation addresses, no packets
+ACCEPT, LEARN, DROP = SourceVerdict.ACCEPT, SourceVerdict.LEARN, SourceVerdict.DROP
+
+
+def test_filter_accepts_the_sdp_address_and_nothing_else_once_heard() -> None:
+    f = RtpSourceFilter(["203.0.113.5"])
+    f.set_remote(SDP)
+    assert f.check(SDP) is LEARN and f.check(("198.51.100.7", 4000)) is DROP
+    assert not f.learn(SDP)  # it was already where we send
+    assert f.check(SDP) is ACCEPT and f.send_to == SDP
+    # Heard: neither its IP on another port nor the signalling peer may latch any more.
+    assert f.check(("192.0.2.10", 4002)) is DROP
+    assert f.check(("203.0.113.5", 4000)) is DROP
+    assert not f.learn(("192.0.2.10", 4002)) and f.latched is None
+
+
+def test_filter_latches_a_nat_rewritten_port_only_before_the_sdp_address_is_heard() -> None:
+    f = RtpSourceFilter()
+    f.set_remote(SDP)
+    nat = ("192.0.2.10", 61000)
+    assert f.check(nat) is LEARN and f.check(("192.0.2.11", 4000)) is DROP
+    assert f.learn(nat) and f.send_to == nat
+    assert f.check(nat) is ACCEPT
+    assert f.check(("192.0.2.10", 61002)) is DROP  # one latch, the first
+    # The SDP address heard after the latch wins: the latched source is dropped.
+    assert f.check(SDP) is LEARN
+    assert f.learn(SDP) and f.send_to == SDP and f.latched is None
+    assert f.check(nat) is DROP
+
+
+def test_filter_latches_a_trusted_host_for_a_phone_behind_nat() -> None:
+    f = RtpSourceFilter(["203.0.113.5", "2001:DB8::0:1"])
+    f.set_remote(("10.0.0.8", 4000))  # a private address in SDP
+    public = ("203.0.113.5", 31000)
+    assert f.check(("198.51.100.7", 31000)) is DROP
+    assert f.check(("2001:db8::1", 5004)) is LEARN  # trusted hosts compare normalised
+    assert f.learn(public) and f.send_to == public and f.check(public) is ACCEPT
+    assert f.check(("2001:db8::1", 5004)) is DROP
+
+
+def test_filter_forgets_on_a_new_sdp_address_but_not_on_hold() -> None:
+    f = RtpSourceFilter()
+    f.set_remote(SDP)
+    nat = ("192.0.2.10", 61000)
+    f.learn(nat)
+    assert not f.set_remote(SDP)  # same address: a re-INVITE for a codec change
+    assert not f.set_remote(("0.0.0.0", 4000)) and not f.set_remote(("192.0.2.10", 0))
+    assert f.latched == nat and f.send_to == nat  # hold does not move the far end's media
+    moved = ("192.0.2.20", 5000)
+    assert f.set_remote(moved) and f.send_to == moved and f.latched is None
+    assert f.check(nat) is DROP and f.check(moved) is LEARN
+    assert f.check(("192.0.2.20", 5002)) is LEARN  # latching may happen again
+
+
+def test_filter_latch_any_source_is_the_opt_in_first_source_rule() -> None:
+    f = RtpSourceFilter(latch_any_source=True)
+    f.set_remote(SDP)
+    relay = ("198.51.100.7", 40000)
+    assert f.check(relay) is LEARN and f.learn(relay) and f.send_to == relay
+    assert f.check(("198.51.100.8", 40000)) is DROP
+    assert f.learn(SDP) and f.check(relay) is DROP  # the SDP address still wins
+
+
+def events(digit: str, *, ssrc: int, seq: int, start_ts: int) -> list[bytes]:
+    """One complete RFC 4733 key press: growing durations, then three end (E bit) packets,
+    all carrying the event's start timestamp."""
+    return [
+        RtpPacket(TE, (seq + i) % 65536, start_ts, ssrc, payload, marker).serialize()
+        for i, (payload, marker, _) in enumerate(rfc4733_packets(digit, duration_ms=100))
+    ]
+
+
+PRESS = len(rfc4733_packets("0", duration_ms=100))  # packets per key press
+
+
+def flood(digit: str, presses: int, *, ssrc: int = 0x5EED) -> list[bytes]:
+    return [
+        packet
+        for n in range(presses)
+        for packet in events(digit, ssrc=ssrc, seq=n * 10, start_ts=n * 8000)
+    ]
+
+
+async def free_udp_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+async def close_peers(*peers: RawPeer) -> None:
+    for p in peers:
+        assert p.transport is not None
+        p.transport.close()
+
+
+async def test_rfc4733_from_a_stranger_is_dropped_and_counted(pacer: Pacer, peer: RawPeer) -> None:
+    """Issue 13: a stranger's "7" events reached the digit queue (acknowledging an alert)."""
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    stranger = await raw_peer("127.0.0.2")
+    await s.open()
+    before = dropped("foreign_source")
+    try:
+        s.configure(negotiated(peer.port))
+        attack = flood("7", 5)
+        for data in attack:  # first, before the far end has said a word
+            stranger.send(data, s.local_port)
+        await wait_for(lambda: s.stats.foreign == len(attack))
+        for data in events("3", ssrc=42, seq=100, start_ts=16000):
+            peer.send(data, s.local_port)
+        async with asyncio.timeout(3):
+            digit = await s.digits.get()
+        for data in flood("7", 2):  # and again once the SDP address was heard
+            stranger.send(data, s.local_port)
+        await wait_for(lambda: s.stats.foreign == len(attack) + 2 * PRESS)
+        await asyncio.sleep(0.3)  # longer than the event receiver's timeout
+        assert s.digits.empty()
+        assert s.remote_address == (HOST, peer.port)
+        stats = s.stats
+    finally:
+        await s.close()
+        await close_peers(stranger)
+    assert (digit.digit, digit.method) == ("3", DtmfMethod.RFC4733)
+    assert stats.packets_received == PRESS  # the stranger's packets were not even parsed
+    assert dropped("foreign_source") - before == stats.foreign
+
+
+async def test_sdp_address_heard_after_a_latch_drops_the_latched_source(pacer: Pacer) -> None:
+    sdp_peer, nat_peer = await raw_peer(), await raw_peer()  # same IP, other port
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(sdp_peer.port))
+        nat_peer.send(rtp(0, b"\xff" * 160, ssrc=1), s.local_port)
+        await wait_for(lambda: s.remote_address == (HOST, nat_peer.port))
+        sdp_peer.send(rtp(0, b"\xff" * 160, ssrc=2), s.local_port)
+        await wait_for(lambda: s.remote_address == (HOST, sdp_peer.port))
+        sdp_peer.drain()
+        assert (await sdp_peer.next()).payload_type == 0  # our stream is back on the SDP
+        for data in events("7", ssrc=1, seq=1, start_ts=800):
+            nat_peer.send(data, s.local_port)
+        await wait_for(lambda: s.stats.foreign == PRESS)
+        await asyncio.sleep(0.3)
+        assert s.digits.empty() and s.stats.packets_received == 2
+    finally:
+        await s.close()
+        await close_peers(sdp_peer, nat_peer)
+
+
+async def test_same_ip_other_port_is_foreign_once_the_sdp_address_is_heard(
+    pacer: Pacer, peer: RawPeer
+) -> None:
+    late = await raw_peer()
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        peer.send(rtp(0, b"\xff" * 160), s.local_port)
+        await wait_for(lambda: s.stats.packets_received == 1)
+        late.send(rtp(1, b"\xff" * 160, ssrc=5), s.local_port)
+        await wait_for(lambda: s.stats.foreign == 1)
+        assert s.remote_address == (HOST, peer.port) and s.stats.packets_received == 1
+    finally:
+        await s.close()
+        await close_peers(late)
+
+
+async def test_trusted_signalling_host_is_latched_for_a_phone_behind_nat(pacer: Pacer) -> None:
+    """SDP names a "private" address nobody sends from (127.0.0.3); the phone's packets come
+    from its signalling address (127.0.0.2); a third host (127.0.0.4) may not latch."""
+    phone, stranger = await raw_peer("127.0.0.2"), await raw_peer("127.0.0.4")
+    s = MediaSession(local_host=HOST, pacer=pacer, trusted_hosts=["127.0.0.2"])
+    await s.open()
+    try:
+        s.configure(negotiated(await free_udp_port("127.0.0.3"), host="127.0.0.3"))
+        for data in events("7", ssrc=9, seq=0, start_ts=0):
+            stranger.send(data, s.local_port)
+        await wait_for(lambda: s.stats.foreign == PRESS)
+        for data in events("1", ssrc=8, seq=0, start_ts=0):
+            phone.send(data, s.local_port)
+        async with asyncio.timeout(3):
+            digit = await s.digits.get()
+        assert s.remote_address == ("127.0.0.2", phone.port)
+        phone.drain()
+        assert (await phone.next()).payload_type == 0  # our stream follows the latch
+        await asyncio.sleep(0.3)
+        assert s.digits.empty()
+    finally:
+        await s.close()
+        await close_peers(phone, stranger)
+    assert digit.digit == "1"
+
+
+async def test_latch_any_source_opt_in_latches_an_unrelated_address(pacer: Pacer) -> None:
+    relay = await raw_peer("127.0.0.4")
+    s = MediaSession(local_host=HOST, pacer=pacer, latch_any_source=True)
+    await s.open()
+    try:
+        s.configure(negotiated(await free_udp_port("127.0.0.3"), host="127.0.0.3"))
+        for data in events("2", ssrc=3, seq=0, start_ts=0):
+            relay.send(data, s.local_port)
+        async with asyncio.timeout(3):
+            digit = await s.digits.get()
+        assert digit.digit == "2" and s.remote_address == ("127.0.0.4", relay.port)
+    finally:
+        await s.close()
+        await close_peers(relay)
