@@ -1,0 +1,117 @@
+"""A stranger on the network cannot press keys in a call (issue 13, item 3).
+
+SIPp is the far end and presses "1" from its recorded RFC 2833 pcap; meanwhile a stranger on
+127.0.0.2, who is neither the call's SDP address nor its signalling peer, floods the call's
+media port with RFC 4733 "7" events from before the far end's first packet. Only the "1"
+may arrive: a "7" would acknowledge an alert on someone else's behalf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from gateway.call import Call, Gateway, GatewayConfig
+from gateway.media.dtmf import rfc4733_packets
+from gateway.media.rtp import RtpPacket
+from gateway.media.session import MediaStats
+from tests.integration.peers import dtmf_pcap, sipp
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
+
+STRANGER = "127.0.0.2"
+TE = 101  # the telephone-event payload type SIPp's SDP offers and answers
+
+
+def dropped_foreign() -> float:
+    value = REGISTRY.get_sample_value(
+        "ackline_rtp_dropped_packets_total", {"reason": "foreign_source"}
+    )
+    return value or 0.0
+
+
+@dataclass
+class Flood:
+    sent: int = 0
+
+
+@asynccontextmanager
+async def stranger_flood(digit: str, port: int) -> AsyncIterator[Flood]:
+    """Send complete RFC 4733 key presses of ``digit`` (end bit set, one start timestamp per
+    press) from ``STRANGER`` to 127.0.0.1:``port``, one press every 50 ms, while in the block."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=(STRANGER, 0)
+    )
+    flood = Flood()
+    press = rfc4733_packets(digit, duration_ms=100)
+
+    async def run() -> None:
+        seq = itertools.count(1000)
+        for n in range(2000):  # 100 s at most; the test ends it long before
+            for payload, marker, _ in press:
+                data = RtpPacket(TE, next(seq) % 65536, n * 1600, 0x5EED, payload, marker)
+                transport.sendto(data.serialize(), ("127.0.0.1", port))
+                flood.sent += 1
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(run())
+    try:
+        yield flood
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        transport.close()
+
+
+async def collect_under_flood(call: Call) -> tuple[str, str, MediaStats]:
+    """The first digit ``call`` collects while the stranger floods it, all its digits after
+    half a second more of flood, and the media counters."""
+    media = call.media
+    assert media is not None
+    async with stranger_flood("7", media.local_port) as flood:
+        async with asyncio.timeout(10):  # under way well before SIPp's key press (1.5 s)
+            while flood.sent < 3 * len(rfc4733_packets("7", duration_ms=100)):
+                await asyncio.sleep(0.01)
+        first = await call.collect(max_digits=1, timeout=15)
+        await asyncio.sleep(0.5)
+    return first, call.digits, media.stats
+
+
+@pytest.mark.parametrize("direction", ["outbound", "inbound"])
+async def test_strangers_rfc4733_flood_presses_no_key(tmp_path: Path, direction: str) -> None:
+    before = dropped_foreign()
+    pcap = str(dtmf_pcap("1"))
+    if direction == "outbound":
+        with sipp(
+            "uas_answer_dtmf.xml", tmp_path, RING_MS="0", PAUSE_MS="1500", PCAP=pcap, CODECS="0"
+        ) as peer:
+            async with Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
+                call = await gateway.dial(f"sip:+15550140@{peer.address}", ring_timeout=10)
+                assert call.answered, call.result
+                first, digits, stats = await collect_under_flood(call)
+                await asyncio.wait_for(call.hangup(), 10)
+            sipp_status, sipp_logs = await asyncio.to_thread(peer.wait, 15), peer.logs()
+    else:
+        outcome: list[tuple[str, str, MediaStats]] = []
+
+        async def on_incoming(call: Call) -> None:
+            outcome.append(await collect_under_flood(call))  # then the gateway hangs up
+
+        async with Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming) as gateway:
+            host, port = gateway.address("udp")
+            with sipp("uac_dtmf.xml", tmp_path, remote=f"{host}:{port}", PAUSE_MS="1500",
+                      PCAP=pcap) as peer:  # fmt: skip
+                sipp_status, sipp_logs = await asyncio.to_thread(peer.wait, 30), peer.logs()
+        [(first, digits, stats)] = outcome
+    assert (first, digits) == ("1", "1")  # SIPp's key arrived, and no "7" before or after it
+    assert stats.foreign > 0
+    assert sipp_status == 0, sipp_logs  # it saw our answer, and our BYE after its key press
+    assert dropped_foreign() - before >= stats.foreign
