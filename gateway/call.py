@@ -520,7 +520,10 @@ class Call:
         config = self.gateway.config
         self.call_id = new_call_id(config.host)
         self.media = MediaSession(
-            local_host=config.host, pacer=self.gateway.pacer, port_range=config.rtp_ports
+            local_host=config.host,
+            pacer=self.gateway.pacer,
+            port_range=config.rtp_ports,
+            trusted_hosts=[self.peer.host],  # NAT: RTP from where the SIP comes from
         )
         rtp_port = await self.media.open()
         self._offer = create_offer(config.host, rtp_port)
@@ -696,7 +699,10 @@ class Call:
         ctx.respond(100)
         config = self.gateway.config
         self.media = MediaSession(
-            local_host=config.host, pacer=self.gateway.pacer, port_range=config.rtp_ports
+            local_host=config.host,
+            pacer=self.gateway.pacer,
+            port_range=config.rtp_ports,
+            trusted_hosts=[self.peer.host],  # NAT: RTP from where the SIP comes from
         )
         rtp_port = await self.media.open()
         answer_body: bytes

@@ -27,6 +27,7 @@ from tests.integration.peers import dtmf_pcap, sipp
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
 STRANGER = "127.0.0.2"
+NAT_PRIVATE = "127.0.0.5"  # what a phone behind NAT puts in its SDP; nothing sends from it
 TE = 101  # the telephone-event payload type SIPp's SDP offers and answers
 
 
@@ -71,9 +72,16 @@ async def stranger_flood(digit: str, port: int) -> AsyncIterator[Flood]:
         transport.close()
 
 
-async def collect_under_flood(call: Call) -> tuple[str, str, MediaStats]:
-    """The first digit ``call`` collects while the stranger floods it, all its digits after
-    half a second more of flood, and the media counters."""
+@dataclass
+class Collected:
+    first: str  # the first digit collected
+    digits: str  # all digits, after half a second more of flood
+    stats: MediaStats
+    sends_to: tuple[str, int] | None  # where our RTP went by then
+
+
+async def collect_under_flood(call: Call) -> Collected:
+    """What ``call`` collects while the stranger floods it."""
     media = call.media
     assert media is not None
     async with stranger_flood("7", media.local_port) as flood:
@@ -82,7 +90,7 @@ async def collect_under_flood(call: Call) -> tuple[str, str, MediaStats]:
                 await asyncio.sleep(0.01)
         first = await call.collect(max_digits=1, timeout=15)
         await asyncio.sleep(0.5)
-    return first, call.digits, media.stats
+    return Collected(first, call.digits, media.stats, media.remote_address)
 
 
 @pytest.mark.parametrize("direction", ["outbound", "inbound"])
@@ -96,11 +104,11 @@ async def test_strangers_rfc4733_flood_presses_no_key(tmp_path: Path, direction:
             async with Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
                 call = await gateway.dial(f"sip:+15550140@{peer.address}", ring_timeout=10)
                 assert call.answered, call.result
-                first, digits, stats = await collect_under_flood(call)
+                got = await collect_under_flood(call)
                 await asyncio.wait_for(call.hangup(), 10)
             sipp_status, sipp_logs = await asyncio.to_thread(peer.wait, 15), peer.logs()
     else:
-        outcome: list[tuple[str, str, MediaStats]] = []
+        outcome: list[Collected] = []
 
         async def on_incoming(call: Call) -> None:
             outcome.append(await collect_under_flood(call))  # then the gateway hangs up
@@ -110,8 +118,48 @@ async def test_strangers_rfc4733_flood_presses_no_key(tmp_path: Path, direction:
             with sipp("uac_dtmf.xml", tmp_path, remote=f"{host}:{port}", PAUSE_MS="1500",
                       PCAP=pcap) as peer:  # fmt: skip
                 sipp_status, sipp_logs = await asyncio.to_thread(peer.wait, 30), peer.logs()
-        [(first, digits, stats)] = outcome
-    assert (first, digits) == ("1", "1")  # SIPp's key arrived, and no "7" before or after it
-    assert stats.foreign > 0
+        [got] = outcome
+    assert (got.first, got.digits) == ("1", "1")  # SIPp's key, and no "7" before or after it
+    assert got.stats.foreign > 0
     assert sipp_status == 0, sipp_logs  # it saw our answer, and our BYE after its key press
-    assert dropped_foreign() - before >= stats.foreign
+    assert dropped_foreign() - before >= got.stats.foreign
+
+
+@pytest.mark.parametrize("direction", ["outbound", "inbound"])
+async def test_phone_behind_nat_is_latched_by_its_signalling_address(
+    tmp_path: Path, direction: str
+) -> None:
+    """SIPp's SDP names a private address it never sends from; its RTP comes from the
+    address of its SIP. The call latches to that (a trusted host) and hears its key, while
+    the stranger, who sends first, is still refused."""
+    pcap = str(dtmf_pcap("1"))
+    if direction == "outbound":
+        with sipp(
+            "uas_nat_answer_dtmf.xml",
+            tmp_path,
+            PAUSE_MS="1500",
+            PCAP=pcap,
+            SDP_MEDIA_IP=NAT_PRIVATE,
+        ) as peer:
+            async with Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
+                call = await gateway.dial(f"sip:+15550141@{peer.address}", ring_timeout=10)
+                assert call.answered, call.result
+                got = await collect_under_flood(call)
+                await asyncio.wait_for(call.hangup(), 10)
+            sipp_status, sipp_logs = await asyncio.to_thread(peer.wait, 15), peer.logs()
+    else:
+        outcome: list[Collected] = []
+
+        async def on_incoming(call: Call) -> None:
+            outcome.append(await collect_under_flood(call))
+
+        async with Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming) as gateway:
+            host, port = gateway.address("udp")
+            with sipp("uac_nat_dtmf.xml", tmp_path, remote=f"{host}:{port}", PAUSE_MS="1500",
+                      PCAP=pcap, SDP_MEDIA_IP=NAT_PRIVATE) as peer:  # fmt: skip
+                sipp_status, sipp_logs = await asyncio.to_thread(peer.wait, 30), peer.logs()
+        [got] = outcome
+    assert (got.first, got.digits) == ("1", "1")
+    assert got.sends_to is not None and got.sends_to[0] == "127.0.0.1"  # latched, not the SDP's
+    assert got.stats.foreign > 0  # the stranger's flood
+    assert sipp_status == 0, sipp_logs
