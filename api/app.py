@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -87,17 +88,22 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         """Say exactly which field is wrong; nothing has been changed."""
-        detail = [
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        ]
-        return JSONResponse({"detail": detail}, status_code=422)
+        return JSONResponse({"detail": [_validation_message(e) for e in exc.errors()]}, 422)
 
     for router in (alerts.router, config.router, carriers.router, audit.router, webhooks.router,
                    twilio_voice.router, health.router, metrics.router):  # fmt: skip
         app.include_router(router)
     app.include_router(webphone.router)  # off until app.state.webphone is set
     return app
+
+
+def _validation_message(error: Mapping[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    cause = error.get("ctx", {}).get("error")
+    if error.get("type") == "json_invalid" and cause:
+        message = f"{message}: {cause}"
+    return f"{where}: {message}"
 
 
 async def run_worker(

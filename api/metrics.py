@@ -9,6 +9,8 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.json_body import StrictJsonRoute
+
 REQUESTS = Counter("ackline_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram(
     "ackline_http_request_seconds",
@@ -17,7 +19,7 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJsonRoute)
 
 
 @router.get("/metrics", include_in_schema=False)

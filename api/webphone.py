@@ -42,6 +42,7 @@ from fastapi.responses import HTMLResponse
 from numpy.typing import NDArray
 from pydantic import BaseModel, Field
 
+from api.json_body import StrictJsonRoute
 from api.webphone_page import CONTENT_SECURITY_POLICY, PAGE
 from gateway.call import Call, CallEnded, Gateway, parse_target
 from gateway.media.session import MediaSession, MediaSessionClosed
@@ -564,7 +565,7 @@ class DtmfIn(BaseModel):
     method: Literal["rfc4733", "sip_info", "inband"] = "rfc4733"
 
 
-router = APIRouter(tags=["webphone"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["webphone"])
 
 
 async def get_webphone(request: Request) -> Webphone:

@@ -9,11 +9,12 @@ from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
 from api.deps import RuntimeDep, TenantDep, context
+from api.json_body import StrictJsonRoute
 from api.routes.schemas import AlertAccepted, AlertOut, Error
 from escalation.engine import AlertIn, UnknownPolicy
 from escalation.models import AlertState
 
-router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
+router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/alerts", tags=["alerts"])
 _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": Error}, 404: {"model": Error}, 409: {"model": Error}, 422: {"model": Error}
 }  # fmt: skip

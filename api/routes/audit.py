@@ -10,10 +10,11 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from api.deps import RuntimeDep, TenantDep
+from api.json_body import StrictJsonRoute
 from escalation import crud
 from escalation.audit import STABLE_FIELDS
 
-router = APIRouter(prefix="/v1", tags=["audit"])
+router = APIRouter(route_class=StrictJsonRoute, prefix="/v1", tags=["audit"])
 CSV_FIELDS = (*STABLE_FIELDS, "event", "recipient_id")
 
 

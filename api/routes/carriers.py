@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 
 from api.deps import RuntimeDep, TenantDep, context
+from api.json_body import StrictJsonRoute
 from api.routes.schemas import Error
 from carriers.health import probe_ok
 from carriers.router import CarrierRouter
@@ -22,7 +23,7 @@ from carriers.store import TrunkChanges, TrunkStore, apply_overrides, trunk_chan
 from carriers.trunk import Trunk
 from escalation.runner import RedisBus
 
-router = APIRouter(prefix="/v1/carriers", tags=["carriers"])
+router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/carriers", tags=["carriers"])
 _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": Error}, 404: {"model": Error}, 422: {"model": Error}, 503: {"model": Error}
 }  # fmt: skip

@@ -8,11 +8,12 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Response
 
 from api.deps import RuntimeDep, TenantDep
+from api.json_body import StrictJsonRoute
 from api.routes.schemas import Error
 from escalation import crud
 from escalation.config import ConfigError, Group, Policy, Recipient
 
-router = APIRouter(prefix="/v1", tags=["configuration"])
+router = APIRouter(route_class=StrictJsonRoute, prefix="/v1", tags=["configuration"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Error}, 404: {"model": Error}, 409: {"model": Error}, 422: {"model": Error}
 }  # fmt: skip

@@ -17,6 +17,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 
 from api.channels import default_ack_flow, policy_flows
 from api.deps import Runtime, RuntimeDep
+from api.json_body import StrictJsonRoute
 from api.routes.webhooks import verified_twilio_form
 from carriers.twilio_voice import CallEvents, voice_webhook_urls
 from escalation.channels.voice import EARLY_OUTCOMES
@@ -24,7 +25,9 @@ from escalation.models import AlertState
 from ivr import twiml
 from ivr.flow import Flow
 
-router = APIRouter(prefix="/v1/webhooks/twilio/voice", tags=["webhooks"])
+router = APIRouter(
+    route_class=StrictJsonRoute, prefix="/v1/webhooks/twilio/voice", tags=["webhooks"]
+)
 CONTEXT_KEYS = ("alert", "notification", "policy")
 
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Form, Header, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse
 
 from api.deps import Runtime, RuntimeDep, context
+from api.json_body import StrictJsonRoute
 from escalation.channels.signing import verify_ack
 from escalation.channels.sms import (
     parse_inbound_sms,
@@ -20,7 +21,7 @@ from escalation.channels.sms import (
 from escalation.channels.telegram import check_telegram_secret, parse_telegram_update
 from escalation.models import AlertState
 
-router = APIRouter(prefix="/v1", tags=["webhooks"])
+router = APIRouter(route_class=StrictJsonRoute, prefix="/v1", tags=["webhooks"])
 TELEGRAM_CHANNELS = ("telegram", "telegram_voice")
 
 

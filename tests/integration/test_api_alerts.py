@@ -181,6 +181,30 @@ async def test_bad_input_is_a_clear_4xx_and_changes_nothing(
         assert (await api.client.get("/v1/audit", headers=KEY)).json() == []
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"title": "x", "policy": "page", "details": {"load": NaN}}',
+        b'{"title": "x", "policy": "page", "details": {"load": [1, Infinity]}}',
+        b'{"title": "x", "policy": "page", "details": {"load": {"min": -Infinity}}}',
+    ],
+)
+async def test_non_finite_numbers_are_rejected_and_change_nothing(
+    sqlite_url: str, tmp_path: Path, raw: bytes
+) -> None:
+    """`NaN` and `Infinity` are not JSON (RFC 8259), though Python's parser takes them: an
+    alert carrying one could never be shown again (the response encoder refuses it)."""
+    async with running(sqlite_url, tmp_path) as api:
+        headers = {**KEY, "content-type": "application/json"}
+        r = await api.client.post("/v1/alerts", content=raw, headers=headers)
+        assert r.status_code == 422, r.text
+        assert "only finite numbers are accepted" in str(r.json()["detail"])
+        assert await api.counts() == (0, 0)
+        # the same route still takes a finite number
+        ok = raw.replace(b"-Infinity", b"-1").replace(b"Infinity", b"1").replace(b"NaN", b"0.5")
+        assert (await api.client.post("/v1/alerts", content=ok, headers=headers)).status_code == 202
+
+
 async def test_ack_and_resolve_endpoints(db_url: str, tmp_path: Path) -> None:
     async with running(db_url, tmp_path, voice=lambda _n: None) as api:
         alert_id = (await api.post_alert(policy="ring")).json()["id"]
