@@ -14,6 +14,9 @@ import signal
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
+import redis.exceptions
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -25,6 +28,7 @@ from api.routes import alerts, audit, carriers, config, health, twilio_voice, we
 from api.settings import Settings
 from escalation.channels.base import Channel
 from escalation.crud import sync_config
+from escalation.outage import RETRY_AFTER_SECONDS, FailureLog, down_dependency
 from escalation.runner import Worker
 
 log = logging.getLogger(__name__)
@@ -51,9 +55,19 @@ async def stop_runtime(runtime: Runtime) -> None:
     runtime.audit.close()
 
 
+# Of the drain timeout, what the process needs after the worker has drained: the gateway's
+# hang-ups, closing pools and connections.
+TEARDOWN_RESERVE = 3.0
+
+
 def _worker(runtime: Runtime, channels: Mapping[str, Channel]) -> Worker:
+    settings = runtime.settings
     return Worker(
-        runtime.engine, runtime.bus, channels, poll_interval=runtime.settings.poll_interval
+        runtime.engine,
+        runtime.bus,
+        channels,
+        poll_interval=settings.poll_interval,
+        drain_timeout=max(1.0, settings.drain_timeout - TEARDOWN_RESERVE),
     )
 
 
@@ -90,6 +104,9 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
         """Say exactly which field is wrong; nothing has been changed."""
         return JSONResponse({"detail": [_validation_message(e) for e in exc.errors()]}, 422)
 
+    for error in _DEPENDENCY_ERRORS:
+        app.add_exception_handler(error, _dependency_failure)
+
     for router in (alerts.router, config.router, carriers.router, audit.router, webhooks.router,
                    twilio_voice.router, health.router, metrics.router):  # fmt: skip
         app.include_router(router)
@@ -104,6 +121,38 @@ def _validation_message(error: Mapping[str, Any]) -> str:
     if error.get("type") == "json_invalid" and cause:
         message = f"{message}: {cause}"
     return f"{where}: {message}"
+
+
+# What a request meets when PostgreSQL or Redis is unreachable (see escalation.outage).
+_DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.DBAPIError,
+    sqlalchemy.exc.TimeoutError,
+    asyncpg.exceptions.PostgresError,
+    asyncpg.exceptions.InterfaceError,
+    redis.exceptions.RedisError,
+    OSError,
+)
+
+
+async def _dependency_failure(request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After when a dependency is down: nothing was stored (or, if the
+    connection broke during the commit, at most the one alert a retry with the same
+    Idempotency-Key finds again). Anything else from these libraries is a bug: logged
+    with its traceback and answered 500 without one."""
+    dependency = down_dependency(exc)
+    if dependency is None:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error"}, 500)
+    _outages.failed(exc)
+    return JSONResponse(
+        {"detail": f"{dependency} unavailable, retry later", "unavailable": dependency.value,
+         "retry_after": RETRY_AFTER_SECONDS},
+        503,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )  # fmt: skip
+
+
+_outages = FailureLog(log, "an API request")
 
 
 async def run_worker(

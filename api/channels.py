@@ -204,6 +204,7 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
         channels["voice"] = VoiceChannel(
             services.dialer,
             ring_timeout=settings.voice_ring_timeout,
+            max_call=settings.voice_max_call,
             flow=default_ack_flow(settings),
             flows=policy_flows(config),
         )

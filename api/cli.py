@@ -12,6 +12,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -440,8 +441,14 @@ async def _serve(
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            _exit_after(settings.drain_timeout + EXIT_GRACE)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     prompts = _prompt_cache(voice)
 
     def on_call_ended(result: CallResult) -> None:
@@ -479,8 +486,12 @@ async def _serve(
             api.state.webphone = Webphone(gateway)
             stack.push_async_callback(api.state.webphone.close)
         server = uvicorn.Server(
-            uvicorn.Config(api, host=http_host, port=http_port, log_level="warning", lifespan="on")
-        )
+            uvicorn.Config(
+                api, host=http_host, port=http_port, log_level="warning", lifespan="on",
+                # open keep-alive connections must not hold the drain up
+                timeout_graceful_shutdown=1,
+            )
+        )  # fmt: skip
         served = asyncio.create_task(server.serve())
         stopped = asyncio.create_task(stop.wait())
         print(f"api listening on http://{http_host}:{http_port}", file=sys.stderr, flush=True)
@@ -488,6 +499,25 @@ async def _serve(
         server.should_exit = True
         stopped.cancel()
         await served
+
+
+# After the drain timeout, how long the process may still take before it is cut short.
+EXIT_GRACE = 2.0
+
+
+def _exit_after(seconds: float) -> None:
+    """A stop promises an exit within the drain timeout. Whatever still hangs after it
+    (a dependency that never answers a close) is cut short: the process exits with status
+    1, and the leases of sends it did not hand back run out for other workers to take."""
+
+    def expire() -> None:
+        print(f"error: still stopping after {seconds:g}s; exiting now", file=sys.stderr,
+              flush=True)  # fmt: skip
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 async def _answer_with(

@@ -11,10 +11,13 @@ it is up (`freeze_startup_objects`), and ends its background tasks with `cancel_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from gateway.aio import cancel_and_wait
+
+__all__ = ["cancel_and_wait", "freeze_startup_objects", "run"]
 
 T = TypeVar("T")
 
@@ -36,10 +39,3 @@ def freeze_startup_objects() -> None:
     process is ready; what it creates later is collected as usual."""
     gc.collect()
     gc.freeze()
-
-
-async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Stop a background task and wait until it has (its `finally` blocks have run)."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

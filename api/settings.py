@@ -48,6 +48,9 @@ class Settings(BaseModel):
     embedded_worker: bool | None = None  # None: run the worker in-process unless Redis is set
     lease_seconds: float = 30.0
     poll_interval: float = 1.0
+    # SIGTERM: the process stops taking work, lets deliveries in flight end, hands the
+    # rest back to other workers and exits within this many seconds.
+    drain_timeout: float = Field(default=10.0, gt=0)
     migrate_on_start: bool = True
     # Channels: each is built only when its settings are present (api/channels.py).
     sip_host: str = "127.0.0.1"  # the gateway's SIP address (listen and advertise)
@@ -56,6 +59,7 @@ class Settings(BaseModel):
     voice_auth_user: str | None = None
     voice_auth_password: str | None = Field(default=None, repr=False)
     voice_ring_timeout: float = 30.0
+    voice_max_call: float = Field(default=300.0, gt=0)  # an answered alert call ends after this
     voice_amd: bool = False  # answering-machine detection before the ack prompt
     voice_machine_message: str | None = None  # left after the beep; None: hang up
     twilio_account_sid: str | None = None
@@ -96,6 +100,7 @@ class Settings(BaseModel):
             embedded_worker=None if worker in (None, "") else _bool(worker, True),
             lease_seconds=float(e.get("ACKLINE_LEASE_SECONDS", "30")),
             poll_interval=float(e.get("ACKLINE_POLL_INTERVAL", "1")),
+            drain_timeout=float(e.get("ACKLINE_DRAIN_TIMEOUT", "10")),
             migrate_on_start=_bool(e.get("ACKLINE_MIGRATE"), True),
             sip_host=e.get("ACKLINE_SIP_HOST", "127.0.0.1"),
             sip_port=int(e.get("ACKLINE_SIP_PORT", "5060")),
@@ -103,6 +108,7 @@ class Settings(BaseModel):
             voice_auth_user=e.get("ACKLINE_VOICE_AUTH_USER") or None,
             voice_auth_password=e.get("ACKLINE_VOICE_AUTH_PASSWORD") or None,
             voice_ring_timeout=float(e.get("ACKLINE_VOICE_RING_TIMEOUT", "30")),
+            voice_max_call=float(e.get("ACKLINE_VOICE_MAX_CALL", "300")),
             voice_amd=_bool(e.get("ACKLINE_VOICE_AMD"), False),
             voice_machine_message=e.get("ACKLINE_VOICE_MACHINE_MESSAGE") or None,
             twilio_account_sid=e.get("TWILIO_ACCOUNT_SID") or None,

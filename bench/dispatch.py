@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
@@ -37,7 +36,14 @@ import yaml
 
 from api.loop import freeze_startup_objects
 from api.loop import run as run_service
-from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
+from bench.services import wait_http_ready, wait_subscribed
+from escalation.channels.base import (
+    DeliveryResult,
+    DeliveryStatus,
+    Notification,
+    ProgressSink,
+    ignore_progress,
+)
 
 PG_ADMIN = os.environ.get("ACKLINE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ACKLINE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
@@ -67,7 +73,12 @@ class StampingCarrier:
         self.ring = ring
         self._hangups: dict[str, asyncio.Event] = {}
 
-    async def send(self, n: Notification) -> DeliveryResult:
+    def deadline(self, n: Notification) -> float:
+        return 60.0
+
+    async def send(
+        self, n: Notification, progress: ProgressSink = ignore_progress
+    ) -> DeliveryResult:
         now = time.time()
         await self.redis.hset(f"{self.prefix}:handoff", n.alert_id, now)
         if not self.ring:
@@ -203,37 +214,6 @@ def line(name: str, values_s: list[float]) -> str:
     ms = [v * 1000 for v in values_s]
     return (f"{name:<34} n={len(ms):<6} p50={pct(ms, 50):7.2f} ms  p99={pct(ms, 99):7.2f} ms"
             f"  max={max(ms, default=float('nan')):7.2f} ms")  # fmt: skip
-
-
-async def _wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise SystemExit("the API process exited during start-up")
-        with contextlib.suppress(httpx.HTTPError):
-            if (await client.get("/readyz")).status_code == 200:
-                return
-        await asyncio.sleep(0.1)
-    raise SystemExit("the API did not become ready")
-
-
-async def _wait_subscribed(prefix: str, workers: int, procs: list[subprocess.Popen[bytes]]) -> None:
-    """Start the load once every worker listens for wake-ups (it claims right after
-    subscribing), not after a guessed pause: a worker still importing would otherwise
-    show up as hand-off latency of the first alerts."""
-    r = aioredis.from_url(REDIS_URL)
-    try:
-        for _ in range(600):
-            for p in procs:
-                if p.poll() is not None:
-                    raise SystemExit(f"a benchmark process exited early ({p.returncode})")
-            [(_, subscribed)] = await r.pubsub_numsub(f"{prefix}:wake")
-            if subscribed >= workers:
-                await asyncio.sleep(0.2)  # the first (empty) claim pass
-                return
-            await asyncio.sleep(0.1)
-        raise SystemExit("the workers did not subscribe")
-    finally:
-        await r.aclose()
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -394,12 +374,12 @@ async def _bench(args: argparse.Namespace) -> int:
             procs.append(api)
             base = f"http://127.0.0.1:{args.port}"
             async with httpx.AsyncClient(base_url=base) as probe:
-                await _wait_ready(probe, api)
+                await wait_http_ready(probe, api)
             for _ in range(args.workers):
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "bench.dispatch", "--role", "worker", *common]
                 ))  # fmt: skip
-            await _wait_subscribed(prefix, args.workers, procs)
+            await wait_subscribed(REDIS_URL, prefix, args.workers, procs)
             freeze_startup_objects()  # no full collection of the client's heap mid-load
             cpu_before = [_cpu_seconds(p.pid) for p in procs], _machine_busy()
             result = await _drive(args, args.port)

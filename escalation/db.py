@@ -68,7 +68,10 @@ class Database:
             kwargs.update(
                 pool_size=pool_size,
                 max_overflow=pool_size,
-                connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},
+                connect_args={
+                    "server_settings": {"plan_cache_mode": "force_custom_plan", **DURABLE_COMMITS},
+                    **CONNECTION_LIMITS,
+                },
             )
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
@@ -107,9 +110,24 @@ class Database:
                         # so skip the reset query and its round trip.
                         reset=_keep_session,
                         max_inactive_connection_lifetime=0,
-                        server_settings=DRIVER_PLANNER,
+                        server_settings={**DRIVER_PLANNER, **DURABLE_COMMITS},
+                        **CONNECTION_LIMITS,
                     )
         return self._driver_pool
+
+    @contextlib.asynccontextmanager
+    async def driver_connection(self) -> AsyncIterator[Any]:
+        """A connection of the driver pool for one transaction. When it turns out to be
+        dead (the server restarted or failed over), every pooled connection is: they are
+        all replaced on their next use, so an outage costs one failed request, not one
+        per pooled connection."""
+        pool = await self.driver_pool()
+        try:
+            async with pool.acquire() as raw:
+                yield raw
+        except _CONNECTION_LOST:
+            await pool.expire_connections()
+            raise
 
     @contextlib.asynccontextmanager
     async def every_driver_connection(self) -> AsyncIterator[list[Any]]:
@@ -173,6 +191,23 @@ class Database:
             self._driver_pool = None
         await self.engine.dispose()
 
+
+# Every transaction commits durably unless it says otherwise (only bookkeeping a crash
+# would merely repeat does: see engine._PG_ASYNC_COMMIT). Set on each connection, so a
+# server tuned with `synchronous_commit = off` (a common setting) cannot turn an answered
+# 202 or an ack into one a crash takes back.
+DURABLE_COMMITS = {"synchronous_commit": "on"}
+# An unreachable server fails a connect within `timeout` seconds, and a statement that
+# hangs (a network partition, a lock held by a stuck session) within `command_timeout`,
+# so a request answers 503 instead of hanging (asyncpg's defaults: 60 s and never).
+CONNECTION_LIMITS = {"timeout": 5.0, "command_timeout": 30.0}
+
+_CONNECTION_LOST = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InterfaceError,
+    ConnectionError,
+)
 
 # The driver connections keep their prepared statements, each planned once (generic
 # plans): planning the claim afresh took longer than running it (0.46 ms against 0.33 ms);

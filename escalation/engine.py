@@ -16,7 +16,7 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -69,6 +69,7 @@ from escalation.models import (
     RecipientRow,
     utcnow,
 )
+from escalation.outage import FailureLog
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,9 @@ class CancelRequest:
 
     alert_id: str
     notifications: tuple[tuple[str, str], ...]  # (notification id, channel)
-    committed_at: float  # time.time() of the commit, for cancel latency
+    # time.time() of the commit, for cancel latency; None when a worker found the closed
+    # alert by itself (its cancel never came)
+    committed_at: float | None
 
 
 class Bus(Protocol):
@@ -170,6 +173,9 @@ class SendTask:
     due_at: datetime
     notification: Notification
     bundled: list[SendTask] = field(default_factory=list)
+    # A worker lost this attempt after the person picked up: it is recorded as answered
+    # without a key instead of being placed again (see NotificationAttempt.answered_at).
+    interrupted: bool = False
 
 
 @dataclass
@@ -209,24 +215,14 @@ _Inserter = Callable[[list[dict[str, Any]], list[dict[str, Any]], "_Effects"], A
 # Cancels every scheduled job/attempt of an alert, returns the in-flight ones (see _cancel_all)
 _Canceller = Callable[[str, datetime], Awaitable[list[tuple[str, str]]]]
 
-# Worker-side transactions (claim, result recording, lease renewal) commit on PostgreSQL
-# without waiting for their WAL flush. What a database crash can lose is the last few
-# hundred milliseconds of them, and each loss is one we already survive when a worker
-# dies: a lost claim leaves the job unleased (it is claimed again), a lost result leaves
-# the job leased to a worker that thinks it is done, so the notification is sent again
-# once the lease expires (at least once, as for a crash between send and record). An
-# ack/resolve and an ingest stay synchronous: their commit flushes the WAL up to their
-# own commit record, so everything they saw, every worker commit before them included,
-# is durable before they answer, and a worker commit lost after them cannot undo them
-# (a claim re-checks the alert's state under its lock). Never set on a transaction that
-# records a person's answer: a channel result that acks (voice: pressed 1) or escalates
-# (pressed 2), or any transaction that closes an alert as acked/resolved, commits
-# synchronously (see _durable).
+# Every transaction that comes before a side effect or records one commits durably (the
+# connections force synchronous_commit on, whatever the server's default: see
+# db.DURABLE_COMMITS): an ingest (the 202 promises the alert), an ack or resolve, a claim
+# (a lost claim after a database crash would hand the same notification out again) and a
+# result (a lost result leaves the job leased to a worker that has forgotten it: it would
+# be sent again when the lease runs out). Only bookkeeping that is simply done again
+# commits without waiting for its WAL flush: lease renewals and the cleanup of old jobs.
 _PG_ASYNC_COMMIT = "SET LOCAL synchronous_commit TO off"
-# On the driver connection a worker transaction starts asynchronous in the same round trip
-# as its BEGIN (simple query protocol: several statements, one message) and one that turns
-# out to carry a person's answer is made synchronous again in its COMMIT's round trip.
-_PG_BEGIN_ASYNC = f"BEGIN; {_PG_ASYNC_COMMIT}"
 # The claim joins a few due jobs to their alerts and attempts: index lookups per job. A
 # planner without statistics (a young table, or a server without autovacuum, where
 # ANALYZE never runs) takes the tables for tiny and hashes all of alerts and attempts
@@ -234,7 +230,6 @@ _PG_BEGIN_ASYNC = f"BEGIN; {_PG_ASYNC_COMMIT}"
 # at 20,000 alerts, against 0.5 ms). Hash and merge joins are off for the ORM claim (the
 # general path; the driver pool's statements plan under db.DRIVER_PLANNER).
 _PG_CLAIM_JOINS = ("SET LOCAL enable_hashjoin TO off", "SET LOCAL enable_mergejoin TO off")
-_PG_COMMIT_DURABLE = "SET LOCAL synchronous_commit TO on; COMMIT"
 
 # The driver-level ingest on PostgreSQL (`Engine._ingest_pg`): the same rows the Core
 # inserts write, as prepared statements. JSON goes in as text (see Database.driver_pool),
@@ -307,9 +302,7 @@ _PG_INGEST = {keyed: _pg_ingest_statement(keyed) for keyed in (True, False)}
 # of triggered alerts leased and their attempts marked in flight, the jobs of closed
 # alerts cancelled. The rows come back as they were before those updates. A due timer
 # among them leaves everything as it was (the updates are guarded by `timers`): the
-# general path then runs the claim. Like every worker transaction it commits without
-# waiting for the WAL flush (_PG_ASYNC_COMMIT), set from inside the statement: a plain
-# `SET LOCAL` would need a transaction block, two round trips more.
+# general path then runs the claim.
 _PG_CLAIM_SENDABLE = (
     f"due.kind = '{JobKind.SEND.value}' AND due.state = '{AlertState.TRIGGERED.value}' "
     "AND NOT timers.found"
@@ -317,7 +310,8 @@ _PG_CLAIM_SENDABLE = (
 _PG_CLAIM = (
     "WITH due AS (SELECT j.id, j.alert_id, j.kind, j.payload, j.due_at, a.state, a.company, "
     "a.short_id, a.title, a.summary, a.severity, a.policy, a.details, a.plan, "
-    "n.id AS attempt_row, n.notification_id, n.attempt, n.channel, n.recipient_id, n.reason "
+    "n.id AS attempt_row, n.notification_id, n.attempt, n.channel, n.recipient_id, n.reason, "
+    "n.answered_at "
     "FROM jobs j JOIN alerts a ON a.id = j.alert_id "
     "LEFT JOIN notification_attempts n ON j.kind = 'send' "
     "AND n.notification_id = j.payload->>'nid' AND n.attempt = (j.payload->>'attempt')::int "
@@ -332,9 +326,8 @@ _PG_CLAIM = (
     "AND NOT timers.found), "
     "marked AS (UPDATE notification_attempts SET status = 'sending', sent_at = $1 "
     f"FROM due, timers WHERE notification_attempts.id = due.attempt_row "
-    f"AND {_PG_CLAIM_SENDABLE}), "
-    "async_commit AS (SELECT set_config('synchronous_commit', 'off', true)) "
-    "SELECT due.* FROM due, async_commit ORDER BY due_at, id"
+    f"AND {_PG_CLAIM_SENDABLE}) "
+    "SELECT due.* FROM due ORDER BY due_at, id"
 )
 
 
@@ -346,9 +339,9 @@ _PG_LOCK_ALERTS = "SELECT * FROM alerts WHERE id = any($1::varchar[]) ORDER BY i
 # pending timer, for the ids).
 _PG_RESULT_ROWS = (
     "SELECT true AS is_job, id, owner, done, NULL::varchar AS notification_id, "
-    "NULL::int AS attempt, NULL::varchar AS channel, NULL::varchar AS recipient_id "
-    "FROM jobs WHERE id = any($1::int[]) UNION ALL "
-    "SELECT false, id, NULL, NULL, notification_id, attempt, channel, recipient_id "
+    "NULL::int AS attempt, NULL::varchar AS channel, NULL::varchar AS recipient_id, "
+    "NULL::varchar AS status FROM jobs WHERE id = any($1::int[]) UNION ALL "
+    "SELECT false, id, NULL, NULL, notification_id, attempt, channel, recipient_id, status "
     "FROM notification_attempts WHERE id = any($2::int[])"
 )
 _PG_RECORD_RESULTS = (
@@ -378,27 +371,6 @@ _PG_CANCEL_ALL = (
     "WHERE alert_id = $1 AND status = 'sending'"
 )
 _PG_LOCK_ALERT = "SELECT * FROM alerts WHERE id = $1 FOR UPDATE"
-
-
-class _WorkerTx:
-    """A transaction on a driver connection (planned under db.DRIVER_PLANNER); a
-    worker's is asynchronous unless marked `durable` before it ends (see
-    _PG_ASYNC_COMMIT, _durable), one begun `durable` commits synchronously throughout."""
-
-    def __init__(self, raw: Any, *, durable: bool = False) -> None:
-        self.raw = raw
-        self.durable = durable
-        self.begin = "BEGIN" if durable else _PG_BEGIN_ASYNC
-
-    async def __aenter__(self) -> _WorkerTx:
-        await self.raw.execute(self.begin)
-        return self
-
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            await self.raw.execute(_PG_COMMIT_DURABLE if self.durable else "COMMIT")
-        elif not self.raw.is_closed():
-            await self.raw.execute("ROLLBACK")
 
 
 async def _pg_cancel_all(raw: Any, alert_id: str, at: datetime) -> list[tuple[str, str]]:
@@ -476,16 +448,15 @@ class _Effects:
     closed: list[str] = field(default_factory=list)
 
 
-_PERSON_ANSWERS = frozenset({DeliveryStatus.ACKNOWLEDGED, DeliveryStatus.ESCALATE})
-_PERSON_CLOSES = frozenset({AlertState.ACKNOWLEDGED.value, AlertState.RESOLVED.value})
-
-
-def _durable(fx: _Effects | None, results: Sequence[DeliveryResult]) -> bool:
-    """Whether a worker transaction must commit synchronously after all: it records a
-    person's answer (pressed 1 to ack, 2 to escalate) or closes an alert as acked/resolved."""
-    if any(r.status in _PERSON_ANSWERS for r in results):
-        return True
-    return fx is not None and any(state in _PERSON_CLOSES for state in fx.closed)
+def _already_recorded(row: Any, member: SendTask, result: DeliveryResult) -> bool:
+    """A result for an attempt that is no longer in flight was committed before: the
+    worker retried a batch whose commit it could not confirm (the connection broke on the
+    way back). Recording it again would write a second audit line for one event."""
+    if row.status == _INFLIGHT:
+        return False
+    log.info("result %s of %s attempt %s was recorded already", result.status.value,
+             member.notification.notification_id, member.notification.attempt)  # fmt: skip
+    return True
 
 
 def short_id() -> str:
@@ -519,6 +490,9 @@ class Engine:
         # A resolved policy's snapshot as JSON text, by the identity of the cached dict
         # (kept here, so the id stays its own): every alert of a policy stores the same.
         self._plan_texts: dict[int, tuple[dict[str, Any], str]] = {}
+        self._audit_failures = FailureLog(log, "writing audit lines after a commit")
+        self._wake_failures = FailureLog(log, "waking workers after a commit")
+        self._cancel_failures = FailureLog(log, "announcing a closed alert to workers")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -687,24 +661,36 @@ class Engine:
         return [(nid, ch) for nid, ch in rows.all()]
 
     async def _after_commit(self, fx: _Effects) -> None:
+        """The side effects of a committed transaction. Never raises: the change is
+        durable, so the caller answers success whatever happens here (a 500 after the
+        commit would tell a client to retry what is already stored). A lost audit line
+        is logged and counted; a lost wake-up only delays the jobs until the workers'
+        next poll; a lost cancel is found by the workers' check of their calls' alerts
+        (`Worker._heartbeat`)."""
         for company, records in fx.audit.items():
-            self.audit.write(company, records)
+            try:
+                self.audit.write(company, records)
+            except OSError as exc:
+                self._audit_failures.failed(exc)
         waiting = [(j.id, j.due_at) for j in fx.jobs if not j.owned]
         if waiting:
-            await self.bus.jobs_added(waiting)
+            try:
+                await self.bus.jobs_added(waiting)
+            except Exception as exc:
+                self._wake_failures.failed(exc)
         for state in fx.closed:
             metrics.ALERTS_CLOSED.labels(state).inc()
         committed = time.time()
         for alert_id, inflight in fx.cancels:
-            await self.bus.alert_closed(CancelRequest(alert_id, tuple(inflight), committed))
+            try:
+                await self.bus.alert_closed(CancelRequest(alert_id, tuple(inflight), committed))
+            except Exception as exc:
+                self._cancel_failures.failed(exc)
 
-    async def _worker_commit(
-        self, s: AsyncSession, fx: _Effects | None = None, results: Sequence[DeliveryResult] = ()
-    ) -> None:
-        """Let this worker-side transaction commit without the WAL flush wait on PostgreSQL
-        (see _PG_ASYNC_COMMIT), unless it carries a person's answer: called last, just
-        before the commit, once it is known what the transaction decided."""
-        if not self.db.is_sqlite and not _durable(fx, results):
+    async def _commit_without_flush(self, s: AsyncSession) -> None:
+        """Let bookkeeping that a crash would only make happen again commit without the
+        WAL flush wait on PostgreSQL (see _PG_ASYNC_COMMIT)."""
+        if not self.db.is_sqlite:
             await s.execute(text(_PG_ASYNC_COMMIT))
 
     async def _lock_alert(self, s: AsyncSession, alert_id: str) -> Alert | None:
@@ -922,9 +908,8 @@ class Engine:
             j.clear()
 
         await self._decide(None, alert, Start(), now, ctx, fx, put)
-        pool = await self.db.driver_pool()
         try:
-            async with pool.acquire() as raw:
+            async with self.db.driver_connection() as raw:
                 row = await raw.fetchrow(
                     _PG_INGEST[idempotency_key is not None],
                     key_hash, idempotency_key, alert.id, now,
@@ -1095,8 +1080,7 @@ class Engine:
         event = Close(state, ctx.actor, reason)
         if not self.db.is_sqlite:
             # the same transaction as prepared SQL on the driver pool (synchronous commit)
-            pool = await self.db.driver_pool()
-            async with pool.acquire() as raw, _WorkerTx(raw, durable=True):
+            async with self.db.driver_connection() as raw, raw.transaction():
                 row = await raw.fetchrow(_PG_LOCK_ALERT, alert_id)
                 if row is None or (company is not None and row["company"] != company):
                     return None
@@ -1212,7 +1196,6 @@ class Engine:
                 more = await s.execute(select(Job).where(col(Job.id).in_([j.id for j in fresh])))
                 sends += list(more.scalars())
             tasks = await self._lease_sends(s, sends, alerts, owner, now, fx)
-            await self._worker_commit(s, fx)
         await self._after_commit(fx)
         return tasks
 
@@ -1226,10 +1209,9 @@ class Engine:
         sends it makes)."""
         now = self.clock()
         fx = _Effects()
-        pool = await self.db.driver_pool()
         tasks: list[SendTask] = []
         lease = now + timedelta(seconds=self.config.lease_seconds)
-        async with pool.acquire() as raw:
+        async with self.db.driver_connection() as raw:
             rows = await raw.fetch(_PG_CLAIM, now, limit, owner, lease)
         if any(
             r["kind"] != JobKind.SEND.value and r["state"] == AlertState.TRIGGERED.value
@@ -1249,7 +1231,8 @@ class Engine:
                                   "recipient_id", "reason")
             }))  # fmt: skip
             n = self._notification(alert, row)
-            tasks.append(SendTask(r["id"], r["attempt_row"], alert.company, r["due_at"], n))
+            tasks.append(SendTask(r["id"], r["attempt_row"], alert.company, r["due_at"], n,
+                                  interrupted=r["answered_at"] is not None))  # fmt: skip
             self._audit(
                 fx, alert, ENGINE, now, event="send", status=_INFLIGHT,
                 reason=row.reason, notification_uuid=row.notification_id,
@@ -1307,7 +1290,8 @@ class Engine:
             job.owner, job.lease_until, job.attempts = owner, lease, job.attempts + 1
             row.status = _INFLIGHT
             task = SendTask(job.id or 0, row.id or 0, alert.company, job.due_at,
-                            self._notification(alert, row))  # fmt: skip
+                            self._notification(alert, row),
+                            interrupted=row.answered_at is not None)  # fmt: skip
             if (
                 limit is not None
                 and key in carriers
@@ -1387,13 +1371,70 @@ class Engine:
             .with_for_update(skip_locked=True)
         )
         async with self.db.session() as s, s.begin():
-            await self._worker_commit(s)
+            await self._commit_without_flush(s)
             await s.execute(
                 update(Job)
                 .where(col(Job.id).in_(mine))
                 .values(lease_until=lease)
                 .execution_options(synchronize_session=False)
             )
+
+    async def release(self, owner: str, job_ids: Sequence[int]) -> None:
+        """Hand jobs back (a worker stopping with sends still running): unleased, they are
+        claimed again at once by another worker instead of after the lease runs out."""
+        if not job_ids:
+            return
+        now = self.clock()
+        fx = _Effects()
+        async with self.db.session() as s, s.begin():
+            res = await s.execute(
+                update(Job)
+                .where(col(Job.id).in_(job_ids), col(Job.owner) == owner, ~col(Job.done))
+                .values(owner=None, lease_until=None)
+                .returning(col(Job.id), col(Job.alert_id), col(Job.kind))
+                .execution_options(synchronize_session=False)
+            )
+            fx.jobs = [
+                NewJob(job_id, alert_id, kind, now)
+                for job_id, alert_id, kind in res
+                if job_id is not None
+            ]
+        await self._after_commit(fx)  # wakes the other workers
+
+    async def mark_answered(self, task: SendTask) -> None:
+        """A person picked up the call of this attempt (see NotificationAttempt.answered_at)."""
+        async with self.db.session() as s, s.begin():
+            await s.execute(
+                update(NotificationAttempt)
+                .where(
+                    col(NotificationAttempt.id) == task.attempt_row,
+                    col(NotificationAttempt.answered_at).is_(None),
+                )
+                .values(answered_at=self.clock())
+                .execution_options(synchronize_session=False)
+            )
+
+    async def inflight_status(
+        self, owner: str, job_ids: Sequence[int], alert_ids: Collection[str]
+    ) -> tuple[set[int], set[str]]:
+        """Of a worker's sends in flight: the jobs no longer leased to it (another worker
+        took them over after the lease ran out, or they were handed back), and the alerts
+        that are no longer triggered (a cancel the worker may not have heard of)."""
+        if not job_ids:
+            return set(), set()
+        async with self.db.session() as s:
+            lost = await s.scalars(
+                select(col(Job.id)).where(
+                    col(Job.id).in_(job_ids),
+                    or_(col(Job.owner).is_(None), col(Job.owner) != owner),
+                )
+            )
+            closed = await s.scalars(
+                select(col(Alert.id)).where(
+                    col(Alert.id).in_(alert_ids), col(Alert.state) != AlertState.TRIGGERED.value
+                )
+            )
+            return {int(job_id) for job_id in lost if job_id is not None}, set(closed)
 
     async def complete(self, task: SendTask, result: DeliveryResult, owner: str) -> None:
         """Record a delivery result (for a bundle: for each member) and decide what's next."""
@@ -1448,6 +1489,8 @@ class Engine:
                         channel=m.notification.channel, attempt=m.notification.attempt,
                     )  # fmt: skip
                     continue
+                if _already_recorded(row, m, result):
+                    continue
                 if not job.done:
                     job.done, job.outcome = True, "done"
                 row.status, row.reason = result.status.value, result.reason
@@ -1456,7 +1499,6 @@ class Engine:
                 metrics.NOTIFICATIONS.labels(row.channel, result.status.value).inc()
                 outcome = Outcome(row.notification_id, row.attempt, result.status, result.reason)
                 await self._decide(s, alert, outcome, now, ENGINE, fx)
-            await self._worker_commit(s, fx, [r for _, r, _ in members])
         await self._after_commit(fx)
 
     async def _complete_pg(
@@ -1468,8 +1510,7 @@ class Engine:
         an alert's cancel-all reads them (as the ORM's flush does) and at the end."""
         fx = _Effects()
         now = self.clock()
-        pool = await self.db.driver_pool()
-        async with pool.acquire() as raw, _WorkerTx(raw) as tx:
+        async with self.db.driver_connection() as raw, raw.transaction():
             alerts = {
                 r["id"]: cast(Alert, SimpleNamespace(**r))
                 for r in await raw.fetch(
@@ -1488,7 +1529,7 @@ class Engine:
                 else:
                     rows[r["id"]] = cast(NotificationAttempt, SimpleNamespace(**{
                         k: r[k] for k in ("id", "notification_id", "attempt", "channel",
-                                          "recipient_id")
+                                          "recipient_id", "status")
                     }))  # fmt: skip
             done: list[int] = []
             recorded: dict[int, tuple[str, str | None, str | None]] = {}  # by attempt row
@@ -1525,6 +1566,8 @@ class Engine:
                         channel=m.notification.channel, attempt=m.notification.attempt,
                     )  # fmt: skip
                     continue
+                if _already_recorded(row, m, result):
+                    continue
                 done.append(m.job_id)  # a job cancelled meanwhile stays cancelled
                 recorded[m.attempt_row] = (result.status.value, result.reason,
                                            result.provider_id)  # fmt: skip
@@ -1536,7 +1579,6 @@ class Engine:
             await flush()
             if decided:
                 await _pg_update_alerts(raw, [a for a in alerts.values() if a.id in decided])
-            tx.durable = _durable(fx, [r for _, r, _ in members])
         await self._after_commit(fx)
 
     async def provider_update(
@@ -1582,7 +1624,7 @@ class Engine:
             .limit(limit)
         )
         async with self.db.session() as s, s.begin():
-            await self._worker_commit(s)  # a lost delete is only done again
+            await self._commit_without_flush(s)  # a lost delete is only done again
             res = await s.execute(
                 delete(Job)
                 .where(col(Job.id).in_(oldest), col(Job.done))

@@ -126,6 +126,9 @@ class NotificationAttempt(SQLModel, table=True):
     scheduled_for: datetime = _ts()
     sent_at: datetime | None = _ts(nullable=True)
     finished_at: datetime | None = _ts(nullable=True)
+    # A person picked up this attempt's call: a worker lost mid-call does not place it
+    # again (Engine.claim hands it out as interrupted instead).
+    answered_at: datetime | None = _ts(nullable=True)
 
 
 class Job(SQLModel, table=True):

@@ -20,14 +20,18 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
 from escalation import metrics
-from escalation.channels.base import Channel, DeliveryResult, DeliveryStatus
+from escalation.channels.base import Channel, DeliveryResult, DeliveryStatus, Progress
 from escalation.engine import CancelRequest, Engine, SendTask
+from escalation.outage import FailureLog
+from gateway.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +94,22 @@ class InProcessBus:
         return None
 
 
+REDIS_CONNECT_TIMEOUT = 2.0
+REDIS_TIMEOUT = 5.0
+# An ingest waits this long for its wake-up to be published; a slower Redis only delays
+# the workers until their next poll of the database, never the answer to the client.
+WAKE_WAIT = 0.5
+
+
 class RedisBus:
     """Timers, wake-ups and cancels over Redis, shared by API and worker processes."""
 
     def __init__(self, url: str, prefix: str = "ackline") -> None:
-        self.redis: aioredis.Redis = aioredis.from_url(url)
+        # A Redis that stops answering (paused, partitioned) fails operations within
+        # seconds instead of never: it is a bus, the database has the work.
+        self.redis: aioredis.Redis = aioredis.from_url(
+            url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT, socket_timeout=REDIS_TIMEOUT
+        )
         self.due_key = f"{prefix}:due"
         self.wake_channel = f"{prefix}:wake"
         self.cancel_channel = f"{prefix}:cancel"
@@ -107,6 +122,7 @@ class RedisBus:
         self._later: dict[str, float] = {}
         self._batch: asyncio.Future[None] | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._wait_failures = FailureLog(log, "asking Redis for due timers")
 
     async def jobs_added(self, jobs: Sequence[tuple[int, datetime]]) -> None:
         """Publish a wake-up; only timers still in the future go into the sorted set (one
@@ -121,7 +137,7 @@ class RedisBus:
         batch = self._batch
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_wake_ups(), name="redis-bus-wake")
-        await asyncio.shield(batch)
+        await asyncio.wait_for(asyncio.shield(batch), WAKE_WAIT)
 
     async def _send_wake_ups(self) -> None:
         while self._batch is not None:
@@ -151,21 +167,31 @@ class RedisBus:
         self._handlers.append(handler)
 
     async def start(self) -> None:
-        self._pubsub = self.redis.pubsub()
-        await self._pubsub.subscribe(self.wake_channel, self.cancel_channel)
+        """Subscribe in the background: a worker starts (and works, polling the database)
+        while Redis is away, and picks its messages up once Redis is back."""
         self._reader = asyncio.create_task(self._read(), name="redis-bus-reader")
 
     async def _read(self) -> None:
         cancel = self.cancel_channel.encode()
+        failures = FailureLog(log, "reading the Redis bus")
+        pause = 0.1
         while True:
             try:
+                if self._pubsub is None:
+                    self._pubsub = self.redis.pubsub()
+                    await self._pubsub.subscribe(self.wake_channel, self.cancel_channel)
                 msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # connection blip: polling the database covers the gap
-                log.exception("redis bus: reading failed; retrying")
-                await asyncio.sleep(0.5)
+            except Exception as exc:  # Redis away: polling the database covers the gap
+                failures.failed(exc)
+                await self._drop_pubsub()
+                # what was published meanwhile is lost: look at the database now
+                self._event.set()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
                 continue
+            pause = 0.1
             if msg is None:
                 continue
             if msg["channel"] == cancel:
@@ -180,20 +206,32 @@ class RedisBus:
             else:
                 self._event.set()
 
+    async def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.aclose(), 1.0)
+
     async def wait(self, timeout: float) -> None:
         if self._event.is_set():
             self._event.clear()
             return
         now = time.time()
+        delay = timeout
         # A timer that came due since the last pass means: run another pass now. Both
         # questions go in one round trip (this runs after every claim pass).
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zremrangebyscore(self.due_key, "-inf", now)
-            pipe.zrange(self.due_key, 0, 0, withscores=True)
-            came_due, head = await pipe.execute()
-        if came_due:
-            return
-        delay = min(timeout, float(head[0][1]) - now) if head else timeout
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(self.due_key, "-inf", now)
+                pipe.zrange(self.due_key, 0, 0, withscores=True)
+                came_due, head = await pipe.execute()
+        except Exception as exc:  # Redis away: plain polling
+            self._wait_failures.failed(exc)
+        else:
+            if came_due:
+                return
+            if head:
+                delay = min(timeout, float(head[0][1]) - now)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), max(0.0, delay))
         self._event.clear()
@@ -202,20 +240,49 @@ class RedisBus:
         return bool(await self.redis.ping())
 
     async def close(self) -> None:
+        """Bounded even when Redis is away: a wake-up batch still on its way gets a
+        second, then the connections are dropped."""
         if self._sender is not None:
             with contextlib.suppress(Exception):
-                await self._sender
+                await asyncio.wait_for(self._sender, 1.0)
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        if self._pubsub is not None:
-            await self._pubsub.aclose()
-        await self.redis.aclose()
+            await cancel_and_wait(self._reader)
+        await self._drop_pubsub()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.redis.aclose(), 1.0)
+
+
+# How long before the end of a drain the sends still running are handed back: enough to
+# hang them up and release their leases in one round trip.
+HANDBACK_RESERVE = 3.0
+# A delivery handed back or given up on has this long to hang up before it is abandoned.
+HANGUP_WAIT = 2.0
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One claimed notification attempt in this worker, from hand-off to recorded result."""
+
+    task: SendTask
+    deadline: float  # loop time past which the send is given up on (Channel.deadline)
+    runner: asyncio.Task[None] | None = None
+    recording: bool = False  # the channel has answered; the result is being committed
+    stopping: bool = False  # hung up: the alert closed, or the send was given up or handed on
+    handed_on: bool = False  # another worker takes it over: record nothing
+
+    @property
+    def job_ids(self) -> list[int]:
+        return [m.job_id for m in (self.task, *self.task.bundled)]
 
 
 class Worker:
-    """Claims due jobs and runs each notification attempt as its own task."""
+    """Claims due jobs and runs each notification attempt as its own task.
+
+    Nothing it holds is open-ended: every send is bounded by its channel's deadline, a
+    lease is renewed only while its send is within that bound (or its result is being
+    recorded), a result is retried until it is committed, and a stop hands the sends still
+    running back to the other workers within `drain_timeout`.
+    """
 
     def __init__(
         self,
@@ -230,6 +297,8 @@ class Worker:
         record_linger: float = 0.01,
         purge_interval: float = 60.0,
         purge_batch: int = 1000,
+        check_interval: float = 2.0,
+        drain_timeout: float = 10.0,
     ) -> None:
         self.engine = engine
         self.bus = bus
@@ -240,29 +309,41 @@ class Worker:
         self.poll_interval = poll_interval
         self.purge_interval = purge_interval  # <= 0: this worker deletes no done jobs
         self.purge_batch = purge_batch
-        self._inflight: dict[str, tuple[str, SendTask, asyncio.Task[None]]] = {}
+        # How often the worker checks its sends against the database: the alerts closed
+        # without their cancel reaching it (Redis down), the jobs another worker took over.
+        self.check_interval = check_interval
+        self.drain_timeout = drain_timeout
+        self._inflight: dict[str, _Flight] = {}
         self._closed: dict[str, float] = {}  # alert id -> when its close was announced
-        self._cancels: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         # Results waiting to be recorded, and the task recording them (group commit)
         self.record_linger = record_linger
         self._results: list[tuple[SendTask, DeliveryResult, asyncio.Future[None]]] = []
         self._recorder: asyncio.Task[None] | None = None
+        self._give_up_recording_at: float | None = None  # set while draining
+        self._claim_failures = FailureLog(log, "claiming due jobs")
+        self._record_failures = FailureLog(log, "recording a delivery result")
+        self._check_failures = FailureLog(log, "checking and renewing the sends in flight")
+        self._purge_failures = FailureLog(log, "deleting done jobs")
+        self._answer_failures = FailureLog(log, "recording an answered call")
         bus.on_cancel(self.cancel)
 
-    async def run(self, stop: asyncio.Event, *, grace: float = 10.0) -> None:
-        """Work until `stop` is set, then let in-flight notifications finish for `grace` s.
-        The bus is started here; closing it is left to its owner, who may still publish."""
+    async def run(self, stop: asyncio.Event, *, grace: float | None = None) -> None:
+        """Work until `stop` is set, then drain for `grace` seconds (default
+        `drain_timeout`): no new claims, sends in flight may finish, those still running
+        near the end are hung up and handed back (see `_drain`). The bus is started here;
+        closing it is left to its owner, who may still publish."""
         await self.bus.start()
-        renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
+        checker = asyncio.create_task(self._check_inflight(), name="inflight-checker")
         purger = asyncio.create_task(self._purge_done_jobs(), name="done-job-purger")
         try:
             while not stop.is_set():
                 try:
                     claimed = await self.run_once()
-                except Exception:  # database blip: back off, the jobs stay in the database
-                    log.exception("worker %s: claim failed", self.worker_id)
+                except Exception as exc:  # database away: the jobs stay in the database
+                    self._claim_failures.failed(exc)
                     claimed = 0
-                    await asyncio.sleep(self.poll_interval)
+                    await _wait_event(stop, self.poll_interval)
                 if claimed >= self.batch or stop.is_set():
                     continue
                 waiter = asyncio.create_task(self.bus.wait(self.poll_interval))
@@ -270,14 +351,13 @@ class Worker:
                 await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 for t in (waiter, stopper):
                     t.cancel()
+                await asyncio.gather(waiter, stopper, return_exceptions=True)
         finally:
-            pending = [t for _, _, t in self._inflight.values()]
-            if pending:
-                await asyncio.wait(pending, timeout=grace)
-            for t in (renewer, purger):
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            try:
+                await self._drain(self.drain_timeout if grace is None else grace)
+            finally:
+                for t in (checker, purger):
+                    await cancel_and_wait(t)
 
     async def run_once(self) -> int:
         """One claim pass; returns how many notifications were handed to channels."""
@@ -285,37 +365,95 @@ class Worker:
         if free <= 0:
             return 0
         tasks = await self.engine.claim(self.worker_id, min(self.batch, free))
+        now = asyncio.get_running_loop().time()
         for task in tasks:
-            nid = task.notification.notification_id
-            runner = asyncio.create_task(self._deliver(task), name=f"deliver-{nid}")
-            self._inflight[nid] = (task.notification.alert_id, task, runner)
+            n = task.notification
+            channel = self.channels.get(n.channel)
+            bound = channel.deadline(n) if channel is not None else 0.0
+            flight = _Flight(task, now + bound)
+            flight.runner = asyncio.create_task(
+                self._deliver(flight), name=f"deliver-{n.notification_id}"
+            )
+            self._inflight[n.notification_id] = flight
         return len(tasks)
 
     async def idle(self) -> None:
         """Wait until every notification in flight has been recorded (tests, shutdown)."""
         while self._inflight:
-            await asyncio.wait([t for _, _, t in self._inflight.values()])
+            await asyncio.wait([f.runner for f in self._inflight.values() if f.runner])
 
-    async def _deliver(self, task: SendTask) -> None:
-        n = task.notification
+    async def _deliver(self, flight: _Flight) -> None:
+        n = flight.task.notification
         try:
-            channel = self.channels.get(n.channel)
-            if n.alert_id in self._closed:
-                result = DeliveryResult(DeliveryStatus.CANCELLED, "closed_before_send")
-            elif channel is None:
-                result = DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "channel_unavailable")
-            else:
-                lag = time.time() - task.due_at.timestamp()
-                metrics.DISPATCH_LAG.observe(max(0.0, lag))
-                try:
-                    result = await channel.send(n)
-                except Exception as exc:  # the contract says never raise; be safe anyway
-                    log.exception("channel %s raised", n.channel)
-                    reason = f"channel_error:{type(exc).__name__}"
-                    result = DeliveryResult(DeliveryStatus.FAILED_RETRYABLE, reason)
-            await self._record(task, result)
+            result = await self._send(flight)
+            if flight.handed_on:
+                return  # another worker sends it (or already does): nothing to record
+            flight.recording = True
+            await self._record(flight.task, result)
         finally:
             self._inflight.pop(n.notification_id, None)
+
+    async def _send(self, flight: _Flight) -> DeliveryResult:
+        """The channel's verdict, or the worker's own when the send ran out of time."""
+        task = flight.task
+        n = task.notification
+        channel = self.channels.get(n.channel)
+        if task.interrupted:
+            # A previous owner was lost while the person was on the phone: placing the
+            # attempt again would ring them a second time for it.
+            return DeliveryResult(DeliveryStatus.NOT_ACKNOWLEDGED, "call_interrupted")
+        if n.alert_id in self._closed:
+            return DeliveryResult(DeliveryStatus.CANCELLED, "closed_before_send")
+        if channel is None:
+            return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "channel_unavailable")
+        metrics.DISPATCH_LAG.observe(max(0.0, time.time() - task.due_at.timestamp()))
+        # The send runs as its own task so that at the deadline the call can be hung up
+        # (channel.cancel) while the send still tracks it, before the send is dropped.
+        sending = asyncio.ensure_future(channel.send(n, partial(self._progress, flight)))
+        remaining = flight.deadline - asyncio.get_running_loop().time()
+        try:
+            done, _ = await asyncio.wait({sending}, timeout=max(0.0, remaining))
+        except asyncio.CancelledError:
+            sending.cancel()
+            raise
+        if not done:
+            log.warning("worker %s: %s on %s still running after its deadline; hanging up",
+                        self.worker_id, n.notification_id, n.channel)  # fmt: skip
+            metrics.SENDS_GIVEN_UP.labels(n.channel).inc()
+            await self._stop_sending(flight, channel, sending)
+            return DeliveryResult(DeliveryStatus.FAILED_RETRYABLE, "deadline_exceeded")
+        try:
+            return sending.result()
+        except Exception as exc:  # the contract says never raise; be safe anyway
+            log.exception("channel %s raised", n.channel)
+            return DeliveryResult(
+                DeliveryStatus.FAILED_RETRYABLE, f"channel_error:{type(exc).__name__}"
+            )
+
+    async def _stop_sending(
+        self, flight: _Flight, channel: Channel, sending: asyncio.Future[DeliveryResult]
+    ) -> None:
+        """Hang up (the channel's cancel), give the send `HANGUP_WAIT` to end, then drop it."""
+        flight.stopping = True
+        nid = flight.task.notification.notification_id
+        try:
+            await asyncio.wait_for(channel.cancel(nid), HANGUP_WAIT)
+        except Exception as exc:
+            log.warning("hanging up %s failed: %r", nid, exc)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(sending), HANGUP_WAIT)
+        if not sending.done():
+            sending.cancel()
+
+    def _progress(self, flight: _Flight, progress: Progress) -> None:
+        if progress is Progress.ANSWERED:
+            self._spawn(self._mark_answered(flight.task))
+
+    async def _mark_answered(self, task: SendTask) -> None:
+        try:
+            await self.engine.mark_answered(task)
+        except Exception as exc:  # only a duplicate call after a crash depends on it
+            self._answer_failures.failed(exc)
 
     async def _record(self, task: SendTask, result: DeliveryResult) -> None:
         """Hand the result to the recorder and wait until it is committed.
@@ -336,22 +474,34 @@ class Worker:
             del self._results[: len(batch)]
             try:
                 await self.engine.complete_many([(t, r) for t, r, _ in batch], self.worker_id)
-            except Exception:
-                log.exception("recording a batch of %d results failed; one by one", len(batch))
+            except Exception as exc:
+                self._record_failures.failed(exc)
                 await asyncio.gather(*(self._record_one(t, r) for t, r, _ in batch))
             for _, _, done in batch:
                 if not done.done():
                     done.set_result(None)
 
     async def _record_one(self, task: SendTask, result: DeliveryResult) -> None:
-        for attempt in range(6):
+        """Retry until committed: a result given up on would leave the job leased to a
+        worker that has forgotten it, and the notification would be sent again. Recording
+        is idempotent (a result already committed is not recorded twice). Only a drain
+        ends the retries, at its deadline."""
+        delay = 0.2
+        loop = asyncio.get_running_loop()
+        while True:
             try:
                 await self.engine.complete(task, result, self.worker_id)
                 return
-            except Exception:
-                log.exception("recording result of %s failed", task.notification.notification_id)
-                await asyncio.sleep(0.2 * 2**attempt)
-        # The lease will expire and another worker will retry this attempt.
+            except Exception as exc:
+                self._record_failures.failed(exc)
+            stop_at = self._give_up_recording_at
+            if stop_at is not None and loop.time() + delay > stop_at:
+                log.error("worker %s stops with the result of %s unrecorded (%s): it is sent "
+                          "again once its lease runs out", self.worker_id,
+                          task.notification.notification_id, result.status.value)  # fmt: skip
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def cancel(self, request: CancelRequest) -> None:
         """An alert was acked/resolved: hang up what this worker has in flight for it."""
@@ -359,21 +509,103 @@ class Worker:
         self._closed[request.alert_id] = now
         if len(self._closed) > 10_000:
             self._closed = {a: t for a, t in self._closed.items() if now - t < 600}
-        for nid, (alert_id, task, _) in list(self._inflight.items()):
-            if alert_id == request.alert_id:
-                channel = self.channels.get(task.notification.channel)
-                if channel is not None:
-                    t = asyncio.create_task(self._cancel_one(channel, nid, request.committed_at))
-                    self._cancels.add(t)
-                    t.add_done_callback(self._cancels.discard)
+        for flight in list(self._inflight.values()):
+            if flight.task.notification.alert_id == request.alert_id and not flight.stopping:
+                if request.committed_at is not None:
+                    latency = max(0.0, time.time() - request.committed_at)
+                    metrics.CANCEL_LATENCY.observe(latency)
+                self._spawn(self._hang_up(flight))
 
-    @staticmethod
-    async def _cancel_one(channel: Channel, nid: str, committed_at: float) -> None:
-        metrics.CANCEL_LATENCY.observe(max(0.0, time.time() - committed_at))
+    async def _hang_up(self, flight: _Flight) -> None:
+        """Stop a send whose alert closed or whose job is no longer ours; the send then
+        reports how it ended (cancelled) unless it was handed on."""
+        flight.stopping = True
+        n = flight.task.notification
+        channel = self.channels.get(n.channel)
+        if channel is None:
+            return
         try:
-            await channel.cancel(nid)
+            await asyncio.wait_for(channel.cancel(n.notification_id), 10.0)
         except Exception:
-            log.exception("cancel of %s failed", nid)
+            log.exception("cancel of %s failed", n.notification_id)
+
+    async def _check_inflight(self) -> None:
+        """Every `check_interval`: renew the leases of the sends still within their bound
+        (every third of the lease, or at once after a failed renewal) and stop the sends
+        whose alert closed or whose job another worker took over. A send past its bound
+        is not renewed: if this worker is wedged, its lease runs out and another takes it."""
+        lease_every = max(0.5, self.engine.config.lease_seconds / 3)
+        loop = asyncio.get_running_loop()
+        renewed_at = loop.time()
+        renew_failed = False
+        while True:
+            await asyncio.sleep(min(self.check_interval, lease_every))
+            flights = list(self._inflight.values())
+            if not flights:
+                renewed_at, renew_failed = loop.time(), False
+                continue
+            now = loop.time()
+            try:
+                if renew_failed or now - renewed_at >= lease_every:
+                    live = [f for f in flights if f.recording or now < f.deadline]
+                    renew_failed = True
+                    await self.engine.renew(self.worker_id, [j for f in live for j in f.job_ids])
+                    renewed_at, renew_failed = now, False
+                sending = [f for f in flights if not f.recording and not f.stopping]
+                lost, closed = await self.engine.inflight_status(
+                    self.worker_id,
+                    [f.task.job_id for f in sending],
+                    {f.task.notification.alert_id for f in sending},
+                )
+            except Exception as exc:
+                self._check_failures.failed(exc)
+                continue
+            for flight in sending:
+                if flight.task.job_id in lost:
+                    log.warning(
+                        "worker %s: %s is no longer ours; hanging up without a result",
+                        self.worker_id,
+                        flight.task.notification.notification_id,
+                    )
+                    flight.handed_on = True
+                    self._spawn(self._hang_up(flight))
+            for alert_id in closed:
+                await self.cancel(CancelRequest(alert_id, (), None))
+
+    async def _drain(self, timeout: float) -> None:
+        """Finish within `timeout`: sends in flight get most of it to end by themselves;
+        then the ones still running are hung up and their jobs released to the other
+        workers at once (no waiting for the lease), and results not yet committed are
+        retried until the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._give_up_recording_at = deadline
+        running = [f.runner for f in self._inflight.values() if f.runner is not None]
+        if running:
+            await asyncio.wait(running, timeout=max(0.0, timeout - HANDBACK_RESERVE))
+        handed = [f for f in self._inflight.values() if not f.recording]
+        if handed:
+            for flight in handed:
+                flight.handed_on = True
+            hangups = [self._spawn(self._hang_up(f)) for f in handed]
+            await asyncio.wait(hangups, timeout=HANGUP_WAIT)
+            try:
+                async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                    await self.engine.release(
+                        self.worker_id, [j for f in handed for j in f.job_ids]
+                    )
+                log.info("worker %s handed %d sends back", self.worker_id, len(handed))
+            except Exception as exc:
+                log.warning("worker %s could not hand %d sends back (%r): their leases run "
+                            "out instead", self.worker_id, len(handed), exc)  # fmt: skip
+        left = [f.runner for f in self._inflight.values() if f.runner is not None]
+        if left:
+            await asyncio.wait(left, timeout=max(0.0, deadline - loop.time()))
+        for flight in list(self._inflight.values()):
+            if flight.runner is not None:
+                await cancel_and_wait(flight.runner)
+        for task in list(self._background):
+            await cancel_and_wait(task)
 
     async def _purge_done_jobs(self) -> None:
         """Every `purge_interval` s delete old done jobs, at most a few batches at a time,
@@ -386,17 +618,16 @@ class Worker:
                 for _ in range(10):
                     if await self.engine.purge_done_jobs(self.purge_batch) < self.purge_batch:
                         break
-            except Exception:
-                log.exception("deleting done jobs failed")
+            except Exception as exc:
+                self._purge_failures.failed(exc)
 
-    async def _renew_leases(self) -> None:
-        period = max(0.5, self.engine.config.lease_seconds / 3)
-        while True:
-            await asyncio.sleep(period)
-            ids = [
-                m.job_id for _, task, _ in self._inflight.values() for m in (task, *task.bundled)
-            ]
-            try:
-                await self.engine.renew(self.worker_id, ids)
-            except Exception:
-                log.exception("lease renewal failed")
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)

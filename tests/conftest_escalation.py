@@ -18,7 +18,14 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from escalation.audit import AuditLog
-from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
+from escalation.channels.base import (
+    DeliveryResult,
+    DeliveryStatus,
+    Notification,
+    Progress,
+    ProgressSink,
+    ignore_progress,
+)
 from escalation.config import parse_config
 from escalation.crud import sync_config
 from escalation.db import Database
@@ -98,16 +105,29 @@ class ScriptedChannel:
     CANCELLED) or `ring_for` seconds pass (then NOT_ACKNOWLEDGED).
     """
 
-    def __init__(self, name: str, script: Script, ring_for: float = 5.0) -> None:
+    def __init__(
+        self, name: str, script: Script, ring_for: float = 5.0, deadline: float = 60.0
+    ) -> None:
         self.name = name
         self.script = script
         self.ring_for = ring_for
+        self.max_seconds = deadline
+        self.progress: dict[str, list[Progress]] = {}
+        self.answer = False  # report the "call" as answered before ringing on
         self.sent: list[Sent] = []
         self.cancelled: dict[str, float] = {}
         self._ringing: dict[str, asyncio.Event] = {}
 
-    async def send(self, notification: Notification) -> DeliveryResult:
+    def deadline(self, notification: Notification) -> float:
+        return self.max_seconds
+
+    async def send(
+        self, notification: Notification, progress: ProgressSink = ignore_progress
+    ) -> DeliveryResult:
         self.sent.append(Sent(time.time(), notification))
+        if self.answer:
+            progress(Progress.ANSWERED)
+            self.progress.setdefault(notification.notification_id, []).append(Progress.ANSWERED)
         result = self.script(notification)
         if result is not None:
             return result
@@ -142,12 +162,19 @@ class Harness:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self.worker.run(self._stop, grace=2.0))
+        self._task = asyncio.create_task(self.worker.run(self._stop))
 
-    async def stop(self) -> None:
+    async def stop_worker(self, grace: float | None = None) -> None:
+        """Stop the worker (draining for `grace` s), leaving the database to the test."""
+        if grace is not None:
+            self.worker.drain_timeout = grace
         self._stop.set()
         if self._task is not None:
             await self._task
+            self._task = None
+
+    async def stop(self) -> None:
+        await self.stop_worker()
         await self.engine.shutdown()
         await self.db.dispose()
         self.audit.close()
@@ -191,5 +218,5 @@ async def make_harness(
                      **engine_kw),
     )  # fmt: skip
     channels = {name: ScriptedChannel(name, script) for name, script in scripts.items()}
-    worker = Worker(engine, bus, channels, poll_interval=0.2)
+    worker = Worker(engine, bus, channels, poll_interval=0.2, drain_timeout=2.0)
     return Harness(db, engine, worker, audit, channels)

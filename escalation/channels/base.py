@@ -8,7 +8,7 @@ stop without knowing provider details.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -63,14 +63,49 @@ class DeliveryResult:
     details: Mapping[str, str] = field(default_factory=dict)
 
 
+class Progress(enum.Enum):
+    """What a channel tells the worker while a delivery is still under way."""
+
+    # A person picked up. Recorded at once: if the worker is lost before the result is,
+    # the attempt is not placed a second time (they would be rung twice for one attempt);
+    # it counts as answered without a key, and the policy decides what follows.
+    ANSWERED = "answered"
+
+
+ProgressSink = Callable[[Progress], None]
+
+
+def ignore_progress(_progress: Progress) -> None:
+    """The progress sink of a delivery nobody tracks (a channel used on its own)."""
+
+
+# The bound of a delivery that is one request to a provider: connect, send, read the
+# answer, with the provider's own timeouts well inside it.
+REQUEST_DEADLINE = 60.0
+
+
+class RequestDeadline:
+    """`Channel.deadline` of a channel whose delivery is one request to a provider."""
+
+    def deadline(self, notification: Notification) -> float:
+        return REQUEST_DEADLINE
+
+
 class Channel(Protocol):
     """A delivery mechanism. Implementations must never raise for provider failures:
     they classify them into a DeliveryResult so the engine can decide."""
 
     name: str
 
-    async def send(self, notification: Notification) -> DeliveryResult: ...
+    async def send(
+        self, notification: Notification, progress: ProgressSink = ignore_progress
+    ) -> DeliveryResult: ...
 
     async def cancel(self, notification_id: str) -> None:
         """Stop an in-flight delivery (hang up a ringing or answered call politely)."""
+        ...
+
+    def deadline(self, notification: Notification) -> float:
+        """The hard upper bound of one delivery, in seconds: past it the worker cancels
+        the send and records it as failed (retryable), so no attempt stays open."""
         ...

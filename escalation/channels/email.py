@@ -15,7 +15,14 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from html import escape
 
-from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
+from escalation.channels.base import (
+    DeliveryResult,
+    DeliveryStatus,
+    Notification,
+    ProgressSink,
+    RequestDeadline,
+    ignore_progress,
+)
 
 __all__ = ["EmailChannel", "classify_smtp_error", "render_email"]
 
@@ -71,7 +78,7 @@ def classify_smtp_error(exc: BaseException) -> DeliveryResult:
     return DeliveryResult(retry, "smtp_connection_error")
 
 
-class EmailChannel:
+class EmailChannel(RequestDeadline):
     """Channel "email". `starttls` upgrades a plain port-587/25 session before AUTH."""
 
     name = "email"
@@ -95,7 +102,9 @@ class EmailChannel:
         self._ssl_context = ssl_context or ssl.create_default_context()
         self._timeout_s = timeout_s
 
-    async def send(self, notification: Notification) -> DeliveryResult:
+    async def send(
+        self, notification: Notification, progress: ProgressSink = ignore_progress
+    ) -> DeliveryResult:
         if not notification.contact.email:
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "no_email")
         message = render_email(notification, self._sender)

@@ -23,7 +23,14 @@ from twilio.base.exceptions import (  # type: ignore[import-untyped]
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
 
 from carriers.twilio_api import twilio_client
-from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
+from escalation.channels.base import (
+    DeliveryResult,
+    DeliveryStatus,
+    Notification,
+    ProgressSink,
+    RequestDeadline,
+    ignore_progress,
+)
 
 __all__ = [
     "InboundSms",
@@ -83,7 +90,7 @@ def classify_twilio_error(status: int, code: int | None) -> tuple[DeliveryStatus
     return DeliveryStatus.FAILED_PERMANENT, False
 
 
-class SmsChannel:
+class SmsChannel(RequestDeadline):
     """Channel "sms". Attempt N starts with sender N (round robin) and falls through the rest."""
 
     name = "sms"
@@ -105,7 +112,9 @@ class SmsChannel:
             for s in self._senders
         ]
 
-    async def send(self, notification: Notification) -> DeliveryResult:
+    async def send(
+        self, notification: Notification, progress: ProgressSink = ignore_progress
+    ) -> DeliveryResult:
         phone = notification.contact.phone
         if not phone:
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "no_phone")

@@ -19,7 +19,15 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
+from escalation.channels.base import (
+    REQUEST_DEADLINE,
+    DeliveryResult,
+    DeliveryStatus,
+    Notification,
+    ProgressSink,
+    RequestDeadline,
+    ignore_progress,
+)
 
 __all__ = [
     "TELEGRAM_API_BASE",
@@ -138,7 +146,7 @@ def _headline(n: Notification) -> str:
     return f"[{n.severity.upper()}] {n.title}"
 
 
-class _TelegramChannelBase(abc.ABC):
+class _TelegramChannelBase(RequestDeadline, abc.ABC):
     """Shared send skeleton; subclasses only say which Bot API call carries the page."""
 
     name: str
@@ -147,7 +155,9 @@ class _TelegramChannelBase(abc.ABC):
         self.bot = bot
         self._sent: OrderedDict[str, list[tuple[str, int]]] = OrderedDict()
 
-    async def send(self, notification: Notification) -> DeliveryResult:
+    async def send(
+        self, notification: Notification, progress: ProgressSink = ignore_progress
+    ) -> DeliveryResult:
         chat_id = notification.contact.telegram_chat_id
         if not chat_id:
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "no_telegram_chat_id")
@@ -221,6 +231,10 @@ class TelegramVoiceChannel(_TelegramChannelBase):
         self._tts = tts
         self._ffmpeg = ffmpeg
         self._encode_timeout_s = encode_timeout_s
+
+    def deadline(self, notification: Notification) -> float:
+        """Speaking and encoding the note come before the upload."""
+        return self._encode_timeout_s + REQUEST_DEADLINE
 
     async def _deliver(self, chat_id: str, n: Notification) -> dict[str, Any] | DeliveryResult:
         speech = f"{n.severity} alert. {n.title}. {n.summary}"

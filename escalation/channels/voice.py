@@ -20,7 +20,14 @@ from typing import Any, Protocol
 
 from carriers.router import AnyCall, CarrierRouter, RoutedCall
 from carriers.twilio_voice import TwilioCall
-from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
+from escalation.channels.base import (
+    DeliveryResult,
+    DeliveryStatus,
+    Notification,
+    Progress,
+    ProgressSink,
+    ignore_progress,
+)
 from gateway.call import Call, Gateway
 from gateway.result import CallOutcome, CallResult
 from gateway.sip.auth import Credentials
@@ -42,8 +49,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OnCall = Callable[[AnyCall], None]
-# A Twilio call runs its flow at Twilio; if its reports stop coming, end it after this long.
-TWILIO_CALL_LIMIT = 600.0
+# How long an answered alert call may last. The ack menu takes about a minute (three
+# prompts, six seconds for a key after each); a call still going after this is stuck
+# (a far end that never hangs up, a Twilio call whose reports stopped) and is ended.
+MAX_CALL = 300.0
+# What a call needs beyond ringing and talking: a failover to a second trunk, a CANCEL or
+# BYE waiting out its transaction timeout (64*T1 = 32 s) when the far end is gone.
+SIGNALLING_SLACK = 75.0
 LATE_KEY_WAIT = 1.0  # after a Twilio call ended without a verdict, for a report overtaken
 
 # SIP codes that say the number itself is wrong: no retry on this channel can fix it.
@@ -270,15 +282,16 @@ def classify_call(
     return done(DeliveryStatus.FAILED_RETRYABLE, f"sip_{code}" if code else "no_response")
 
 
-async def _twilio_outcome(call: TwilioCall) -> str:
+async def _twilio_outcome(call: TwilioCall, limit: float) -> str:
     """Wait for the flow's verdict (a keypress, from our Gather webhook) or the call's end;
-    Twilio says goodbye and hangs up by itself. A call whose reports stop is ended."""
+    Twilio says goodbye and hangs up by itself. A call whose reports stop within `limit`
+    seconds is given up on (the caller hangs it up)."""
     waiters = {
         asyncio.ensure_future(call.decided.wait()),
         asyncio.ensure_future(call.ended.wait()),
     }
     try:
-        await asyncio.wait(waiters, timeout=TWILIO_CALL_LIMIT, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()
@@ -334,10 +347,13 @@ class VoiceChannel:
         flow: Flow | None = None,
         conversation: Conversation | None = None,
         flows: Mapping[str, Flow] | None = None,
+        max_call: float = MAX_CALL,
     ) -> None:
-        """`flows` maps a policy name to the flow its calls run (else the default menu)."""
+        """`flows` maps a policy name to the flow its calls run (else the default menu);
+        an answered call is ended after `max_call` seconds whatever its flow does."""
         self._dialer = dialer
         self._ring_timeout = ring_timeout
+        self._max_call = max_call
         self._flow = flow or (menu or AckMenu()).flow()
         self._flows = dict(flows or {})
         self._conversation = conversation or ack_conversation(self._flow)
@@ -348,7 +364,13 @@ class VoiceChannel:
         self._cancelled: set[str] = set()  # only ever holds keys of _active
         self._background: set[asyncio.Future[Any]] = set()
 
-    async def send(self, notification: Notification) -> DeliveryResult:
+    def deadline(self, notification: Notification) -> float:
+        """Ringing (twice: a failover may ring a second trunk), the call, the signalling."""
+        return 2 * self._ring_timeout + self._max_call + SIGNALLING_SLACK
+
+    async def send(
+        self, notification: Notification, progress: ProgressSink = ignore_progress
+    ) -> DeliveryResult:
         nid = notification.notification_id
         number = notification.contact.phone
         if not number:
@@ -381,11 +403,18 @@ class VoiceChannel:
         try:
             outcome = ""
             answered_at = time.monotonic()
+            if call.answered:
+                progress(Progress.ANSWERED)
             if isinstance(call, TwilioCall):
-                outcome = await _twilio_outcome(call)
+                outcome = await _twilio_outcome(call, self._max_call)
             elif call.answered and not call.ended.is_set():
                 converse = self._policy_conversations.get(notification.policy)
-                outcome = await (converse or self._conversation)(call, notification)
+                try:
+                    async with asyncio.timeout(self._max_call):
+                        outcome = await (converse or self._conversation)(call, notification)
+                except TimeoutError:
+                    log.warning("call %s: still going after %gs; hanging up", call.call_id,
+                                self._max_call)  # fmt: skip
             if call.answered and dialed.on_answered is not None and outcome != "machine":
                 keyed = outcome in EARLY_OUTCOMES  # a person pressed a key that got through
                 dialed.on_answered(time.monotonic() - answered_at if keyed else None)

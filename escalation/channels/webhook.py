@@ -14,7 +14,14 @@ from typing import Any
 
 import httpx
 
-from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
+from escalation.channels.base import (
+    DeliveryResult,
+    DeliveryStatus,
+    Notification,
+    ProgressSink,
+    RequestDeadline,
+    ignore_progress,
+)
 from escalation.channels.signing import SIGNATURE_HEADER, sign_webhook
 
 __all__ = ["WebhookChannel", "classify_webhook_status", "webhook_payload"]
@@ -45,7 +52,7 @@ def classify_webhook_status(status: int) -> DeliveryStatus:
     return DeliveryStatus.FAILED_PERMANENT
 
 
-class WebhookChannel:
+class WebhookChannel(RequestDeadline):
     """Channel "webhook": POSTs to `ContactPoint.webhook_url`, signed with `secret`."""
 
     name = "webhook"
@@ -65,7 +72,9 @@ class WebhookChannel:
         self._owns_client = client is None
         self._clock = clock
 
-    async def send(self, notification: Notification) -> DeliveryResult:
+    async def send(
+        self, notification: Notification, progress: ProgressSink = ignore_progress
+    ) -> DeliveryResult:
         url = notification.contact.webhook_url
         if not url:
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "no_webhook_url")

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from escalation.audit import AuditLog
-from escalation.channels.base import Channel, DeliveryResult, DeliveryStatus, Notification
+from escalation.channels.base import (
+    Channel,
+    DeliveryResult,
+    DeliveryStatus,
+    Notification,
+    ProgressSink,
+    ignore_progress,
+)
 from escalation.config import parse_config
 from escalation.crud import sync_config
 from escalation.db import Database
@@ -52,7 +59,12 @@ class LoggingCarrier:
         self.log = log
         self.hold = hold
 
-    async def send(self, n: Notification) -> DeliveryResult:
+    def deadline(self, n: Notification) -> float:
+        return 60.0
+
+    async def send(
+        self, n: Notification, progress: ProgressSink = ignore_progress
+    ) -> DeliveryResult:
         line = {"nid": n.notification_id, "attempt": n.attempt, "channel": n.channel,
                 "alert": n.alert_id, "pid": os.getpid(), "at": time.time()}  # fmt: skip
         with self.log.open("a") as fh:
