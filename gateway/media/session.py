@@ -53,6 +53,8 @@ AudioListener = Callable[[NDArray[np.int16]], None]
 _SENDING_DIRECTIONS = frozenset({"sendrecv", "sendonly"})
 _DROPPED_FOREIGN = RTP_DROPPED_BY_REASON[RtpDropReason.FOREIGN_SOURCE]
 _DROPPED_MALFORMED = RTP_DROPPED_BY_REASON[RtpDropReason.MALFORMED]
+# Enum member lookup costs ~120 ns on Python 3.11; the verdicts are tested per datagram.
+_DROP, _LEARN = SourceVerdict.DROP, SourceVerdict.LEARN
 _MAX_GAP_FILL = 8000  # samples of silence inserted for a timestamp gap (1 s at 8 kHz)
 # In-band detection runs on 400 ms batches: the detector's cost is almost all per call
 # (~150 us), so per 20 ms packet it would dominate the receive path of hundreds of calls.
@@ -118,6 +120,9 @@ class _Counters:
     send_dropped: int = 0
     send_errors: int = 0
     packets_sent: int = 0
+    # What of foreign/malformed Prometheus has been told (see MediaSession._report_drops).
+    foreign_reported: int = 0
+    malformed_reported: int = 0
 
 
 @dataclass(slots=True)
@@ -400,6 +405,7 @@ class MediaSession:
             self._scanner.discard(self)
             _scan([self])  # what is left, now rather than on a tick that never comes
             self._push_all(self._events.flush(now + self._events.timeout))
+        self._report_drops()
         transport, self._transport = self._transport, None
         self._sock = None  # the transport closes it
         if transport is not None:
@@ -526,6 +532,7 @@ class MediaSession:
             self._housekeeping = _HOUSEKEEPING_TICKS
             if self._receiver.pending or self._events_seen or self._inband_batch:
                 self._poll_receive()
+            self._report_drops()
         if self._last_tick is None:
             elapsed = 1
         else:
@@ -689,7 +696,7 @@ class MediaSession:
                 self._sources.clear()  # bounded; a flood of sources just recomputes
             source = self._sources[addr] = (normalize_host(str(addr[0])), int(addr[1]))
         verdict = self._source_filter.check(source)
-        if verdict is SourceVerdict.DROP:
+        if verdict is _DROP:
             self._count_foreign(source)
             return
         if is_rtcp(data):
@@ -700,7 +707,7 @@ class MediaSession:
         except ValueError:
             self._count_malformed()
             return
-        if verdict is SourceVerdict.LEARN and self._source_filter.learn(source):
+        if verdict is _LEARN and self._source_filter.learn(source):
             self._send_to = self._source_filter.send_to
             self._log_send_to_changed(source)
         now = self._now()
@@ -709,7 +716,6 @@ class MediaSession:
 
     def _count_foreign(self, source: Address) -> None:
         self._counters.foreign += 1
-        _DROPPED_FOREIGN.inc()
         if self._counters.foreign == 1:  # once per session: a flood must not flood the log
             logger.info(
                 "RTP port %s: dropping packets from %s:%s, not this call's media source",
@@ -719,7 +725,18 @@ class MediaSession:
 
     def _count_malformed(self) -> None:
         self._counters.malformed += 1
-        _DROPPED_MALFORMED.inc()
+
+    def _report_drops(self) -> None:
+        """Add the drops since the last report to ackline_rtp_dropped_packets_total, on the
+        housekeeping tick and at close: an increment per datagram (it takes a lock) would make
+        dropping a flood several times dearer than the drop itself."""
+        c = self._counters
+        if c.foreign != c.foreign_reported:
+            _DROPPED_FOREIGN.inc(c.foreign - c.foreign_reported)
+            c.foreign_reported = c.foreign
+        if c.malformed != c.malformed_reported:
+            _DROPPED_MALFORMED.inc(c.malformed - c.malformed_reported)
+            c.malformed_reported = c.malformed
 
     def _log_send_to_changed(self, source: Address) -> None:
         remote = self._source_filter.remote or ("?", 0)

@@ -57,6 +57,10 @@ class SourceVerdict(enum.Enum):
     DROP = enum.auto()  # not the call's media source
 
 
+# Member lookup on an Enum class costs ~120 ns on Python 3.11, and ``check`` runs per datagram.
+_ACCEPT, _LEARN, _DROP = SourceVerdict.ACCEPT, SourceVerdict.LEARN, SourceVerdict.DROP
+
+
 class RtpSourceFilter:
     """The accept/latch decision of one call leg (see the module docstring)."""
 
@@ -88,12 +92,12 @@ class RtpSourceFilter:
     def check(self, source: Address) -> SourceVerdict:
         """The verdict on a datagram from ``source`` (normalised); changes nothing."""
         if source == self.remote:
-            return SourceVerdict.ACCEPT if self.remote_heard else SourceVerdict.LEARN
+            return _ACCEPT if self.remote_heard else _LEARN
         if source == self.latched:
-            return SourceVerdict.ACCEPT
+            return _ACCEPT
         if self.latched is None and not self.remote_heard and self._may_latch(source[0]):
-            return SourceVerdict.LEARN
-        return SourceVerdict.DROP
+            return _LEARN
+        return _DROP
 
     def learn(self, source: Address) -> bool:
         """``source`` sent valid RTP: the SDP address is now heard (and drops any latch), or
@@ -102,7 +106,7 @@ class RtpSourceFilter:
         if source == self.remote:
             self.remote_heard = True
             self.latched = None
-        elif self.check(source) is SourceVerdict.LEARN:
+        elif self.check(source) is _LEARN:
             self.latched = source
         return self.send_to != before
 

@@ -875,6 +875,8 @@ async def test_rfc4733_from_a_stranger_is_dropped_and_counted(pacer: Pacer, peer
         for data in flood("7", 2):  # and again once the SDP address was heard
             stranger.send(data, s.local_port)
         await wait_for(lambda: s.stats.foreign == len(attack) + 2 * PRESS)
+        # Reported to Prometheus while the call is live (in bulk, on the housekeeping tick).
+        await wait_for(lambda: dropped("foreign_source") - before == len(attack) + 2 * PRESS)
         await asyncio.sleep(0.3)  # longer than the event receiver's timeout
         assert s.digits.empty()
         assert s.remote_address == (HOST, peer.port)
