@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.ports import free_media_port, free_port
+from bench.ports import free_media_port, free_port, listening
 from carriers.health import HealthChange, HealthPolicy
 from carriers.router import CarrierRouter, NoRouteAvailable
 from carriers.trunk import Trunk
@@ -81,7 +81,7 @@ class Carrier:
                 raise SystemExit(
                     f"sipp {self.name} exited: {(self.workdir / 'sipp.out').read_text()}"
                 )
-            if _listening(self.port, transport):
+            if listening(self.port, transport):
                 return
             time.sleep(0.02)
         raise SystemExit(f"sipp {self.name} did not start listening")
@@ -99,17 +99,6 @@ class Carrier:
                 self.process.kill()
                 self.process.wait()
         self.out.close()
-
-
-def _listening(port: int, transport: str) -> bool:
-    path = "/proc/net/udp" if transport == "udp" else "/proc/net/tcp"
-    needle = f":{port:04X}"
-    with open(path) as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[1].endswith(needle) and (transport == "udp" or fields[3] == "0A"):
-                return True
-    return False
 
 
 @dataclass

@@ -55,3 +55,16 @@ def free_media_port(avoid: int) -> int:
             continue
         return base
     raise RuntimeError("no free media port block")
+
+
+def listening(port: int, proto: str) -> bool:
+    """True when something is bound to 127.0.0.1:port (TCP: in LISTEN state), read from
+    /proc: a peer is ready when its socket is, without sending it anything."""
+    path = "/proc/net/udp" if proto == "udp" else "/proc/net/tcp"
+    needle = f":{port:04X}"
+    with open(path) as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(needle) and (proto == "udp" or fields[3] == "0A"):
+                return True
+    return False

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.ports import free_media_port, free_port
+from bench.ports import free_media_port, free_port, listening
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 PCAPS = Path("/usr/share/sip-tester")
@@ -23,18 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def dtmf_pcap(digit: str) -> Path:
     return PCAPS / f"dtmf_2833_{PCAP_NAMES.get(digit, digit)}.pcap"
-
-
-def listening(port: int, proto: str) -> bool:
-    """True when something is bound to 127.0.0.1:port (TCP: in LISTEN state)."""
-    path = "/proc/net/udp" if proto == "udp" else "/proc/net/tcp"
-    needle = f":{port:04X} "
-    with open(path) as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[1].endswith(needle.strip()) and (proto == "udp" or fields[3] == "0A"):
-                return True
-    return False
 
 
 def wait_until(predicate: object, timeout: float, what: str) -> None:
