@@ -1,0 +1,393 @@
+"""Processes a benchmark owns: PostgreSQL, Redis, a SIPp carrier and `ackline serve`.
+
+Each runs in its own session (process group), so it can be killed -9 as a whole, stopped
+and started again on the same port, and never sees the terminal's Ctrl-C: the bench
+decides when it ends. `Services` remembers everything it started and stops all of it on
+close, whatever happened before (an exception, Ctrl-C, a timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, NamedTuple
+
+import httpx
+import redis.asyncio as aioredis
+
+from bench.ports import free_media_port, listening
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServiceError(RuntimeError):
+    """A service did not start or stop as it should; the message says which and why."""
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The end of a log file, for an error message."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Owned:
+    """One child process in its own session, its output in a log file (appended to across
+    restarts, so a killed run's last words stay next to the next run's first)."""
+
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        log: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.cmd = list(cmd)
+        self.log = log
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.process: subprocess.Popen[bytes] | None = None
+        self._out: IO[bytes] | None = None
+
+    def start(self) -> None:
+        if self.alive():
+            raise ServiceError(f"{self.name} is already running")
+        self._close_log()
+        self._out = open(self.log, "ab")  # noqa: SIM115 - closed in _close_log
+        self.process = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise ServiceError(f"{self.name} was never started")
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group and reap the child: no goodbye of any kind."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        self._close_log()
+
+    def stop(self, timeout: float = 15.0) -> float | None:
+        """SIGTERM the group, then SIGKILL what is left after `timeout` seconds. Returns
+        how long the process took to exit, None when it had to be killed (or was not
+        running)."""
+        if self.process is None:
+            return None
+        took: float | None = None
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            began = time.monotonic()
+            try:
+                self.process.wait(timeout=timeout)
+                took = time.monotonic() - began
+            except subprocess.TimeoutExpired:
+                print(f"{self.name} ignored SIGTERM for {timeout:g} s: killed", file=sys.stderr)
+        self.kill()  # also what the group's other members left behind
+        return took
+
+    def _close_log(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+def _as_postgres() -> list[str]:
+    """PostgreSQL refuses to run as root: run its tools as the postgres user then."""
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def postgres_bin() -> Path:
+    """The newest installed server binaries (Debian: /usr/lib/postgresql/<version>/bin)."""
+    versions = sorted(
+        (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").exists()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
+    if not versions:
+        raise ServiceError("PostgreSQL server binaries not found under /usr/lib/postgresql")
+    return versions[-1]
+
+
+class Postgres:
+    """A throwaway cluster on its own port and data directory (in a directory of its own
+    the postgres user can reach, removed on close; its log is copied to `log` first)."""
+
+    def __init__(self, port: int, log: Path, settings: Mapping[str, str] | None = None) -> None:
+        self.port = port
+        self.log = log
+        self.settings = dict(settings or {})
+        self.bin = postgres_bin()
+        self.root = Path(tempfile.mkdtemp(prefix="ackline-bench-pg-"))
+        self.root.chmod(0o755)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        self.data = self.root / "data"
+        self.pid: int | None = None  # the postmaster's, for a last-resort kill
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *args: str, timeout: float = 60.0) -> None:
+        cmd = [*_as_postgres(), *args]
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, start_new_session=True
+        )
+        if done.returncode != 0:
+            raise ServiceError(
+                f"{' '.join(args[:2])} failed ({done.returncode}): {done.stdout}{done.stderr}"
+                f"\n{tail(self.root / 'postgres.log')}"
+            )
+
+    def init(self) -> None:
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
+                  "postgres", "-E", "UTF8", "--no-sync")  # fmt: skip
+
+    def start(self) -> None:
+        options = [f"-p {self.port}", "-c listen_addresses=127.0.0.1",
+                   f"-c unix_socket_directories={self.root}",
+                   *(f"-c {k}={v}" for k, v in self.settings.items())]  # fmt: skip
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l",
+                  str(self.root / "postgres.log"), "-w", "-t", "60", "-o", " ".join(options),
+                  "start")  # fmt: skip
+        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def crash(self) -> None:
+        """`pg_ctl stop -m immediate`: no checkpoint, crash recovery at the next start."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
+                  "stop")  # fmt: skip
+
+    def close(self) -> None:
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+                          "-t", "20", "stop")  # fmt: skip
+        except (ServiceError, subprocess.TimeoutExpired) as exc:
+            print(f"postgres did not stop cleanly ({exc}): killed", file=sys.stderr)
+            if self.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(os.getpgid(self.pid), signal.SIGKILL)
+        finally:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(self.root / "postgres.log", self.log)
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Redis(Owned):
+    """redis-server without persistence: a restart starts empty, as after a crash."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
+        super().__init__("redis", cmd, workdir / "redis.log")
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        await wait_for(self._pong, timeout, "redis", self)
+
+    async def _pong(self) -> bool:
+        client = aioredis.from_url(self.url, socket_timeout=1)
+        try:
+            return bool(await client.ping())
+        except (aioredis.RedisError, OSError):
+            return False
+        finally:
+            await client.aclose()
+
+
+class Invite(NamedTuple):
+    """One call as the carrier saw it arrive."""
+
+    at: float  # Unix time
+    call_id: str
+    via_port: int | None  # the caller's SIP port: which worker placed it
+
+
+# "INVITE at=<date>\t<time>\t<unix time> via_port=<port> call_id=<id>" (carrier_chaos.xml)
+_INVITE_LINE = re.compile(r"INVITE at=\S+\t\S+\t(?P<at>[\d.]+) via_port=(?P<port>\S*) "
+                          r"call_id=(?P<call_id>\S+)")  # fmt: skip
+
+
+class SippCarrier(Owned):
+    """A SIPp UAS standing in for the carrier (bench/carrier_chaos.xml): the callee of
+    `press_number` presses 1, every other callee stays silent. It logs one line per INVITE
+    in a file per SIPp process, so the calls that reached it are counted over all its
+    lives."""
+
+    SCENARIO = Path(__file__).with_name("carrier_chaos.xml")
+
+    def __init__(
+        self, port: int, workdir: Path, press_number: str, pcap: Path, ring_ms: int = 100,
+        pause_ms: int = 800, trace_messages: bool = False,
+    ) -> None:  # fmt: skip
+        if shutil.which("sipp") is None:
+            raise ServiceError("sipp is not installed (Debian package sip-tester)")
+        workdir.mkdir(parents=True, exist_ok=True)
+        text = self.SCENARIO.read_text()
+        values = {"PRESS_NUMBER": press_number.lstrip("+"), "RING_MS": str(ring_ms),
+                  "PAUSE_MS": str(pause_ms), "PCAP": str(pcap)}  # fmt: skip
+        for key, value in values.items():
+            text = text.replace(f"@{key}@", value)
+        scenario = workdir / self.SCENARIO.name
+        scenario.write_text(text)
+        cmd = ["sipp", "-sf", str(scenario), "-i", "127.0.0.1", "-p", str(port), "-mi",
+               "127.0.0.1", "-mp", str(free_media_port(avoid=port)), "-t", "u1", "-m",
+               "100000000", "-max_socket", "1024", "-nostdin", "-trace_logs",
+               "-trace_err", *(["-trace_msg"] if trace_messages else [])]  # fmt: skip
+        super().__init__("carrier", cmd, workdir / "sipp.out", cwd=workdir)
+        self.port = port
+        self.workdir = workdir
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        async def bound() -> bool:
+            return listening(self.port, "udp")
+
+        await wait_for(bound, timeout, "the SIPp carrier", self)
+
+    def invites(self) -> list[Invite]:
+        """Every INVITE any of its processes received (a retransmission is not a new one)."""
+        calls: list[Invite] = []
+        for path in sorted(self.workdir.glob("*_logs.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                match = _INVITE_LINE.match(line)
+                if match is not None:
+                    port = int(match["port"]) if match["port"].isdigit() else None
+                    calls.append(Invite(float(match["at"]), match["call_id"], port))
+        return calls
+
+
+def ackline_command() -> list[str]:
+    """The installed console script, run by this interpreter's environment."""
+    exe = Path(sys.executable).parent / "ackline"
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-c", "from api.cli import main; main()"]
+
+
+def service_env(overrides: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without any ackline, Redis, database or channel setting
+    (a developer's shell must not leak into the bench), plus `overrides`; PYTHONPATH
+    makes the children run this checkout's code."""
+    dropped = ("ACKLINE_", "TWILIO_", "TELEGRAM_")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(dropped) and k not in ("REDIS_URL", "DATABASE_URL")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(overrides)
+    return env
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[bool]],
+    timeout: float,
+    what: str,
+    process: Owned | None = None,
+) -> None:
+    """Poll a check until it holds; fail at once if `process` died meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.process is not None and not process.alive():
+            raise ServiceError(f"{what} exited ({process.process.returncode}):\n"
+                               f"{tail(process.log)}")  # fmt: skip
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise ServiceError(f"{what} not ready within {timeout:g} s" + (
+        f":\n{tail(process.log)}" if process is not None else ""))  # fmt: skip
+
+
+async def wait_http_ready(client: httpx.AsyncClient, proc: subprocess.Popen[bytes]) -> None:
+    """Until GET /readyz answers 200 (database and Redis answer), at most 30 s."""
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise SystemExit("the API process exited during start-up")
+        with contextlib.suppress(httpx.HTTPError):
+            if (await client.get("/readyz")).status_code == 200:
+                return
+        await asyncio.sleep(0.1)
+    raise SystemExit("the API did not become ready")
+
+
+async def wait_subscribed(
+    redis_url: str, prefix: str, workers: int, procs: Sequence[subprocess.Popen[bytes]]
+) -> None:
+    """Until `workers` processes listen for wake-ups (a worker claims right after
+    subscribing), not after a guessed pause: a worker still importing would otherwise
+    show up as hand-off latency of the first alerts."""
+    r = aioredis.from_url(redis_url)
+    try:
+        for _ in range(600):
+            for p in procs:
+                if p.poll() is not None:
+                    raise SystemExit(f"a benchmark process exited early ({p.returncode})")
+            [(_, subscribed)] = await r.pubsub_numsub(f"{prefix}:wake")
+            if subscribed >= workers:
+                await asyncio.sleep(0.2)  # the first (empty) claim pass
+                return
+            await asyncio.sleep(0.1)
+        raise SystemExit("the workers did not subscribe")
+    finally:
+        await r.aclose()
+
+
+class Services:
+    """Everything a bench started, stopped in reverse order on close (also after Ctrl-C
+    or an exception: use it as a context manager around the run)."""
+
+    def __init__(self) -> None:
+        self._owned: list[Owned | Postgres] = []
+
+    def add(self, service: Owned | Postgres) -> None:
+        self._owned.append(service)
+
+    def close(self) -> None:
+        for service in reversed(self._owned):
+            try:
+                if isinstance(service, Postgres):
+                    service.close()
+                else:
+                    service.stop()
+            except Exception as exc:  # keep stopping the others; say what was left
+                print(f"stopping {service} failed: {exc!r}", file=sys.stderr)
+        self._owned.clear()
+
+    def __enter__(self) -> Services:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
