@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit system-deps services bench bench-dispatch clean
+.PHONY: install run test lint typecheck unit system-deps services bench bench-dispatch chaos clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ bench: install system-deps
 
 bench-dispatch: install services
 	$(BIN)/python -m bench.dispatch
+
+# Not part of `make test` (a few minutes; test_chaos_smoke.py runs a 10 s version there): its own
+# PostgreSQL, Redis, SIPp carrier, API and two workers; kills them under load, prints a table.
+chaos: install system-deps
+	$(BIN)/python -m bench.chaos
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
