@@ -80,10 +80,14 @@ class Owned:
         )
 
     @property
-    def pid(self) -> int:
+    def popen(self) -> subprocess.Popen[bytes]:
         if self.process is None:
             raise ServiceError(f"{self.name} was never started")
-        return self.process.pid
+        return self.process
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
