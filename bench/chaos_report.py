@@ -157,6 +157,7 @@ class DuplicateSend:
     alert_id: str
     notification_uuid: str
     attempt: int
+    previous_at: float  # the hand-off this one repeats (what went wrong happened then)
     at: float
     worker: str | None
     previous_worker: str | None
@@ -176,7 +177,7 @@ def duplicate_sends(
             sent, resent = audit_time(previous), audit_time(line)
             killed_at = kills.get(worker_pid(previous.get("worker")) or 0)
             allowed = killed_at is not None and sent <= killed_at <= resent
-            found.append(DuplicateSend(str(line.get("alert_id")), nid, attempt, resent,
+            found.append(DuplicateSend(str(line.get("alert_id")), nid, attempt, sent, resent,
                                        line.get("worker"), previous.get("worker"),
                                        allowed))  # fmt: skip
     return found
@@ -190,7 +191,7 @@ class DuplicateLine:
     notification_uuid: str | None
     attempt: int | None
     copies: int
-    at: float  # the first repeat
+    at: float  # the first of them
 
 
 def duplicate_audit_lines(audit: Sequence[Mapping[str, Any]]) -> list[DuplicateLine]:
@@ -204,7 +205,7 @@ def duplicate_audit_lines(audit: Sequence[Mapping[str, Any]]) -> list[DuplicateL
                                          "attempt", "round", "step"))  # fmt: skip
         seen[key].append(audit_time(rec))
     return [
-        DuplicateLine(str(k[0]), str(k[1]), k[2], k[3], k[4], len(times), sorted(times)[1])
+        DuplicateLine(str(k[0]), str(k[1]), k[2], k[3], k[4], len(times), min(times))
         for k, times in seen.items()
         if len(times) > 1
     ]
@@ -515,7 +516,7 @@ def build_report(
                                          if f.killed_pid is not None})  # fmt: skip
     calls = calls_by_attempt(audit, invites)
     for d in duplicates:
-        for s in both(d.at):
+        for s in both(d.previous_at):
             if d.within_bound:
                 s.duplicate_sends_within += 1
             else:
@@ -523,7 +524,8 @@ def build_report(
         if not d.within_bound:
             examples["duplicate notifications within bound"].append(
                 f"alert {d.alert_id} notification {d.notification_uuid} attempt {d.attempt}: "
-                f"sent again by {d.worker}, before by {d.previous_worker}; "
+                f"sent at {d.previous_at - load_start:.1f} s by {d.previous_worker}, again at "
+                f"{d.at - load_start:.1f} s by {d.worker}; "
                 f"{calls.get((d.notification_uuid, d.attempt), 0)} of its calls reached the "
                 "carrier"
             )
@@ -627,8 +629,8 @@ def render(report: Report) -> str:
             f"{w.count('500'):>6}{w.other_answers:>7}{w.transport_errors:>10}{w.retries:>9}"
             f"{w.gave_up:>9}"
         )
-    out += ["", "Alerts, by the window their first try was sent in (duplicates: when they "
-            "happened)",
+    out += ["", "Alerts, by the window their first try was sent in (duplicates: by the window "
+            "of the hand-off or event they repeat)",
             f"{'window':<16}{'accepted':>9}{'finished':>9}{'lost':>6}{'stuck':>7}"
             f"{'dup-notif ok/over':>19}{'dup-audit':>11}{'to 202':>9}{'to call':>9}"]  # fmt: skip
     for w in rows:

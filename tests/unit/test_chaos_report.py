@@ -183,3 +183,16 @@ def test_fault_specs_parse_with_default_downtimes() -> None:
     assert parse_faults("") == ()
     with pytest.raises(ValueError, match="kind@start"):
         parse_faults("disk@10")
+
+
+def test_a_duplicate_counts_in_the_window_of_the_hand_off_it_repeats() -> None:
+    """A hand-off lost during the Redis outage is repeated when its lease expires, in a
+    later window: the outage is what went wrong."""
+    faults = [FaultEvent(FaultKind.REDIS, T0 + 5, T0 + 10),
+              FaultEvent(FaultKind.POSTGRES, T0 + 20, T0 + 25)]  # fmt: skip
+    audit = [send(6, LIVE), send(36, LIVE), result(37, "acknowledged")]
+    report = build_report([request(1, "a1", 202)], faults, T0, T0 + 40,
+                          [StoredAlert("a1", "k1", "acknowledged")], audit, [],
+                          WorkerCalls({}, frozenset()))  # fmt: skip
+    over = {w.name: w.duplicate_sends_over for w in report.windows}
+    assert over == {"before faults": 0, "redis kill -9": 1, "postgres crash": 0}
