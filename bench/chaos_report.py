@@ -270,6 +270,9 @@ class CarrierCheck:
     attempts_sent: int  # distinct voice attempts handed to the channel
     with_result: int  # INVITEs whose call has a recorded result (provider_id = Call-ID)
     from_killed: int  # INVITEs placed by a worker that was then killed -9
+    # INVITEs of running workers no recorded result names: calls given up before any
+    # answer, e.g. an INVITE abandoned at trying_timeout that reached the carrier later
+    unnamed: int
     left_open: int  # calls of running workers that never ended
     unknown_caller: int  # INVITEs from a port no worker listened on
     attempts_called_twice: int  # attempts with two calls that reached the carrier
@@ -315,6 +318,9 @@ def carrier_check(
         attempts_sent=len({_attempt(r) for r in voice}),
         with_result=sum(1 for c in callers if c in attempt_of_call),
         from_killed=sum(1 for pid in callers.values() if pid in dead),
+        unnamed=sum(
+            1 for c, pid in callers.items() if pid not in dead and c not in attempt_of_call
+        ),
         left_open=len(open_calls(invites, workers, dead)),
         unknown_caller=sum(1 for pid in callers.values() if pid is None),
         attempts_called_twice=sum(1 for n in reached.values() if n > 1),
@@ -657,8 +663,9 @@ def render(report: Report) -> str:
     c = report.carrier
     out += ["", f"carrier: {c.invites} INVITEs received ({c.from_killed} from the killed "
             f"worker); {c.voice_sends} voice sends audited ({c.attempts_sent} attempts); "
-            f"{c.with_result} calls named by a recorded result; {c.attempts_called_twice} "
-            "attempts reached the carrier twice"]  # fmt: skip
+            f"{c.with_result} calls named by a recorded result, {c.unnamed} from running workers"
+            f" by none (given up before an answer); {c.attempts_called_twice} attempts reached "
+            "the carrier twice"]  # fmt: skip
     states = "; ".join(
         f"{policy}: " + ", ".join(f"{s} {n}" for s, n in sorted(by_state.items()))
         for policy, by_state in report.final_states.items()
