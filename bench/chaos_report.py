@@ -157,8 +157,9 @@ class DuplicateSend:
     alert_id: str
     notification_uuid: str
     attempt: int
-    previous_at: float  # the hand-off this one repeats (what went wrong happened then)
+    previous_at: float  # the hand-off this one repeats
     at: float
+    cause_at: float  # the kill that excused it, else the hand-off it repeats
     worker: str | None
     previous_worker: str | None
     within_bound: bool  # the hand-off before was in flight on a worker killed -9
@@ -177,8 +178,9 @@ def duplicate_sends(
             sent, resent = audit_time(previous), audit_time(line)
             killed_at = kills.get(worker_pid(previous.get("worker")) or 0)
             allowed = killed_at is not None and sent <= killed_at <= resent
+            cause = killed_at if allowed and killed_at is not None else sent
             found.append(DuplicateSend(str(line.get("alert_id")), nid, attempt, sent, resent,
-                                       line.get("worker"), previous.get("worker"),
+                                       cause, line.get("worker"), previous.get("worker"),
                                        allowed))  # fmt: skip
     return found
 
@@ -522,7 +524,7 @@ def build_report(
                                          if f.killed_pid is not None})  # fmt: skip
     calls = calls_by_attempt(audit, invites)
     for d in duplicates:
-        for s in both(d.previous_at):
+        for s in both(d.cause_at):
             if d.within_bound:
                 s.duplicate_sends_within += 1
             else:
@@ -636,7 +638,7 @@ def render(report: Report) -> str:
             f"{w.gave_up:>9}"
         )
     out += ["", "Alerts, by the window their first try was sent in (duplicates: by the window "
-            "of the hand-off or event they repeat)",
+            "of the kill that excuses them, else of the hand-off or event they repeat)",
             f"{'window':<16}{'accepted':>9}{'finished':>9}{'lost':>6}{'stuck':>7}"
             f"{'dup-notif ok/over':>19}{'dup-audit':>11}{'to 202':>9}{'to call':>9}"]  # fmt: skip
     for w in rows:

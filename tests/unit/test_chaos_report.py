@@ -196,3 +196,13 @@ def test_a_duplicate_counts_in_the_window_of_the_hand_off_it_repeats() -> None:
                           WorkerCalls({}, frozenset()))  # fmt: skip
     over = {w.name: w.duplicate_sends_over for w in report.windows}
     assert over == {"before faults": 0, "redis kill -9": 1, "postgres crash": 0}
+
+
+def test_a_resend_excused_by_a_kill_counts_in_the_kill_s_window() -> None:
+    faults = [FaultEvent(FaultKind.WORKER, T0 + 10, T0 + 13, killed_pid=KILLED)]
+    audit = [send(9, KILLED), send(40, LIVE), result(41, "acknowledged")]
+    report = build_report([request(1, "a1", 202)], faults, T0, T0 + 45,
+                          [StoredAlert("a1", "k1", "acknowledged")], audit, [],
+                          WorkerCalls({}, frozenset()))  # fmt: skip
+    within = {w.name: w.duplicate_sends_within for w in report.windows}
+    assert within == {"before faults": 0, "worker kill -9": 1}
