@@ -128,7 +128,8 @@ class AckReceived:
 
 @dataclass(frozen=True)
 class TransactionTimeout:
-    """Timer ``"B"``/``"F"`` (no final response) or ``"H"`` (no ACK) expired."""
+    """Timer ``"B"``/``"F"`` (no final response), ``"H"`` (no ACK) or ``"cancel"`` (no final
+    response within 64*T1 of our CANCEL, RFC 3261 9.1) expired."""
 
     timer: str
 
@@ -301,6 +302,13 @@ class ClientInviteTransaction(_ClientTransaction):
         """Queue the INVITE and arm timer A (unreliable only) and timer B."""
         self._start(now, "A", "B", self.timers.timer_b)
 
+    def cancel_sent(self, now: float) -> None:
+        """The TU sent a CANCEL for this INVITE. A peer that then never answers would keep us
+        in Proceeding forever (timer B only runs in Calling), so without a final response
+        within 64*T1 the transaction ends with a ``"cancel"`` timeout (RFC 3261 9.1)."""
+        if self.state in (TransactionState.CALLING, TransactionState.PROCEEDING):
+            self._deadlines.setdefault("cancel", now + self.timers.timer_b)
+
     def receive_response(self, response: Response, now: float) -> None:
         if not self._check_response(response):
             return
@@ -337,6 +345,11 @@ class ClientInviteTransaction(_ClientTransaction):
             self._arm("A", now, self._interval)
         elif name == "B" and self.state is TransactionState.CALLING:
             self._timeout("B")
+        elif name == "cancel" and self.state in (
+            TransactionState.CALLING,
+            TransactionState.PROCEEDING,
+        ):
+            self._timeout("cancel")
         elif name in ("D", "M"):
             self._terminate()
 
@@ -417,6 +430,12 @@ class _ServerTransaction(_Transaction):
         if transaction_key(response) != self._key:
             raise TransactionError("response does not match this transaction")
 
+    @abc.abstractmethod
+    def can_send(self, code: int) -> bool:
+        """Whether ``send_response`` accepts ``code`` now. A TU racing the peer (a CANCEL
+        answered with 487 while we were answering, a transaction that timed out) asks
+        first instead of catching the TransactionError meant for real bugs."""
+
     def _send(self, response: Response) -> None:
         self.last_response = response
         self._outgoing.append(response)
@@ -441,6 +460,11 @@ class ServerInviteTransaction(_ServerTransaction):
             request, reliable=reliable, timers=timers, state=TransactionState.PROCEEDING
         )
         self._interval = timers.t1
+
+    def can_send(self, code: int) -> bool:
+        return self.state is TransactionState.PROCEEDING or (
+            self.state is TransactionState.ACCEPTED and 200 <= code < 300
+        )
 
     def send_response(self, response: Response, now: float) -> None:
         self._check_response(response)
@@ -495,6 +519,9 @@ class ServerNonInviteTransaction(_ServerTransaction):
         if request.method in ("INVITE", "ACK"):
             raise TransactionError(f"{request.method} cannot use a non-INVITE server transaction")
         super().__init__(request, reliable=reliable, timers=timers, state=TransactionState.TRYING)
+
+    def can_send(self, code: int) -> bool:
+        return self.state in (TransactionState.TRYING, TransactionState.PROCEEDING)
 
     def send_response(self, response: Response, now: float) -> None:
         self._check_response(response)

@@ -169,6 +169,37 @@ def test_client_invite_100_180_200_moves_to_accepted_and_passes_2xx_retransmissi
     assert _events(txn) == [TransactionTerminated()]
 
 
+def test_client_invite_cancelled_without_final_response_times_out_after_64_t1() -> None:
+    """RFC 3261 9.1: a peer that rang (Proceeding: timers A and B are off) and then never
+    answers our CANCEL would keep the transaction forever; 64*T1 after the CANCEL it ends."""
+    txn = ClientInviteTransaction(_request(), reliable=False)
+    txn.start(0.0)
+    txn.receive_response(_response(180, "Ringing"), 0.2)
+    _events(txn)
+    assert txn.next_timer_at() is None
+    txn.cancel_sent(10.0)
+    assert txn.next_timer_at() == pytest.approx(10.0 + 32.0)
+    txn.cancel_sent(20.0)  # a second notice does not push the limit out
+    txn.handle_timer(41.9)
+    assert _state(txn) is TransactionState.PROCEEDING
+    txn.handle_timer(42.0)
+    assert _state(txn) is TransactionState.TERMINATED
+    assert _events(txn) == [TransactionTimeout("cancel"), TransactionTerminated()]
+
+
+def test_client_invite_487_after_cancel_clears_the_cancel_limit() -> None:
+    txn = ClientInviteTransaction(_request(), reliable=True)
+    txn.start(0.0)
+    txn.receive_response(_response(180, "Ringing"), 0.2)
+    txn.cancel_sent(5.0)
+    txn.receive_response(_response(487, "Request Terminated"), 5.1)
+    assert _state(txn) is TransactionState.TERMINATED  # reliable: no timer D
+    assert _codes(_events(txn)) == [180, 487]
+    assert txn.next_timer_at() is None
+    txn.cancel_sent(6.0)  # too late to matter
+    assert txn.next_timer_at() is None
+
+
 def test_client_invite_486_builds_ack_and_absorbs_retransmitted_final() -> None:
     invite = _request()
     txn = ClientInviteTransaction(invite, reliable=False)
@@ -408,6 +439,27 @@ def test_server_invite_2xx_goes_to_accepted_and_tu_retransmits() -> None:
     txn.handle_timer(33.0)
     assert _state(txn) is TransactionState.TERMINATED
     assert _events(txn) == [TransactionTerminated()]
+
+
+def test_server_invite_can_send_tells_what_is_still_possible() -> None:
+    """The TU asks before answering (a CANCEL may have ended the INVITE meanwhile, or
+    timer L the Accepted state) rather than catching TransactionError."""
+    invite = _request()
+    txn = ServerInviteTransaction(invite, reliable=True)
+    assert txn.can_send(180) and txn.can_send(200) and txn.can_send(487)
+    txn.send_response(create_response(invite, 487, to_tag="srv1"), 0.0)
+    assert not txn.can_send(200) and not txn.can_send(180)
+    accepted = ServerInviteTransaction(invite, reliable=False)
+    accepted.send_response(create_response(invite, 200, to_tag="srv1"), 0.0)
+    assert accepted.can_send(200) and not accepted.can_send(486)
+    accepted.handle_timer(32.0)  # timer L
+    assert _state(accepted) is TransactionState.TERMINATED
+    assert not accepted.can_send(200)
+    bye = _request("BYE")
+    non_invite = ServerNonInviteTransaction(bye, reliable=True)
+    assert non_invite.can_send(200)
+    non_invite.send_response(create_response(bye, 200), 0.0)
+    assert not non_invite.can_send(200)
 
 
 def test_server_transactions_reject_foreign_messages() -> None:
