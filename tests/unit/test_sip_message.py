@@ -1,0 +1,102 @@
+"""parse_message: what can be answered (BadRequest with a reason) versus what is dropped,
+and the stateless answers built from broken requests."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.sip.message import (
+    BadRequest,
+    Rejection,
+    Request,
+    create_rejection,
+    parse_message,
+    stateless_tag,
+    top_via,
+)
+
+INVITE = (
+    b"INVITE sip:hotline@127.0.0.1:5060 SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bKmsg1;rport\r\n"
+    b"Max-Forwards: 70\r\n"
+    b"From: <sip:+15550101@127.0.0.2>;tag=f1\r\n"
+    b"To: <sip:hotline@127.0.0.1:5060>\r\n"
+    b"Call-ID: msg-1@127.0.0.2\r\n"
+    b"CSeq: 7 INVITE\r\n"
+    b"Contact: <sip:caller@127.0.0.2:5062>\r\n"
+    b"Content-Length: 0\r\n"
+    b"\r\n"
+)
+
+
+def bad(data: bytes) -> BadRequest:
+    with pytest.raises(BadRequest) as caught:
+        parse_message(data)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "phrase"),
+    [
+        (b"sip:hotline@127.0.0.1:5060 SIP", b"sip:@@ SIP", "Invalid Request-URI"),
+        (b"Call-ID: msg-1@127.0.0.2\r\n", b"", "Missing Call-ID"),
+        (b"Call-ID: msg-1@127.0.0.2", b"Call-ID:  ", "Missing Call-ID"),
+        (b"From: <sip:+15550101@127.0.0.2>;tag=f1\r\n", b"", "Missing From header"),
+        (b"To: <sip:hotline@127.0.0.1:5060>", b"To: <<>", "Invalid To header"),
+        (b"CSeq: 7 INVITE\r\n", b"", "Missing CSeq"),
+        (b"CSeq: 7 INVITE", b"CSeq: seven INVITE", "Invalid CSeq"),
+        (b"CSeq: 7 INVITE", b"CSeq: 2147483648 INVITE", "Invalid CSeq"),
+        (b"CSeq: 7 INVITE", b"CSeq: 7 BYE", "CSeq method does not match the request"),
+        (b"Max-Forwards: 70", b"Max-Forwards: -1", "Invalid Max-Forwards"),
+        (b"Max-Forwards: 70", b"Max-Forwards: 70\r\nVia: garbage", "Invalid Via header"),
+    ],
+)
+def test_answerable_faults_become_bad_request_with_a_reason(
+    old: bytes, new: bytes, phrase: str
+) -> None:
+    assert old in INVITE
+    error = bad(INVITE.replace(old, new))
+    assert (error.rejection.code, error.rejection.phrase) == (400, phrase)
+    # The answer copies what the request has, so the sender can match it by its Via.
+    response = create_rejection(error.request, error.rejection)
+    assert bytes(response).startswith(f"SIP/2.0 400 {phrase}\r\n".encode())
+    assert top_via(response).parameters["branch"] == "z9hG4bKmsg1"
+    for name in ("From", "Call-ID", "CSeq"):
+        assert response.headers.get(name) == error.request.headers.get(name)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        INVITE.replace(b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bKmsg1;rport\r\n", b""),
+        # an empty first Via header beside a good one: once an IndexError in Via stamping
+        INVITE.replace(b"Via: SIP", b"Via: \r\nVia: SIP"),
+        INVITE.replace(b"Via: SIP/2.0/UDP", b"Via: SIP/2.0/UDP,"),
+        INVITE.replace(b"sip:hotline@127.0.0.1:5060 SIP", b"sip:@@ SIP").replace(b"Via:", b"V:x"),
+        INVITE.replace(b"Max-Forwards: 70", b"Max-Forwards 70"),  # no colon: unparseable
+    ],
+)
+def test_unanswerable_requests_are_plain_value_errors(data: bytes) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_message(data)
+    assert not isinstance(caught.value, BadRequest)
+
+
+def test_ack_with_wrong_cseq_method_is_not_usable() -> None:
+    ack = INVITE.replace(b"INVITE sip:", b"ACK sip:")
+    assert bad(ack).rejection.phrase == "CSeq method does not match the request"
+    assert isinstance(parse_message(ack.replace(b"7 INVITE", b"7 ACK")), Request)
+
+
+def test_stateless_answers_keep_one_to_tag_for_retransmissions() -> None:
+    first = parse_message(INVITE)
+    again = parse_message(INVITE)
+    other = parse_message(INVITE.replace(b"z9hG4bKmsg1", b"z9hG4bKmsg2"))
+    assert isinstance(first, Request) and isinstance(again, Request)
+    assert isinstance(other, Request)
+    assert stateless_tag(first) == stateless_tag(again) != stateless_tag(other)
+    rejection = Rejection(415, "Unsupported Media Type", (("Accept", "application/sdp"),))
+    response = create_rejection(first, rejection)
+    assert response.to_address.parameters["tag"] == stateless_tag(first)
+    assert response.headers["Accept"] == "application/sdp"
+    assert response.call_id == "msg-1@127.0.0.2" and str(response.cseq) == "7 INVITE"
