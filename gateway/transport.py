@@ -4,7 +4,12 @@ Everything above this module (transactions, dialogs, calls) is pure state machin
 is the only place that touches sockets. It frames the byte stream, hands every frame to
 ``parse_message`` (the single SIP parser), stamps ``received``/``rport`` on requests
 (RFC 3261 18.2.1, RFC 3581) and routes responses back (RFC 3261 18.2.2). Whatever a peer
-sends, the protocol callbacks never raise: bad input is logged, counted and dropped.
+sends, the protocol callbacks never raise: bad input is logged, counted and dropped, or,
+when it is a request that can be answered, handed to ``on_bad_request`` to be refused.
+
+Inbound TCP is bounded (``TcpLimits``): connections in all and per source address are
+capped (the excess is closed at once), a connection must complete a message soon after it
+starts one, and one with no traffic at all for long is closed.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from typing import Any, cast
 
 from sipmessage import Parameters
 
-from gateway.sip.message import Request, Response, Via, parse_message, top_via
+from gateway.metrics import (
+    SIP_DROPPED_BY_REASON,
+    TCP_CLOSED_BY_REASON,
+    SipDropReason,
+    TcpCloseReason,
+)
+from gateway.sip.message import BadRequest, Request, Response, Via, parse_message, top_via
 
 __all__ = [
     "DEFAULT_SIP_PORT",
@@ -32,6 +43,7 @@ __all__ = [
     "SipStreamFramer",
     "SipTransport",
     "StreamEvent",
+    "TcpLimits",
     "TransportError",
     "TransportStats",
 ]
@@ -62,6 +74,29 @@ class Peer:
 
 
 MessageHandler = Callable[[Request | Response, Peer], None]
+BadRequestHandler = Callable[[BadRequest, Peer], None]
+
+
+@dataclass(frozen=True)
+class TcpLimits:
+    """Bounds on inbound TCP connections, so that holding sockets open costs a peer more
+    than it costs us. Connections we open ourselves are not counted."""
+
+    max_connections: int = 1024  # inbound connections in all
+    max_per_source: int = 32  # inbound connections from one address
+    message_timeout: float = 10.0  # to complete a message begun (or a first one)
+    idle_timeout: float = 600.0  # with no traffic either way (RFC 5626 keep-alives count)
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.max_per_source < 1:
+            raise ValueError(f"TCP connection caps must be at least 1: {self}")
+        if self.message_timeout <= 0 or self.idle_timeout <= 0:
+            raise ValueError(f"TCP timeouts must be positive: {self}")
+
+    @property
+    def sweep_interval(self) -> float:
+        """How often connections are checked: a quarter of the shorter timeout, 50 ms..1 s."""
+        return min(1.0, max(0.05, min(self.message_timeout, self.idle_timeout) / 4))
 
 
 class TransportError(OSError):
@@ -76,7 +111,10 @@ class TransportStats:
     sent: int = 0
     dropped_malformed: int = 0
     dropped_oversize: int = 0
+    rejected_malformed: int = 0  # requests handed to on_bad_request to be answered
     tcp_connections: int = 0
+    tcp_refused: int = 0  # inbound connections closed at once: over a cap
+    tcp_timed_out: int = 0  # inbound connections closed: incomplete message or idle
     handler_errors: int = 0
 
 
@@ -133,6 +171,11 @@ class SipStreamFramer:
         self._scan_from = 0
         self._pending = 0  # size of a message whose header is in, awaiting its body
         self._failed = False
+
+    @property
+    def partial(self) -> bool:
+        """True while part of a message (or of a keep-alive) is buffered or being skipped."""
+        return bool(self._buffer) or bool(self._pending) or bool(self._skip)
 
     def feed(self, data: bytes) -> list[bytes | StreamEvent | FramingError]:
         """Add received bytes; return complete frames in order.
@@ -232,9 +275,12 @@ def _stamp_via(request: Request, source: Peer) -> None:
 
     Only the top Via is re-serialised, with the new values appended verbatim: sipmessage
     would percent-encode an IPv6 ``received`` and other hops' Vias must stay untouched.
+    ValueError when there is no usable top Via (the caller drops the request).
     """
     raw = request.headers.getlist("Via")
-    first_line = Via.parse_many(raw[0])
+    first_line = Via.parse_many(raw[0]) if raw else []
+    if not first_line:
+        raise ValueError("request has no usable top Via")
     top = first_line[0]
     params = top.parameters
     changes: dict[str, str] = {}
@@ -286,12 +332,28 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
 class _StreamProtocol(asyncio.Protocol):
     """One TCP connection, inbound or outbound: framing, keep-alive answers, writes."""
 
-    def __init__(self, owner: SipTransport) -> None:
+    def __init__(self, owner: SipTransport, *, inbound: bool = False) -> None:
         self._owner = owner
         self._framer = SipStreamFramer(owner.max_message_size)
+        self.inbound = inbound
+        self.counted = False  # holds a place under the inbound caps
         self.transport: asyncio.Transport | None = None
         self.peer: Peer | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = self._loop.create_future()
+        self.opened_at = self._loop.time()
+        self.last_traffic = self.opened_at
+        self.partial_since: float | None = None  # a message begun but not complete since
+        self.completed_any = False
+
+    def expired(self, now: float, limits: TcpLimits) -> TcpCloseReason | None:
+        """Why this inbound connection should be closed at ``now``, if it should."""
+        started = self.partial_since if self.completed_any else self.opened_at
+        if started is not None and now - started > limits.message_timeout:
+            return TcpCloseReason.INCOMPLETE
+        if now - self.last_traffic > limits.idle_timeout:
+            return TcpCloseReason.IDLE
+        return None
 
     @property
     def usable(self) -> bool:
@@ -304,6 +366,9 @@ class _StreamProtocol(asyncio.Protocol):
             self.transport.abort()
             return
         self.peer = Peer("tcp", _normalize_host(str(peername[0])), int(peername[1]))
+        if self.inbound and not self._owner._admit_inbound(self):
+            self.transport.abort()
+            return
         self._owner._register(self)
 
     def data_received(self, data: bytes) -> None:
@@ -317,7 +382,17 @@ class _StreamProtocol(asyncio.Protocol):
     def _on_data(self, data: bytes) -> None:
         if self.peer is None or self.transport is None:
             return
-        for frame in self._framer.feed(data):
+        now = self._loop.time()
+        self.last_traffic = now
+        frames = self._framer.feed(data)
+        if any(isinstance(frame, bytes) for frame in frames):
+            self.completed_any = True
+            self.partial_since = None
+        if not self._framer.partial:
+            self.partial_since = None
+        elif self.partial_since is None:
+            self.partial_since = now
+        for frame in frames:
             if self.transport.is_closing():
                 return  # the handler closed us (or the transport shut down)
             if isinstance(frame, bytes):
@@ -351,6 +426,7 @@ class _StreamProtocol(asyncio.Protocol):
             transport.abort()
             raise TransportError(f"TCP peer {self.peer} is not reading; connection dropped")
         transport.write(data)
+        self.last_traffic = self._loop.time()
 
 
 class SipTransport:
@@ -362,13 +438,20 @@ class SipTransport:
         *,
         max_message_size: int = 65535,
         connect_timeout: float = 5.0,
+        on_bad_request: BadRequestHandler | None = None,
+        tcp_limits: TcpLimits | None = None,
     ) -> None:
         if max_message_size <= 0:
             raise ValueError("max_message_size must be positive")
         self.max_message_size = max_message_size
         self.connect_timeout = connect_timeout
+        self.tcp_limits = tcp_limits or TcpLimits()
         self.stats = TransportStats()
         self._handler = handler
+        self._on_bad_request = on_bad_request
+        self._inbound: set[_StreamProtocol] = set()
+        self._inbound_per_source: dict[str, int] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
         self._udp: asyncio.DatagramTransport | None = None
         self._udp_protocol: _DatagramProtocol | None = None
@@ -410,11 +493,12 @@ class SipTransport:
         loop = asyncio.get_running_loop()
         try:
             server = await loop.create_server(
-                lambda: _StreamProtocol(self), host.strip("[]") or None, port
+                lambda: _StreamProtocol(self, inbound=True), host.strip("[]") or None, port
             )
         except OSError as exc:
             raise TransportError(f"cannot listen on TCP {host}:{port}: {exc}") from exc
         self._server = server
+        self._sweeper = loop.create_task(self._sweep_inbound(), name="sip-tcp-sweeper")
         sockname = server.sockets[0].getsockname()
         self._tcp_address = (str(sockname[0]), int(sockname[1]))
         return self._tcp_address
@@ -432,6 +516,8 @@ class SipTransport:
         if self._closed:
             return
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for task in list(self._connecting.values()):
             task.cancel()
         waiters: list[asyncio.Future[None]] = []
@@ -538,6 +624,13 @@ class SipTransport:
             target = str(address)
         udp.sendto(data, (target, peer.port))
 
+    def has_connection(self, peer: Peer) -> bool:
+        """True while a usable TCP connection to ``peer`` is open (inbound or ours)."""
+        return (
+            peer.transport.lower() == "tcp"
+            and self._find_connection(peer.host, peer.port) is not None
+        )
+
     def _find_connection(self, host: str, port: int) -> _StreamProtocol | None:
         connection = self._connections.get((_normalize_host(host), port))
         return connection if connection is not None and connection.usable else None
@@ -590,6 +683,54 @@ class SipTransport:
 
     # -- receiving -------------------------------------------------------------------
 
+    def _admit_inbound(self, connection: _StreamProtocol) -> bool:
+        """Count an accepted connection under the caps, or refuse it (counted, logged)."""
+        assert connection.peer is not None
+        host = connection.peer.host
+        limits = self.tcp_limits
+        reason: TcpCloseReason | None = None
+        if len(self._inbound) >= limits.max_connections:
+            reason = TcpCloseReason.GLOBAL_CAP
+        elif self._inbound_per_source.get(host, 0) >= limits.max_per_source:
+            reason = TcpCloseReason.SOURCE_CAP
+        if reason is not None:
+            self.stats.tcp_refused += 1
+            TCP_CLOSED_BY_REASON[reason].inc()
+            logger.debug("refusing TCP connection from %s: %s", connection.peer, reason.value)
+            return False
+        connection.counted = True
+        self._inbound.add(connection)
+        self._inbound_per_source[host] = self._inbound_per_source.get(host, 0) + 1
+        return True
+
+    def _release_inbound(self, connection: _StreamProtocol) -> None:
+        if not connection.counted or connection.peer is None:
+            return
+        connection.counted = False
+        self._inbound.discard(connection)
+        host = connection.peer.host
+        left = self._inbound_per_source.get(host, 0) - 1
+        if left > 0:
+            self._inbound_per_source[host] = left
+        else:
+            self._inbound_per_source.pop(host, None)
+
+    async def _sweep_inbound(self) -> None:
+        """Close inbound connections past their message or idle timeout, until close()."""
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(self.tcp_limits.sweep_interval)
+            now = loop.time()
+            for connection in list(self._inbound):
+                reason = connection.expired(now, self.tcp_limits)
+                if reason is None or connection.transport is None:
+                    continue
+                self.stats.tcp_timed_out += 1
+                TCP_CLOSED_BY_REASON[reason].inc()
+                logger.debug("closing TCP connection from %s: %s", connection.peer, reason.value)
+                self._release_inbound(connection)
+                connection.transport.abort()
+
     def _register(self, connection: _StreamProtocol) -> None:
         assert connection.peer is not None
         self._connections[(connection.peer.host, connection.peer.port)] = connection
@@ -597,6 +738,7 @@ class SipTransport:
         logger.debug("TCP connection with %s opened", connection.peer)
 
     def _unregister(self, connection: _StreamProtocol) -> None:
+        self._release_inbound(connection)
         for key in [key for key, value in self._connections.items() if value is connection]:
             del self._connections[key]
         if connection.peer is not None:
@@ -634,12 +776,15 @@ class SipTransport:
             message = parse_message(data)
             if isinstance(message, Request):
                 _stamp_via(message, peer)
+        except BadRequest as bad:
+            self._reject(bad, peer)
+            return
         except ValueError as exc:
             self._count_malformed(peer, str(exc))
             return
         except Exception:
             logger.exception("parser failed unexpectedly on a message from %s", peer)
-            self.stats.dropped_malformed += 1
+            self._count_malformed(peer, "parser error")
             return
         self.stats.received += 1
         try:
@@ -648,10 +793,29 @@ class SipTransport:
             self.stats.handler_errors += 1
             logger.exception("SIP message handler failed on a message from %s", peer)
 
+    def _reject(self, bad: BadRequest, peer: Peer) -> None:
+        """Hand an answerable bad request up, its Via stamped so the answer finds the peer."""
+        try:
+            _stamp_via(bad.request, peer)
+        except ValueError as exc:
+            self._count_malformed(peer, str(exc))
+            return
+        if self._on_bad_request is None:
+            self._count_malformed(peer, str(bad))
+            return
+        self.stats.rejected_malformed += 1
+        try:
+            self._on_bad_request(bad, peer)
+        except Exception:
+            self.stats.handler_errors += 1
+            logger.exception("bad request handler failed on a message from %s", peer)
+
     def _count_malformed(self, peer: Peer, reason: str) -> None:
         self.stats.dropped_malformed += 1
+        SIP_DROPPED_BY_REASON[SipDropReason.MALFORMED].inc()
         logger.debug("dropped malformed SIP message from %s: %s", peer, reason)
 
     def _count_oversize(self, peer: Peer, reason: str) -> None:
         self.stats.dropped_oversize += 1
+        SIP_DROPPED_BY_REASON[SipDropReason.OVERSIZE].inc()
         logger.warning("dropped oversized SIP message from %s: %s", peer, reason)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,6 +17,7 @@ import pytest
 from sipmessage import URI, Address, CSeq, Parameters
 
 from gateway.sip.message import (
+    BadRequest,
     Request,
     Response,
     Via,
@@ -31,6 +33,7 @@ from gateway.transport import (
     SipStreamFramer,
     SipTransport,
     StreamEvent,
+    TcpLimits,
     TransportError,
 )
 
@@ -82,10 +85,21 @@ def raw(request: Request) -> bytes:
 class Node:
     """A transport whose handler queues everything it receives."""
 
-    def __init__(self, *, max_message_size: int = 65535) -> None:
+    def __init__(
+        self,
+        *,
+        max_message_size: int = 65535,
+        tcp_limits: TcpLimits | None = None,
+        on_bad_request: Callable[[BadRequest, Peer], None] | None = None,
+    ) -> None:
         self.inbox: asyncio.Queue[tuple[Request | Response, Peer]] = asyncio.Queue()
         self.fail_next = 0
-        self.transport = SipTransport(self.handle, max_message_size=max_message_size)
+        self.transport = SipTransport(
+            self.handle,
+            max_message_size=max_message_size,
+            tcp_limits=tcp_limits,
+            on_bad_request=on_bad_request,
+        )
 
     def handle(self, message: Request | Response, peer: Peer) -> None:
         if self.fail_next:
@@ -109,8 +123,16 @@ class Node:
         return Peer("tcp", host, port)
 
 
-async def make_node(host: str = LOOPBACK, *, max_message_size: int = 65535) -> Node:
-    node = Node(max_message_size=max_message_size)
+async def make_node(
+    host: str = LOOPBACK,
+    *,
+    max_message_size: int = 65535,
+    tcp_limits: TcpLimits | None = None,
+    on_bad_request: Callable[[BadRequest, Peer], None] | None = None,
+) -> Node:
+    node = Node(
+        max_message_size=max_message_size, tcp_limits=tcp_limits, on_bad_request=on_bad_request
+    )
     await node.transport.listen_udp(host, 0)
     await node.transport.listen_tcp(host, 0)
     return node
@@ -269,6 +291,43 @@ async def test_udp_malformed_and_oversize_dropped_then_good_delivered(
     assert b.transport.stats.dropped_oversize == 1
     assert b.transport.stats.received == 1
     await b.nothing_more()
+
+
+async def test_request_without_usable_top_via_is_dropped_and_counted(
+    nodes: tuple[Node, Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An empty first Via header beside a good one used to raise IndexError in the Via
+    stamping (logged as a parser failure); it is a malformed request like any other."""
+    _, b = nodes
+    valid = raw(options())
+    empty_first = valid.replace(b"Via: ", b"Via: \r\nVia: ", 1)
+    with udp_socket() as sock:
+        sock.sendto(empty_first, (b.udp().host, b.udp().port))
+        good = options()
+        sock.sendto(raw(good), (b.udp().host, b.udp().port))
+        received, _ = await b.next()
+    assert received.call_id == good.call_id
+    assert b.transport.stats.dropped_malformed == 1
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_answerable_bad_request_is_handed_up_with_its_via_stamped() -> None:
+    refused: list[tuple[BadRequest, Peer]] = []
+    node = await make_node(on_bad_request=lambda bad, peer: refused.append((bad, peer)))
+    try:
+        mismatch = raw(options()).replace(b"1 OPTIONS", b"1 BYE")
+        with udp_socket() as sock:
+            sock.sendto(mismatch, (node.udp().host, node.udp().port))
+            await wait_until(lambda: bool(refused))
+            port = sock.getsockname()[1]
+        [(bad, peer)] = refused
+        assert bad.rejection.phrase == "CSeq method does not match the request"
+        assert peer == Peer("udp", LOOPBACK, port)
+        assert top_params(bad.request)["rport"] == str(port)
+        assert node.transport.stats.rejected_malformed == 1
+        assert node.transport.stats.dropped_malformed == 0
+    finally:
+        await node.transport.close()
 
 
 async def test_handler_exception_does_not_kill_udp(nodes: tuple[Node, Node]) -> None:
@@ -446,6 +505,113 @@ async def test_handler_exception_does_not_kill_tcp(nodes: tuple[Node, Node]) -> 
     await a.transport.send(options(transport="TCP", call_id="second"), b.tcp())
     assert (await b.next())[0].call_id == "second"
     assert b.transport.stats.handler_errors == 1
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = WAIT) -> bool:
+    """True when the other side closed the connection (EOF or reset) within ``timeout``."""
+    try:
+        return await asyncio.wait_for(reader.read(), timeout) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+async def open_from(node: Node, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    peer = node.tcp()
+    return await asyncio.open_connection(peer.host, peer.port, local_addr=(source, 0))
+
+
+async def test_tcp_connections_are_capped_per_source_and_in_all() -> None:
+    node = await make_node(tcp_limits=TcpLimits(max_connections=5, max_per_source=3))
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        first = [await open_from(node, "127.0.0.1") for _ in range(5)]
+        writers += [w for _, w in first]
+        closed = [await closed_by_peer(r, 0.5) for r, _ in first]
+        assert sorted(closed) == [False] * 3 + [True] * 2  # the per-source cap is 3
+        second = [await open_from(node, "127.0.0.2") for _ in range(3)]
+        writers += [w for _, w in second]
+        closed = [await closed_by_peer(r, 0.5) for r, _ in second]
+        assert sorted(closed) == [False] * 2 + [True]  # 5 in all
+        assert node.transport.stats.tcp_refused == 3
+        # An accepted connection works; closing one frees a place for a newcomer.
+        writer = next(w for r, w in first if not r.at_eof())
+        writer.write(raw(options(transport="TCP", call_id="within-cap")))
+        await writer.drain()
+        assert (await node.next())[0].call_id == "within-cap"
+        writer.close()
+        await wait_until(lambda: len(node.transport._inbound) == 4)
+        _reader, writer = await open_from(node, "127.0.0.3")
+        writers.append(writer)
+        writer.write(raw(options(transport="TCP", call_id="newcomer")))
+        await writer.drain()
+        assert (await node.next())[0].call_id == "newcomer"
+    finally:
+        for writer in writers:
+            writer.close()
+        await node.transport.close()
+
+
+async def test_tcp_connection_that_never_completes_a_message_is_closed() -> None:
+    node = await make_node(tcp_limits=TcpLimits(message_timeout=0.3))
+    try:
+        half = raw(options(transport="TCP"))[:60]
+        stalled_reader, stalled = await tcp_client(node.tcp())
+        stalled.write(half)  # half a message, then nothing
+        silent_reader, silent = await tcp_client(node.tcp())  # nothing at all
+        done_reader, done = await tcp_client(node.tcp())
+        done.write(raw(options(transport="TCP", call_id="complete")))
+        late_reader, late = await tcp_client(node.tcp())
+        late.write(raw(options(transport="TCP", call_id="first")) + half)  # then stalls
+        assert await closed_by_peer(stalled_reader, 10)
+        assert await closed_by_peer(silent_reader, 10)
+        assert await closed_by_peer(late_reader, 10)
+        assert not await closed_by_peer(done_reader, 1.0)  # a finished message is no stall
+        assert node.transport.stats.tcp_timed_out == 3
+        assert {(await node.next())[0].call_id for _ in range(2)} == {"complete", "first"}
+        for writer in (stalled, silent, late):
+            writer.close()
+        # The listener is unharmed: a normal exchange on a new connection still works.
+        _reader, writer = await tcp_client(node.tcp())
+        writer.write(raw(options(transport="TCP", call_id="after")))
+        await writer.drain()
+        assert (await node.next())[0].call_id == "after"
+        writer.close()
+        done.close()
+    finally:
+        await node.transport.close()
+
+
+async def test_tcp_idle_timeout_counts_keepalives_as_traffic() -> None:
+    node = await make_node(tcp_limits=TcpLimits(message_timeout=30, idle_timeout=1.5))
+    try:
+        quiet_reader, quiet = await tcp_client(node.tcp())
+        quiet.write(raw(options(transport="TCP", call_id="quiet")))
+        alive_reader, alive = await tcp_client(node.tcp())
+        alive.write(raw(options(transport="TCP", call_id="alive")))
+        for _ in range(15):  # 3 s of RFC 5626 pings, twice the idle timeout
+            alive.write(b"\r\n\r\n")
+            assert await asyncio.wait_for(alive_reader.readexactly(2), WAIT) == b"\r\n"
+            await asyncio.sleep(0.2)
+        assert await closed_by_peer(quiet_reader, 10)
+        assert not alive_reader.at_eof()
+        alive.write(raw(options(transport="TCP", call_id="still-alive")))
+        await alive.drain()
+        ids = {(await node.next())[0].call_id for _ in range(3)}
+        assert ids == {"quiet", "alive", "still-alive"}
+        assert node.transport.stats.tcp_timed_out == 1
+        quiet.close()
+        alive.close()
+    finally:
+        await node.transport.close()
+
+
+def test_tcp_limits_are_validated() -> None:
+    with pytest.raises(ValueError):
+        TcpLimits(max_connections=0)
+    with pytest.raises(ValueError):
+        TcpLimits(message_timeout=0)
 
 
 async def test_content_length_corrected_before_sending(nodes: tuple[Node, Node]) -> None:
