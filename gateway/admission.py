@@ -1,14 +1,19 @@
-"""Who may start a call with us: trusted carrier addresses, optional digest, flood limits.
+"""Who may start a call with us, and with what: trusted carrier addresses, optional digest,
+flood limits, and an INVITE we can actually serve.
 
 A hotline number is an open door to the escalation engine, so an INVITE is admitted only
 from the addresses of a configured trunk (and, when that trunk has credentials, only after
-a digest challenge); others get 403. A source sending new INVITEs faster than its budget
-gets 503 with Retry-After before any call state or media port is spent on it. Pure logic:
-the gateway feeds requests and times in and sends whatever response the decision names.
+a digest challenge); others get 403, before anything else is spent on them (not even a
+flood budget). A trusted source sending new INVITEs faster than its budget gets 503 with
+Retry-After. An admitted INVITE must then pass `check_new_invite` before a call or a media
+port exists for it. Refusals are reported through `RefusalAggregator`, one line per source
+and interval however hard a source pushes. Pure logic: the gateway feeds requests and
+times in and sends whatever response the decision names.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -16,7 +21,9 @@ from dataclasses import dataclass, field
 
 from sipmessage import AuthChallenge, Request
 
+from gateway.media.sdp import create_answer
 from gateway.sip.auth import DigestServer
+from gateway.sip.message import Rejection, check_request
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -44,6 +51,18 @@ class TrustedTrunk:
         if not networks:
             raise ValueError(f"trunk {name!r}: no trusted source addresses")
         return cls(name, tuple(networks), **kwargs)  # type: ignore[arg-type]
+
+
+class RefusalReason(enum.StrEnum):
+    """Why a new INVITE was turned away (the audit's and the logs' ``reason``)."""
+
+    UNTRUSTED_SOURCE = "untrusted_source"
+    INVITE_FLOOD = "invite_flood"
+    AUTHENTICATION_REQUIRED = "authentication_required"
+    STALE_NONCE = "stale_nonce"
+    MALFORMED_REQUEST = "malformed_request"  # check_new_invite said no
+    NO_HANDLER = "no_handler"  # nothing answers calls here
+    SHUTTING_DOWN = "shutting_down"
 
 
 @dataclass(frozen=True)
@@ -103,12 +122,16 @@ class InboundGuard:
         return None
 
     def check(self, request: Request, source_host: str, now: float) -> Decision:
+        """ACL, then the flood budget (trusted sources only: an untrusted one costs no
+        memory), then digest."""
         trunk = self.trunk_for(source_host) if self.trunks else None
+        if self.trunks and trunk is None:
+            return Decision(False, code=403, reason=RefusalReason.UNTRUSTED_SOURCE)
         name = trunk.name if trunk else None
         if not self._take(source_host, now):
-            return Decision(False, name, 503, "invite_flood", retry_after=self._retry_after())
-        if self.trunks and trunk is None:
-            return Decision(False, code=403, reason="untrusted_source")
+            return Decision(
+                False, name, 503, RefusalReason.INVITE_FLOOD, retry_after=self._retry_after()
+            )
         digest = self._digest.get(name or "")
         if digest is None:
             return Decision(True, name)
@@ -120,7 +143,7 @@ class InboundGuard:
             False,
             name,
             digest.status_code,
-            "stale_nonce" if stale else "authentication_required",
+            RefusalReason.STALE_NONCE if stale else RefusalReason.AUTHENTICATION_REQUIRED,
             challenge=digest.challenge(now, stale=stale),
             challenge_header=digest.challenge_header,
         )
@@ -144,3 +167,183 @@ class InboundGuard:
             return False
         bucket.tokens -= 1
         return True
+
+
+# -- can we serve this INVITE? ---------------------------------------------------------------
+
+SUPPORTED_OPTIONS: frozenset[str] = frozenset()  # SIP extensions (option tags) we implement
+_SDP = "application/sdp"
+
+
+def check_new_invite(request: Request) -> Rejection | None:
+    """Everything a new INVITE must satisfy before a call or a media port is spent on it.
+
+    Pure and in RFC 3261 8.2 order: the headers every request needs (`check_request`), the
+    Request-URI (416 for schemes other than sip), Max-Forwards (483 at 0), a From tag and
+    one Contact to build the dialog from, Require (420), the body's type and encoding (415)
+    and finally the SDP offer (488 when no stream we can answer is in it). None means the
+    INVITE can be answered.
+    """
+    rejection = check_request(request)
+    if rejection is not None:
+        return rejection
+    uri = request.uri
+    if uri.scheme != "sip":
+        return Rejection(416, "Unsupported URI Scheme")
+    if not uri.host or (uri.port is not None and not 0 < uri.port < 65536):
+        return Rejection(400, "Invalid Request-URI")
+    if request.max_forwards == 0:
+        return Rejection(483, "Too Many Hops")
+    if not request.from_address.parameters.get("tag"):
+        return Rejection(400, "Missing From tag")
+    try:
+        contacts = request.contact
+    except ValueError:
+        return Rejection(400, "Invalid Contact")
+    if len(contacts) != 1:
+        return Rejection(400, "Missing Contact" if not contacts else "More than one Contact")
+    contact = contacts[0].uri
+    if contact.scheme not in ("sip", "sips") or not contact.host:
+        return Rejection(400, "Invalid Contact")
+    unsupported = [tag for tag in request.require if tag.lower() not in SUPPORTED_OPTIONS]
+    if unsupported:
+        return Rejection(420, "Bad Extension", (("Unsupported", ", ".join(unsupported)),))
+    return _check_body(request)
+
+
+def _check_body(request: Request) -> Rejection | None:
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        return Rejection(415, "Unsupported Content-Encoding", (("Accept-Encoding", "identity"),))
+    if not request.body:
+        return None  # late offer: we offer in the 200, the ACK answers
+    content_type = request.headers.get("Content-Type")
+    if content_type is None:
+        return Rejection(400, "Missing Content-Type")
+    if content_type.split(";", 1)[0].strip().lower() != _SDP:
+        return Rejection(415, "Unsupported Media Type", (("Accept", _SDP),))
+    try:
+        create_answer(request.body, "127.0.0.1", 9)  # the same negotiation the call will run
+    except ValueError as exc:
+        return Rejection(488, f"Not Acceptable Here ({_phrase_safe(str(exc))})")
+    return None
+
+
+def _phrase_safe(text: str, limit: int = 80) -> str:
+    """Printable ASCII only: the text ends up in a reason phrase on the wire."""
+    cleaned = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    return cleaned[:limit]
+
+
+# -- reporting refusals without flooding ---------------------------------------------------
+
+
+OVERFLOW_SOURCE = "*"  # the folded entry of sources beyond the table's size
+
+
+@dataclass(frozen=True)
+class RefusalReport:
+    """One audit (and log) line about refused INVITEs from one source.
+
+    The first refusal of an interval is reported at once (``first``, ``count`` 1, with the
+    request's details); the later ones of that interval become one line with their
+    ``count`` when it closes. ``source`` is ``OVERFLOW_SOURCE`` for sources folded
+    together because too many were refusing at once.
+    """
+
+    source: str
+    code: int
+    reason: str
+    count: int
+    first: bool
+    since: float  # when the interval opened (the aggregator's clock)
+    trunk: str | None = None
+    caller: str | None = None
+    dialed: str | None = None
+    call_id: str | None = None
+
+
+@dataclass
+class _Window:
+    since: float
+    reason: str
+    trunk: str | None
+    suppressed: int = 0
+
+
+class RefusalAggregator:
+    """Turns refusals into `RefusalReport`s: O(sources per interval) lines, bounded memory.
+
+    Windows are keyed by (source, code) and kept in opening order, which is also closing
+    order, so closing the due ones never scans the table. At most ``max_sources`` are open;
+    a refusal from a further source goes to the overflow window of its code.
+    """
+
+    def __init__(self, interval: float = 60.0, max_sources: int = 1024) -> None:
+        if interval <= 0 or max_sources < 1:
+            raise ValueError("interval must be positive and max_sources at least 1")
+        self.interval = interval
+        self.max_sources = max_sources
+        self._windows: dict[tuple[str, int], _Window] = {}
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def add(
+        self,
+        source: str,
+        code: int,
+        reason: str,
+        now: float,
+        *,
+        trunk: str | None = None,
+        caller: str | None = None,
+        dialed: str | None = None,
+        call_id: str | None = None,
+    ) -> list[RefusalReport]:
+        """Record one refusal; returns the reports to write now (closed windows first).
+        The request's details only go into a first report (the caller may also add them
+        to it afterwards, to work them out for first reports alone)."""
+        reports = self.due(now)
+        key = (source, code)
+        if key not in self._windows and len(self._windows) >= self.max_sources:
+            key = (OVERFLOW_SOURCE, code)
+        window = self._windows.get(key)
+        if window is not None:
+            window.suppressed += 1
+            return reports
+        self._windows[key] = _Window(now, reason, trunk)
+        reports.append(
+            RefusalReport(key[0], code, reason, 1, True, now, trunk, caller, dialed, call_id)
+        )
+        return reports
+
+    def due(self, now: float) -> list[RefusalReport]:
+        """Close the windows whose interval has passed at ``now``."""
+        reports: list[RefusalReport] = []
+        while self._windows:
+            key, window = next(iter(self._windows.items()))
+            if now < window.since + self.interval:
+                break
+            del self._windows[key]
+            if window.suppressed:
+                reports.append(self._summary(key, window))
+        return reports
+
+    def flush(self) -> list[RefusalReport]:
+        """Close every window (shutdown): nothing counted is left unreported."""
+        reports = [self._summary(k, w) for k, w in self._windows.items() if w.suppressed]
+        self._windows.clear()
+        return reports
+
+    def next_due(self) -> float | None:
+        """When the oldest open window closes, or None when none is open."""
+        for window in self._windows.values():
+            return window.since + self.interval
+        return None
+
+    def _summary(self, key: tuple[str, int], window: _Window) -> RefusalReport:
+        source, code = key
+        return RefusalReport(
+            source, code, window.reason, window.suppressed, False, window.since, window.trunk
+        )

@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 from sipmessage import Request, Response
 
-from gateway.admission import InboundGuard, TrustedTrunk
+from gateway.admission import (
+    OVERFLOW_SOURCE,
+    InboundGuard,
+    RefusalAggregator,
+    TrustedTrunk,
+    check_new_invite,
+)
 from gateway.sip.auth import Credentials, DigestClient
-from gateway.sip.message import create_response, new_tag, parse_message
+from gateway.sip.message import Rejection, create_response, new_tag, parse_message
 
 INVITE = (
     "INVITE sip:hotline@127.0.0.1:5060 SIP/2.0\r\n"
@@ -61,10 +67,16 @@ def test_flood_gets_503_with_retry_after_then_recovers() -> None:
     assert not guard.check(invite(), "127.0.0.2", 0.5).admitted
 
 
-def test_untrusted_flood_is_counted_too() -> None:
+def test_untrusted_flood_gets_403_and_costs_no_budget() -> None:
+    """ACL first: an untrusted source is told 403 however fast it sends (a 503 would invite
+    it to retry), and it never gets a token bucket, so spread-out sources cost no memory."""
     guard = InboundGuard([TrustedTrunk.parse("a", ["127.0.0.2"])], rate=1.0, burst=1)
-    assert guard.check(invite(), "127.0.0.9", 0.0).code == 403
-    assert guard.check(invite(), "127.0.0.9", 0.0).code == 503
+    codes = {guard.check(invite(), f"127.0.{n // 250}.{n % 250 + 3}", 0.0).code for n in range(500)}
+    assert codes == {403}
+    assert [guard.check(invite(), "127.0.0.9", 0.0).code for _ in range(3)] == [403] * 3
+    assert len(guard._buckets) == 0
+    assert guard.check(invite(), "127.0.0.2", 0.0).admitted
+    assert guard.check(invite(), "127.0.0.2", 0.0).code == 503  # trusted: budget applies
 
 
 def test_source_table_is_bounded() -> None:
@@ -111,3 +123,190 @@ def test_bad_trunk_sources_are_named(sources: list[str]) -> None:
 def test_bad_budget_is_refused() -> None:
     with pytest.raises(ValueError):
         InboundGuard(rate=0)
+
+
+# -- check_new_invite ------------------------------------------------------------------------
+
+SDP_OFFER = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\n"
+    "m=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+    "a=rtpmap:101 telephone-event/8000\r\n"
+)
+GOOD = INVITE.replace(
+    "Content-Length: 0\r\n",
+    "Contact: <sip:+14155550123@127.0.0.2:5062>\r\nContent-Type: application/sdp\r\n"
+    f"Content-Length: {len(SDP_OFFER)}\r\n",
+).replace("\r\n\r\n", "\r\n\r\n" + SDP_OFFER)
+
+
+def parsed(text: str) -> Request:
+    message = parse_message(text.encode())
+    assert isinstance(message, Request)
+    return message
+
+
+def test_a_well_formed_invite_passes() -> None:
+    assert check_new_invite(parsed(GOOD)) is None
+    late_offer = GOOD.split("\r\n\r\n")[0].replace(f"Content-Length: {len(SDP_OFFER)}", "l: 0")
+    assert check_new_invite(parsed(late_offer + "\r\n\r\n")) is None
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "code", "phrase"),
+    [
+        ("Contact: <sip:+14155550123@127.0.0.2:5062>\r\n", "", 400, "Missing Contact"),
+        ("Contact: <sip:+14155550123@127.0.0.2:5062>", "Contact: *", 400, "Invalid Contact"),
+        (
+            "Contact: <sip:+14155550123@127.0.0.2:5062>",
+            "Contact: <sip:a@127.0.0.2>, <sip:b@127.0.0.2>",
+            400,
+            "More than one Contact",
+        ),
+        (
+            "Contact: <sip:+14155550123@127.0.0.2:5062>",
+            "Contact: <tel:+1555>",
+            400,
+            "Invalid Contact",
+        ),
+        (";tag=c1", "", 400, "Missing From tag"),
+        (
+            "INVITE sip:hotline@127.0.0.1:5060",
+            "INVITE tel:+15550100",
+            416,
+            "Unsupported URI Scheme",
+        ),
+        (
+            "INVITE sip:hotline@127.0.0.1:5060",
+            "INVITE sips:hotline@127.0.0.1",
+            416,
+            "Unsupported URI Scheme",
+        ),
+        (
+            "INVITE sip:hotline@127.0.0.1:5060",
+            "INVITE sip:hotline@127.0.0.1:0",
+            400,
+            "Invalid Request-URI",
+        ),
+        ("Max-Forwards: 70", "Max-Forwards: 0", 483, "Too Many Hops"),
+        ("Max-Forwards: 70", "Max-Forwards: 70\r\nRequire: 100rel, foo", 420, "Bad Extension"),
+        (
+            "Content-Type: application/sdp",
+            "Content-Type: text/plain",
+            415,
+            "Unsupported Media Type",
+        ),
+        ("Content-Type: application/sdp\r\n", "", 400, "Missing Content-Type"),
+        (
+            "Content-Type: application/sdp",
+            "Content-Type: application/sdp\r\nContent-Encoding: gzip",
+            415,
+            "Unsupported Content-Encoding",
+        ),
+        ("RTP/AVP 0 101", "RTP/AVP 18 101", 488, "Not Acceptable Here (no common codec)"),
+        (
+            "m=audio",
+            "m=video",
+            488,
+            "Not Acceptable Here (offer has no usable RTP/AVP audio stream)",
+        ),
+        ("CSeq: 1 INVITE", "CSeq: 1 BYE", 400, "CSeq method does not match the request"),
+    ],
+)
+def test_unservable_invites_get_a_precise_final_response(
+    old: str, new: str, code: int, phrase: str
+) -> None:
+    assert old in GOOD
+    text = GOOD.replace(old, new)
+    body = text.split("\r\n\r\n", 1)[1]
+    text = text.replace(f"Content-Length: {len(SDP_OFFER)}", f"Content-Length: {len(body)}")
+    request = Request.parse(text.encode())  # not parse_message: its own checks come first
+    assert isinstance(request, Request)
+    rejection = check_new_invite(request)
+    assert rejection is not None
+    assert (rejection.code, rejection.phrase) == (code, phrase)
+
+
+def test_rejections_carry_the_headers_their_code_needs() -> None:
+    require = parsed(GOOD.replace("Max-Forwards: 70", "Max-Forwards: 70\r\nRequire: 100rel"))
+    assert check_new_invite(require) == Rejection(
+        420, "Bad Extension", (("Unsupported", "100rel"),)
+    )
+    media = parsed(GOOD.replace("application/sdp", "application/json"))
+    rejection = check_new_invite(media)
+    assert rejection is not None and rejection.headers == (("Accept", "application/sdp"),)
+
+
+def test_hostile_sdp_text_never_breaks_the_reason_phrase() -> None:
+    body = SDP_OFFER.replace("m=audio 40000 RTP/AVP 0 101", "m=audio x\u00e9\r\n\x7f")
+    text = GOOD.split("\r\n\r\n")[0].replace(f"{len(SDP_OFFER)}", str(len(body.encode())))
+    rejection = check_new_invite(parsed(text + "\r\n\r\n" + body))
+    assert rejection is not None and rejection.code == 488
+    assert all(" " <= ch <= "~" for ch in rejection.phrase) and len(rejection.phrase) < 120
+
+
+# -- RefusalAggregator ----------------------------------------------------------------------
+
+
+def test_first_refusal_at_once_later_ones_counted_until_the_interval_closes() -> None:
+    agg = RefusalAggregator(interval=10.0)
+    [first] = agg.add("192.0.2.1", 403, "untrusted_source", 0.0, caller="sip:a@x", call_id="c1")
+    assert (first.source, first.count, first.first, first.caller) == (
+        "192.0.2.1",
+        1,
+        True,
+        "sip:a@x",
+    )
+    for at in (1.0, 2.0, 9.9):
+        assert agg.add("192.0.2.1", 403, "untrusted_source", at) == []
+    # The next refusal after the interval closes it (one line with the count) and opens a
+    # new one, written at once.
+    summary, reopened = agg.add("192.0.2.1", 403, "untrusted_source", 10.5, call_id="c9")
+    assert (summary.count, summary.first, summary.since, summary.call_id) == (3, False, 0.0, None)
+    assert (reopened.count, reopened.first, reopened.call_id) == (1, True, "c9")
+
+
+def test_quiet_sources_are_closed_by_due_and_everything_by_flush() -> None:
+    agg = RefusalAggregator(interval=10.0)
+    agg.add("192.0.2.1", 403, "untrusted_source", 0.0)
+    agg.add("192.0.2.1", 403, "untrusted_source", 1.0)
+    agg.add("192.0.2.2", 503, "invite_flood", 5.0)  # alone in its interval: no summary
+    agg.add("192.0.2.3", 403, "untrusted_source", 6.0)
+    agg.add("192.0.2.3", 403, "untrusted_source", 7.0)
+    assert agg.next_due() == 10.0
+    assert agg.due(9.9) == []
+    [closed] = agg.due(15.0)
+    assert (closed.source, closed.count) == ("192.0.2.1", 1)
+    assert agg.next_due() == 16.0 and len(agg) == 1
+    [left] = agg.flush()
+    assert (left.source, left.code, left.count) == ("192.0.2.3", 403, 1)
+    assert len(agg) == 0 and agg.next_due() is None and agg.flush() == []
+
+
+def test_codes_of_one_source_are_counted_apart() -> None:
+    agg = RefusalAggregator(interval=10.0)
+    assert len(agg.add("192.0.2.1", 401, "authentication_required", 0.0)) == 1
+    assert len(agg.add("192.0.2.1", 503, "invite_flood", 0.1)) == 1
+    agg.add("192.0.2.1", 503, "invite_flood", 0.2)
+    assert [(r.code, r.count) for r in agg.flush()] == [(503, 1)]
+
+
+def test_table_is_bounded_and_overflow_folds_into_one_entry() -> None:
+    agg = RefusalAggregator(interval=60.0, max_sources=100)
+    lines = []
+    for n in range(20_000):
+        lines += agg.add(
+            f"10.{n // 65536}.{n // 256 % 256}.{n % 256}", 403, "untrusted_source", n / 1000
+        )
+    assert len(agg) == 101  # the 100 sources that came first, and the overflow entry
+    lines += agg.flush()
+    assert len(lines) == 100 + 2  # one line per tracked source, the overflow's first and rest
+    assert sum(line.count for line in lines) == 20_000
+    overflow = [line for line in lines if line.source == OVERFLOW_SOURCE]
+    assert [line.count for line in overflow] == [1, 20_000 - 101]
+
+
+def test_bad_aggregator_settings_are_refused() -> None:
+    with pytest.raises(ValueError):
+        RefusalAggregator(interval=0)
+    with pytest.raises(ValueError):
+        RefusalAggregator(max_sources=0)
