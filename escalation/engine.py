@@ -24,7 +24,19 @@ from typing import Any, Literal, Protocol, cast
 
 import asyncpg  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import JSON, Table, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import (
+    JSON,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -76,6 +88,9 @@ log = logging.getLogger(__name__)
 _SHORT_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: read aloud and typed
 _MAX_DETAILS_BYTES = 16_384
 _INFLIGHT = "sending"
+# Attempt states that end when their alert closes (the others already have a result).
+_OPEN_STATES = ("scheduled", "held", _INFLIGHT)
+_OPEN_ATTEMPTS = f"({', '.join(repr(state) for state in _OPEN_STATES)})"
 _PLAN_CACHE_SIZE = 20_000
 # Core tables: hot-path inserts skip the ORM's bulk-insert machinery.
 _ALERTS: Table = Alert.__table__  # type: ignore[attr-defined]
@@ -324,6 +339,11 @@ _PG_CLAIM = (
     "cancelled AS (UPDATE jobs SET done = true, outcome = 'cancelled' FROM due, timers "
     f"WHERE jobs.id = due.id AND due.state <> '{AlertState.TRIGGERED.value}' "
     "AND NOT timers.found), "
+    "closed_attempts AS (UPDATE notification_attempts SET status = 'cancelled', "
+    "reason = 'alert_closed', finished_at = $1 FROM due, timers "
+    "WHERE notification_attempts.id = due.attempt_row "
+    f"AND due.state <> '{AlertState.TRIGGERED.value}' AND NOT timers.found "
+    f"AND notification_attempts.status IN {_OPEN_ATTEMPTS}), "
     "marked AS (UPDATE notification_attempts SET status = 'sending', sent_at = $1 "
     f"FROM due, timers WHERE notification_attempts.id = due.attempt_row "
     f"AND {_PG_CLAIM_SENDABLE}) "
@@ -358,17 +378,31 @@ _PG_UPDATE_ALERT = (
     f"UPDATE alerts SET {', '.join(f'{c} = ${i + 2}' for i, c in enumerate(_ALERT_MUTABLE))} "
     "WHERE id = $1"
 )
-# `Engine._cancel_all` in one statement: the undone jobs and the scheduled/held attempts
-# cancelled, the attempts in flight returned (the SELECT sees the rows as they were before
-# the statement: the updates never touch a 'sending' one).
+# An alert's sends in flight on a lease that still runs ($1: alert id, $2: now).
+_LIVE_SENDS = (
+    "SELECT payload->>'nid' AS nid, (payload->>'attempt')::int AS attempt FROM jobs "
+    f"WHERE alert_id = $1 AND kind = '{JobKind.SEND.value}' AND NOT done "
+    "AND owner IS NOT NULL AND lease_until >= $2"
+)
+# `Engine._cancel_all` in one statement: the alert's undone jobs and its scheduled, held
+# and orphaned attempts cancelled, the sends in flight returned to be hung up. A send in
+# flight on a live lease is left to its worker, which hangs up and records how it ended;
+# if that worker is gone, the claim that finds the lease expired closes it (a job closed
+# here would leave its attempt `sending` for ever: nobody records a dead worker's call).
+# An attempt in flight whose lease has run out has no worker left: it is cancelled here.
+# (The final SELECT sees the rows as they were before the statement.)
 _PG_CANCEL_ALL = (
-    "WITH jobs_cancelled AS (UPDATE jobs SET done = true, outcome = 'cancelled' "
-    "WHERE alert_id = $1 AND NOT done), "
-    "attempts_cancelled AS (UPDATE notification_attempts SET status = 'cancelled', "
+    f"WITH live AS ({_LIVE_SENDS}), "
+    "jobs_cancelled AS (UPDATE jobs SET done = true, outcome = 'cancelled' "
+    "WHERE alert_id = $1 AND NOT done AND (owner IS NULL OR lease_until IS NULL "
+    "OR lease_until < $2)), "
+    "attempts_cancelled AS (UPDATE notification_attempts n SET status = 'cancelled', "
     "reason = 'alert_closed', finished_at = $2 "
-    "WHERE alert_id = $1 AND status IN ('scheduled', 'held')) "
-    "SELECT notification_id, channel FROM notification_attempts "
-    "WHERE alert_id = $1 AND status = 'sending'"
+    f"WHERE n.alert_id = $1 AND n.status IN {_OPEN_ATTEMPTS} AND NOT EXISTS "
+    "(SELECT 1 FROM live WHERE live.nid = n.notification_id AND live.attempt = n.attempt)) "
+    "SELECT n.notification_id, n.channel FROM notification_attempts n JOIN live "
+    "ON live.nid = n.notification_id AND live.attempt = n.attempt "
+    f"WHERE n.alert_id = $1 AND n.status = '{_INFLIGHT}'"
 )
 _PG_LOCK_ALERT = "SELECT * FROM alerts WHERE id = $1 FOR UPDATE"
 
@@ -635,30 +669,35 @@ class Engine:
     async def _cancel_all(
         self, s: AsyncSession, alert_id: str, now: datetime
     ) -> list[tuple[str, str]]:
-        """Cancel every scheduled job/attempt of the alert; return the ones in flight."""
+        """Cancel every job and open attempt of the alert except the sends in flight on a
+        live lease, which are returned to be hung up (see _PG_CANCEL_ALL)."""
         await s.flush()
-        await s.execute(
-            update(Job)
-            .where(col(Job.alert_id) == alert_id, ~col(Job.done))
-            .values(done=True, outcome="cancelled")
-        )
-        await s.execute(
-            update(NotificationAttempt)
-            .where(
+        undone = (
+            await s.scalars(select(Job).where(col(Job.alert_id) == alert_id, ~col(Job.done)))
+        ).all()
+        live = {
+            (job.payload["nid"], job.payload["attempt"])
+            for job in undone
+            if job.kind == JobKind.SEND.value
+            and job.owner is not None
+            and job.lease_until is not None
+            and job.lease_until >= now
+        }
+        for job in undone:
+            if (job.payload.get("nid"), job.payload.get("attempt")) not in live:
+                job.done, job.outcome = True, "cancelled"
+        inflight = []
+        for row in await s.scalars(
+            select(NotificationAttempt).where(
                 col(NotificationAttempt.alert_id) == alert_id,
-                col(NotificationAttempt.status).in_(("scheduled", "held")),
+                col(NotificationAttempt.status).in_(_OPEN_STATES),
             )
-            .values(status="cancelled", reason="alert_closed", finished_at=now)
-        )
-        rows = await s.execute(
-            select(
-                col(NotificationAttempt.notification_id), col(NotificationAttempt.channel)
-            ).where(
-                col(NotificationAttempt.alert_id) == alert_id,
-                col(NotificationAttempt.status) == _INFLIGHT,
-            )
-        )
-        return [(nid, ch) for nid, ch in rows.all()]
+        ):
+            if (row.notification_id, row.attempt) in live:
+                inflight.append((row.notification_id, row.channel))
+            else:
+                row.status, row.reason, row.finished_at = "cancelled", "alert_closed", now
+        return inflight
 
     async def _after_commit(self, fx: _Effects) -> None:
         """The side effects of a committed transaction. Never raises: the change is
@@ -1168,12 +1207,15 @@ class Engine:
             alerts = {a.id: a for _, a in rows}
             jobs = [j for j, _ in rows]
             sends: list[Job] = []
+            closed_sends: list[tuple[str, int]] = []
             for job in jobs:
                 alert = alerts[job.alert_id]
                 if job.done:
                     continue
                 if alert.state != AlertState.TRIGGERED.value:
                     job.done, job.outcome = True, "cancelled"
+                    if job.kind == JobKind.SEND.value:
+                        closed_sends.append((job.payload["nid"], job.payload["attempt"]))
                 elif job.kind == JobKind.SEND.value:
                     sends.append(job)
                 else:
@@ -1182,6 +1224,18 @@ class Engine:
                         StepTimer(**job.payload) if job.kind == JobKind.STEP.value else CapTimer()
                     )
                     await self._decide(s, alert, event, now, ENGINE, fx)
+            if closed_sends:  # their attempts end too (see _PG_CLAIM's closed_attempts)
+                await s.execute(
+                    update(NotificationAttempt)
+                    .where(
+                        tuple_(
+                            col(NotificationAttempt.notification_id),
+                            col(NotificationAttempt.attempt),
+                        ).in_(closed_sends),
+                        col(NotificationAttempt.status).in_(_OPEN_STATES),
+                    )
+                    .values(status="cancelled", reason="alert_closed", finished_at=now)
+                )
             # sends created by the timers above and due now are claimed right away
             fresh = [
                 j

@@ -277,26 +277,61 @@ async def test_concurrent_duplicates_page_once(db_url: str, tmp_path: Path) -> N
         await h.stop()
 
 
-async def test_result_of_a_send_cancelled_in_flight_keeps_the_job_cancelled(
+async def test_a_send_in_flight_at_the_ack_is_left_to_its_worker_to_record(
     db_url: str, tmp_path: Path
 ) -> None:
-    """An ack while a send is out cancels its job; the send's result, arriving after,
-    is recorded on its attempt but does not turn the cancelled job into a finished one."""
+    """An ack while a send is out leaves that send's job to the worker holding it (it hangs
+    up and records how the call ended); the result then ends the job and the attempt."""
     cfg = config([{"recipients": ["alice"], "channels": ["sms"], "delay": 60}])
     h = await make_harness(db_url, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
     try:
         alert = await h.ingest()
         [task] = await h.engine.claim("worker-a", 10)
-        await h.engine.close(alert.id, AlertState.ACKNOWLEDGED, RequestContext("api:u"))
-        await h.engine.complete(task, DeliveryResult(S.DELIVERED, "accepted"), "worker-a")
-        async with h.db.session() as s:
-            job = (await s.execute(select(Job).where(col(Job.id) == task.job_id))).scalar_one()
-            row = await s.get(NotificationAttempt, task.attempt_row)
-        assert (job.done, job.outcome) == (True, "cancelled")
-        assert row is not None and (row.status, row.reason) == ("delivered", "accepted")
+        closed = await h.engine.close(alert.id, AlertState.ACKNOWLEDGED, RequestContext("api:u"))
+        assert closed is not None
+        job, row = await _job_and_attempt(h, task)
+        assert (job.done, row.status) == (False, "sending")  # still the worker's
+        await h.engine.complete(task, DeliveryResult(S.CANCELLED, "hung_up"), "worker-a")
+        job, row = await _job_and_attempt(h, task)
+        assert (job.done, job.outcome) == (True, "done")
+        assert (row.status, row.reason) == ("cancelled", "hung_up")
         assert await h.state(alert.id) == "acknowledged"
     finally:
         await h.stop()  # never started: only closes the database and the audit log
+
+
+async def test_a_dead_workers_send_on_a_closed_alert_does_not_stay_in_flight(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A worker took a send and died; the alert is acked meanwhile (by another step).
+    Nobody will record that call: once its lease has run out, the attempt is closed,
+    whether the ack came before the lease ran out (the next claim finds it) or after
+    (the ack itself closes it)."""
+    cfg = config([{"recipients": ["alice", "bob"], "channels": ["sms"], "delay": 60}])
+    h = await make_harness(db_url, tmp_path / "audit", cfg, {}, lease_seconds=0.3)
+    try:
+        early, late = await h.ingest(), await h.ingest()
+        tasks = await h.engine.claim("dead-worker", 10)
+        assert len(tasks) == 4
+        await h.engine.close(early.id, AlertState.ACKNOWLEDGED, RequestContext("api:u"))
+        await asyncio.sleep(0.4)  # the dead worker's leases run out
+        await h.engine.close(late.id, AlertState.ACKNOWLEDGED, RequestContext("api:u"))
+        assert await h.engine.claim("worker-b", 10) == []  # nothing is handed out again
+        for task in tasks:
+            job, row = await _job_and_attempt(h, task)
+            assert (job.done, job.outcome) == (True, "cancelled")
+            assert (row.status, row.reason) == ("cancelled", "alert_closed")
+            assert row.finished_at is not None
+    finally:
+        await h.stop()
+
+
+async def _job_and_attempt(h: Any, task: Any) -> tuple[Job, NotificationAttempt]:
+    async with h.db.session() as s:
+        job = (await s.execute(select(Job).where(col(Job.id) == task.job_id))).scalar_one()
+        row = await s.get(NotificationAttempt, task.attempt_row)
+    assert row is not None
+    return job, row
 
 
 async def test_a_claim_meeting_a_due_timer_still_hands_out_every_due_send_once(
@@ -356,6 +391,10 @@ async def test_claim_leases_sends_and_cancels_jobs_of_closed_alerts(
             True,
         )
         assert (jobs[closed.id].done, jobs[closed.id].outcome) == (True, "cancelled")
-        assert attempts[closed.id].status == "scheduled" and attempts[closed.id].sent_at is None
+        assert (attempts[closed.id].status, attempts[closed.id].reason) == (
+            "cancelled",
+            "alert_closed",
+        )
+        assert attempts[closed.id].sent_at is None
     finally:
         await h.stop()  # never started: only closes the database and the audit log
