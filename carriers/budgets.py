@@ -171,6 +171,9 @@ return ''
 """
 
 
+BUDGET_TIMEOUT = 2.0
+
+
 class RedisBudgets:
     """Budgets shared by every worker through Redis.
 
@@ -182,7 +185,11 @@ class RedisBudgets:
     def __init__(self, url: str, prefix: str = "ackline", *, lease_s: float = 4 * 3600) -> None:
         import redis.asyncio as aioredis
 
-        self.redis: Any = aioredis.from_url(url)
+        # A Redis that hangs must not hold a page up: past this the budget counts as
+        # unavailable and the call goes ahead (CarrierRouter).
+        self.redis: Any = aioredis.from_url(
+            url, socket_connect_timeout=BUDGET_TIMEOUT, socket_timeout=BUDGET_TIMEOUT
+        )
         self.prefix = f"{prefix}:trunk"
         self.lease_ms = int(lease_s * 1000)
         self._script: Any = self.redis.register_script(_ACQUIRE)

@@ -514,10 +514,12 @@ class CarrierRouter:
         self._keep(asyncio.ensure_future(self._release_budget(trunk, claim)))
 
     async def _release_budget(self, trunk: str, claim: str) -> None:
+        if not claim:
+            return  # nothing was claimed (the budget was unavailable when the call began)
         try:
             await self.budgets.release(trunk, claim)
-        except Exception:  # a shared budget's lease frees the slot anyway
-            logger.exception("releasing the budget of trunk %s failed", trunk)
+        except Exception as exc:  # a shared budget's lease frees the slot anyway
+            logger.warning("releasing the budget of trunk %s failed: %r", trunk, exc)
 
     def _keep(self, future: asyncio.Future[Any]) -> None:
         self._background.add(future)
