@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
 import yaml
@@ -342,6 +343,56 @@ async def test_api_and_worker_as_separate_processes_on_postgres_and_redis(
     api_log = (tmp_path / "serve-api.log").read_text()
     assert '"digits": "1"' in worker_log and '"codec": "PCMA"' in worker_log, worker_log
     assert "sip listening" not in api_log, api_log  # the API process placed no call
+
+
+async def test_sigterm_drains_a_worker_in_time_and_hands_its_ringing_call_back(
+    tmp_path: Path, pg_url: str, redis_prefix: str
+) -> None:
+    """SIGTERM to a worker whose call is ringing: it exits within its drain timeout, the
+    phone gets a CANCEL (not a call left ringing), and the job is released for another
+    worker to take at once instead of after its 30 s lease."""
+    config = {
+        "company": "acme",
+        "recipients": recipients(telegram=False),
+        "policies": [
+            {"name": "page",
+             "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}]},
+        ],
+    }  # fmt: skip
+    drain = 4.0
+    with sipp("uas_ring_cancel.xml", tmp_path) as uas:
+        env = {
+            "ACKLINE_DATABASE_URL": pg_url,
+            "REDIS_URL": REDIS_URL,
+            "ACKLINE_REDIS_PREFIX": redis_prefix,
+            "ACKLINE_VOICE_TARGET": f"sip:{{number}}@{uas.address}",
+            "ACKLINE_VOICE_RING_TIMEOUT": "120",
+            "ACKLINE_DRAIN_TIMEOUT": str(drain),
+        }
+        async with serve(tmp_path, config, env, roles=("api", "worker")) as service:
+            alert_id = await service.post_alert("page")
+            await service.until(
+                alert_id, lambda a: a["attempts"] and a["attempts"][0]["status"] == "sending", 20
+            )
+            worker = service.procs[1]
+            await asyncio.sleep(0.5)  # the phone is ringing
+            stopped = time.monotonic()
+            worker.terminate()
+            code = await asyncio.to_thread(worker.wait, 30)
+            took = time.monotonic() - stopped
+            log = service.logs()
+            assert code == 0, log
+            assert took < drain + 1.5, f"the worker took {took:.1f} s to stop\n{log}"
+            conn = await asyncpg.connect(pg_url)
+            try:
+                job = await conn.fetchrow(
+                    "SELECT owner, lease_until, done FROM jobs WHERE alert_id = $1 "
+                    "AND kind = 'send'", alert_id,
+                )  # fmt: skip
+            finally:
+                await conn.close()
+            assert tuple(job) == (None, None, False)  # free for the next worker
+        assert await asyncio.to_thread(uas.wait, 10) == 0, uas.logs()  # CANCEL, 487, ACK
 
 
 async def test_alert_call_fails_over_across_carrier_trunks_and_audits_health(
