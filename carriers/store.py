@@ -114,14 +114,22 @@ class TrunkStore:
         """Apply the overrides now, then again whenever they change, until `stop`."""
         stop = stop or asyncio.Event()
         seen: object = object()
+        failing = False
         while not stop.is_set():
             try:
                 version = await self.version()
                 if version != seen:
                     apply(apply_overrides(configured, await self.overrides()))
                     seen = version
-            except Exception:  # a database blip: keep the trunks we have, try again
-                logger.exception("reading trunk overrides failed")
+            except Exception as exc:  # a database blip: keep the trunks we have, try again
+                if not failing:  # once per outage, not every `interval`
+                    logger.warning("reading trunk overrides failed, keeping the trunks as "
+                                   "they are until it works again: %r", exc)  # fmt: skip
+                failing = True
+            else:
+                if failing:
+                    logger.warning("reading trunk overrides works again")
+                failing = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 

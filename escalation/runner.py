@@ -257,6 +257,10 @@ class RedisBus:
 HANDBACK_RESERVE = 3.0
 # A delivery handed back or given up on has this long to hang up before it is abandoned.
 HANGUP_WAIT = 2.0
+# The longest a channel's cancel (hang-up) is waited for after an ack: a BYE to a far end
+# that has gone away takes its transaction timeout (32 s) to fail; the call itself ends
+# by its own bounds, this only stops waiting.
+HANGUP_LIMIT = 15.0
 
 
 @dataclass(eq=False)
@@ -525,7 +529,10 @@ class Worker:
         if channel is None:
             return
         try:
-            await asyncio.wait_for(channel.cancel(n.notification_id), 10.0)
+            await asyncio.wait_for(channel.cancel(n.notification_id), HANGUP_LIMIT)
+        except TimeoutError:
+            log.warning("hanging up %s took over %gs; left to its deadline",
+                        n.notification_id, HANGUP_LIMIT)  # fmt: skip
         except Exception:
             log.exception("cancel of %s failed", n.notification_id)
 
