@@ -3,13 +3,21 @@
 ``Gateway.dial`` places an outbound call and returns once it is answered or has failed;
 an answered ``Call`` can ``play`` prompts, ``collect`` digits and ``hangup``. Incoming
 calls are answered and handed to the ``on_incoming`` hook. Every call ends with a
-``CallResult``.
+``CallResult``, within a bound known in advance (`call_time_bound`): ringing is cut by
+CANCEL, a peer that never answers the CANCEL is given up after 64*T1, an answered call is
+hung up after its maximum duration, and a BYE waits no longer than its transaction.
+
+New INVITEs are screened before anything is spent on them (`Gateway._screen`): refused
+ones (untrusted, flood, malformed, shutting down) are answered statelessly and reported
+through a `RefusalAggregator`, and a call's task, whatever it raises, ends answered for,
+with its media socket closed and its entry gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import socket
@@ -21,24 +29,41 @@ from typing import Any
 import numpy as np
 from sipmessage import URI, Address, CSeq, Parameters, Request, Response
 
-from gateway.admission import Decision, InboundGuard
+from gateway.admission import (
+    Decision,
+    InboundGuard,
+    RefusalAggregator,
+    RefusalReason,
+    RefusalReport,
+    check_new_invite,
+)
 from gateway.endpoint import CancelReceived, ServerContext, SipEndpoint
 from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, parse_info_dtmf
 from gateway.media.pacer import Pacer
 from gateway.media.sdp import NegotiatedMedia, SdpError, create_answer, create_offer, parse_answer
 from gateway.media.session import MediaSession
+from gateway.metrics import CALL_TASK_FAILURES, count_rejection
 from gateway.result import CallOutcome, CallResult, ReceivedDigit, classify_final
 from gateway.sip.auth import Credentials, DigestClient, DigestError
 from gateway.sip.dialog import USER_AGENT, Dialog, DialogError
-from gateway.sip.message import create_response, new_call_id, new_tag
+from gateway.sip.message import (
+    REASON_PHRASES,
+    Rejection,
+    create_rejection,
+    create_response,
+    new_call_id,
+    new_tag,
+)
 from gateway.sip.transaction import (
+    AckReceived,
+    ClientInviteTransaction,
     Event,
     ResponseReceived,
     TimerSettings,
     TransactionTimeout,
     TransportFailure,
 )
-from gateway.transport import Peer
+from gateway.transport import Peer, TcpLimits
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +74,18 @@ Prompt = Any  # prompts.cache.Prompt, np.ndarray of int16 samples, or text to sp
 IncomingHandler = Callable[["Call"], Awaitable[None]]
 
 
+# Name resolution of a dial target gives up after this long (it is part of the call bound).
+RESOLVE_TIMEOUT = 5.0
+# Retry-After of the 503 a draining gateway answers new INVITEs with.
+DRAIN_RETRY_AFTER = 30
+
+
 class CallEnded(Exception):
     """The operation cannot continue: the call is over."""
+
+
+class GatewayShuttingDown(OSError):
+    """dial() on a gateway that is draining or stopped (an OSError: retry elsewhere/later)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +98,36 @@ class GatewayConfig:
     caller: str = "ackline"  # user part of our From
     caller_name: str = "ackline"
     answer_ring_ms: int = 0  # inbound: ring this long before answering
+    # Answered calls are hung up (BYE) after this; dial(max_duration=...) and
+    # Call.set_max_duration override it per call.
+    max_call_duration: float = 3600.0
+    drain_timeout: float = 5.0  # stop(): how long hung-up calls may take to end
+    tcp_limits: TcpLimits = field(default_factory=TcpLimits)
+    refusal_report_interval: float = 60.0  # refusals per source: one line per interval
+    refusal_report_sources: int = 1024  # sources tracked at once; more are folded
+
+    def __post_init__(self) -> None:
+        if self.max_call_duration <= 0 or self.drain_timeout < 0:
+            raise ValueError("max_call_duration must be positive and drain_timeout not negative")
+
+
+def call_time_bound(
+    ring_timeout: float, max_duration: float, timers: TimerSettings | None = None
+) -> float:
+    """The longest an outbound call can take, in seconds, from ``Gateway.dial`` until its
+    result is final and ``hangup()`` has returned, whatever the peer does or fails to do.
+
+    Resolving the target (``RESOLVE_TIMEOUT``), then ringing: a call still unanswered at
+    ``ring_timeout`` is cancelled, and a peer whose provisional response came as late as
+    timer B and which then never answers the CANCEL is given up 64*T1 later (RFC 3261
+    9.1), hence twice timer B; then ``max_duration`` after the answer, and timer F for the
+    BYE. An inbound call is shorter (ring time + 64*T1 for the ACK + the same tail).
+    Callers keeping their own deadline (a lease, a job timeout) should use this one.
+    """
+    if ring_timeout < 0 or max_duration < 0:
+        raise ValueError("ring_timeout and max_duration must not be negative")
+    t = timers or TimerSettings()
+    return RESOLVE_TIMEOUT + ring_timeout + 2 * t.timer_b + max_duration + t.timer_f
 
 
 def parse_target(target: str) -> URI:
@@ -93,7 +158,11 @@ def parse_target(target: str) -> URI:
 
 
 async def resolve_target(uri: URI, transport: str) -> Peer:
-    """Where to send requests for ``uri`` (IP literal or A/AAAA lookup; no SRV yet)."""
+    """Where to send requests for ``uri`` (IP literal or A/AAAA lookup; no SRV yet).
+
+    A lookup that does not finish within ``RESOLVE_TIMEOUT`` is an OSError (retryable),
+    an unknown name a ValueError.
+    """
     host = uri.host.strip("[]")
     port = uri.port or 5060
     try:
@@ -101,9 +170,12 @@ async def resolve_target(uri: URI, transport: str) -> Peer:
     except OSError:
         loop = asyncio.get_running_loop()
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except socket.gaierror as exc:
             raise ValueError(f"cannot resolve host {host!r}: {exc}") from None
+        except TimeoutError:
+            raise OSError(f"resolving {host!r} took over {RESOLVE_TIMEOUT:g} s") from None
         host = str(infos[0][4][0])
     return Peer(transport, host, port)
 
@@ -119,11 +191,13 @@ class Gateway:
         on_incoming: IncomingHandler | None = None,
         on_call_ended: Callable[[CallResult], None] | None = None,
         guard: InboundGuard | None = None,
-        on_refused: Callable[[Decision, Request, Peer], None] | None = None,
+        on_refused: Callable[[RefusalReport], None] | None = None,
     ) -> None:
         self.config = config or GatewayConfig()
         self.guard = guard  # admission of new inbound INVITEs (ACL, digest, flood limit)
-        self.on_refused = on_refused  # told about every INVITE the guard turned away
+        # Told about refused INVITEs, aggregated: the first from a source at once, the rest
+        # of its interval as one report with a count (see RefusalAggregator).
+        self.on_refused = on_refused
         self.on_call_ended = on_call_ended
         self.prompts = prompts  # prompts.cache.PromptCache, used when a prompt is text
         self.on_incoming = on_incoming
@@ -132,20 +206,61 @@ class Gateway:
             timers=self.config.timers,
             on_request=self._on_request,
             on_stray_response=self._on_stray_response,
+            screen=self._screen,
+            tcp_limits=self.config.tcp_limits,
         )
         self.pacer = Pacer(ptime_ms=20)
         self.calls: dict[tuple[str, str], Call] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._media_closing: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._refusals = RefusalAggregator(
+            self.config.refusal_report_interval, self.config.refusal_report_sources
+        )
+        self._refusal_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         await self.endpoint.listen(udp_port=self.config.udp_port, tcp_port=self.config.tcp_port)
 
-    async def stop(self) -> None:
+    @property
+    def draining(self) -> bool:
+        """True once drain() or stop() began: new INVITEs get 503, dial() refuses."""
+        return self._draining
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop taking calls and hang up every call at once (BYE when answered, CANCEL while
+        ringing, 480 to an inbound call not answered yet); new INVITEs get 503 with
+        Retry-After from now on. Waits at most ``timeout`` (default
+        ``config.drain_timeout``) and returns True when every hang-up finished in time."""
+        self._draining = True
+        limit = self.config.drain_timeout if timeout is None else timeout
+        hangups = [asyncio.ensure_future(call.hangup()) for call in list(self.calls.values())]
+        if not hangups:
+            return True
+        done, pending = await asyncio.wait(hangups, timeout=limit)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("hanging up at drain failed: %r", task.exception())
+        if pending:
+            logger.warning("drain: %d call(s) still ending after %g s", len(pending), limit)
+        return not pending
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Drain (at most ``timeout``, default ``config.drain_timeout``), then end what is
+        left, close every media socket and the transports regardless: returns within
+        about ``timeout`` + 4 s whatever the peers do."""
+        await self.drain(timeout)
         for call in list(self.calls.values()):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(call.hangup(), timeout=2.0)
+            call._abort("gateway stopped")
+        self._flush_refusals()
         for task in list(self._tasks):
             task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+        if self._media_closing:
+            await asyncio.wait(list(self._media_closing), timeout=2.0)
         await self.pacer.stop()
         await self.endpoint.close()
 
@@ -159,6 +274,11 @@ class Gateway:
     def address(self, transport: str = "udp") -> tuple[str, int]:
         return self.endpoint.transport.local_address(transport)
 
+    def call_time_bound(self, ring_timeout: float, max_duration: float | None = None) -> float:
+        """`call_time_bound` with this gateway's timers and default max call duration."""
+        duration = self.config.max_call_duration if max_duration is None else max_duration
+        return call_time_bound(ring_timeout, duration, self.config.timers)
+
     async def dial(
         self,
         target: str | URI,
@@ -168,22 +288,35 @@ class Gateway:
         transport: str | None = None,
         caller: str | None = None,
         on_call: Callable[[Call], None] | None = None,
+        max_duration: float | None = None,
     ) -> Call:
         """Place a call; returns when it is answered or has ended without answer.
 
-        ``call.answered`` tells which; ``call.result`` is final once ``call.ended``.
-        ``on_call`` receives the call before the INVITE goes out, so the application can
-        hang it up (CANCEL) while it is still ringing.
+        ``call.answered`` tells which; ``call.result`` is final once ``call.ended``, at the
+        latest `call_time_bound` after this was called. ``on_call`` receives the call
+        before the INVITE goes out, so the application can hang it up (CANCEL) while it is
+        still ringing. ``max_duration`` overrides ``config.max_call_duration``.
         """
+        if self._draining:
+            raise GatewayShuttingDown("the gateway is shutting down")
         uri = parse_target(target) if isinstance(target, str) else target
         kind = (transport or uri.parameters.get("transport") or "udp").lower()
         if kind not in ("udp", "tcp"):
             raise ValueError(f"unsupported transport {kind!r}")
         peer = await resolve_target(uri, kind)
         call = Call(self, direction="outbound", transport=kind, peer=peer, target=str(uri))
+        if max_duration is not None:
+            call.set_max_duration(max_duration)
         if on_call is not None:
             on_call(call)
-        await call._place(uri, credentials, ring_timeout, caller or self.config.caller)
+        try:
+            await call._place(uri, credentials, ring_timeout, caller or self.config.caller)
+        except asyncio.CancelledError:
+            call._abort("dial cancelled", CallOutcome.CANCELLED)  # CANCEL if it rang
+            raise
+        except Exception as exc:  # no free RTP port, not listening on that transport, a bug
+            call._abort(f"dial failed: {exc}")
+            raise
         return call
 
     async def options(self, target: str | URI, *, transport: str | None = None) -> Response | None:
@@ -206,10 +339,22 @@ class Gateway:
         return await self.endpoint.request(request, peer)
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background; its failure is logged once, never left unread."""
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("background task failed", exc_info=exc)
+
+    def _close_media(self, media: MediaSession) -> None:
+        """Release a call's RTP socket in the background; stop() waits for these."""
+        task = asyncio.ensure_future(media.close())
+        self._media_closing.add(task)
+        task.add_done_callback(self._media_closing.discard)
 
     # -- incoming requests ----------------------------------------------------------
 
@@ -226,11 +371,7 @@ class Gateway:
             ctx.respond(481)
             return
         if request.method == "INVITE":
-            if self.on_incoming is None:
-                ctx.respond(480)
-                return
-            if self.guard is not None and not self._admit(ctx):
-                return
+            # _screen let it through: trusted, within budget, well-formed, and we are open.
             call = Call(
                 self,
                 direction="inbound",
@@ -238,41 +379,111 @@ class Gateway:
                 peer=ctx.source,
                 target=str(request.from_address.uri),
             )
+            call._take(ctx)
             self.spawn(call._answer_incoming(ctx))
         elif request.method == "OPTIONS":
-            response = ctx.respond(200)
-            del response  # headers already complete for a probe answer
+            ctx.respond(200)
         elif request.method in ("BYE", "INFO", "CANCEL"):
             ctx.respond(481)
         else:
             ctx.respond(501)
 
-    def _admit(self, ctx: ServerContext) -> bool:
-        """Apply the inbound guard; answer and report a refused INVITE."""
-        assert self.guard is not None
-        request = ctx.request
-        decision = self.guard.check(request, ctx.source.host, asyncio.get_running_loop().time())
-        if decision.admitted:
-            return True
-        response = create_response(request, decision.code, to_tag=new_tag())
-        if decision.retry_after is not None:
-            response.headers.set("Retry-After", str(decision.retry_after))
-        if decision.challenge is not None and decision.challenge_header is not None:
-            response.headers.set(decision.challenge_header, str(decision.challenge))
-        ctx.send(response)
-        logger.info(
-            "refused INVITE from %s:%s: %s %s",
-            ctx.source.host,
-            ctx.source.port,
-            decision.code,
-            decision.reason,
-        )
-        if self.on_refused is not None:
-            try:
-                self.on_refused(decision, request, ctx.source)
-            except Exception:
-                logger.exception("on_refused hook failed")
-        return False
+    def _screen(self, request: Request, source: Peer) -> Response | None:
+        """Decide on a new INVITE before a transaction, a call or a media port exists for
+        it: the ACL, the flood budget and digest (``guard``), then `check_new_invite`.
+        A refusal is answered statelessly and reported; None lets the INVITE in."""
+        if request.method != "INVITE" or request.to_address.parameters.get("tag"):
+            return None  # in-dialog requests and other methods go their usual way
+        if self._draining:
+            retry = (("Retry-After", str(DRAIN_RETRY_AFTER)),)
+            refusal = Rejection(503, "Service Unavailable (shutting down)", retry)
+            return self._refuse(request, source, refusal, RefusalReason.SHUTTING_DOWN)
+        if self.on_incoming is None:
+            refusal = Rejection(480, "Temporarily Unavailable")
+            return self._refuse(request, source, refusal, RefusalReason.NO_HANDLER)
+        trunk: str | None = None
+        if self.guard is not None:
+            now = asyncio.get_running_loop().time()
+            decision = self.guard.check(request, source.host, now)
+            if not decision.admitted:
+                return self._refuse(
+                    request, source, _rejection_of(decision), decision.reason, decision.trunk
+                )
+            trunk = decision.trunk
+        rejection = check_new_invite(request)
+        if rejection is not None:
+            return self._refuse(request, source, rejection, RefusalReason.MALFORMED_REQUEST, trunk)
+        return None
+
+    def _refuse(
+        self,
+        request: Request,
+        source: Peer,
+        rejection: Rejection,
+        reason: str,
+        trunk: str | None = None,
+    ) -> Response:
+        """Count and report one refused INVITE; returns the stateless answer to send."""
+        count_rejection(rejection.code)
+        now = asyncio.get_running_loop().time()
+        reports = self._refusals.add(source.host, rejection.code, reason, now, trunk=trunk)
+        # Only a first report carries the request's details: worked out for it alone, as
+        # the rest of a flood is merely counted.
+        reports = [
+            dataclasses.replace(
+                report,
+                caller=str(request.from_address.uri),
+                dialed=request.uri.user or str(request.uri),
+                call_id=request.call_id,
+            )
+            if report.first
+            else report
+            for report in reports
+        ]
+        self._report_refusals(reports)
+        self._arm_refusal_flush()
+        return create_rejection(request, rejection)
+
+    def _report_refusals(self, reports: list[RefusalReport]) -> None:
+        for report in reports:
+            if report.first:
+                logger.info(
+                    "refused INVITE from %s: %s %s", report.source, report.code, report.reason
+                )
+            else:
+                logger.info(
+                    "refused %d more INVITEs from %s since %.0f s ago: %s %s",
+                    report.count,
+                    report.source,
+                    asyncio.get_running_loop().time() - report.since,
+                    report.code,
+                    report.reason,
+                )
+            if self.on_refused is not None:
+                try:
+                    self.on_refused(report)
+                except Exception:
+                    logger.exception("on_refused hook failed")
+
+    def _arm_refusal_flush(self) -> None:
+        """Close due refusal intervals on time even when their source went quiet."""
+        if self._refusal_timer is not None:
+            return
+        due = self._refusals.next_due()
+        if due is not None:
+            loop = asyncio.get_running_loop()
+            self._refusal_timer = loop.call_at(due, self._on_refusal_timer)
+
+    def _on_refusal_timer(self) -> None:
+        self._refusal_timer = None
+        self._report_refusals(self._refusals.due(asyncio.get_running_loop().time()))
+        self._arm_refusal_flush()
+
+    def _flush_refusals(self) -> None:
+        if self._refusal_timer is not None:
+            self._refusal_timer.cancel()
+            self._refusal_timer = None
+        self._report_refusals(self._refusals.flush())
 
     def _on_stray_response(self, response: Response, source: Peer) -> None:
         """A 2xx retransmission after the INVITE transaction ended: re-ACK it."""
@@ -282,6 +493,16 @@ class Gateway:
         call = self.calls.get((response.call_id, local_tag))
         if call is not None:
             call._on_invite_2xx(response)
+
+
+def _rejection_of(decision: Decision) -> Rejection:
+    """The response a guard decision names, with its Retry-After or challenge."""
+    headers: list[tuple[str, str]] = []
+    if decision.retry_after is not None:
+        headers.append(("Retry-After", str(decision.retry_after)))
+    if decision.challenge is not None and decision.challenge_header is not None:
+        headers.append((decision.challenge_header, str(decision.challenge)))
+    return Rejection(decision.code, REASON_PHRASES.get(decision.code, "Refused"), tuple(headers))
 
 
 class Call:
@@ -321,6 +542,9 @@ class Call:
         self.responded = asyncio.Event()
         self._cancel_reason: str | None = None  # "ring_timeout" | "hangup"
         self._cancel_sent = False
+        self._invite_transaction: ClientInviteTransaction | None = None
+        self._max_duration = gateway.config.max_call_duration
+        self._duration_timer: asyncio.TimerHandle | None = None
         self._digest: DigestClient | None = None
         self._authenticated = False
         self._digits: list[ReceivedDigit] = []
@@ -482,27 +706,47 @@ class Call:
             await asyncio.sleep(0.05)
 
     async def hangup(self) -> CallResult:
-        """End the call politely: BYE when answered, CANCEL while it is ringing."""
+        """End the call politely: BYE when answered, CANCEL while it is ringing, 480 to an
+        inbound call not answered yet. Never waits longer than the BYE's transaction
+        (timer F) or, while ringing, 64*T1 for the peer to answer the CANCEL."""
+        return await self._hang_up("local hangup")
+
+    def set_max_duration(self, seconds: float) -> None:
+        """Hang up (BYE) ``seconds`` after the answer, instead of after
+        ``GatewayConfig.max_call_duration``; an answered call is re-armed at once."""
+        if seconds <= 0:
+            raise ValueError("max duration must be positive")
+        self._max_duration = seconds
+        self._arm_duration_limit()
+
+    @property
+    def max_duration(self) -> float:
+        return self._max_duration
+
+    async def _hang_up(self, reason: str) -> CallResult:
         if self.ended.is_set():
             assert self.result is not None
             return self.result
+        timers = self.gateway.config.timers
         if self.answered and self.dialog is not None:
             self._hangup_by = "local"
             bye = self.dialog.create_request("BYE", self.gateway.endpoint.via(self.transport))
-            self._finish(CallOutcome.ANSWERED, 200, "local hangup")
-            response = await self.gateway.endpoint.request(bye, self._dialog_peer())
+            peer = self._dialog_peer()
+            self._finish(CallOutcome.ANSWERED, 200, reason)
+            response = await self.gateway.endpoint.request(bye, peer)
             if response is None:
                 logger.info("call %s: no answer to BYE", self.call_id)
         elif self.direction == "outbound" and not self._final.done():
             self._cancel("hangup")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.shield(self._final), 64 * self.gateway.config.timers.t1
-                )
+            await self._await_final(2 * timers.timer_b)
         elif self._invite_ctx is not None and not self._invite_ctx.final_sent:
-            self._invite_ctx.respond(480)
+            self._invite_ctx.respond(480, to_tag=self.local_tag)
             self._finish(CallOutcome.CANCELLED, 480, "hung up before answer")
-        await self.ended.wait()
+        if not self.ended.is_set():  # every wait above is bounded; so is this one
+            outcome = (
+                self._cancel_outcome() if self.direction == "outbound" else CallOutcome.CANCELLED
+            )
+            self._fail(outcome, None, f"{reason}: no final response")
         assert self.result is not None
         return self.result
 
@@ -519,13 +763,7 @@ class Call:
         endpoint = self.gateway.endpoint
         config = self.gateway.config
         self.call_id = new_call_id(config.host)
-        self.media = MediaSession(
-            local_host=config.host,
-            pacer=self.gateway.pacer,
-            port_range=config.rtp_ports,
-            trusted_hosts=[self.peer.host],  # NAT: RTP from where the SIP comes from
-        )
-        rtp_port = await self.media.open()
+        rtp_port = await self._open_media()
         self._offer = create_offer(config.host, rtp_port)
         self._sdp_session_id = self._offer.origin.session_id
         contact = endpoint.contact(self.transport, caller)
@@ -553,27 +791,56 @@ class Call:
         if self._cancel_reason is not None:  # hung up (via on_call) before the INVITE left
             self._fail(CallOutcome.CANCELLED, None, "cancelled before the INVITE was sent")
             return
+        if self.gateway.draining:
+            self._fail(CallOutcome.FAILED, None, "the gateway is shutting down")
+            return
         self._send_invite(request)
         try:
             await asyncio.wait_for(asyncio.shield(self._final), ring_timeout)
         except TimeoutError:
             self._cancel("ring_timeout")
-            await self._final
+            # The INVITE transaction ends by itself (timer B, or 64*T1 after the CANCEL,
+            # which may wait for a provisional as late as timer B); this only backs it up.
+            await self._await_final(2 * config.timers.timer_b)
+            if not self._final.done():
+                self._fail(self._cancel_outcome(), 408, "no final response after CANCEL")
+
+    async def _await_final(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._final), timeout)
 
     def _send_invite(self, request: Request) -> None:
         self._invite = request
         if self._invite_sent_at is None:
             self._invite_sent_at = self.loop.time()
-        self.gateway.endpoint.start_client_transaction(request, self.peer, self._on_invite_event)
+        transaction = self.gateway.endpoint.start_client_transaction(
+            request, self.peer, self._on_invite_event
+        )
+        assert isinstance(transaction, ClientInviteTransaction)
+        self._invite_transaction = transaction
 
     def _on_invite_event(self, event: Event) -> None:
+        try:
+            self._on_invite_transaction_event(event)
+        except Exception:
+            logger.exception("call %s: handling an INVITE response failed", self.call_id)
+            CALL_TASK_FAILURES.labels(direction=self.direction).inc()
+            self._abort()
+
+    def _on_invite_transaction_event(self, event: Event) -> None:
         if isinstance(event, ResponseReceived):
             self._on_invite_response(event.response)
         elif isinstance(event, TransactionTimeout):
-            if not self._final.done():
-                code, reason = (487, "no answer") if self._cancel_sent else (408, "no response")
-                outcome = self._cancel_outcome() if self._cancel_sent else CallOutcome.FAILED
-                self._fail(outcome, code, f"{reason} (timer {event.timer})")
+            if self._final.done():
+                return
+            if event.timer == "cancel":
+                # RFC 3261 9.1: the peer never answered our CANCEL; the call is over anyway.
+                reason = "cancelled: no final response to CANCEL within 64*T1"
+                self._fail(self._cancel_outcome(), 408, reason)
+            elif self._cancel_reason is not None:
+                self._fail(self._cancel_outcome(), 408, f"no response (timer {event.timer})")
+            else:
+                self._fail(CallOutcome.FAILED, 408, f"no response (timer {event.timer})")
         elif isinstance(event, TransportFailure) and not self._final.done():
             self._fail(CallOutcome.FAILED, 503, "transport error: peer unreachable")
 
@@ -581,12 +848,11 @@ class Call:
         self.responded.set()
         code = response.code
         if code < 200:
+            self._provisional = True  # any 1xx, 100 included, allows a CANCEL (RFC 3261 9.1)
             if code > 100 and self._pdd_ms is None:
                 self._pdd_ms = self._ms_since(self._invite_sent_at)
-            if code > 100:
-                self._provisional = True
-                if response.body and self.media is not None and self._offer is not None:
-                    self._configure_from_answer(response.body, early=True)
+            if code > 100 and response.body and self.media is not None and self._offer:
+                self._configure_from_answer(response.body, early=True)
             if self._cancel_reason is not None and not self._cancel_sent:
                 self._send_cancel()
             return
@@ -594,6 +860,9 @@ class Call:
             self._pdd_ms = self._ms_since(self._invite_sent_at)
         if code < 300:
             self._on_invite_2xx(response)
+            return
+        if code in (401, 407) and self._cancel_reason is not None:
+            self._fail(self._cancel_outcome(), code, "cancelled while challenged")
             return
         if code in (401, 407) and self._digest is not None and self._invite is not None:
             try:
@@ -686,40 +955,52 @@ class Call:
             cancel.headers.setlist("Route", invite.headers.getlist("Route"))
         cancel.user_agent = USER_AGENT
         cancel.content_length = 0
-        self.gateway.spawn(self.gateway.endpoint.request(cancel, self.peer))
+        assert self._invite_transaction is not None
+        endpoint = self.gateway.endpoint
+        self.gateway.spawn(endpoint.cancel(self._invite_transaction, cancel, self.peer))
 
     # -- inbound --------------------------------------------------------------------
 
     async def _answer_incoming(self, ctx: ServerContext) -> None:
-        request = ctx.request
+        """The whole life of an inbound call. Whatever it raises, the call ends answered
+        for (500 if nothing final was sent, BYE if answered), its media socket closed and
+        its entry gone, with one log line."""
+        try:
+            await self._run_incoming(ctx)
+        except CallEnded:
+            pass
+        except asyncio.CancelledError:
+            self._abort("gateway stopped")
+            raise
+        except Exception:
+            logger.exception("call %s: inbound call failed", self.call_id)
+            CALL_TASK_FAILURES.labels(direction=self.direction).inc()
+            self._abort()
+
+    def _take(self, ctx: ServerContext) -> None:
+        """Own the INVITE at once, before the call's task runs: a CANCEL arriving first
+        must find the call (and end it), not a transaction nobody answers for."""
         self._invite_ctx = ctx
-        self.call_id = request.call_id
+        self.call_id = ctx.request.call_id
         self.gateway.calls[(self.call_id, self.local_tag)] = self
         ctx.on_event = self._on_server_invite_event
+
+    async def _run_incoming(self, ctx: ServerContext) -> None:
+        request = ctx.request  # passed Gateway._screen: check_new_invite found it usable
+        if self.ended.is_set():
+            return  # cancelled before this task ran
         ctx.respond(100)
         config = self.gateway.config
-        self.media = MediaSession(
-            local_host=config.host,
-            pacer=self.gateway.pacer,
-            port_range=config.rtp_ports,
-            trusted_hosts=[self.peer.host],  # NAT: RTP from where the SIP comes from
-        )
-        rtp_port = await self.media.open()
-        answer_body: bytes
-        try:
-            if request.body:
-                answer, negotiated = create_answer(request.body, config.host, rtp_port)
-                self._sdp_session_id = answer.origin.session_id
-                self._configure_media(negotiated)
-                answer_body = str(answer).encode()
-            else:
-                self._offer = create_offer(config.host, rtp_port)  # late offer: answer in ACK
-                self._sdp_session_id = self._offer.origin.session_id
-                answer_body = str(self._offer).encode()
-        except SdpError as exc:
-            ctx.respond(488, to_tag=self.local_tag)
-            self._finish(CallOutcome.FAILED, 488, f"SDP offer not acceptable: {exc}")
-            return
+        rtp_port = await self._open_media()
+        if request.body:
+            answer, negotiated = create_answer(request.body, config.host, rtp_port)
+            self._sdp_session_id = answer.origin.session_id
+            self._configure_media(negotiated)
+            answer_body = str(answer).encode()
+        else:
+            self._offer = create_offer(config.host, rtp_port)  # late offer: answer in ACK
+            self._sdp_session_id = self._offer.origin.session_id
+            answer_body = str(self._offer).encode()
         ctx.respond(180, to_tag=self.local_tag)
         if config.answer_ring_ms:
             await asyncio.sleep(config.answer_ring_ms / 1000)
@@ -727,10 +1008,15 @@ class Call:
             return
         contact = self.gateway.endpoint.contact(self.transport, config.caller)
         self.dialog = Dialog.from_uas_request(request, self.local_tag, contact)
-        ok = ctx.respond(200, to_tag=self.local_tag, body=answer_body, content_type=SDP)
+        ok = create_response(
+            request, 200, to_tag=self.local_tag, body=answer_body, content_type=SDP
+        )
         ok.contact = [contact]
         ok.headers.set("Allow", ALLOW)
         ok.user_agent = USER_AGENT
+        if not ctx.send(ok):  # the INVITE transaction is over: nobody to answer
+            self._finish(CallOutcome.CANCELLED, None, "INVITE ended before the answer")
+            return
         self._mark_answered()
         if not await self._await_ack(ctx, ok):
             return
@@ -745,7 +1031,8 @@ class Call:
             await self.hangup()
 
     async def _await_ack(self, ctx: ServerContext, ok: Response) -> bool:
-        """Retransmit the 2xx until the ACK arrives (RFC 3261 §13.3.1.4, RFC 6026)."""
+        """Retransmit the 2xx until the ACK arrives (RFC 3261 §13.3.1.4, RFC 6026); hang up
+        after 64*T1 without one, or when the transaction can no longer carry the 2xx."""
         timers = self.gateway.config.timers
         interval = timers.t1
         deadline = self.loop.time() + 64 * timers.t1
@@ -753,21 +1040,27 @@ class Call:
         while not self._acked.is_set() and not self.ended.is_set():
             remaining = deadline - self.loop.time()
             if remaining <= 0:
-                logger.info("call %s: no ACK for 2xx, hanging up", self.call_id)
-                await self.hangup()
-                return False
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._acked.wait(), min(interval, remaining))
-            if not self._acked.is_set() and not reliable:
-                ctx.send(ok)
-                interval = min(interval * 2, timers.t2)
-        return not self.ended.is_set()
+            if not self._acked.is_set() and not reliable and not ctx.send(ok):
+                break
+            interval = min(interval * 2, timers.t2)
+        if self._acked.is_set() or self.ended.is_set():
+            return not self.ended.is_set()
+        logger.info("call %s: no ACK for 2xx, hanging up", self.call_id)
+        await self._hang_up("no ACK for the 2xx")
+        return False
 
     def _on_server_invite_event(self, event: Any) -> None:
         if isinstance(event, CancelReceived) and not self.answered:
             if self._invite_ctx is not None:
                 self._invite_ctx.respond(487, to_tag=self.local_tag)
             self._finish(CallOutcome.CANCELLED, 487, "caller cancelled")
+        elif isinstance(event, AckReceived) and self.answered:
+            # An ACK for our 2xx that reused the INVITE's branch (RFC 6026 8.7: the
+            # transaction hands it up) is the ACK all the same.
+            self._on_ack(event.request)
 
     # -- in-dialog requests --------------------------------------------------------------
 
@@ -775,9 +1068,7 @@ class Call:
         request = ctx.request
         method = request.method
         if method == "ACK":
-            if self._offer is not None and request.body and self.media is not None:
-                self._configure_from_answer(request.body, early=False)
-            self._acked.set()
+            self._on_ack(request)
             return
         dialog = self.dialog
         if dialog is None:
@@ -798,6 +1089,11 @@ class Call:
             ctx.respond(200)
         else:
             ctx.respond(501)
+
+    def _on_ack(self, ack: Request) -> None:
+        if self._offer is not None and ack.body and self.media is not None:
+            self._configure_from_answer(ack.body, early=False)  # late offer: the answer
+        self._acked.set()
 
     def _on_info(self, ctx: ServerContext) -> None:
         request = ctx.request
@@ -834,13 +1130,14 @@ class Call:
                     version=self._sdp_version,
                 )
                 body = str(self._offer).encode()
-        except SdpError:
+        except ValueError:  # SdpError, or an odd offer the parser let through
             ctx.respond(488)
             return
-        ok = ctx.respond(200, body=body, content_type=SDP)
+        ok = create_response(request, 200, body=body, content_type=SDP)
         ok.contact = [self.dialog.contact]
         self._acked.clear()
-        self.gateway.spawn(self._await_ack(ctx, ok))
+        if ctx.send(ok):
+            self.gateway.spawn(self._await_ack(ctx, ok))
 
     # -- shared -----------------------------------------------------------------------
 
@@ -851,6 +1148,69 @@ class Call:
         media = self.media
         assert media is not None
         self._digit_task = self.gateway.spawn(self._read_digits(media))
+        self._arm_duration_limit()
+
+    def _arm_duration_limit(self) -> None:
+        """(Re)schedule the hang-up at answer + max duration."""
+        if self._duration_timer is not None:
+            self._duration_timer.cancel()
+            self._duration_timer = None
+        if self._answered_at is None or self.ended.is_set():
+            return
+        at = self._answered_at + self._max_duration
+        self._duration_timer = self.loop.call_at(at, self._on_max_duration)
+
+    def _on_max_duration(self) -> None:
+        self._duration_timer = None
+        if self.ended.is_set():
+            return
+        logger.info(
+            "call %s: max duration %g s reached, hanging up", self.call_id, self._max_duration
+        )
+        self.gateway.spawn(self._hang_up(f"max duration ({self._max_duration:g} s) reached"))
+
+    async def _open_media(self) -> int:
+        """Bind the call's RTP socket. The session becomes the call's only once it is open,
+        so a call ended meanwhile (CANCEL, stop) never leaves a socket behind."""
+        config = self.gateway.config
+        media = MediaSession(
+            local_host=config.host,
+            pacer=self.gateway.pacer,
+            port_range=config.rtp_ports,
+            trusted_hosts=[self.peer.host],  # NAT: RTP from where the SIP comes from
+        )
+        opening = asyncio.ensure_future(media.open())
+        try:
+            port = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(lambda _: self.gateway._close_media(media))
+            raise
+        if self.ended.is_set():
+            self.gateway._close_media(media)
+            raise CallEnded("the call ended while its media port was opening")
+        self.media = media
+        return port
+
+    def _abort(
+        self, reason: str = "internal error", outcome: CallOutcome = CallOutcome.FAILED
+    ) -> None:
+        """End the call after a failure or at stop, answering for it: 500 to an inbound
+        INVITE with nothing final sent, BYE when answered, CANCEL while ringing."""
+        if self.ended.is_set():
+            return
+        endpoint = self.gateway.endpoint
+        ctx = self._invite_ctx
+        code: int | None = None
+        if ctx is not None and not ctx.final_sent:
+            ctx.respond(500, reason.capitalize(), to_tag=self.local_tag)
+            code = 500
+        if self.answered and self.dialog is not None:
+            self._hangup_by = "local"
+            bye = self.dialog.create_request("BYE", endpoint.via(self.transport))
+            self.gateway.spawn(endpoint.request(bye, self._dialog_peer()))
+        elif self.direction == "outbound" and self._invite is not None:
+            self._cancel("error")
+        self._fail(outcome, code, reason)
 
     async def _read_digits(self, media: MediaSession) -> None:
         while True:
@@ -906,6 +1266,9 @@ class Call:
             authenticated=self._authenticated,
         )
         self.ended.set()
+        if self._duration_timer is not None:
+            self._duration_timer.cancel()
+            self._duration_timer = None
         self.gateway.calls.pop((self.call_id, self.local_tag), None)
         if self.gateway.on_call_ended is not None:
             try:
@@ -915,7 +1278,7 @@ class Call:
         if self._digit_task is not None:
             self._digit_task.cancel()
         if self.media is not None:
-            self.gateway.spawn(self.media.close())
+            self.gateway._close_media(self.media)
         logger.info("call %s ended: %s %s %s", self.call_id, outcome.value, code, reason)
 
     async def _send_info_digit(self, digit: str, duration_ms: int) -> None:
@@ -929,9 +1292,11 @@ class Call:
         await self.gateway.endpoint.request(info, self._dialog_peer())
 
     def _dialog_peer(self) -> Peer:
-        """Where in-dialog requests go: the remote target (or first route), same transport."""
-        if self.direction == "inbound" and self.transport == "tcp":
-            return self.peer  # reuse the caller's connection
+        """Where in-dialog requests go: the remote target (or first route), same transport;
+        an inbound TCP call reuses the caller's connection while it is open."""
+        transport = self.gateway.endpoint.transport
+        if self.direction == "inbound" and transport.has_connection(self.peer):
+            return self.peer
         assert self.dialog is not None
         uri = self.dialog.destination()
         kind = (uri.parameters.get("transport") or self.transport).lower()

@@ -3,6 +3,10 @@
 It matches every message to its transaction, drives transaction timers from the event
 loop (one ``call_at`` handle per live transaction, re-armed to the earliest deadline),
 and hands new requests and transaction events to the user agent above it.
+
+Requests that are refused before any work is done on them (malformed, untrusted, a flood,
+a gateway shutting down) are answered statelessly: no transaction is created, so nothing
+is kept and nothing is retransmitted for a peer that may never ACK (RFC 3261 8.2.7).
 """
 
 from __future__ import annotations
@@ -16,18 +20,28 @@ from typing import Any
 
 from sipmessage import Address, Parameters, Request, Response, Via
 
-from gateway.sip.message import create_response, new_branch
+from gateway.metrics import SIP_DROPPED_BY_REASON, SipDropReason, count_rejection
+from gateway.sip.message import (
+    BadRequest,
+    Rejection,
+    create_rejection,
+    create_response,
+    new_branch,
+)
 from gateway.sip.transaction import (
     ClientInviteTransaction,
     ClientNonInviteTransaction,
     Event,
+    ResponseReceived,
     ServerInviteTransaction,
     ServerNonInviteTransaction,
     TimerSettings,
     TransactionTerminated,
+    TransactionTimeout,
+    TransportFailure,
     transaction_key,
 )
-from gateway.transport import Peer, SipTransport
+from gateway.transport import Peer, SipTransport, TcpLimits
 
 logger = logging.getLogger(__name__)
 
@@ -49,21 +63,38 @@ class ServerContext:
     cancelled: bool = False
 
     def respond(self, code: int, phrase: str | None = None, **kwargs: Any) -> Response:
-        """Build a response to the request and send it through its transaction."""
+        """Build a response to the request and send it through its transaction (see
+        `send`: too late is a no-op)."""
         response = create_response(self.request, code, phrase, **kwargs)
         self.send(response)
         return response
 
-    def send(self, response: Response) -> None:
+    def send(self, response: Response) -> bool:
+        """Send through the transaction; False (logged, nothing sent) when it is too late:
+        after the final response, or on a transaction that ended (the caller may have
+        cancelled while we were answering)."""
         if self.transaction is None:
             raise RuntimeError("an ACK cannot be answered")
+        if not self.transaction.can_send(response.code):
+            logger.debug(
+                "not sending %s to %s %s: transaction is %s",
+                response.code,
+                self.request.method,
+                self.request.call_id,
+                self.transaction.state.value,
+            )
+            return False
         if response.code >= 200:
             self.final_sent = True
         self.endpoint.send_server_response(self, response)
+        return True
 
 
 RequestHandler = Callable[[ServerContext], None]
 StrayResponseHandler = Callable[[Response, Peer], None]
+# Looks at a new request before any transaction exists for it; a response it returns is
+# sent statelessly and the request goes no further.
+RequestScreen = Callable[[Request, Peer], Response | None]
 
 
 @dataclass(eq=False)
@@ -91,12 +122,17 @@ class SipEndpoint:
         timers: TimerSettings | None = None,
         on_request: RequestHandler | None = None,
         on_stray_response: StrayResponseHandler | None = None,
+        screen: RequestScreen | None = None,
+        tcp_limits: TcpLimits | None = None,
     ) -> None:
         self.host = host
         self.timers = timers or TimerSettings()
         self.on_request = on_request
         self.on_stray_response = on_stray_response
-        self.transport = SipTransport(self._on_message)
+        self.screen = screen
+        self.transport = SipTransport(
+            self._on_message, on_bad_request=self._on_bad_request, tcp_limits=tcp_limits
+        )
         self._clients: dict[str, _ClientEntry] = {}
         self._servers: dict[str, _ServerEntry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -117,9 +153,16 @@ class SipEndpoint:
             await self.transport.listen_tcp(self.host, tcp_port)
 
     async def close(self) -> None:
+        """Forget every transaction (a client transaction's owner hears a TransportFailure,
+        so nobody waits for a response that can no longer arrive) and close the sockets."""
         for entry in list(self._clients.values()):
             if entry.timer:
                 entry.timer.cancel()
+        for entry in list(self._clients.values()):
+            try:
+                entry.on_event(TransportFailure())
+            except Exception:
+                logger.exception("client transaction event handler failed at close")
         for server in list(self._servers.values()):
             if server.timer:
                 server.timer.cancel()
@@ -169,9 +212,10 @@ class SipEndpoint:
         return transaction
 
     async def request(self, request: Request, peer: Peer) -> Response | None:
-        """Send a non-INVITE request and wait for its final response (None on timeout)."""
-        from gateway.sip.transaction import ResponseReceived, TransactionTimeout, TransportFailure
+        """Send a non-INVITE request and wait for its final response (None on timeout).
 
+        Timer F ends the transaction; the extra wait bound only guards against a bug there.
+        """
         future: asyncio.Future[Response | None] = self.loop.create_future()
 
         def on_event(event: Event) -> None:
@@ -183,11 +227,32 @@ class SipEndpoint:
                 future.set_result(None)
 
         self.start_client_transaction(request, peer, on_event)
-        return await future
+        try:
+            return await asyncio.wait_for(
+                future, self.timers.timer_f + self.transport.connect_timeout
+            )
+        except TimeoutError:
+            logger.warning("%s to %s: no outcome after timer F", request.method, peer)
+            return None
+
+    async def cancel(
+        self, invite: ClientInviteTransaction, cancel: Request, peer: Peer
+    ) -> Response | None:
+        """Send ``cancel`` for ``invite`` and bound the wait for the INVITE's final response
+        to 64*T1 from now (RFC 3261 9.1); returns the CANCEL's own final response."""
+        entry = self._clients.get(invite.key)
+        if entry is not None and entry.transaction is invite:
+            invite.cancel_sent(self.loop.time())
+            self._pump_client(entry)
+        return await self.request(cancel, peer)
 
     def send_stateless(self, message: Request | Response, peer: Peer) -> None:
         """Send outside any transaction (ACK for 2xx and its retransmissions)."""
         self._spawn(self._send(message, peer, None))
+
+    def send_stateless_response(self, response: Response, source: Peer) -> None:
+        """Answer a request without a transaction: sent once, never retransmitted."""
+        self._spawn(self._send_response(response, source))
 
     def _pump_client(self, entry: _ClientEntry) -> None:
         transaction = entry.transaction
@@ -263,6 +328,16 @@ class SipEndpoint:
         entry.transaction.receive_response(response, self.loop.time())
         self._pump_client(entry)
 
+    def _on_bad_request(self, bad: BadRequest, source: Peer) -> None:
+        """A request the parser refused but that can be answered: say why, statelessly."""
+        request, rejection = bad.request, bad.rejection
+        if request.method == "ACK":
+            SIP_DROPPED_BY_REASON[SipDropReason.MALFORMED].inc()
+            return  # an ACK is never answered
+        logger.debug("answering %s from %s: %s", request.method, source, bad)
+        count_rejection(rejection.code)
+        self.send_stateless_response(create_rejection(request, rejection), source)
+
     def _on_request(self, request: Request, source: Peer) -> None:
         try:
             key = transaction_key(request)
@@ -278,6 +353,15 @@ class SipEndpoint:
             # An ACK for a 2xx is its own (transactionless) request: the dialog handles it.
             self._dispatch(ServerContext(self, request, source, None))
             return
+        if self.screen is not None:
+            try:
+                refusal = self.screen(request, source)
+            except Exception:
+                logger.exception("request screen failed for %s", request.method)
+                refusal = create_rejection(request, Rejection(500, "Server Internal Error"))
+            if refusal is not None:
+                self.send_stateless_response(refusal, source)
+                return
         reliable = source.transport != "udp"
         transaction: ServerTransaction
         if request.method == "INVITE":

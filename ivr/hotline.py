@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sipmessage import Request
 
 from escalation.audit import AuditLog
 from escalation.channels.voice import Dialer
@@ -28,10 +27,9 @@ from escalation.config import (
     hotline_sources_from_carriers,
 )
 from escalation.engine import AlertIn, Engine, RequestContext, UnknownPolicy
-from gateway.admission import Decision, InboundGuard, TrustedTrunk
+from gateway.admission import InboundGuard, RefusalReport, TrustedTrunk
 from gateway.bridge import bridge_calls
 from gateway.call import Call, Gateway
-from gateway.transport import Peer
 from ivr.builtin import hotline_flow
 from ivr.flow import Flow, load_flow
 from ivr.runner import FlowContext, FlowRunner
@@ -118,21 +116,25 @@ class Hotline:
             ],
         )
 
-    def on_refused(self, decision: Decision, request: Request, source: Peer) -> None:
-        """Every INVITE the guard turns away is part of the record (who, from where, why)."""
+    def on_refused(self, report: RefusalReport) -> None:
+        """Refused INVITEs are part of the record (who, from where, why), without letting a
+        flood write a line per INVITE: the gateway reports the first refusal of a source
+        at once (with the caller, the number and the Call-ID) and the rest of the interval
+        as one line whose ``count`` says how many."""
         self.audit.write(
             self.config.company,
             [
                 {
                     "event": "inbound_refused",
-                    "status": str(decision.code),
-                    "reason": decision.reason,
+                    "status": str(report.code),
+                    "reason": str(report.reason),
                     "actor": "hotline",
-                    "ip": source.host,
-                    "trunk": decision.trunk,
-                    "caller": str(request.from_address.uri),
-                    "dialed": request.uri.user or str(request.uri),
-                    "call_id": request.call_id,
+                    "ip": report.source,
+                    "trunk": report.trunk,
+                    "count": report.count,
+                    "caller": report.caller,
+                    "dialed": report.dialed,
+                    "call_id": report.call_id,
                 }
             ],
         )

@@ -6,6 +6,7 @@ hears that the team was paged. Untrusted sources get 403 and an audit line."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import wave
@@ -141,19 +142,27 @@ async def test_caller_is_put_through_to_the_oncall_responder(tmp_path: Path) -> 
 
 
 async def test_untrusted_source_gets_403_and_an_audit_line(tmp_path: Path) -> None:
+    """A flood from an untrusted source: every call gets 403, the first refusal is an
+    audit line at once, the rest one line with their count, written at shutdown."""
     config = hotline_config(9, tmp_path / "rec", ["voice"], trusted=[
         {"name": "carrier-b", "sources": ["127.0.0.2"]}])  # fmt: skip
     async with serve(tmp_path, config, {}) as service:
         with sipp("uac_refused.xml", tmp_path, remote=f"127.0.0.1:{service.sip_port}",
-                  CODE="403") as peer:  # fmt: skip
+                  calls=40, extra=["-r", "100"], CODE="403") as peer:  # fmt: skip
             assert await asyncio.to_thread(peer.wait, 20) == 0, peer.logs()
         await asyncio.sleep(0.3)
         refused = [x for x in service.audit_lines_all() if x.get("event") == "inbound_refused"]
         calls = [x for x in service.audit_lines_all() if x.get("event") == "hotline_call"]
+        audit = service.audit
     assert calls == []
     [line] = refused
     assert (line["status"], line["reason"], line["ip"]) == ("403", "untrusted_source", "127.0.0.1")
-    assert line["caller"].startswith("sip:+14155550123@")
+    assert line["caller"].startswith("sip:+14155550123@") and line["count"] == 1
+    lines = [json.loads(x) for x in audit.read_text().splitlines() if x.strip()]
+    first, rest = [x for x in lines if x.get("event") == "inbound_refused"]  # after stop
+    assert first == line
+    assert (rest["status"], rest["ip"], rest["caller"]) == ("403", "127.0.0.1", None)
+    assert rest["count"] >= 39  # SIPp may have retransmitted an INVITE: each counts
 
 
 async def test_baresip_caller_through_the_hotline_raises_an_alert(tmp_path: Path) -> None:
