@@ -1108,7 +1108,11 @@ class Call:
         """Answer a re-INVITE (hold, resume, session refresh) on the same media session."""
         assert self.dialog is not None and self.media is not None
         request = ctx.request
-        self.dialog.refresh_target(request)
+        try:
+            self.dialog.refresh_target(request)
+        except ValueError:  # a garbled Contact: refuse the re-INVITE, keep the call
+            ctx.respond(400, "Invalid Contact")
+            return
         config = self.gateway.config
         self._sdp_version += 1
         try:

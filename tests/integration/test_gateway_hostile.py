@@ -451,6 +451,34 @@ async def test_inbound_call_is_hung_up_at_its_max_duration(ack_branch: str | Non
     assert result.reason == "max duration (0.5 s) reached"
 
 
+async def test_reinvite_with_a_garbled_contact_is_refused_and_the_call_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    handled: list[Call] = []
+
+    async def on_incoming(call: Call) -> None:
+        handled.append(call)
+        await call.collect(1, timeout=3.0)
+
+    async with gateway(on_incoming) as gw:
+        caller = await RawCaller("udp").connect(gw)
+        text = invite(gw.address()[1], local=caller.local)
+        await caller.send(text)
+        while not (ok := await caller.receive()).startswith("SIP/2.0 200 "):
+            pass
+        await caller.send(ack_for(text, ok, "z9hG4bKack2"))
+        await eventually(lambda: bool(handled), "the call to be answered")
+        to = re.search(r"^To: .*$", ok, re.MULTILINE)
+        assert to is not None
+        reinvite = edit(edit(text, r"^To: .*$", to.group(0)), r"^CSeq: 1 ", "CSeq: 2 ")
+        reinvite = edit(reinvite, r"branch=[^;\r]+", "branch=z9hG4bKre2")
+        await caller.send(edit(reinvite, r"^Contact: .*$", "Contact: <sip:@@>"))
+        assert await caller.final() == (400, "Invalid Contact")
+        assert not handled[0].ended.is_set()
+        caller.close()
+    assert error_records(caplog) == []
+
+
 # -- a quick seeded fuzz loop: memory and fds stay flat ----------------------------------
 
 TEMPLATES = [
