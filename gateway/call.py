@@ -78,6 +78,8 @@ IncomingHandler = Callable[["Call"], Awaitable[None]]
 RESOLVE_TIMEOUT = 5.0
 # Retry-After of the 503 a draining gateway answers new INVITEs with.
 DRAIN_RETRY_AFTER = 30
+# stop(): after the drain, how long cancelled call tasks and closing media may take.
+STOP_GRACE = 1.0
 
 
 class CallEnded(Exception):
@@ -250,17 +252,18 @@ class Gateway:
     async def stop(self, timeout: float | None = None) -> None:
         """Drain (at most ``timeout``, default ``config.drain_timeout``), then end what is
         left, close every media socket and the transports regardless: returns within
-        about ``timeout`` + 4 s whatever the peers do."""
+        ``timeout`` + ``STOP_GRACE`` + 2 s (the transport's own close bound) whatever the
+        peers do, usually within ``timeout``."""
         await self.drain(timeout)
         for call in list(self.calls.values()):
             call._abort("gateway stopped")
         self._flush_refusals()
         for task in list(self._tasks):
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=1.0)
-        if self._media_closing:
-            await asyncio.wait(list(self._media_closing), timeout=2.0)
+        # Media sockets are closed at once by close(); this waits for their protocols.
+        leftovers = [*self._tasks, *self._media_closing]
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=STOP_GRACE)
         await self.pacer.stop()
         await self.endpoint.close()
 
