@@ -457,8 +457,16 @@ async def _serve(
     async with contextlib.AsyncExitStack() as stack:
         gateway: Gateway | None = None
         if role is not Role.API:
+            # A worker hangs its own calls up while it drains; what the gateway still
+            # holds at its stop (inbound calls) gets what is left of the drain timeout.
+            calls_left = 1.0 if role is not Role.GATEWAY else settings.drain_timeout - 2.0
             gateway = Gateway(
-                GatewayConfig(host=host, udp_port=sip_port, tcp_port=sip_port),
+                GatewayConfig(
+                    host=host,
+                    udp_port=sip_port,
+                    tcp_port=sip_port,
+                    drain_timeout=max(1.0, calls_left),
+                ),
                 prompts=prompts,
                 on_call_ended=on_call_ended,
             )

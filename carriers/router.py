@@ -245,6 +245,14 @@ class CarrierRouter:
             with contextlib.suppress(BaseException):
                 await task
 
+    def time_bound(self, ring_timeout: float, max_duration: float | None = None) -> float:
+        """The longest `place_call` and the call it returns can take: every trunk tried in
+        turn, each at worst ringing out and then waiting out its signalling timers, and
+        one of them answered for `max_duration` (a Twilio call is given as long)."""
+        answered = self.gateway.config.max_call_duration if max_duration is None else max_duration
+        per_trunk = self.gateway.call_time_bound(ring_timeout, 0.0)
+        return answered + max(1, len(self.trunks)) * per_trunk
+
     async def place_call(
         self,
         number: str,
@@ -253,6 +261,7 @@ class CarrierRouter:
         on_call: Callable[[AnyCall], None] | None = None,
         context: Mapping[str, str] | None = None,
         needs_media: bool = False,
+        max_duration: float | None = None,
     ) -> RoutedCall:
         """Call ``number``; returns once answered or finally refused, else raises.
 
@@ -267,6 +276,8 @@ class CarrierRouter:
         call hung up that way ends routing (outcome ``cancelled``). ``context`` travels
         with a Twilio call to the webhooks that run its flow (alert and notification ids).
         ``needs_media`` (bridging a caller) skips Twilio trunks: their audio is Twilio's.
+        ``max_duration`` ends an answered SIP call after that many seconds (the gateway's
+        default otherwise); the whole call is bounded by `time_bound`.
         """
         destination = normalise(number, default_region=self.default_region)
         try:
@@ -305,7 +316,7 @@ class CarrierRouter:
                 )
             else:
                 call, attempt = await self._attempt(
-                    trunk, claim, destination, ring_timeout, on_call
+                    trunk, claim, destination, ring_timeout, on_call, max_duration
                 )
             attempts.append(attempt)
             logger.info(
@@ -332,6 +343,7 @@ class CarrierRouter:
         destination: Destination,
         ring_timeout: float,
         app_on_call: Callable[[AnyCall], None] | None,
+        max_duration: float | None,
     ) -> tuple[Call | None, TrunkAttempt]:
         loop = asyncio.get_running_loop()
         attempt = self._attempt_clock(trunk)
@@ -351,6 +363,7 @@ class CarrierRouter:
                 transport=trunk.transport,
                 caller=trunk.caller_id,
                 on_call=on_call,
+                max_duration=max_duration,
             )
         )
         dial.add_done_callback(lambda task: self._on_dial_done(trunk.name, claim, task))

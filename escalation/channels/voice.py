@@ -53,9 +53,9 @@ OnCall = Callable[[AnyCall], None]
 # prompts, six seconds for a key after each); a call still going after this is stuck
 # (a far end that never hangs up, a Twilio call whose reports stopped) and is ended.
 MAX_CALL = 300.0
-# What a call needs beyond ringing and talking: a failover to a second trunk, a CANCEL or
-# BYE waiting out its transaction timeout (64*T1 = 32 s) when the far end is gone.
-SIGNALLING_SLACK = 75.0
+# After the call's own bound (Dialer.time_bound), time for the flow's last words and the
+# result to be handed over.
+RESULT_SLACK = 5.0
 LATE_KEY_WAIT = 1.0  # after a Twilio call ended without a verdict, for a report overtaken
 
 # SIP codes that say the number itself is wrong: no retry on this channel can fix it.
@@ -90,7 +90,13 @@ class Dialer(Protocol):
         on_call: OnCall,
         context: Mapping[str, str] | None = None,
         needs_media: bool = False,
+        max_duration: float | None = None,
     ) -> DialedCall: ...
+
+    def time_bound(self, ring_timeout: float, max_duration: float) -> float:
+        """The longest `dial` plus the call it returns can take, hang-up included, whatever
+        the far end does (see gateway.call.call_time_bound)."""
+        ...
 
 
 @dataclass
@@ -117,6 +123,7 @@ class SipUriDialer:
         on_call: OnCall,
         context: Mapping[str, str] | None = None,
         needs_media: bool = False,
+        max_duration: float | None = None,
     ) -> DialedCall:
         target = self.template.format(number=number)
         call = await self.gateway.dial(
@@ -125,8 +132,12 @@ class SipUriDialer:
             ring_timeout=ring_timeout,
             transport=self.transport,
             on_call=on_call,
+            max_duration=max_duration,
         )
         return DialedCall(call, {"target": target})
+
+    def time_bound(self, ring_timeout: float, max_duration: float) -> float:
+        return self.gateway.call_time_bound(ring_timeout, max_duration)
 
 
 @dataclass
@@ -148,10 +159,11 @@ class CarrierDialer:
         on_call: OnCall,
         context: Mapping[str, str] | None = None,
         needs_media: bool = False,
+        max_duration: float | None = None,
     ) -> DialedCall:
         routed = await self.router.place_call(
             number, ring_timeout=ring_timeout, on_call=on_call, context=context,
-            needs_media=needs_media,
+            needs_media=needs_media, max_duration=max_duration,
         )  # fmt: skip
         if self.on_routed is not None:
             try:
@@ -167,6 +179,9 @@ class CarrierDialer:
                 quality.record_ack(trunk, seconds)
 
         return DialedCall(routed.call, details, on_answered)
+
+    def time_bound(self, ring_timeout: float, max_duration: float) -> float:
+        return self.router.time_bound(ring_timeout, max_duration)
 
 
 @dataclass(frozen=True)
@@ -365,8 +380,9 @@ class VoiceChannel:
         self._background: set[asyncio.Future[Any]] = set()
 
     def deadline(self, notification: Notification) -> float:
-        """Ringing (twice: a failover may ring a second trunk), the call, the signalling."""
-        return 2 * self._ring_timeout + self._max_call + SIGNALLING_SLACK
+        """The dial and call's own bound (every trunk tried, ringing, the call, the
+        hang-up), and a moment for the result."""
+        return self._dialer.time_bound(self._ring_timeout, self._max_call) + RESULT_SLACK
 
     async def send(
         self, notification: Notification, progress: ProgressSink = ignore_progress
@@ -385,7 +401,7 @@ class VoiceChannel:
         try:
             dialed = await self._dialer.dial(
                 number, ring_timeout=self._ring_timeout, on_call=track,
-                context=self._context(notification),
+                context=self._context(notification), max_duration=self._max_call,
             )  # fmt: skip
         except ValueError as exc:  # the number cannot become a valid target, or is refused
             self._forget(nid)

@@ -168,3 +168,33 @@ async def test_stop_hangs_up_every_call_at_once_and_returns_within_the_drain_bou
         assert len(received(deaf, "BYE")) == 6
         assert len(received(ringing, "CANCEL")) == 2
     assert gw.calls == {} and all(call.ended.is_set() for call in answered)
+
+
+async def test_an_alert_call_nobody_ends_is_hung_up_at_the_channels_max_call(
+    tmp_path: Path,
+) -> None:
+    """The far end answers, never presses a key and never hangs up, and the ack menu
+    would wait half a minute for a key three times: the voice channel ends the call at
+    its `max_call` (BYE), and the whole send stays inside the channel's own deadline."""
+    from escalation.channels.base import DeliveryStatus
+    from escalation.channels.voice import AckMenu, SipUriDialer, VoiceChannel
+    from prompts import EspeakEngine, PromptCache
+    from tests.fakes import make_notification
+
+    prompts = PromptCache(tmp_path / "prompts", EspeakEngine())
+    with sipp("uas_answer_ignore_bye.xml", tmp_path, HOLD_MS="20000") as peer:
+        settings = GatewayConfig(host="127.0.0.1", udp_port=0, timers=TIMERS)
+        async with Gateway(settings, prompts=prompts) as gw:
+            dialer = SipUriDialer(gw, f"sip:{{number}}@{peer.address}")
+            channel = VoiceChannel(
+                dialer, ring_timeout=5, max_call=1.5, menu=AckMenu(prompts=3, digit_timeout=30)
+            )
+            notification = make_notification("voice", phone="+14155550101")
+            deadline = channel.deadline(notification)
+            assert deadline == dialer.time_bound(5, 1.5) + 5  # finite, from the gateway
+            started = time.monotonic()
+            result = await asyncio.wait_for(channel.send(notification), deadline)
+            took = time.monotonic() - started
+            await eventually(lambda: bool(received(peer, "BYE")), "our BYE")
+    assert result.status is DeliveryStatus.NOT_ACKNOWLEDGED, result
+    assert took < 15, f"the call lasted {took:.1f} s"
