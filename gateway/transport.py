@@ -20,6 +20,7 @@ import enum
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -55,6 +56,8 @@ DEFAULT_SIP_PORT = 5060
 MAX_UDP_PAYLOAD = 65507
 # A peer that stops reading must not make us buffer without bound.
 MAX_TCP_WRITE_BUFFER = 1 << 20
+# Oversized messages are logged at most this often (seconds), with how many were dropped.
+OVERSIZE_LOG_INTERVAL = 10.0
 
 _HEADER_END = b"\r\n\r\n"
 _PONG = b"\r\n"
@@ -447,6 +450,8 @@ class SipTransport:
         self.connect_timeout = connect_timeout
         self.tcp_limits = tcp_limits or TcpLimits()
         self.stats = TransportStats()
+        self._oversize_log_at = 0.0
+        self._oversize_logged = 0
         self._handler = handler
         self._on_bad_request = on_bad_request
         self._inbound: set[_StreamProtocol] = set()
@@ -818,4 +823,11 @@ class SipTransport:
     def _count_oversize(self, peer: Peer, reason: str) -> None:
         self.stats.dropped_oversize += 1
         SIP_DROPPED_BY_REASON[SipDropReason.OVERSIZE].inc()
-        logger.warning("dropped oversized SIP message from %s: %s", peer, reason)
+        # a peer can send these as fast as it likes: one line per interval, with a count
+        now = time.monotonic()
+        if now >= self._oversize_log_at:
+            more = self.stats.dropped_oversize - self._oversize_logged - 1
+            logger.warning("dropped oversized SIP message from %s: %s%s", peer, reason,
+                           f" ({more} more since the last report)" if more else "")  # fmt: skip
+            self._oversize_log_at = now + OVERSIZE_LOG_INTERVAL
+            self._oversize_logged = self.stats.dropped_oversize

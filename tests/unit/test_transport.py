@@ -293,6 +293,27 @@ async def test_udp_malformed_and_oversize_dropped_then_good_delivered(
     await b.nothing_more()
 
 
+async def test_an_oversize_flood_is_counted_in_full_and_logged_once(
+    nodes: tuple[Node, Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer can send oversized datagrams as fast as it likes: each is counted, the log
+    gets one line per interval instead of one per datagram."""
+    _, b = nodes
+    oversize = raw(options(body=b"x" * 3000))
+    with caplog.at_level(logging.WARNING, logger="gateway.transport"), udp_socket() as sock:
+        for i in range(50):
+            sock.sendto(oversize, (b.udp().host, b.udp().port))
+            if i % 10 == 9:
+                await asyncio.sleep(0.01)  # within the socket's receive buffer
+        good = options()
+        sock.sendto(raw(good), (b.udp().host, b.udp().port))
+        received, _ = await b.next()
+    assert received.call_id == good.call_id
+    assert b.transport.stats.dropped_oversize == 50
+    lines = [r for r in caplog.records if "oversized" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
 async def test_request_without_usable_top_via_is_dropped_and_counted(
     nodes: tuple[Node, Node], caplog: pytest.LogCaptureFixture
 ) -> None:
