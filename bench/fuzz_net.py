@@ -549,7 +549,10 @@ class SipDriver:
             call = CallState(Kind.FUZZ, b"", uri, time.monotonic())
             self.calls[head.call_id] = call
         reply = self._recorded(head.call_id, call.data, reply)
-        reply(ack_for(head, self._via(route), uri))
+        late_offer = bool(head.body) and not call.data.partition(b"\r\n\r\n")[2]
+        # A 2xx carrying an offer must be answered in the ACK, or the call has no media.
+        answer = good_offer(LOOPBACK, self.sink.getsockname()[1]) + b"\r\n" if late_offer else b""
+        reply(ack_for(head, self._via(route), uri, answer))
         call.final, call.outcome = head.code, "answered"
         if call.kind is Kind.SDP:
             self.later(0.3, lambda: self._hang_up(head, reply, route, call, number + 1))

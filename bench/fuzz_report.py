@@ -329,9 +329,9 @@ def judge(outcome: Outcome, bounds: Bounds) -> list[Check]:
                                        in outcome.log.open_at_end[:3])
                         if outcome.log.open_at_end else "")),
         Check("every answered call ended", not outcome.calls_not_ended,
-              f"{len(outcome.calls_not_ended)} of {outcome.answered_calls} answered calls "
-              "without a result line" + (f" (first: {outcome.calls_not_ended[0]})"
-                                         if outcome.calls_not_ended else "")),
+              f"{len(outcome.calls_not_ended)} of {outcome.answered_calls} calls answered to "
+              "us had not ended when the run did" + (
+                  f" (first: {outcome.calls_not_ended[0]})" if outcome.calls_not_ended else "")),
         Check("HTTP API: no 5xx", not outcome.api_failures,
               f"{len(outcome.api_failures)} operation(s) answered 5xx"),
         Check("a real call works afterwards", outcome.final_call == "ok", outcome.final_call),

@@ -375,15 +375,18 @@ def _message(first: str, headers: Sequence[tuple[str, str]], body: bytes = b"") 
     return "\r\n".join(lines).encode() + body
 
 
-def ack_for(response: Head, via: str, request_uri: str) -> bytes:
+def ack_for(response: Head, via: str, request_uri: str, answer: bytes = b"") -> bytes:
     """The ACK of an INVITE's final response: a new transaction to the Contact for a 2xx,
-    part of the INVITE transaction (same Via) otherwise (RFC 3261 13.2.2.4, 17.1.1.3)."""
+    part of the INVITE transaction (same Via) otherwise (RFC 3261 13.2.2.4, 17.1.1.3).
+    ``answer``: the SDP answer a 2xx carrying an offer (a late offer) must get."""
     number, _ = response.cseq
     uri = _uri_of(response.get("contact")) if response.code < 300 else request_uri
+    typed = [("Content-Type", "application/sdp")] if answer else []
     return _message(f"ACK {uri or request_uri} SIP/2.0", [
         ("Via", via), ("Max-Forwards", "70"), ("From", response.get("from")),
         ("To", response.get("to")), ("Call-ID", response.call_id), ("CSeq", f"{number} ACK"),
-    ])  # fmt: skip
+        *typed,
+    ], answer)  # fmt: skip
 
 
 def in_dialog_request(
