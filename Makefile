@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit system-deps services bench bench-dispatch chaos clean
+.PHONY: install run test lint typecheck unit system-deps services bench bench-dispatch chaos fuzz clean
 
 install: $(STAMP)
 
@@ -48,6 +48,12 @@ bench-dispatch: install services
 # PostgreSQL, Redis, SIPp carrier, API and two workers; kills them under load, prints a table.
 chaos: install system-deps
 	$(BIN)/python -m bench.chaos
+
+# Not part of `make test` (~10 minutes; test_fuzz_smoke.py runs a seconds-long version there):
+# 1,000,000 mutated SIP inputs, odd SDP, broken RTP and schemathesis against a real
+# `ackline serve` in its own network namespace; prints a table, exits 1 on FAIL.
+fuzz: install system-deps
+	$(BIN)/python -m bench.fuzz
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
