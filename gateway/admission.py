@@ -63,6 +63,7 @@ class RefusalReason(enum.StrEnum):
     MALFORMED_REQUEST = "malformed_request"  # check_new_invite said no
     NO_HANDLER = "no_handler"  # nothing answers calls here
     SHUTTING_DOWN = "shutting_down"
+    TOO_MANY_CALLS = "too_many_calls"  # GatewayConfig.max_inbound_calls in progress
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,9 @@ def check_new_invite(request: Request) -> Rejection | None:
     """Everything a new INVITE must satisfy before a call or a media port is spent on it.
 
     Pure and in RFC 3261 8.2 order: the headers every request needs (`check_request`), the
-    Request-URI (416 for schemes other than sip), Max-Forwards (483 at 0), a From tag and
-    one Contact to build the dialog from, Require (420), the body's type and encoding (415)
+    Request-URI (416 for schemes other than sip), Max-Forwards (483 at 0), a From tag, one
+    Contact and a Record-Route to build the dialog from, Require (420), the body's type and
+    encoding (415)
     and finally the SDP offer (488 when no stream we can answer is in it). None means the
     INVITE can be answered.
     """
@@ -205,6 +207,10 @@ def check_new_invite(request: Request) -> Rejection | None:
     contact = contacts[0].uri
     if contact.scheme not in ("sip", "sips") or not contact.host:
         return Rejection(400, "Invalid Contact")
+    try:
+        _ = request.record_route  # the dialog's route set is built from it
+    except ValueError:
+        return Rejection(400, "Invalid Record-Route")
     unsupported = [tag for tag in request.require if tag.lower() not in SUPPORTED_OPTIONS]
     if unsupported:
         return Rejection(420, "Bad Extension", (("Unsupported", ", ".join(unsupported)),))

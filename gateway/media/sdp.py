@@ -155,13 +155,15 @@ class Attribute:
     value: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> Attribute:
+    def parse(cls, text: str, *, interpreted: bool = True) -> Attribute:
+        """One a= line; `interpreted` checks the ones we act on (see `validate`)."""
         name, sep, value = text.partition(":")
         name = name.strip()
         if not name:
             raise SdpError(f"a= without a name: {text!r}")
         attribute = cls(name, value if sep else None)
-        attribute.validate()
+        if interpreted:
+            attribute.validate()
         return attribute
 
     def validate(self) -> None:
@@ -367,8 +369,12 @@ class SessionDescription:
                         raise SdpError("duplicate c= in a media section")
                     current.connection = parsed
             elif kind == "a":
+                # Only session attributes and audio streams' are ours to interpret: a
+                # video stream's odd rtpmap (RFC 4475's "a=rtpmap:31 LPC") is kept as it
+                # is and answered with port 0 like the stream itself.
+                ours = current is None or current.media.lower() == "audio"
                 (current.attributes if current is not None else attributes).append(
-                    Attribute.parse(value)
+                    Attribute.parse(value, interpreted=ours)
                 )
             else:
                 (current.lines if current is not None else lines).append((kind, value))
@@ -523,6 +529,12 @@ def _remote_connection(sdp: SessionDescription, media: MediaDescription) -> Conn
         raise SdpError("no c= line for the audio stream")
     if conn.nettype.upper() != "IN" or conn.addrtype.upper() not in ("IP4", "IP6"):
         raise SdpError(f"unsupported connection address: {conn}")
+    try:
+        ipaddress.ip_address(_strip_brackets(conn.host))
+    except ValueError:
+        # RTP goes straight to this address from the media clock's tick: a host name
+        # would need a lookup there (and one that is not even ASCII broke the clock).
+        raise SdpError(f"connection address is not an IP address: {conn.host!r}") from None
     return conn
 
 

@@ -62,7 +62,17 @@ class Dialog:
 
     @classmethod
     def from_uac_response(cls, invite: Request, response: Response) -> Dialog:
-        """Create the UAC side from a 2xx (or tagged 1xx) answer to our INVITE."""
+        """Create the UAC side from a 2xx (or tagged 1xx) answer to our INVITE; a header
+        it needs that does not parse is a DialogError like one that is missing."""
+        try:
+            return cls._from_uac_response(invite, response)
+        except DialogError:
+            raise
+        except ValueError as exc:
+            raise DialogError(f"unusable header in the response: {exc}") from None
+
+    @classmethod
+    def _from_uac_response(cls, invite: Request, response: Response) -> Dialog:
         to = response.to_address
         remote_tag = to.parameters.get("tag")
         if not remote_tag:
@@ -94,7 +104,17 @@ class Dialog:
 
     @classmethod
     def from_uas_request(cls, invite: Request, local_tag: str, contact: Address) -> Dialog:
-        """Create the UAS side when we answer an incoming INVITE."""
+        """Create the UAS side when we answer an incoming INVITE; a header it needs that
+        does not parse is a DialogError like one that is missing."""
+        try:
+            return cls._from_uas_request(invite, local_tag, contact)
+        except DialogError:
+            raise
+        except ValueError as exc:
+            raise DialogError(f"unusable header in the INVITE: {exc}") from None
+
+    @classmethod
+    def _from_uas_request(cls, invite: Request, local_tag: str, contact: Address) -> Dialog:
         from_ = invite.from_address
         remote_tag = from_.parameters.get("tag")
         if not remote_tag:

@@ -691,3 +691,30 @@ def test_random_input_only_ever_raises_sdp_error(text: str | bytes) -> None:
 def test_sdp_like_input_negotiates_or_raises_sdp_error(text: str) -> None:
     only_sdp_errors(text)
     only_sdp_errors(text.replace("\r\n", "\n").encode())
+
+
+RFC4475_SDP = (
+    "v=0\r\no=mhandley 29739 7272939 IN IP4 192.0.2.3\r\ns=-\r\nc=IN IP4 192.0.2.4\r\n"
+    "t=0 0\r\nm=audio 49217 RTP/AVP 0 12\r\nm=video 3227 RTP/AVP 31\r\na=rtpmap:31 LPC\r\n"
+)
+
+
+def test_an_odd_attribute_on_a_stream_we_do_not_use_does_not_refuse_the_call() -> None:
+    """RFC 4475's messages carry this body: its video stream's rtpmap has no clock rate.
+    We only interpret audio streams' attributes; the video stream is declined (port 0)."""
+    answer, media = create_answer(RFC4475_SDP, "192.0.2.10", 20000)
+    assert (media.codec, media.remote_host, media.remote_port) == ("PCMU", "192.0.2.4", 49217)
+    assert [(m.media, m.port) for m in answer.media] == [("audio", 20000), ("video", 0)]
+    on_audio = RFC4475_SDP.replace("RTP/AVP 0 12\r\n", "RTP/AVP 0 12\r\na=rtpmap:0 LPC\r\n")
+    with pytest.raises(SdpError):  # the same attribute on the audio stream still counts
+        create_answer(on_audio, "192.0.2.10", 20000)
+
+
+@pytest.mark.parametrize("address", ["media.example.com", "127.0.0.1\u202e", "127.0.0.1.5"])
+def test_a_connection_address_that_is_not_an_ip_is_refused(address: str) -> None:
+    """RTP is sent from the media clock's tick: no name lookup there (and a name that is
+    not even ASCII made every send raise)."""
+    offer = SIPP_OFFER.replace("c=IN IP4 127.0.0.1", f"c=IN IP4 {address}")
+    assert offer != SIPP_OFFER
+    with pytest.raises(SdpError, match="not an IP address"):
+        create_answer(offer, "192.0.2.10", 20000)
