@@ -28,6 +28,7 @@ from escalation.config import ConfigError
 from gateway.call import Call, Gateway, GatewayConfig, parse_target, resolve_target
 from gateway.result import CallResult
 from gateway.sip.auth import Credentials
+from gateway.sip.transaction import TimerSettings
 from ivr.flow import FlowError
 
 if TYPE_CHECKING:
@@ -465,6 +466,9 @@ async def _serve(
                     host=host,
                     udp_port=sip_port,
                     tcp_port=sip_port,
+                    timers=TimerSettings(t1=settings.sip_t1),
+                    max_call_duration=settings.sip_max_call,
+                    max_inbound_calls=settings.sip_max_inbound_calls,
                     drain_timeout=max(1.0, calls_left),
                 ),
                 prompts=prompts,

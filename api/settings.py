@@ -55,6 +55,9 @@ class Settings(BaseModel):
     # Channels: each is built only when its settings are present (api/channels.py).
     sip_host: str = "127.0.0.1"  # the gateway's SIP address (listen and advertise)
     sip_port: int = 5060
+    sip_t1: float = Field(default=0.5, gt=0, le=4)  # RFC 3261 T1: every SIP timer scales with it
+    sip_max_call: float = Field(default=3600.0, gt=0)  # any call, inbound ones included, ends by
+    sip_max_inbound_calls: int = Field(default=500, ge=1)  # at once; more get 503
     voice_target: str | None = None  # e.g. sip:{number}@127.0.0.1:5090
     voice_auth_user: str | None = None
     voice_auth_password: str | None = Field(default=None, repr=False)
@@ -104,6 +107,9 @@ class Settings(BaseModel):
             migrate_on_start=_bool(e.get("ACKLINE_MIGRATE"), True),
             sip_host=e.get("ACKLINE_SIP_HOST", "127.0.0.1"),
             sip_port=int(e.get("ACKLINE_SIP_PORT", "5060")),
+            sip_t1=float(e.get("ACKLINE_SIP_T1", "0.5")),
+            sip_max_call=float(e.get("ACKLINE_SIP_MAX_CALL", "3600")),
+            sip_max_inbound_calls=int(e.get("ACKLINE_SIP_MAX_INBOUND_CALLS", "500")),
             voice_target=e.get("ACKLINE_VOICE_TARGET") or None,
             voice_auth_user=e.get("ACKLINE_VOICE_AUTH_USER") or None,
             voice_auth_password=e.get("ACKLINE_VOICE_AUTH_PASSWORD") or None,

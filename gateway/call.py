@@ -78,6 +78,8 @@ IncomingHandler = Callable[["Call"], Awaitable[None]]
 RESOLVE_TIMEOUT = 5.0
 # Retry-After of the 503 a draining gateway answers new INVITEs with.
 DRAIN_RETRY_AFTER = 30
+# Retry-After of the 503 to an INVITE beyond max_inbound_calls: calls end within minutes.
+BUSY_RETRY_AFTER = 10
 # stop(): after the drain, how long cancelled call tasks and closing media may take.
 STOP_GRACE = 1.0
 
@@ -107,10 +109,15 @@ class GatewayConfig:
     tcp_limits: TcpLimits = field(default_factory=TcpLimits)
     refusal_report_interval: float = 60.0  # refusals per source: one line per interval
     refusal_report_sources: int = 1024  # sources tracked at once; more are folded
+    # Inbound calls at once; more get 503 with Retry-After before any media port is spent
+    # (each holds an RTP socket and a task until it ends, up to max_call_duration).
+    max_inbound_calls: int = 500
 
     def __post_init__(self) -> None:
         if self.max_call_duration <= 0 or self.drain_timeout < 0:
             raise ValueError("max_call_duration must be positive and drain_timeout not negative")
+        if self.max_inbound_calls < 1:
+            raise ValueError("max_inbound_calls must be at least 1")
 
 
 def call_time_bound(
@@ -213,6 +220,7 @@ class Gateway:
         )
         self.pacer = Pacer(ptime_ms=20)
         self.calls: dict[tuple[str, str], Call] = {}
+        self.inbound_calls = 0  # in progress, for max_inbound_calls
         self._tasks: set[asyncio.Task[Any]] = set()
         self._media_closing: set[asyncio.Task[None]] = set()
         self._draining = False
@@ -383,6 +391,7 @@ class Gateway:
                 target=str(request.from_address.uri),
             )
             call._take(ctx)
+            self.inbound_calls += 1
             self.spawn(call._answer_incoming(ctx))
         elif request.method == "OPTIONS":
             ctx.respond(200)
@@ -413,6 +422,10 @@ class Gateway:
                     request, source, _rejection_of(decision), decision.reason, decision.trunk
                 )
             trunk = decision.trunk
+        if self.inbound_calls >= self.config.max_inbound_calls:
+            retry = (("Retry-After", str(BUSY_RETRY_AFTER)),)
+            refusal = Rejection(503, "Service Unavailable (too many calls)", retry)
+            return self._refuse(request, source, refusal, RefusalReason.TOO_MANY_CALLS, trunk)
         rejection = check_new_invite(request)
         if rejection is not None:
             return self._refuse(request, source, rejection, RefusalReason.MALFORMED_REQUEST, trunk)
@@ -1094,9 +1107,15 @@ class Call:
             ctx.respond(501)
 
     def _on_ack(self, ack: Request) -> None:
-        if self._offer is not None and ack.body and self.media is not None:
+        media = self.media
+        if self._offer is not None and ack.body and media is not None:
             self._configure_from_answer(ack.body, early=False)  # late offer: the answer
         self._acked.set()
+        if self.direction == "inbound" and media is not None and media.media is None:
+            # Our 2xx carried the offer (the INVITE had none) and this ACK brought no
+            # usable answer: no media can ever flow, and a flow waiting for its prompt
+            # to play would hold the call until its maximum duration (RFC 3261 13.3.1.4).
+            self.gateway.spawn(self._hang_up("no SDP answer in the ACK"))
 
     def _on_info(self, ctx: ServerContext) -> None:
         request = ctx.request
@@ -1277,6 +1296,8 @@ class Call:
             self._duration_timer.cancel()
             self._duration_timer = None
         self.gateway.calls.pop((self.call_id, self.local_tag), None)
+        if self.direction == "inbound":
+            self.gateway.inbound_calls -= 1
         if self.gateway.on_call_ended is not None:
             try:
                 self.gateway.on_call_ended(self.result)

@@ -115,6 +115,16 @@ DEFECTS: dict[str, tuple[Callable[[str], str], int, str]] = {
         488,
         "Not Acceptable Here (no common codec)",
     ),
+    "bad Record-Route": (
+        lambda t: edit(t, r"^Max-Forwards: 70\r\n", "Max-Forwards: 70\r\nRecord-Route: a b\r\n"),
+        400,
+        "Invalid Record-Route",
+    ),
+    "SDP address not an IP": (
+        lambda t: refit_length(edit(t, r"^c=IN IP4 127.0.0.1", "c=IN IP4 127.0.0.1\u202e")),
+        488,
+        "Not Acceptable Here (connection address is not an IP address: '127.0.0.1\\u202e')",
+    ),
 }
 
 
@@ -406,6 +416,67 @@ async def test_unacknowledged_answer_ends_in_bye_without_touching_the_ended_tran
     assert error_records(caplog) == [] and loop_errors == []
 
 
+async def test_late_offer_whose_ack_brings_no_answer_is_hung_up_at_once(
+    loop_errors: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An INVITE without SDP: our 200 carries the offer, the ACK must carry the answer. An
+    ACK without one leaves a call no media can flow on; its flow used to wait on its first
+    prompt until the maximum call duration (an hour)."""
+
+    async def waits_for_media(call: Call) -> None:
+        await call.ended.wait()  # like a flow whose first prompt never finishes playing
+
+    async with gateway(waits_for_media, max_call_duration=600) as gw:
+        caller = await RawCaller("udp").connect(gw)
+        with_offer = invite(gw.address()[1], local=caller.local)
+        head = with_offer.split("\r\n\r\n")[0]
+        text = edit(head, r"^Content-Type: .*\r\n", "")
+        text = edit(text, r"Content-Length: \d+", "Content-Length: 0") + "\r\n\r\n"
+        await caller.send(text)
+        while not (ok := await caller.receive()).startswith("SIP/2.0 200 "):
+            pass
+        assert "m=audio" in ok  # our offer
+        await caller.send(ack_for(with_offer, ok, "z9hG4bKack1"))  # and no answer in it
+        while not (await caller.receive(timeout=5)).startswith("BYE "):
+            pass
+        await eventually(lambda: rtp_sockets() == 0 and gw.calls == {}, "cleanup")
+        caller.close()
+    assert error_records(caplog) == [] and loop_errors == []
+
+
+async def test_inbound_calls_beyond_the_cap_get_503_before_any_media(
+    loop_errors: list[dict[str, Any]],
+) -> None:
+    """Calls in progress hold an RTP socket and a task each: past max_inbound_calls a new
+    INVITE is refused statelessly with 503 and Retry-After, and admitted again once a
+    call has ended."""
+    release = asyncio.Event()
+
+    async def on_incoming(call: Call) -> None:
+        await release.wait()
+
+    async with gateway(on_incoming, max_inbound_calls=2) as gw:
+        callers = [await RawCaller("udp").connect(gw) for _ in range(3)]
+        try:
+            for n, caller in enumerate(callers[:2], start=1):
+                await answered_call(caller, gw, "z9hG4bKack1", n=n)
+            third = callers[2]
+            await third.send(invite(gw.address()[1], local=third.local, n=3))
+            assert await third.final() == (503, "Service Unavailable (too many calls)")
+            assert "Retry-After: 10" in third.responses[-1]
+            assert gw.inbound_calls == 2 and rtp_sockets() == 2
+            release.set()
+            await eventually(lambda: gw.inbound_calls == 0, "the calls to end")
+            await third.send(invite(gw.address()[1], local=third.local, n=4))
+            code, _ = await third.final()
+            assert code == 200
+        finally:
+            release.set()
+            for caller in callers:
+                caller.close()
+    assert loop_errors == []
+
+
 def ack_for(invite_text: str, ok: str, branch: str | None) -> str:
     """The ACK for the 200 ``ok`` to ``invite_text``: its To tag, a new branch unless told."""
     to = re.search(r"^To: .*$", ok, re.MULTILINE)
@@ -418,9 +489,9 @@ def ack_for(invite_text: str, ok: str, branch: str | None) -> str:
     return edit(ack, r"^Content-Type: .*\r\n", "") + "\r\n\r\n"
 
 
-async def answered_call(caller: RawCaller, gw: Gateway, ack_branch: str | None) -> None:
+async def answered_call(caller: RawCaller, gw: Gateway, ack_branch: str | None, n: int = 1) -> None:
     """Call in, wait for the 200 and ACK it."""
-    text = invite(gw.address()[1], local=caller.local)
+    text = invite(gw.address()[1], local=caller.local, n=n)
     await caller.send(text)
     while not (ok := await caller.receive()).startswith("SIP/2.0 200 "):
         pass

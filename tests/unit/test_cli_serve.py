@@ -29,3 +29,30 @@ def test_local_api_key_is_private_and_survives_restarts(
     assert len(key) >= 32 and key_file.read_text().strip() == key
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert str(key_file) in capsys.readouterr().err
+
+
+def test_fault_bounds_come_from_the_environment_and_bad_ones_are_refused() -> None:
+    env = {
+        "ACKLINE_DRAIN_TIMEOUT": "4",
+        "ACKLINE_VOICE_MAX_CALL": "120",
+        "ACKLINE_SIP_T1": "0.05",
+        "ACKLINE_SIP_MAX_CALL": "900",
+        "ACKLINE_SIP_MAX_INBOUND_CALLS": "50",
+    }
+    settings = Settings.from_env(env)
+    assert (settings.drain_timeout, settings.voice_max_call) == (4.0, 120.0)
+    assert (settings.sip_t1, settings.sip_max_call, settings.sip_max_inbound_calls) == (
+        0.05,
+        900.0,
+        50,
+    )
+    defaults = Settings.from_env({})
+    assert (defaults.drain_timeout, defaults.sip_t1, defaults.sip_max_inbound_calls) == (
+        10.0,
+        0.5,
+        500,
+    )
+    for name, value in [("ACKLINE_DRAIN_TIMEOUT", "0"), ("ACKLINE_SIP_T1", "9"),
+                        ("ACKLINE_SIP_MAX_INBOUND_CALLS", "0")]:  # fmt: skip
+        with pytest.raises(ValueError):
+            Settings.from_env({name: value})
