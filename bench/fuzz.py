@@ -74,7 +74,14 @@ COMPANY = "fuzz"
 API_KEY = "fuzz-key"
 UAC_SCENARIO = Path(__file__).with_name("fuzz_uac.xml")
 STARTUP_BOUND = 120.0  # seconds for the server to listen and be ready on a loaded machine
-CALLS_END_BOUND = 90.0  # a call fuzzing left unACKed ends after 64*T1 + a BYE's timer F
+
+
+def calls_end_bound(t1: float) -> float:
+    """How long a call fuzzing left behind may take to end: unACKed, its 2xx is resent for
+    64*T1, then its BYE waits timer F (64*T1 more); plus room for a loaded machine."""
+    return 128 * t1 + 26.0
+
+
 CHECK_CALL = "fuzz-check"  # Call-ID prefix of the SIPp calls before and after fuzzing
 STOP_BOUND = 60.0  # SIGTERM; then SIGKILL (the shutdown check fails long before)
 
@@ -87,6 +94,7 @@ class Params:
     api_examples: int = 25
     prime: float = 40.0  # seconds of fuzzing before the baseline (see Run.prime)
     settle: float = 40.0  # seconds after the last SIP input before a sample (timer J)
+    t1: float = 0.5  # the server's SIP T1 (ACKLINE_SIP_T1): every SIP timer scales with it
     seed: int = 13
     tcp_share: float = 0.2
     time_limit: float = 3600.0  # the whole run; phases stop early when it is near
@@ -144,7 +152,7 @@ def server_config(workdir: Path) -> dict[str, Any]:
 
 
 class Server:
-    def __init__(self, workdir: Path, services: Services) -> None:
+    def __init__(self, workdir: Path, services: Services, t1: float) -> None:
         self.workdir = workdir
         self.sip_port = free_port()
         self.http_port = free_port()
@@ -155,6 +163,7 @@ class Server:
             "ACKLINE_API_KEYS": f"{API_KEY}:{COMPANY}",
             "ACKLINE_DATABASE_URL": f"sqlite:///{workdir / 'ackline.db'}",
             "ACKLINE_AUDIT_DIR": str(workdir / "audit"),
+            "ACKLINE_SIP_T1": str(t1),
         })  # fmt: skip
         if "ACKLINE_PROMPT_CACHE" in os.environ:
             env["ACKLINE_PROMPT_CACHE"] = os.environ["ACKLINE_PROMPT_CACHE"]
@@ -441,7 +450,7 @@ def run(params: Params) -> Outcome:
     exit_code: int | None = None
     run_ended_at: int | None = None
     with Services() as services:
-        server = Server(workdir, services)
+        server = Server(workdir, services, params.t1)
         say(params, f"ackline serve: SIP :{server.sip_port}, HTTP :{server.http_port}, "
                     f"workdir {workdir}")  # fmt: skip
         server.start()
@@ -466,7 +475,7 @@ def run(params: Params) -> Outcome:
             quiet = this.sip_ended + params.settle - time.monotonic()
             if quiet > 0:
                 time.sleep(quiet)
-            after = wait_calls_ended(server, before, CALLS_END_BOUND)
+            after = wait_calls_ended(server, before, calls_end_bound(params.t1))
             run_ended_at = server.log.stat().st_size
             final_call = sipp_call(server, workdir, "final-call")
             readyz = server.readyz()
@@ -518,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds after the last SIP input before sampling the server "
         "(a finished transaction is kept 32 s, timer J)",
     )
+    parser.add_argument("--t1", type=float, default=defaults.t1,
+                        help="the server's SIP timer T1 in seconds (ACKLINE_SIP_T1)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--tcp-share", type=float, default=defaults.tcp_share,
                         help="share of SIP inputs sent over TCP")  # fmt: skip
@@ -538,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         reexec_in_netns(args_list)
     _loopback_up()
     params = Params(sip=args.sip, sdp=args.sdp, rtp=args.rtp, api_examples=args.api_examples,
-                    prime=args.prime, settle=args.settle,
+                    prime=args.prime, settle=args.settle, t1=args.t1,
                     seed=args.seed, tcp_share=args.tcp_share, time_limit=args.time_limit,
                     workdir=args.workdir, keep=args.keep, progress=not args.quiet)  # fmt: skip
     try:

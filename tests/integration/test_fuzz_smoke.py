@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 def test_fuzz_bench_in_miniature(tmp_path: Path) -> None:
     report = tmp_path / "fuzz.json"
     cmd = [sys.executable, "-m", "bench.fuzz", "--sip", "2000", "--sdp", "20", "--rtp", "300",
-           "--api-examples", "1", "--prime", "0", "--settle", "0", "--time-limit", "120",
+           "--api-examples", "1", "--prime", "0", "--settle", "0", "--t1", "0.1",
+           "--time-limit", "120",
            "--workdir", str(tmp_path / "run"), "--json", str(report), "--quiet"]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
     assert report.exists(), f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}"
