@@ -326,7 +326,10 @@ class Head:
     @property
     def cseq(self) -> tuple[int, str]:
         number, _, method = self.get("cseq").partition(" ")
-        return (int(number) if number.isdigit() else 0), method.strip()
+        # the server echoes a mutated CSeq: a number of 30,000 digits is no CSeq (and more
+        # than int() converts)
+        usable = number.isascii() and number.isdigit() and len(number) <= 10
+        return (int(number) if usable else 0), method.strip()
 
     def tag(self, header: str) -> str:
         match = re.search(r";\s*tag=([^;>\s,]+)", self.get(header))
@@ -357,7 +360,9 @@ def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
         end = data.find(_HEADER_END)
         if end < 0:
             return frames, data
-        match = re.search(rb"\r\n(?:content-length|l)\s*:\s*(\d+)", data[:end], re.IGNORECASE)
+        match = re.search(
+            rb"\r\n(?:content-length|l)\s*:\s*(\d{1,10})\b", data[:end], re.IGNORECASE
+        )
         total = end + 4 + (int(match[1]) if match else 0)
         if len(data) < total:
             return frames, data
