@@ -53,6 +53,7 @@ from gateway.sip.message import (
     create_response,
     new_call_id,
     new_tag,
+    stateless_tag,
 )
 from gateway.sip.transaction import (
     AckReceived,
@@ -378,10 +379,7 @@ class Gateway:
             return
         if request.method == "ACK":
             return  # ACK for a call we no longer know: nothing to do
-        if local_tag:
-            ctx.respond(481)
-            return
-        if request.method == "INVITE":
+        if request.method == "INVITE" and not local_tag:
             # _screen let it through: trusted, within budget, well-formed, and we are open.
             call = Call(
                 self,
@@ -393,19 +391,36 @@ class Gateway:
             call._take(ctx)
             self.inbound_calls += 1
             self.spawn(call._answer_incoming(ctx))
-        elif request.method == "OPTIONS":
-            ctx.respond(200)
-        elif request.method in ("BYE", "INFO", "CANCEL"):
-            ctx.respond(481)
-        else:
-            ctx.respond(501)
+            return
+        # _screen answered everything else that matches no call, without a transaction
+        ctx.respond(481)
 
     def _screen(self, request: Request, source: Peer) -> Response | None:
-        """Decide on a new INVITE before a transaction, a call or a media port exists for
-        it: the ACL, the flood budget and digest (``guard``), then `check_new_invite`.
-        A refusal is answered statelessly and reported; None lets the INVITE in."""
-        if request.method != "INVITE" or request.to_address.parameters.get("tag"):
-            return None  # in-dialog requests and other methods go their usual way
+        """Answer what needs no transaction before one is made: a request that belongs to
+        no call of ours and a plain OPTIONS probe get their final answer at once, from
+        anyone, keeping nothing (a transaction would hold ~2 KB for 32 s, timer J: a probe
+        flood's cost). A new INVITE is decided on before a call or a media port exists
+        for it (`_screen_invite`). None lets the request go its usual way."""
+        method = request.method
+        local_tag = request.to_address.parameters.get("tag")
+        if method in ("ACK", "CANCEL"):
+            return None  # no answer of their own / matched against the INVITE's transaction
+        if local_tag:
+            if (request.call_id, local_tag) in self.calls:
+                return None
+            return create_rejection(request, Rejection(481, "Call/Transaction Does Not Exist"))
+        if method == "INVITE":
+            return self._screen_invite(request, source)
+        if method == "OPTIONS":
+            return create_response(request, 200, to_tag=stateless_tag(request))
+        if method in ("BYE", "INFO"):
+            return create_rejection(request, Rejection(481, "Call/Transaction Does Not Exist"))
+        return create_rejection(request, Rejection(501, "Not Implemented"))
+
+    def _screen_invite(self, request: Request, source: Peer) -> Response | None:
+        """Decide on a new INVITE: the ACL, the flood budget and digest (``guard``), the
+        calls in progress, then `check_new_invite`. A refusal is answered statelessly and
+        reported; None lets the INVITE in."""
         if self._draining:
             retry = (("Retry-After", str(DRAIN_RETRY_AFTER)),)
             refusal = Rejection(503, "Service Unavailable (shutting down)", retry)

@@ -34,6 +34,7 @@ from gateway.admission import InboundGuard, TrustedTrunk
 from gateway.call import Call, Gateway, GatewayConfig
 from gateway.media.session import MediaSession
 from gateway.result import CallOutcome
+from gateway.sip.message import REASON_PHRASES
 from gateway.sip.transaction import TimerSettings
 from gateway.transport import SipStreamFramer
 from ivr.hotline import Hotline
@@ -475,6 +476,60 @@ async def test_inbound_calls_beyond_the_cap_get_503_before_any_media(
             for caller in callers:
                 caller.close()
     assert loop_errors == []
+
+
+def out_of_dialog(method: str, port: int, local: str, n: int, to_tag: str = "") -> str:
+    tag = f";tag={to_tag}" if to_tag else ""
+    return (
+        f"{method} sip:hotline@127.0.0.1:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {local};branch=z9hG4bKprobe{n};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:scanner@127.0.0.9>;tag=s{n}\r\n"
+        f"To: <sip:hotline@127.0.0.1:{port}>{tag}\r\n"
+        f"Call-ID: probe-{n}@127.0.0.9\r\n"
+        f"CSeq: 1 {method}\r\n"
+        "Content-Length: 0\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "to_tag", "code"),
+    [
+        ("OPTIONS", "", 200),
+        ("BYE", "", 481),
+        ("INFO", "", 481),
+        ("BYE", "no-such-call", 481),
+        ("INVITE", "no-such-call", 481),
+        ("REGISTER", "", 501),
+        ("MESSAGE", "", 501),
+    ],
+)
+async def test_requests_that_need_no_call_are_answered_without_keeping_anything(
+    method: str, to_tag: str, code: int
+) -> None:
+    """A probe or a request for no call of ours, from anyone: one final answer, the same
+    for a retransmission, and no transaction kept (each held about 2 KB for 32 s, so a
+    stranger's flood of them cost memory in proportion to its rate)."""
+    async with gateway() as gw:
+        caller = await RawCaller("udp").connect(gw)
+        try:
+            port = gw.address()[1]
+            for n in range(40):
+                await caller.send(out_of_dialog(method, port, caller.local, n, to_tag))
+                if n % 10 == 9:
+                    await asyncio.sleep(0.02)
+            await caller.send(out_of_dialog(method, port, caller.local, 0, to_tag))  # again
+            answers = await caller.received_for(1.0)
+            assert len(answers) == 41, answers[:3]
+            assert {a.split("\r\n", 1)[0] for a in answers} == {
+                f"SIP/2.0 {code} {REASON_PHRASES[code]}"
+            }
+            first = [a for a in answers if "Call-ID: probe-0@" in a]
+            tags = {re.findall(r"^To: .*;tag=(\S+)", a, re.MULTILINE)[0] for a in first}
+            assert len(first) == 2 and len(tags) == 1  # the retransmission: the same answer
+            assert gw.endpoint._servers == {} and gw.calls == {}
+        finally:
+            caller.close()
 
 
 def ack_for(invite_text: str, ok: str, branch: str | None) -> str:
