@@ -93,32 +93,42 @@ async def collect_under_flood(call: Call) -> Collected:
     return Collected(first, call.digits, media.stats, media.remote_address)
 
 
-@pytest.mark.parametrize("direction", ["outbound", "inbound"])
-async def test_strangers_rfc4733_flood_presses_no_key(tmp_path: Path, direction: str) -> None:
-    before = dropped_foreign()
+async def call_under_flood(
+    tmp_path: Path, direction: str, uas: str, uac: str, both: dict[str, str], **uas_only: str
+) -> tuple[Collected, int, str]:
+    """A call with SIPp pressing 1 (from its RFC 2833 pcap), placed by us (SIPp runs
+    `uas`) or by SIPp (`uac`), while a stranger floods its media port: what the call
+    collected, SIPp's exit status and its logs. `both` fill either scenario, `uas_only`
+    the answering one."""
     pcap = str(dtmf_pcap("1"))
     if direction == "outbound":
-        with sipp(
-            "uas_answer_dtmf.xml", tmp_path, RING_MS="0", PAUSE_MS="1500", PCAP=pcap, CODECS="0"
-        ) as peer:
+        with sipp(uas, tmp_path, PAUSE_MS="1500", PCAP=pcap, **both, **uas_only) as peer:
             async with Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
                 call = await gateway.dial(f"sip:+15550140@{peer.address}", ring_timeout=10)
                 assert call.answered, call.result
                 got = await collect_under_flood(call)
                 await asyncio.wait_for(call.hangup(), 10)
-            sipp_status, sipp_logs = await asyncio.to_thread(peer.wait, 15), peer.logs()
-    else:
-        outcome: list[Collected] = []
+            return got, await asyncio.to_thread(peer.wait, 15), peer.logs()
+    outcome: list[Collected] = []
 
-        async def on_incoming(call: Call) -> None:
-            outcome.append(await collect_under_flood(call))  # then the gateway hangs up
+    async def on_incoming(call: Call) -> None:
+        outcome.append(await collect_under_flood(call))  # then the gateway hangs up
 
-        async with Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming) as gateway:
-            host, port = gateway.address("udp")
-            with sipp("uac_dtmf.xml", tmp_path, remote=f"{host}:{port}", PAUSE_MS="1500",
-                      PCAP=pcap) as peer:  # fmt: skip
-                sipp_status, sipp_logs = await asyncio.to_thread(peer.wait, 30), peer.logs()
-        [got] = outcome
+    async with Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming) as gateway:
+        host, port = gateway.address("udp")
+        with sipp(uac, tmp_path, remote=f"{host}:{port}", PAUSE_MS="1500", PCAP=pcap,
+                  **both) as peer:  # fmt: skip
+            status, logs = await asyncio.to_thread(peer.wait, 30), peer.logs()
+    [got] = outcome
+    return got, status, logs
+
+
+@pytest.mark.parametrize("direction", ["outbound", "inbound"])
+async def test_strangers_rfc4733_flood_presses_no_key(tmp_path: Path, direction: str) -> None:
+    before = dropped_foreign()
+    got, sipp_status, sipp_logs = await call_under_flood(
+        tmp_path, direction, "uas_answer_dtmf.xml", "uac_dtmf.xml", {}, RING_MS="0", CODECS="0"
+    )
     assert (got.first, got.digits) == ("1", "1")  # SIPp's key, and no "7" before or after it
     assert got.stats.foreign > 0
     assert sipp_status == 0, sipp_logs  # it saw our answer, and our BYE after its key press
@@ -132,33 +142,10 @@ async def test_phone_behind_nat_is_latched_by_its_signalling_address(
     """SIPp's SDP names a private address it never sends from; its RTP comes from the
     address of its SIP. The call latches to that (a trusted host) and hears its key, while
     the stranger, who sends first, is still refused."""
-    pcap = str(dtmf_pcap("1"))
-    if direction == "outbound":
-        with sipp(
-            "uas_nat_answer_dtmf.xml",
-            tmp_path,
-            PAUSE_MS="1500",
-            PCAP=pcap,
-            SDP_MEDIA_IP=NAT_PRIVATE,
-        ) as peer:
-            async with Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
-                call = await gateway.dial(f"sip:+15550141@{peer.address}", ring_timeout=10)
-                assert call.answered, call.result
-                got = await collect_under_flood(call)
-                await asyncio.wait_for(call.hangup(), 10)
-            sipp_status, sipp_logs = await asyncio.to_thread(peer.wait, 15), peer.logs()
-    else:
-        outcome: list[Collected] = []
-
-        async def on_incoming(call: Call) -> None:
-            outcome.append(await collect_under_flood(call))
-
-        async with Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming) as gateway:
-            host, port = gateway.address("udp")
-            with sipp("uac_nat_dtmf.xml", tmp_path, remote=f"{host}:{port}", PAUSE_MS="1500",
-                      PCAP=pcap, SDP_MEDIA_IP=NAT_PRIVATE) as peer:  # fmt: skip
-                sipp_status, sipp_logs = await asyncio.to_thread(peer.wait, 30), peer.logs()
-        [got] = outcome
+    got, sipp_status, sipp_logs = await call_under_flood(
+        tmp_path, direction, "uas_nat_answer_dtmf.xml", "uac_nat_dtmf.xml",
+        {"SDP_MEDIA_IP": NAT_PRIVATE},
+    )  # fmt: skip
     assert (got.first, got.digits) == ("1", "1")
     assert got.sends_to is not None and got.sends_to[0] == "127.0.0.1"  # latched, not the SDP's
     assert got.stats.foreign > 0  # the stranger's flood

@@ -150,6 +150,19 @@ def recipients(telegram: bool = True) -> list[dict[str, str]]:
     return [alice]
 
 
+def voice_page_config(**extra: Any) -> dict[str, Any]:
+    """Alice, no Telegram, and policy "page": one voice step, then nothing for 10 min."""
+    return {
+        "company": "acme",
+        "recipients": recipients(telegram=False),
+        "policies": [
+            {"name": "page",
+             "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}]},
+        ],
+        **extra,
+    }  # fmt: skip
+
+
 async def test_keypress_1_acknowledges_and_later_steps_never_fire(tmp_path: Path) -> None:
     config = {
         "company": "acme",
@@ -277,14 +290,7 @@ async def test_ack_from_api_hangs_up_the_call_in_progress(
 ) -> None:
     """An ack on another channel ends the call at once: BYE while the prompt plays, CANCEL
     while it rings. SIPp's scenario passes only when that request arrives."""
-    config = {
-        "company": "acme",
-        "recipients": recipients(telegram=False),
-        "policies": [
-            {"name": "page",
-             "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}]},
-        ],
-    }  # fmt: skip
+    config = voice_page_config()
     with sipp(scenario, tmp_path) as uas:
         env = {"ACKLINE_VOICE_TARGET": f"sip:{{number}}@{uas.address}"}
         async with serve(tmp_path, config, env) as service:
@@ -316,14 +322,7 @@ async def test_api_and_worker_as_separate_processes_on_postgres_and_redis(
 ) -> None:
     """Scale-out: `--role api` takes the alert, `--role worker` (with its own SIP user agent)
     rings the phone; the keypress acks through the shared PostgreSQL and Redis."""
-    config = {
-        "company": "acme",
-        "recipients": recipients(telegram=False),
-        "policies": [
-            {"name": "page",
-             "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}]},
-        ],
-    }  # fmt: skip
+    config = voice_page_config()
     scenario = {"CODECS": "8", "RING_MS": "100", "PAUSE_MS": "800"}
     with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), **scenario) as uas:
         env = {
@@ -351,14 +350,7 @@ async def test_sigterm_drains_a_worker_in_time_and_hands_its_ringing_call_back(
     """SIGTERM to a worker whose call is ringing: it exits within its drain timeout, the
     phone gets a CANCEL (not a call left ringing), and the job is released for another
     worker to take at once instead of after its 30 s lease."""
-    config = {
-        "company": "acme",
-        "recipients": recipients(telegram=False),
-        "policies": [
-            {"name": "page",
-             "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}]},
-        ],
-    }  # fmt: skip
+    config = voice_page_config()
     drain = 4.0
     with sipp("uas_ring_cancel.xml", tmp_path) as uas:
         env = {
@@ -409,14 +401,8 @@ async def test_alert_call_fails_over_across_carrier_trunks_and_audits_health(
         sipp("carrier_answer_dtmf.xml", tmp_path / "b", calls=100, RING_MS="100",
              PAUSE_MS="800", PCAP=str(dtmf_pcap("1"))) as healthy,
     ):  # fmt: skip
-        config = {
-            "company": "acme",
-            "recipients": recipients(telegram=False),
-            "policies": [
-                {"name": "page",
-                 "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}]},
-            ],
-            "carriers": {
+        config = voice_page_config(
+            carriers={
                 "allowed_countries": ["US"],
                 "probe": {"interval": "300ms", "down_after": 2, "up_after": 2},
                 "trunks": [
@@ -426,8 +412,8 @@ async def test_alert_call_fails_over_across_carrier_trunks_and_audits_health(
                     {"name": "healthy", "host": "127.0.0.1", "port": healthy.port,
                      "priority": 2},
                 ],
-            },
-        }  # fmt: skip
+            }
+        )  # fmt: skip
         async with serve(tmp_path, config, {}) as service:
             deadline = time.monotonic() + 10
             while not any(x.get("trunk") == "dead" for x in service.audit_lines_all()):

@@ -4,8 +4,10 @@ twice that need not be, and a stop hands work on at once instead of after a leas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,20 @@ async def attempts(h: Harness, alert_id: str) -> list[tuple[int, str, str | None
     got = await h.engine.get_alert(alert_id)
     assert got is not None
     return [(a.attempt, a.status, a.reason) for a in got[1]]
+
+
+@contextlib.asynccontextmanager
+async def another_worker(h: Harness) -> AsyncIterator[ScriptedChannel]:
+    """A second worker on the harness's engine whose voice channel is answered with 1."""
+    voice = ScriptedChannel("voice", reply(S.ACKNOWLEDGED, "pressed_1"))
+    worker = Worker(h.engine, h.worker.bus, {"voice": voice}, poll_interval=0.2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop, grace=1.0))
+    try:
+        yield voice
+    finally:
+        stop.set()
+        await task
 
 
 def audit_events(h: Harness, event: str) -> list[dict[str, Any]]:
@@ -139,18 +155,13 @@ async def test_a_stop_hands_ringing_calls_to_another_worker_at_once(
     nid = voice.sent[0].notification.notification_id
     assert nid in voice.cancelled  # hung up
 
-    second = ScriptedChannel("voice", reply(S.ACKNOWLEDGED, "pressed_1"))
-    other = Worker(h.engine, h.worker.bus, {"voice": second}, poll_interval=0.2)
-    stop = asyncio.Event()
-    task = asyncio.create_task(other.run(stop, grace=1.0))
     try:
-        assert await h.wait_state(alert.id, "acknowledged", timeout=8) == "acknowledged"
+        async with another_worker(h) as second:
+            assert await h.wait_state(alert.id, "acknowledged", timeout=8) == "acknowledged"
         assert [s.notification.notification_id for s in second.sent] == [nid]
         assert [s.notification.attempt for s in second.sent] == [1]
         assert time.monotonic() - stopped < 8
     finally:
-        stop.set()
-        await task
         await h.stop()
 
 
@@ -174,12 +185,9 @@ async def test_a_call_someone_answered_is_not_placed_again_after_its_worker_is_l
     await until(answered, 10, "the answer to be recorded")
     await h.stop_worker(grace=0.5)
 
-    second = ScriptedChannel("voice", reply(S.ACKNOWLEDGED, "pressed_1"))
-    other = Worker(h.engine, h.worker.bus, {"voice": second}, poll_interval=0.2)
-    stop = asyncio.Event()
-    task = asyncio.create_task(other.run(stop, grace=1.0))
     try:
-        assert await h.wait_state(alert.id, "acknowledged", timeout=10) == "acknowledged"
+        async with another_worker(h) as second:
+            assert await h.wait_state(alert.id, "acknowledged", timeout=10) == "acknowledged"
         placed = Counter((s.notification.notification_id, s.notification.attempt)
                          for s in [*voice.sent, *second.sent])  # fmt: skip
         assert set(placed.values()) == {1}  # no attempt rang twice
@@ -187,8 +195,6 @@ async def test_a_call_someone_answered_is_not_placed_again_after_its_worker_is_l
         first = (await attempts(h, alert.id))[0]
         assert first == (1, "not_acknowledged", "call_interrupted")
     finally:
-        stop.set()
-        await task
         await h.stop()
 
 
