@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -446,7 +447,7 @@ async def _serve(
     def on_signal() -> None:
         if not stop.is_set():
             stop.set()
-            _exit_after(settings.drain_timeout + EXIT_GRACE)
+            _exit_after(settings.unready_grace + settings.drain_timeout + EXIT_GRACE)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
@@ -497,7 +498,7 @@ async def _serve(
 
             api.state.webphone = Webphone(gateway)
             stack.push_async_callback(api.state.webphone.close)
-        server = uvicorn.Server(
+        server = _SignalFreeServer(
             uvicorn.Config(
                 api, host=http_host, port=http_port, log_level="warning", lifespan="on",
                 # open keep-alive connections must not hold the drain up
@@ -508,6 +509,11 @@ async def _serve(
         stopped = asyncio.create_task(stop.wait())
         print(f"api listening on http://{http_host}:{http_port}", file=sys.stderr, flush=True)
         await asyncio.wait({served, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set() and not served.done() and settings.unready_grace > 0:
+            api.state.draining = True  # /readyz 503: the load balancer moves on
+            print(f"api unready; stopping in {settings.unready_grace:g}s", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            await asyncio.wait({served}, timeout=settings.unready_grace)
         server.should_exit = True
         stopped.cancel()
         await served
@@ -515,6 +521,15 @@ async def _serve(
 
 # After the drain timeout, how long the process may still take before it is cut short.
 EXIT_GRACE = 2.0
+
+
+class _SignalFreeServer(uvicorn.Server):
+    """uvicorn replaces the process's SIGTERM handler while it serves and stops at once:
+    `_serve` owns the signals, so the API can turn unready and keep serving first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None]:
+        yield
 
 
 def _exit_after(seconds: float) -> None:

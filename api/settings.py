@@ -51,6 +51,9 @@ class Settings(BaseModel):
     # SIGTERM: the process stops taking work, lets deliveries in flight end, hands the
     # rest back to other workers and exits within this many seconds.
     drain_timeout: float = Field(default=10.0, gt=0)
+    # SIGTERM: before it stops, the API answers /readyz 503 for this many seconds while it
+    # still serves, so a load balancer takes it out of rotation first (0: stop at once).
+    unready_grace: float = Field(default=0.0, ge=0, le=60)
     migrate_on_start: bool = True
     # Channels: each is built only when its settings are present (api/channels.py).
     sip_host: str = "127.0.0.1"  # the gateway's SIP address (listen and advertise)
@@ -104,6 +107,7 @@ class Settings(BaseModel):
             lease_seconds=float(e.get("ACKLINE_LEASE_SECONDS", "30")),
             poll_interval=float(e.get("ACKLINE_POLL_INTERVAL", "1")),
             drain_timeout=float(e.get("ACKLINE_DRAIN_TIMEOUT", "10")),
+            unready_grace=float(e.get("ACKLINE_UNREADY_GRACE", "0")),
             migrate_on_start=_bool(e.get("ACKLINE_MIGRATE"), True),
             sip_host=e.get("ACKLINE_SIP_HOST", "127.0.0.1"),
             sip_port=int(e.get("ACKLINE_SIP_PORT", "5060")),

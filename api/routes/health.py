@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import RuntimeDep
@@ -18,8 +18,12 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    """Ready when the database (and Redis, when configured) answer."""
+async def readyz(request: Request, runtime: RuntimeDep) -> JSONResponse:
+    """Ready when the database (and Redis, when configured) answer and the process is not
+    stopping: a stopping API turns unready first, so a load balancer stops sending it
+    requests while it still answers them (`ACKLINE_UNREADY_GRACE`)."""
+    if getattr(request.app.state, "draining", False):
+        return JSONResponse({"status": "draining"}, 503)
     checks: dict[str, str] = {}
     try:
         await runtime.db.ping()
