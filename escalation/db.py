@@ -1,5 +1,11 @@
 """Database engine, sessions and migrations for SQLite (embedded) and PostgreSQL.
 
+PostgreSQL may be given as one host or, for a primary with standbys, in libpq's multi-host
+form, `postgresql://h1:5432,h2:5432/ackline?target_session_attrs=read-write`: every new
+connection goes to whichever host takes writes now, so a failover needs no restart. A
+connection that meets a read-only server (the old primary, demoted) is dropped like one
+whose server died, and the next attempt finds the new primary.
+
 SQLite transactions start with BEGIN IMMEDIATE so a transaction that reads an alert and
 then writes it holds the write lock from its first statement: the same serialisation
 PostgreSQL gets from `SELECT ... FOR UPDATE` on the alert row, without SQLITE_BUSY
@@ -13,15 +19,16 @@ import contextlib
 import hashlib
 import json
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg  # type: ignore[import-untyped]
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, exc, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -50,34 +57,117 @@ def async_url(url: str) -> str:
     return url
 
 
+class PgHost(NamedTuple):
+    host: str
+    port: int
+
+
+# libpq's values; asyncpg knows the same ones.
+SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+
+
+def driver_dsn(url: str) -> str:
+    """The `postgresql://` DSN asyncpg connects with, from any spelling we accept.
+
+    asyncpg parses libpq's multi-host form and `target_session_attrs` itself; SQLAlchemy's
+    URL parser cannot, so the engine hands the DSN to asyncpg as it is."""
+    for prefix in ("postgresql+asyncpg://", "postgres+asyncpg://", "postgresql://",
+                   "postgres://"):  # fmt: skip
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix) :]
+    raise ValueError(f"not a PostgreSQL URL: {url.split('://')[0]}://...")
+
+
+def database_hosts(url: str) -> list[PgHost]:
+    """The hosts of a PostgreSQL URL in the order connections try them (port 5432 when
+    none is given). Checked at start-up: asyncpg only parses the DSN when it connects, so
+    a typo would otherwise show as an outage instead of a configuration error."""
+    parts = urllib.parse.urlsplit(driver_dsn(url))
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urllib.parse.parse_qs(parts.query)
+    for attrs in query.get("target_session_attrs", []):
+        if attrs not in SESSION_ATTRS:
+            raise ValueError(f"target_session_attrs={attrs!r}: expected one of "
+                             f"{', '.join(SESSION_ATTRS)}")  # fmt: skip
+    if not netloc:  # a Unix socket or a host given as ?host=
+        return [PgHost(h, 5432) for h in ",".join(query.get("host", [])).split(",") if h]
+    hosts = []
+    for item in netloc.split(","):
+        if item.startswith("["):  # [IPv6]:port
+            host, _, rest = item[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = item.partition(":")
+        if not host:
+            raise ValueError(f"empty host in {netloc!r}")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"bad port {port!r} for host {host!r}")
+        hosts.append(PgHost(urllib.parse.unquote(host), int(port) if port else 5432))
+    return hosts
+
+
+class StandbyConnectionError(ConnectionError):
+    """A pooled connection's server refused a write: it is no longer the primary."""
+
+
+class NoPrimaryError(ConnectionError):
+    """No host of the URL takes writes right now (a failover is under way). A
+    ConnectionError, so it reads as a database outage: 503 and retry, not a bug."""
+
+
+async def connect_primary(*args: Any, **kwargs: Any) -> Any:
+    """`asyncpg.connect`, with "no host matches target_session_attrs" told as an outage."""
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except asyncpg.exceptions.TargetServerAttributeNotMatched as e:
+        raise NoPrimaryError(str(e)) from e
+
+
+def is_read_only_error(exc: BaseException | None) -> bool:
+    """The server refused a write because it is (now) a standby or read-only: after a
+    failover the old primary comes back as a standby, and its connections must go."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+            return True
+        if getattr(exc, "sqlstate", None) == _READ_ONLY_SQLSTATE:
+            return True
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+    return False
+
+
+_READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction
+
+
 class Database:
     """One async engine plus a session factory; `migrate()` brings the schema to head."""
 
     def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
         self.url = async_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
+        self.dsn = ""  # PostgreSQL: what asyncpg connects with (both pools)
         kwargs: dict[str, Any] = {"echo": echo}
+        engine_url = self.url
         if self.is_sqlite:
             # One connection: in-process transactions queue on the pool (an asyncio wait)
             # instead of sleeping in SQLite's busy handler, which backs off up to 100 ms.
             kwargs.update(connect_args={"timeout": 30}, pool_size=1, max_overflow=0)
         else:
-            # The ORM's statements are prepared and cached per connection too; a generic
-            # plan settled on while the tables were empty would scan them whole for the
-            # connection's life (the driver pool plans once, under DRIVER_PLANNER).
+            self.dsn = driver_dsn(url)
+            database_hosts(self.dsn)  # a malformed URL fails here, not at the first connect
+            engine_url = "postgresql+asyncpg://"
             kwargs.update(
                 pool_size=pool_size,
                 max_overflow=pool_size,
-                connect_args={
-                    "server_settings": {"plan_cache_mode": "force_custom_plan", **DURABLE_COMMITS},
-                    **CONNECTION_LIMITS,
-                },
+                async_creator=self._orm_connection,
             )
-        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        self.engine: AsyncEngine = create_async_engine(engine_url, **kwargs)
         if self.is_sqlite:
             _sqlite_immediate_transactions(self.engine)
         else:
             _ping_idle_connections(self.engine, PING_AFTER_IDLE)
+            _read_only_is_a_disconnect(self.engine)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         self.pool_size = pool_size
         self._driver_pool: Any = None
@@ -85,6 +175,18 @@ class Database:
 
     def session(self) -> AsyncSession:
         return self.sessionmaker()
+
+    async def _orm_connection(self) -> Any:
+        """A connection for SQLAlchemy, made by asyncpg from the DSN (multi-host aware).
+
+        The ORM's statements are prepared and cached per connection too; a generic plan
+        settled on while the tables were empty would scan them whole for the connection's
+        life (the driver pool plans once, under DRIVER_PLANNER)."""
+        return await connect_primary(
+            self.dsn,
+            server_settings={"plan_cache_mode": "force_custom_plan", **DURABLE_COMMITS},
+            **CONNECTION_LIMITS,
+        )
 
     async def driver_pool(self) -> Any:
         """PostgreSQL only: a plain asyncpg pool for the few hot transactions that are
@@ -99,9 +201,9 @@ class Database:
         if self._driver_pool is None:
             async with self._driver_lock:
                 if self._driver_pool is None:
-                    dsn = make_url(self.url).set(drivername="postgresql")
                     self._driver_pool = await asyncpg.create_pool(
-                        dsn.render_as_string(hide_password=False),
+                        self.dsn,
+                        connect=connect_primary,
                         min_size=self.pool_size,
                         max_size=self.pool_size,
                         init=_driver_codecs,
@@ -120,7 +222,8 @@ class Database:
         """A connection of the driver pool for one transaction. When it turns out to be
         dead (the server restarted or failed over), every pooled connection is: they are
         all replaced on their next use, so an outage costs one failed request, not one
-        per pooled connection."""
+        per pooled connection. A server that turned read-only (a demoted primary) counts
+        as dead too, and is reported as a lost connection: an outage, answered 503."""
         pool = await self.driver_pool()
         try:
             async with pool.acquire() as raw:
@@ -128,6 +231,9 @@ class Database:
         except _CONNECTION_LOST:
             await pool.expire_connections()
             raise
+        except asyncpg.exceptions.ReadOnlySQLTransactionError as e:
+            await pool.expire_connections()
+            raise StandbyConnectionError(f"the server no longer takes writes: {e}") from e
 
     @contextlib.asynccontextmanager
     async def every_driver_connection(self) -> AsyncIterator[list[Any]]:
@@ -269,6 +375,17 @@ def _ping_idle_connections(engine: AsyncEngine, idle: float) -> None:
             raise exc.DisconnectionError() from e  # the pool retries with a new connection
         if not alive:
             raise exc.DisconnectionError()
+
+
+def _read_only_is_a_disconnect(engine: AsyncEngine) -> None:
+    """A statement refused as read-only marks its connection dead, which makes SQLAlchemy
+    invalidate every pooled connection opened before it (all to the old primary) and
+    answer with `connection_invalidated` set: an outage (503), not a bug (500)."""
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _handle_error(ctx: Any) -> None:
+        if is_read_only_error(ctx.original_exception):
+            ctx.is_disconnect = True
 
 
 def _sqlite_immediate_transactions(engine: AsyncEngine) -> None:

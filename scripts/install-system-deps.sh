@@ -12,6 +12,12 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v pg_ctlcluster >/dev/null || need+=(postgresql)
+# pg_auto_failover (tests/integration/test_ha_postgres.py): the monitor's extension is built
+# for one server major, so take the one matching the newest installed server (15 on bookworm)
+command -v pg_autoctl >/dev/null || need+=(pg-auto-failover-cli)
+pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)
+[ -e "/usr/share/postgresql/${pg_major:-15}/extension/pgautofailover.control" ] \
+    || need+=("postgresql-${pg_major:-15}-auto-failover")
 command -v chromium >/dev/null || need+=(chromium)  # the browser softphone's headless test
 
 if ((${#need[@]})); then
