@@ -270,9 +270,9 @@ class CallEvents:
         self._redis: Any = None
         self._reader: asyncio.Task[None] | None = None
         if redis_url:
-            import redis.asyncio as redis
+            from escalation.redis_client import async_client
 
-            self._redis = redis.Redis.from_url(redis_url)
+            self._redis = async_client(redis_url)
 
     async def start(self) -> None:
         """Subscribe (Redis); returns once subscribed, so no report is missed after it."""

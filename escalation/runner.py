@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from escalation import metrics
+from escalation import metrics, redis_client
 from escalation.channels.base import Channel, DeliveryResult, DeliveryStatus, Progress
 from escalation.engine import CancelRequest, Engine, SendTask
 from escalation.outage import FailureLog
@@ -107,7 +107,7 @@ class RedisBus:
     def __init__(self, url: str, prefix: str = "ackline") -> None:
         # A Redis that stops answering (paused, partitioned) fails operations within
         # seconds instead of never: it is a bus, the database has the work.
-        self.redis: aioredis.Redis = aioredis.from_url(
+        self.redis: aioredis.Redis = redis_client.async_client(
             url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT, socket_timeout=REDIS_TIMEOUT
         )
         self.due_key = f"{prefix}:due"
