@@ -64,11 +64,10 @@ def _share_trunk_health(
     url: str, prefix: str, router: CarrierRouter
 ) -> Callable[[], Awaitable[None]]:
     """Publish this process's trunk health for the API (carriers.shared_health)."""
-    import redis.asyncio as aioredis
-
     from carriers.shared_health import SharedTrunkHealth, process_name, publish_trunk_health
+    from escalation.redis_client import async_client
 
-    redis = aioredis.from_url(url)
+    redis = async_client(url)
     shared = SharedTrunkHealth(redis, prefix, process_name())
     task = asyncio.create_task(publish_trunk_health(shared, router), name="trunk-health")
 

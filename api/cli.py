@@ -682,11 +682,10 @@ async def _shared_trunk_health(settings: Settings) -> dict[str, dict[str, Any]]:
     """Each worker's trunk health, when they share it through Redis (REDIS_URL)."""
     if not settings.redis_url:
         return {}
-    import redis.asyncio as aioredis
-
     from carriers.shared_health import SharedTrunkHealth
+    from escalation.redis_client import async_client
 
-    redis = aioredis.from_url(settings.redis_url)
+    redis = async_client(settings.redis_url)
     try:
         return await SharedTrunkHealth(redis, settings.redis_prefix, "").read()
     finally:

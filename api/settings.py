@@ -31,6 +31,21 @@ def parse_api_keys(text: str) -> dict[str, str]:
     return keys
 
 
+def redis_url_from_env(env: Mapping[str, str]) -> str | None:
+    """REDIS_URL, or a redis+sentinel:// URL built from REDIS_SENTINELS (`host:port,...`)
+    and REDIS_MASTER_NAME (default "mymaster"): HA Redis without writing the URL by hand.
+    Both set is refused rather than one silently winning."""
+    url = env.get("REDIS_URL") or None
+    sentinels = (env.get("REDIS_SENTINELS") or "").strip()
+    if not sentinels:
+        return url
+    if url:
+        raise ValueError("set REDIS_URL or REDIS_SENTINELS, not both")
+    from escalation.redis_client import sentinel_url
+
+    return sentinel_url(sentinels, (env.get("REDIS_MASTER_NAME") or "mymaster").strip())
+
+
 class Settings(BaseModel):
     database_url: str = "sqlite:///var/ackline.db"
     redis_url: str | None = None
@@ -93,7 +108,7 @@ class Settings(BaseModel):
             database_url=e.get("ACKLINE_DATABASE_URL")
             or e.get("DATABASE_URL")
             or cls().database_url,
-            redis_url=e.get("REDIS_URL") or None,
+            redis_url=redis_url_from_env(e),
             redis_prefix=e.get("ACKLINE_REDIS_PREFIX", "ackline"),
             config_path=Path(config) if config else None,
             api_keys=parse_api_keys(e.get("ACKLINE_API_KEYS", "")),

@@ -44,6 +44,7 @@ from escalation.channels.base import (
     ProgressSink,
     ignore_progress,
 )
+from escalation.redis_client import async_client
 
 PG_ADMIN = os.environ.get("ACKLINE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ACKLINE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
@@ -129,11 +130,7 @@ async def _serve_worker(args: argparse.Namespace) -> None:
     from escalation.channels.base import Channel
 
     # Blocking pool: a claim of 100 sends must queue for connections, not fail the sends.
-    r = aioredis.Redis(
-        connection_pool=aioredis.BlockingConnectionPool.from_url(
-            REDIS_URL, max_connections=32, timeout=30
-        )
-    )
+    r = async_client(REDIS_URL, max_connections=32, blocking_timeout=30)
     channels: dict[str, Channel] = {
         "webhook": StampingCarrier("webhook", r, args.prefix, ring=False),
         "voice": StampingCarrier("voice", r, args.prefix, ring=True),
@@ -244,11 +241,7 @@ def _cpu_report(
 async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
     # Blocking pool: hundreds of ackers polling for their call at once queue for a
     # connection instead of failing the run (MaxConnectionsError).
-    r = aioredis.Redis(
-        connection_pool=aioredis.BlockingConnectionPool.from_url(
-            REDIS_URL, max_connections=32, timeout=30
-        )
-    )
+    r = async_client(REDIS_URL, max_connections=32, blocking_timeout=30)
     client = RawHttp("127.0.0.1", port, args.connections)
     await client.open()
     posted: dict[str, float] = {}

@@ -183,11 +183,11 @@ class RedisBudgets:
     """
 
     def __init__(self, url: str, prefix: str = "ackline", *, lease_s: float = 4 * 3600) -> None:
-        import redis.asyncio as aioredis
+        from escalation.redis_client import async_client
 
         # A Redis that hangs must not hold a page up: past this the budget counts as
         # unavailable and the call goes ahead (CarrierRouter).
-        self.redis: Any = aioredis.from_url(
+        self.redis: Any = async_client(
             url, socket_connect_timeout=BUDGET_TIMEOUT, socket_timeout=BUDGET_TIMEOUT
         )
         self.prefix = f"{prefix}:trunk"

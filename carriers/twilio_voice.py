@@ -27,6 +27,7 @@ from twilio.base.exceptions import TwilioRestException  # type: ignore[import-un
 
 from carriers.trunk import Trunk
 from carriers.twilio_api import twilio_client
+from escalation.outage import FailureLog
 from gateway.result import CallOutcome, CallResult, ReceivedDigit
 
 __all__ = [
@@ -270,9 +271,9 @@ class CallEvents:
         self._redis: Any = None
         self._reader: asyncio.Task[None] | None = None
         if redis_url:
-            import redis.asyncio as redis
+            from escalation.redis_client import async_client
 
-            self._redis = redis.Redis.from_url(redis_url)
+            self._redis = async_client(redis_url)
 
     async def start(self) -> None:
         """Subscribe (Redis); returns once subscribed, so no report is missed after it."""
@@ -322,17 +323,24 @@ class CallEvents:
             self._early.setdefault(sid, []).append((now, report))
 
     async def _read(self, pubsub: Any) -> None:
+        """Listen until cancelled. A lost connection (Redis restarted, or failed over to
+        another master through Sentinel) is reconnected by the next read, which
+        subscribes again; the tries back off to one a second and are logged sparingly."""
+        failures = FailureLog(logger, "reading Twilio call events from Redis")
+        pause = 0.1
         while True:
             try:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None:
                     self._deliver(json.loads(message["data"]))
+                pause = 0.1
             except asyncio.CancelledError:
                 await pubsub.aclose()
                 raise
-            except Exception:  # a bad message or a Redis hiccup: keep listening
-                logger.exception("twilio call events: reading failed")
-                await asyncio.sleep(0.5)
+            except Exception as exc:  # a bad message or a Redis hiccup: keep listening
+                failures.failed(exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
 
 class TwilioVoice:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from escalation import metrics
+from escalation import metrics, redis_client
 from escalation.channels.base import Channel, DeliveryResult, DeliveryStatus, Progress
 from escalation.engine import CancelRequest, Engine, SendTask
 from escalation.outage import FailureLog
@@ -107,7 +107,7 @@ class RedisBus:
     def __init__(self, url: str, prefix: str = "ackline") -> None:
         # A Redis that stops answering (paused, partitioned) fails operations within
         # seconds instead of never: it is a bus, the database has the work.
-        self.redis: aioredis.Redis = aioredis.from_url(
+        self.redis: aioredis.Redis = redis_client.async_client(
             url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT, socket_timeout=REDIS_TIMEOUT
         )
         self.due_key = f"{prefix}:due"
@@ -178,21 +178,29 @@ class RedisBus:
         cancel = self.cancel_channel.encode()
         failures = FailureLog(log, "reading the Redis bus")
         pause = 0.1
+        down_since: float | None = None
         while True:
             try:
                 if self._pubsub is None:
+                    # A new connection: through Sentinel, to whichever node is master now
                     self._pubsub = self.redis.pubsub()
                     await self._pubsub.subscribe(self.wake_channel, self.cancel_channel)
+                    if down_since is not None:
+                        log.info("listening on the Redis bus again after %.1f s",
+                                 time.monotonic() - down_since)  # fmt: skip
+                        down_since = None
                 msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: polling the database covers the gap
                 failures.failed(exc)
+                down_since = time.monotonic() if down_since is None else down_since
                 await self._drop_pubsub()
                 # what was published meanwhile is lost: look at the database now
                 self._event.set()
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
+                # at most a second between tries: a failover is over in a few seconds
+                pause = min(pause * 2, 1.0)
                 continue
             pause = 0.1
             if msg is None:
