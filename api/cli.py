@@ -26,7 +26,14 @@ from api.loop import run as run_service
 from api.settings import Settings
 from carriers.config import CarrierConfig
 from escalation.config import ConfigError
-from gateway.call import Call, Gateway, GatewayConfig, parse_target, resolve_target
+from gateway.call import (
+    Call,
+    Gateway,
+    GatewayConfig,
+    advertised_address,
+    parse_target,
+    resolve_target,
+)
 from gateway.result import CallResult
 from gateway.sip.auth import Credentials
 from gateway.sip.transaction import TimerSettings
@@ -338,8 +345,16 @@ class Role(enum.StrEnum):
 def serve(
     role: Annotated[Role, typer.Option(help="what this process runs")] = Role.ALL,
     host: Annotated[
-        str, typer.Option(envvar="ACKLINE_SIP_HOST", help="SIP address to listen on and advertise")
+        str, typer.Option(envvar="ACKLINE_SIP_HOST", help="address SIP and RTP bind to")
     ] = "127.0.0.1",
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ACKLINE_SIP_ADVERTISE",
+            help="address peers are told in Via, Contact and SDP (default: --host; "
+            "required when --host is 0.0.0.0 or ::)",
+        ),
+    ] = None,
     port: Annotated[
         int | None,
         typer.Option(
@@ -373,14 +388,23 @@ def serve(
     except (ValueError, ValidationError) as exc:
         typer.echo(f"error: bad settings: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    if role is not Role.API:
+        try:
+            advertised_address(host, advertise)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
     if role in (Role.ALL, Role.API) and not settings.api_keys:
         settings = settings.model_copy(update={"api_keys": _local_api_key(settings)})
     sip_port = port if port is not None else (0 if role is Role.WORKER else 5060)
     inbound = Inbound(greeting, gather, timeout)
     try:
         run_service(
-            _serve(role, settings, host, sip_port, http_host, http_port, inbound, voice, webphone)
-        )
+            _serve(
+                role, settings, host, sip_port, http_host, http_port, inbound, voice, webphone,
+                advertise=advertise,
+            )
+        )  # fmt: skip
     except (ConfigError, FlowError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -437,6 +461,7 @@ async def _serve(
     inbound: Inbound,
     voice: str,
     webphone: bool = True,
+    advertise: str | None = None,
 ) -> None:
     from api.app import create_app, run_worker
     from api.channels import services_for
@@ -465,8 +490,10 @@ async def _serve(
             gateway = Gateway(
                 GatewayConfig(
                     host=host,
+                    advertise=advertise,
                     udp_port=sip_port,
                     tcp_port=sip_port,
+                    rtp_ports=settings.rtp_ports,
                     timers=TimerSettings(t1=settings.sip_t1),
                     max_call_duration=settings.sip_max_call,
                     max_inbound_calls=settings.sip_max_inbound_calls,
@@ -482,7 +509,9 @@ async def _serve(
             await gateway.start()
             stack.push_async_callback(gateway.stop)
             udp = gateway.address("udp")
-            print(f"sip listening on {udp[0]}:{udp[1]} (udp, tcp)", file=sys.stderr, flush=True)
+            print(f"sip listening on {udp[0]}:{udp[1]} (udp, tcp), advertised as "
+                  f"{gateway.config.advertised_host}, rtp {'-'.join(map(str, settings.rtp_ports))}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         if role is Role.GATEWAY:
             await stop.wait()
             return

@@ -46,6 +46,57 @@ def redis_url_from_env(env: Mapping[str, str]) -> str | None:
     return sentinel_url(sentinels, (env.get("REDIS_MASTER_NAME") or "mymaster").strip())
 
 
+def parse_rtp_ports(text: str) -> tuple[int, int]:
+    """`20000-30000` -> (20000, 30000): where RTP sockets bind, the range a firewall or a
+    container must open (UDP). RTP takes even ports, its RTCP the odd one above."""
+    low_text, sep, high_text = text.strip().partition("-")
+    try:
+        low, high = int(low_text), int(high_text)
+    except ValueError:
+        low = high = -1
+    if not sep or not 1024 <= low < high <= 65535:
+        raise ValueError(
+            f"ACKLINE_RTP_PORTS {text!r} must look like LOW-HIGH with 1024 <= LOW < HIGH <= 65535"
+        )
+    if low % 2:
+        raise ValueError(f"ACKLINE_RTP_PORTS {text!r}: LOW must be even (RTP takes even ports)")
+    return low, high
+
+
+# Secrets that may come from a file named by NAME_FILE instead (Docker/Kubernetes secrets),
+# so they stay out of `docker inspect`, the process environment and compose files.
+FILE_SECRETS = (
+    "ACKLINE_API_KEYS",
+    "ACKLINE_ACK_SECRET",
+    "ACKLINE_DATABASE_URL",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "ACKLINE_VOICE_AUTH_PASSWORD",
+    "ACKLINE_WEBHOOK_SECRET",
+    "TWILIO_AUTH_TOKEN",
+    "TELEGRAM_BOT_TOKEN",
+    "TELEGRAM_WEBHOOK_SECRET",
+)
+
+
+def with_file_secrets(env: Mapping[str, str]) -> Mapping[str, str]:
+    """``env`` with each NAME_FILE of `FILE_SECRETS` read into NAME (surrounding whitespace
+    dropped); setting both is refused, as one would silently win."""
+    named = [name for name in FILE_SECRETS if env.get(f"{name}_FILE")]
+    if not named:
+        return env
+    out = dict(env)
+    for name in named:
+        path = env[f"{name}_FILE"]
+        if env.get(name):
+            raise ValueError(f"set {name} or {name}_FILE, not both")
+        try:
+            out[name] = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    return out
+
+
 class Settings(BaseModel):
     database_url: str = "sqlite:///var/ackline.db"
     redis_url: str | None = None
@@ -72,6 +123,7 @@ class Settings(BaseModel):
     migrate_on_start: bool = True
     # Channels: each is built only when its settings are present (api/channels.py).
     sip_host: str = "127.0.0.1"  # the gateway's SIP address (listen and advertise)
+    rtp_ports: tuple[int, int] = (20000, 30000)  # ACKLINE_RTP_PORTS, see parse_rtp_ports
     sip_port: int = 5060
     sip_t1: float = Field(default=0.5, gt=0, le=4)  # RFC 3261 T1: every SIP timer scales with it
     sip_max_call: float = Field(default=3600.0, gt=0)  # any call, inbound ones included, ends by
@@ -99,7 +151,7 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        e = os.environ if env is None else env
+        e = with_file_secrets(os.environ if env is None else env)
         config = e.get("ACKLINE_CONFIG") or (
             "ackline.yaml" if Path("ackline.yaml").exists() else ""
         )
@@ -125,6 +177,7 @@ class Settings(BaseModel):
             unready_grace=float(e.get("ACKLINE_UNREADY_GRACE", "0")),
             migrate_on_start=_bool(e.get("ACKLINE_MIGRATE"), True),
             sip_host=e.get("ACKLINE_SIP_HOST", "127.0.0.1"),
+            rtp_ports=parse_rtp_ports(e.get("ACKLINE_RTP_PORTS") or "20000-30000"),
             sip_port=int(e.get("ACKLINE_SIP_PORT", "5060")),
             sip_t1=float(e.get("ACKLINE_SIP_T1", "0.5")),
             sip_max_call=float(e.get("ACKLINE_SIP_MAX_CALL", "3600")),

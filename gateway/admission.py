@@ -64,6 +64,7 @@ class RefusalReason(enum.StrEnum):
     NO_HANDLER = "no_handler"  # nothing answers calls here
     SHUTTING_DOWN = "shutting_down"
     TOO_MANY_CALLS = "too_many_calls"  # GatewayConfig.max_inbound_calls in progress
+    NO_RTP_PORT = "no_rtp_port"  # every port of GatewayConfig.rtp_ports is taken
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import ipaddress
 import logging
 import socket
 from collections import deque
@@ -41,7 +42,7 @@ from gateway.endpoint import CancelReceived, ServerContext, SipEndpoint
 from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, parse_info_dtmf
 from gateway.media.pacer import Pacer
 from gateway.media.sdp import NegotiatedMedia, SdpError, create_answer, create_offer, parse_answer
-from gateway.media.session import MediaSession
+from gateway.media.session import MediaSession, NoFreeRtpPort
 from gateway.metrics import CALL_TASK_FAILURES, count_rejection
 from gateway.result import CallOutcome, CallResult, ReceivedDigit, classify_final
 from gateway.sip.auth import Credentials, DigestClient, DigestError
@@ -93,12 +94,45 @@ class GatewayShuttingDown(OSError):
     """dial() on a gateway that is draining or stopped (an OSError: retry elsewhere/later)."""
 
 
+def advertised_address(host: str, advertise: str | None) -> str:
+    """The address peers are told (Via, Contact, SDP o=/c=) for a gateway bound to ``host``.
+
+    A wildcard bind (0.0.0.0, ::) says nothing a peer can send to, so it needs
+    ``advertise``; an advertised address must be an IP literal, as SDP c= wants one."""
+    bound = host.strip("[]")
+    if advertise is None or not advertise.strip():
+        if _is_unspecified(bound):
+            raise ValueError(
+                f"binding SIP to {host} needs an address to advertise in Via, Contact and "
+                "SDP: pass --advertise ADDR (ACKLINE_SIP_ADVERTISE)"
+            )
+        return bound
+    address = advertise.strip().strip("[]")
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"advertised SIP address {advertise!r} is not an IP address") from None
+    if parsed.is_unspecified:
+        raise ValueError(f"advertised SIP address {advertise!r} is a wildcard")
+    return address
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
-    host: str = "127.0.0.1"  # address SIP and RTP bind to and advertise
+    host: str = "127.0.0.1"  # address SIP and RTP bind to
+    # What peers are told in Via, Contact and SDP (a NAT's or container's outside address);
+    # None: ``host``, which must then not be a wildcard.
+    advertise: str | None = None
     udp_port: int | None = 0  # None disables UDP; 0 picks a free port
     tcp_port: int | None = None
-    rtp_ports: tuple[int, int] = (20000, 30000)
+    rtp_ports: tuple[int, int] = (20000, 30000)  # RTP binds even ports inside, inclusive
     timers: TimerSettings = field(default_factory=TimerSettings)
     caller: str = "ackline"  # user part of our From
     caller_name: str = "ackline"
@@ -119,6 +153,12 @@ class GatewayConfig:
             raise ValueError("max_call_duration must be positive and drain_timeout not negative")
         if self.max_inbound_calls < 1:
             raise ValueError("max_inbound_calls must be at least 1")
+        advertised_address(self.host, self.advertise)
+
+    @property
+    def advertised_host(self) -> str:
+        """The address in our Via, Contact, SDP and Call-IDs."""
+        return advertised_address(self.host, self.advertise)
 
 
 def call_time_bound(
@@ -213,6 +253,7 @@ class Gateway:
         self.on_incoming = on_incoming
         self.endpoint = SipEndpoint(
             host=self.config.host,
+            advertise=self.config.advertised_host,
             timers=self.config.timers,
             on_request=self._on_request,
             on_stray_response=self._on_stray_response,
@@ -342,7 +383,7 @@ class Gateway:
         local = self.endpoint.contact(kind, self.config.caller)
         request.from_address = Address(uri=local.uri, parameters=Parameters(tag=new_tag()))
         request.to_address = Address(uri=uri)
-        request.call_id = new_call_id(self.config.host)
+        request.call_id = new_call_id(self.config.advertised_host)
         request.cseq = CSeq(1, "OPTIONS")
         request.contact = [local]
         request.headers.set("Accept", SDP)
@@ -793,9 +834,9 @@ class Call:
     ) -> None:
         endpoint = self.gateway.endpoint
         config = self.gateway.config
-        self.call_id = new_call_id(config.host)
+        self.call_id = new_call_id(config.advertised_host)
         rtp_port = await self._open_media()
-        self._offer = create_offer(config.host, rtp_port)
+        self._offer = create_offer(config.advertised_host, rtp_port)
         self._sdp_session_id = self._offer.origin.session_id
         contact = endpoint.contact(self.transport, caller)
         from_uri = URI(scheme="sip", user=caller, host=contact.uri.host)
@@ -1008,6 +1049,15 @@ class Call:
             CALL_TASK_FAILURES.labels(direction=self.direction).inc()
             self._abort()
 
+    def _refuse_without_media(self, ctx: ServerContext, exc: NoFreeRtpPort) -> None:
+        """Every RTP port is taken: 503 with Retry-After (ports free up as calls end, and
+        another node of the cluster may take the call meanwhile), reported as a refusal."""
+        logger.warning("call %s: refused: %s", self.call_id, exc)
+        retry = (("Retry-After", str(BUSY_RETRY_AFTER)),)
+        rejection = Rejection(503, "Service Unavailable (no free RTP port)", retry)
+        ctx.send(self.gateway._refuse(ctx.request, self.peer, rejection, RefusalReason.NO_RTP_PORT))
+        self._fail(CallOutcome.FAILED, 503, str(exc))
+
     def _take(self, ctx: ServerContext) -> None:
         """Own the INVITE at once, before the call's task runs: a CANCEL arriving first
         must find the call (and end it), not a transaction nobody answers for."""
@@ -1022,14 +1072,19 @@ class Call:
             return  # cancelled before this task ran
         ctx.respond(100)
         config = self.gateway.config
-        rtp_port = await self._open_media()
+        try:
+            rtp_port = await self._open_media()
+        except NoFreeRtpPort as exc:
+            self._refuse_without_media(ctx, exc)
+            return
         if request.body:
-            answer, negotiated = create_answer(request.body, config.host, rtp_port)
+            answer, negotiated = create_answer(request.body, config.advertised_host, rtp_port)
             self._sdp_session_id = answer.origin.session_id
             self._configure_media(negotiated)
             answer_body = str(answer).encode()
         else:
-            self._offer = create_offer(config.host, rtp_port)  # late offer: answer in ACK
+            # late offer: the answer comes in the ACK
+            self._offer = create_offer(config.advertised_host, rtp_port)
             self._sdp_session_id = self._offer.origin.session_id
             answer_body = str(self._offer).encode()
         ctx.respond(180, to_tag=self.local_tag)
@@ -1156,7 +1211,7 @@ class Call:
             if request.body:
                 answer, negotiated = create_answer(
                     request.body,
-                    config.host,
+                    config.advertised_host,
                     self.media.local_port,
                     session_id=self._sdp_session_id,
                     version=self._sdp_version,
@@ -1165,7 +1220,7 @@ class Call:
                 body = str(answer).encode()
             else:
                 self._offer = create_offer(
-                    config.host,
+                    config.advertised_host,
                     self.media.local_port,
                     session_id=self._sdp_session_id,
                     version=self._sdp_version,

@@ -119,13 +119,15 @@ class SipEndpoint:
         self,
         *,
         host: str = "127.0.0.1",
+        advertise: str | None = None,
         timers: TimerSettings | None = None,
         on_request: RequestHandler | None = None,
         on_stray_response: StrayResponseHandler | None = None,
         screen: RequestScreen | None = None,
         tcp_limits: TcpLimits | None = None,
     ) -> None:
-        self.host = host
+        self.host = host  # bound
+        self.advertise = advertise  # in our Via and Contact instead of ``host``; None: host
         self.timers = timers or TimerSettings()
         self.on_request = on_request
         self.on_stray_response = on_stray_response
@@ -174,9 +176,15 @@ class SipEndpoint:
 
     # -- identities -------------------------------------------------------------------
 
+    def sent_by(self, transport: str) -> tuple[str, int]:
+        """Where peers reach us over ``transport``: the advertised address (the bound one
+        when none is set) and the bound port."""
+        host, port = self.transport.local_address(transport)
+        return (self.advertise or host, port)
+
     def via(self, transport: str) -> Via:
         """A fresh top Via for a new client transaction (rport requested, RFC 3581)."""
-        host, port = self.transport.local_address(transport)
+        host, port = self.sent_by(transport)
         return Via(
             transport=transport.upper(),
             host=_uri_host(host),
@@ -187,7 +195,7 @@ class SipEndpoint:
     def contact(self, transport: str, user: str = "ackline") -> Address:
         from sipmessage import URI
 
-        host, port = self.transport.local_address(transport)
+        host, port = self.sent_by(transport)
         params = Parameters(transport="tcp") if transport == "tcp" else Parameters()
         return Address(
             uri=URI(scheme="sip", user=user, host=_uri_host(host), port=port, parameters=params)

@@ -44,7 +44,7 @@ from gateway.media.source import (
 )
 from gateway.metrics import RTP_DROPPED_BY_REASON, RtpDropReason
 
-__all__ = ["AudioListener", "MediaSession", "MediaSessionClosed", "MediaStats"]
+__all__ = ["AudioListener", "MediaSession", "MediaSessionClosed", "MediaStats", "NoFreeRtpPort"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,21 @@ _ENCODE_CHUNK = 8000  # samples of a prompt encoded at a time
 
 class MediaSessionClosed(RuntimeError):
     """The session closed before the requested media was sent."""
+
+
+class NoFreeRtpPort(OSError):
+    """Every RTP port of the configured range is taken: a new call cannot have media.
+
+    Its own type, so an inbound INVITE can be turned away with 503 + Retry-After (calls
+    end and free ports) instead of a 500, and a dial names the exhausted range."""
+
+    def __init__(self, port_range: tuple[int, int]) -> None:
+        low, high = port_range
+        super().__init__(errno.EADDRINUSE, f"no free RTP port in {low}-{high}")
+        self.port_range = port_range
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,7 +393,7 @@ class MediaSession:
                 self._clock = loop.time
             self.pacer.register(self)
             return port
-        raise OSError(errno.EADDRINUSE, f"no free RTP port in {self.port_range}") from last_error
+        raise NoFreeRtpPort(self.port_range) from last_error
 
     def _candidate_ports(self) -> list[int]:
         """Even ports, leaving port + 1 inside the range free for RTCP by convention."""
