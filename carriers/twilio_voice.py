@@ -23,11 +23,12 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
+from redis.exceptions import RedisError
 from twilio.base.exceptions import TwilioRestException  # type: ignore[import-untyped]
 
 from carriers.trunk import Trunk
 from carriers.twilio_api import twilio_client
-from escalation.outage import FailureLog
+from escalation.outage import FailureLog, down_dependency
 from gateway.result import CallOutcome, CallResult, ReceivedDigit
 
 __all__ = [
@@ -261,6 +262,9 @@ def _final(status: str, sip_code: int | None, answered: bool) -> tuple[CallOutco
     return CallOutcome.FAILED, code, f"{status} (Twilio SIP {sip_code or '-'})"
 
 
+PUBLISH_RETRY_FOR = 8.0  # seconds a webhook's report is retried while Redis is away
+
+
 class CallEvents:
     """Delivers Twilio's reports to the process that placed the call."""
 
@@ -305,10 +309,26 @@ class CallEvents:
     async def publish(self, call_sid: str, report: Mapping[str, str]) -> None:
         """From a webhook: hand `report` to whichever process watches `call_sid`."""
         message = {"sid": call_sid, "report": dict(report)}
-        if self._redis is not None:
-            await self._redis.publish(self._channel, json.dumps(message))
-        else:
+        if self._redis is None:
             self._deliver(message)
+            return
+        # A key pressed during a Redis failover (2-3 s) must still reach the call: the
+        # publish is tried again, within Twilio's 15 s webhook timeout, on whichever
+        # master the client finds next.
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + PUBLISH_RETRY_FOR
+        pause = 0.1
+        while True:
+            try:
+                await self._redis.publish(self._channel, json.dumps(message))
+                return
+            except (OSError, RedisError) as exc:
+                if loop.time() + pause > give_up_at or down_dependency(exc) is None:
+                    raise
+                logger.info("twilio call events: publishing %s failed, retrying: %r",
+                            call_sid, exc)  # fmt: skip
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     def _deliver(self, message: Mapping[str, Any]) -> None:
         sid, report = str(message["sid"]), dict(message["report"])
