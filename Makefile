@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit system-deps services bench bench-dispatch chaos fuzz clean
+.PHONY: install run test lint typecheck unit system-deps services bench bench-dispatch chaos fuzz \
+	ha ha-down drills clean
 
 install: $(STAMP)
 
@@ -54,6 +55,20 @@ chaos: install system-deps
 # `ackline serve` in its own network namespace; prints a table, exits 1 on FAIL.
 fuzz: install system-deps
 	$(BIN)/python -m bench.fuzz
+
+# The HA topology on this machine (bench/ha.py), left running: PostgreSQL with a synchronous
+# standby (pg_auto_failover), Redis with Sentinel, two ackline nodes behind HAProxy.
+ha: install system-deps
+	bash scripts/ha-up.sh
+
+ha-down:
+	$(BIN)/python -m bench.ha down --workdir "$${ACKLINE_HA_DIR:-var/ha}"
+
+# Every game-day drill in turn, each on its own topology (about 3 minutes each); reports in
+# var/drills/. One drill: `.venv/bin/ackline drill node-crash`.
+drills: install system-deps
+	for s in db-primary-crash db-switchover redis-master-crash node-crash carrier-outage \
+		rolling-restart; do $(BIN)/ackline drill $$s || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -606,6 +606,27 @@ async def _answer_with(
     stack.push_async_callback(cancel_and_wait, retention)
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def drill(ctx: typer.Context) -> None:
+    """Run a game-day drill on a local HA topology: db-primary-crash, db-switchover,
+    redis-master-crash, node-crash, carrier-outage or rolling-restart (`ackline drill
+    --help` for the options). Needs a source checkout: the drills start PostgreSQL,
+    Redis, HAProxy and SIPp themselves (bench/drill.py)."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "bench" / "drill.py").exists() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))  # the console script does not look in the checkout
+    try:
+        from bench.drill import main as drill_main
+    except ImportError:
+        typer.echo("error: drills run from a source checkout of ackline (bench/drill.py)",
+                   err=True)  # fmt: skip
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    raise typer.Exit(drill_main(list(ctx.args)))
+
+
 @app.command()
 def softphone(
     script: Annotated[Path, typer.Argument(help="YAML call-flow script", exists=False)],

@@ -103,8 +103,8 @@ def parse_faults(text: str) -> tuple[FaultSpec, ...]:
     specs = []
     for item in filter(None, (p.strip() for p in text.split(","))):
         match = re.fullmatch(r"([a-z]+)@([\d.]+)(?::([\d.]+))?", item)
-        if match is None or match[1] not in FaultKind.__members__.values():
-            kinds = ", ".join(k.value for k in FaultKind)
+        if match is None or match[1] not in DEFAULT_DOWN:
+            kinds = ", ".join(k.value for k in DEFAULT_DOWN)
             raise ValueError(f"fault {item!r} must look like kind@start[:down] ({kinds})")
         kind = FaultKind(match[1])
         down = float(match[3]) if match[3] else DEFAULT_DOWN[kind]

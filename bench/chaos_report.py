@@ -43,6 +43,13 @@ class FaultKind(enum.StrEnum):
     REDIS = "redis"  # kill -9 Redis, restart it empty
     POSTGRES = "postgres"  # pg_ctl stop -m immediate, start again (crash recovery)
     CARRIER = "carrier"  # kill -9 the SIPp carrier, restart it on the same port
+    # the drills' faults on the HA topology (bench/drill.py)
+    NODE = "node"  # kill -9 a whole node (API, worker, gateway)
+    TRUNK = "trunk"  # kill -9 one of two carriers
+    DB_FAILOVER = "db-failover"  # kill -9 the PostgreSQL primary: the standby is promoted
+    DB_SWITCHOVER = "db-switchover"  # planned: the standby becomes primary
+    REDIS_FAILOVER = "redis-failover"  # kill -9 the Redis master: Sentinel promotes
+    ROLLING = "rolling"  # every node restarted in turn
 
     @property
     def label(self) -> str:
@@ -51,6 +58,12 @@ class FaultKind(enum.StrEnum):
             FaultKind.REDIS: "redis kill -9",
             FaultKind.POSTGRES: "postgres crash",
             FaultKind.CARRIER: "carrier kill -9",
+            FaultKind.NODE: "node kill -9",
+            FaultKind.TRUNK: "trunk kill -9",
+            FaultKind.DB_FAILOVER: "pg failover",
+            FaultKind.DB_SWITCHOVER: "pg switchover",
+            FaultKind.REDIS_FAILOVER: "redis failover",
+            FaultKind.ROLLING: "rolling restart",
         }[self]
 
 
@@ -548,7 +561,7 @@ def build_report(
     for w in windows:
         if w.fault is not None:
             stats[w.name].recovery = recovery(w.fault, requests, audit)
-            if w.fault.kind is FaultKind.WORKER:
+            if w.fault.kind in (FaultKind.WORKER, FaultKind.NODE):
                 stats[w.name].orphans = orphans(audit, w.fault)
 
     again = called_after_answering(audit)

@@ -427,8 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slow", action="store_true", help="pg_auto_failover's own timeouts")
     args = parser.parse_args(argv)
     if args.command == "failover":
-        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ackline-ha-bench-"))
-        with PgAutoFailover(workdir, args.database, fast=not args.slow) as cluster:
+        scratch = args.workdir or Path(tempfile.mkdtemp(prefix="ackline-ha-bench-"))
+        with PgAutoFailover(scratch, args.database, fast=not args.slow) as cluster:
             print(json.dumps(measure_failover(cluster), indent=2))
         return
     if args.workdir is None:

@@ -21,12 +21,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, NamedTuple
+from typing import IO, NamedTuple, Protocol
 
 import httpx
 import redis.asyncio as aioredis
 
 from bench.ports import free_media_port, listening
+from escalation.redis_client import async_client
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -307,7 +308,8 @@ def service_env(overrides: Mapping[str, str]) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(dropped) and k not in ("REDIS_URL", "DATABASE_URL")
+        if not k.startswith(dropped)
+        and k not in ("REDIS_URL", "REDIS_SENTINELS", "REDIS_MASTER_NAME", "DATABASE_URL")
     }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(overrides)
@@ -351,7 +353,7 @@ async def wait_subscribed(
     """Until `workers` processes listen for wake-ups (a worker claims right after
     subscribing), not after a guessed pause: a worker still importing would otherwise
     show up as hand-off latency of the first alerts."""
-    r = aioredis.from_url(redis_url)
+    r = async_client(redis_url)
     try:
         for _ in range(600):
             for p in procs:
@@ -367,23 +369,32 @@ async def wait_subscribed(
         await r.aclose()
 
 
+class Closable(Protocol):
+    """A service made of several processes (a database cluster, a Sentinel set)."""
+
+    def close(self) -> None: ...
+
+
 class Services:
     """Everything a bench started, stopped in reverse order on close (also after Ctrl-C
     or an exception: use it as a context manager around the run)."""
 
     def __init__(self) -> None:
-        self._owned: list[Owned | Postgres] = []
+        self._owned: list[Owned | Closable] = []
 
-    def add(self, service: Owned | Postgres) -> None:
+    def add(self, service: Owned | Closable) -> None:
         self._owned.append(service)
+
+    def owned(self) -> list[Owned | Closable]:
+        return list(self._owned)
 
     def close(self) -> None:
         for service in reversed(self._owned):
             try:
-                if isinstance(service, Postgres):
-                    service.close()
-                else:
+                if isinstance(service, Owned):
                     service.stop()
+                else:
+                    service.close()
             except Exception as exc:  # keep stopping the others; say what was left
                 print(f"stopping {service} failed: {exc!r}", file=sys.stderr)
         self._owned.clear()

@@ -4,6 +4,10 @@ set -euo pipefail
 
 need=()
 command -v sipp >/dev/null || need+=(sip-tester)
+command -v haproxy >/dev/null || need+=(haproxy)
+# `docker compose config` checks docker-compose.yml; Debian's v1 does when the plugin is absent
+docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null \
+    || need+=(docker-compose)
 command -v baresip >/dev/null || need+=(baresip)
 command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v sox >/dev/null || need+=(sox)

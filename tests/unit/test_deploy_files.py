@@ -203,7 +203,7 @@ def _compose_command() -> list[str] | None:
 def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
     command = _compose_command()
     if command is None:
-        pytest.skip("no docker compose here")
+        pytest.fail("neither `docker compose` nor docker-compose: run `make system-deps`")
     project = tmp_path / "ackline"
     shutil.copytree(REPO / "deploy", project / "deploy")
     for name in ("docker-compose.yml", "Dockerfile", "ackline.example.yaml"):
