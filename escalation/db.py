@@ -140,6 +140,21 @@ def is_read_only_error(exc: BaseException | None) -> bool:
 _READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction
 
 
+def is_broken_connection(exc: BaseException | None) -> bool:
+    """asyncpg's own protocol state is confused, which a failover causes: the server's
+    "terminating connection" arrives on an idle pooled connection just before its socket
+    closes, and the next statement on it fails with "cannot switch to state ...". The
+    connection is useless, like a closed one; any other client error is a bug."""
+    while exc is not None:
+        if isinstance(exc, asyncpg.exceptions.ProtocolError) or (
+            type(exc) is asyncpg.exceptions.InternalClientError
+            and str(exc).startswith("cannot switch to state")
+        ):
+            return True
+        exc = getattr(exc, "orig", None) or exc.__cause__
+    return False
+
+
 class Database:
     """One async engine plus a session factory; `migrate()` brings the schema to head."""
 
@@ -234,6 +249,11 @@ class Database:
         except asyncpg.exceptions.ReadOnlySQLTransactionError as e:
             await pool.expire_connections()
             raise StandbyConnectionError(f"the server no longer takes writes: {e}") from e
+        except asyncpg.exceptions.InternalClientError as e:
+            if not is_broken_connection(e):
+                raise
+            await pool.expire_connections()
+            raise StandbyConnectionError(f"the connection broke: {e}") from e
 
     @contextlib.asynccontextmanager
     async def every_driver_connection(self) -> AsyncIterator[list[Any]]:
@@ -378,13 +398,16 @@ def _ping_idle_connections(engine: AsyncEngine, idle: float) -> None:
 
 
 def _read_only_is_a_disconnect(engine: AsyncEngine) -> None:
-    """A statement refused as read-only marks its connection dead, which makes SQLAlchemy
-    invalidate every pooled connection opened before it (all to the old primary) and
-    answer with `connection_invalidated` set: an outage (503), not a bug (500)."""
+    """A statement refused as read-only (or meeting a connection the server's shutdown
+    broke) marks its connection dead, which makes SQLAlchemy invalidate every pooled
+    connection opened before it (all to the old primary) and answer with
+    `connection_invalidated` set: an outage (503), not a bug (500)."""
 
     @event.listens_for(engine.sync_engine, "handle_error")
     def _handle_error(ctx: Any) -> None:
-        if is_read_only_error(ctx.original_exception):
+        if is_read_only_error(ctx.original_exception) or is_broken_connection(
+            ctx.original_exception
+        ):
             ctx.is_disconnect = True
 
 

@@ -14,6 +14,7 @@ from escalation.db import (
     StandbyConnectionError,
     database_hosts,
     driver_dsn,
+    is_broken_connection,
     is_read_only_error,
 )
 from escalation.outage import Dependency, down_dependency
@@ -92,6 +93,17 @@ def test_read_only_errors_are_recognised_through_wrappers() -> None:
     assert is_read_only_error(wrapped)
     assert not is_read_only_error(asyncpg.exceptions.UniqueViolationError("dup"))
     assert not is_read_only_error(None)
+
+
+def test_a_confused_protocol_state_is_a_broken_connection_and_other_client_errors_bugs() -> None:
+    confused = asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 11; another operation (2) is in progress"
+    )
+    assert is_broken_connection(confused)
+    assert is_broken_connection(sqlalchemy.exc.DBAPIError("SELECT", None, confused))
+    assert is_broken_connection(asyncpg.exceptions.ProtocolError("unexpected message"))
+    assert not is_broken_connection(asyncpg.exceptions.InternalClientError("something else"))
+    assert not is_broken_connection(asyncpg.exceptions.OutdatedSchemaCacheError("schema"))
 
 
 def test_failover_errors_read_as_a_database_outage() -> None:
