@@ -19,9 +19,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request, runtime: RuntimeDep) -> JSONResponse:
-    """Ready when the database (and Redis, when configured) answer and the process is not
-    stopping: a stopping API turns unready first, so a load balancer stops sending it
-    requests while it still answers them (`ACKLINE_UNREADY_GRACE`)."""
+    """Ready when the database answers and the process is not stopping: a stopping API
+    turns unready first, so a load balancer stops sending it requests while it still
+    answers them (`ACKLINE_UNREADY_GRACE`). Redis away only degrades: alerts are still
+    accepted and paged (workers poll the database), and failing every node's check at once
+    during a Redis failover would make the load balancer refuse what they could serve."""
     if getattr(request.app.state, "draining", False):
         return JSONResponse({"status": "draining"}, 503)
     checks: dict[str, str] = {}
@@ -36,5 +38,7 @@ async def readyz(request: Request, runtime: RuntimeDep) -> JSONResponse:
             checks["redis"] = "ok"
         except Exception as exc:
             checks["redis"] = f"error: {type(exc).__name__}"
-    ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, 200 if ok else 503)
+    if checks["database"] != "ok":
+        return JSONResponse({"status": "unavailable", **checks}, 503)
+    degraded = checks.get("redis", "ok") != "ok"
+    return JSONResponse({"status": "degraded" if degraded else "ok", **checks}, 200)

@@ -1,5 +1,6 @@
 """What a client sees while PostgreSQL or Redis is down: 202 for what was committed, 503
-with Retry-After for what could not be, never a 500; /readyz turns unready and back."""
+with Retry-After for what could not be, never a 500; /readyz turns unready and back (for
+Redis it only reports itself degraded: the API still serves)."""
 
 from __future__ import annotations
 
@@ -95,7 +96,9 @@ async def test_redis_down_a_committed_alert_still_answers_202(
         ack = await client.post(f"/v1/alerts/{alert_id}/ack", headers=KEY)
         assert ack.status_code == 200 and ack.json()["state"] == "acknowledged"
         ready = await client.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["redis"].startswith("error")
+        # still ready: a load balancer keeps sending alerts, which are accepted and paged
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        assert ready.json()["redis"].startswith("error")
         await redis_proxy.restore()
         assert (await client.get("/readyz")).status_code == 200
 
