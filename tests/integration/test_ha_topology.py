@@ -1,16 +1,21 @@
 """Two complete ackline nodes behind HAProxy (bench/ha.py), under a steady alert load:
 a node killed -9 leaves its chains to the other node, and a rolling restart of every node
-fails no request and cuts no call short. The drills run here in miniature (one PostgreSQL,
-one Redis: their failover has tests of its own); `ackline drill` runs them in full."""
+fails no request and cuts no call short; an inbound call reaches either node. The drills
+run here in miniature (one PostgreSQL, one Redis: their failover has tests of its own);
+`ackline drill` runs them in full."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from bench.chaos import Progress
 from bench.drill import DrillParams, Scenario, run
-from bench.ha import PgMode, RedisMode
+from bench.ha import HaParams, PgMode, RedisMode, Topology
+from bench.services import Services
+from tests.integration.peers import dtmf_pcap, sipp
 
 pytest_plugins = ["tests.conftest_escalation"]
 
@@ -44,3 +49,32 @@ def test_rolling_restart_fails_no_request_and_cuts_no_call(tmp_path: Path) -> No
     assert f.failed_requests == 0, outcome.markdown
     assert f.calls_cut_short == 0, outcome.markdown
     assert f.passed, outcome.markdown
+
+
+@pytest.mark.timeout(180)
+async def test_an_inbound_call_reaches_either_node_and_the_survivor_of_a_crash(
+    tmp_path: Path,
+) -> None:
+    """Carriers are given every node's SIP address (two trunk hosts, or DNS SRV): each
+    node answers the hotline on its own, and with one node killed the other still does."""
+    params = HaParams(nodes=2, pg=PgMode.SINGLE, redis=RedisMode.SINGLE, progress=False)
+    services = Services()
+    try:
+        top = Topology(params, services, tmp_path / "ha", Progress(False))
+        await top.start()
+
+        def call(node_index: int, name: str) -> None:
+            workdir = tmp_path / name
+            workdir.mkdir()
+            port = top.nodes[node_index].sip_port
+            with sipp("uac_dtmf.xml", workdir, remote=f"127.0.0.1:{port}",
+                      PCAP=str(dtmf_pcap("1")), PAUSE_MS="1000") as peer:  # fmt: skip
+                # SIPp succeeds only if the node answered, heard the digit and hung up
+                assert peer.wait(timeout=40) == 0, peer.logs()
+
+        await asyncio.to_thread(call, 0, "to-a")
+        await asyncio.to_thread(call, 1, "to-b")
+        top.crash_node(top.nodes[0])
+        await asyncio.to_thread(call, 1, "to-b-after-crash")
+    finally:
+        services.close()
