@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -27,6 +28,8 @@ from typing import Any, NamedTuple
 import asyncpg  # type: ignore[import-untyped]
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import event, exc, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
@@ -38,6 +41,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+log = logging.getLogger(__name__)
 # A pooled connection idle for longer than this is pinged before use. Busy connections are
 # not: a ping is three round trips (BEGIN, SELECT, ROLLBACK), more than half of a whole
 # alert ingest. A server restart under load still only costs the statement that meets the
@@ -372,7 +376,20 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 def run_migrations(connection: Connection, revision: str = "head") -> None:
-    command.upgrade(alembic_config(connection), revision)
+    """Upgrade to `revision`; a schema already past what this release knows is left as it
+    is. Migrations only expand between releases, so during a rolling deploy (or a roll
+    back) an older node runs on its successor's schema instead of refusing to start."""
+    cfg = alembic_config(connection)
+    known = ScriptDirectory.from_config(cfg)
+    current = MigrationContext.configure(connection).get_current_heads()
+    ours = {script.revision for script in known.walk_revisions()}
+    unknown = [rev for rev in current if rev not in ours]
+    if unknown:
+        log.warning("the database schema (%s) is newer than this release knows (head %s): "
+                    "running on it without migrating", ", ".join(unknown),
+                    known.get_current_head())  # fmt: skip
+        return
+    command.upgrade(cfg, revision)
 
 
 def _ping_idle_connections(engine: AsyncEngine, idle: float) -> None:

@@ -48,6 +48,26 @@ async def test_migration_matches_models_and_is_rerunnable(db_url: str) -> None:
         await db.dispose()
 
 
+async def test_a_release_starts_on_a_schema_its_successor_migrated(
+    db_url: str, caplog: Any
+) -> None:
+    """Rolling back, or an old node restarting mid-deploy: a schema past this release's
+    head (expand-only migrations) is used as it is, not refused and not touched."""
+    db = Database(db_url)
+    try:
+        await db.migrate()
+        async with db.engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = '9001'"))
+        with caplog.at_level(logging.WARNING, logger="escalation.db"):
+            await db.migrate()
+        assert "newer than this release knows" in caplog.text
+        async with db.engine.connect() as conn:
+            assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).all() \
+                == [("9001",)]  # fmt: skip
+    finally:
+        await db.dispose()
+
+
 async def test_times_round_trip_as_utc_and_idempotency_is_unique(db_url: str) -> None:
     db = Database(db_url)
     await db.migrate()
