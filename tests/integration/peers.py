@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.ports import free_media_port, free_port, listening
 
@@ -158,3 +160,42 @@ def cli_env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["ACKLINE_PROMPT_CACHE"] = str(tmp / "prompts")
     return env
+
+
+@contextlib.contextmanager
+def serve_gateway(
+    tmp: Path, *args: str, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """`ackline serve --role gateway` answering inbound calls (gather one digit, 10 s)
+    on a free SIP port; yields the port and the process (its stdout: one JSON result per
+    call)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*ackline_cli(), "serve", "--role", "gateway", "--port", str(port),
+         "--gather", "1", "--timeout", "10", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**cli_env(tmp), **(env or {})},
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: (listening(port, "udp") and listening(port, "tcp")) or proc.poll() is not None,
+            30,
+            "ackline serve to listen",
+        )
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        yield port, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def call_results(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
+    """The call results a finished `ackline serve` printed."""
+    assert proc.stdout is not None
+    return [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]

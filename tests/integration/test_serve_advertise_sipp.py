@@ -7,23 +7,21 @@ through it (SIPp's ACK goes to our Contact, its RTP to our SDP c=)."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.integration.peers import (
     SippRun,
     ackline_cli,
+    call_results,
     cli_env,
     dtmf_pcap,
     free_port,
     listening,
+    serve_gateway,
     sipp,
     wait_until,
 )
@@ -31,41 +29,6 @@ from tests.integration.peers import (
 pytestmark = pytest.mark.interop
 
 ADVERTISED = "127.0.0.2"  # loopback: reaches the wildcard bind like an outside address
-
-
-@contextmanager
-def serve(
-    tmp: Path, *args: str, env: dict[str, str] | None = None
-) -> Iterator[tuple[int, subprocess.Popen[str]]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [*ackline_cli(), "serve", "--role", "gateway", "--port", str(port),
-         "--gather", "1", "--timeout", "10", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**cli_env(tmp), **(env or {})},
-    )  # fmt: skip
-    try:
-        wait_until(
-            lambda: (listening(port, "udp") and listening(port, "tcp")) or proc.poll() is not None,
-            30,
-            "ackline serve to listen",
-        )
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        yield port, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def call_results(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
-    assert proc.stdout is not None
-    return [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
 
 
 def received_messages(peer: SippRun) -> list[str]:
@@ -89,7 +52,7 @@ def first(messages: list[str], start_line: str) -> str:
 def test_wildcard_bind_advertises_its_address_in_via_contact_and_sdp(
     tmp_path: Path, transport: str
 ) -> None:
-    with serve(tmp_path, "--host", "0.0.0.0", "--advertise", ADVERTISED) as (port, proc):
+    with serve_gateway(tmp_path, "--host", "0.0.0.0", "--advertise", ADVERTISED) as (port, proc):
         with sipp(
             "uac_dtmf.xml",
             tmp_path,
@@ -147,7 +110,7 @@ def test_rtp_stays_in_its_range_and_an_exhausted_range_answers_503(tmp_path: Pat
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
     first_dir.mkdir()
     second_dir.mkdir()
-    with serve(tmp_path, "--host", "0.0.0.0", "--advertise", ADVERTISED, env=env) as (
+    with serve_gateway(tmp_path, "--host", "0.0.0.0", "--advertise", ADVERTISED, env=env) as (
         port,
         proc,
     ):

@@ -2,76 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.integration.peers import (
-    ackline_cli,
-    cli_env,
-    dtmf_pcap,
-    free_port,
-    listening,
-    sipp,
-    wait_until,
-)
+from tests.integration.peers import call_results, dtmf_pcap, serve_gateway, sipp
 
 pytestmark = pytest.mark.interop
 
 
-@contextmanager
-def serve(tmp: Path, *args: str) -> Iterator[tuple[int, subprocess.Popen[str]]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            *ackline_cli(),
-            "serve",
-            "--role",
-            "gateway",
-            "--port",
-            str(port),
-            "--gather",
-            "1",
-            "--timeout",
-            "10",
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(tmp),
-    )
-    try:
-        wait_until(
-            lambda: (listening(port, "udp") and listening(port, "tcp")) or proc.poll() is not None,
-            30,
-            "ackline serve to listen",
-        )
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        yield port, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def results(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
-    assert proc.stdout is not None
-    return [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
-
-
 @pytest.mark.parametrize(("transport", "digit"), [("udp", "1"), ("tcp", "9"), ("udp", "*")])
 def test_sipp_calls_serve_and_presses_digit(tmp_path: Path, transport: str, digit: str) -> None:
-    with serve(tmp_path) as (port, proc):
+    with serve_gateway(tmp_path) as (port, proc):
         started = time.monotonic()
         with sipp(
             "uac_dtmf.xml",
@@ -87,7 +30,7 @@ def test_sipp_calls_serve_and_presses_digit(tmp_path: Path, transport: str, digi
         time.sleep(0.3)
         proc.terminate()
         proc.wait(timeout=10)
-        calls = results(proc)
+        calls = call_results(proc)
     assert elapsed < 10, "the gateway hung up because of the digit, not the 10 s timeout"
     assert len(calls) == 1, calls
     call = calls[0]
@@ -102,7 +45,7 @@ def test_sipp_calls_serve_and_presses_digit(tmp_path: Path, transport: str, digi
 def test_serve_answers_options_and_survives_garbage(tmp_path: Path) -> None:
     import socket
 
-    with serve(tmp_path) as (port, proc):
+    with serve_gateway(tmp_path) as (port, proc):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(2)
             sock.sendto(b"\x00\xffnot sip at all\r\n\r\n", ("127.0.0.1", port))

@@ -16,8 +16,7 @@ import yaml
 
 from gateway.call import Gateway, GatewayConfig
 from gateway.softphone import Softphone, load_script, run_script
-from tests.integration.peers import ackline_cli, cli_env, free_port
-from tests.integration.test_serve_inbound_sipp import results, serve
+from tests.integration.peers import ackline_cli, call_results, cli_env, free_port, serve_gateway
 
 pytestmark = pytest.mark.interop
 
@@ -38,7 +37,7 @@ def run_softphone(tmp: Path, script: dict[str, Any]) -> tuple[int, dict[str, Any
 
 @pytest.mark.parametrize("method", ["rfc4733", "sip_info", "inband"])
 def test_script_presses_key_after_greeting_and_sees_hangup(tmp_path: Path, method: str) -> None:
-    with serve(tmp_path) as (port, proc):
+    with serve_gateway(tmp_path) as (port, proc):
         code, report, err = run_softphone(
             tmp_path,
             {
@@ -55,7 +54,7 @@ def test_script_presses_key_after_greeting_and_sees_hangup(tmp_path: Path, metho
         )
         proc.terminate()
         proc.wait(timeout=10)
-        calls = results(proc)
+        calls = call_results(proc)
     assert code == 0, (report, err)
     assert report["ok"] is True
     assert [s["ok"] for s in report["steps"]] == [True] * 7, report
@@ -69,7 +68,7 @@ def test_script_presses_key_after_greeting_and_sees_hangup(tmp_path: Path, metho
 
 
 def test_failed_expectation_fails_the_script(tmp_path: Path) -> None:
-    with serve(tmp_path, "--timeout", "20") as (port, proc):
+    with serve_gateway(tmp_path, "--timeout", "20") as (port, proc):
         code, report, err = run_softphone(
             tmp_path,
             {
