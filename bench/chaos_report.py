@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -288,6 +288,9 @@ class CarrierCheck:
     # INVITEs of running workers no recorded result names: calls given up before any
     # answer, e.g. an INVITE abandoned at trying_timeout that reached the carrier later
     unnamed: int
+    # of those, calls to a carrier that was then killed: the send placed its call again on
+    # another trunk, so one send reached the carriers twice
+    failed_over: int
     left_open: int  # calls of running workers that never ended
     unknown_caller: int  # INVITEs from a port no worker listened on
     attempts_called_twice: int  # attempts with two calls that reached the carrier
@@ -295,7 +298,7 @@ class CarrierCheck:
     @property
     def consistent(self) -> bool:
         """Every call the carrier saw was handed out (and audited) as a send."""
-        return self.invites <= self.voice_sends and self.unknown_caller == 0
+        return self.invites - self.failed_over <= self.voice_sends and self.unknown_caller == 0
 
 
 def _attempt_of_call(audit: Iterable[Mapping[str, Any]]) -> dict[str, tuple[str, int]]:
@@ -321,7 +324,9 @@ def carrier_check(
     invites: Sequence[Invite],
     workers: WorkerCalls,
     killed: Iterable[int],
+    cut_by_carrier_kill: Collection[str] = frozenset(),
 ) -> CarrierCheck:
+    """`cut_by_carrier_kill`: Call-IDs that reached a carrier before it was killed."""
     dead = set(killed)
     callers = {i.call_id: workers.pid_by_port.get(i.via_port or 0) for i in invites}
     voice = [r for r in audit if r.get("event") == "send" and r.get("channel") == "voice"]
@@ -335,6 +340,11 @@ def carrier_check(
         from_killed=sum(1 for pid in callers.values() if pid in dead),
         unnamed=sum(
             1 for c, pid in callers.items() if pid not in dead and c not in attempt_of_call
+        ),
+        failed_over=sum(
+            1
+            for c, pid in callers.items()
+            if pid not in dead and c not in attempt_of_call and c in cut_by_carrier_kill
         ),
         left_open=len(open_calls(invites, workers, dead)),
         unknown_caller=sum(1 for pid in callers.values() if pid is None),
@@ -497,6 +507,7 @@ def build_report(
     audit: Sequence[Mapping[str, Any]],
     invites: Sequence[Invite],
     workers: WorkerCalls,
+    cut_by_carrier_kill: Collection[str] = frozenset(),
 ) -> Report:
     windows = make_windows(load_start, load_end, faults)
     sends = sends_by_attempt(audit)
@@ -578,7 +589,7 @@ def build_report(
         f"{r.key}: last answer {_answer_key(r.answers[-1])}, alert in the database"
         for r in refused_but_stored
     ]
-    carrier = carrier_check(audit, invites, workers, killed)
+    carrier = carrier_check(audit, invites, workers, killed, cut_by_carrier_kill)
     left_open = open_calls(invites, workers, killed)
     examples["every call hung up"] = [
         f"call {i.call_id} from worker pid {workers.pid_by_port.get(i.via_port or 0)}, "
@@ -679,7 +690,8 @@ def render(report: Report) -> str:
     out += ["", f"carrier: {c.invites} INVITEs received ({c.from_killed} from the killed "
             f"worker); {c.voice_sends} voice sends audited ({c.attempts_sent} attempts); "
             f"{c.with_result} calls named by a recorded result, {c.unnamed} from running workers"
-            f" by none (given up before an answer); {c.attempts_called_twice} attempts reached "
+            f" by none (given up before an answer; {c.failed_over} cut by a carrier's kill and "
+            f"placed again on another trunk); {c.attempts_called_twice} attempts reached "
             "the carrier twice"]  # fmt: skip
     states = "; ".join(
         f"{policy}: " + ", ".join(f"{s} {n}" for s, n in sorted(by_state.items()))

@@ -404,7 +404,12 @@ async def _run(params: DrillParams, services: Services, workdir: Path) -> Outcom
         if node.alive():
             await asyncio.to_thread(node.stop, STOP_GRACE)
     audit = sorted((r for n in top.nodes for r in read_audit(n.audit_file)), key=audit_time)
-    report = build_report(requests, [fault], load_start, load_end, stored, audit, invites, calls)
+    cut: set[str] = set()
+    if params.scenario is Scenario.CARRIER_OUTAGE:  # its calls went on to the next trunk
+        cut = {i.call_id for i in top.carriers[0].invites() if i.at <= fault.start}
+    report = build_report(
+        requests, [fault], load_start, load_end, stored, audit, invites, calls, cut
+    )
     figures = measure(params.scenario, requests, audit, fault, load_end, report)
     checks = render_checks(report)
     findings = log_findings([n.log for n in top.nodes])

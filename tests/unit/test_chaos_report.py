@@ -176,6 +176,24 @@ def test_a_clean_run_passes() -> None:
     assert report.carrier.invites == report.carrier.with_result == 1
 
 
+def test_a_call_cut_by_a_carrier_kill_and_placed_on_the_next_trunk_is_one_send() -> None:
+    """One send, two INVITEs: the first trunk died under the call (no result names it),
+    the send went on to the second. Only a kill of that carrier excuses the extra call."""
+    stored = [StoredAlert("a-ok", "k1", "acknowledged")]
+    audit = [send(1.5, LIVE), result(4, "acknowledged", provider_id="c2")]
+    invites = [Invite(T0 + 1.6, "c1", 5000), Invite(T0 + 2.5, "c2", 5000)]
+    calls = WorkerCalls({5000: LIVE}, frozenset({"c1", "c2"}))
+
+    def handed_out(cut: frozenset[str]) -> bool:
+        report = build_report([request(1, "a-ok", 202)], [], T0, T0 + 5, stored, audit,
+                              invites, calls, cut)  # fmt: skip
+        [check] = [c for c in report.checks if c.name == "every call at the carrier was handed out"]
+        return check.ok
+
+    assert handed_out(frozenset({"c1"}))
+    assert not handed_out(frozenset())
+
+
 def test_fault_specs_parse_with_default_downtimes() -> None:
     assert parse_faults("redis@30, worker@10:2") == (
         FaultSpec(FaultKind.WORKER, 10.0, 2.0), FaultSpec(FaultKind.REDIS, 30.0, 5.0)
