@@ -64,7 +64,7 @@ ha: install system-deps
 ha-down:
 	$(BIN)/python -m bench.ha down --workdir "$${ACKLINE_HA_DIR:-var/ha}"
 
-# Every game-day drill in turn, each on its own topology (about 3 minutes each); reports in
+# Every game-day drill in turn, each on its own topology (about 2 minutes each); reports in
 # var/drills/. One drill: `.venv/bin/ackline drill node-crash`.
 drills: install system-deps
 	for s in db-primary-crash db-switchover redis-master-crash node-crash carrier-outage \

@@ -288,8 +288,8 @@ class CarrierCheck:
     # INVITEs of running workers no recorded result names: calls given up before any
     # answer, e.g. an INVITE abandoned at trying_timeout that reached the carrier later
     unnamed: int
-    # of those, calls to a carrier that was then killed: the send placed its call again on
-    # another trunk, so one send reached the carriers twice
+    # of those, calls to a carrier killed under them (or an abandoned INVITE reaching it
+    # when it came back): the send went on to another trunk, so reached two carriers
     failed_over: int
     left_open: int  # calls of running workers that never ended
     unknown_caller: int  # INVITEs from a port no worker listened on
@@ -326,7 +326,8 @@ def carrier_check(
     killed: Iterable[int],
     cut_by_carrier_kill: Collection[str] = frozenset(),
 ) -> CarrierCheck:
-    """`cut_by_carrier_kill`: Call-IDs that reached a carrier before it was killed."""
+    """`cut_by_carrier_kill`: Call-IDs at a carrier that was killed, from before the kill
+    until its abandoned INVITEs stopped."""
     dead = set(killed)
     callers = {i.call_id: workers.pid_by_port.get(i.via_port or 0) for i in invites}
     voice = [r for r in audit if r.get("event") == "send" and r.get("channel") == "voice"]

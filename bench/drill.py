@@ -70,6 +70,9 @@ CALL_GRACE = 15.0
 SLOW_202 = 1.0  # an alert accepted later than this after its first try counts as delayed
 SLOW_CALL = 2.0  # ... and one whose first call left later than this after its 202
 CUT_SHORT = frozenset({"call_interrupted", "deadline_exceeded"})
+# 64 T1: an INVITE given up at a trunk's trying timeout (its carrier is dead) is still
+# retransmitted this long, and a carrier back within it answers it as a new call
+ABANDONED_INVITE_LIFETIME = 32.0
 
 
 class Scenario(enum.StrEnum):
@@ -405,8 +408,9 @@ async def _run(params: DrillParams, services: Services, workdir: Path) -> Outcom
             await asyncio.to_thread(node.stop, STOP_GRACE)
     audit = sorted((r for n in top.nodes for r in read_audit(n.audit_file)), key=audit_time)
     cut: set[str] = set()
-    if params.scenario is Scenario.CARRIER_OUTAGE:  # its calls went on to the next trunk
-        cut = {i.call_id for i in top.carriers[0].invites() if i.at <= fault.start}
+    if params.scenario is Scenario.CARRIER_OUTAGE:  # their sends went on to the next trunk
+        until = fault.end + params.down + ABANDONED_INVITE_LIFETIME
+        cut = {i.call_id for i in top.carriers[0].invites() if i.at <= until}
     report = build_report(
         requests, [fault], load_start, load_end, stored, audit, invites, calls, cut
     )
