@@ -54,6 +54,7 @@ from bench.services import (
     Services,
     SippCarrier,
     ackline_command,
+    group_running,
     service_env,
     wait_for,
 )
@@ -400,16 +401,6 @@ def _pids(service: Any) -> list[tuple[str, int]]:
     return groups
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def down(workdir: Path, say: Callable[[str], None] = print) -> int:
     """Stop what `up` started: SIGTERM each process group, SIGKILL after 40 s."""
     path = workdir / STATE_FILE
@@ -421,10 +412,10 @@ def down(workdir: Path, say: Callable[[str], None] = print) -> int:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc["pid"], signal.SIGTERM)
     deadline = time.monotonic() + 40
-    while any(_alive(p["pid"]) for p in processes) and time.monotonic() < deadline:
+    while any(group_running(p["pid"]) for p in processes) and time.monotonic() < deadline:
         time.sleep(0.2)
     for proc in processes:
-        if _alive(proc["pid"]):
+        if group_running(proc["pid"]):
             say(f"{proc['name']} (pid {proc['pid']}) ignored SIGTERM: killed")
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc["pid"], signal.SIGKILL)
@@ -442,7 +433,7 @@ def status(workdir: Path) -> int:
         print(f"not running: no {path}")
         return 1
     state = json.loads(path.read_text())
-    dead = [p for p in state["processes"] if not _alive(p["pid"])]
+    dead = [p for p in state["processes"] if not group_running(p["pid"])]
     print(json.dumps({k: v for k, v in state.items() if k != "processes"}, indent=2))
     print(f"{len(state['processes']) - len(dead)} of {len(state['processes'])} processes up"
           + "".join(f"\n  down: {p['name']} (pid {p['pid']})" for p in dead))  # fmt: skip

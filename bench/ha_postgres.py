@@ -38,7 +38,14 @@ from typing import Any, NamedTuple
 import asyncpg  # type: ignore[import-untyped]
 
 from bench.ports import free_port, listening
-from bench.services import Owned, ServiceError, _as_postgres, postgres_bin, tail
+from bench.services import (
+    Owned,
+    ServiceError,
+    _as_postgres,
+    group_running,
+    postgres_bin,
+    tail,
+)
 
 STATE_FILE = "ha_postgres.json"
 MONITOR = "monitor"
@@ -353,24 +360,14 @@ def stop_saved(workdir: Path) -> None:
                 os.killpg(groups[name], signal.SIGTERM)
     deadline = time.monotonic() + 15
     for name, pgid in groups.items():
-        while time.monotonic() < deadline and _group_alive(pgid):
+        while time.monotonic() < deadline and group_running(pgid):
             time.sleep(0.1)
-        if _group_alive(pgid):
+        if group_running(pgid):
             print(f"{name} ignored SIGTERM: killed", file=sys.stderr)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
     shutil.rmtree(state["root"], ignore_errors=True)
     path.unlink()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 async def wait_writable(dsn: str, timeout: float = 60.0) -> float:

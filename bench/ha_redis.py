@@ -24,7 +24,7 @@ from pathlib import Path
 import redis
 
 from bench.ports import free_port
-from bench.services import Owned, ServiceError, tail
+from bench.services import Owned, ServiceError, group_running, tail
 
 MASTER_NAME = "ackline"
 DOWN_AFTER_MS = 1000
@@ -235,28 +235,15 @@ def _down(workdir: Path) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(group_running(p) for p in pids):
         time.sleep(0.1)
     for pid in pids:
-        if _alive(pid):
+        if group_running(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
     path.unlink()
     print(f"stopped {len(pids)} processes")
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie of a parent that is gone is reaped by init soon; /proc says which
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,27 @@ def tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process. A zombie is not: a process whose parent exited
+    (what `python -m bench.ha up` leaves) stays one after its death where PID 1 does not
+    reap, and signalling it still succeeds."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def group_running(pgid: int) -> bool:
+    """Whether any process of the group is live (zombies aside, as in `running`)."""
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = path.read_text().rpartition(")")[2].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
 class Owned:
     """One child process in its own session, its output in a log file (appended to across
     restarts, so a killed run's last words stay next to the next run's first)."""
