@@ -28,6 +28,7 @@ import contextlib
 import enum
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -490,7 +491,8 @@ def down(workdir: Path, say: Callable[[str], None] = print) -> int:
     if not path.exists():
         say(f"nothing to stop: no {path}")
         return 0
-    processes = json.loads(path.read_text())["processes"]
+    state = json.loads(path.read_text())
+    processes = state["processes"]
     for proc in reversed(processes):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc["pid"], signal.SIGTERM)
@@ -504,6 +506,9 @@ def down(workdir: Path, say: Callable[[str], None] = print) -> int:
                 os.killpg(proc["pid"], signal.SIGKILL)
     path.unlink()
     say(f"stopped {len(processes)} processes")
+    single = state.get("topology", {}).get("postgres")
+    if single is not None:  # a single server's data, in a directory the postgres user reaches
+        shutil.rmtree(single["root"], ignore_errors=True)
     if (workdir / "pg" / PG_STATE_FILE).exists():
         stop_saved(workdir / "pg")
         say("stopped the PostgreSQL cluster")
