@@ -65,9 +65,11 @@ from bench.chaos_report import (
 from bench.chaos_report import (
     render as render_checks,
 )
-from bench.ha import STATE_FILE, HaParams, PgMode, RedisMode, Topology
+from bench.ha import STATE_FILE, HaParams, Node, PgMode, RedisMode, Topology
+from bench.ha_postgres import NODES as PG_NODES
 from bench.ha_postgres import PgAutoFailover
-from bench.services import Invite, ServiceError, Services
+from bench.ha_redis import RedisSentinelSet
+from bench.services import Invite, ServiceError, Services, SippCarrier
 
 DRILL_BOUND = 900.0  # seconds for a whole drill, start-up to report
 STOP_GRACE = 45.0  # a node drains its calls (ACKLINE_DRAIN_TIMEOUT 30 s) before it exits
@@ -419,11 +421,21 @@ async def _leave_whole(top: Topology) -> None:
     """An attached topology is left running and whole (a process a failed drill left
     dead is started again), its state file naming the processes that run now."""
     try:
-        for proc in [*top.carriers, *top.nodes]:
+        parts: list[SippCarrier | Node] = [*top.carriers, *top.nodes]
+        for proc in parts:
             if not proc.alive():
                 top.say(f"{proc.name} is down: starting it again")
                 proc.start()
+                await proc.wait_ready()
+        if isinstance(top.redis, RedisSentinelSet):
+            for name in [n for n, proc in top.redis.nodes.items() if not proc.alive()]:
+                top.say(f"{name} is down: starting it again")
+                top.redis.restart(name)
         if isinstance(top.pg, PgAutoFailover):
+            procs = top.pg.procs
+            for name in [n for n in PG_NODES if n not in procs or not procs[n].alive()]:
+                top.say(f"PostgreSQL {name} is down: starting it again")
+                top.pg.restart_node(name)
             await asyncio.to_thread(top.pg.wait_healthy, 60.0)
     finally:
         top.save()
