@@ -1,14 +1,17 @@
 """Game-day drills on the HA topology (bench/ha.py): one fault under a steady alert load.
 
     ackline drill SCENARIO [--duration 60] [--rate 5] [--at 20] [--report-dir var/drills]
+                           [--attach DIR]
     python -m bench.drill SCENARIO ...
 
 Each drill starts its own topology (PostgreSQL primary + synchronous standby under
 pg_auto_failover, Redis + replica + three Sentinels, two SIPp carriers, two ackline nodes
-behind HAProxy), POSTs alerts through the load balancer as a careful client (one
-Idempotency-Key per alert, retried after a transport error or a 5xx), injects the fault
-`--at` seconds into the load, waits for every alert to end and writes a report, Markdown
-and JSON, with:
+behind HAProxy), or with `--attach DIR` takes over the one `make ha` (`python -m bench.ha
+up --workdir DIR`) left running there and leaves it running, whole again, with its state
+file updated (`make ha-down` still stops it). It POSTs alerts through the load balancer
+as a careful client (one Idempotency-Key per alert, retried after a transport error or a
+5xx), injects the fault `--at` seconds into the load, waits for every alert to end and
+writes a report, Markdown and JSON, with:
 
 * RPO: accepted alerts (answered 202) missing afterwards; the target is 0 in every drill;
 * RTO: the longest stretch after the fault without a 202 (ingest) and without a call
@@ -17,7 +20,8 @@ and JSON, with:
   by how much, duplicate notifications, failed requests and calls cut short;
 * the chaos bench's checks (nothing lost, stuck, sent twice beyond a kill, left ringing).
 
-Exit status 0 when every target is met, 1 otherwise.
+Exit status 0 when every target is met, 1 otherwise, 2 when `--attach` finds no running
+topology in DIR (no state file, a process of it gone) or one without what the fault needs.
 """
 
 from __future__ import annotations
@@ -61,8 +65,11 @@ from bench.chaos_report import (
 from bench.chaos_report import (
     render as render_checks,
 )
-from bench.ha import HaParams, PgMode, RedisMode, Topology
-from bench.services import Invite, Services
+from bench.ha import STATE_FILE, HaParams, Node, PgMode, RedisMode, Topology
+from bench.ha_postgres import NODES as PG_NODES
+from bench.ha_postgres import PgAutoFailover
+from bench.ha_redis import RedisSentinelSet
+from bench.services import Invite, ServiceError, Services, SippCarrier
 
 DRILL_BOUND = 900.0  # seconds for a whole drill, start-up to report
 STOP_GRACE = 45.0  # a node drains its calls (ACKLINE_DRAIN_TIMEOUT 30 s) before it exits
@@ -113,6 +120,7 @@ class DrillParams:
     redis: RedisMode = RedisMode.SENTINEL
     report_dir: Path = Path("var/drills")
     workdir: Path | None = None
+    attach: Path | None = None  # the working directory of a running topology (bench.ha up)
     progress: bool = True
 
 
@@ -227,11 +235,12 @@ def measure(
 
 def markdown(figures: Figures, params: DrillParams, detail: str, checks: str) -> str:
     f = figures
+    where = "" if params.attach is None else f" of the running topology in {params.attach}"
     lines = [
         f"# Drill `{f.scenario}`: {'PASS' if f.passed else 'FAIL'}",
         "",
-        f"{params.rate:g} alerts/s for {params.duration:g} s through the load balancer; fault "
-        f"at {params.at:g} s: {detail}.",
+        f"{params.rate:g} alerts/s for {params.duration:g} s through the load balancer{where}; "
+        f"fault at {params.at:g} s: {detail}.",
         "",
         "| measure | value | target |",
         "|---|---|---|",
@@ -355,10 +364,12 @@ def node_calls(top: Topology) -> WorkerCalls:
 
 
 async def settle(
-    top: Topology, killed: set[int], deadline: float
+    top: Topology, killed: set[int], since: float, deadline: float
 ) -> tuple[list[Invite], WorkerCalls]:
+    """Until every call since `since` (the load's start: an attached topology's carriers
+    logged earlier drills' calls too) has ended, or the deadline."""
     while True:
-        invites = [i for c in top.carriers for i in c.invites()]
+        invites = [i for c in top.carriers for i in c.invites() if i.at >= since]
         calls = node_calls(top)
         if not open_calls(invites, calls, killed) or time.time() >= deadline:
             return invites, calls
@@ -372,14 +383,71 @@ class Outcome:
     report_files: tuple[Path, Path]
 
 
+class AttachError(ServiceError):
+    """No running topology to attach to, or not one this drill can run on."""
+
+
+def unsupported(scenario: Scenario, pg: PgMode, redis: RedisMode) -> str | None:
+    """Why a topology of these modes cannot take this fault (None: it can)."""
+    if scenario in (Scenario.DB_PRIMARY_CRASH, Scenario.DB_SWITCHOVER) and pg is PgMode.SINGLE:
+        return f"{scenario} needs the PostgreSQL cluster (pg {PgMode.CLUSTER})"
+    if scenario is Scenario.REDIS_MASTER_CRASH and redis is RedisMode.SINGLE:
+        return f"{scenario} needs Redis with Sentinel (redis {RedisMode.SENTINEL})"
+    return None
+
+
 async def _run(params: DrillParams, services: Services, workdir: Path) -> Outcome:
     say = Progress(params.progress)
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    ha = HaParams(pg=params.pg, redis=params.redis, progress=params.progress)
-    top = Topology(ha, services, workdir, say)
-    await top.start()
+    if params.attach is None:
+        top = Topology(HaParams(pg=params.pg, redis=params.redis, progress=params.progress),
+                       services, workdir, say)  # fmt: skip
+        await top.start()
+        return await _drill(params, top)
+    try:
+        top = Topology.attach(params.attach, services, say)
+    except (OSError, ValueError, KeyError, ServiceError) as exc:
+        raise AttachError(f"cannot attach to {params.attach}: {exc}") from exc
+    why = unsupported(params.scenario, top.params.pg, top.params.redis)
+    if why is not None:
+        raise AttachError(f"the topology in {params.attach} cannot run this drill: {why}")
+    say(f"attached to the topology in {params.attach}: API {top.base_url}")
+    try:
+        return await _drill(params, top)
+    finally:
+        await _leave_whole(top)
+
+
+async def _leave_whole(top: Topology) -> None:
+    """An attached topology is left running and whole (a process a failed drill left
+    dead is started again), its state file naming the processes that run now."""
+    try:
+        parts: list[SippCarrier | Node] = [*top.carriers, *top.nodes]
+        for proc in parts:
+            if not proc.alive():
+                top.say(f"{proc.name} is down: starting it again")
+                proc.start()
+                await proc.wait_ready()
+        if isinstance(top.redis, RedisSentinelSet):
+            for name in [n for n, proc in top.redis.nodes.items() if not proc.alive()]:
+                top.say(f"{name} is down: starting it again")
+                top.redis.restart(name)
+        if isinstance(top.pg, PgAutoFailover):
+            procs = top.pg.procs
+            for name in [n for n in PG_NODES if n not in procs or not procs[n].alive()]:
+                top.say(f"PostgreSQL {name} is down: starting it again")
+                top.pg.restart_node(name)
+            await asyncio.to_thread(top.pg.wait_healthy, 60.0)
+    finally:
+        top.save()
+        top.say(f"topology left running; {top.workdir / STATE_FILE} updated")
+
+
+async def _drill(params: DrillParams, top: Topology) -> Outcome:
+    """Load, fault, measurement and report on a running topology."""
+    say, ha = top.say, top.params
     load = Params(duration=params.duration, rate=params.rate, seed=params.seed, faults=())
     requests = plan_requests(load)
     drain_bound = ha.max_duration + ha.lease + 20
@@ -402,11 +470,13 @@ async def _run(params: DrillParams, services: Services, workdir: Path) -> Outcom
     await drain(top.database_url, time.time() + drain_bound, say)
     stored = await stored_alerts(top.database_url)
     killed = {fault.killed_pid} if fault.killed_pid is not None else set()
-    invites, calls = await settle(top, killed, time.time() + CALL_GRACE)
-    for node in top.nodes:
-        if node.alive():
-            await asyncio.to_thread(node.stop, STOP_GRACE)
-    audit = sorted((r for n in top.nodes for r in read_audit(n.audit_file)), key=audit_time)
+    invites, calls = await settle(top, killed, load_start, time.time() + CALL_GRACE)
+    if params.attach is None:  # what an attached topology's owner started goes on running
+        for node in top.nodes:
+            if node.alive():
+                await asyncio.to_thread(node.stop, STOP_GRACE)
+    audit = sorted((r for n in top.nodes for r in read_audit(n.audit_file)
+                    if audit_time(r) >= load_start), key=audit_time)  # fmt: skip
     cut: set[str] = set()
     if params.scenario is Scenario.CARRIER_OUTAGE:  # their sends went on to the next trunk
         until = fault.end + params.down + ABANDONED_INVITE_LIFETIME
@@ -424,8 +494,9 @@ async def _run(params: DrillParams, services: Services, workdir: Path) -> Outcom
     js = md.with_suffix(".json")
     md.write_text(text)
     settings = {"duration": params.duration, "rate": params.rate, "at": params.at,
-                "down": params.down, "seed": params.seed, "pg": params.pg.value,
-                "redis": params.redis.value}  # fmt: skip
+                "down": params.down, "seed": params.seed, "pg": ha.pg.value,
+                "redis": ha.redis.value,
+                "attach": None if params.attach is None else str(params.attach)}  # fmt: skip
     summary = {**asdict(figures), "params": settings, "chaos_report": report.to_json()}
     js.write_text(json.dumps(summary, indent=2) + "\n")
     return Outcome(figures, text, (md, js))
@@ -433,7 +504,13 @@ async def _run(params: DrillParams, services: Services, workdir: Path) -> Outcom
 
 def run(params: DrillParams) -> Outcome:
     """One drill; every process it started is stopped before it returns or raises. The
-    working directory (logs, audit trails) is kept when the drill fails."""
+    working directory (logs, audit trails) is kept when the drill fails. An attached
+    topology is left running (AttachError: there is none to attach to)."""
+    if params.attach is not None:
+        # never closed: the processes are the topology's, started again ones included
+        services = Services()
+        return asyncio.run(asyncio.wait_for(_run(params, services, params.attach),
+                                            DRILL_BOUND))  # fmt: skip
     workdir = params.workdir or Path(tempfile.mkdtemp(prefix=f"ackline-drill-{params.scenario}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     passed = False
@@ -479,15 +556,13 @@ def main(argv: list[str] | None = None) -> int:
         "--pg",
         type=PgMode,
         choices=list(PgMode),
-        default=defaults.pg,
-        help="cluster: pg_auto_failover primary + standby; single: one server",
+        help="cluster (default): pg_auto_failover primary + standby; single: one server",
     )
     parser.add_argument(
         "--redis",
         type=RedisMode,
         choices=list(RedisMode),
-        default=defaults.redis,
-        help="sentinel: master + replica + 3 Sentinels",
+        help="sentinel (default): master + replica + 3 Sentinels; single: one server",
     )
     parser.add_argument(
         "--report-dir",
@@ -500,15 +575,31 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="keep the topology's logs and data here (default: a temporary dir)",
     )
+    parser.add_argument(
+        "--attach",
+        type=Path,
+        metavar="DIR",
+        help="drill the topology `python -m bench.ha up --workdir DIR` (make ha) left running "
+        "there instead of starting one; it is left running",
+    )
     args = parser.parse_args(argv)
+    if args.attach is not None and (args.workdir or args.pg or args.redis):
+        parser.error("--attach drills the topology in DIR as it is: no --workdir, --pg, --redis")
     params = DrillParams(
         args.scenario, duration=args.duration, rate=args.rate, at=args.at, down=args.down,
-        seed=args.seed, pg=args.pg, redis=args.redis, report_dir=args.report_dir,
-        workdir=args.workdir,
+        seed=args.seed, pg=args.pg or defaults.pg, redis=args.redis or defaults.redis,
+        report_dir=args.report_dir, workdir=args.workdir, attach=args.attach,
     )  # fmt: skip
     if params.at >= params.duration:
         parser.error("--at must fall within --duration")
-    outcome = run(params)
+    why = unsupported(params.scenario, params.pg, params.redis)
+    if params.attach is None and why is not None:
+        parser.error(why)
+    try:
+        outcome = run(params)
+    except AttachError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(outcome.markdown)
     print(f"report: {outcome.report_files[0]} and {outcome.report_files[1]}")
     return 0 if outcome.figures.passed else 1

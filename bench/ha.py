@@ -28,10 +28,11 @@ import contextlib
 import enum
 import json
 import os
+import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from bench.services import (
     Services,
     SippCarrier,
     ackline_command,
+    group_running,
     service_env,
     wait_for,
 )
@@ -188,6 +190,14 @@ class Node(Owned):
         self.cmd = [*ackline_command(), "serve", "--role", "all", "--port", str(self.sip_port),
                     "--http-port", str(self.http_port), "--no-webphone"]  # fmt: skip
 
+    def saved(self) -> dict[str, Any]:
+        return {**super().saved(), "http_port": self.http_port, "sip_port": self.sip_port}
+
+    def adopt(self, saved: Mapping[str, Any]) -> None:
+        super().adopt(saved)
+        self.http_port = int(saved["http_port"])
+        self.sip_port = int(saved["sip_port"])
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
@@ -223,8 +233,56 @@ class Topology:
         self.nodes: list[Node] = []
         self.lb_port = free_port()
         self.haproxy: Owned | None = None
+        self.settings: dict[str, str] = {}  # the nodes' environment on top of service_env
         self.env: dict[str, str] = {}
         self.lives: dict[int, int] = {}  # SIP port -> pid of the node life that used it
+        self.started_at = time.time()
+
+    @classmethod
+    def attach(cls, workdir: Path, services: Services, say: Progress) -> Topology:
+        """The topology `up` left running in `workdir`, rebuilt from its state file so a
+        drill can crash, restart and measure it as if it had started it. Refuses (a
+        ServiceError) when there is none or a process of it is gone."""
+        workdir = workdir.resolve()
+        dead = dead_processes(workdir)
+        if dead:
+            raise ServiceError(f"not every process of the topology in {workdir} runs: "
+                               + ", ".join(dead))  # fmt: skip
+        saved = json.loads((workdir / STATE_FILE).read_text())
+        if "topology" not in saved:
+            raise ServiceError(f"{workdir / STATE_FILE} was written by an older bench.ha: "
+                               "`down` and `up` it again")  # fmt: skip
+        saved = saved["topology"]
+        params = {**saved["params"], "pg": PgMode(saved["params"]["pg"]),
+                  "redis": RedisMode(saved["params"]["redis"])}  # fmt: skip
+        top = cls(HaParams(**params, progress=say.enabled), services, workdir, say)
+        top.started_at = saved["started_at"]
+        if top.params.pg is PgMode.SINGLE:
+            top.pg = Postgres.adopt(saved["postgres"])
+        else:
+            top.pg = PgAutoFailover.adopt(workdir / "pg")
+        if top.params.redis is RedisMode.SINGLE:
+            top.redis = Redis(int(saved["redis"]["port"]), workdir)
+            top.redis.adopt(saved["redis"])
+        else:
+            top.redis = RedisSentinelSet.adopt(saved["redis"])
+        top.carriers = []
+        for name, carrier in zip(TRUNKS, saved["carriers"], strict=True):
+            top.carriers.append(SippCarrier(int(carrier["port"]), workdir / name, PRESSER,
+                                            DTMF_1))  # fmt: skip
+            top.carriers[-1].adopt(carrier)
+        top.settings = dict(saved["settings"])
+        top.env = service_env(top.settings)
+        for node_state in saved["nodes"]:
+            node = Node(node_state["name"], workdir, top.env)
+            node.adopt(node_state)
+            top.nodes.append(node)
+            top.lives[node.sip_port] = node.pid
+        top.lb_port = int(saved["lb_port"])
+        top.haproxy = Owned.adopted(saved["haproxy"])
+        for service in [top.pg, top.redis, *top.carriers, *top.nodes, top.haproxy]:
+            services.add(service)
+        return top
 
     @property
     def base_url(self) -> str:
@@ -253,7 +311,7 @@ class Topology:
         config = self.workdir / "ackline.yaml"
         config.write_text(yaml.safe_dump(ackline_config([c.port for c in self.carriers],
                                                         self.params.max_duration)))  # fmt: skip
-        self.env = service_env({
+        self.settings = {
             "ACKLINE_DATABASE_URL": self.database_url,
             "REDIS_URL": self.redis_url,
             "ACKLINE_REDIS_PREFIX": PREFIX,
@@ -265,7 +323,8 @@ class Topology:
             "ACKLINE_UNREADY_GRACE": f"{UNREADY_GRACE:g}",
             "ACKLINE_VOICE_RING_TIMEOUT": "10",
             "ACKLINE_PROMPT_CACHE": str(self.workdir / "prompts"),
-        })  # fmt: skip
+        }  # fmt: skip
+        self.env = service_env(self.settings)
         # the first node migrates the schema alone; the others start against it
         for i in range(self.params.nodes):
             node = Node(f"node-{chr(ord('a') + i)}", self.workdir, self.env)
@@ -359,13 +418,30 @@ class Topology:
         self.lives[node.sip_port] = node.pid
 
     def state(self) -> dict[str, Any]:
-        """What `up` writes for `status`, `down` and anyone who wants to point at it."""
+        """What `up` writes for `status`, `down`, `attach` and anyone who wants to point
+        at it."""
         owned: list[dict[str, Any]] = []
         for service in self.services.owned():
             for name, group in _pids(service):
                 owned.append({"name": name, "pid": group})
+        assert self.haproxy is not None
+        p = self.params
+        topology = {
+            "started_at": self.started_at,
+            "params": {"nodes": p.nodes, "pg": p.pg.value, "redis": p.redis.value,
+                       "lease": p.lease, "drain_timeout": p.drain_timeout,
+                       "max_duration": p.max_duration},
+            "settings": self.settings,
+            "postgres": self.pg.saved() if isinstance(self.pg, Postgres) else None,
+            "redis": (self.redis.state() if isinstance(self.redis, RedisSentinelSet)
+                      else {**self.redis.saved(), "port": self.redis.port}),
+            "carriers": [{**c.saved(), "port": c.port} for c in self.carriers],
+            "nodes": [n.saved() for n in self.nodes],
+            "lb_port": self.lb_port,
+            "haproxy": self.haproxy.saved(),
+        }  # fmt: skip
         return {
-            "started_at": time.time(),
+            "started_at": self.started_at,
             "api": self.base_url,
             "api_key": API_KEY,
             "nodes": [
@@ -377,7 +453,16 @@ class Topology:
                 name: f"127.0.0.1:{c.port}" for name, c in zip(TRUNKS, self.carriers, strict=True)
             },
             "processes": owned,
+            "topology": topology,  # what `attach` rebuilds it from
         }
+
+    def save(self) -> dict[str, Any]:
+        """Write the state file (and the PostgreSQL cluster's own): every current pid."""
+        state = self.state()
+        if isinstance(self.pg, PgAutoFailover):
+            self.pg.save_state()
+        (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        return state
 
 
 def _pids(service: Any) -> list[tuple[str, int]]:
@@ -400,40 +485,52 @@ def _pids(service: Any) -> list[tuple[str, int]]:
     return groups
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def down(workdir: Path, say: Callable[[str], None] = print) -> int:
     """Stop what `up` started: SIGTERM each process group, SIGKILL after 40 s."""
     path = workdir / STATE_FILE
     if not path.exists():
         say(f"nothing to stop: no {path}")
         return 0
-    processes = json.loads(path.read_text())["processes"]
+    state = json.loads(path.read_text())
+    processes = state["processes"]
     for proc in reversed(processes):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc["pid"], signal.SIGTERM)
     deadline = time.monotonic() + 40
-    while any(_alive(p["pid"]) for p in processes) and time.monotonic() < deadline:
+    while any(group_running(p["pid"]) for p in processes) and time.monotonic() < deadline:
         time.sleep(0.2)
     for proc in processes:
-        if _alive(proc["pid"]):
+        if group_running(proc["pid"]):
             say(f"{proc['name']} (pid {proc['pid']}) ignored SIGTERM: killed")
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc["pid"], signal.SIGKILL)
     path.unlink()
     say(f"stopped {len(processes)} processes")
+    single = state.get("topology", {}).get("postgres")
+    if single is not None:  # a single server's data, in a directory the postgres user reaches
+        shutil.rmtree(single["root"], ignore_errors=True)
     if (workdir / "pg" / PG_STATE_FILE).exists():
         stop_saved(workdir / "pg")
         say("stopped the PostgreSQL cluster")
     return 0
+
+
+def _groups(workdir: Path) -> list[dict[str, Any]]:
+    """Every process group `up` left in `workdir`, the PostgreSQL cluster's included."""
+    groups = list(json.loads((workdir / STATE_FILE).read_text())["processes"])
+    pg_state = workdir / "pg" / PG_STATE_FILE
+    if pg_state.exists():
+        saved = json.loads(pg_state.read_text())["groups"]
+        groups += [{"name": f"pg {name}", "pid": pid} for name, pid in saved.items()]
+    return groups
+
+
+def dead_processes(workdir: Path) -> list[str]:
+    """What is missing of the topology in `workdir`: its state file, or processes."""
+    if not (workdir / STATE_FILE).exists():
+        return [f"no {workdir / STATE_FILE}"]
+    return [f"{p['name']} (pid {p['pid']})" for p in _groups(workdir)
+            if not group_running(p["pid"])]  # fmt: skip
 
 
 def status(workdir: Path) -> int:
@@ -442,10 +539,12 @@ def status(workdir: Path) -> int:
         print(f"not running: no {path}")
         return 1
     state = json.loads(path.read_text())
-    dead = [p for p in state["processes"] if not _alive(p["pid"])]
-    print(json.dumps({k: v for k, v in state.items() if k != "processes"}, indent=2))
-    print(f"{len(state['processes']) - len(dead)} of {len(state['processes'])} processes up"
-          + "".join(f"\n  down: {p['name']} (pid {p['pid']})" for p in dead))  # fmt: skip
+    dead = dead_processes(workdir)
+    total = len(_groups(workdir))
+    print(json.dumps({k: v for k, v in state.items() if k not in ("processes", "topology")},
+                     indent=2))  # fmt: skip
+    print(f"{total - len(dead)} of {total} processes up"
+          + "".join(f"\n  down: {d}" for d in dead))  # fmt: skip
     return 1 if dead else 0
 
 
@@ -470,10 +569,7 @@ def up(params: HaParams, workdir: Path) -> int:
     except BaseException:
         services.close()
         raise
-    state = topology.state()
-    if isinstance(topology.pg, PgAutoFailover):
-        topology.pg.save_state()
-    (workdir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    state = topology.save()
     print(f"up: API {state['api']} (X-API-Key {API_KEY}); nodes "
           + ", ".join(f"{n['name']} {n['api']} sip {n['sip']}" for n in state["nodes"])
           + f"\ndatabase {state['database_url']}\nredis {state['redis_url']}\n"

@@ -38,7 +38,14 @@ from typing import Any, NamedTuple
 import asyncpg  # type: ignore[import-untyped]
 
 from bench.ports import free_port, listening
-from bench.services import Owned, ServiceError, _as_postgres, postgres_bin, tail
+from bench.services import (
+    Owned,
+    ServiceError,
+    _as_postgres,
+    group_running,
+    postgres_bin,
+    tail,
+)
 
 STATE_FILE = "ha_postgres.json"
 MONITOR = "monitor"
@@ -87,20 +94,35 @@ class PgAutoFailover:
     the postgres user can reach (a pytest tmp_path is 0700 under root's); logs and the
     CLI's state file go to `workdir`."""
 
-    def __init__(self, workdir: Path, database: str = "ackline", fast: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, database: str = "ackline", fast: bool = True,
+        root: Path | None = None,
+    ) -> None:  # fmt: skip
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.database = database
         self.fast = fast
         self.bin = postgres_bin()
-        self.root = Path(tempfile.mkdtemp(prefix="ackline-pgaf-"))
-        self.root.chmod(0o755)
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres", "postgres")
+        if root is None:  # a new cluster; `adopt` passes the running one's
+            root = Path(tempfile.mkdtemp(prefix="ackline-pgaf-"))
+            root.chmod(0o755)
+            if os.geteuid() == 0:
+                shutil.chown(root, "postgres", "postgres")
+        self.root = root
         self.ports = {MONITOR: free_port()}
         for name in NODES:
             self.ports[name] = free_port()
         self.procs: dict[str, Owned] = {}
+
+    @classmethod
+    def adopt(cls, workdir: Path) -> PgAutoFailover:
+        """The cluster whose `save_state()` is in `workdir` (left running by `up`): crash,
+        restart and switch over work on it as if this process had started it."""
+        state = json.loads((Path(workdir) / STATE_FILE).read_text())
+        cluster = cls(workdir, state["database"], state["fast"], Path(state["root"]))
+        cluster.ports = {name: int(port) for name, port in state["ports"].items()}
+        cluster.procs = {name: Owned.adopted(saved) for name, saved in state["procs"].items()}
+        return cluster
 
     # -- addresses -------------------------------------------------------------------
 
@@ -193,8 +215,8 @@ class PgAutoFailover:
     def _until(self, check: Callable[[], bool], deadline: float, what: str,
                proc: Owned | None = None) -> None:  # fmt: skip
         while time.monotonic() < deadline:
-            if proc is not None and proc.process is not None and not proc.alive():
-                raise ServiceError(f"{what}: {proc.name} exited ({proc.popen.returncode}):\n"
+            if proc is not None and proc.exited():
+                raise ServiceError(f"{what}: {proc.name} exited ({proc.returncode}):\n"
                                    f"{tail(proc.log)}")  # fmt: skip
             if check():
                 return
@@ -310,9 +332,13 @@ class PgAutoFailover:
     # -- life ------------------------------------------------------------------------
 
     def save_state(self) -> Path:
-        """What `down` needs to stop a cluster left running by `up`."""
+        """What `down` needs to stop a cluster left running by `up`, and `adopt` to take
+        it over."""
+        running = {n: p for n, p in self.procs.items() if p.alive()}
         state = {"root": str(self.root), "ports": self.ports, "dsn": self.dsn(),
-                 "groups": {n: p.pid for n, p in self.procs.items() if p.alive()}}  # fmt: skip
+                 "database": self.database, "fast": self.fast,
+                 "groups": {n: p.pid for n, p in running.items()},
+                 "procs": {n: p.saved() for n, p in running.items()}}  # fmt: skip
         path = self.workdir / STATE_FILE
         path.write_text(json.dumps(state, indent=2))
         return path
@@ -353,24 +379,14 @@ def stop_saved(workdir: Path) -> None:
                 os.killpg(groups[name], signal.SIGTERM)
     deadline = time.monotonic() + 15
     for name, pgid in groups.items():
-        while time.monotonic() < deadline and _group_alive(pgid):
+        while time.monotonic() < deadline and group_running(pgid):
             time.sleep(0.1)
-        if _group_alive(pgid):
+        if group_running(pgid):
             print(f"{name} ignored SIGTERM: killed", file=sys.stderr)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
     shutil.rmtree(state["root"], ignore_errors=True)
     path.unlink()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 async def wait_writable(dsn: str, timeout: float = 60.0) -> float:

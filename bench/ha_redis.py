@@ -18,13 +18,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from bench.ports import free_port
-from bench.services import Owned, ServiceError, tail
+from bench.services import Owned, ServiceError, group_running, tail
 
 MASTER_NAME = "ackline"
 DOWN_AFTER_MS = 1000
@@ -133,7 +134,7 @@ class RedisSentinelSet:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for node in self.nodes.values():
-                if node.process is not None and not node.alive() and node.name not in self._down:
+                if node.exited() and node.name not in self._down:
                     raise ServiceError(f"{node.name} exited:\n{tail(node.log)}")
             if check():
                 return
@@ -206,13 +207,26 @@ class RedisSentinelSet:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> dict[str, Any]:
+        """What `down` needs to stop the set, and `adopt` to take it over."""
+        running = {n: node for n, node in self.nodes.items() if node.alive()}
         return {
             "url": self.url,
             "master_name": self.master_name,
+            "workdir": str(self.workdir),
             "ports": self.ports,
-            "pids": {n: node.pid for n, node in self.nodes.items() if node.alive()},
+            "pids": {n: node.pid for n, node in running.items()},
+            "nodes": {n: node.saved() for n, node in running.items()},
         }
+
+    @classmethod
+    def adopt(cls, state: Mapping[str, Any]) -> RedisSentinelSet:
+        """The set `state()` described, left running by another run."""
+        adopted = cls(Path(state["workdir"]), state["master_name"])
+        adopted.ports = {name: int(port) for name, port in state["ports"].items()}
+        for name, node in adopted.nodes.items():
+            node.adopt(state["nodes"][name])
+        return adopted
 
 
 def _fields(reply: object) -> dict[str, str]:
@@ -235,28 +249,15 @@ def _down(workdir: Path) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(group_running(p) for p in pids):
         time.sleep(0.1)
     for pid in pids:
-        if _alive(pid):
+        if group_running(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
     path.unlink()
     print(f"stopped {len(pids)} processes")
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie of a parent that is gone is reaped by init soon; /proc says which
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, NamedTuple, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 import httpx
 import redis.asyncio as aioredis
@@ -44,9 +44,34 @@ def tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process. A zombie is not: a process whose parent exited
+    (what `python -m bench.ha up` leaves) stays one after its death where PID 1 does not
+    reap, and signalling it still succeeds."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def group_running(pgid: int) -> bool:
+    """Whether any process of the group is live (zombies aside, as in `running`)."""
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = path.read_text().rpartition(")")[2].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
 class Owned:
     """One child process in its own session, its output in a log file (appended to across
-    restarts, so a killed run's last words stay next to the next run's first)."""
+    restarts, so a killed run's last words stay next to the next run's first).
+
+    A process another run started and left running (`python -m bench.ha up`) can be
+    adopted from what `saved()` recorded: `pid`, `alive()`, `kill()` and `stop()` then act
+    on its group, and `start()` spawns it anew from the same command."""
 
     def __init__(
         self,
@@ -63,7 +88,28 @@ class Owned:
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
+        self.adopted_pid: int | None = None  # not our child: nobody here can wait for it
         self._out: IO[bytes] | None = None
+
+    def saved(self) -> dict[str, Any]:
+        """What `adopt` needs (the environment is left out: it is rebuilt, and a shell's
+        secrets have no business in a state file)."""
+        return {"name": self.name, "pid": self.pid, "cmd": self.cmd, "log": str(self.log),
+                "cwd": None if self.cwd is None else str(self.cwd)}  # fmt: skip
+
+    def adopt(self, saved: Mapping[str, Any]) -> None:
+        self.cmd = list(saved["cmd"])
+        self.log = Path(saved["log"])
+        self.cwd = None if saved["cwd"] is None else Path(saved["cwd"])
+        self.process = None
+        self.adopted_pid = int(saved["pid"])
+
+    @classmethod
+    def adopted(cls, saved: Mapping[str, Any]) -> Owned:
+        """A plain Owned for a saved process (a subclass builds itself, then `adopt`s)."""
+        proc = Owned(saved["name"], [], Path(saved["log"]))
+        proc.adopt(saved)
+        return proc
 
     def start(self) -> None:
         if self.alive():
@@ -79,6 +125,7 @@ class Owned:
             cwd=self.cwd,
             start_new_session=True,
         )
+        self.adopted_pid = None
 
     @property
     def popen(self) -> subprocess.Popen[bytes]:
@@ -88,36 +135,60 @@ class Owned:
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.adopted_pid if self.adopted_pid is not None else self.popen.pid
+
+    @property
+    def started(self) -> bool:
+        return self.process is not None or self.adopted_pid is not None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status, None while running or for an adopted process."""
+        return None if self.process is None else self.process.poll()
 
     def alive(self) -> bool:
+        if self.adopted_pid is not None:
+            return running(self.adopted_pid)
         return self.process is not None and self.process.poll() is None
+
+    def exited(self) -> bool:
+        """Started (or adopted) once and gone since: a wait for it to be ready can stop."""
+        return self.started and not self.alive()
+
+    def _wait(self, timeout: float) -> bool:
+        """Until the process is gone (reaped, when it is our child); False on timeout."""
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.alive()
 
     def kill(self) -> None:
         """SIGKILL the whole process group and reap the child: no goodbye of any kind."""
-        if self.process is None:
+        if not self.started:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
+            os.killpg(self.pid, signal.SIGKILL)
+        self._wait(10)
         self._close_log()
 
     def stop(self, timeout: float = 15.0) -> float | None:
         """SIGTERM the group, then SIGKILL what is left after `timeout` seconds. Returns
         how long the process took to exit, None when it had to be killed (or was not
         running)."""
-        if self.process is None:
-            return None
         took: float | None = None
-        if self.process.poll() is None:
+        if self.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
+                os.killpg(self.pid, signal.SIGTERM)
             began = time.monotonic()
-            try:
-                self.process.wait(timeout=timeout)
+            if self._wait(timeout):
                 took = time.monotonic() - began
-            except subprocess.TimeoutExpired:
+            else:
                 print(f"{self.name} ignored SIGTERM for {timeout:g} s: killed", file=sys.stderr)
         self.kill()  # also what the group's other members left behind
         return took
@@ -148,17 +219,32 @@ class Postgres:
     """A throwaway cluster on its own port and data directory (in a directory of its own
     the postgres user can reach, removed on close; its log is copied to `log` first)."""
 
-    def __init__(self, port: int, log: Path, settings: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, port: int, log: Path, settings: Mapping[str, str] | None = None,
+        root: Path | None = None,
+    ) -> None:  # fmt: skip
         self.port = port
         self.log = log
         self.settings = dict(settings or {})
         self.bin = postgres_bin()
-        self.root = Path(tempfile.mkdtemp(prefix="ackline-bench-pg-"))
-        self.root.chmod(0o755)
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres", "postgres")
+        if root is None:  # a new cluster; `adopt` passes the running one's
+            root = Path(tempfile.mkdtemp(prefix="ackline-bench-pg-"))
+            root.chmod(0o755)
+            if os.geteuid() == 0:
+                shutil.chown(root, "postgres", "postgres")
+        self.root = root
         self.data = self.root / "data"
         self.pid: int | None = None  # the postmaster's, for a last-resort kill
+
+    def saved(self) -> dict[str, Any]:
+        return {"port": self.port, "log": str(self.log), "root": str(self.root), "pid": self.pid}
+
+    @classmethod
+    def adopt(cls, saved: Mapping[str, Any]) -> Postgres:
+        """The server `saved()` described, left running by another run."""
+        pg = cls(int(saved["port"]), Path(saved["log"]), root=Path(saved["root"]))
+        pg.pid = saved["pid"]
+        return pg
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -325,8 +411,8 @@ async def wait_for(
     """Poll a check until it holds; fail at once if `process` died meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process is not None and process.process is not None and not process.alive():
-            raise ServiceError(f"{what} exited ({process.process.returncode}):\n"
+        if process is not None and process.exited():
+            raise ServiceError(f"{what} exited ({process.returncode}):\n"
                                f"{tail(process.log)}")  # fmt: skip
         if await check():
             return

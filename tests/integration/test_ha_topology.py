@@ -1,20 +1,28 @@
 """Two complete ackline nodes behind HAProxy (bench/ha.py), under a steady alert load:
 a node killed -9 leaves its chains to the other node, and a rolling restart of every node
-fails no request and cuts no call short; an inbound call reaches either node. The drills
-run here in miniature (one PostgreSQL, one Redis: their failover has tests of its own);
+fails no request and cuts no call short; an inbound call reaches either node; a drill
+attached to a topology `make ha` left running leaves it running and whole. The drills run
+here in miniature (one PostgreSQL, one Redis: their failover has tests of its own);
 `ackline drill` runs them in full."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.chaos import Progress
 from bench.drill import DrillParams, Scenario, run
+from bench.drill import main as drill_main
 from bench.ha import HaParams, PgMode, RedisMode, Topology
-from bench.services import Services
+from bench.services import REPO, Services, group_running
 from tests.integration.peers import dtmf_pcap, sipp
 
 pytest_plugins = ["tests.conftest_escalation"]
@@ -78,3 +86,45 @@ async def test_an_inbound_call_reaches_either_node_and_the_survivor_of_a_crash(
         await asyncio.to_thread(call, 1, "to-b-after-crash")
     finally:
         services.close()
+
+
+def _bench_ha(command: str, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "bench.ha", command, "--workdir", str(workdir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def _groups(workdir: Path) -> list[tuple[str, int]]:
+    """(name, process group) of every process the state file lists."""
+    state: dict[str, Any] = json.loads((workdir / "state.json").read_text())
+    return [(p["name"], p["pid"]) for p in state["processes"]]
+
+
+@pytest.mark.timeout(240)
+def test_a_drill_attached_to_a_running_topology_leaves_it_running_and_whole(
+    tmp_path: Path,
+) -> None:
+    """`make ha`, then `ackline drill node-crash --attach DIR`: the killed node is back
+    under a new pid the state file names, so `status` finds everything up and `down`
+    stops everything, the replacement included."""
+    workdir = tmp_path / "ha"
+    up = _bench_ha("up", workdir, "--pg", "single", "--redis", "single")
+    assert up.returncode == 0, up.stderr
+    try:
+        before = _groups(workdir)
+        outcome = run(DrillParams(Scenario.NODE_CRASH, duration=20, rate=4, at=6, down=5,
+                                  report_dir=tmp_path / "reports", attach=workdir,
+                                  progress=False))  # fmt: skip
+        f = outcome.figures
+        assert f.accepted == 80 and f.rpo_alerts == 0, outcome.markdown
+        assert f.passed, outcome.markdown
+        status = _bench_ha("status", workdir)
+        assert status.returncode == 0, status.stdout
+        after = _groups(workdir)
+        assert [name for name, pid in after if (name, pid) not in before] == ["node-a"]
+        os.killpg(dict(after)["haproxy"], signal.SIGKILL)  # a part missing: refused
+        assert drill_main(["node-crash", "--attach", str(workdir)]) == 2
+    finally:
+        down = _bench_ha("down", workdir)
+    assert down.returncode == 0, down.stderr
+    assert not [name for name, pid in after if group_running(pid)]
+    assert drill_main(["node-crash", "--attach", str(workdir)]) == 2  # no state file now
