@@ -60,13 +60,12 @@ from bench.services import (
     wait_for,
 )
 
-# the chaos bench's client (bench.chaos.post_alert) drives the drills' load too
+# the chaos bench's client (bench.chaos.post_alert) drives the drills' load too, and its
+# callees are the carriers' (one presses 1, one never does)
 COMPANY = chaos.COMPANY
 API_KEY = chaos.API_KEY
+PRESSER, SILENT, DTMF_1 = chaos.PRESSER, chaos.SILENT, chaos.DTMF_1
 PREFIX = "ackline"
-PRESSER = "+14155550100"  # the carriers' callee who presses 1 (fictional 555-01xx)
-SILENT = "+14155550150"  # the carriers' callee who never presses a key
-DTMF_1 = Path("/usr/share/sip-tester/dtmf_2833_1.pcap")
 TRUNKS = ("trunk-a", "trunk-b")
 STATE_FILE = "state.json"
 READY_BOUND = 60.0  # seconds for a node to answer /readyz on a loaded machine
@@ -97,23 +96,6 @@ class HaParams:
     progress: bool = True
 
 
-def policies(max_duration: float) -> list[dict[str, Any]]:
-    """Short calls and quick retries (as in the chaos bench), bounded by max_duration."""
-    voice = {"prompts": 1, "digit_timeout": "3s"}
-    retry = {"voice": {"attempts": 2, "backoff": "linear", "base": "2s", "factor": 0,
-                       "max": "2s", "fallback_channel": None}}  # fmt: skip
-    common = {"max_duration": f"{max_duration:g}s", "retry": retry, "voice": voice}
-    return [
-        {"name": "answer", "repeat": 2, **common,
-         "steps": [{"recipients": ["presser"], "channels": ["voice"], "delay": "8s"}]},
-        {"name": "late", **common,
-         "steps": [{"recipients": ["silent"], "channels": ["voice"], "delay": "4s"},
-                   {"recipients": ["presser"], "channels": ["voice"], "delay": "8s"}]},
-        {"name": "ignore", **common,
-         "steps": [{"recipients": ["silent"], "channels": ["voice"], "delay": "5s"}]},
-    ]  # fmt: skip
-
-
 def ackline_config(carrier_ports: Sequence[int], max_duration: float) -> dict[str, Any]:
     """Two diverse trunks in priority order, probed every second: a dead one is skipped."""
     trunks = [
@@ -127,7 +109,7 @@ def ackline_config(carrier_ports: Sequence[int], max_duration: float) -> dict[st
             {"id": "presser", "name": "Presses 1", "phone": PRESSER},
             {"id": "silent", "name": "Never presses a key", "phone": SILENT},
         ],
-        "policies": policies(max_duration),
+        "policies": chaos.policies(max_duration),  # the chaos bench's three behaviours
         "carriers": {
             "allowed_countries": ["US"],
             "probe": {"interval": "1s", "down_after": 2, "up_after": 1},

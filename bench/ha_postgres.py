@@ -44,6 +44,7 @@ from bench.services import (
     _as_postgres,
     group_running,
     postgres_bin,
+    postgres_dir,
     tail,
 )
 
@@ -103,12 +104,7 @@ class PgAutoFailover:
         self.database = database
         self.fast = fast
         self.bin = postgres_bin()
-        if root is None:  # a new cluster; `adopt` passes the running one's
-            root = Path(tempfile.mkdtemp(prefix="ackline-pgaf-"))
-            root.chmod(0o755)
-            if os.geteuid() == 0:
-                shutil.chown(root, "postgres", "postgres")
-        self.root = root
+        self.root = root or postgres_dir("ackline-pgaf-")  # `adopt` passes the running one's
         self.ports = {MONITOR: free_port()}
         for name in NODES:
             self.ports[name] = free_port()

@@ -215,6 +215,16 @@ def postgres_bin() -> Path:
     return versions[-1]
 
 
+def postgres_dir(prefix: str) -> Path:
+    """A new directory the postgres user owns, under the system temp dir: PostgreSQL
+    refuses to run as root, and a pytest tmp_path (0700, root's) is out of its reach."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(path, "postgres", "postgres")
+    return path
+
+
 class Postgres:
     """A throwaway cluster on its own port and data directory (in a directory of its own
     the postgres user can reach, removed on close; its log is copied to `log` first)."""
@@ -227,12 +237,7 @@ class Postgres:
         self.log = log
         self.settings = dict(settings or {})
         self.bin = postgres_bin()
-        if root is None:  # a new cluster; `adopt` passes the running one's
-            root = Path(tempfile.mkdtemp(prefix="ackline-bench-pg-"))
-            root.chmod(0o755)
-            if os.geteuid() == 0:
-                shutil.chown(root, "postgres", "postgres")
-        self.root = root
+        self.root = root or postgres_dir("ackline-bench-pg-")  # `adopt` passes the running one's
         self.data = self.root / "data"
         self.pid: int | None = None  # the postmaster's, for a last-resort kill
 
