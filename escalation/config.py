@@ -394,19 +394,14 @@ class FieldMapping(BaseModel):
     resolved_values: list[str] = Field(default_factory=lambda: ["resolved"], min_length=1)
 
 
-class Integration(BaseModel):
-    """An inbound alert source: its payload format, its secret and where its alerts go.
-
-    The token is given inline (API) or read from the environment (``token_env``, files),
-    so a YAML file under version control holds no secret.
-    """
+class IntegrationSettings(BaseModel):
+    """An inbound alert source as stored and shown: everything but its token."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     format: IntegrationFormat
-    token: str | None = Field(default=None, min_length=16, max_length=256)
-    token_env: str | None = None
+    token_env: str | None = None  # the token comes from this environment variable
     policy: str
     routes: list[IntegrationRoute] = Field(default_factory=list)
     mapping: FieldMapping | None = None
@@ -417,9 +412,7 @@ class Integration(BaseModel):
         return _slug(value, "integration name")
 
     @model_validator(mode="after")
-    def _consistent(self) -> Integration:
-        if (self.token is None) == (self.token_env is None):
-            raise ValueError("give exactly one of token and token_env")
+    def _mapping(self) -> IntegrationSettings:
         if (self.mapping is None) == (self.format is IntegrationFormat.GENERIC):
             raise ValueError("mapping is required for the generic format, and only for it")
         return self
@@ -431,7 +424,23 @@ class Integration(BaseModel):
         ]
 
 
-def integration_errors(integration: Integration, policies: Iterable[str]) -> list[str]:
+class Integration(IntegrationSettings):
+    """An integration as configured: the token inline (API) or from the environment
+    (``token_env``, files), so a YAML file under version control need hold no secret."""
+
+    token: str | None = Field(default=None, min_length=16, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> Integration:
+        if (self.token is None) == (self.token_env is None):
+            raise ValueError("give exactly one of token and token_env")
+        return self
+
+    def settings(self) -> IntegrationSettings:
+        return IntegrationSettings.model_validate(self.model_dump(exclude={"token"}))
+
+
+def integration_errors(integration: IntegrationSettings, policies: Iterable[str]) -> list[str]:
     """Dangling policy references; shared by the file loader and the API."""
     known = set(policies)
     return [
