@@ -179,8 +179,13 @@ def _at(data: object, path: str) -> object:
     return data
 
 
-def _flat(data: object, prefix: str = "") -> dict[str, str]:
+_FLAT_DEPTH = 16  # routes match fields this deep at most; the walk stays off the C stack
+
+
+def _flat(data: object, prefix: str = "", depth: int = 0) -> dict[str, str]:
     """Every scalar of the payload by its dotted path: generic routes match these."""
+    if depth > _FLAT_DEPTH:
+        return {}
     if isinstance(data, dict):
         items: list[tuple[str, object]] = [(str(k), v) for k, v in data.items()]
     elif isinstance(data, list):
@@ -189,7 +194,7 @@ def _flat(data: object, prefix: str = "") -> dict[str, str]:
         return {} if data is None else {prefix: _text(data)}
     out: dict[str, str] = {}
     for key, value in items:
-        out |= _flat(value, f"{prefix}.{key}" if prefix else key)
+        out |= _flat(value, f"{prefix}.{key}" if prefix else key, depth + 1)
     return out
 
 

@@ -7,7 +7,6 @@ with a URL and perhaps a header, and each one gets a secret of its own.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Annotated, Any
 
@@ -68,8 +67,12 @@ async def receive(
         raise HTTPException(401, "unknown integration or wrong token") from None
     try:
         payload: Any = parse_strict(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise HTTPException(400, f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise HTTPException(
+            400, "the body is not JSON this server reads: nested too deep"
+        ) from None
     ctx = context(request, inbound.actor(source.settings))
     try:
         done = await inbound.receive(runtime.engine, source, payload, ctx)

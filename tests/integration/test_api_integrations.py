@@ -318,13 +318,29 @@ async def test_a_bad_payload_changes_nothing_and_names_the_field(
         )
         assert r.status_code == 400
         assert r.json()["detail"].startswith("the body is not JSON")
+        deep = await api.client.post(
+            "/v1/integrations/hook", content=b"[" * 100_000 + b"]" * 100_000,
+            params={"token": HOOK_TOKEN},
+        )  # fmt: skip
+        assert deep.status_code == 400, deep.text
+        nested: Any = {"state": "alerting", "check": {"id": "n", "name": "deep"}}
+        for _ in range(500):
+            nested = {"n": nested, "check": {"id": "n", "name": "deep"}}
+        r = await api.send("hook", {"state": "x", "check": {"name": "t", "id": "d"}, "n": nested},
+                           token=HOOK_TOKEN)  # fmt: skip
+        assert r.status_code == 422, r.text  # 16 KiB of details at most
+        assert r.json()["detail"][0].startswith("alerts[0].details: ")
 
         assert await api.counts() == (0, 0)
         assert api.sms.sent == []
-        assert [(a["status"], a.get("errors")) for a in api.payload_audit()] == [
-            ("rejected", ["alerts[1].fingerprint: Field required"]),
-            ("rejected", ["version: Input should be '4'"]),
-            ("rejected", [api.payload_audit()[2]["errors"][0]]),
+        # audited once authenticated, whatever was wrong with the payload after that
+        audit = [(a["integration"], a["status"], a["errors"][0]) for a in api.payload_audit()]
+        too_big = "details: details must serialise to at most 16384 bytes"
+        assert audit == [
+            ("prom", "rejected", "alerts[1].fingerprint: Field required"),
+            ("prom", "rejected", "version: Input should be '4'"),
+            ("prom", "rejected", f"alerts[1].{too_big}"),
+            ("hook", "rejected", f"alerts[0].{too_big}"),
         ]
 
 
