@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from escalation.config import ConfigError, IntegrationFormat, parse_config
+from escalation.config import ConfigError, IntegrationFormat, load_config, parse_config
 
 
 def _base(*integrations: dict[str, Any]) -> dict[str, Any]:
@@ -68,3 +69,12 @@ def test_mistakes_name_the_integration(change: dict[str, Any], message: str) -> 
     (error,) = _errors(_base({**AM, **change}))
     assert error.startswith("ackline.yaml: integrations[0]"), error
     assert message in error, error
+
+
+def test_the_example_file_shows_each_kind_of_integration() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[2] / "ackline.example.yaml")
+    assert [(i.name, i.format) for i in cfg.integrations] == [
+        ("prometheus", IntegrationFormat.ALERTMANAGER),
+        ("uptime", IntegrationFormat.GENERIC),
+    ]
+    assert all(i.token is None and i.token_env for i in cfg.integrations)
