@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, assert_never
@@ -65,6 +65,11 @@ class UnknownIntegration(LookupError):
     """No integration of that name takes this token (which of the two is not said)."""
 
 
+class PayloadOutcome(enum.StrEnum):
+    RECEIVED = "received"
+    REJECTED = "rejected"
+
+
 class AlertStatus(enum.StrEnum):
     FIRING = "firing"
     RESOLVED = "resolved"
@@ -98,10 +103,18 @@ class _AlertmanagerAlert(BaseModel):
     fingerprint: str = Field(min_length=1, max_length=255)
 
 
-class _AlertmanagerPayload(BaseModel):
+class _GrafanaAlert(_AlertmanagerAlert):
+    valueString: str | None = None
+    dashboardURL: str | None = None
+    panelURL: str | None = None
+    silenceURL: str | None = None
+
+
+class _GroupPayload(BaseModel):
+    """What Alertmanager's webhook and Grafana's (built on it) have in common."""
+
     model_config = ConfigDict(extra="ignore")
 
-    version: Literal["4"]
     groupKey: str
     truncatedAlerts: int = Field(default=0, ge=0)
     status: AlertStatus
@@ -110,30 +123,27 @@ class _AlertmanagerPayload(BaseModel):
     commonLabels: dict[str, str] = Field(default_factory=dict)
     commonAnnotations: dict[str, str] = Field(default_factory=dict)
     externalURL: str | None = None
-    alerts: list[_AlertmanagerAlert]
+    alerts: Sequence[_AlertmanagerAlert]
 
 
-class _GrafanaAlert(_AlertmanagerAlert):
-    valueString: str | None = None
-    dashboardURL: str | None = None
-    panelURL: str | None = None
-    silenceURL: str | None = None
+class _AlertmanagerPayload(_GroupPayload):
+    version: Literal["4"]
 
 
-class _GrafanaPayload(_AlertmanagerPayload):
-    version: str  # type: ignore[assignment]  # Grafana sends "1"
+class _GrafanaPayload(_GroupPayload):
+    version: str  # Grafana sends "1"
     title: str | None = None
     state: str | None = None
     message: str | None = None
     orgId: int | None = None
-    alerts: list[_GrafanaAlert]  # type: ignore[assignment]
+    alerts: Sequence[_GrafanaAlert]
 
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _grouped(payload: _AlertmanagerPayload) -> list[InboundAlert]:
+def _grouped(payload: _GroupPayload) -> list[InboundAlert]:
     out = []
     for a in payload.alerts:
         name = a.labels.get("alertname") or payload.groupKey or "alert"
@@ -309,11 +319,11 @@ _audit_failures = FailureLog(log, "writing an integration's audit line")
 
 
 def _audit(
-    engine: Engine, source: crud.StoredIntegration, ctx: RequestContext, status: str,
-    **rec: Any,
+    engine: Engine, source: crud.StoredIntegration, ctx: RequestContext,
+    outcome: PayloadOutcome, **rec: Any,
 ) -> None:  # fmt: skip
     line = {
-        "ts": datetime.now(UTC).isoformat(), "status": status, "actor": ctx.actor,
+        "ts": datetime.now(UTC).isoformat(), "status": outcome.value, "actor": ctx.actor,
         "ip": ctx.ip, "request_id": ctx.request_id, "event": "integration_payload",
         "reason": source.settings.format.value, "integration": source.settings.name,
         "format": source.settings.format.value, "company": source.company, **rec,
@@ -374,7 +384,7 @@ async def receive(
     except (PayloadError, UnknownPolicy) as exc:
         unknown = [f"unknown policy {exc.args[0]!r}"]
         errors = exc.errors if isinstance(exc, PayloadError) else unknown
-        _audit(engine, source, ctx, "rejected", errors=errors)
+        _audit(engine, source, ctx, PayloadOutcome.REJECTED, errors=errors)
         raise
     done = Received()
     key = f"{actor(source.settings)}@{source.company}"  # only hashed, for idempotency keys
@@ -404,7 +414,7 @@ async def receive(
             case _:
                 assert_never(alert.status)
     _audit(
-        engine, source, ctx, "received", created=done.created,
+        engine, source, ctx, PayloadOutcome.RECEIVED, created=done.created,
         deduplicated=done.deduplicated, resolved=done.resolved, unmatched=done.unmatched,
         alerts=done.alert_ids,
     )  # fmt: skip
