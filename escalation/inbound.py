@@ -13,7 +13,6 @@ import hmac
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal, assert_never
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -323,7 +322,7 @@ def _audit(
     outcome: PayloadOutcome, **rec: Any,
 ) -> None:  # fmt: skip
     line = {
-        "ts": datetime.now(UTC).isoformat(), "status": outcome.value, "actor": ctx.actor,
+        "ts": engine.clock().isoformat(), "status": outcome.value, "actor": ctx.actor,
         "ip": ctx.ip, "request_id": ctx.request_id, "event": "integration_payload",
         "reason": source.settings.format.value, "integration": source.settings.name,
         "format": source.settings.format.value, "company": source.company, **rec,
@@ -358,8 +357,8 @@ async def _prepare(
     out, errors = [], []
     for i, alert in enumerate(alerts):
         policy = policy_for(integration, alert)
-        if policy not in known:  # deleted behind the integration's back
-            raise UnknownPolicy(policy)
+        if alert.status is AlertStatus.FIRING and policy not in known:
+            raise UnknownPolicy(policy)  # deleted behind the integration's back
         try:
             body = AlertIn(
                 title=alert.title, summary=alert.summary, severity=alert.severity,

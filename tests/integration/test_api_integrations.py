@@ -88,6 +88,14 @@ class Api:
         finally:
             await db.dispose()
 
+    async def execute(self, statement: str) -> None:
+        db = Database(self.settings.database_url)
+        try:
+            async with db.engine.begin() as conn:
+                await conn.exec_driver_sql(statement)
+        finally:
+            await db.dispose()
+
     async def counts(self) -> tuple[int, int]:
         (alerts,) = await self.sql("SELECT count(*) FROM alerts")
         (jobs,) = await self.sql("SELECT count(*) FROM jobs")
@@ -383,3 +391,27 @@ async def test_integrations_are_managed_through_the_api(
         assert gone.status_code == 401
         r = await api.client.get("/v1/integrations/am2", headers=KEY)
         assert r.status_code == 404
+
+
+async def test_a_policy_gone_from_under_an_integration_is_a_conflict_not_a_half_ingest(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(db_url, tmp_path, monkeypatch) as api:
+        first = await api.send("prom", fixture("alertmanager_firing.json"))
+        db1, db2 = first.json()["alerts"]
+        # the API refuses to delete it (integration prom routes to it); a hand edit did not
+        await api.execute("DELETE FROM policies WHERE name = 'db'")
+        fresh = fixture("alertmanager_firing.json")
+        for alert in fresh["alerts"]:
+            alert["fingerprint"] += "-new"
+        r = await api.send("prom", fresh)
+        assert r.status_code == 409, r.text
+        assert r.json()["detail"] == "the integration routes to unknown policy 'db'"
+        assert (await api.counts())[0] == 2
+        # resolving needs no policy: the alert paged through the deleted one still closes
+        resolved = fixture("alertmanager_resolved.json")
+        resolved["alerts"][0]["fingerprint"] = "9a0e4f6b1c2d3e4f"
+        r = await api.send("prom", resolved)
+        assert (r.status_code, r.json()["alerts"]) == (200, [db2]), r.text
+        assert (await api.alert(db1))["state"] == "triggered"
+        assert [a["status"] for a in api.payload_audit()] == ["received", "rejected", "received"]
