@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import phonenumbers
 import yaml
@@ -39,6 +39,9 @@ CHANNEL_CONTACT_FIELD: Mapping[str, str] = {
     "webhook": "webhook_url",
 }
 KNOWN_CHANNELS = tuple(CHANNEL_CONTACT_FIELD)
+
+# What an alert's severity may be (AlertIn); integrations map their sources' labels onto it.
+Severity = Literal["critical", "high", "medium", "low", "info"]
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -356,6 +359,97 @@ class HotlineConfig(BaseModel):
         return self.numbers.get(did) or self.numbers.get("default")
 
 
+class IntegrationFormat(enum.StrEnum):
+    ALERTMANAGER = "alertmanager"  # Prometheus Alertmanager webhook_config, version "4"
+    GRAFANA = "grafana"  # Grafana unified alerting webhook contact point
+    GENERIC = "generic"  # any JSON, read through a FieldMapping
+
+
+class IntegrationRoute(BaseModel):
+    """Alerts whose labels all match (and, if given, whose severity is this) page `policy`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    match: dict[str, str] = Field(default_factory=dict)
+    severity: Severity | None = None
+    policy: str
+
+    @model_validator(mode="after")
+    def _condition(self) -> IntegrationRoute:
+        if not self.match and self.severity is None:
+            raise ValueError("a route needs match labels or a severity")
+        return self
+
+
+class FieldMapping(BaseModel):
+    """Where a generic payload keeps each field: dotted paths such as ``alert.title``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    title: str
+    summary: str | None = None
+    severity: str | None = None
+    dedup_key: str | None = None
+    status: str | None = None
+    resolved_values: list[str] = Field(default_factory=lambda: ["resolved"], min_length=1)
+
+
+class IntegrationSettings(BaseModel):
+    """An inbound alert source as stored and shown: everything but its token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    format: IntegrationFormat
+    token_env: str | None = None  # the token comes from this environment variable
+    policy: str
+    routes: list[IntegrationRoute] = Field(default_factory=list)
+    mapping: FieldMapping | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _slug(value, "integration name")
+
+    @model_validator(mode="after")
+    def _mapping(self) -> IntegrationSettings:
+        if (self.mapping is None) == (self.format is IntegrationFormat.GENERIC):
+            raise ValueError("mapping is required for the generic format, and only for it")
+        return self
+
+    def policies(self) -> list[tuple[str, str]]:
+        """(where, policy name) of every policy this integration can page."""
+        return [("policy", self.policy)] + [
+            (f"routes[{i}].policy", r.policy) for i, r in enumerate(self.routes)
+        ]
+
+
+class Integration(IntegrationSettings):
+    """An integration as configured: the token inline (API) or from the environment
+    (``token_env``, files), so a YAML file under version control need hold no secret."""
+
+    token: str | None = Field(default=None, min_length=16, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> Integration:
+        if (self.token is None) == (self.token_env is None):
+            raise ValueError("give exactly one of token and token_env")
+        return self
+
+    def settings(self) -> IntegrationSettings:
+        return IntegrationSettings.model_validate(self.model_dump(exclude={"token"}))
+
+
+def integration_errors(integration: IntegrationSettings, policies: Iterable[str]) -> list[str]:
+    """Dangling policy references; shared by the file loader and the API."""
+    known = set(policies)
+    return [
+        f"{where}: unknown policy {name!r}"
+        for where, name in integration.policies()
+        if name not in known
+    ]
+
+
 class AcklineConfig(BaseModel):
     """The whole `ackline.yaml`; cross-references are checked by `validate_references`."""
 
@@ -371,6 +465,7 @@ class AcklineConfig(BaseModel):
     # trunks, rotation, probing, fraud policy: validated by carriers.config (parse_config)
     carriers: CarrierConfig | None = Field(default=None, exclude=True)
     hotline: HotlineConfig | None = None
+    integrations: list[Integration] = Field(default_factory=list)
 
     @field_validator("channel_defaults", "rate_limits")
     @classmethod
@@ -496,6 +591,12 @@ def parse_config(data: object, source: str = "<config>") -> AcklineConfig:
         if p.name in names:
             errors.append(f"policies[{i}]: duplicate policy {p.name!r}")
         names.add(p.name)
+    seen_integrations: set[str] = set()
+    for i, integration in enumerate(cfg.integrations):
+        if integration.name in seen_integrations:
+            errors.append(f"integrations[{i}]: duplicate integration {integration.name!r}")
+        seen_integrations.add(integration.name)
+        errors += [f"integrations[{i}].{e}" for e in integration_errors(integration, names)]
     errors += reference_errors(
         ((f"policies[{i}]", p) for i, p in enumerate(cfg.policies)),
         recipients,

@@ -7,7 +7,9 @@ The YAML file and the API go through the same functions and the same validation
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -18,13 +20,16 @@ from escalation.config import (
     AcklineConfig,
     ConfigError,
     Group,
+    Integration,
+    IntegrationSettings,
     Policy,
     Recipient,
     RetryPolicy,
+    integration_errors,
     reference_errors,
 )
 from escalation.db import Database
-from escalation.models import GroupRow, PolicyRow, RecipientRow, utcnow
+from escalation.models import GroupRow, IntegrationRow, PolicyRow, RecipientRow, utcnow
 
 
 class Conflict(Exception):
@@ -75,6 +80,20 @@ async def _put_policy(s: AsyncSession, company: str, p: Policy) -> None:
     row.spec, row.updated_at = p.model_dump(mode="json"), utcnow()
 
 
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def _put_integration(s: AsyncSession, company: str, i: Integration) -> None:
+    row = await s.get(IntegrationRow, (company, i.name))
+    if row is None:
+        row = IntegrationRow(company=company, name=i.name, updated_at=utcnow())
+        s.add(row)
+    row.spec = i.settings().model_dump(mode="json")
+    row.token_sha256 = None if i.token is None else token_digest(i.token)
+    row.updated_at = utcnow()
+
+
 @contextlib.asynccontextmanager
 async def _config_write(db: Database, company: str) -> AsyncIterator[AsyncSession]:
     """A transaction that changes a company's recipients, groups or policies.
@@ -97,6 +116,8 @@ async def sync_config(db: Database, cfg: AcklineConfig) -> None:
             await _put_group(s, cfg.company, g)
         for p in cfg.policies:
             await _put_policy(s, cfg.company, p)
+        for i in cfg.integrations:
+            await _put_integration(s, cfg.company, i)
 
 
 async def list_recipients(db: Database, company: str) -> list[Recipient]:
@@ -141,6 +162,45 @@ async def put_policy(
         await _put_policy(s, company, p)
 
 
+@dataclass(frozen=True)
+class StoredIntegration:
+    company: str
+    settings: IntegrationSettings
+    token_sha256: str | None  # None: the token is in the environment (settings.token_env)
+
+
+def _stored(row: IntegrationRow) -> StoredIntegration:
+    return StoredIntegration(
+        row.company, IntegrationSettings.model_validate(row.spec), row.token_sha256
+    )
+
+
+async def list_integrations(db: Database, company: str) -> list[IntegrationSettings]:
+    async with db.session() as s:
+        res = await s.execute(
+            select(IntegrationRow)
+            .where(col(IntegrationRow.company) == company)
+            .order_by(col(IntegrationRow.name))
+        )
+        return [_stored(row).settings for row in res.scalars()]
+
+
+async def integrations_named(db: Database, name: str) -> list[StoredIntegration]:
+    """Every company's integration of this name: the inbound URL names no company, so the
+    token decides which one (if any) a request is for."""
+    async with db.session() as s:
+        res = await s.execute(select(IntegrationRow).where(col(IntegrationRow.name) == name))
+        return [_stored(row) for row in res.scalars()]
+
+
+async def put_integration(db: Database, company: str, i: Integration) -> None:
+    async with _config_write(db, company) as s:
+        errors = integration_errors(i, await _policies(s, company))
+        if errors:
+            raise ConfigError(errors)
+        await _put_integration(s, company, i)
+
+
 def _users(policies: Mapping[str, Policy], groups: Mapping[str, Group]) -> dict[str, list[str]]:
     """Who refers to what: recipient id / "group:<name>" -> referring policies/groups."""
     refs: dict[str, list[str]] = {}
@@ -157,16 +217,30 @@ def _users(policies: Mapping[str, Policy], groups: Mapping[str, Group]) -> dict[
 
 
 async def delete(db: Database, company: str, kind: str, key: str) -> bool:
-    """Delete a recipient, group or policy; Conflict if something still refers to it."""
-    table: Any = {"recipient": RecipientRow, "group": GroupRow, "policy": PolicyRow}[kind]
+    """Delete a recipient, group, policy or integration; Conflict if something still refers
+    to it."""
+    table: Any = {
+        "recipient": RecipientRow, "group": GroupRow, "policy": PolicyRow,
+        "integration": IntegrationRow,
+    }[kind]  # fmt: skip
     async with _config_write(db, company) as s:
         row = await s.get(table, (company, key))
         if row is None:
             return False
-        if kind != "policy":
+        if kind in ("recipient", "group"):
             refs = _users(await _policies(s, company), await _groups(s, company))
             users = refs.get(key if kind == "recipient" else f"group:{key}", [])
             if users:
                 raise Conflict(f"{kind} {key!r} is used by {', '.join(sorted(set(users)))}")
+        if kind == "policy":
+            res = await s.execute(
+                select(IntegrationRow).where(col(IntegrationRow.company) == company)
+            )
+            users = [
+                f"integration {row.name}" for row in res.scalars()
+                if any(name == key for _, name in _stored(row).settings.policies())
+            ]  # fmt: skip
+            if users:
+                raise Conflict(f"policy {key!r} is used by {', '.join(sorted(users))}")
         await s.delete(row)
     return True

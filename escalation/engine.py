@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Protocol, cast
 
 import asyncpg  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -48,7 +48,14 @@ from escalation import metrics
 from escalation.audit import AuditLog
 from escalation.channels.base import ContactPoint, DeliveryResult, DeliveryStatus, Notification
 from escalation.channels.signing import sign_ack
-from escalation.config import Policy, RateLimit, RateLimitMode, Recipient, RetryPolicy
+from escalation.config import (
+    Policy,
+    RateLimit,
+    RateLimitMode,
+    Recipient,
+    RetryPolicy,
+    Severity,
+)
 from escalation.core import (
     Audit,
     CancelAll,
@@ -97,7 +104,6 @@ _ALERTS: Table = Alert.__table__  # type: ignore[attr-defined]
 _ATTEMPTS: Table = NotificationAttempt.__table__  # type: ignore[attr-defined]
 _JOBS: Table = Job.__table__  # type: ignore[attr-defined]
 _ALERT_COLUMNS = tuple(c.name for c in _ALERTS.columns)
-Severity = Literal["critical", "high", "medium", "low", "info"]
 
 
 class AlertIn(BaseModel):

@@ -198,6 +198,19 @@ class PolicyRow(SQLModel, table=True):
     updated_at: datetime = _ts()
 
 
+class IntegrationRow(SQLModel, table=True):
+    """An inbound alert source. Its token is kept only as a SHA-256 digest; an integration
+    from ackline.yaml names an environment variable instead (``spec.token_env``)."""
+
+    __tablename__ = "integrations"
+
+    company: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=64, index=True)
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(sa.JSON()))
+    token_sha256: str | None = Field(default=None, max_length=64)
+    updated_at: datetime = _ts()
+
+
 class TrunkOverrideRow(SQLModel, table=True):
     """Operational changes to a carrier trunk made through the API or CLI (enable/disable,
     priority, weight, budgets) on top of its ackline.yaml definition, shared by every

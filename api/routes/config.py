@@ -11,7 +11,14 @@ from api.deps import RuntimeDep, TenantDep
 from api.json_body import StrictJsonRoute
 from api.routes.schemas import Error
 from escalation import crud
-from escalation.config import ConfigError, Group, Policy, Recipient
+from escalation.config import (
+    ConfigError,
+    Group,
+    Integration,
+    IntegrationSettings,
+    Policy,
+    Recipient,
+)
 
 router = APIRouter(route_class=StrictJsonRoute, prefix="/v1", tags=["configuration"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -132,6 +139,56 @@ async def put_policy(name: str, body: Policy, runtime: RuntimeDep, tenant: Tenan
 
 @router.delete("/policies/{name}", status_code=204, responses=_ERRORS)
 async def delete_policy(name: str, runtime: RuntimeDep, tenant: TenantDep) -> Response:
-    if not await crud.delete(runtime.db, tenant.company, "policy", name):
+    if not await _checked(lambda: crud.delete(runtime.db, tenant.company, "policy", name)):
         raise HTTPException(404, "policy not found")
+    return Response(status_code=204)
+
+
+# -- integrations (inbound alert sources; POST /v1/integrations/{name} is their webhook)
+
+
+@router.get("/integrations", response_model=list[IntegrationSettings])
+async def list_integrations(runtime: RuntimeDep, tenant: TenantDep) -> list[IntegrationSettings]:
+    """Tokens are never shown: only their digest is stored."""
+    return await crud.list_integrations(runtime.db, tenant.company)
+
+
+@router.get("/integrations/{name}", response_model=IntegrationSettings, responses=_ERRORS)
+async def get_integration(name: str, runtime: RuntimeDep, tenant: TenantDep) -> IntegrationSettings:
+    for i in await crud.list_integrations(runtime.db, tenant.company):
+        if i.name == name:
+            return i
+    raise HTTPException(404, "integration not found")
+
+
+async def _put_integration(
+    body: Integration, runtime: RuntimeDep, tenant: TenantDep
+) -> IntegrationSettings:
+    await _checked(lambda: crud.put_integration(runtime.db, tenant.company, body))
+    return body.settings()
+
+
+@router.post(
+    "/integrations", status_code=201, response_model=IntegrationSettings, responses=_ERRORS
+)
+async def create_integration(
+    body: Integration, runtime: RuntimeDep, tenant: TenantDep
+) -> IntegrationSettings:
+    if any(i.name == body.name for i in await crud.list_integrations(runtime.db, tenant.company)):
+        raise HTTPException(409, f"integration {body.name!r} exists; use PUT to replace it")
+    return await _put_integration(body, runtime, tenant)
+
+
+@router.put("/integrations/{name}", response_model=IntegrationSettings, responses=_ERRORS)
+async def put_integration(
+    name: str, body: Integration, runtime: RuntimeDep, tenant: TenantDep
+) -> IntegrationSettings:
+    _key_matches(name, body.name)
+    return await _put_integration(body, runtime, tenant)
+
+
+@router.delete("/integrations/{name}", status_code=204, responses=_ERRORS)
+async def delete_integration(name: str, runtime: RuntimeDep, tenant: TenantDep) -> Response:
+    if not await crud.delete(runtime.db, tenant.company, "integration", name):
+        raise HTTPException(404, "integration not found")
     return Response(status_code=204)
