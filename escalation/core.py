@@ -140,17 +140,18 @@ def build_plan(
         max_duration=policy.max_duration,
         max_notifications=policy.max_notifications,
         retry=policy.retry_for(channel_defaults),
-        contacts={
-            rid: ContactPoint(
-                recipient_id=rid,
-                name=r.name,
-                phone=r.phone,
-                telegram_chat_id=r.telegram_chat_id,
-                email=r.email,
-                webhook_url=r.webhook_url,
-            )
-            for rid, r in used.items()
-        },
+        contacts={rid: contact_point(r) for rid, r in used.items()},
+    )
+
+
+def contact_point(r: Recipient) -> ContactPoint:
+    return ContactPoint(
+        recipient_id=r.id,
+        name=r.name,
+        phone=r.phone,
+        telegram_chat_id=r.telegram_chat_id,
+        email=r.email,
+        webhook_url=r.webhook_url,
     )
 
 

@@ -23,12 +23,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 import redis.asyncio as aioredis
 
 from escalation import metrics, redis_client
 from escalation.channels.base import Channel, DeliveryResult, DeliveryStatus, Progress
+from escalation.core import CancelScope
 from escalation.engine import CancelRequest, Engine, SendTask
 from escalation.outage import FailureLog
 from gateway.aio import cancel_and_wait
@@ -163,6 +164,7 @@ class RedisBus:
             "alert_id": request.alert_id,
             "notifications": [list(n) for n in request.notifications],
             "committed_at": request.committed_at,
+            "scope": request.scope.value,
         }
         await self.redis.publish(self.cancel_channel, json.dumps(payload))
 
@@ -211,6 +213,8 @@ class RedisBus:
                     data["alert_id"],
                     tuple((n, c) for n, c in data["notifications"]),
                     float(data["committed_at"]),
+                    # a message from a release before reassigns closed the alert
+                    CancelScope(data.get("scope", CancelScope.ALERT.value)),
                 )
                 for handler in self._handlers:
                     await handler(request)
@@ -524,13 +528,24 @@ class Worker:
             delay = min(delay * 2, 5.0)
 
     async def cancel(self, request: CancelRequest) -> None:
-        """An alert was acked/resolved: hang up what this worker has in flight for it."""
+        """An alert was acked/resolved: hang up what this worker has in flight for it.
+        A reassigned alert goes on: only its old chain's calls listed are hung up."""
         now = time.monotonic()
-        self._closed[request.alert_id] = now
-        if len(self._closed) > 10_000:
-            self._closed = {a: t for a, t in self._closed.items() if now - t < 600}
+        match request.scope:
+            case CancelScope.ALERT:
+                self._closed[request.alert_id] = now
+                if len(self._closed) > 10_000:
+                    self._closed = {a: t for a, t in self._closed.items() if now - t < 600}
+                ended = None
+            case CancelScope.CHAIN:
+                ended = {nid for nid, _channel in request.notifications}
+            case _:
+                assert_never(request.scope)
         for flight in list(self._inflight.values()):
-            if flight.task.notification.alert_id == request.alert_id and not flight.stopping:
+            n = flight.task.notification
+            if ended is not None and n.notification_id not in ended:
+                continue
+            if n.alert_id == request.alert_id and not flight.stopping:
                 if request.committed_at is not None:
                     latency = max(0.0, time.time() - request.committed_at)
                     metrics.CANCEL_LATENCY.observe(latency)
