@@ -23,6 +23,7 @@ from api.routes.schemas import (
 from escalation.engine import AlertIn, BadTarget, RequestContext, Severity, UnknownPolicy
 from escalation.listing import AlertFilter, BadCursor, Cursor, SortOrder, list_alerts
 from escalation.models import Alert, AlertState
+from escalation.timeline import Timeline, build_timeline
 
 router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/alerts", tags=["alerts"])
 _ERRORS: dict[int | str, dict[str, object]] = {
@@ -109,6 +110,16 @@ async def get_alert(alert_id: str, runtime: RuntimeDep, tenant: TenantDep) -> Al
     if got is None:
         raise HTTPException(404, "alert not found")
     return AlertOut.of(*got)
+
+
+@router.get("/{alert_id}/timeline", response_model=Timeline, responses=_ERRORS)
+async def get_timeline(alert_id: str, runtime: RuntimeDep, tenant: TenantDep) -> Timeline:
+    """The alert's path from the audit trail: ingest, steps, every attempt (channel,
+    trunk, SIP code, delivery state), retries, fallbacks, rate limits, escalations,
+    reassignments, ack, resolve, in time order."""
+    if await runtime.engine.get_alert(alert_id, tenant.company) is None:
+        raise HTTPException(404, "alert not found")
+    return build_timeline(alert_id, runtime.audit.read(tenant.company, alert_id=alert_id))
 
 
 @router.get(

@@ -364,3 +364,72 @@ async def test_reassign_refuses_unknown_targets_and_closed_alerts(
         missing = await c.post("/v1/alerts/nope/reassign", json={"recipients": ["bob"]},
                                headers=KEY)  # fmt: skip
         assert missing.status_code == 404
+
+
+# ------------------------------------------------------------------ timeline
+
+RETRYING = {
+    "name": "retrying",
+    "steps": [{"recipients": ["alice"], "channels": ["voice"], "delay": "10m"}],
+    "retry": {"voice": {"attempts": 2, "backoff": "linear", "base": 0, "factor": 1}},
+}
+
+
+def busy_then_pressed_1(n: Notification) -> DeliveryResult:
+    if n.attempt == 1:
+        return DeliveryResult(S.FAILED_RETRYABLE, "sip_486", provider_id="call-1",
+                              details={"trunk": "t1", "trunks_tried": "t1:486",
+                                       "sip_code": "486"})  # fmt: skip
+    return DeliveryResult(
+        S.ACKNOWLEDGED,
+        "pressed_1",
+        provider_id="call-2",
+        details={"trunk": "t2", "trunks_tried": "t2:200", "sip_code": "200"},
+    )
+
+
+async def test_timeline_of_an_alert_sent_retried_and_acked(db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path, voice=busy_then_pressed_1) as api:
+        c = api.client
+        assert (await c.post("/v1/policies", json=RETRYING, headers=KEY)).status_code == 201
+        alert_id = (await api.post_alert(policy="retrying")).json()["id"]
+        await api.until(alert_id, lambda d: d["state"] == "acknowledged")
+        r = await c.post(f"/v1/alerts/{alert_id}/resolve", headers={**KEY, "X-Actor": "carol"})
+        assert r.status_code == 200
+        got = await c.get(f"/v1/alerts/{alert_id}/timeline", headers=KEY)
+        assert got.status_code == 200, got.text
+        timeline = got.json()
+        assert timeline["alert_id"] == alert_id
+        entries = timeline["entries"]
+        assert [e["ts"] for e in entries] == sorted(e["ts"] for e in entries)
+        path = [(e["event"], e["attempt"], e["status"]) for e in entries]
+        assert path == [
+            ("created", None, "triggered"),
+            ("step", None, "fired"),
+            ("scheduled", 1, "scheduled"),
+            ("send", 1, "sending"),
+            ("result", 1, "failed_retryable"),
+            ("retry", 1, "retry"),
+            ("scheduled", 2, "scheduled"),
+            ("send", 2, "sending"),
+            ("result", 2, "acknowledged"),
+            ("ack", None, "acknowledged"),
+            ("resolve", None, "resolved"),
+        ]
+        created, *_, busy, retry, _, _, answered, ack, resolve = entries
+        assert (created["kind"], created["ip"], created["reason"]) == (
+            "lifecycle", "203.0.113.7", "retrying"
+        )  # fmt: skip
+        assert (busy["channel"], busy["trunk"], busy["sip_code"], busy["reason"]) == (
+            "voice", "t1", 486, "sip_486"
+        )  # fmt: skip
+        assert (busy["recipient_id"], busy["provider_id"]) == ("alice", "call-1")
+        assert (retry["kind"], retry["reason"]) == ("decision", "sip_486:in_0s")
+        assert (answered["trunk"], answered["sip_code"]) == ("t2", 200)
+        assert (ack["actor"], ack["channel"], ack["recipient_id"]) == (
+            "voice:alice", "voice", "alice"
+        )  # fmt: skip
+        assert (resolve["actor"], resolve["ip"]) == ("carol", "203.0.113.7")
+        assert all(e["raw"] is None for e in entries)
+        missing = await c.get("/v1/alerts/nope/timeline", headers=KEY)
+        assert missing.status_code == 404
