@@ -140,6 +140,10 @@ class UnknownPolicy(LookupError):
     pass
 
 
+class AlertClosed(Exception):
+    """Escalate or reassign asked of an alert no longer triggered (args[0]: its state)."""
+
+
 class BadTarget(ValueError):
     """A reassign named recipients or groups the company does not have (or nobody)."""
 
@@ -1201,8 +1205,9 @@ class Engine:
     async def escalate(
         self, alert_id: str, ctx: RequestContext, *, company: str | None = None
     ) -> Alert | None:
-        """Fire the next step now, as pressing 2 on a call does. None if the alert does
-        not exist; a closed alert comes back unchanged."""
+        """Fire the next step now, as pressing 2 on a call does (past the last step the
+        alert may end exhausted). None if the alert does not exist; AlertClosed if it is
+        no longer triggered."""
 
         async def event(_s: AsyncSession, _alert: Alert) -> Event:
             return EscalateNow(ctx.actor, "api")
@@ -1243,7 +1248,7 @@ class Engine:
             if alert is None or (company is not None and alert.company != company):
                 return None
             if alert.state != AlertState.TRIGGERED.value:
-                return alert
+                raise AlertClosed(alert.state)
             await self._decide(s, alert, await event(s, alert), self.clock(), ctx, fx)
         await self._after_commit(fx)
         return alert

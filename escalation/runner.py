@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -337,6 +337,9 @@ class Worker:
         self.drain_timeout = drain_timeout
         self._inflight: dict[str, _Flight] = {}
         self._closed: dict[str, float] = {}  # alert id -> when its close was announced
+        # notification id -> when a reassign withdrew it (its cancel may come before
+        # the send it stops has started here)
+        self._withdrawn: dict[str, float] = {}
         self._background: set[asyncio.Future[Any]] = set()
         # Results waiting to be recorded, and the task recording them (group commit)
         self.record_linger = record_linger
@@ -426,6 +429,8 @@ class Worker:
             return DeliveryResult(DeliveryStatus.NOT_ACKNOWLEDGED, "call_interrupted")
         if n.alert_id in self._closed:
             return DeliveryResult(DeliveryStatus.CANCELLED, "closed_before_send")
+        if n.notification_id in self._withdrawn:
+            return DeliveryResult(DeliveryStatus.CANCELLED, "reassigned_before_send")
         if channel is None:
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "channel_unavailable")
         metrics.DISPATCH_LAG.observe(max(0.0, time.time() - task.due_at.timestamp()))
@@ -533,12 +538,11 @@ class Worker:
         now = time.monotonic()
         match request.scope:
             case CancelScope.ALERT:
-                self._closed[request.alert_id] = now
-                if len(self._closed) > 10_000:
-                    self._closed = {a: t for a, t in self._closed.items() if now - t < 600}
+                _remember(self._closed, [request.alert_id], now)
                 ended = None
             case CancelScope.CHAIN:
                 ended = {nid for nid, _channel in request.notifications}
+                _remember(self._withdrawn, ended, now)
             case _:
                 assert_never(request.scope)
         for flight in list(self._inflight.values()):
@@ -670,6 +674,15 @@ class Worker:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+
+def _remember(seen: dict[str, float], keys: Iterable[str], now: float) -> None:
+    """Note keys with the time; past 10,000 entries, forget those over ten minutes old."""
+    for key in keys:
+        seen[key] = now
+    if len(seen) > 10_000:
+        for key in [k for k, t in seen.items() if now - t >= 600]:
+            del seen[key]
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> None:

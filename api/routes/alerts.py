@@ -20,9 +20,16 @@ from api.routes.schemas import (
     Error,
     ReassignIn,
 )
-from escalation.engine import AlertIn, BadTarget, RequestContext, Severity, UnknownPolicy
+from escalation.engine import (
+    AlertClosed,
+    AlertIn,
+    BadTarget,
+    RequestContext,
+    Severity,
+    UnknownPolicy,
+)
 from escalation.listing import AlertFilter, BadCursor, Cursor, SortOrder, list_alerts
-from escalation.models import Alert, AlertState
+from escalation.models import AlertState
 from escalation.timeline import Timeline, build_timeline
 
 router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/alerts", tags=["alerts"])
@@ -151,22 +158,17 @@ def _actor(request: Request, tenant: TenantDep) -> RequestContext:
     return context(request, request.headers.get("x-actor") or f"api:{tenant.company}")
 
 
-def _changed(alert: Alert | None, state: AlertState) -> AlertOut:
-    """404 for no such alert (or another company's), 409 unless it is now `state`."""
-    if alert is None:
-        raise HTTPException(404, "alert not found")
-    if alert.state != state.value:
-        raise HTTPException(409, f"alert is {alert.state}")
-    return AlertOut.of(alert)
-
-
 async def _close(
     alert_id: str, state: AlertState, request: Request, runtime: RuntimeDep, tenant: TenantDep
 ) -> AlertOut:
     alert = await runtime.engine.close(
         alert_id, state, _actor(request, tenant), company=tenant.company, reason="api"
     )
-    return _changed(alert, state)
+    if alert is None:
+        raise HTTPException(404, "alert not found")
+    if alert.state != state.value:
+        raise HTTPException(409, f"alert is {alert.state}")
+    return AlertOut.of(alert)
 
 
 @router.post("/{alert_id}/ack", response_model=AlertOut, responses=_ERRORS)
@@ -189,10 +191,16 @@ async def resolve_alert(
 async def escalate_alert(
     alert_id: str, request: Request, runtime: RuntimeDep, tenant: TenantDep
 ) -> AlertOut:
-    """Page the next step now (what pressing 2 on a call does); 409 once it is closed."""
-    alert = await runtime.engine.escalate(alert_id, _actor(request, tenant),
-                                          company=tenant.company)  # fmt: skip
-    return _changed(alert, AlertState.TRIGGERED)
+    """Page the next step now (what pressing 2 on a call does); 409 once it is closed.
+    Past the policy's last step nobody is left to page: the alert may come back exhausted."""
+    try:
+        alert = await runtime.engine.escalate(alert_id, _actor(request, tenant),
+                                              company=tenant.company)  # fmt: skip
+    except AlertClosed as exc:
+        raise HTTPException(409, f"alert is {exc.args[0]}") from None
+    if alert is None:
+        raise HTTPException(404, "alert not found")
+    return AlertOut.of(alert)
 
 
 @router.post("/{alert_id}/reassign", response_model=AlertOut, responses=_ERRORS)
@@ -207,6 +215,10 @@ async def reassign_alert(
             alert_id, body.recipients, body.groups, _actor(request, tenant),
             company=tenant.company,
         )  # fmt: skip
+    except AlertClosed as exc:
+        raise HTTPException(409, f"alert is {exc.args[0]}") from None
     except BadTarget as exc:
         raise HTTPException(422, str(exc)) from None
-    return _changed(alert, AlertState.TRIGGERED)
+    if alert is None:
+        raise HTTPException(404, "alert not found")
+    return AlertOut.of(alert)

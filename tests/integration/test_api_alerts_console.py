@@ -254,6 +254,11 @@ async def test_escalate_fires_the_next_step_now(db_url: str, tmp_path: Path) -> 
         steps = [(rec["step"], rec["reason"]) for rec in records if rec["event"] == "step"]
         assert steps == [(0, "start"), (1, "escalate")]
 
+        # past the last step nobody is left to page: with nothing pending, it is exhausted
+        last = await c.post(f"/v1/alerts/{alert_id}/escalate", headers=KEY)
+        assert last.status_code == 200 and last.json()["state"] == "exhausted"
+        again = await c.post(f"/v1/alerts/{alert_id}/escalate", headers=KEY)
+        assert again.status_code == 409 and again.json()["detail"] == "alert is exhausted"
         assert (await c.post(f"/v1/alerts/{alert_id}/ack", headers=KEY)).status_code == 200
         late = await c.post(f"/v1/alerts/{alert_id}/escalate", headers=KEY)
         assert late.status_code == 409 and late.json()["detail"] == "alert is acknowledged"
