@@ -9,11 +9,12 @@ from pathlib import Path
 from escalation.audit import AuditLog
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
 from escalation.config import parse_config
+from escalation.core import CancelScope
 from escalation.crud import sync_config
 from escalation.db import Database
-from escalation.engine import AlertIn, Engine, EngineConfig, RequestContext
+from escalation.engine import AlertIn, CancelRequest, Engine, EngineConfig, RequestContext
 from escalation.runner import RedisBus, Worker
-from tests.conftest_escalation import REDIS_URL, ScriptedChannel
+from tests.conftest_escalation import REDIS_URL, ScriptedChannel, make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]
 
@@ -99,3 +100,32 @@ async def test_reassign_over_redis_hangs_up_the_old_call_and_the_worker_pages_th
             await bus.close()
         await db.dispose()
         audit.close()
+
+
+async def test_a_withdrawn_call_whose_cancel_came_first_is_not_placed(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The chain's cancel can reach a worker before the send it stops has started there:
+    that send ends cancelled unplaced; the alert's other sends go out."""
+    config = {**CONFIG, "policies": [{"name": "both", "steps": [
+        {"recipients": ["alice", "bob"], "channels": ["voice"], "delay": "1h"}]}]}  # fmt: skip
+    h = await make_harness(db_url, tmp_path / "audit", config,
+                           {"voice": reply(S.DELIVERED, "answered")})  # fmt: skip
+    try:
+        alert = await h.ingest(policy="both")
+        got = await h.engine.get_alert(alert.id)
+        assert got is not None
+        by_person = {a.recipient_id: a.notification_id for a in got[1]}
+        withdrawn = CancelRequest(alert.id, ((by_person["alice"], "voice"),), None,
+                                  CancelScope.CHAIN)  # fmt: skip
+        await h.worker.cancel(withdrawn)
+        assert await h.worker.run_once() == 2
+        await h.worker.idle()
+        assert [s.notification.contact.recipient_id for s in h.channels["voice"].sent] == ["bob"]
+        got = await h.engine.get_alert(alert.id)
+        assert got is not None
+        assert sorted((a.recipient_id, a.status, a.reason) for a in got[1]) == [
+            ("alice", "cancelled", "reassigned_before_send"), ("bob", "delivered", "answered")
+        ]  # fmt: skip
+    finally:
+        await h.stop()
