@@ -762,7 +762,8 @@ class Engine:
     # ------------------------------------------------------------------ ingest
 
     def _parsed_plan(self, alert: Alert) -> Plan:
-        """Plans are immutable per alert, so parse each once (the hot path of every tx)."""
+        """Plans change only when an alert is reassigned (a new revision), so parse each
+        once per revision (the hot path of every tx)."""
         plan = self._plans_by_alert.get(alert.id)
         if plan is None or plan.revision != alert.plan.get("revision", 0):
             # Alerts of one policy mostly share one snapshot: comparing dicts is far cheaper
@@ -773,7 +774,8 @@ class Engine:
                 plan = shared[1]
             else:
                 plan = Plan.from_json(alert.plan)
-                self._plans_by_content[key] = (alert.plan, plan)
+                if plan.revision == 0:  # a reassigned plan is its alert's alone
+                    self._plans_by_content[key] = (alert.plan, plan)
             self._plans_by_alert[alert.id] = plan
             if len(self._plans_by_alert) > _PLAN_CACHE_SIZE:
                 self._plans_by_alert.popitem(last=False)
