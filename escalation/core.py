@@ -8,10 +8,11 @@ makes the audit trail a direct consequence of decisions.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, assert_never
 
 from escalation.channels.base import ContactPoint, DeliveryStatus
 from escalation.config import CHANNEL_CONTACT_FIELD, Policy, RateLimit, Recipient, RetryPolicy
@@ -30,6 +31,9 @@ class Target:
 class PlanStep:
     targets: tuple[Target, ...]
     delay: float
+    # the step's channels, kept so a reassigned chain pages its new target the same way
+    # (snapshots from before they were stored: the channels their targets use)
+    channels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,12 +48,19 @@ class Plan:
     max_notifications: int
     retry: Mapping[str, RetryPolicy]
     contacts: Mapping[str, ContactPoint]
+    # bumped when the alert is reassigned: the plan caches key on it (plans are
+    # otherwise immutable per alert)
+    revision: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
             "steps": [
-                {"targets": [[t.recipient_id, t.channel] for t in s.targets], "delay": s.delay}
+                {
+                    "targets": [[t.recipient_id, t.channel] for t in s.targets],
+                    "delay": s.delay,
+                    "channels": list(s.channels),
+                }
                 for s in self.steps
             ],
             "repeat": self.repeat,
@@ -57,22 +68,39 @@ class Plan:
             "max_notifications": self.max_notifications,
             "retry": {ch: r.model_dump(mode="json") for ch, r in self.retry.items()},
             "contacts": {rid: asdict(c) for rid, c in self.contacts.items()},
+            "revision": self.revision,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Plan:
         return cls(
             policy=data["policy"],
-            steps=tuple(
-                PlanStep(tuple(Target(r, c) for r, c in s["targets"]), float(s["delay"]))
-                for s in data["steps"]
-            ),
+            steps=tuple(_step_from_json(s) for s in data["steps"]),
             repeat=int(data["repeat"]),
             max_duration=float(data["max_duration"]),
             max_notifications=int(data["max_notifications"]),
             retry={ch: RetryPolicy.model_validate(r) for ch, r in data["retry"].items()},
             contacts={rid: ContactPoint(**c) for rid, c in data["contacts"].items()},
+            revision=int(data.get("revision", 0)),
         )
+
+    def reassigned(self, contacts: Sequence[ContactPoint]) -> Plan:
+        """The same steps (channels, delays), repeats, caps and retries for other people."""
+        steps = tuple(
+            replace(s, targets=tuple(Target(c.recipient_id, ch) for c in contacts
+                                     for ch in s.channels))
+            for s in self.steps
+        )  # fmt: skip
+        return replace(
+            self,
+            steps=steps,
+            contacts={c.recipient_id: c for c in contacts},
+            revision=self.revision + 1,
+        )
+
+    def recipients(self) -> list[str]:
+        """Who the plan pages, in order of first appearance."""
+        return list(dict.fromkeys(t.recipient_id for s in self.steps for t in s.targets))
 
     def address(self, recipient_id: str, channel: str) -> str | None:
         contact = self.contacts.get(recipient_id)
@@ -80,6 +108,12 @@ class Plan:
             return None
         value = getattr(contact, CHANNEL_CONTACT_FIELD[channel])
         return None if value is None else str(value)
+
+
+def _step_from_json(data: Mapping[str, Any]) -> PlanStep:
+    targets = tuple(Target(r, c) for r, c in data["targets"])
+    channels = data.get("channels") or dict.fromkeys(t.channel for t in targets)
+    return PlanStep(targets, float(data["delay"]), tuple(channels))
 
 
 def build_plan(
@@ -98,7 +132,7 @@ def build_plan(
                 ids.append(rid)
                 used[rid] = recipients[rid]
         targets = tuple(Target(rid, ch) for rid in ids for ch in step.channels)
-        steps.append(PlanStep(targets, step.delay))
+        steps.append(PlanStep(targets, step.delay, tuple(step.channels)))
     return Plan(
         policy=policy.name,
         steps=tuple(steps),
@@ -106,17 +140,18 @@ def build_plan(
         max_duration=policy.max_duration,
         max_notifications=policy.max_notifications,
         retry=policy.retry_for(channel_defaults),
-        contacts={
-            rid: ContactPoint(
-                recipient_id=rid,
-                name=r.name,
-                phone=r.phone,
-                telegram_chat_id=r.telegram_chat_id,
-                email=r.email,
-                webhook_url=r.webhook_url,
-            )
-            for rid, r in used.items()
-        },
+        contacts={rid: contact_point(r) for rid, r in used.items()},
+    )
+
+
+def contact_point(r: Recipient) -> ContactPoint:
+    return ContactPoint(
+        recipient_id=r.id,
+        name=r.name,
+        phone=r.phone,
+        telegram_chat_id=r.telegram_chat_id,
+        email=r.email,
+        webhook_url=r.webhook_url,
     )
 
 
@@ -211,7 +246,25 @@ class Close:
     reason: str = ""
 
 
-Event = Start | StepTimer | CapTimer | Outcome | Close
+@dataclass(frozen=True)
+class EscalateNow:
+    """Someone asked for the next step now (the API; on the phone it is an Outcome)."""
+
+    actor: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Reassign:
+    """Hand the alert to other people: `plan` is the alert's plan for them
+    (`Plan.reassigned`); `groups` only say, for the audit, how they were asked for."""
+
+    plan: Plan
+    actor: str
+    groups: tuple[str, ...] = ()
+
+
+Event = Start | StepTimer | CapTimer | Outcome | Close | EscalateNow | Reassign
 
 # ---------------------------------------------------------------------------- actions
 
@@ -249,11 +302,19 @@ class Transition:
     reason: str
 
 
+class CancelScope(enum.StrEnum):
+    """What a CancelAll ends (its value is the cancelled attempts' reason)."""
+
+    ALERT = "alert_closed"  # the alert closed: its sends stop, later ones are not placed
+    CHAIN = "reassigned"  # the chain was handed on: only what it had under way stops
+
+
 @dataclass(frozen=True)
 class CancelAll:
     """Cancel every scheduled notification and timer; hang up the in-flight ones."""
 
     reason: str
+    scope: CancelScope = CancelScope.ALERT
 
 
 @dataclass(frozen=True)
@@ -268,11 +329,13 @@ class Audit:
     round: int | None = None
     step: int | None = None
     actor: str | None = None
+    extra: Mapping[str, Any] | None = None  # fields only this event has
 
     def record(self) -> dict[str, Any]:
         # flat fields: a plain dict of them (`asdict` copies each value recursively)
         data = {f.name: getattr(self, f.name) for f in _AUDIT_FIELDS}
         data["notification_uuid"] = data.pop("notification_id")
+        data.update(data.pop("extra") or {})
         return data
 
 
@@ -285,6 +348,7 @@ Action = Dispatch | ScheduleStep | ScheduleCap | Transition | CancelAll | Audit
 class Decision:
     chain: Chain
     actions: list[Action]
+    plan: Plan | None = None  # the alert's new plan, when the event replaced it
 
 
 # ---------------------------------------------------------------------------- the rules
@@ -308,6 +372,7 @@ class _Decider:
     ) -> None:
         self.state = state
         self.plan = plan
+        self.new_plan: Plan | None = None
         self.chain = chain.copy()
         self.now = now
         self.new_id = new_id
@@ -410,9 +475,28 @@ class _Decider:
 
     # -- events
 
-    def start(self) -> None:
+    def start(self, why: str = "start") -> None:
         self.actions.append(ScheduleCap(self.now + timedelta(seconds=self.plan.max_duration)))
-        self._fire(0, 0, "start")
+        self._fire(0, 0, why)
+
+    def escalate(self, audit: Audit) -> None:
+        """Fire the next step now; its timer, already armed, then finds itself stale."""
+        self.actions.append(audit)
+        self._fire(self.chain.next_round, self.chain.next_step, "escalate")
+
+    def reassign(self, ev: Reassign) -> None:
+        """End the running chain (its late outcomes then match nothing) and start the
+        new plan's from its first step, with its own caps and timers."""
+        extra = {"from": self.plan.recipients(), "to": ev.plan.recipients(),
+                 "groups": list(ev.groups)}  # fmt: skip
+        self.actions += [
+            CancelAll(CancelScope.CHAIN.value, CancelScope.CHAIN),
+            Audit("reassigned", "reassigned", CancelScope.CHAIN.value, actor=ev.actor,
+                  extra=extra),
+        ]  # fmt: skip
+        self.plan = self.new_plan = ev.plan
+        self.chain = Chain()
+        self.start("reassign")
 
     def step_timer(self, ev: StepTimer) -> None:
         if (ev.round, ev.step) != (self.chain.next_round, self.chain.next_step):
@@ -436,8 +520,7 @@ class _Decider:
             self._maybe_finish()
         elif ev.status is DeliveryStatus.ESCALATE:
             n.status = DONE
-            self.actions.append(Audit("escalate", "escalate", ev.reason, *where))
-            self._fire(self.chain.next_round, self.chain.next_step, "escalate")
+            self.escalate(Audit("escalate", "escalate", ev.reason, *where))
         elif ev.status is DeliveryStatus.CANCELLED:
             n.status = DONE
             self._maybe_finish()
@@ -501,15 +584,22 @@ def decide(
     if isinstance(event, Close):
         d.close(event)
     elif state in _OPEN:
-        if isinstance(event, Start):
-            d.start()
-        elif isinstance(event, StepTimer):
-            d.step_timer(event)
-        elif isinstance(event, CapTimer):
-            d.cap()
-        else:
-            d.outcome(event)
-    return Decision(d.chain, d.actions)
+        match event:
+            case Start():
+                d.start()
+            case StepTimer():
+                d.step_timer(event)
+            case CapTimer():
+                d.cap()
+            case Outcome():
+                d.outcome(event)
+            case EscalateNow():
+                d.escalate(Audit("escalate", "escalate", event.reason, actor=event.actor))
+            case Reassign():
+                d.reassign(event)
+            case _:
+                assert_never(event)
+    return Decision(d.chain, d.actions, d.new_plan)
 
 
 def rate_limit_release(

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, Protocol, cast
@@ -59,19 +59,23 @@ from escalation.config import (
 from escalation.core import (
     Audit,
     CancelAll,
+    CancelScope,
     CapTimer,
     Chain,
     Close,
     Dispatch,
+    EscalateNow,
     Event,
     Outcome,
     Plan,
+    Reassign,
     ScheduleCap,
     ScheduleStep,
     Start,
     StepTimer,
     Transition,
     build_plan,
+    contact_point,
     decide,
     rate_limit_release,
 )
@@ -142,6 +146,14 @@ class UnknownPolicy(LookupError):
     pass
 
 
+class AlertClosed(Exception):
+    """Escalate or reassign asked of an alert no longer triggered (args[0]: its state)."""
+
+
+class BadTarget(ValueError):
+    """A reassign named recipients or groups the company does not have (or nobody)."""
+
+
 class _Retry(Exception):
     """Roll the transaction back and run it again."""
 
@@ -155,6 +167,8 @@ class CancelRequest:
     # time.time() of the commit, for cancel latency; None when a worker found the closed
     # alert by itself (its cancel never came)
     committed_at: float | None
+    # CHAIN (a reassign): only the listed notifications stop, the alert's new ones go on
+    scope: CancelScope = CancelScope.ALERT
 
 
 class Bus(Protocol):
@@ -484,7 +498,7 @@ class _Effects:
 
     audit: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     jobs: list[NewJob] = field(default_factory=list)
-    cancels: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
+    cancels: list[CancelRequest] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
 
 
@@ -497,6 +511,10 @@ def _already_recorded(row: Any, member: SendTask, result: DeliveryResult) -> boo
     log.info("result %s of %s attempt %s was recorded already", result.status.value,
              member.notification.notification_id, member.notification.attempt)  # fmt: skip
     return True
+
+
+def _recipient(row: RecipientRow) -> Recipient:
+    return Recipient.model_validate(row.model_dump(exclude={"company", "updated_at"}))
 
 
 def short_id() -> str:
@@ -604,6 +622,9 @@ class Engine:
         )
         alert.chain = decision.chain.to_json()
         alert.updated_at = now
+        if decision.plan is not None:
+            alert.plan = decision.plan.to_json()
+            plan = self._plans_by_alert[alert.id] = decision.plan
         attempts: list[dict[str, Any]] = []
         jobs: list[dict[str, Any]] = []
         for a in decision.actions:
@@ -631,10 +652,12 @@ class Engine:
                 await put(attempts, jobs, fx)
                 if cancel is None:
                     assert s is not None
-                    inflight = await self._cancel_all(s, alert.id, now)
+                    inflight = await self._cancel_all(s, alert.id, now, a.scope)
                 else:
+                    # the driver-level paths only close alerts (a reassign uses the session)
+                    assert a.scope is CancelScope.ALERT
                     inflight = await cancel(alert.id, now)
-                fx.cancels.append((alert.id, inflight))
+                fx.cancels.append(CancelRequest(alert.id, tuple(inflight), None, a.scope))
             else:
                 assert isinstance(a, Audit)
                 rec = a.record()
@@ -673,7 +696,7 @@ class Engine:
             alert.open_dedup_key = None
 
     async def _cancel_all(
-        self, s: AsyncSession, alert_id: str, now: datetime
+        self, s: AsyncSession, alert_id: str, now: datetime, scope: CancelScope
     ) -> list[tuple[str, str]]:
         """Cancel every job and open attempt of the alert except the sends in flight on a
         live lease, which are returned to be hung up (see _PG_CANCEL_ALL)."""
@@ -702,7 +725,7 @@ class Engine:
             if (row.notification_id, row.attempt) in live:
                 inflight.append((row.notification_id, row.channel))
             else:
-                row.status, row.reason, row.finished_at = "cancelled", "alert_closed", now
+                row.status, row.reason, row.finished_at = "cancelled", scope.value, now
         return inflight
 
     async def _after_commit(self, fx: _Effects) -> None:
@@ -726,9 +749,9 @@ class Engine:
         for state in fx.closed:
             metrics.ALERTS_CLOSED.labels(state).inc()
         committed = time.time()
-        for alert_id, inflight in fx.cancels:
+        for request in fx.cancels:
             try:
-                await self.bus.alert_closed(CancelRequest(alert_id, tuple(inflight), committed))
+                await self.bus.alert_closed(replace(request, committed_at=committed))
             except Exception as exc:
                 self._cancel_failures.failed(exc)
 
@@ -745,9 +768,10 @@ class Engine:
     # ------------------------------------------------------------------ ingest
 
     def _parsed_plan(self, alert: Alert) -> Plan:
-        """Plans are immutable per alert, so parse each once (the hot path of every tx)."""
+        """Plans change only when an alert is reassigned (a new revision), so parse each
+        once per revision (the hot path of every tx)."""
         plan = self._plans_by_alert.get(alert.id)
-        if plan is None:
+        if plan is None or plan.revision != alert.plan.get("revision", 0):
             # Alerts of one policy mostly share one snapshot: comparing dicts is far cheaper
             # than parsing one (a worker sees every alert for the first time).
             key = (alert.company, alert.policy)
@@ -756,7 +780,8 @@ class Engine:
                 plan = shared[1]
             else:
                 plan = Plan.from_json(alert.plan)
-                self._plans_by_content[key] = (alert.plan, plan)
+                if plan.revision == 0:  # a reassigned plan is its alert's alone
+                    self._plans_by_content[key] = (alert.plan, plan)
             self._plans_by_alert[alert.id] = plan
             if len(self._plans_by_alert) > _PLAN_CACHE_SIZE:
                 self._plans_by_alert.popitem(last=False)
@@ -806,10 +831,7 @@ class Engine:
                 col(RecipientRow.company) == company, col(RecipientRow.id).in_(ids)
             )
         )
-        recipients = {
-            r.id: Recipient.model_validate(r.model_dump(exclude={"company", "updated_at"}))
-            for r in res2.scalars()
-        }
+        recipients = {r.id: _recipient(r) for r in res2.scalars()}
         return build_plan(policy, recipients, groups, self.config.channel_defaults)
 
     async def ingest(
@@ -1185,6 +1207,90 @@ class Engine:
                 )
             )
         return bool(n)
+
+    # ------------------------------------------------------------------ escalate / reassign
+
+    async def escalate(
+        self, alert_id: str, ctx: RequestContext, *, company: str | None = None
+    ) -> Alert | None:
+        """Fire the next step now, as pressing 2 on a call does (past the last step the
+        alert may end exhausted). None if the alert does not exist; AlertClosed if it is
+        no longer triggered."""
+
+        async def event(_s: AsyncSession, _alert: Alert) -> Event:
+            return EscalateNow(ctx.actor, "api")
+
+        return await self._act(alert_id, company, ctx, event)
+
+    async def reassign(
+        self,
+        alert_id: str,
+        recipients: Sequence[str],
+        groups: Sequence[str],
+        ctx: RequestContext,
+        *,
+        company: str | None = None,
+    ) -> Alert | None:
+        """Hand the alert to other people: the running chain's notifications are cancelled
+        (calls in flight hung up) and the policy's steps start again for them. Raises
+        BadTarget for recipients or groups the company does not have."""
+
+        async def event(s: AsyncSession, alert: Alert) -> Event:
+            contacts = await self._contacts(s, alert.company, recipients, groups)
+            plan = self._parsed_plan(alert).reassigned(contacts)
+            return Reassign(plan, ctx.actor, tuple(groups))
+
+        return await self._act(alert_id, company, ctx, event)
+
+    async def _act(
+        self,
+        alert_id: str,
+        company: str | None,
+        ctx: RequestContext,
+        event: Callable[[AsyncSession, Alert], Awaitable[Event]],
+    ) -> Alert | None:
+        """Decide one event on a triggered alert, in the session (both databases)."""
+        fx = _Effects()
+        async with self.db.session() as s, s.begin():
+            alert = await self._lock_alert(s, alert_id)
+            if alert is None or (company is not None and alert.company != company):
+                return None
+            if alert.state != AlertState.TRIGGERED.value:
+                raise AlertClosed(alert.state)
+            await self._decide(s, alert, await event(s, alert), self.clock(), ctx, fx)
+        await self._after_commit(fx)
+        return alert
+
+    async def _contacts(
+        self, s: AsyncSession, company: str, recipients: Sequence[str], groups: Sequence[str]
+    ) -> list[ContactPoint]:
+        """The people named and the groups' members, in order and once each."""
+        found = {
+            g.name: g.members
+            for g in await s.scalars(
+                select(GroupRow).where(
+                    col(GroupRow.company) == company, col(GroupRow.name).in_(groups)
+                )
+            )
+        }
+        if missing := [g for g in groups if g not in found]:
+            raise BadTarget(f"unknown groups: {', '.join(missing)}")
+        ids = list(dict.fromkeys([*recipients, *(m for g in groups for m in found[g])]))
+        rows = {
+            r.id: r
+            for r in await s.scalars(
+                select(RecipientRow).where(
+                    col(RecipientRow.company) == company, col(RecipientRow.id).in_(ids)
+                )
+            )
+        }
+        if missing := [r for r in recipients if r not in rows]:
+            raise BadTarget(f"unknown recipients: {', '.join(missing)}")
+        # a group member deleted since is left out, as build_plan does
+        contacts = [contact_point(_recipient(rows[r])) for r in ids if r in rows]
+        if not contacts:
+            raise BadTarget("the groups have no members")
+        return contacts
 
     # ------------------------------------------------------------------ worker side
 

@@ -63,6 +63,8 @@ class Alert(SQLModel, table=True):
         # An open incident per dedup key: NULL once closed, so a new one can start.
         sa.UniqueConstraint("company", "open_dedup_key", name="uq_alerts_open_dedup"),
         sa.Index("ix_alerts_company_short_id", "company", "short_id"),
+        # GET /v1/alerts: a keyset cursor on (created_at, id) within a company
+        sa.Index("ix_alerts_company_created", "company", "created_at", "id"),
     )
 
     id: str = Field(primary_key=True, max_length=36)

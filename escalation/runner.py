@@ -19,16 +19,17 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 import redis.asyncio as aioredis
 
 from escalation import metrics, redis_client
 from escalation.channels.base import Channel, DeliveryResult, DeliveryStatus, Progress
+from escalation.core import CancelScope
 from escalation.engine import CancelRequest, Engine, SendTask
 from escalation.outage import FailureLog
 from gateway.aio import cancel_and_wait
@@ -163,6 +164,7 @@ class RedisBus:
             "alert_id": request.alert_id,
             "notifications": [list(n) for n in request.notifications],
             "committed_at": request.committed_at,
+            "scope": request.scope.value,
         }
         await self.redis.publish(self.cancel_channel, json.dumps(payload))
 
@@ -211,6 +213,8 @@ class RedisBus:
                     data["alert_id"],
                     tuple((n, c) for n, c in data["notifications"]),
                     float(data["committed_at"]),
+                    # a message from a release before reassigns closed the alert
+                    CancelScope(data.get("scope", CancelScope.ALERT.value)),
                 )
                 for handler in self._handlers:
                     await handler(request)
@@ -333,6 +337,9 @@ class Worker:
         self.drain_timeout = drain_timeout
         self._inflight: dict[str, _Flight] = {}
         self._closed: dict[str, float] = {}  # alert id -> when its close was announced
+        # notification id -> when a reassign withdrew it (its cancel may come before
+        # the send it stops has started here)
+        self._withdrawn: dict[str, float] = {}
         self._background: set[asyncio.Future[Any]] = set()
         # Results waiting to be recorded, and the task recording them (group commit)
         self.record_linger = record_linger
@@ -422,6 +429,8 @@ class Worker:
             return DeliveryResult(DeliveryStatus.NOT_ACKNOWLEDGED, "call_interrupted")
         if n.alert_id in self._closed:
             return DeliveryResult(DeliveryStatus.CANCELLED, "closed_before_send")
+        if n.notification_id in self._withdrawn:
+            return DeliveryResult(DeliveryStatus.CANCELLED, "reassigned_before_send")
         if channel is None:
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "channel_unavailable")
         metrics.DISPATCH_LAG.observe(max(0.0, time.time() - task.due_at.timestamp()))
@@ -524,13 +533,23 @@ class Worker:
             delay = min(delay * 2, 5.0)
 
     async def cancel(self, request: CancelRequest) -> None:
-        """An alert was acked/resolved: hang up what this worker has in flight for it."""
+        """An alert was acked/resolved: hang up what this worker has in flight for it.
+        A reassigned alert goes on: only its old chain's calls listed are hung up."""
         now = time.monotonic()
-        self._closed[request.alert_id] = now
-        if len(self._closed) > 10_000:
-            self._closed = {a: t for a, t in self._closed.items() if now - t < 600}
+        match request.scope:
+            case CancelScope.ALERT:
+                _remember(self._closed, [request.alert_id], now)
+                ended = None
+            case CancelScope.CHAIN:
+                ended = {nid for nid, _channel in request.notifications}
+                _remember(self._withdrawn, ended, now)
+            case _:
+                assert_never(request.scope)
         for flight in list(self._inflight.values()):
-            if flight.task.notification.alert_id == request.alert_id and not flight.stopping:
+            n = flight.task.notification
+            if ended is not None and n.notification_id not in ended:
+                continue
+            if n.alert_id == request.alert_id and not flight.stopping:
                 if request.committed_at is not None:
                     latency = max(0.0, time.time() - request.committed_at)
                     metrics.CANCEL_LATENCY.observe(latency)
@@ -655,6 +674,15 @@ class Worker:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+
+def _remember(seen: dict[str, float], keys: Iterable[str], now: float) -> None:
+    """Note keys with the time; past 10,000 entries, forget those over ten minutes old."""
+    for key in keys:
+        seen[key] = now
+    if len(seen) > 10_000:
+        for key in [k for k, t in seen.items() if now - t >= 600]:
+            del seen[key]
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> None:

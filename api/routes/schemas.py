@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from escalation.models import Alert, NotificationAttempt
 
@@ -32,7 +32,9 @@ class AttemptOut(BaseModel):
     finished_at: datetime | None
 
 
-class AlertOut(BaseModel):
+class AlertSummary(BaseModel):
+    """An alert without its attempts (the list endpoint's rows)."""
+
     id: str
     short_id: str
     title: str
@@ -50,6 +52,13 @@ class AlertOut(BaseModel):
     acked_by: str | None
     resolved_by: str | None
     close_reason: str | None
+
+    @classmethod
+    def of_alert(cls, alert: Alert) -> AlertSummary:
+        return cls.model_validate(alert.model_dump())
+
+
+class AlertOut(AlertSummary):
     attempts: list[AttemptOut] = []
 
     @classmethod
@@ -61,3 +70,28 @@ class AlertOut(BaseModel):
 
 class Error(BaseModel):
     detail: str | list[str]
+
+
+class AlertPage(BaseModel):
+    alerts: list[AlertSummary]
+    next_cursor: str | None  # pass as `cursor` for the next page; null on the last one
+    counts: dict[str, int]  # per state, for the same filters except `state`
+
+
+class ReassignIn(BaseModel):
+    """Body of POST /v1/alerts/{id}/reassign: who takes the alert over."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipients: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=100
+    )
+    groups: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=100
+    )
+
+    @model_validator(mode="after")
+    def _someone(self) -> ReassignIn:
+        if not self.recipients and not self.groups:
+            raise ValueError("give at least one recipient or group")
+        return self

@@ -16,13 +16,16 @@ from escalation.config import Policy, RateLimit, Recipient
 from escalation.core import (
     Audit,
     CancelAll,
+    CancelScope,
     CapTimer,
     Chain,
     Close,
     Dispatch,
+    EscalateNow,
     Event,
     Outcome,
     Plan,
+    Reassign,
     ScheduleCap,
     ScheduleStep,
     Start,
@@ -176,6 +179,78 @@ def test_escalate_fires_next_step_now_and_old_timer_is_stale() -> None:
     steps = [(a.round, a.step, a.reason) for a in sim.audit if a.event == "step"]
     assert steps == [(0, 0, "start"), (0, 1, "escalate")]
     assert sim.state is AlertState.EXHAUSTED  # nobody acked by the end of the policy
+
+
+def test_escalate_now_fires_the_next_step_like_pressing_2() -> None:
+    plan = plan_of(steps=[
+        {"recipients": ["alice"], "channels": ["voice"], "delay": 300},
+        {"recipients": ["bob"], "channels": ["sms"], "delay": 300},
+    ])  # fmt: skip
+    started = decide(AlertState.TRIGGERED, plan, Chain(), Start(), T0, lambda: "n1")
+    d = decide(AlertState.TRIGGERED, plan, started.chain, EscalateNow("carol", "api"), T0,
+               lambda: "n2")  # fmt: skip
+    audits = [(a.event, a.actor, a.step) for a in d.actions if isinstance(a, Audit)]
+    assert audits[:2] == [("escalate", "carol", None), ("step", None, 1)]
+    assert [(a.recipient_id, a.step) for a in d.actions if isinstance(a, Dispatch)] == [("bob", 1)]
+    # alice's call still runs: escalating adds people, it does not hang up
+    assert d.chain.notifs["n1"].status == "pending"
+    # the step timer armed for (0, 1) is now stale
+    stale = decide(AlertState.TRIGGERED, plan, d.chain, StepTimer(0, 1), T0, lambda: "n3")
+    assert not [a for a in stale.actions if isinstance(a, Dispatch)]
+    closed = decide(AlertState.ACKNOWLEDGED, plan, d.chain, EscalateNow("carol"), T0, lambda: "x")
+    assert closed.actions == []
+
+
+def test_reassign_ends_the_chain_and_starts_the_new_targets_from_step_one() -> None:
+    plan = plan_of(steps=[
+        {"recipients": ["alice"], "channels": ["voice"], "delay": 300},
+        {"recipients": ["alice"], "channels": ["sms", "email"], "delay": 600},
+    ], max_notifications=3)  # fmt: skip
+    started = decide(AlertState.TRIGGERED, plan, Chain(), Start(), T0, lambda: "n1")
+    new_plan = plan.reassigned([plan_of(steps=[
+        {"recipients": ["bob"], "channels": ["voice"]}]).contacts["bob"]])  # fmt: skip
+    assert new_plan.revision == 1 and Plan.from_json(new_plan.to_json()) == new_plan
+    ids = iter(["m1", "m2"])
+    d = decide(AlertState.TRIGGERED, plan, started.chain, Reassign(new_plan, "carol", ("ops",)),
+               T0 + timedelta(seconds=30), ids.__next__)  # fmt: skip
+    assert d.plan == new_plan
+    kinds = [type(a) for a in d.actions]
+    # the old chain is cancelled before anything of the new one is staged
+    assert kinds.index(CancelAll) < kinds.index(Dispatch) and kinds.index(CancelAll) == 0
+    cancel = d.actions[0]
+    assert isinstance(cancel, CancelAll) and cancel.scope is CancelScope.CHAIN
+    [moved] = [a for a in d.actions if isinstance(a, Audit) and a.event == "reassigned"]
+    assert moved.record()["from"] == ["alice"] and moved.record()["to"] == ["bob"]
+    assert moved.record()["groups"] == ["ops"] and moved.actor == "carol"
+    [send] = [a for a in d.actions if isinstance(a, Dispatch)]
+    assert (send.recipient_id, send.channel, send.step, send.notification_id) == (
+        "bob", "voice", 0, "m1"
+    )  # fmt: skip
+    assert [a.due_at for a in d.actions if isinstance(a, ScheduleStep)] == [
+        T0 + timedelta(seconds=330)
+    ]
+    assert [a.due_at for a in d.actions if isinstance(a, ScheduleCap)] == [
+        T0 + timedelta(seconds=30 + plan.max_duration)
+    ]
+    assert set(d.chain.notifs) == {"m1"} and d.chain.sent == 1
+    # a late outcome of the old chain (alice pressed 1 as she was hung up) matches nothing
+    late = decide(AlertState.TRIGGERED, new_plan, d.chain,
+                  Outcome("n1", 1, S.ACKNOWLEDGED, "pressed_1"), T0, lambda: "x")  # fmt: skip
+    assert late.actions == [] and late.chain == d.chain
+    # the next step of the new chain pages bob on the step's channels
+    nxt = decide(AlertState.TRIGGERED, new_plan, d.chain, StepTimer(0, 1), T0, iter("yz").__next__)
+    assert [(a.recipient_id, a.channel) for a in nxt.actions if isinstance(a, Dispatch)] == [
+        ("bob", "sms"), ("bob", "email")
+    ]  # fmt: skip
+
+
+def test_plans_stored_before_step_channels_were_kept_still_load() -> None:
+    plan = plan_of(steps=[{"groups": ["team"], "channels": ["voice", "email"], "delay": 5}])
+    old = plan.to_json()
+    for step in old["steps"]:
+        del step["channels"]
+    del old["revision"]
+    assert Plan.from_json(old) == plan
 
 
 def test_repeat_runs_the_steps_again() -> None:
