@@ -1,7 +1,7 @@
 """alerts list index: a company's alerts in creation order, for GET /v1/alerts
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 
 The alert list pages through a company's alerts newest (or oldest) first with a keyset
 cursor on (created_at, id). Without an index each page sorted every alert the company
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0006"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
