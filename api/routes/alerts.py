@@ -20,12 +20,12 @@ from api.routes.schemas import (
     Error,
     ReassignIn,
 )
+from escalation.config import Severity
 from escalation.engine import (
     AlertClosed,
     AlertIn,
     BadTarget,
     RequestContext,
-    Severity,
     UnknownPolicy,
 )
 from escalation.listing import AlertFilter, BadCursor, Cursor, SortOrder, list_alerts
