@@ -295,6 +295,7 @@ class Override(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    id: int | None = None  # given when stored; the larger one was created later
     schedule: str
     start: AwareDatetime
     end: AwareDatetime
