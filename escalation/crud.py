@@ -242,6 +242,21 @@ async def oncall_sources(
     return {n: (sch, [o for o in overrides if o.schedule == n]) for n, sch in found.items()}
 
 
+async def rotas(
+    s: AsyncSession, company: str, names: Collection[str], now: datetime
+) -> dict[str, list[str]]:
+    """Per schedule, everyone who may be put on call: participants, then the recipients of
+    overrides not yet over (an alert's plan keeps their contacts)."""
+    if not names:
+        return {}
+    found = await _schedules(s, company, names)
+    out = {n: sch.participants() for n, sch in found.items()}
+    for o in await _overrides(s, company, list(found), since=now):
+        if o.recipient not in out[o.schedule]:
+            out[o.schedule].append(o.recipient)
+    return out
+
+
 async def list_overrides(
     db: Database,
     company: str,
