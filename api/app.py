@@ -24,7 +24,16 @@ from fastapi.responses import JSONResponse
 from api import metrics, webphone
 from api.deps import Runtime, build_runtime
 from api.loop import freeze_startup_objects
-from api.routes import alerts, audit, carriers, config, health, twilio_voice, webhooks
+from api.routes import (
+    alerts,
+    audit,
+    carriers,
+    config,
+    health,
+    schedules,
+    twilio_voice,
+    webhooks,
+)
 from api.settings import Settings
 from escalation.channels.base import Channel
 from escalation.crud import sync_config
@@ -108,7 +117,8 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
         app.add_exception_handler(error, _dependency_failure)
 
     for router in (alerts.router, config.router, carriers.router, audit.router, webhooks.router,
-                   twilio_voice.router, health.router, metrics.router):  # fmt: skip
+                   twilio_voice.router, health.router, metrics.router,
+                   schedules.router):  # fmt: skip
         app.include_router(router)
     app.include_router(webphone.router)  # off until app.state.webphone is set
     return app
