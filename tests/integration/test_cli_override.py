@@ -70,3 +70,25 @@ async def test_override_add_puts_someone_on_call(db_url: str, tmp_path: Path) ->
         assert len(await crud.list_overrides(db, "acme")) == 1
     finally:
         await db.dispose()
+
+
+async def test_overrides_in_the_file_are_stored_once_however_often_it_syncs(
+    db_url: str, tmp_path: Path
+) -> None:
+    cover = {
+        "schedule": "payments",
+        "recipient": "bob",
+        "start": "2026-02-02T09:00:00+01:00",
+        "end": "2026-02-03T09:00:00+01:00",
+    }
+    path = tmp_path / "ackline.yaml"
+    path.write_text(yaml.safe_dump(CONFIG | {"overrides": [cover]}))  # fmt: skip
+    db = Database(db_url)
+    try:
+        await db.migrate()
+        for _ in range(2):  # two starts
+            await crud.sync_config(db, load_config(path))
+        [stored] = await crud.list_overrides(db, "acme")
+        assert (stored.recipient, stored.start) == ("bob", datetime(2026, 2, 2, 8, tzinfo=UTC))
+    finally:
+        await db.dispose()

@@ -213,7 +213,7 @@ TRANSITIONS = [
 ]  # fmt: skip
 # local times that exist exactly once every day in all three zones (no 01:00-03:59)
 CLOCKS = st.sampled_from([f"{h:02}:{m:02}" for h in (0, *range(4, 24)) for m in (0, 30)])
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def wall_clock_pick(spec: dict[str, Any], tz: ZoneInfo, at: datetime) -> str | None:
