@@ -140,7 +140,17 @@ async def _put_policy(s: AsyncSession, company: str, p: Policy) -> None:
     if row is None:
         row = PolicyRow(company=company, name=p.name, updated_at=utcnow())
         s.add(row)
-    row.spec, row.updated_at = p.model_dump(mode="json"), utcnow()
+    row.spec, row.updated_at = _policy_spec(p), utcnow()
+
+
+def _policy_spec(p: Policy) -> dict[str, Any]:
+    """The stored form: a step's `schedules` only when it has some, so a previous release
+    (whose steps forbid the key) still reads every policy that does not use schedules."""
+    spec = p.model_dump(mode="json")
+    for step in spec["steps"]:
+        if not step["schedules"]:
+            del step["schedules"]
+    return spec
 
 
 @contextlib.asynccontextmanager
