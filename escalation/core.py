@@ -417,9 +417,8 @@ class _Decider:
             )
 
     def _targets(self, plan_step: PlanStep, round_: int, step: int) -> list[Target]:
-        """The step's fixed targets, then whoever its schedules have on call now (audited
-        with the schedule, layer and override that chose them)."""
-        targets = list(plan_step.targets)
+        """`step_targets`, with who the schedules chose audited (schedule, layer and
+        override that chose them)."""
         for name in plan_step.schedules:
             on = self.oncall.get(name, OnCall((), None))
             self.actions.append(
@@ -429,9 +428,7 @@ class _Decider:
                       extra={"schedule": name, "layer": on.layer,
                              "override": on.override.id if on.override else None})
             )  # fmt: skip
-            for rid in on.recipients:
-                targets += [t for ch in plan_step.channels if (t := Target(rid, ch)) not in targets]
-        return targets
+        return step_targets(plan_step, self.oncall)
 
     def _fallback(self, nid: str, n: NotifState, why: str) -> None:
         n.status = DONE
@@ -564,6 +561,16 @@ def decide(
         else:
             d.outcome(event)
     return Decision(d.chain, d.actions)
+
+
+def step_targets(plan_step: PlanStep, oncall: Mapping[str, OnCall]) -> list[Target]:
+    """Who a step pages: its fixed targets, then whoever its schedules have on call (each
+    recipient and channel once)."""
+    targets = list(plan_step.targets)
+    for name in plan_step.schedules:
+        for rid in oncall[name].recipients if name in oncall else ():
+            targets += [t for ch in plan_step.channels if (t := Target(rid, ch)) not in targets]
+    return targets
 
 
 def may_fire_step(event: Event) -> bool:

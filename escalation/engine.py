@@ -68,6 +68,7 @@ from escalation.core import (
     decide,
     may_fire_step,
     rate_limit_release,
+    step_targets,
 )
 from escalation.db import Database
 from escalation.models import (
@@ -1044,8 +1045,12 @@ class Engine:
         plan, _ = await self._plan_for(company, policy)
         if not plan.steps:
             return []
+        oncall = {}
+        if plan.steps[0].schedules:  # whoever is on call now
+            async with self.db.session() as s:
+                oncall = await self._oncall(s, company, plan, Start(), self.clock())
         seen: dict[str, ContactPoint] = {}
-        for target in plan.steps[0].targets:
+        for target in step_targets(plan.steps[0], oncall):
             if target.recipient_id not in seen and target.recipient_id in plan.contacts:
                 seen[target.recipient_id] = plan.contacts[target.recipient_id]
         return list(seen.values())

@@ -56,6 +56,9 @@ async def test_schedule_step_pages_who_is_on_call_at_fire_time_and_audits_it(
             if len(h.channels["sms"].sent) >= 3:
                 break
             await asyncio.sleep(0.02)
+        # a hotline bridging to this policy's first step reaches who is on call now
+        bridged = await h.engine.first_responders("acme", "p")
+        assert [c.recipient_id for c in bridged] == ["carol", "bob"]
         paged = [(s.notification.contact.recipient_id) for s in h.channels["sms"].sent]
         assert sorted(paged[:2]) == ["alice", "carol"] and paged[2:] == ["bob"]
         chosen = [
