@@ -350,10 +350,7 @@ async def delete(db: Database, company: str, kind: str, key: str) -> bool:
                 await _policies(s, company), await _groups(s, company),
                 await _schedules(s, company), await _overrides(s, company),
             )  # fmt: skip
-            users = [
-                u for u in refs.get(key if kind == "recipient" else f"{kind}:{key}", [])
-                if not (kind == "schedule" and u.endswith(f"of schedule {key}"))
-            ]  # fmt: skip
+            users = refs.get(key if kind == "recipient" else f"{kind}:{key}", [])
             if users:
                 raise Conflict(f"{kind} {key!r} is used by {', '.join(sorted(set(users)))}")
         if kind == "schedule":

@@ -20,7 +20,7 @@ pytest_plugins = ["tests.conftest_escalation"]
 
 KEY = {"X-API-Key": "k-acme"}
 OTHER = {"X-API-Key": "k-globex"}
-START = date.today() - timedelta(days=14)  # the feeds look at now
+START = date.today() - timedelta(days=10)  # the feeds begin a week ago: in alice's week
 CONFIG = {
     "company": "acme",
     "recipients": [
