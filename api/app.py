@@ -31,6 +31,7 @@ from api.routes import (
     config,
     health,
     integrations,
+    schedules,
     twilio_voice,
     webhooks,
 )
@@ -118,7 +119,7 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
 
     for router in (alerts.router, config.router, carriers.router, audit.router, webhooks.router,
                    integrations.router, twilio_voice.router, health.router,
-                   metrics.router):  # fmt: skip
+                   metrics.router, schedules.router):  # fmt: skip
         app.include_router(router)
     app.include_router(webphone.router)  # off until app.state.webphone is set
     return app

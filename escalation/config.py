@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ from pydantic import (
 
 from carriers.config import CarrierConfig, CarrierConfigError, load_carriers
 from escalation.durations import Duration
+from escalation.schedules import Override, Schedule
 
 # Which contact field each channel needs; a channel not listed here is not accepted.
 CHANNEL_CONTACT_FIELD: Mapping[str, str] = {
@@ -208,12 +209,15 @@ class Group(BaseModel):
 
 
 class Step(BaseModel):
-    """Everyone targeted is notified on every listed channel at once; then wait `delay`."""
+    """Everyone targeted is notified on every listed channel at once; then wait `delay`.
+
+    `schedules` page whoever is on call when the step fires, not when the alert started."""
 
     model_config = ConfigDict(extra="forbid")
 
     recipients: list[str] = Field(default_factory=list)
     groups: list[str] = Field(default_factory=list)
+    schedules: list[str] = Field(default_factory=list)
     channels: list[str] = Field(min_length=1)
     delay: Duration = 300.0
 
@@ -229,8 +233,8 @@ class Step(BaseModel):
 
     @model_validator(mode="after")
     def _targets(self) -> Step:
-        if not self.recipients and not self.groups:
-            raise ValueError("a step needs at least one recipient or group")
+        if not self.recipients and not self.groups and not self.schedules:
+            raise ValueError("a step needs at least one recipient, group or schedule")
         return self
 
 
@@ -466,6 +470,8 @@ class AcklineConfig(BaseModel):
     carriers: CarrierConfig | None = Field(default=None, exclude=True)
     hotline: HotlineConfig | None = None
     integrations: list[Integration] = Field(default_factory=list)
+    schedules: list[Schedule] = Field(default_factory=list)
+    overrides: list[Override] = Field(default_factory=list)  # in creation order
 
     @field_validator("channel_defaults", "rate_limits")
     @classmethod
@@ -484,6 +490,7 @@ def reference_errors(
     recipients: Mapping[str, Recipient],
     groups: Mapping[str, Group],
     channel_defaults: Mapping[str, RetryPolicy],
+    schedules: Collection[str] = (),
 ) -> list[str]:
     """Problems a single model cannot see: dangling references, unreachable steps, cycles.
 
@@ -499,6 +506,9 @@ def reference_errors(
             for j, gname in enumerate(step.groups):
                 if gname not in groups:
                     errors.append(f"{at}.groups[{j}]: unknown group {gname!r}")
+            for j, sname in enumerate(step.schedules):
+                if sname not in schedules:
+                    errors.append(f"{at}.schedules[{j}]: unknown schedule {sname!r}")
         retry = policy.retry_for(channel_defaults)
         for channel in retry:
             seen = [channel]
@@ -510,6 +520,30 @@ def reference_errors(
                     break
                 seen.append(nxt)
                 nxt = retry[nxt].fallback_channel if nxt in retry else None
+    return errors
+
+
+def schedule_errors(where: str, schedule: Schedule, recipients: Collection[str]) -> list[str]:
+    """A schedule's participants must be known recipients (file and API alike)."""
+    return [
+        f"{where}.layers[{i}].participants[{j}]: unknown recipient {rid!r}"
+        for i, layer in enumerate(schedule.layers)
+        for j, rid in enumerate(layer.participants)
+        if rid not in recipients
+    ]
+
+
+def override_errors(
+    where: str, override: Override, schedules: Collection[str], recipients: Collection[str]
+) -> list[str]:
+    """An override names a known schedule and known recipients."""
+    errors = []
+    if override.schedule not in schedules:
+        errors.append(f"{where}.schedule: unknown schedule {override.schedule!r}")
+    for field_name in ("recipient", "replaces"):
+        rid = getattr(override, field_name)
+        if rid is not None and rid not in recipients:
+            errors.append(f"{where}.{field_name}: unknown recipient {rid!r}")
     return errors
 
 
@@ -586,6 +620,14 @@ def parse_config(data: object, source: str = "<config>") -> AcklineConfig:
         for j, member in enumerate(g.members):
             if member not in recipients:
                 errors.append(f"groups[{i}].members[{j}]: unknown recipient {member!r}")
+    schedules: set[str] = set()
+    for i, sch in enumerate(cfg.schedules):
+        if sch.name in schedules:
+            errors.append(f"schedules[{i}]: duplicate schedule {sch.name!r}")
+        schedules.add(sch.name)
+        errors += schedule_errors(f"schedules[{i}]", sch, recipients)
+    for i, o in enumerate(cfg.overrides):
+        errors += override_errors(f"overrides[{i}]", o, schedules, recipients)
     names: set[str] = set()
     for i, p in enumerate(cfg.policies):
         if p.name in names:
@@ -602,6 +644,7 @@ def parse_config(data: object, source: str = "<config>") -> AcklineConfig:
         recipients,
         groups,
         cfg.channel_defaults,
+        schedules,
     )
     if errors:
         raise ConfigError(f"{source}: {e}" for e in errors)

@@ -17,6 +17,7 @@ from typing import Any, assert_never
 from escalation.channels.base import ContactPoint, DeliveryStatus
 from escalation.config import CHANNEL_CONTACT_FIELD, Policy, RateLimit, Recipient, RetryPolicy
 from escalation.models import AlertState
+from escalation.schedules import OnCall
 
 # ---------------------------------------------------------------------------- the plan
 
@@ -31,6 +32,8 @@ class Target:
 class PlanStep:
     targets: tuple[Target, ...]
     delay: float
+    # paged on `channels`: whoever is on call when the step fires (resolved by the caller)
+    schedules: tuple[str, ...] = ()
     # the step's channels, kept so a reassigned chain pages its new target the same way
     # (snapshots from before they were stored: the channels their targets use)
     channels: tuple[str, ...] = ()
@@ -52,17 +55,15 @@ class Plan:
     # otherwise immutable per alert)
     revision: int = 0
 
+    @property
+    def schedules(self) -> tuple[str, ...]:
+        """Every schedule a step pages, once each."""
+        return tuple(dict.fromkeys(n for s in self.steps for n in s.schedules))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
-            "steps": [
-                {
-                    "targets": [[t.recipient_id, t.channel] for t in s.targets],
-                    "delay": s.delay,
-                    "channels": list(s.channels),
-                }
-                for s in self.steps
-            ],
+            "steps": [_step_json(s) for s in self.steps],
             "repeat": self.repeat,
             "max_duration": self.max_duration,
             "max_notifications": self.max_notifications,
@@ -110,10 +111,23 @@ class Plan:
         return None if value is None else str(value)
 
 
+def _step_json(step: PlanStep) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "targets": [[t.recipient_id, t.channel] for t in step.targets], "delay": step.delay,
+        "channels": list(step.channels),
+    }  # fmt: skip
+    if step.schedules:  # absent otherwise: plans without schedules read as they always did
+        data["schedules"] = list(step.schedules)
+    return data
+
+
 def _step_from_json(data: Mapping[str, Any]) -> PlanStep:
     targets = tuple(Target(r, c) for r, c in data["targets"])
     channels = data.get("channels") or dict.fromkeys(t.channel for t in targets)
-    return PlanStep(targets, float(data["delay"]), tuple(channels))
+    return PlanStep(
+        targets, float(data["delay"]), schedules=tuple(data.get("schedules", ())),
+        channels=tuple(channels),
+    )  # fmt: skip
 
 
 def build_plan(
@@ -121,8 +135,12 @@ def build_plan(
     recipients: Mapping[str, Recipient],
     groups: Mapping[str, Sequence[str]],
     channel_defaults: Mapping[str, RetryPolicy],
+    rotas: Mapping[str, Sequence[str]] | None = None,
 ) -> Plan:
-    """Expand groups into recipients (in order, without duplicates) for every step."""
+    """Expand groups into recipients (in order, without duplicates) for every step.
+
+    `rotas` lists, per schedule, who it may put on call: their contacts go in the snapshot
+    so the person on call when a step fires can be reached."""
     steps = []
     used: dict[str, Recipient] = {}
     for step in policy.steps:
@@ -131,8 +149,13 @@ def build_plan(
             if rid in recipients and rid not in ids:
                 ids.append(rid)
                 used[rid] = recipients[rid]
+        for name in step.schedules:
+            for rid in (rotas or {}).get(name, ()):
+                if rid in recipients:
+                    used[rid] = recipients[rid]
         targets = tuple(Target(rid, ch) for rid in ids for ch in step.channels)
-        steps.append(PlanStep(targets, step.delay, tuple(step.channels)))
+        steps.append(PlanStep(targets, step.delay, schedules=tuple(step.schedules),
+                              channels=tuple(step.channels)))  # fmt: skip
     return Plan(
         policy=policy.name,
         steps=tuple(steps),
@@ -329,17 +352,18 @@ class Audit:
     round: int | None = None
     step: int | None = None
     actor: str | None = None
-    extra: Mapping[str, Any] | None = None  # fields only this event has
+    extra: Mapping[str, Any] | None = None  # fields only some events have
 
     def record(self) -> dict[str, Any]:
         # flat fields: a plain dict of them (`asdict` copies each value recursively)
         data = {f.name: getattr(self, f.name) for f in _AUDIT_FIELDS}
         data["notification_uuid"] = data.pop("notification_id")
-        data.update(data.pop("extra") or {})
+        if self.extra:
+            data |= self.extra
         return data
 
 
-_AUDIT_FIELDS = fields(Audit)
+_AUDIT_FIELDS = [f for f in fields(Audit) if f.name != "extra"]
 
 Action = Dispatch | ScheduleStep | ScheduleCap | Transition | CancelAll | Audit
 
@@ -369,6 +393,7 @@ class _Decider:
         chain: Chain,
         now: datetime,
         new_id: Callable[[], str],
+        oncall: Mapping[str, OnCall],
     ) -> None:
         self.state = state
         self.plan = plan
@@ -376,6 +401,7 @@ class _Decider:
         self.chain = chain.copy()
         self.now = now
         self.new_id = new_id
+        self.oncall = oncall
         self.actions: list[Action] = []
 
     # -- helpers
@@ -431,7 +457,7 @@ class _Decider:
         self.actions.append(Audit("step", "fired", why, round=round_, step=step))
         nxt = self._after(round_, step)
         self.chain.next_round, self.chain.next_step = nxt
-        for t in plan_step.targets:
+        for t in self._targets(plan_step, round_, step):
             if self.state not in _OPEN:
                 return
             if self.plan.address(t.recipient_id, t.channel) is None:
@@ -446,6 +472,20 @@ class _Decider:
             self.actions.append(
                 ScheduleStep(nxt[0], nxt[1], self.now + timedelta(seconds=plan_step.delay))
             )
+
+    def _targets(self, plan_step: PlanStep, round_: int, step: int) -> list[Target]:
+        """`step_targets`, with who the schedules chose audited (schedule, layer and
+        override that chose them)."""
+        for name in plan_step.schedules:
+            on = self.oncall.get(name, OnCall((), None))
+            self.actions.append(
+                Audit("oncall", "chosen" if on.recipients else "nobody", f"schedule:{name}",
+                      recipient_id=on.recipients[0] if on.recipients else None,
+                      round=round_, step=step,
+                      extra={"schedule": name, "layer": on.layer,
+                             "override": on.override.id if on.override else None})
+            )  # fmt: skip
+        return step_targets(plan_step, self.oncall)
 
     def _fallback(self, nid: str, n: NotifState, why: str) -> None:
         n.status = DONE
@@ -574,13 +614,16 @@ def decide(
     event: Event,
     now: datetime,
     new_id: Callable[[], str],
+    oncall: Mapping[str, OnCall] | None = None,
 ) -> Decision:
     """Apply one event to an alert; returns the new chain state and what to do.
 
     Only `Close` acts on a closed alert: a timer or an outcome arriving after the ack
-    changes nothing, which is what makes "nothing fires after the ack" hold.
+    changes nothing, which is what makes "nothing fires after the ack" hold. `oncall`
+    says who the plan's schedules have on call at `now`, for an event that may fire a
+    step (`may_fire_step`).
     """
-    d = _Decider(state, plan, chain, now, new_id)
+    d = _Decider(state, plan, chain, now, new_id, oncall or {})
     if isinstance(event, Close):
         d.close(event)
     elif state in _OPEN:
@@ -600,6 +643,23 @@ def decide(
             case _:
                 assert_never(event)
     return Decision(d.chain, d.actions, d.new_plan)
+
+
+def step_targets(plan_step: PlanStep, oncall: Mapping[str, OnCall]) -> list[Target]:
+    """Who a step pages: its fixed targets, then whoever its schedules have on call (each
+    recipient and channel once)."""
+    targets = list(plan_step.targets)
+    for name in plan_step.schedules:
+        for rid in oncall[name].recipients if name in oncall else ():
+            targets += [t for ch in plan_step.channels if (t := Target(rid, ch)) not in targets]
+    return targets
+
+
+def may_fire_step(event: Event) -> bool:
+    """Whether the event can fire a step (so its caller should say who is on call)."""
+    if isinstance(event, Outcome):
+        return event.status is DeliveryStatus.ESCALATE
+    return isinstance(event, Start | StepTimer)
 
 
 def rate_limit_release(

@@ -1,4 +1,4 @@
-"""Recipients, groups and policies in the database, per company.
+"""Recipients, groups, policies, schedules and overrides in the database, per company.
 
 The YAML file and the API go through the same functions and the same validation
 (`config.reference_errors`), so neither can store something the other would reject.
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -26,10 +27,23 @@ from escalation.config import (
     Recipient,
     RetryPolicy,
     integration_errors,
+    override_errors,
     reference_errors,
+    schedule_errors,
 )
 from escalation.db import Database
-from escalation.models import GroupRow, IntegrationRow, PolicyRow, RecipientRow, utcnow
+from escalation.models import (
+    GroupRow,
+    IntegrationRow,
+    PolicyRow,
+    RecipientRow,
+    ScheduleOverrideRow,
+    ScheduleRow,
+    utcnow,
+)
+from escalation.schedules import Override, Schedule
+
+_INSTANT = timedelta(microseconds=1)
 
 
 class Conflict(Exception):
@@ -52,6 +66,61 @@ async def _groups(s: AsyncSession, company: str) -> dict[str, Group]:
 async def _policies(s: AsyncSession, company: str) -> dict[str, Policy]:
     res = await s.execute(select(PolicyRow).where(col(PolicyRow.company) == company))
     return {p.name: Policy.model_validate(p.spec) for p in res.scalars()}
+
+
+async def _schedules(
+    s: AsyncSession, company: str, names: Collection[str] | None = None
+) -> dict[str, Schedule]:
+    query = select(ScheduleRow).where(col(ScheduleRow.company) == company)
+    if names is not None:
+        query = query.where(col(ScheduleRow.name).in_(names))
+    res = await s.execute(query)
+    return {r.name: Schedule.model_validate(r.spec) for r in res.scalars()}
+
+
+def _override(row: ScheduleOverrideRow) -> Override:
+    return Override(
+        id=row.id, schedule=row.schedule, start=row.starts_at, end=row.ends_at,
+        recipient=row.recipient, replaces=row.replaces,
+    )  # fmt: skip
+
+
+async def _overrides(
+    s: AsyncSession,
+    company: str,
+    schedules: Collection[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[Override]:
+    """In creation order (the order `schedules.oncall` applies them in); with a window,
+    only those overlapping it."""
+    t = ScheduleOverrideRow
+    query = select(t).where(col(t.company) == company).order_by(col(t.id))
+    if schedules is not None:
+        query = query.where(col(t.schedule).in_(schedules))
+    if since is not None:
+        query = query.where(col(t.ends_at) > since)
+    if until is not None:
+        query = query.where(col(t.starts_at) < until)
+    return [_override(r) for r in (await s.execute(query)).scalars()]
+
+
+async def _put_schedule(s: AsyncSession, company: str, sch: Schedule) -> None:
+    row = await s.get(ScheduleRow, (company, sch.name))
+    if row is None:
+        row = ScheduleRow(company=company, name=sch.name, updated_at=utcnow())
+        s.add(row)
+    row.spec, row.updated_at = sch.model_dump(mode="json"), utcnow()
+
+
+async def _add_override(s: AsyncSession, company: str, o: Override, actor: str) -> Override:
+    row = ScheduleOverrideRow(
+        company=company, schedule=o.schedule, recipient=o.recipient, replaces=o.replaces,
+        starts_at=o.start, ends_at=o.end, created_at=utcnow(), created_by=actor,
+    )  # fmt: skip
+    s.add(row)
+    await s.flush()
+    return _override(row)
 
 
 async def _put_recipient(s: AsyncSession, company: str, r: Recipient) -> None:
@@ -77,7 +146,17 @@ async def _put_policy(s: AsyncSession, company: str, p: Policy) -> None:
     if row is None:
         row = PolicyRow(company=company, name=p.name, updated_at=utcnow())
         s.add(row)
-    row.spec, row.updated_at = p.model_dump(mode="json"), utcnow()
+    row.spec, row.updated_at = _policy_spec(p), utcnow()
+
+
+def _policy_spec(p: Policy) -> dict[str, Any]:
+    """The stored form: a step's `schedules` only when it has some, so a previous release
+    (whose steps forbid the key) still reads every policy that does not use schedules."""
+    spec = p.model_dump(mode="json")
+    for step in spec["steps"]:
+        if not step["schedules"]:
+            del step["schedules"]
+    return spec
 
 
 def token_digest(token: str) -> str:
@@ -118,6 +197,12 @@ async def sync_config(db: Database, cfg: AcklineConfig) -> None:
             await _put_policy(s, cfg.company, p)
         for i in cfg.integrations:
             await _put_integration(s, cfg.company, i)
+        for sch in cfg.schedules:
+            await _put_schedule(s, cfg.company, sch)
+        stored = {o.model_copy(update={"id": None}) for o in await _overrides(s, cfg.company)}
+        for o in cfg.overrides:
+            if o.model_copy(update={"id": None}) not in stored:  # each start syncs the file
+                await _add_override(s, cfg.company, o, "config")
 
 
 async def list_recipients(db: Database, company: str) -> list[Recipient]:
@@ -155,7 +240,7 @@ async def put_policy(
     async with _config_write(db, company) as s:
         errors = reference_errors(
             [("policy", p)], await _recipients(s, company), await _groups(s, company),
-            channel_defaults,
+            channel_defaults, await _schedules(s, company),
         )  # fmt: skip
         if errors:
             raise ConfigError(errors)
@@ -201,8 +286,94 @@ async def put_integration(db: Database, company: str, i: Integration) -> None:
         await _put_integration(s, company, i)
 
 
-def _users(policies: Mapping[str, Policy], groups: Mapping[str, Group]) -> dict[str, list[str]]:
-    """Who refers to what: recipient id / "group:<name>" -> referring policies/groups."""
+async def list_schedules(db: Database, company: str) -> list[Schedule]:
+    async with db.session() as s:
+        return sorted((await _schedules(s, company)).values(), key=lambda x: x.name)
+
+
+async def schedule_view(
+    db: Database, company: str, name: str, since: datetime, until: datetime
+) -> tuple[Schedule, list[Override]] | None:
+    """A schedule and the overrides overlapping [since, until): what `oncall` and `shifts`
+    need to answer for that window."""
+    async with db.session() as s:
+        found = (await _schedules(s, company, [name])).get(name)
+        if found is None:
+            return None
+        return found, await _overrides(s, company, [name], since, until)
+
+
+async def oncall_sources(
+    s: AsyncSession, company: str, names: Collection[str], at: datetime
+) -> dict[str, tuple[Schedule, list[Override]]]:
+    """The named schedules with their overrides in force at `at`, in the caller's
+    session (the engine asks inside the transaction that fires the step)."""
+    found = await _schedules(s, company, names)
+    overrides = await _overrides(s, company, list(found), at, at + _INSTANT)
+    return {n: (sch, [o for o in overrides if o.schedule == n]) for n, sch in found.items()}
+
+
+async def rotas(
+    s: AsyncSession, company: str, names: Collection[str], now: datetime
+) -> dict[str, list[str]]:
+    """Per schedule, everyone who may be put on call: participants, then the recipients of
+    overrides not yet over (an alert's plan keeps their contacts)."""
+    if not names:
+        return {}
+    found = await _schedules(s, company, names)
+    out = {n: sch.participants() for n, sch in found.items()}
+    for o in await _overrides(s, company, list(found), since=now):
+        if o.recipient not in out[o.schedule]:
+            out[o.schedule].append(o.recipient)
+    return out
+
+
+async def list_overrides(
+    db: Database,
+    company: str,
+    schedule: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[Override]:
+    async with db.session() as s:
+        return await _overrides(s, company, None if schedule is None else [schedule], since, until)
+
+
+async def put_schedule(db: Database, company: str, sch: Schedule) -> None:
+    async with _config_write(db, company) as s:
+        errors = schedule_errors("schedule", sch, await _recipients(s, company))
+        if errors:
+            raise ConfigError(errors)
+        await _put_schedule(s, company, sch)
+
+
+async def add_override(db: Database, company: str, o: Override, actor: str) -> Override:
+    """Store an override (its id says it was created after every existing one)."""
+    async with _config_write(db, company) as s:
+        errors = override_errors(
+            "override", o, await _schedules(s, company, [o.schedule]), await _recipients(s, company)
+        )
+        if errors:
+            raise ConfigError(errors)
+        return await _add_override(s, company, o, actor)
+
+
+async def delete_override(db: Database, company: str, override_id: int) -> bool:
+    async with _config_write(db, company) as s:
+        row = await s.get(ScheduleOverrideRow, override_id)
+        if row is None or row.company != company:
+            return False
+        await s.delete(row)
+    return True
+
+
+def _users(
+    policies: Mapping[str, Policy],
+    groups: Mapping[str, Group],
+    schedules: Mapping[str, Schedule],
+    overrides: Collection[Override],
+) -> dict[str, list[str]]:
+    """Who refers to what: recipient id / "group:<name>" / "schedule:<name>" -> referrers."""
     refs: dict[str, list[str]] = {}
     for name, p in policies.items():
         for step in p.steps:
@@ -210,26 +381,37 @@ def _users(policies: Mapping[str, Policy], groups: Mapping[str, Group]) -> dict[
                 refs.setdefault(rid, []).append(f"policy {name}")
             for g in step.groups:
                 refs.setdefault(f"group:{g}", []).append(f"policy {name}")
+            for sname in step.schedules:
+                refs.setdefault(f"schedule:{sname}", []).append(f"policy {name}")
     for gname, group in groups.items():
         for rid in group.members:
             refs.setdefault(rid, []).append(f"group {gname}")
+    for sname, sch in schedules.items():
+        for rid in sch.participants():
+            refs.setdefault(rid, []).append(f"schedule {sname}")
+    for o in overrides:
+        for rid in filter(None, (o.recipient, o.replaces)):
+            refs.setdefault(rid, []).append(f"override {o.id} of schedule {o.schedule}")
     return refs
 
 
 async def delete(db: Database, company: str, kind: str, key: str) -> bool:
-    """Delete a recipient, group, policy or integration; Conflict if something still refers
-    to it."""
-    table: Any = {
+    """Delete a recipient, group, policy, schedule or integration; Conflict if something
+    still refers to it. A schedule's overrides go with it."""
+    tables: dict[str, Any] = {
         "recipient": RecipientRow, "group": GroupRow, "policy": PolicyRow,
-        "integration": IntegrationRow,
-    }[kind]  # fmt: skip
+        "schedule": ScheduleRow, "integration": IntegrationRow,
+    }  # fmt: skip
     async with _config_write(db, company) as s:
-        row = await s.get(table, (company, key))
+        row = await s.get(tables[kind], (company, key))
         if row is None:
             return False
-        if kind in ("recipient", "group"):
-            refs = _users(await _policies(s, company), await _groups(s, company))
-            users = refs.get(key if kind == "recipient" else f"group:{key}", [])
+        if kind in ("recipient", "group", "schedule"):
+            refs = _users(
+                await _policies(s, company), await _groups(s, company),
+                await _schedules(s, company), await _overrides(s, company),
+            )  # fmt: skip
+            users = refs.get(key if kind == "recipient" else f"{kind}:{key}", [])
             if users:
                 raise Conflict(f"{kind} {key!r} is used by {', '.join(sorted(set(users)))}")
         if kind == "policy":
@@ -242,5 +424,8 @@ async def delete(db: Database, company: str, kind: str, key: str) -> bool:
             ]  # fmt: skip
             if users:
                 raise Conflict(f"policy {key!r} is used by {', '.join(sorted(users))}")
+        if kind == "schedule":
+            for o in await _overrides(s, company, [key]):
+                await s.delete(await s.get(ScheduleOverrideRow, o.id))
         await s.delete(row)
     return True

@@ -44,7 +44,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from escalation import metrics
+from escalation import crud, metrics, schedules
 from escalation.audit import AuditLog
 from escalation.channels.base import ContactPoint, DeliveryResult, DeliveryStatus, Notification
 from escalation.channels.signing import sign_ack
@@ -77,7 +77,9 @@ from escalation.core import (
     build_plan,
     contact_point,
     decide,
+    may_fire_step,
     rate_limit_release,
+    step_targets,
 )
 from escalation.db import Database
 from escalation.models import (
@@ -612,6 +614,7 @@ class Engine:
                 await self._insert(session, a, j, f)
 
         plan = self._parsed_plan(alert)
+        oncall = await self._oncall(s, alert.company, plan, event, now)
         decision = decide(
             AlertState(alert.state),
             plan,
@@ -619,6 +622,7 @@ class Engine:
             event,
             now,
             lambda: str(uuid.uuid4()),
+            oncall,
         )
         alert.chain = decision.chain.to_json()
         alert.updated_at = now
@@ -665,6 +669,20 @@ class Engine:
                     rec["actor"] = ctx.actor
                 self._audit(fx, alert, ctx, now, **rec)
         await put(attempts, jobs, fx)
+
+    async def _oncall(
+        self, s: AsyncSession | None, company: str, plan: Plan, event: Event, now: datetime
+    ) -> dict[str, schedules.OnCall]:
+        """Who the plan's schedules have on call at `now`, when the event may fire a step:
+        a step pages whoever is on call when it fires, not when the alert started."""
+        if not plan.schedules or not may_fire_step(event):
+            return {}
+        if s is None:  # a driver-level path (PostgreSQL): a read needs no lock
+            async with self.db.session() as own:
+                found = await crud.oncall_sources(own, company, plan.schedules, now)
+        else:
+            found = await crud.oncall_sources(s, company, plan.schedules, now)
+        return {n: schedules.oncall(sch, ovr, now) for n, (sch, ovr) in found.items()}
 
     @staticmethod
     async def _insert(
@@ -826,13 +844,16 @@ class Engine:
             groups = {g.name: list(g.members) for g in res.scalars()}
         ids = {r for step in policy.steps for r in step.recipients}
         ids |= {m for members in groups.values() for m in members}
+        names = {n for step in policy.steps for n in step.schedules}
+        rotas = await crud.rotas(s, company, names, self.clock())
+        ids |= {r for people in rotas.values() for r in people}
         res2 = await s.execute(
             select(RecipientRow).where(
                 col(RecipientRow.company) == company, col(RecipientRow.id).in_(ids)
             )
         )
         recipients = {r.id: _recipient(r) for r in res2.scalars()}
-        return build_plan(policy, recipients, groups, self.config.channel_defaults)
+        return build_plan(policy, recipients, groups, self.config.channel_defaults, rotas)
 
     async def ingest(
         self,
@@ -1052,8 +1073,12 @@ class Engine:
         plan, _ = await self._plan_for(company, policy)
         if not plan.steps:
             return []
+        oncall = {}
+        if plan.steps[0].schedules:  # whoever is on call now
+            async with self.db.session() as s:
+                oncall = await self._oncall(s, company, plan, Start(), self.clock())
         seen: dict[str, ContactPoint] = {}
-        for target in plan.steps[0].targets:
+        for target in step_targets(plan.steps[0], oncall):
             if target.recipient_id not in seen and target.recipient_id in plan.contacts:
                 seen[target.recipient_id] = plan.contacts[target.recipient_id]
         return list(seen.values())

@@ -224,3 +224,32 @@ class TrunkOverrideRow(SQLModel, table=True):
     changes: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(sa.JSON()))
     updated_at: datetime = _ts()
     updated_by: str = Field(default="", max_length=200)
+
+
+class ScheduleRow(SQLModel, table=True):
+    """An on-call schedule (escalation.schedules.Schedule as JSON), per company."""
+
+    __tablename__ = "schedules"
+
+    company: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=64)
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(sa.JSON()))
+    updated_at: datetime = _ts()
+
+
+class ScheduleOverrideRow(SQLModel, table=True):
+    """Someone else on call for a while; the id orders overrides by creation (the later
+    one wins where they overlap)."""
+
+    __tablename__ = "schedule_overrides"
+    __table_args__ = (sa.Index("ix_overrides_window", "company", "schedule", "ends_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    company: str = Field(max_length=64)
+    schedule: str = Field(max_length=64)
+    recipient: str = Field(max_length=64)
+    replaces: str | None = Field(default=None, max_length=64)
+    starts_at: datetime = _ts()
+    ends_at: datetime = _ts()
+    created_at: datetime = _ts()
+    created_by: str = Field(default="", max_length=200)

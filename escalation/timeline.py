@@ -40,6 +40,7 @@ class AuditEvent(enum.StrEnum):
     CHANNEL_EXHAUSTED = "channel_exhausted"
     ESCALATE = "escalate"  # pressed 2, or POST .../escalate
     REASSIGNED = "reassigned"
+    ONCALL = "oncall"  # a step paging a schedule found who is on call (or nobody)
     ACK = "ack"
     RESOLVE = "resolve"
     EXHAUSTED = "exhausted"
@@ -63,7 +64,7 @@ def kind_of(event: AuditEvent) -> EntryKind:
               | AuditEvent.EXHAUSTED | AuditEvent.IGNORED):  # fmt: skip
             return EntryKind.LIFECYCLE
         case (AuditEvent.STEP | AuditEvent.POLICY_END | AuditEvent.ESCALATE
-              | AuditEvent.REASSIGNED):  # fmt: skip
+              | AuditEvent.REASSIGNED | AuditEvent.ONCALL):  # fmt: skip
             return EntryKind.CHAIN
         case (AuditEvent.SCHEDULED | AuditEvent.SKIPPED | AuditEvent.SEND | AuditEvent.RESULT
               | AuditEvent.PROVIDER_STATUS | AuditEvent.STALE_RESULT):  # fmt: skip
@@ -101,6 +102,9 @@ class TimelineEntry(BaseModel):
     reassigned_from: list[str] | None = None
     reassigned_to: list[str] | None = None
     groups: list[str] | None = None
+    schedule: str | None = None  # oncall: the schedule, its layer and override that chose
+    layer: str | None = None
+    override: int | None = None
     raw: dict[str, Any] | None = None  # every field of a line of an unknown kind
 
 
@@ -139,7 +143,8 @@ def _entry(rec: Mapping[str, Any], acked_through: Mapping[str, Any] | None) -> T
         trunk=_text(details.get("trunk")), trunks_tried=_text(details.get("trunks_tried")),
         sip_code=_sip_code(details.get("sip_code")), bundled_into=rec.get("bundled_into"),
         released_at=rec.get("released_at"), reassigned_from=rec.get("from"),
-        reassigned_to=rec.get("to"), groups=rec.get("groups"),
+        reassigned_to=rec.get("to"), groups=rec.get("groups"), schedule=rec.get("schedule"),
+        layer=rec.get("layer"), override=rec.get("override"),
     )  # fmt: skip
 
 

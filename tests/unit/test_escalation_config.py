@@ -126,7 +126,9 @@ def test_step_needs_targets_and_duplicates_rejected() -> None:
     assert any("policies[1]: duplicate policy 'p'" in e for e in _errors(data))
     data["policies"][0]["steps"].append({"channels": ["sms"]})
     errors = _errors(data)
-    assert any("steps[1]: a step needs at least one recipient or group" in e for e in errors)
+    assert any(
+        "steps[1]: a step needs at least one recipient, group or schedule" in e for e in errors
+    )
 
 
 def test_unknown_keys_and_bad_yaml(tmp_path: Path) -> None:

@@ -73,3 +73,16 @@ def test_entries_are_typed_in_time_order_and_unknown_kinds_keep_their_fields() -
     assert (moved.reassigned_from, moved.reassigned_to, moved.kind) == (
         ["alice"], ["bob"], EntryKind.CHAIN
     )  # fmt: skip
+
+
+def test_an_oncall_line_names_the_schedule_layer_and_override_that_chose() -> None:
+    records = [
+        rec("00", "oncall", status="chosen", reason="schedule:payments", recipient_id="bob",
+            step=1, schedule="payments", layer="weekly", override=7),
+        rec("01", "oncall", status="nobody", reason="schedule:night", step=2,
+            schedule="night", layer=None, override=None),
+    ]  # fmt: skip
+    chosen, nobody = build_timeline("a1", records).entries
+    assert (chosen.kind, chosen.recipient_id, chosen.schedule, chosen.layer, chosen.override) \
+        == (EntryKind.CHAIN, "bob", "payments", "weekly", 7)  # fmt: skip
+    assert (nobody.status, nobody.recipient_id, nobody.schedule) == ("nobody", None, "night")
