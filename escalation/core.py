@@ -152,6 +152,7 @@ def contact_point(r: Recipient) -> ContactPoint:
         telegram_chat_id=r.telegram_chat_id,
         email=r.email,
         webhook_url=r.webhook_url,
+        slack_channel=r.slack_channel,
     )
 
 

@@ -35,6 +35,7 @@ class ContactPoint:
     telegram_chat_id: str | None = None
     email: str | None = None
     webhook_url: str | None = None
+    slack_channel: str | None = None
 
 
 @dataclass(frozen=True)
