@@ -39,6 +39,7 @@ __all__ = [
     "SlackWebApi",
     "classify_slack_error",
     "closed_blocks",
+    "outcome_line",
     "parse_slack_interaction",
     "verify_slack_request",
 ]
@@ -191,6 +192,19 @@ def closed_blocks(
     if state is AlertState.ACKNOWLEDGED:
         kept.append(_actions(alert_id, [SlackAction.RESOLVE]))
     return kept
+
+
+def outcome_line(state: AlertState, actor: str | None) -> str:
+    """What the message says once the alert is closed; Slack users are mentioned."""
+    if actor and actor.startswith("slack:"):
+        who = f"<@{actor.removeprefix('slack:')}>"
+    else:
+        who = _mrkdwn(actor or "someone")
+    if state is AlertState.ACKNOWLEDGED:
+        return f":white_check_mark: Acknowledged by {who}"
+    if state is AlertState.RESOLVED:
+        return f":heavy_check_mark: Resolved by {who}"
+    return f"Alert is {state.value}."
 
 
 @dataclass(frozen=True)
