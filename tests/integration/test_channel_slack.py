@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from api.channels import services_for
+from api.settings import Settings
 from escalation.channels.base import DeliveryStatus
 from escalation.channels.slack import SlackChannel, SlackWebApi
 from tests.fakes import free_port, make_notification
@@ -177,3 +180,27 @@ async def test_missing_slack_channel_is_permanent_without_api_call(slack: FakeSl
 
     assert (result.status, result.reason) == (DeliveryStatus.FAILED_PERMANENT, "no_slack_channel")
     assert slack.requests == []
+
+
+async def test_the_environment_configures_the_channel(slack: FakeSlack, tmp_path: Path) -> None:
+    token_file = tmp_path / "slack_bot_token"
+    token_file.write_text(f"{slack.token}\n")
+    settings = Settings.from_env(
+        {
+            "SLACK_BOT_TOKEN_FILE": str(token_file),
+            "SLACK_SIGNING_SECRET": "signing",
+            "SLACK_API_BASE": f"{slack.url}/api/",
+        }
+    )
+    assert settings.slack_signing_secret == "signing"
+    assert "signing" not in repr(settings) and slack.token not in repr(settings)
+
+    async with services_for(settings, None) as services:
+        result = await services.channels["slack"].send(
+            make_notification("slack", slack_channel=CHANNEL)
+        )
+
+    assert result.status is DeliveryStatus.DELIVERED
+    assert [r.path for r in slack.requests] == ["/api/chat.postMessage"]
+    async with services_for(Settings.from_env({}), None) as services:
+        assert "slack" not in services.channels
