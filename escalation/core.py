@@ -67,7 +67,12 @@ class Plan:
             "max_duration": self.max_duration,
             "max_notifications": self.max_notifications,
             "retry": {ch: r.model_dump(mode="json") for ch, r in self.retry.items()},
-            "contacts": {rid: asdict(c) for rid, c in self.contacts.items()},
+            # unset contact fields are left out: a release that predates a field can
+            # still read the plan during a rolling deploy
+            "contacts": {
+                rid: {k: v for k, v in asdict(c).items() if v is not None}
+                for rid, c in self.contacts.items()
+            },
             "revision": self.revision,
         }
 
