@@ -237,6 +237,11 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
         channels["telegram"] = TelegramChannel(bot)
         if gateway is not None and gateway.prompts is not None:
             channels["telegram_voice"] = TelegramVoiceChannel(bot, _wav_tts(gateway.prompts))
+    if settings.slack_bot_token:
+        from escalation.channels.slack import SlackChannel, SlackWebApi
+
+        slack = SlackWebApi(settings.slack_bot_token, api_base=settings.slack_api_base)
+        channels["slack"] = SlackChannel(slack)
     if settings.smtp_host and settings.smtp_from:
         from escalation.channels.email import EmailChannel
 

@@ -76,6 +76,8 @@ FILE_SECRETS = (
     "TWILIO_AUTH_TOKEN",
     "TELEGRAM_BOT_TOKEN",
     "TELEGRAM_WEBHOOK_SECRET",
+    "SLACK_BOT_TOKEN",
+    "SLACK_SIGNING_SECRET",
 )
 
 
@@ -140,6 +142,9 @@ class Settings(BaseModel):
     twilio_api_base: str | None = None  # None: Twilio itself
     telegram_bot_token: str | None = Field(default=None, repr=False)
     telegram_api_base: str | None = None  # None: the public Bot API
+    slack_bot_token: str | None = Field(default=None, repr=False)
+    slack_signing_secret: str | None = Field(default=None, repr=False)  # verifies interactions
+    slack_api_base: str | None = None  # None: slack.com's Web API
     smtp_host: str | None = None
     smtp_port: int = 25
     smtp_from: str | None = None
@@ -196,6 +201,9 @@ class Settings(BaseModel):
             twilio_api_base=e.get("TWILIO_API_BASE") or None,
             telegram_bot_token=e.get("TELEGRAM_BOT_TOKEN") or None,
             telegram_api_base=e.get("TELEGRAM_API_BASE") or None,
+            slack_bot_token=e.get("SLACK_BOT_TOKEN") or None,
+            slack_signing_secret=e.get("SLACK_SIGNING_SECRET") or None,
+            slack_api_base=e.get("SLACK_API_BASE") or None,
             smtp_host=e.get("ACKLINE_SMTP_HOST") or None,
             smtp_port=int(e.get("ACKLINE_SMTP_PORT", "25")),
             smtp_from=e.get("ACKLINE_SMTP_FROM") or None,

@@ -38,6 +38,7 @@ CHANNEL_CONTACT_FIELD: Mapping[str, str] = {
     "telegram_voice": "telegram_chat_id",
     "email": "email",
     "webhook": "webhook_url",
+    "slack": "slack_channel",
 }
 KNOWN_CHANNELS = tuple(CHANNEL_CONTACT_FIELD)
 
@@ -129,6 +130,7 @@ DEFAULT_RETRY: Mapping[str, RetryPolicy] = {
         attempts=3, backoff=Backoff.EXPONENTIAL, base=60, factor=2, max=900, retry_on=("smtp_4",)
     ),
     "webhook": RetryPolicy(attempts=3, backoff=Backoff.EXPONENTIAL, base=10, factor=3, max=300),
+    "slack": RetryPolicy(attempts=2, backoff=Backoff.LINEAR, base=30, factor=1, max=120),
 }  # fmt: skip
 
 
@@ -151,6 +153,7 @@ class Recipient(BaseModel):
     telegram_chat_id: str | None = None
     email: str | None = None
     webhook_url: str | None = None
+    slack_channel: str | None = None  # a Slack channel, DM or user id (C..., D..., U...)
 
     @field_validator("id")
     @classmethod
@@ -171,6 +174,14 @@ class Recipient(BaseModel):
         if not re.fullmatch(r"-?\d{1,20}|@[A-Za-z][A-Za-z0-9_]{4,31}", text):
             raise ValueError(f"telegram chat id {text!r} must be a number or an @channel name")
         return text
+
+    @field_validator("slack_channel")
+    @classmethod
+    def _slack(cls, value: str | None) -> str | None:
+        """Ids, not names: a renamed channel must not silently stop receiving pages."""
+        if value is not None and not re.fullmatch(r"[CDGUW][A-Z0-9]{6,20}", value):
+            raise ValueError(f"slack channel {value!r} must be a channel or user id (C0123ABCD)")
+        return value
 
     @field_validator("email")
     @classmethod

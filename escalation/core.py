@@ -68,7 +68,12 @@ class Plan:
             "max_duration": self.max_duration,
             "max_notifications": self.max_notifications,
             "retry": {ch: r.model_dump(mode="json") for ch, r in self.retry.items()},
-            "contacts": {rid: asdict(c) for rid, c in self.contacts.items()},
+            # unset contact fields are left out: a release that predates a field can
+            # still read the plan during a rolling deploy
+            "contacts": {
+                rid: {k: v for k, v in asdict(c).items() if v is not None}
+                for rid, c in self.contacts.items()
+            },
             "revision": self.revision,
         }
 
@@ -175,6 +180,7 @@ def contact_point(r: Recipient) -> ContactPoint:
         telegram_chat_id=r.telegram_chat_id,
         email=r.email,
         webhook_url=r.webhook_url,
+        slack_channel=r.slack_channel,
     )
 
 

@@ -130,6 +130,7 @@ async def _put_recipient(s: AsyncSession, company: str, r: Recipient) -> None:
         s.add(row)
     row.name, row.phone, row.email = r.name, r.phone, r.email
     row.telegram_chat_id, row.webhook_url = r.telegram_chat_id, r.webhook_url
+    row.slack_channel = r.slack_channel
     row.updated_at = utcnow()
 
 

@@ -179,6 +179,7 @@ class RecipientRow(SQLModel, table=True):
     telegram_chat_id: str | None = Field(default=None, max_length=64)
     email: str | None = Field(default=None, max_length=320)
     webhook_url: str | None = Field(default=None, max_length=2000)
+    slack_channel: str | None = Field(default=None, max_length=64)
     updated_at: datetime = _ts()
 
 

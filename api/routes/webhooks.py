@@ -1,10 +1,13 @@
 """Inbound acks from carriers and links: Twilio SMS replies and status callbacks, Telegram
-button presses, the signed email link. Each one is authenticated before it can ack."""
+and Slack button presses, the signed email link. Each one is authenticated before it can
+ack."""
 
 from __future__ import annotations
 
 import html
+import logging
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Header, HTTPException, Request, Response
@@ -12,17 +15,27 @@ from fastapi.responses import HTMLResponse
 
 from api.deps import Runtime, RuntimeDep, context
 from api.json_body import StrictJsonRoute
+from escalation.channels.base import DeliveryResult
 from escalation.channels.signing import verify_ack
+from escalation.channels.slack import (
+    SlackWebApi,
+    closed_blocks,
+    outcome_line,
+    parse_slack_interaction,
+    verify_slack_request,
+)
 from escalation.channels.sms import (
     parse_inbound_sms,
     parse_sms_status_callback,
     validate_twilio_signature,
 )
 from escalation.channels.telegram import check_telegram_secret, parse_telegram_update
-from escalation.models import AlertState
+from escalation.models import Alert, AlertState
 
+log = logging.getLogger(__name__)
 router = APIRouter(route_class=StrictJsonRoute, prefix="/v1", tags=["webhooks"])
 TELEGRAM_CHANNELS = ("telegram", "telegram_voice")
+SLACK_CHANNELS = ("slack",)
 
 
 async def _twilio_form(request: Request, runtime: RuntimeDep) -> dict[str, str]:
@@ -97,19 +110,64 @@ async def telegram(
     if ack is None:
         return {}
     text = "This alert was not sent to Telegram."
-    if await runtime.engine.was_notified(ack.alert_id, TELEGRAM_CHANNELS):
-        actor = f"telegram:{ack.user.username or ack.user.id}"
-        alert = await runtime.engine.close(
-            ack.alert_id, AlertState.ACKNOWLEDGED, context(request, actor), reason="button"
+    actor = f"telegram:{ack.user.username or ack.user.id}"
+    alert = await _close_by_button(
+        request, runtime, ack.alert_id, TELEGRAM_CHANNELS, actor, AlertState.ACKNOWLEDGED
+    )
+    if alert is not None:
+        text = (
+            "Acknowledged."
+            if alert.state == AlertState.ACKNOWLEDGED.value
+            else f"Alert is already {alert.state}."
         )
-        if alert is not None:
-            text = (
-                "Acknowledged."
-                if alert.state == AlertState.ACKNOWLEDGED.value
-                else f"Alert is already {alert.state}."
-            )
     return {"method": "answerCallbackQuery", "callback_query_id": ack.callback_query_id,
             "text": text}  # fmt: skip
+
+
+async def _close_by_button(
+    request: Request,
+    runtime: Runtime,
+    alert_id: str,
+    channels: Sequence[str],
+    actor: str,
+    state: AlertState,
+) -> Alert | None:
+    """A chat button acks or resolves only an alert that was paged on its channels: a
+    forged or stale button id must not close someone else's alert."""
+    if not await runtime.engine.was_notified(alert_id, channels):
+        return None
+    return await runtime.engine.close(alert_id, state, context(request, actor), reason="button")
+
+
+@router.post("/webhooks/slack/interactions", response_class=Response)
+async def slack_interactions(request: Request, runtime: RuntimeDep) -> Response:
+    """Block Kit button presses, signed with the app's signing secret: Acknowledge or
+    Resolve closes the alert, then the message is rewritten to say who did."""
+    secret = runtime.settings.slack_signing_secret
+    if not secret:
+        raise HTTPException(404, "Slack interactions are not configured")
+    body = await request.body()
+    timestamp = request.headers.get("x-slack-request-timestamp")
+    if not verify_slack_request(body, timestamp, request.headers.get("x-slack-signature"), secret):
+        raise HTTPException(401, "invalid or stale Slack signature")
+    press = parse_slack_interaction(body)
+    if press is None:
+        return Response(status_code=200)
+    actor = f"slack:{press.user_id}"
+    alert = await _close_by_button(
+        request, runtime, press.alert_id, SLACK_CHANNELS, actor, press.action.state
+    )
+    token = runtime.settings.slack_bot_token
+    if alert is None or not token or press.channel is None or press.ts is None:
+        return Response(status_code=200)
+    state = AlertState(alert.state)
+    closer = alert.resolved_by if state is AlertState.RESOLVED else alert.acked_by
+    blocks = closed_blocks(press.blocks, alert.id, state, outcome_line(state, closer))
+    api = SlackWebApi(token, api_base=runtime.settings.slack_api_base)
+    updated = await api.update_message(press.channel, press.ts, press.text, blocks)
+    if isinstance(updated, DeliveryResult):  # the alert is closed; only the message is stale
+        log.warning("slack: updating the message of alert %s failed: %s", alert.id, updated.reason)
+    return Response(status_code=200)
 
 
 def _verified(token: str, runtime: RuntimeDep) -> str:

@@ -1,1 +1,1 @@
-"""Notification channels: voice, sms, telegram, telegram_voice, email, webhook."""
+"""Notification channels: voice, sms, telegram, telegram_voice, email, webhook, slack."""

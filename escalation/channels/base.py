@@ -8,9 +8,12 @@ stop without knowing provider details.
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class DeliveryStatus(str, enum.Enum):
@@ -35,6 +38,7 @@ class ContactPoint:
     telegram_chat_id: str | None = None
     email: str | None = None
     webhook_url: str | None = None
+    slack_channel: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,11 @@ class Notification:
     details: Mapping[str, str] = field(default_factory=dict)
     policy: str = ""  # the escalation policy paging (per-policy channel behaviour)
 
+    @property
+    def headline(self) -> str:
+        """The first line of every text page, so all chat channels read alike."""
+        return f"[{self.severity.upper()}] {self.title}"
+
 
 @dataclass(frozen=True)
 class DeliveryResult:
@@ -61,6 +70,24 @@ class DeliveryResult:
     reason: str  # machine-readable cause, e.g. "busy", "sip_503", "telegram_403", "voicemail"
     provider_id: str | None = None  # call id, Twilio SID, Telegram message id
     details: Mapping[str, str] = field(default_factory=dict)
+
+
+class SentMessages(Generic[T]):
+    """The chat messages this process sent per notification, so `cancel` can take their
+    buttons away; bounded, as a process pages for months and cancel is best effort."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._limit = limit
+        self._sent: OrderedDict[str, list[T]] = OrderedDict()
+
+    def add(self, notification_id: str, message: T) -> None:
+        self._sent.setdefault(notification_id, []).append(message)
+        self._sent.move_to_end(notification_id)
+        while len(self._sent) > self._limit:
+            self._sent.popitem(last=False)
+
+    def pop(self, notification_id: str) -> list[T]:
+        return self._sent.pop(notification_id, [])
 
 
 class Progress(enum.Enum):

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -26,6 +25,7 @@ from escalation.channels.base import (
     Notification,
     ProgressSink,
     RequestDeadline,
+    SentMessages,
     ignore_progress,
 )
 
@@ -45,7 +45,6 @@ __all__ = [
 
 TELEGRAM_API_BASE = "https://api.telegram.org"
 ACK_CALLBACK_PREFIX = "ack:"
-_REMEMBERED_MESSAGES = 10_000  # bound on messages kept for removing buttons on cancel
 
 Tts = Callable[[str], Awaitable[bytes]]
 
@@ -142,10 +141,6 @@ def _ack_keyboard(alert_id: str) -> dict[str, Any]:
     return {"inline_keyboard": [[button]]}
 
 
-def _headline(n: Notification) -> str:
-    return f"[{n.severity.upper()}] {n.title}"
-
-
 class _TelegramChannelBase(RequestDeadline, abc.ABC):
     """Shared send skeleton; subclasses only say which Bot API call carries the page."""
 
@@ -153,7 +148,7 @@ class _TelegramChannelBase(RequestDeadline, abc.ABC):
 
     def __init__(self, bot: TelegramBotApi) -> None:
         self.bot = bot
-        self._sent: OrderedDict[str, list[tuple[str, int]]] = OrderedDict()
+        self._sent: SentMessages[tuple[str, int]] = SentMessages()
 
     async def send(
         self, notification: Notification, progress: ProgressSink = ignore_progress
@@ -167,7 +162,7 @@ class _TelegramChannelBase(RequestDeadline, abc.ABC):
         message_id = outcome.get("message_id")
         if not isinstance(message_id, int):
             return DeliveryResult(DeliveryStatus.FAILED_RETRYABLE, "telegram_bad_response")
-        self._remember(notification.notification_id, chat_id, message_id)
+        self._sent.add(notification.notification_id, (chat_id, message_id))
         return DeliveryResult(
             DeliveryStatus.DELIVERED, "sent", str(message_id), {"chat_id": chat_id}
         )
@@ -176,16 +171,10 @@ class _TelegramChannelBase(RequestDeadline, abc.ABC):
     async def _deliver(self, chat_id: str, n: Notification) -> dict[str, Any] | DeliveryResult:
         """Make the Bot API call that carries the page to `chat_id`."""
 
-    def _remember(self, notification_id: str, chat_id: str, message_id: int) -> None:
-        self._sent.setdefault(notification_id, []).append((chat_id, message_id))
-        self._sent.move_to_end(notification_id)
-        while len(self._sent) > _REMEMBERED_MESSAGES:
-            self._sent.popitem(last=False)
-
     async def cancel(self, notification_id: str) -> None:
         """Remove the Acknowledge button from pages this process sent for the notification,
         so nobody taps a stale button; best effort, the engine ignores late acks anyway."""
-        for chat_id, message_id in self._sent.pop(notification_id, []):
+        for chat_id, message_id in self._sent.pop(notification_id):
             await self.bot.call(
                 "editMessageReplyMarkup",
                 json_body={
@@ -202,7 +191,7 @@ class TelegramChannel(_TelegramChannelBase):
     name = "telegram"
 
     async def _deliver(self, chat_id: str, n: Notification) -> dict[str, Any] | DeliveryResult:
-        text = f"{_headline(n)}\n{n.summary}\nAlert {n.alert_short_id}"
+        text = f"{n.headline}\n{n.summary}\nAlert {n.alert_short_id}"
         return await self.bot.call(
             "sendMessage",
             json_body={"chat_id": chat_id, "text": text, "reply_markup": _ack_keyboard(n.alert_id)},
@@ -250,7 +239,7 @@ class TelegramVoiceChannel(_TelegramChannelBase):
             )
         form = {
             "chat_id": chat_id,
-            "caption": f"{_headline(n)}\nAlert {n.alert_short_id}",
+            "caption": f"{n.headline}\nAlert {n.alert_short_id}",
             "reply_markup": json.dumps(_ack_keyboard(n.alert_id)),
         }
         return await self.bot.call(

@@ -144,3 +144,15 @@ def test_unknown_keys_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(["a"]))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+def test_slack_channel_is_a_contact_point_and_must_be_an_id() -> None:
+    data = _base()
+    data["recipients"] = [{"id": "alice", "name": "Alice", "slack_channel": "C0123ABCD"}]
+    data["policies"][0]["steps"][0]["channels"] = ["slack"]
+    config = parse_config(data, "ackline.yaml")
+    assert config.recipients[0].slack_channel == "C0123ABCD"
+    assert config.recipients[0].reachable_on("slack")
+    data["recipients"][0]["slack_channel"] = "#ops"
+    [error] = _errors(data)
+    assert "recipients[0].slack_channel: slack channel '#ops' must be a channel" in error

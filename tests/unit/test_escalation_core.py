@@ -253,6 +253,17 @@ def test_plans_stored_before_step_channels_were_kept_still_load() -> None:
     assert Plan.from_json(old) == plan
 
 
+def test_stored_plans_leave_unset_contact_fields_out() -> None:
+    """The previous release reads plans this one wrote (rolling deploy): a contact field
+    it does not know, like slack_channel, must not appear unless it is set."""
+    plan = plan_of(steps=[{"groups": ["team"], "channels": ["voice", "email"], "delay": 5}])
+    contacts = plan.to_json()["contacts"]
+    assert contacts["alice"] == {
+        "recipient_id": "alice", "name": "A", "phone": "+14155550101", "telegram_chat_id": "42"
+    }  # fmt: skip
+    assert Plan.from_json(plan.to_json()) == plan
+
+
 def test_repeat_runs_the_steps_again() -> None:
     plan = plan_of(steps=[{"recipients": ["bob"], "channels": ["sms"], "delay": 100}], repeat=2)
     sim = Sim(plan, always(S.DELIVERED, "queued"))
