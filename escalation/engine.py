@@ -1032,7 +1032,7 @@ class Engine:
         await raw.fetchrow(_PG_LOCK_ALERT, alert.id)
         await raw.fetch(_PG_RESULT_ROWS, [], [])
         await raw.execute(_PG_RECORD_RESULTS, [], [], [], [], [], past)
-        await raw.fetch(_PG_CANCEL_ALL, alert.id, past)
+        await _pg_cancel_all(raw, alert.id, past)
         await _pg_update_alerts(raw, [alert])
         await raw.fetch(_PG_INSERT_JOBS, *_pg_job_arrays([]))
         attempt = {c: None for c in _PG_ATTEMPT_COLUMNS} | {
