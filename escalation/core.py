@@ -443,8 +443,9 @@ class _Decider:
             self._maybe_finish()
             return
         plan_step = self.plan.steps[step]
-        if self.chain.snoozed_until is not None:
-            why, self.chain.snoozed_until = f"{why}:snooze_over", None
+        if self.chain.snoozed_until is not None:  # any step that fires ends a snooze
+            self.chain.snoozed_until = None
+            why = f"{why}:snooze_over" if why == "timer" else why
         self.actions.append(Audit("step", "fired", why, round=round_, step=step))
         nxt = self._after(round_, step)
         self.chain.next_round, self.chain.next_step = nxt
@@ -610,6 +611,7 @@ class _Decider:
         self.state = ev.state
         self.actions.append(Transition(ev.state, ev.actor, ev.reason))
         if was_open:
+            self.chain.snoozed_until = None
             self.actions.append(CancelAll(ev.state.value))
             for n in self.chain.notifs.values():
                 if n.status == PENDING:

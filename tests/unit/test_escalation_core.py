@@ -278,6 +278,13 @@ def test_snooze_cancels_what_is_pending_and_the_alert_stays_open() -> None:
     acked = decide(AlertState.TRIGGERED, plan, d.chain, Close(AlertState.ACKNOWLEDGED, "carol"),
                    T0, lambda: "z")  # fmt: skip
     assert Transition(AlertState.ACKNOWLEDGED, "carol", "") in acked.actions
+    assert acked.chain.snoozed_until is None
+    # an escalation ends the snooze early: the step it held fires now
+    esc = decide(AlertState.TRIGGERED, plan, d.chain, EscalateNow("carol"), T0, lambda: "z")
+    assert [
+        (a.step, a.reason) for a in esc.actions if isinstance(a, Audit) and a.event == "step"
+    ] == [(0, "escalate")]
+    assert esc.chain.snoozed_until is None
 
 
 def test_snooze_does_not_outlive_the_cap() -> None:
