@@ -125,6 +125,8 @@ def policy_flows(config: AcklineConfig) -> dict[str, Flow]:
                 digit_timeout=options.digit_timeout,
                 amd=options.amd,
                 machine_message=options.machine_message,
+                resolve=options.resolve_key,
+                snooze=options.snooze,
             ).flow()
     return flows
 

@@ -32,7 +32,9 @@ from bench.services import Invite
 FINAL_STATES = frozenset({"acknowledged", "exhausted", "resolved"})
 # A call that reached a person (or a delivered message), as opposed to failing or being
 # cancelled: what "the first completed notification after a fault" means.
-COMPLETED = frozenset({"acknowledged", "not_acknowledged", "escalate", "delivered"})
+COMPLETED = frozenset(
+    {"acknowledged", "not_acknowledged", "escalate", "resolved", "snooze", "delivered"}
+)
 # A send that follows the acknowledging result by less than this was committed before the
 # ack (each audit line carries its transaction's start time, not its commit time).
 ACK_RACE_MARGIN = 1.0

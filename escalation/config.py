@@ -250,9 +250,12 @@ class Step(BaseModel):
 
 
 class VoiceOptions(BaseModel):
-    """How this policy's alert calls behave: the ack menu's patience, answering-machine
-    detection, or an IVR flow of its own (its outcomes acknowledged / escalate / machine
-    are understood; anything else means not acknowledged)."""
+    """How this policy's alert calls behave: the ack menu's patience and keys, answering-
+    machine detection, or an IVR flow of its own (its outcomes acknowledged / escalate /
+    resolved / snoozed / machine are understood; anything else means not acknowledged).
+
+    `resolve_key` offers 3 (resolve); `snooze` offers 4, which pauses the chain for that
+    long, in whole minutes (off by default: a snoozed page is a quiet one)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -261,6 +264,15 @@ class VoiceOptions(BaseModel):
     amd: bool = False
     machine_message: str | None = Field(default=None, max_length=500)  # None: hang up
     flow: Path | None = None  # a flow YAML file instead of the built-in ack flow
+    resolve_key: bool = True
+    snooze: Duration | None = None
+
+    @field_validator("snooze")
+    @classmethod
+    def _snooze(cls, value: float | None) -> float | None:
+        if value is not None and not (60 <= value <= 24 * 3600 and value % 60 == 0):
+            raise ValueError("snooze must be whole minutes, from 1m to 24h")
+        return value
 
 
 class Policy(BaseModel):
@@ -295,6 +307,11 @@ class Policy(BaseModel):
             if ch not in CHANNEL_CONTACT_FIELD:
                 raise ValueError(f"unknown channel {ch!r} (known: {', '.join(KNOWN_CHANNELS)})")
         return value
+
+    @property
+    def snooze(self) -> float | None:
+        """How long 4 on the phone pauses the chain; None when not offered."""
+        return self.voice.snooze if self.voice is not None else None
 
     def retry_for(self, defaults: Mapping[str, RetryPolicy]) -> dict[str, RetryPolicy]:
         """The effective per-channel retry map: shipped < file defaults < this policy."""

@@ -54,6 +54,7 @@ class Plan:
     # bumped when the alert is reassigned: the plan caches key on it (plans are
     # otherwise immutable per alert)
     revision: int = 0
+    snooze: float | None = None  # seconds a callee's snooze pauses the chain; None: off
 
     @property
     def schedules(self) -> tuple[str, ...]:
@@ -75,6 +76,7 @@ class Plan:
                 for rid, c in self.contacts.items()
             },
             "revision": self.revision,
+            "snooze": self.snooze,
         }
 
     @classmethod
@@ -88,6 +90,7 @@ class Plan:
             retry={ch: RetryPolicy.model_validate(r) for ch, r in data["retry"].items()},
             contacts={rid: ContactPoint(**c) for rid, c in data["contacts"].items()},
             revision=int(data.get("revision", 0)),
+            snooze=data.get("snooze"),
         )
 
     def reassigned(self, contacts: Sequence[ContactPoint]) -> Plan:
@@ -169,6 +172,7 @@ def build_plan(
         max_notifications=policy.max_notifications,
         retry=policy.retry_for(channel_defaults),
         contacts={rid: contact_point(r) for rid, r in used.items()},
+        snooze=policy.snooze,
     )
 
 
@@ -210,6 +214,8 @@ class Chain:
     sent: int = 0  # notifications dispatched so far, for max_notifications
     policy_done: bool = False  # the last step's delay has elapsed
     notifs: dict[str, NotifState] = field(default_factory=dict)
+    # set while a callee's snooze holds the chain (ISO time the step fires again)
+    snoozed_until: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -218,6 +224,7 @@ class Chain:
             "sent": self.sent,
             "policy_done": self.policy_done,
             "notifs": {k: vars(n).copy() for k, n in self.notifs.items()},
+            "snoozed_until": self.snoozed_until,
         }
 
     @classmethod
@@ -230,6 +237,7 @@ class Chain:
             sent=data["sent"],
             policy_done=data["policy_done"],
             notifs={k: NotifState(**v) for k, v in data["notifs"].items()},
+            snoozed_until=data.get("snoozed_until"),
         )
 
     def pending(self) -> bool:
@@ -336,6 +344,9 @@ class CancelScope(enum.StrEnum):
 
     ALERT = "alert_closed"  # the alert closed: its sends stop, later ones are not placed
     CHAIN = "reassigned"  # the chain was handed on: only what it had under way stops
+    # a callee snoozed: what was under way stops, the cap keeps running (a snooze is no
+    # way around max_duration)
+    SNOOZE = "snoozed"
 
 
 @dataclass(frozen=True)
@@ -389,6 +400,10 @@ _FAILED = {
     DeliveryStatus.NOT_ACKNOWLEDGED,
 }
 _OPEN = {AlertState.TRIGGERED}
+_CLOSES = {
+    DeliveryStatus.ACKNOWLEDGED: AlertState.ACKNOWLEDGED,
+    DeliveryStatus.RESOLVED: AlertState.RESOLVED,
+}
 
 
 class _Decider:
@@ -460,6 +475,9 @@ class _Decider:
             self._maybe_finish()
             return
         plan_step = self.plan.steps[step]
+        if self.chain.snoozed_until is not None:  # any step that fires ends a snooze
+            self.chain.snoozed_until = None
+            why = f"{why}:snooze_over" if why == "timer" else why
         self.actions.append(Audit("step", "fired", why, round=round_, step=step))
         nxt = self._after(round_, step)
         self.chain.next_round, self.chain.next_step = nxt
@@ -544,6 +562,25 @@ class _Decider:
         self.chain = Chain()
         self.start("reassign")
 
+    def snooze(self, n: NotifState, audit: Audit) -> None:
+        """Pause the chain: what is pending stops, and the snoozer's step fires again
+        (the same targets, then the steps after it) once the snooze is over. The alert
+        stays open; an ack, a resolve or an escalation still acts at once."""
+        seconds = self.plan.snooze
+        assert seconds is not None
+        until = self.now + timedelta(seconds=seconds)
+        self.actions += [
+            CancelAll(CancelScope.SNOOZE.value, CancelScope.SNOOZE),
+            replace(audit, extra={"until": until.isoformat(), "seconds": seconds}),
+            ScheduleStep(n.round, n.step, until),
+        ]
+        for other in self.chain.notifs.values():
+            if other.status == PENDING:
+                other.status = DONE
+        self.chain.next_round, self.chain.next_step = n.round, n.step
+        self.chain.policy_done = False
+        self.chain.snoozed_until = until.isoformat()
+
     def step_timer(self, ev: StepTimer) -> None:
         if (ev.round, ev.step) != (self.chain.next_round, self.chain.next_step):
             return  # an escalation already fired this step: the timer is stale
@@ -558,33 +595,48 @@ class _Decider:
             return
         where = (ev.notification_id, n.channel, n.attempt, n.recipient_id, n.round, n.step)
         nid = ev.notification_id
-        if ev.status is DeliveryStatus.ACKNOWLEDGED:
-            n.status = DONE
-            self.close(Close(AlertState.ACKNOWLEDGED, f"{n.channel}:{n.recipient_id}", ev.reason))
-        elif ev.status is DeliveryStatus.DELIVERED:
-            n.status = DELIVERED
-            self._maybe_finish()
-        elif ev.status is DeliveryStatus.ESCALATE:
-            n.status = DONE
-            self.escalate(Audit("escalate", "escalate", ev.reason, *where))
-        elif ev.status is DeliveryStatus.CANCELLED:
-            n.status = DONE
-            self._maybe_finish()
-        elif ev.status is DeliveryStatus.FAILED_PERMANENT:
-            self._fallback(nid, n, ev.reason)
-        else:  # FAILED_RETRYABLE, NOT_ACKNOWLEDGED
-            policy = self.plan.retry.get(n.channel)
-            retryable = policy is not None and n.attempt < policy.attempts
-            if retryable and ev.status is DeliveryStatus.FAILED_RETRYABLE and policy:
-                retryable = policy.retries(ev.reason)
-            if not retryable or policy is None:
+        actor = f"{n.channel}:{n.recipient_id}"
+        match ev.status:
+            case DeliveryStatus.ACKNOWLEDGED | DeliveryStatus.RESOLVED:
+                n.status = DONE
+                self.close(Close(_CLOSES[ev.status], actor, ev.reason))
+            case DeliveryStatus.DELIVERED:
+                n.status = DELIVERED
+                self._maybe_finish()
+            case DeliveryStatus.ESCALATE:
+                n.status = DONE
+                self.escalate(Audit("escalate", "escalate", ev.reason, *where))
+            case DeliveryStatus.SNOOZE if self.plan.snooze is not None:
+                n.status = DONE
+                self.snooze(n, Audit("snoozed", "snoozed", ev.reason, *where, actor=actor))
+            case DeliveryStatus.CANCELLED:
+                n.status = DONE
+                self._maybe_finish()
+            case DeliveryStatus.FAILED_PERMANENT:
                 self._fallback(nid, n, ev.reason)
-                return
-            n.status = DONE
-            delay = policy.delay(n.attempt)
-            self.actions.append(Audit("retry", "retry", f"{ev.reason}:in_{delay:g}s", *where))
-            retry = NotifState(n.recipient_id, n.channel, n.attempt + 1, n.round, n.step)
-            self._dispatch(nid, retry, delay, f"retry:{ev.reason}")
+            case (
+                DeliveryStatus.FAILED_RETRYABLE
+                | DeliveryStatus.NOT_ACKNOWLEDGED
+                | DeliveryStatus.SNOOZE  # the policy no longer snoozes: keep paging
+            ):
+                self._retry(nid, n, ev, where)
+            case _:
+                assert_never(ev.status)
+
+    def _retry(self, nid: str, n: NotifState, ev: Outcome, where: tuple[Any, ...]) -> None:
+        """Try the same channel again after its delay, or fall back when it is used up."""
+        policy = self.plan.retry.get(n.channel)
+        retryable = policy is not None and n.attempt < policy.attempts
+        if retryable and ev.status is DeliveryStatus.FAILED_RETRYABLE and policy:
+            retryable = policy.retries(ev.reason)
+        if not retryable or policy is None:
+            self._fallback(nid, n, ev.reason)
+            return
+        n.status = DONE
+        delay = policy.delay(n.attempt)
+        self.actions.append(Audit("retry", "retry", f"{ev.reason}:in_{delay:g}s", *where))
+        retry = NotifState(n.recipient_id, n.channel, n.attempt + 1, n.round, n.step)
+        self._dispatch(nid, retry, delay, f"retry:{ev.reason}")
 
     def cap(self) -> None:
         self._exhaust("cap_duration")
@@ -605,6 +657,7 @@ class _Decider:
         self.state = ev.state
         self.actions.append(Transition(ev.state, ev.actor, ev.reason))
         if was_open:
+            self.chain.snoozed_until = None
             self.actions.append(CancelAll(ev.state.value))
             for n in self.chain.notifs.values():
                 if n.status == PENDING:

@@ -250,7 +250,7 @@ _CLAIM = (
 
 _Inserter = Callable[[list[dict[str, Any]], list[dict[str, Any]], "_Effects"], Awaitable[None]]
 # Cancels every scheduled job/attempt of an alert, returns the in-flight ones (see _cancel_all)
-_Canceller = Callable[[str, datetime], Awaitable[list[tuple[str, str]]]]
+_Canceller = Callable[[str, datetime, CancelScope], Awaitable[list[tuple[str, str]]]]
 
 # Every transaction that comes before a side effect or records one commits durably (the
 # connections force synchronous_commit on, whatever the server's default: see
@@ -412,14 +412,15 @@ _LIVE_SENDS = (
 # if that worker is gone, the claim that finds the lease expired closes it (a job closed
 # here would leave its attempt `sending` for ever: nobody records a dead worker's call).
 # An attempt in flight whose lease has run out has no worker left: it is cancelled here.
-# (The final SELECT sees the rows as they were before the statement.)
+# (The final SELECT sees the rows as they were before the statement.) $3: the scope's
+# reason; $4: keep the cap timer (a snooze).
 _PG_CANCEL_ALL = (
     f"WITH live AS ({_LIVE_SENDS}), "
     "jobs_cancelled AS (UPDATE jobs SET done = true, outcome = 'cancelled' "
     "WHERE alert_id = $1 AND NOT done AND (owner IS NULL OR lease_until IS NULL "
-    "OR lease_until < $2)), "
+    f"OR lease_until < $2) AND NOT (kind = '{JobKind.CAP.value}' AND $4::boolean)), "
     "attempts_cancelled AS (UPDATE notification_attempts n SET status = 'cancelled', "
-    "reason = 'alert_closed', finished_at = $2 "
+    "reason = $3, finished_at = $2 "
     f"WHERE n.alert_id = $1 AND n.status IN {_OPEN_ATTEMPTS} AND NOT EXISTS "
     "(SELECT 1 FROM live WHERE live.nid = n.notification_id AND live.attempt = n.attempt)) "
     "SELECT n.notification_id, n.channel FROM notification_attempts n JOIN live "
@@ -429,8 +430,12 @@ _PG_CANCEL_ALL = (
 _PG_LOCK_ALERT = "SELECT * FROM alerts WHERE id = $1 FOR UPDATE"
 
 
-async def _pg_cancel_all(raw: Any, alert_id: str, at: datetime) -> list[tuple[str, str]]:
-    return [(r[0], r[1]) for r in await raw.fetch(_PG_CANCEL_ALL, alert_id, at)]
+async def _pg_cancel_all(
+    raw: Any, alert_id: str, at: datetime, scope: CancelScope = CancelScope.ALERT
+) -> list[tuple[str, str]]:
+    keep_cap = scope is CancelScope.SNOOZE
+    rows = await raw.fetch(_PG_CANCEL_ALL, alert_id, at, scope.value, keep_cap)
+    return [(r[0], r[1]) for r in rows]
 
 
 async def _pg_update_alerts(raw: Any, alerts: Sequence[Alert]) -> None:
@@ -658,9 +663,10 @@ class Engine:
                     assert s is not None
                     inflight = await self._cancel_all(s, alert.id, now, a.scope)
                 else:
-                    # the driver-level paths only close alerts (a reassign uses the session)
-                    assert a.scope is CancelScope.ALERT
-                    inflight = await cancel(alert.id, now)
+                    # the driver-level paths close or snooze alerts (a reassign uses the
+                    # session)
+                    assert a.scope is not CancelScope.CHAIN
+                    inflight = await cancel(alert.id, now, a.scope)
                 fx.cancels.append(CancelRequest(alert.id, tuple(inflight), None, a.scope))
             else:
                 assert isinstance(a, Audit)
@@ -730,7 +736,10 @@ class Engine:
             and job.lease_until is not None
             and job.lease_until >= now
         }
+        keep_cap = scope is CancelScope.SNOOZE  # a snooze is no way around max_duration
         for job in undone:
+            if keep_cap and job.kind == JobKind.CAP.value:
+                continue
             if (job.payload.get("nid"), job.payload.get("attempt")) not in live:
                 job.done, job.outcome = True, "cancelled"
         inflight = []
@@ -1044,7 +1053,7 @@ class Engine:
         await raw.fetchrow(_PG_LOCK_ALERT, alert.id)
         await raw.fetch(_PG_RESULT_ROWS, [], [])
         await raw.execute(_PG_RECORD_RESULTS, [], [], [], [], [], past)
-        await raw.fetch(_PG_CANCEL_ALL, alert.id, past)
+        await _pg_cancel_all(raw, alert.id, past)
         await _pg_update_alerts(raw, [alert])
         await raw.fetch(_PG_INSERT_JOBS, *_pg_job_arrays([]))
         attempt = {c: None for c in _PG_ATTEMPT_COLUMNS} | {
@@ -1183,8 +1192,10 @@ class Engine:
                 ) -> None:
                     await _pg_insert_rows(raw, attempts, jobs, f)
 
-                async def cancel(alert_id: str, at: datetime) -> list[tuple[str, str]]:
-                    return await _pg_cancel_all(raw, alert_id, at)
+                async def cancel(
+                    alert_id: str, at: datetime, scope: CancelScope
+                ) -> list[tuple[str, str]]:
+                    return await _pg_cancel_all(raw, alert_id, at, scope)
 
                 await self._decide(None, alert, event, self.clock(), ctx, fx, put, cancel)
                 await _pg_update_alerts(raw, [alert])
@@ -1742,9 +1753,11 @@ class Engine:
             ) -> None:
                 await _pg_insert_rows(raw, attempts, new_jobs, f)
 
-            async def cancel(alert_id: str, at: datetime) -> list[tuple[str, str]]:
+            async def cancel(
+                alert_id: str, at: datetime, scope: CancelScope
+            ) -> list[tuple[str, str]]:
                 await flush()
-                return await _pg_cancel_all(raw, alert_id, at)
+                return await _pg_cancel_all(raw, alert_id, at, scope)
 
             for m, result, task in members:
                 alert = alerts[m.notification.alert_id]

@@ -534,13 +534,13 @@ class Worker:
 
     async def cancel(self, request: CancelRequest) -> None:
         """An alert was acked/resolved: hang up what this worker has in flight for it.
-        A reassigned alert goes on: only its old chain's calls listed are hung up."""
+        A reassigned or snoozed alert goes on: only the calls listed are hung up."""
         now = time.monotonic()
         match request.scope:
             case CancelScope.ALERT:
                 _remember(self._closed, [request.alert_id], now)
                 ended = None
-            case CancelScope.CHAIN:
+            case CancelScope.CHAIN | CancelScope.SNOOZE:
                 ended = {nid for nid, _channel in request.notifications}
                 _remember(self._withdrawn, ended, now)
             case _:

@@ -41,6 +41,7 @@ class AuditEvent(enum.StrEnum):
     ESCALATE = "escalate"  # pressed 2, or POST .../escalate
     REASSIGNED = "reassigned"
     ONCALL = "oncall"  # a step paging a schedule found who is on call (or nobody)
+    SNOOZED = "snoozed"  # pressed 4: the chain paused until `until`
     ACK = "ack"
     RESOLVE = "resolve"
     EXHAUSTED = "exhausted"
@@ -64,7 +65,7 @@ def kind_of(event: AuditEvent) -> EntryKind:
               | AuditEvent.EXHAUSTED | AuditEvent.IGNORED):  # fmt: skip
             return EntryKind.LIFECYCLE
         case (AuditEvent.STEP | AuditEvent.POLICY_END | AuditEvent.ESCALATE
-              | AuditEvent.REASSIGNED | AuditEvent.ONCALL):  # fmt: skip
+              | AuditEvent.REASSIGNED | AuditEvent.ONCALL | AuditEvent.SNOOZED):  # fmt: skip
             return EntryKind.CHAIN
         case (AuditEvent.SCHEDULED | AuditEvent.SKIPPED | AuditEvent.SEND | AuditEvent.RESULT
               | AuditEvent.PROVIDER_STATUS | AuditEvent.STALE_RESULT):  # fmt: skip
@@ -99,6 +100,7 @@ class TimelineEntry(BaseModel):
     sip_code: int | None = None
     bundled_into: str | None = None
     released_at: datetime | None = None  # held: when the rate limit lets it go
+    snoozed_until: datetime | None = None  # snoozed: when the step fires again
     reassigned_from: list[str] | None = None
     reassigned_to: list[str] | None = None
     groups: list[str] | None = None
@@ -132,7 +134,7 @@ def _entry(rec: Mapping[str, Any], acked_through: Mapping[str, Any] | None) -> T
     details: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
     channel = rec.get("channel")
     recipient = rec.get("recipient_id")
-    if event is AuditEvent.ACK and channel is None:
+    if event in _CLOSED_BY_PERSON and channel is None:
         channel, recipient = _ack_channel(rec, acked_through)
     return TimelineEntry(
         ts=rec["ts"], event=event.value, kind=kind_of(event), status=_text(rec.get("status")),
@@ -142,16 +144,21 @@ def _entry(rec: Mapping[str, Any], acked_through: Mapping[str, Any] | None) -> T
         round=rec.get("round"), step=rec.get("step"), provider_id=rec.get("provider_id"),
         trunk=_text(details.get("trunk")), trunks_tried=_text(details.get("trunks_tried")),
         sip_code=_sip_code(details.get("sip_code")), bundled_into=rec.get("bundled_into"),
-        released_at=rec.get("released_at"), reassigned_from=rec.get("from"),
-        reassigned_to=rec.get("to"), groups=rec.get("groups"), schedule=rec.get("schedule"),
-        layer=rec.get("layer"), override=rec.get("override"),
+        released_at=rec.get("released_at"), snoozed_until=rec.get("until"),
+        reassigned_from=rec.get("from"), reassigned_to=rec.get("to"), groups=rec.get("groups"),
+        schedule=rec.get("schedule"), layer=rec.get("layer"), override=rec.get("override"),
     )  # fmt: skip
+
+
+_CLOSED_BY_PERSON = {AuditEvent.ACK, AuditEvent.RESOLVE}
+_CLOSING_RESULTS = {DeliveryStatus.ACKNOWLEDGED.value, DeliveryStatus.RESOLVED.value}
 
 
 def _ack_channel(
     rec: Mapping[str, Any], acked_through: Mapping[str, Any] | None
 ) -> tuple[str | None, str | None]:
-    """An ack within an attempt (pressed 1) follows that attempt's result; a reply or a
+    """An ack or resolve within an attempt (pressed 1 or 3) follows that attempt's result;
+    a reply or a
     button names its channel in the actor ("sms:+1415...", "telegram:alice")."""
     if acked_through is not None:
         return acked_through.get("channel"), acked_through.get("recipient_id")
@@ -168,7 +175,7 @@ def build_timeline(alert_id: str, records: Iterable[Mapping[str, Any]]) -> Timel
             continue
         entries.append(_entry(rec, acked_through))
         acked = (rec.get("event") == AuditEvent.RESULT.value
-                 and rec.get("status") == DeliveryStatus.ACKNOWLEDGED.value)  # fmt: skip
+                 and rec.get("status") in _CLOSING_RESULTS)  # fmt: skip
         acked_through = rec if acked else None
     entries.sort(key=lambda e: e.ts)
     return Timeline(alert_id=alert_id, entries=entries)

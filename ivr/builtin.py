@@ -9,6 +9,7 @@ operator writes.
 from __future__ import annotations
 
 import copy
+import enum
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,26 @@ __all__ = [
     "ACK_FLOW_YAML",
     "ACK_OUTCOMES",
     "HOTLINE_FLOW_YAML",
+    "AckOutcome",
     "ack_flow",
     "hotline_flow",
     "run_ack_flow",
 ]
 
-ACK_OUTCOMES = ("acknowledged", "escalate", "not_acknowledged", "machine")
-"""Every outcome the ack flow can return; anything but "acknowledged" means keep paging."""
+
+class AckOutcome(enum.StrEnum):
+    """Every outcome the ack flow can return (a flow's outcomes are its node names' words)."""
+
+    ACKNOWLEDGED = "acknowledged"  # pressed 1
+    ESCALATE = "escalate"  # pressed 2
+    RESOLVED = "resolved"  # pressed 3 (unless the policy turned it off)
+    SNOOZED = "snoozed"  # pressed 4 (only when the policy snoozes)
+    NOT_ACKNOWLEDGED = "not_acknowledged"
+    MACHINE = "machine"
+
+
+ACK_OUTCOMES = tuple(o.value for o in AckOutcome)
+"""Anything but acknowledged, resolved or snoozed means keep paging."""
 
 ACK_FLOW_YAML = """
 name: ack
@@ -47,22 +61,34 @@ nodes:
     next: menu
   menu:
     type: menu
-    say: "Press 1 to acknowledge, 2 to escalate now, 9 to repeat."
-    choices: {"1": acknowledged, "2": escalate, "9": alert}
+    say: "Press 1 to acknowledge, 2 to escalate now, 3 to resolve, 4 to snooze, 9 to repeat."
+    choices: {"1": acknowledged, "2": escalate, "3": resolved, "4": snoozed, "9": alert}
     timeout: 6
     retries: 2
     invalid_prompt: "Sorry, that is not a valid choice."
     on_failure: no_choice
   acknowledged:
     type: say
-    text: "Thank you. The alert is acknowledged. Goodbye."
+    text: "Acknowledged, thank you. Goodbye."
     outcome: acknowledged
     barge_in: false
     next: end
   escalate:
     type: say
-    text: "Escalating to the next responder. Goodbye."
+    text: "Escalating now. Goodbye."
     outcome: escalate
+    barge_in: false
+    next: end
+  resolved:
+    type: say
+    text: "Resolved. Goodbye."
+    outcome: resolved
+    barge_in: false
+    next: end
+  snoozed:
+    type: say
+    text: "Snoozed. Goodbye."
+    outcome: snoozed
     barge_in: false
     next: end
   no_choice:
@@ -141,6 +167,21 @@ def _load(text: str) -> dict[str, Any]:
 
 
 _ACK = _load(ACK_FLOW_YAML)
+# the menu's keys in the order they are offered, and how the menu says each
+_KEYS = (AckOutcome.ACKNOWLEDGED, AckOutcome.ESCALATE, AckOutcome.RESOLVED, AckOutcome.SNOOZED)
+_OFFER = {
+    AckOutcome.ACKNOWLEDGED: "acknowledge",
+    AckOutcome.ESCALATE: "escalate now",
+    AckOutcome.RESOLVED: "resolve",
+    AckOutcome.SNOOZED: "snooze",
+}
+
+
+def _withdraw(raw: dict[str, Any], outcome: AckOutcome) -> None:
+    """Take a choice off the menu: its key becomes a wrong key, its node goes."""
+    menu = raw["nodes"]["menu"]
+    menu["choices"] = {k: o for k, o in menu["choices"].items() if o != outcome.value}
+    del raw["nodes"][outcome.value]
 
 
 def ack_flow(
@@ -150,16 +191,33 @@ def ack_flow(
     invalid_prompt: str | None = "Sorry, that is not a valid choice.",
     amd: bool = False,
     machine_message: str | None = None,
+    resolve: bool = True,
+    snooze: float | None = None,
 ) -> Flow:
-    """The acknowledgement flow: 1 acknowledged, 2 escalate, 9 repeat, else re-prompt.
+    """The acknowledgement flow: 1 acknowledged, 2 escalate, 3 resolved, 4 snoozed, 9
+    repeat, else re-prompt; every choice is confirmed aloud before the hang-up.
 
     ``retries`` is how many times the menu is repeated after no or a wrong key before the
-    result is ``not_acknowledged``. With ``amd`` the callee's first words are analysed
-    first: a machine gets ``machine_message`` after its beep (or nothing, and the call
-    ends), and the outcome is ``machine``.
+    result is ``not_acknowledged``. ``resolve`` offers 3; ``snooze`` (seconds, whole
+    minutes) offers 4, which is not offered without it. With ``amd`` the callee's first
+    words are analysed first: a machine gets ``machine_message`` after its beep (or
+    nothing, and the call ends), and the outcome is ``machine``.
     """
     raw = copy.deepcopy(_ACK)
     menu = raw["nodes"]["menu"]
+    offer = dict(_OFFER)
+    if not resolve:
+        _withdraw(raw, AckOutcome.RESOLVED)
+    if snooze is None:
+        _withdraw(raw, AckOutcome.SNOOZED)
+    else:
+        minutes = round(snooze / 60)
+        span = f"{minutes} minute{'' if minutes == 1 else 's'}"
+        offer[AckOutcome.SNOOZED] = f"snooze for {span}"
+        raw["nodes"][AckOutcome.SNOOZED.value]["text"] = f"Snoozed for {span}. Goodbye."
+    keys = {o: k for k, o in menu["choices"].items()}
+    offered = [f"{keys[o]} to {offer[o]}" for o in _KEYS if o in keys]
+    menu["say"] = f"Press {', '.join(offered)}, 9 to repeat."
     menu["retries"] = retries
     menu["timeout"] = digit_timeout
     if invalid_prompt is None:

@@ -22,6 +22,8 @@ class DeliveryStatus(str, enum.Enum):
     DELIVERED = "delivered"  # handed to the provider/person; an ack may still come later
     ACKNOWLEDGED = "acknowledged"  # acknowledged within the attempt (voice: pressed 1)
     ESCALATE = "escalate"  # the recipient asked to escalate now (voice: pressed 2)
+    RESOLVED = "resolved"  # resolved within the attempt (voice: pressed 3)
+    SNOOZE = "snooze"  # the recipient asked to pause the chain (voice: pressed 4)
     NOT_ACKNOWLEDGED = "not_acknowledged"  # reached, but no ack (no digit, wrong digits, voicemail)
     FAILED_RETRYABLE = "failed_retryable"  # busy, no answer, 5xx, timeout, provider 429/5xx
     FAILED_PERMANENT = "failed_permanent"  # invalid number, 4xx from provider, blocked chat

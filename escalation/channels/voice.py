@@ -1,7 +1,8 @@
 """Channel "voice": ring the responder through the gateway and ask for a keypress.
 
 The call runs the IVR ack flow: it speaks the alert and offers 1 (acknowledge), 2
-(escalate now) and 9 (repeat). Only a real keypress acknowledges: an answered call
+(escalate now), 3 (resolve), 4 (snooze, when the policy allows it) and 9 (repeat), and
+confirms the choice aloud. Only a real keypress acknowledges: an answered call
 without a digit, or one answering machine detection says is a machine, counts as not
 acknowledged so the chain moves on. Every way
 a call can fail is classified for the engine, so busy or a carrier 5xx retries or falls
@@ -31,7 +32,7 @@ from escalation.channels.base import (
 from gateway.call import Call, Gateway
 from gateway.result import CallOutcome, CallResult
 from gateway.sip.auth import Credentials
-from ivr.builtin import ack_flow, run_ack_flow
+from ivr.builtin import AckOutcome, ack_flow, run_ack_flow
 from ivr.flow import Flow
 from ivr.twiml import machine_detection
 
@@ -192,6 +193,8 @@ class AckMenu:
     digit_timeout: float = 6.0  # wait for a key after each prompt
     amd: bool = False  # classify human vs answering machine before the prompt
     machine_message: str | None = None  # said after the beep; None hangs up on a machine
+    resolve: bool = True  # 3 resolves
+    snooze: float | None = None  # 4 pauses the chain this long (seconds); None: not offered
 
     def flow(self) -> Flow:
         return ack_flow(
@@ -199,12 +202,21 @@ class AckMenu:
             digit_timeout=self.digit_timeout,
             amd=self.amd,
             machine_message=self.machine_message,
+            resolve=self.resolve,
+            snooze=self.snooze,
         )
 
 
 Conversation = Callable[[Call, Notification], Awaitable[str]]
-# Outcomes reported the moment the key is pressed; the flow's goodbye plays afterwards.
-EARLY_OUTCOMES = frozenset({"acknowledged", "escalate"})
+# What each key's outcome tells the engine. These are reported the moment the key is
+# pressed; the flow's spoken confirmation plays afterwards.
+KEYED: Mapping[str, tuple[DeliveryStatus, str]] = {
+    AckOutcome.ACKNOWLEDGED: (DeliveryStatus.ACKNOWLEDGED, "pressed_1"),
+    AckOutcome.ESCALATE: (DeliveryStatus.ESCALATE, "pressed_2"),
+    AckOutcome.RESOLVED: (DeliveryStatus.RESOLVED, "pressed_3"),
+    AckOutcome.SNOOZED: (DeliveryStatus.SNOOZE, "pressed_4"),
+}
+EARLY_OUTCOMES = frozenset(KEYED)
 
 
 def ack_conversation(flow: Flow, *, finish_timeout: float = 30.0) -> Conversation:
@@ -271,11 +283,9 @@ def classify_call(
         return DeliveryResult(status, reason, provider_id=result.call_id or None, details=details)
 
     if result.outcome is CallOutcome.ANSWERED:
-        if outcome == "acknowledged":
-            return done(DeliveryStatus.ACKNOWLEDGED, "pressed_1")
-        if outcome == "escalate":
-            return done(DeliveryStatus.ESCALATE, "pressed_2")
-        if outcome == "machine":
+        if outcome in KEYED:
+            return done(*KEYED[outcome])
+        if outcome == AckOutcome.MACHINE:
             return done(DeliveryStatus.NOT_ACKNOWLEDGED, "answering_machine")
         if result.hangup_by == "remote" and not result.digits:
             return done(DeliveryStatus.NOT_ACKNOWLEDGED, "hung_up_without_digit")
@@ -317,7 +327,7 @@ async def _twilio_outcome(call: TwilioCall, limit: float) -> str:
     if call.outcome is not None:
         return call.outcome
     if call.answered_by.startswith("machine") or call.answered_by == "fax":
-        return "machine"
+        return AckOutcome.MACHINE
     return ""
 
 
@@ -333,11 +343,7 @@ async def _end_eventually(call: TwilioCall) -> None:
 
 def early_result(call: AnyCall, outcome: str, route: Mapping[str, str]) -> DeliveryResult:
     """The result of a call that is still saying goodbye: the key has been pressed."""
-    status, reason = (
-        (DeliveryStatus.ACKNOWLEDGED, "pressed_1")
-        if outcome == "acknowledged"
-        else (DeliveryStatus.ESCALATE, "pressed_2")
-    )
+    status, reason = KEYED[outcome]
     details = {**route, "call_id": call.call_id, "digits": call.digits, "sip_code": "200"}
     return DeliveryResult(status, reason, provider_id=call.call_id or None, details=details)
 
@@ -431,7 +437,7 @@ class VoiceChannel:
                 except TimeoutError:
                     log.warning("call %s: still going after %gs; hanging up", call.call_id,
                                 self._max_call)  # fmt: skip
-            if call.answered and dialed.on_answered is not None and outcome != "machine":
+            if call.answered and dialed.on_answered is not None and outcome != AckOutcome.MACHINE:
                 keyed = outcome in EARLY_OUTCOMES  # a person pressed a key that got through
                 dialed.on_answered(time.monotonic() - answered_at if keyed else None)
             if outcome in EARLY_OUTCOMES and not call.ended.is_set():

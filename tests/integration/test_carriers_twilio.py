@@ -72,9 +72,9 @@ async def test_keypress_on_a_twilio_call_acknowledges(tmp_path: Path) -> None:
     # Twilio ran our flow: the alert, the menu, the key, our thank-you, hang-up.
     says = [v[1] for v in call.verbs if v[0] == "say"]
     assert says[0] == "critical alert. Database down on eu-1. primary unreachable", call.verbs
-    assert "Press 1 to acknowledge, 2 to escalate now, 9 to repeat." in says
+    assert "Press 1 to acknowledge, 2 to escalate now, 3 to resolve, 9 to repeat." in says
     assert ("gather", "1") in call.verbs
-    assert says[-1] == "Thank you. The alert is acknowledged. Goodbye."
+    assert says[-1] == "Acknowledged, thank you. Goodbye."
     assert call.verbs[-1] == ("hangup",)
     assert call.form["To"] == ALICE and call.form["From"] == FROM
     # every webhook was answered 2xx (the signatures checked out)

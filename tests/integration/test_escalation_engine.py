@@ -398,3 +398,60 @@ async def test_claim_leases_sends_and_cancels_jobs_of_closed_alerts(
         assert attempts[closed.id].sent_at is None
     finally:
         await h.stop()  # never started: only closes the database and the audit log
+
+
+async def test_snooze_pauses_the_chain_then_its_step_fires_again(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Alice pressed 4: bob's call of the same step is cancelled, the cap timer is kept
+    and the step is stored to fire again at the snooze's end (brought forward here), when
+    alice is called again."""
+    calls = itertools.count()
+
+    def voice(n: Notification) -> DeliveryResult | None:
+        if n.contact.recipient_id == "bob":
+            return None  # rings until hung up
+        if next(calls) == 0:
+            return DeliveryResult(S.SNOOZE, "pressed_4")
+        return DeliveryResult(S.ACKNOWLEDGED, "pressed_1")
+
+    cfg = config(
+        [{"recipients": ["alice"], "channels": ["voice"], "delay": 30},
+         {"recipients": ["bob"], "channels": ["sms"], "delay": 30}],
+        voice={"snooze": "1m"},
+    )  # fmt: skip
+    cfg["policies"][0]["steps"][0]["recipients"].append("bob")
+    h = await harness(db_url, tmp_path, cfg, voice=voice, sms=reply(S.DELIVERED))
+    try:
+        alert = await h.ingest()
+        deadline = time.monotonic() + 5
+        while not [r for r in h.audit.read("acme") if r["event"] == "snoozed"]:
+            assert time.monotonic() < deadline, "never snoozed"
+            await asyncio.sleep(0.05)
+        await h.worker.idle()
+        [snoozed] = [r for r in h.audit.read("acme") if r["event"] == "snoozed"]
+        assert (snoozed["actor"], snoozed["seconds"]) == ("voice:alice", 60.0)
+        async with h.db.session() as s:
+            jobs = (await s.scalars(select(Job).where(col(Job.alert_id) == alert.id,
+                                                      ~col(Job.done)))).all()  # fmt: skip
+            attempts = (await s.scalars(select(NotificationAttempt).where(
+                col(NotificationAttempt.alert_id) == alert.id))).all()  # fmt: skip
+        assert sorted((j.kind, j.payload) for j in jobs) == [
+            ("cap", {}), ("step", {"round": 0, "step": 0})
+        ]  # fmt: skip
+        [step] = [j for j in jobs if j.kind == "step"]
+        assert step.due_at.isoformat()[:19] == snoozed["until"][:19]
+        assert sorted((a.recipient_id, a.status) for a in attempts) == [
+            ("alice", "snooze"), ("bob", "cancelled")
+        ]  # fmt: skip
+        assert await h.state(alert.id) == "triggered"
+        async with h.db.session() as s, s.begin():
+            await s.execute(update(Job).where(col(Job.id) == step.id)
+                            .values(due_at=datetime.now(step.due_at.tzinfo)))  # fmt: skip
+        assert await h.wait_state(alert.id, "acknowledged", timeout=5) == "acknowledged"
+        called = [x.notification.contact.recipient_id for x in h.channels["voice"].sent]
+        assert called.count("alice") == 2 and h.channels["sms"].sent == []  # step 1 never
+        steps = [r["reason"] for r in h.audit.read("acme") if r["event"] == "step"]
+        assert steps == ["start", "timer:snooze_over"]
+    finally:
+        await h.stop()

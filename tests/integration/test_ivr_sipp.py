@@ -53,7 +53,10 @@ def clip_pcap(corpus: dict[str, Path], name: str, workdir: Path) -> Path:
 # -- outbound: the acknowledgement flow --------------------------------------------------
 
 
-@pytest.mark.parametrize(("digit", "outcome"), [("1", "acknowledged"), ("2", "escalate")])
+KEY_OUTCOMES = {"1": "acknowledged", "2": "escalate", "3": "resolved", "4": "snoozed"}
+
+
+@pytest.mark.parametrize(("digit", "outcome"), KEY_OUTCOMES.items())
 async def test_ack_flow_on_outbound_call(
     tmp_path: Path, prompts: PromptCache, digit: str, outcome: str
 ) -> None:
@@ -68,11 +71,12 @@ async def test_ack_flow_on_outbound_call(
         async with Gateway(GatewayConfig(host="127.0.0.1"), prompts=prompts) as gateway:
             call = await gateway.dial(f"sip:+14155550161@{peer.address}", ring_timeout=10)
             assert call.answered, call.result
-            result = await asyncio.wait_for(run_ack_flow(call, ALERT), 40)
+            flow = ack_flow(snooze=900)
+            result = await asyncio.wait_for(run_ack_flow(call, ALERT, flow=flow), 40)
         assert peer.wait(timeout=15) == 0, peer.logs()  # SIPp saw our BYE after the key
     assert result.outcome == outcome
     assert result.path[:2] == ["alert", "menu"]
-    assert result.path[-2:] == [{"1": "acknowledged", "2": "escalate"}[digit], "end"]
+    assert result.path[-2:] == [outcome, "end"]  # the choice's confirmation, then BYE
     assert result.ended_by == "flow"
     assert result.variables["callee"] == "+14155550161"
     assert result.call_result is not None

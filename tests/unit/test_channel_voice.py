@@ -31,6 +31,8 @@ def result(
         (result(CallOutcome.ANSWERED, 200, digits="1"), "acknowledged", S.ACKNOWLEDGED,
          "pressed_1"),
         (result(CallOutcome.ANSWERED, 200, digits="2"), "escalate", S.ESCALATE, "pressed_2"),
+        (result(CallOutcome.ANSWERED, 200, digits="3"), "resolved", S.RESOLVED, "pressed_3"),
+        (result(CallOutcome.ANSWERED, 200, digits="4"), "snoozed", S.SNOOZE, "pressed_4"),
         (result(CallOutcome.ANSWERED, 200, digits="77"), "not_acknowledged", S.NOT_ACKNOWLEDGED,
          "no_valid_digit"),
         (result(CallOutcome.ANSWERED, 200, hangup_by="local"), "machine", S.NOT_ACKNOWLEDGED,

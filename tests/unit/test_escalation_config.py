@@ -156,3 +156,24 @@ def test_slack_channel_is_a_contact_point_and_must_be_an_id() -> None:
     data["recipients"][0]["slack_channel"] = "#ops"
     [error] = _errors(data)
     assert "recipients[0].slack_channel: slack channel '#ops' must be a channel" in error
+
+
+def test_voice_menu_keys_default_to_resolve_on_and_snooze_off() -> None:
+    data = _base()
+    policy = parse_config(data).policies[0]
+    assert policy.snooze is None
+    data["policies"][0]["voice"] = {}
+    options = parse_config(data).policies[0].voice
+    assert options is not None and options.resolve_key and options.snooze is None
+    data["policies"][0]["voice"] = {"resolve_key": False, "snooze": "15m"}
+    policy = parse_config(data).policies[0]
+    assert policy.voice is not None and not policy.voice.resolve_key
+    assert policy.snooze == 900
+
+
+@pytest.mark.parametrize("bad", ["30s", "90s", "25h", 0])
+def test_snooze_is_whole_minutes_within_a_day(bad: object) -> None:
+    data = _base()
+    data["policies"][0]["voice"] = {"snooze": bad}
+    with pytest.raises(ConfigError, match="snooze must be whole minutes"):
+        parse_config(data)

@@ -81,7 +81,11 @@ class Sim:
             elif isinstance(a, Transition):
                 self.state = a.state
             elif isinstance(a, CancelAll):
-                self.queue.clear()
+                # a snooze keeps the cap timer: it is no way around max_duration
+                keep = [q for q in self.queue if a.scope is CancelScope.SNOOZE
+                        and isinstance(q[2], CapTimer)]  # fmt: skip
+                self.queue[:] = keep
+                heapq.heapify(self.queue)
                 self.cancelled = True
             else:
                 self.audit.append(a)
@@ -201,6 +205,107 @@ def test_escalate_now_fires_the_next_step_like_pressing_2() -> None:
     assert closed.actions == []
 
 
+SNOOZE_PLAN = {
+    "steps": [
+        {"recipients": ["alice"], "channels": ["voice"], "delay": 300},
+        {"recipients": ["bob"], "channels": ["sms"], "delay": 300},
+    ],
+    "retry": {"voice": {"attempts": 1}},
+    "voice": {"snooze": "15m"},
+}
+
+
+def test_resolve_from_the_phone_closes_the_alert_as_the_callee() -> None:
+    plan = plan_of(steps=[{"recipients": ["alice"], "channels": ["voice", "sms"]}])
+    sim = Sim(plan, lambda d: (S.RESOLVED, "pressed_3") if d.channel == "voice" else None)
+    sim.feed(Start())
+    _, _, call = heapq.heappop(sim.queue)
+    assert isinstance(call, Dispatch) and call.channel == "voice"
+    sim.feed(Outcome(call.notification_id, 1, S.RESOLVED, "pressed_3"))
+    assert sim.state is AlertState.RESOLVED and sim.cancelled and not sim.queue
+    closes = [(a.event, a.status, a.actor, a.reason) for a in sim.audit if a.event == "resolve"]
+    assert closes == [("resolve", "resolved", "voice:alice", "pressed_3")]
+    assert all(n.status == "done" for n in sim.chain.notifs.values())  # the sms is stopped
+
+
+def test_snooze_pauses_the_chain_and_fires_the_step_again_after_n_minutes() -> None:
+    calls = itertools.count()
+
+    def script(d: Dispatch) -> tuple[S, str]:
+        if d.channel == "sms":
+            return S.DELIVERED, "queued"
+        return (S.SNOOZE, "pressed_4") if next(calls) == 0 else (S.NOT_ACKNOWLEDGED, "no_key")
+
+    sim = Sim(plan_of(**SNOOZE_PLAN), script)
+    sim.run()
+    # without the snooze bob would be paged at 300 s; the chain waits 15 minutes instead,
+    # then runs alice's step again and the steps after it on their usual delays
+    assert sim.path() == [(0, "alice", "voice", 1), (900, "alice", "voice", 1),
+                          (1200, "bob", "sms", 1)]  # fmt: skip
+    [snoozed] = [a for a in sim.audit if a.event == "snoozed"]
+    assert (snoozed.actor, snoozed.reason, snoozed.step) == ("voice:alice", "pressed_4", 0)
+    until = (T0 + timedelta(minutes=15)).isoformat()
+    assert snoozed.extra == {"until": until, "seconds": 900.0}
+    steps = [(a.step, a.reason) for a in sim.audit if a.event == "step"]
+    assert steps == [(0, "start"), (0, "timer:snooze_over"), (1, "timer")]
+    assert sim.state is AlertState.EXHAUSTED and sim.chain.snoozed_until is None
+
+
+def test_snooze_cancels_what_is_pending_and_the_alert_stays_open() -> None:
+    plan = plan_of(**{**SNOOZE_PLAN, "steps": [
+        {"recipients": ["alice"], "channels": ["voice", "sms"], "delay": 300},
+        {"recipients": ["bob"], "channels": ["sms"], "delay": 300},
+    ]})  # fmt: skip
+    started = decide(AlertState.TRIGGERED, plan, Chain(), Start(), T0, iter("ab").__next__)
+    d = decide(AlertState.TRIGGERED, plan, started.chain, Outcome("a", 1, S.SNOOZE, "pressed_4"),
+               T0, lambda: "z")  # fmt: skip
+    until = T0 + timedelta(minutes=15)
+    cancel, audit, timer = d.actions
+    assert cancel == CancelAll("snoozed", CancelScope.SNOOZE)  # before the new timer
+    assert isinstance(audit, Audit) and audit.event == "snoozed"
+    assert timer == ScheduleStep(0, 0, until)
+    assert not [a for a in d.actions if isinstance(a, Transition)]
+    assert {n.status for n in d.chain.notifs.values()} == {"done"}  # the sms to alice too
+    assert d.chain.snoozed_until == until.isoformat()
+    assert Chain.from_json(d.chain.to_json()) == d.chain
+    # the step timer armed before the snooze is stale; late reports change nothing
+    assert (
+        decide(AlertState.TRIGGERED, plan, d.chain, StepTimer(0, 1), T0, lambda: "z").actions == []
+    )
+    late = Outcome("b", 1, S.ACKNOWLEDGED, "sms_reply")
+    assert decide(AlertState.TRIGGERED, plan, d.chain, late, T0, lambda: "z").actions == []
+    # an ack (web, API) during the snooze closes the alert at once
+    acked = decide(AlertState.TRIGGERED, plan, d.chain, Close(AlertState.ACKNOWLEDGED, "carol"),
+                   T0, lambda: "z")  # fmt: skip
+    assert Transition(AlertState.ACKNOWLEDGED, "carol", "") in acked.actions
+    assert acked.chain.snoozed_until is None
+    # an escalation ends the snooze early: the step it held fires now
+    esc = decide(AlertState.TRIGGERED, plan, d.chain, EscalateNow("carol"), T0, lambda: "z")
+    assert [
+        (a.step, a.reason) for a in esc.actions if isinstance(a, Audit) and a.event == "step"
+    ] == [(0, "escalate")]
+    assert esc.chain.snoozed_until is None
+
+
+def test_snooze_does_not_outlive_the_cap() -> None:
+    plan = plan_of(**{**SNOOZE_PLAN, "max_duration": "10m"})
+    sim = Sim(plan, lambda d: (S.SNOOZE, "pressed_4"))
+    sim.run()
+    assert sim.path() == [(0, "alice", "voice", 1)]
+    assert sim.state is AlertState.EXHAUSTED and sim.now == T0 + timedelta(minutes=10)
+
+
+def test_snooze_without_it_in_the_plan_keeps_paging() -> None:
+    """A plan snapshotted before the policy offered snooze treats 4 as no ack."""
+    plan = plan_of(**{**SNOOZE_PLAN, "voice": None})
+    assert plan.snooze is None
+    started = decide(AlertState.TRIGGERED, plan, Chain(), Start(), T0, lambda: "a")
+    d = decide(AlertState.TRIGGERED, plan, started.chain, Outcome("a", 1, S.SNOOZE, "pressed_4"),
+               T0, lambda: "z")  # fmt: skip
+    assert not [a for a in d.actions if isinstance(a, CancelAll | ScheduleStep)]
+    assert [a.event for a in d.actions if isinstance(a, Audit)] == ["channel_exhausted"]
+
+
 def test_reassign_ends_the_chain_and_starts_the_new_targets_from_step_one() -> None:
     plan = plan_of(steps=[
         {"recipients": ["alice"], "channels": ["voice"], "delay": 300},
@@ -311,6 +416,10 @@ def test_late_failure_after_delivery_reopens_the_notification() -> None:
 def test_json_round_trips() -> None:
     plan = plan_of(steps=[{"groups": ["team"], "channels": ["voice", "email"], "delay": 5}])
     assert Plan.from_json(plan.to_json()) == plan
+    snoozing = plan_of(voice={"snooze": "15m"})
+    assert snoozing.snooze == 900 and Plan.from_json(snoozing.to_json()) == snoozing
+    old = {k: v for k, v in plan.to_json().items() if k != "snooze"}  # stored before it
+    assert Plan.from_json(old).snooze is None
     d = decide(AlertState.TRIGGERED, plan, Chain(), Start(), T0, iter("abcdef").__next__)
     assert Chain.from_json(d.chain.to_json()) == d.chain
 
@@ -354,16 +463,17 @@ STATUSES = st.sampled_from(list(S))
     repeat=st.integers(0, 3),
     cap=st.integers(1, 30),
     ack_at=st.integers(0, 40),
+    snooze=st.sampled_from([None, "1m"]),
 )
 def test_invariants_hold_for_any_outcomes(
-    outcomes: list[S], repeat: int, cap: int, ack_at: int
+    outcomes: list[S], repeat: int, cap: int, ack_at: int, snooze: str | None
 ) -> None:
     """Whatever channels report: the cap holds, the chain ends, nothing is sent after close."""
     script = iter(itertools.cycle(outcomes))
     plan = plan_of(steps=[
         {"groups": ["team"], "channels": ["voice", "sms"], "delay": 30},
         {"recipients": ["bob"], "channels": ["email"], "delay": 30},
-    ], repeat=repeat, max_notifications=cap)  # fmt: skip
+    ], repeat=repeat, max_notifications=cap, voice={"snooze": snooze})  # fmt: skip
     sim = Sim(plan, lambda _d: (next(script), "r"))
     sim.feed(Start())
     for i in range(400):

@@ -111,7 +111,14 @@ def test_builtin_flows_validate_and_runner_checks_requirements(tmp_path: Path) -
     ack = ack_flow(retries=4, digit_timeout=3.0)
     menu = ack.node("menu")
     assert isinstance(menu, MenuNode) and (menu.retries, menu.timeout) == (4, 3.0)
-    assert menu.choices == {"1": "acknowledged", "2": "escalate", "9": "alert"}
+    assert menu.choices == {"1": "acknowledged", "2": "escalate", "3": "resolved", "9": "alert"}
+    assert menu.say == "Press 1 to acknowledge, 2 to escalate now, 3 to resolve, 9 to repeat."
+    snoozing = ack_flow(resolve=False, snooze=600).node("menu")
+    assert isinstance(snoozing, MenuNode)
+    assert snoozing.choices == {"1": "acknowledged", "2": "escalate", "4": "snoozed", "9": "alert"}
+    assert snoozing.say == (
+        "Press 1 to acknowledge, 2 to escalate now, 4 to snooze for 10 minutes, 9 to repeat."
+    )
     with_amd = ack_flow(amd=True, machine_message="Please call the on-call line back.")
     detect = with_amd.node(with_amd.start)
     assert isinstance(detect, AmdNode)

@@ -242,13 +242,15 @@ nodes:
     [
         ("1", "acknowledged", ["menu", "acknowledged", "end"]),
         ("2", "escalate", ["menu", "escalate", "end"]),
+        ("3", "resolved", ["menu", "resolved", "end"]),
+        ("4", "snoozed", ["menu", "snoozed", "end"]),
         ("91", "acknowledged", ["menu", "alert", "menu", "acknowledged", "end"]),
         ("", "not_acknowledged", ["menu", "no_choice", "end"]),
         ("5", "not_acknowledged", ["menu", "no_choice", "end"]),
     ],
 )
 async def test_ack_flow(tmp_path: Path, keys: str, outcome: str, path_tail: list[str]) -> None:
-    runner = FlowRunner(ack_flow(retries=1, digit_timeout=1.0))
+    runner = FlowRunner(ack_flow(retries=1, digit_timeout=1.0, snooze=900))
     alert = {"alert_title": "Database down on eu-1", "alert_summary": "Replica lag"}
     async with loopback(tmp_path, runner, **alert) as lb:
         call = await lb.call()
@@ -263,6 +265,31 @@ async def test_ack_flow(tmp_path: Path, keys: str, outcome: str, path_tail: list
     assert "New alert. Database down on eu-1. Replica lag" in lb.prompts.texts
     if keys == "5":
         assert "Sorry, that is not a valid choice." in lb.prompts.texts
+    confirmation = CONFIRMATIONS.get(outcome)
+    if confirmation is not None:  # every choice is confirmed aloud, last, before the hang-up
+        assert lb.prompts.texts[-1] == confirmation
+
+
+CONFIRMATIONS = {
+    "acknowledged": "Acknowledged, thank you. Goodbye.",
+    "escalate": "Escalating now. Goodbye.",
+    "resolved": "Resolved. Goodbye.",
+    "snoozed": "Snoozed for 15 minutes. Goodbye.",
+}
+
+
+async def test_ack_flow_without_snooze_or_resolve_takes_their_keys_as_wrong(
+    tmp_path: Path,
+) -> None:
+    runner = FlowRunner(ack_flow(retries=2, digit_timeout=1.0, resolve=False))
+    async with loopback(tmp_path, runner) as lb:
+        call = await lb.call()
+        await press(call, "4", after=0.6)
+        await press(call, "3", after=1.2)
+        result = await lb.result()
+    assert result.outcome == "not_acknowledged"
+    assert lb.prompts.texts.count("Sorry, that is not a valid choice.") == 2
+    assert "Press 1 to acknowledge, 2 to escalate now, 9 to repeat." in lb.prompts.texts
 
 
 async def test_record_without_speech_ends_after_initial_timeout(tmp_path: Path) -> None:

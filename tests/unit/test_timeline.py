@@ -86,3 +86,20 @@ def test_an_oncall_line_names_the_schedule_layer_and_override_that_chose() -> No
     assert (chosen.kind, chosen.recipient_id, chosen.schedule, chosen.layer, chosen.override) \
         == (EntryKind.CHAIN, "bob", "payments", "weekly", 7)  # fmt: skip
     assert (nobody.status, nobody.recipient_id, nobody.schedule) == ("nobody", None, "night")
+
+
+def test_a_resolve_and_a_snooze_from_the_phone_name_the_callee_and_its_channel() -> None:
+    records = [
+        rec("01", "snoozed", status="snoozed", reason="pressed_4", notification_uuid="n1",
+            channel="voice", recipient_id="alice", actor="voice:alice", step=0,
+            until="2030-01-01T00:15:01+00:00", seconds=900.0),
+        rec("20", "result", status="resolved", reason="pressed_3", notification_uuid="n2",
+            channel="voice", attempt=1, recipient_id="alice"),
+        rec("20", "resolve", status="resolved", reason="pressed_3", actor="voice:alice"),
+    ]  # fmt: skip
+    snoozed, _result, resolved = build_timeline("a1", records).entries
+    assert snoozed.kind is EntryKind.CHAIN and snoozed.snoozed_until is not None
+    assert snoozed.snoozed_until.isoformat() == "2030-01-01T00:15:01+00:00"
+    assert (resolved.actor, resolved.channel, resolved.recipient_id) == (
+        "voice:alice", "voice", "alice"
+    )  # fmt: skip

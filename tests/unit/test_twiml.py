@@ -43,7 +43,7 @@ def test_answer_speaks_the_alert_then_offers_the_menu() -> None:
     assert verbs(step.xml) == [
         ("Say", "Critical alert. Database down. eu-1"),
         ("Gather", ""),
-        ("Gather/Say", "Press 1 to acknowledge, 2 to escalate now, 9 to repeat."),
+        ("Gather/Say", "Press 1 to acknowledge, 2 to escalate now, 3 to resolve, 9 to repeat."),
     ]
     assert step.outcomes == []
     assert gather_state(step.xml) == MenuState("menu", 0, 2)
@@ -54,12 +54,26 @@ def test_one_acknowledges_two_escalates_with_the_flows_own_words() -> None:
     ack = gather(ack_flow(), ALERT, action, state, "1")
     assert ack.outcomes == ["acknowledged"] and ack.digit == "1"
     assert verbs(ack.xml) == [
-        ("Say", "Thank you. The alert is acknowledged. Goodbye."),
+        ("Say", "Acknowledged, thank you. Goodbye."),
         ("Hangup", ""),
     ]
     esc = gather(ack_flow(), ALERT, action, state, "2")
     assert esc.outcomes == ["escalate"]
-    assert verbs(esc.xml)[0] == ("Say", "Escalating to the next responder. Goodbye.")
+    assert verbs(esc.xml)[0] == ("Say", "Escalating now. Goodbye.")
+
+
+def test_three_resolves_and_four_snoozes_each_confirmed_aloud() -> None:
+    state = MenuState("menu", 0, 2)
+    flow = ack_flow(snooze=900)
+    resolved = gather(flow, ALERT, action, state, "3")
+    assert resolved.outcomes == ["resolved"]
+    assert verbs(resolved.xml) == [("Say", "Resolved. Goodbye."), ("Hangup", "")]
+    snoozed = gather(flow, ALERT, action, state, "4")
+    assert snoozed.outcomes == ["snoozed"]
+    assert verbs(snoozed.xml) == [("Say", "Snoozed for 15 minutes. Goodbye."), ("Hangup", "")]
+    # without snooze in the policy, 4 is a wrong key
+    off = gather(ack_flow(), ALERT, action, state, "4")
+    assert off.outcomes == [] and verbs(off.xml)[0] == ("Say", "Sorry, that is not a valid choice.")
 
 
 def test_nine_repeats_and_a_wrong_key_reprompts_until_the_retries_run_out() -> None:
