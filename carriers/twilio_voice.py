@@ -314,14 +314,19 @@ class CallEvents:
             return
         # A key pressed during a Redis failover (2-3 s) must still reach the call: the
         # publish is tried again, within Twilio's 15 s webhook timeout, on whichever
-        # master the client finds next.
+        # master the client finds next, and again while nobody listens there yet (pub/sub
+        # keeps nothing: the listeners resubscribe to a new master a moment after it).
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + PUBLISH_RETRY_FOR
         pause = 0.1
         while True:
             try:
-                await self._redis.publish(self._channel, json.dumps(message))
-                return
+                if await self._redis.publish(self._channel, json.dumps(message)) > 0:
+                    return
+                if loop.time() + pause > give_up_at:
+                    logger.warning("twilio call events: nobody listened for %s's report "
+                                   "within %g s", call_sid, PUBLISH_RETRY_FOR)  # fmt: skip
+                    return
             except (OSError, RedisError) as exc:
                 if loop.time() + pause > give_up_at or down_dependency(exc) is None:
                     raise

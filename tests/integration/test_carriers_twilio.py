@@ -307,3 +307,28 @@ async def test_an_ack_while_twilio_is_still_creating_the_call_cancels_it_at_once
     assert [(n["status"], n["reason"]) for n in alert["attempts"]] == [
         ("cancelled", "alert_closed")
     ], alert["attempts"]
+
+
+async def test_a_report_published_before_anyone_listens_is_sent_again_until_someone_does(
+    redis_prefix: str,
+) -> None:
+    """Pub/sub keeps nothing: right after a Redis failover the webhook's process may reach
+    the new master before the call's process has resubscribed there. The report is
+    published again until a listener receives it."""
+    from carriers.twilio_voice import CallEvents
+
+    webhook, listener = CallEvents(REDIS_URL, redis_prefix), CallEvents(REDIS_URL, redis_prefix)
+    try:
+        published = asyncio.create_task(webhook.publish("CA-early", {"kind": "gather"}))
+        await asyncio.sleep(0.5)  # nobody listens yet
+        assert not published.done()
+        await listener.start()
+        await asyncio.wait_for(published, 5)
+        for _ in range(100):
+            if "CA-early" in listener._early:
+                break
+            await asyncio.sleep(0.02)
+        assert [r for _, r in listener._early["CA-early"]] == [{"kind": "gather"}]
+    finally:
+        await listener.close()
+        await webhook.close()
