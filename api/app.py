@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api import metrics, webphone
+from api import metrics, web, webphone
 from api.deps import Runtime, build_runtime
 from api.loop import freeze_startup_objects
 from api.routes import (
@@ -122,6 +122,7 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
                    metrics.router, schedules.router):  # fmt: skip
         app.include_router(router)
     app.include_router(webphone.router)  # off until app.state.webphone is set
+    web.mount_static(app)
     return app
 
 
