@@ -30,9 +30,13 @@ SERIOUS = {"serious", "critical"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/browser/" in str(item.fspath) and CHROMIUM is None:
+    """Browser tests run last: the sync Playwright driver keeps an event loop running in the
+    main thread until the session ends, and pytest-asyncio cannot start one beside it."""
+    browser = [item for item in items if "tests/browser/" in str(item.fspath)]
+    if CHROMIUM is None:
+        for item in browser:
             item.add_marker(pytest.mark.skip(reason="chromium is not installed (make test does)"))
+    items[:] = [item for item in items if item not in browser] + browser
 
 
 @pytest.fixture(scope="session")
