@@ -41,6 +41,9 @@ CHANNEL_CONTACT_FIELD: Mapping[str, str] = {
     "slack": "slack_channel",
 }
 KNOWN_CHANNELS = tuple(CHANNEL_CONTACT_FIELD)
+# Where a shift reminder may go, in the order a recipient's default is picked. A reminder
+# is a message, not a page: a call would run the ack menu for an alert that does not exist.
+REMINDER_CHANNELS = ("sms", "telegram", "slack", "email", "webhook")
 
 # What an alert's severity may be (AlertIn); integrations map their sources' labels onto it.
 Severity = Literal["critical", "high", "medium", "low", "info"]
@@ -552,13 +555,21 @@ def reference_errors(
 
 
 def schedule_errors(where: str, schedule: Schedule, recipients: Collection[str]) -> list[str]:
-    """A schedule's participants must be known recipients (file and API alike)."""
-    return [
+    """A schedule's participants must be known recipients, its reminder channel one a
+    reminder can take (file and API alike)."""
+    errors = [
         f"{where}.layers[{i}].participants[{j}]: unknown recipient {rid!r}"
         for i, layer in enumerate(schedule.layers)
         for j, rid in enumerate(layer.participants)
         if rid not in recipients
     ]
+    channel = schedule.reminder.channel if schedule.reminder is not None else None
+    if channel is not None and channel not in REMINDER_CHANNELS:
+        errors.append(
+            f"{where}.reminder.channel: {channel!r} cannot carry a reminder "
+            f"(one of: {', '.join(REMINDER_CHANNELS)})"
+        )
+    return errors
 
 
 def override_errors(
