@@ -503,6 +503,17 @@ class AcklineConfig(BaseModel):
     integrations: list[Integration] = Field(default_factory=list)
     schedules: list[Schedule] = Field(default_factory=list)
     overrides: list[Override] = Field(default_factory=list)  # in creation order
+    # Where alert calls go without carriers (ACKLINE_VOICE_TARGET wins over it): lets a
+    # file such as ackline.demo.yaml ring a softphone on this machine by itself.
+    voice_target: str | None = None
+
+    @field_validator("voice_target")
+    @classmethod
+    def _voice_target(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("sip:") and "{number}" in value):
+            raise ValueError("voice_target is a SIP URI template with {number}, e.g. "
+                             "sip:{number}@127.0.0.1:5070")  # fmt: skip
+        return value
 
     @field_validator("channel_defaults", "rate_limits")
     @classmethod
