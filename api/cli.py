@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Generator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -41,6 +42,8 @@ from ivr.flow import FlowError
 
 if TYPE_CHECKING:
     from api.channels import Services
+    from api.setup_health import SetupWarning
+    from escalation.config import AcklineConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ackline voice gateway")
 
@@ -503,6 +506,7 @@ async def _serve(
                 on_call_ended=on_call_ended,
             )
         services = await stack.enter_async_context(services_for(settings, gateway))
+        warnings = _say_setup(role, settings, services.config)
         if gateway is not None:
             if role in (Role.ALL, Role.GATEWAY):
                 await _answer_with(gateway, services, settings, inbound, prompts, stack)
@@ -520,6 +524,7 @@ async def _serve(
             return
         embedded = settings.model_copy(update={"embedded_worker": role is Role.ALL})
         api = create_app(embedded, services.channels)
+        api.state.setup_warnings = warnings  # GET /v1/setup/health
         api.state.carriers_router = services.router  # live trunk health for /v1/carriers
         api.state.twilio_events = services.twilio_events  # Twilio call webhooks -> calls
         if webphone and gateway is not None:
@@ -546,6 +551,24 @@ async def _serve(
         server.should_exit = True
         stopped.cancel()
         await served
+
+
+def _say_setup(role: Role, settings: Settings, config: AcklineConfig) -> list[SetupWarning]:
+    """On stderr, before anything pages: which channels this setup has, and every setup
+    warning (api.setup_health), one `warning:` line each. A gateway alone pages nobody."""
+    from api.setup_health import CHANNEL_SETTINGS, available_channels, setup_warnings
+
+    found = setup_warnings(settings, config, now=datetime.now(UTC))
+    if role is Role.GATEWAY:
+        return found
+    available = available_channels(settings, config)
+    missing = [c for c in CHANNEL_SETTINGS if c not in available]
+    print(f"channels: {', '.join(sorted(available)) or 'none'}; not configured: "
+          f"{', '.join(missing) or 'none'}", file=sys.stderr)  # fmt: skip
+    for warning in found:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    sys.stderr.flush()
+    return found
 
 
 # After the drain timeout, how long the process may still take before it is cut short.
