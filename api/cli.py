@@ -654,6 +654,9 @@ def drill(ctx: typer.Context) -> None:
 def softphone(
     script: Annotated[Path, typer.Argument(help="YAML call-flow script", exists=False)],
     target: Annotated[str | None, typer.Option(help="override the script's `call:` URI")] = None,
+    listen: Annotated[
+        str | None, typer.Option(help="override the script's `listen:` HOST:PORT (answer)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     voice: Annotated[str, typer.Option(help="espeak-ng voice of `say` steps")] = "en-us",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -669,11 +672,25 @@ def softphone(
     _setup_logging(verbose)
     try:
         parsed = load_script(script)
+        if listen is not None:
+            parsed = type(parsed).model_validate({**parsed.model_dump(), "listen": listen})
     except ScriptError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    except ValidationError:
+        typer.echo(f"error: --listen {listen!r} must be HOST:PORT", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    def ready(address: tuple[str, int]) -> None:
+        """Say when calls can come in: a first run starts the phone, then pages it."""
+        if parsed.answer:
+            print(f"softphone waiting for a call on {address[0]}:{address[1]} "
+                  f"(up to {parsed.ring_timeout:g} s)", file=sys.stderr, flush=True)  # fmt: skip
+
     try:
-        report = asyncio.run(run_script(parsed, target=target, prompts=_prompt_cache(voice)))
+        report = asyncio.run(
+            run_script(parsed, target=target, prompts=_prompt_cache(voice), on_ready=ready)
+        )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
