@@ -1,4 +1,4 @@
-# Quick start: `make run` (gateway on embedded defaults) and `make test` (everything the suite needs).
+# Quick start: `make run` (the first-run demo on embedded defaults) and `make test` (everything the suite needs).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,9 +21,10 @@ system-deps:
 services: system-deps
 	bash scripts/start-services.sh
 
-# Uses ./ackline.yaml when present, else the shipped example configuration.
+# Uses ./ackline.yaml when present, else the first-run demo (ackline.demo.yaml: alert calls
+# ring `ackline softphone examples/answer-and-ack.yaml` on this machine).
 run: install system-deps
-	ACKLINE_CONFIG="$${ACKLINE_CONFIG:-$$(test -f ackline.yaml && echo ackline.yaml || echo ackline.example.yaml)}" \
+	ACKLINE_CONFIG="$${ACKLINE_CONFIG:-$$(test -f ackline.yaml && echo ackline.yaml || echo ackline.demo.yaml)}" \
 		$(BIN)/ackline serve
 
 lint: install

@@ -32,10 +32,12 @@ from api.routes import (
     health,
     integrations,
     schedules,
+    setup,
     twilio_voice,
     webhooks,
 )
 from api.settings import Settings
+from api.setup_health import setup_warnings
 from escalation.channels.base import Channel
 from escalation.crud import sync_config
 from escalation.outage import RETRY_AFTER_SECONDS, FailureLog, down_dependency
@@ -88,6 +90,10 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await start_runtime(settings)
         app.state.runtime = runtime
+        if app.state.setup_warnings is None:  # `ackline serve` sets the list it printed
+            app.state.setup_warnings = setup_warnings(
+                settings, runtime.config, now=runtime.engine.clock()
+            )
         stop = asyncio.Event()
         task = None
         if settings.run_embedded_worker:
@@ -107,6 +113,7 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
         lifespan=lifespan,
     )
 
+    app.state.setup_warnings = None  # list[SetupWarning] once started (GET /v1/setup/health)
     app.add_middleware(metrics.RequestMiddleware)
 
     @app.exception_handler(RequestValidationError)
@@ -119,7 +126,7 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
 
     for router in (alerts.router, config.router, carriers.router, audit.router, webhooks.router,
                    integrations.router, twilio_voice.router, health.router,
-                   metrics.router, schedules.router):  # fmt: skip
+                   metrics.router, schedules.router, setup.router):  # fmt: skip
         app.include_router(router)
     app.include_router(webphone.router)  # off until app.state.webphone is set
     web.mount_static(app)

@@ -194,13 +194,13 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
         closers.append(await _watch_overrides(settings, config.carriers.trunks, router))
         if settings.redis_url:  # scale-out: the API shows what each worker sees
             closers.append(_share_trunk_health(settings.redis_url, settings.redis_prefix, router))
-    elif gateway is not None and settings.voice_target:
+    elif gateway is not None and (target := settings.voice_target or config.voice_target):
         credentials = (
             Credentials(settings.voice_auth_user, settings.voice_auth_password or "")
             if settings.voice_auth_user
             else None
         )
-        services.dialer = SipUriDialer(gateway, settings.voice_target, credentials)
+        services.dialer = SipUriDialer(gateway, target, credentials)
     if services.dialer is not None:
         channels["voice"] = VoiceChannel(
             services.dialer,

@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Generator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -41,6 +42,8 @@ from ivr.flow import FlowError
 
 if TYPE_CHECKING:
     from api.channels import Services
+    from api.setup_health import SetupWarning
+    from escalation.config import AcklineConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ackline voice gateway")
 
@@ -503,6 +506,7 @@ async def _serve(
                 on_call_ended=on_call_ended,
             )
         services = await stack.enter_async_context(services_for(settings, gateway))
+        warnings = _say_setup(role, settings, services.config)
         if gateway is not None:
             if role in (Role.ALL, Role.GATEWAY):
                 await _answer_with(gateway, services, settings, inbound, prompts, stack)
@@ -520,6 +524,7 @@ async def _serve(
             return
         embedded = settings.model_copy(update={"embedded_worker": role is Role.ALL})
         api = create_app(embedded, services.channels)
+        api.state.setup_warnings = warnings  # GET /v1/setup/health
         api.state.carriers_router = services.router  # live trunk health for /v1/carriers
         api.state.twilio_events = services.twilio_events  # Twilio call webhooks -> calls
         if webphone and gateway is not None:
@@ -546,6 +551,24 @@ async def _serve(
         server.should_exit = True
         stopped.cancel()
         await served
+
+
+def _say_setup(role: Role, settings: Settings, config: AcklineConfig) -> list[SetupWarning]:
+    """On stderr, before anything pages: which channels this setup has, and every setup
+    warning (api.setup_health), one `warning:` line each. A gateway alone pages nobody."""
+    from api.setup_health import CHANNEL_SETTINGS, available_channels, setup_warnings
+
+    found = setup_warnings(settings, config, now=datetime.now(UTC))
+    if role is Role.GATEWAY:
+        return found
+    available = available_channels(settings, config)
+    missing = [c for c in CHANNEL_SETTINGS if c not in available]
+    print(f"channels: {', '.join(sorted(available)) or 'none'}; not configured: "
+          f"{', '.join(missing) or 'none'}", file=sys.stderr)  # fmt: skip
+    for warning in found:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    sys.stderr.flush()
+    return found
 
 
 # After the drain timeout, how long the process may still take before it is cut short.
@@ -631,6 +654,9 @@ def drill(ctx: typer.Context) -> None:
 def softphone(
     script: Annotated[Path, typer.Argument(help="YAML call-flow script", exists=False)],
     target: Annotated[str | None, typer.Option(help="override the script's `call:` URI")] = None,
+    listen: Annotated[
+        str | None, typer.Option(help="override the script's `listen:` HOST:PORT (answer)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     voice: Annotated[str, typer.Option(help="espeak-ng voice of `say` steps")] = "en-us",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -646,11 +672,25 @@ def softphone(
     _setup_logging(verbose)
     try:
         parsed = load_script(script)
+        if listen is not None:
+            parsed = type(parsed).model_validate({**parsed.model_dump(), "listen": listen})
     except ScriptError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    except ValidationError:
+        typer.echo(f"error: --listen {listen!r} must be HOST:PORT", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    def ready(address: tuple[str, int]) -> None:
+        """Say when calls can come in: a first run starts the phone, then pages it."""
+        if parsed.answer:
+            print(f"softphone waiting for a call on {address[0]}:{address[1]} "
+                  f"(up to {parsed.ring_timeout:g} s)", file=sys.stderr, flush=True)  # fmt: skip
+
     try:
-        report = asyncio.run(run_script(parsed, target=target, prompts=_prompt_cache(voice)))
+        report = asyncio.run(
+            run_script(parsed, target=target, prompts=_prompt_cache(voice), on_ready=ready)
+        )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -41,6 +41,9 @@ CHANNEL_CONTACT_FIELD: Mapping[str, str] = {
     "slack": "slack_channel",
 }
 KNOWN_CHANNELS = tuple(CHANNEL_CONTACT_FIELD)
+# Where a shift reminder may go, in the order a recipient's default is picked. A reminder
+# is a message, not a page: a call would run the ack menu for an alert that does not exist.
+REMINDER_CHANNELS = ("sms", "telegram", "slack", "email", "webhook")
 
 # What an alert's severity may be (AlertIn); integrations map their sources' labels onto it.
 Severity = Literal["critical", "high", "medium", "low", "info"]
@@ -500,6 +503,17 @@ class AcklineConfig(BaseModel):
     integrations: list[Integration] = Field(default_factory=list)
     schedules: list[Schedule] = Field(default_factory=list)
     overrides: list[Override] = Field(default_factory=list)  # in creation order
+    # Where alert calls go without carriers (ACKLINE_VOICE_TARGET wins over it): lets a
+    # file such as ackline.demo.yaml ring a softphone on this machine by itself.
+    voice_target: str | None = None
+
+    @field_validator("voice_target")
+    @classmethod
+    def _voice_target(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("sip:") and "{number}" in value):
+            raise ValueError("voice_target is a SIP URI template with {number}, e.g. "
+                             "sip:{number}@127.0.0.1:5070")  # fmt: skip
+        return value
 
     @field_validator("channel_defaults", "rate_limits")
     @classmethod
@@ -552,13 +566,21 @@ def reference_errors(
 
 
 def schedule_errors(where: str, schedule: Schedule, recipients: Collection[str]) -> list[str]:
-    """A schedule's participants must be known recipients (file and API alike)."""
-    return [
+    """A schedule's participants must be known recipients, its reminder channel one a
+    reminder can take (file and API alike)."""
+    errors = [
         f"{where}.layers[{i}].participants[{j}]: unknown recipient {rid!r}"
         for i, layer in enumerate(schedule.layers)
         for j, rid in enumerate(layer.participants)
         if rid not in recipients
     ]
+    channel = schedule.reminder.channel if schedule.reminder is not None else None
+    if channel is not None and channel not in REMINDER_CHANNELS:
+        errors.append(
+            f"{where}.reminder.channel: {channel!r} cannot carry a reminder "
+            f"(one of: {', '.join(REMINDER_CHANNELS)})"
+        )
+    return errors
 
 
 def override_errors(

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -44,6 +46,7 @@ from escalation.models import (
 from escalation.schedules import Override, Schedule
 
 _INSTANT = timedelta(microseconds=1)
+log = logging.getLogger(__name__)
 
 
 class Conflict(Exception):
@@ -110,7 +113,10 @@ async def _put_schedule(s: AsyncSession, company: str, sch: Schedule) -> None:
     if row is None:
         row = ScheduleRow(company=company, name=sch.name, updated_at=utcnow())
         s.add(row)
-    row.spec, row.updated_at = sch.model_dump(mode="json"), utcnow()
+    # without `reminder` when there is none: a node of the release before reminders
+    # (whose Schedule forbids the key) still reads every schedule that has none
+    spec = sch.model_dump(mode="json", exclude={"reminder"} if sch.reminder is None else None)
+    row.spec, row.updated_at = spec, utcnow()
 
 
 async def _add_override(s: AsyncSession, company: str, o: Override, actor: str) -> Override:
@@ -312,6 +318,41 @@ async def oncall_sources(
     found = await _schedules(s, company, names)
     overrides = await _overrides(s, company, list(found), at, at + _INSTANT)
     return {n: (sch, [o for o in overrides if o.schedule == n]) for n, sch in found.items()}
+
+
+@dataclass(frozen=True)
+class ReminderSource:
+    """A schedule with a reminder, and what deciding its reminders needs: the overrides
+    in the window looked at, and the company's recipients (their contacts)."""
+
+    company: str
+    schedule: Schedule
+    overrides: list[Override]
+    recipients: dict[str, Recipient]
+
+
+async def reminder_sources(db: Database, since: datetime, until: datetime) -> list[ReminderSource]:
+    """Every company's schedules that have a reminder, for the window [since, until).
+
+    A stored schedule this release cannot read (a newer one wrote it) is skipped and
+    named in the log, so it cannot stop the others' reminders."""
+    async with db.session() as s:
+        by_company: dict[str, list[Schedule]] = {}
+        for row in (await s.execute(select(ScheduleRow))).scalars():
+            if not (row.spec or {}).get("reminder"):
+                continue
+            try:
+                by_company.setdefault(row.company, []).append(Schedule.model_validate(row.spec))
+            except ValidationError as exc:
+                log.warning("schedule %s of %s unreadable, no reminders for it: %s",
+                            row.name, row.company, exc)  # fmt: skip
+        out = []
+        for company, found in sorted(by_company.items()):
+            names = [sch.name for sch in found]
+            overrides = await _overrides(s, company, names, since, until)
+            recipients = await _recipients(s, company)
+            out += [ReminderSource(company, sch, overrides, recipients) for sch in found]
+        return out
 
 
 async def rotas(

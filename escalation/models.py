@@ -254,3 +254,22 @@ class ScheduleOverrideRow(SQLModel, table=True):
     ends_at: datetime = _ts()
     created_at: datetime = _ts()
     created_by: str = Field(default="", max_length=200)
+
+
+class ShiftReminderRow(SQLModel, table=True):
+    """One shift reminder, claimed before it is sent: the key is what makes it one per
+    (schedule, recipient, shift start) however many workers see the shift coming."""
+
+    __tablename__ = "shift_reminders"
+
+    company: str = Field(primary_key=True, max_length=64)
+    schedule: str = Field(primary_key=True, max_length=64)
+    recipient: str = Field(primary_key=True, max_length=64)
+    shift_start: datetime = Field(sa_column=sa.Column(UTCDateTime(), primary_key=True))
+    channel: str = Field(default="", max_length=32)
+    status: str = Field(default="claimed", max_length=32)  # claimed | sent | failed
+    reason: str | None = Field(default=None, max_length=200)
+    attempts: int = 0
+    claimed_by: str = Field(default="", max_length=100)
+    claimed_at: datetime = _ts()
+    finished_at: datetime | None = _ts(nullable=True)

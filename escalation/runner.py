@@ -32,6 +32,7 @@ from escalation.channels.base import Channel, DeliveryResult, DeliveryStatus, Pr
 from escalation.core import CancelScope
 from escalation.engine import CancelRequest, Engine, SendTask
 from escalation.outage import FailureLog
+from escalation.reminders import ShiftReminders
 from gateway.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,7 @@ class Worker:
         purge_batch: int = 1000,
         check_interval: float = 2.0,
         drain_timeout: float = 10.0,
+        reminder_interval: float = 30.0,
     ) -> None:
         self.engine = engine
         self.bus = bus
@@ -335,6 +337,12 @@ class Worker:
         # without their cancel reaching it (Redis down), the jobs another worker took over.
         self.check_interval = check_interval
         self.drain_timeout = drain_timeout
+        # How often this worker looks for shift reminders due (<= 0: never); each pass is
+        # its own task, so a slow channel delays reminders, never a page.
+        self.reminder_interval = reminder_interval
+        self.reminders = ShiftReminders(
+            engine.db, engine.audit, channels, worker_id=self.worker_id, clock=engine.clock
+        )
         self._inflight: dict[str, _Flight] = {}
         self._closed: dict[str, float] = {}  # alert id -> when its close was announced
         # notification id -> when a reassign withdrew it (its cancel may come before
@@ -351,6 +359,7 @@ class Worker:
         self._check_failures = FailureLog(log, "checking and renewing the sends in flight")
         self._purge_failures = FailureLog(log, "deleting done jobs")
         self._answer_failures = FailureLog(log, "recording an answered call")
+        self._reminder_failures = FailureLog(log, "sending shift reminders")
         bus.on_cancel(self.cancel)
 
     async def run(self, stop: asyncio.Event, *, grace: float | None = None) -> None:
@@ -361,6 +370,7 @@ class Worker:
         await self.bus.start()
         checker = asyncio.create_task(self._check_inflight(), name="inflight-checker")
         purger = asyncio.create_task(self._purge_done_jobs(), name="done-job-purger")
+        reminder = asyncio.create_task(self._remind_shifts(), name="shift-reminders")
         try:
             while not stop.is_set():
                 try:
@@ -381,7 +391,7 @@ class Worker:
             try:
                 await self._drain(self.drain_timeout if grace is None else grace)
             finally:
-                for t in (checker, purger):
+                for t in (checker, purger, reminder):
                     await cancel_and_wait(t)
 
     async def run_once(self) -> int:
@@ -668,6 +678,18 @@ class Worker:
                         break
             except Exception as exc:
                 self._purge_failures.failed(exc)
+
+    async def _remind_shifts(self) -> None:
+        """Every `reminder_interval` s one pass of shift reminders at the engine's clock
+        (escalation.reminders); a failed pass is logged and the next one tries again."""
+        if self.reminder_interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.reminder_interval)
+            try:
+                await self.reminders.run_once(self.engine.clock())
+            except Exception as exc:
+                self._reminder_failures.failed(exc)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)

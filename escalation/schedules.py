@@ -47,6 +47,7 @@ __all__ = [
     "Layer",
     "OnCall",
     "Override",
+    "Reminder",
     "Restriction",
     "Rotation",
     "Schedule",
@@ -61,6 +62,10 @@ _SLUG = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 _DAY = timedelta(days=1)
 MIN_SHIFT = 3600.0  # seconds: a shorter shift is a typo, not a rota
+# A reminder at least a minute and at most a day ahead: earlier than that it is forgotten
+# again, and the worker looks at most this far ahead (bounded work per pass).
+MIN_REMINDER = 60.0
+MAX_REMINDER = 86400.0
 
 
 class Rotation(enum.StrEnum):
@@ -248,6 +253,24 @@ class Layer(BaseModel):
                 yield hi
 
 
+class Reminder(BaseModel):
+    """Tell the incoming person `before` their shift starts, so nobody learns they are on
+    call from the first page. `channel` None: their first contact a worker can deliver to
+    (in config.REMINDER_CHANNELS order; config.schedule_errors checks the name)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    before: Duration = 900.0
+    channel: str | None = None
+
+    @field_validator("before")
+    @classmethod
+    def _before(cls, value: float) -> float:
+        if not MIN_REMINDER <= value <= MAX_REMINDER:
+            raise ValueError("reminder.before is from 1m to 24h")
+        return value
+
+
 class Schedule(BaseModel):
     """A named rota in one time zone: its layers, the later winning where they overlap."""
 
@@ -256,6 +279,7 @@ class Schedule(BaseModel):
     name: str
     time_zone: str
     layers: tuple[Layer, ...] = Field(min_length=1, max_length=20)
+    reminder: Reminder | None = None  # None: no shift reminders
 
     @field_validator("name")
     @classmethod

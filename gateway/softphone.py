@@ -463,10 +463,15 @@ def _check_expectations(script: SoftphoneScript, leg: Leg, report: ScriptReport)
 
 
 async def run_script(
-    script: SoftphoneScript, *, target: str | None = None, prompts: Any = None
+    script: SoftphoneScript,
+    *,
+    target: str | None = None,
+    prompts: Any = None,
+    on_ready: Callable[[tuple[str, int]], None] | None = None,
 ) -> ScriptReport:
     """Run a script to its end; the report says which step failed and why. `prompts`
-    (a prompts.cache.PromptCache) speaks the `say` steps."""
+    (a prompts.cache.PromptCache) speaks the `say` steps; `on_ready` is told the phone's
+    address once it listens (a script that answers can be called from then on)."""
     if prompts is None and any(isinstance(step, Say) for step in script.steps):
         raise ValueError("`say` steps need a text-to-speech prompt cache")
     report = ScriptReport(ok=True)
@@ -481,6 +486,8 @@ async def run_script(
         threshold_dbfs=script.threshold_dbfs,
         prompts=prompts,
     ) as phone:
+        if on_ready is not None:
+            on_ready(phone.address)
         if script.answer:
             session = phone.answer(timeout=script.ring_timeout)
         else:

@@ -43,9 +43,18 @@ class ContactPoint:
     slack_channel: str | None = None
 
 
+class NotificationKind(str, enum.Enum):
+    """What a message is: a page for an alert, or a heads-up with nothing to acknowledge
+    (channels then leave out their Acknowledge buttons and "reply 1" hints)."""
+
+    ALERT = "alert"
+    SHIFT_REMINDER = "shift_reminder"
+
+
 @dataclass(frozen=True)
 class Notification:
-    """One attempt to reach one recipient on one channel for one alert."""
+    """One attempt to reach one recipient on one channel for one alert (or, with
+    `kind` SHIFT_REMINDER, one reminder: `alert_id` is then empty)."""
 
     notification_id: str  # uuid, stable across retries of the same attempt chain
     alert_id: str
@@ -59,10 +68,17 @@ class Notification:
     ack_url: str | None = None  # signed one-click link (email/webhook)
     details: Mapping[str, str] = field(default_factory=dict)
     policy: str = ""  # the escalation policy paging (per-policy channel behaviour)
+    kind: NotificationKind = NotificationKind.ALERT
+
+    @property
+    def is_alert(self) -> bool:
+        return self.kind is NotificationKind.ALERT
 
     @property
     def headline(self) -> str:
         """The first line of every text page, so all chat channels read alike."""
+        if not self.is_alert:
+            return self.title
         return f"[{self.severity.upper()}] {self.title}"
 
 

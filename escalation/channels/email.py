@@ -38,6 +38,11 @@ def render_email(notification: Notification, sender: str) -> EmailMessage:
     msg["Date"] = formatdate(localtime=False)
     msg["Message-ID"] = make_msgid(idstring=n.notification_id.replace("-", ""), domain="ackline")
     msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation auto-replies
+    if not n.is_alert:  # a shift reminder: nothing to acknowledge
+        msg.replace_header("Subject", n.title)
+        msg.set_content(f"{n.title}\n\n{n.summary}\n")
+        msg.add_alternative(f"<h2>{escape(n.title)}</h2><p>{escape(n.summary)}</p>", subtype="html")
+        return msg
     msg["X-Ackline-Alert-Id"] = n.alert_id
     ack_text = (
         f"Acknowledge: {n.ack_url}" if n.ack_url else f"Acknowledge with ACK {n.alert_short_id}"

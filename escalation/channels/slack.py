@@ -169,6 +169,8 @@ def _actions(alert_id: str, actions: Sequence[SlackAction]) -> dict[str, Any]:
 
 def alert_blocks(n: Notification) -> list[dict[str, Any]]:
     text = f"*{_mrkdwn(n.headline)}*\n{_mrkdwn(n.summary)}"[:_MAX_SECTION_TEXT]
+    if not n.is_alert:  # a reminder: nothing to acknowledge or resolve
+        return [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
     return [
         {"type": "section", "text": {"type": "mrkdwn", "text": text}},
         {"type": "context", "elements": [{"type": "mrkdwn", "text": f"Alert {n.alert_short_id}"}]},

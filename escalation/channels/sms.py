@@ -75,6 +75,8 @@ class TwilioSender:
 
 def sms_body(notification: Notification) -> str:
     """What a responder reads and can answer with one keystroke."""
+    if not notification.is_alert:
+        return f"{notification.title} — {notification.summary}"
     return (
         f"[{notification.severity.upper()}] {notification.title} — "
         f"reply 1 or ACK {notification.alert_short_id} to acknowledge"

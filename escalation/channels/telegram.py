@@ -191,6 +191,9 @@ class TelegramChannel(_TelegramChannelBase):
     name = "telegram"
 
     async def _deliver(self, chat_id: str, n: Notification) -> dict[str, Any] | DeliveryResult:
+        if not n.is_alert:  # nothing to acknowledge: no button
+            body = {"chat_id": chat_id, "text": f"{n.headline}\n{n.summary}"}
+            return await self.bot.call("sendMessage", json_body=body)
         text = f"{n.headline}\n{n.summary}\nAlert {n.alert_short_id}"
         return await self.bot.call(
             "sendMessage",

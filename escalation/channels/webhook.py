@@ -40,6 +40,7 @@ def webhook_payload(n: Notification) -> dict[str, Any]:
         "attempt": n.attempt,
         "recipient_id": n.contact.recipient_id,
         "ack_url": n.ack_url,
+        "kind": n.kind.value,  # "alert", or "shift_reminder" (alert_id then empty)
     }
 
 

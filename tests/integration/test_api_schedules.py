@@ -187,3 +187,30 @@ async def test_icalendar_feeds_per_schedule_and_per_person(db_url: str, tmp_path
         assert (await c.get("/v1/recipients/zed/oncall.ics", headers=KEY)).status_code == 404
         assert (await c.get("/v1/schedules/billing.ics", headers=KEY)).status_code == 404
         assert (await c.get("/v1/schedules/payments.ics", headers=OTHER)).status_code == 404
+
+
+async def test_a_schedules_reminder_is_validated_stored_and_optional(
+    db_url: str, tmp_path: Path
+) -> None:
+    async with running(db_url, tmp_path) as c:
+        plain = await c.post("/v1/schedules", json=payments(), headers=KEY)
+        assert plain.status_code == 201 and plain.json()["reminder"] is None
+        reminded = payments() | {"reminder": {"before": "30m", "channel": "sms"}}
+        put = await c.put("/v1/schedules/payments", json=reminded, headers=KEY)
+        assert put.status_code == 200, put.text
+        got = (await c.get("/v1/schedules/payments", headers=KEY)).json()
+        assert got["reminder"] == {"before": 1800.0, "channel": "sms"}
+        voice = payments() | {"reminder": {"channel": "voice"}}
+        bad = await c.put("/v1/schedules/payments", json=voice, headers=KEY)
+        assert bad.status_code == 422
+        assert bad.json()["detail"] == [
+            "schedule.reminder.channel: 'voice' cannot carry a reminder "
+            "(one of: sms, telegram, slack, email, webhook)"
+        ]
+        soon = payments() | {"reminder": {"before": "10s"}}
+        bad = await c.put("/v1/schedules/payments", json=soon, headers=KEY)
+        assert bad.status_code == 422 and "reminder.before is from 1m to 24h" in bad.text
+        # the default: 15 minutes, on the recipient's first reachable channel
+        default = await c.put("/v1/schedules/payments", headers=KEY,
+                              json=payments() | {"reminder": {}})  # fmt: skip
+        assert default.json()["reminder"] == {"before": 900.0, "channel": None}

@@ -68,6 +68,7 @@ async def test_posts_signed_json(receiver: Receiver, channel: WebhookChannel) ->
         "attempt": 1,
         "recipient_id": "r-ada",
         "ack_url": "https://ackline.example/ack/TOKEN",
+        "kind": "alert",
     }
     # Verify as a receiver would, from the documented scheme alone (Stripe's).
     header = request.headers["x-ackline-signature"]
