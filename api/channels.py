@@ -14,6 +14,7 @@ from typing import Any
 
 from api.loop import cancel_and_wait
 from api.settings import Settings
+from api.setup_health import available_channels
 from carriers.budgets import RedisBudgets
 from carriers.health import HealthChange
 from carriers.router import CarrierRouter
@@ -160,6 +161,7 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
     """The configured channels, closed again when the worker stops."""
     config = load_config(settings.config_path) if settings.config_path else AcklineConfig()
     services = Services(config)
+    enabled = available_channels(settings, config)  # the start-up warnings' own view
     channels = services.channels
     closers: list[Any] = []
     twilio: TwilioVoice | None = None
@@ -209,7 +211,8 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
             flow=default_ack_flow(settings),
             flows=policy_flows(config),
         )
-    if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from_numbers:
+    if "sms" in enabled:
+        assert settings.twilio_account_sid and settings.twilio_auth_token
         from escalation.channels.sms import SmsChannel, TwilioSender
 
         senders = [
@@ -224,7 +227,8 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
         channels["sms"] = SmsChannel(
             senders, api_base=settings.twilio_api_base, status_callback_url=status_url
         )
-    if settings.telegram_bot_token:
+    if "telegram" in enabled:
+        assert settings.telegram_bot_token
         from escalation.channels.telegram import (
             TELEGRAM_API_BASE,
             TelegramBotApi,
@@ -239,18 +243,21 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
         channels["telegram"] = TelegramChannel(bot)
         if gateway is not None and gateway.prompts is not None:
             channels["telegram_voice"] = TelegramVoiceChannel(bot, _wav_tts(gateway.prompts))
-    if settings.slack_bot_token:
+    if "slack" in enabled:
+        assert settings.slack_bot_token
         from escalation.channels.slack import SlackChannel, SlackWebApi
 
         slack = SlackWebApi(settings.slack_bot_token, api_base=settings.slack_api_base)
         channels["slack"] = SlackChannel(slack)
-    if settings.smtp_host and settings.smtp_from:
+    if "email" in enabled:
+        assert settings.smtp_host and settings.smtp_from
         from escalation.channels.email import EmailChannel
 
         channels["email"] = EmailChannel(
             settings.smtp_host, settings.smtp_port, sender=settings.smtp_from
         )
-    if settings.webhook_secret:
+    if "webhook" in enabled:
+        assert settings.webhook_secret
         from escalation.channels.webhook import WebhookChannel
 
         webhook = WebhookChannel(settings.webhook_secret)

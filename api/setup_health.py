@@ -73,7 +73,8 @@ def voice_route(settings: Settings, config: AcklineConfig) -> bool:
 
 
 def available_channels(settings: Settings, config: AcklineConfig) -> set[str]:
-    """The channels a worker with these settings has (api.channels.services_for)."""
+    """The channels a worker with these settings has: api.channels.services_for builds
+    exactly these (voice and telegram_voice also need a gateway in the process)."""
     out: set[str] = set()
     if voice_route(settings, config):
         out.add("voice")
