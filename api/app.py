@@ -36,6 +36,7 @@ from api.routes import (
     webhooks,
 )
 from api.settings import Settings
+from api.web import auth as console_auth
 from escalation.channels.base import Channel
 from escalation.crud import sync_config
 from escalation.outage import RETRY_AFTER_SECONDS, FailureLog, down_dependency
@@ -122,6 +123,7 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
                    metrics.router, schedules.router):  # fmt: skip
         app.include_router(router)
     app.include_router(webphone.router)  # off until app.state.webphone is set
+    console_auth.install(app)
     web.mount_static(app)
     return app
 
