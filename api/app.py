@@ -38,6 +38,7 @@ from api.routes import (
 )
 from api.settings import Settings
 from api.setup_health import setup_warnings
+from api.web import auth as console_auth
 from escalation.channels.base import Channel
 from escalation.crud import sync_config
 from escalation.outage import RETRY_AFTER_SECONDS, FailureLog, down_dependency
@@ -129,6 +130,7 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
                    metrics.router, schedules.router, setup.router):  # fmt: skip
         app.include_router(router)
     app.include_router(webphone.router)  # off until app.state.webphone is set
+    console_auth.install(app)
     web.mount_static(app)
     return app
 

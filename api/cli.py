@@ -27,6 +27,7 @@ from api.loop import run as run_service
 from api.settings import Settings
 from carriers.config import CarrierConfig
 from escalation.config import ConfigError
+from escalation.users import Role as UserRole
 from gateway.call import (
     Call,
     Gateway,
@@ -917,6 +918,141 @@ def override_add(
         f"override {stored.id}: {recipient} on call for {schedule}{instead} "
         f"from {stored.start.isoformat()} to {stored.end.isoformat()}"
     )
+
+
+user_app = typer.Typer(no_args_is_help=True, help="web console users: add, list, disable")
+app.add_typer(user_app, name="user")
+
+
+def _user_db_action(action: Any) -> Any:
+    """Run `action(settings, db)` on a migrated database; bad settings exit 2."""
+    from escalation.db import Database
+
+    try:
+        settings = Settings.from_env()
+    except (ValueError, ValidationError) as exc:
+        typer.echo(f"error: bad settings: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    async def run() -> Any:
+        db = Database(settings.database_url)
+        try:
+            if settings.migrate_on_start:
+                await db.migrate()
+            return await action(settings, db)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(run())
+
+
+def _cli_actor() -> str:
+    return f"cli:{os.environ.get('USER') or os.getuid()}"
+
+
+def _audit_user_change(settings: Settings, company: str, event: str, username: str,
+                       **extra: Any) -> None:  # fmt: skip
+    from escalation.audit import AuditLog
+
+    audit = AuditLog(settings.audit_dir, fsync=settings.audit_fsync)
+    try:
+        audit.write(company, [{"event": event, "status": "ok", "actor": _cli_actor(),
+                               "user": username, **extra}])  # fmt: skip
+    finally:
+        audit.close()
+
+
+def _read_password(password_file: Path | None) -> str:
+    """From a file (its first line) or a hidden prompt: never from argv, where `ps` and
+    shell history would show it."""
+    if password_file is not None:
+        try:
+            lines = password_file.read_text().splitlines()
+        except OSError as exc:
+            typer.echo(f"error: cannot read {password_file}: {exc.strerror}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        return lines[0] if lines else ""
+    password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return password
+
+
+@user_app.command("add")
+def user_add(
+    username: Annotated[str, typer.Argument(help="sign-in name (a-z, 0-9, . _ -)")],
+    role: Annotated[UserRole, typer.Option(help="admin, responder or viewer")],
+    company: Annotated[str | None, typer.Option(help="default: the config's company")] = None,
+    recipient: Annotated[
+        str | None, typer.Option(help="recipient id their acks are attributed to")
+    ] = None,
+    password_file: Annotated[
+        Path | None, typer.Option(help="read the password from this file's first line")
+    ] = None,
+) -> None:
+    """Add a web console user; the password is prompted for (or read from a file)."""
+    from escalation.config import load_config
+    from escalation.crud import sync_config
+    from escalation.users import UserError, add_user
+
+    password = _read_password(password_file)
+
+    async def add(settings: Settings, db: Any) -> Any:
+        owner = company
+        if settings.config_path is not None:
+            # as `serve` does at start: recipients from the file exist before the first start
+            config = load_config(settings.config_path)
+            await sync_config(db, config)
+            owner = owner or config.company
+        return await add_user(db, owner or "default", username, password, role, _cli_actor(),
+                              recipient)  # fmt: skip
+
+    try:
+        user = _user_db_action(add)
+    except (UserError, ConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    _audit_user_change(Settings.from_env(), user.company, "user_added", user.username,
+                       role=user.role.value, recipient_id=user.recipient_id)  # fmt: skip
+    linked = f", acks as {user.recipient_id}" if user.recipient_id else ""
+    typer.echo(f"user {user.username} added: {user.role.value} of {user.company}{linked}")
+
+
+@user_app.command("list")
+def user_list(
+    company: Annotated[str | None, typer.Option(help="only this company's users")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Console users with their company, role, recipient and whether they are disabled."""
+    from escalation.users import list_users
+
+    async def read(_settings: Settings, db: Any) -> Any:
+        return await list_users(db, company)
+
+    users = _user_db_action(read)
+    rows = [{"username": u.username, "company": u.company, "role": u.role.value,
+             "recipient_id": u.recipient_id, "disabled": u.disabled} for u in users]  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(rows, sort_keys=True))
+        return
+    for row in rows:
+        state = "disabled" if row["disabled"] else "active"
+        typer.echo(f"{row['username']:<20} {row['company']:<12} {row['role']:<10} {state:<8} "
+                   f"{row['recipient_id'] or '-'}")  # fmt: skip
+
+
+@user_app.command("disable")
+def user_disable(username: Annotated[str, typer.Argument(help="sign-in name")]) -> None:
+    """Disable a console user: their open sessions end on their next request."""
+    from escalation.users import update_user
+
+    async def disable(_settings: Settings, db: Any) -> Any:
+        return await update_user(db, username.strip().lower(), _cli_actor(), disabled=True)
+
+    user = _user_db_action(disable)
+    if user is None:
+        typer.echo(f"error: no user {username!r}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    _audit_user_change(Settings.from_env(), user.company, "user_disabled", user.username)
+    typer.echo(f"user {user.username} disabled (signed out everywhere)")
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ FILE_SECRETS = (
     "REDIS_URL",
     "ACKLINE_VOICE_AUTH_PASSWORD",
     "ACKLINE_WEBHOOK_SECRET",
+    "ACKLINE_SESSION_SECRET",
     "TWILIO_AUTH_TOKEN",
     "TELEGRAM_BOT_TOKEN",
     "TELEGRAM_WEBHOOK_SECRET",
@@ -149,6 +150,10 @@ class Settings(BaseModel):
     smtp_port: int = 25
     smtp_from: str | None = None
     webhook_secret: str | None = Field(default=None, repr=False)
+    # Signs web console session cookies; None: a random one kept in var/session-secret.
+    # Several API processes behind one name must share it.
+    session_secret: str | None = Field(default=None, repr=False)
+    console_idle_timeout: float = Field(default=8 * 3600.0, gt=0)  # seconds without a request
 
     @property
     def run_embedded_worker(self) -> bool:
@@ -208,4 +213,6 @@ class Settings(BaseModel):
             smtp_port=int(e.get("ACKLINE_SMTP_PORT", "25")),
             smtp_from=e.get("ACKLINE_SMTP_FROM") or None,
             webhook_secret=e.get("ACKLINE_WEBHOOK_SECRET") or None,
+            session_secret=e.get("ACKLINE_SESSION_SECRET") or None,
+            console_idle_timeout=float(e.get("ACKLINE_CONSOLE_IDLE_TIMEOUT", "28800")),
         )

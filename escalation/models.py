@@ -273,3 +273,23 @@ class ShiftReminderRow(SQLModel, table=True):
     claimed_by: str = Field(default="", max_length=100)
     claimed_at: datetime = _ts()
     finished_at: datetime | None = _ts(nullable=True)
+
+
+class ConsoleUserRow(SQLModel, table=True):
+    """A person who signs in to the web console (escalation.users). The username is unique
+    across companies because the login form asks for nothing else; `session_version` goes
+    up when the user is disabled or their password or role changes, which ends their
+    signed-cookie sessions on the next request."""
+
+    __tablename__ = "console_users"
+
+    username: str = Field(primary_key=True, max_length=64)
+    company: str = Field(max_length=64, index=True)
+    password_hash: str = Field(max_length=255)
+    role: str = Field(max_length=20)  # an escalation.users.Role value
+    recipient_id: str | None = Field(default=None, max_length=64)
+    disabled: bool = False
+    session_version: int = 0
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    updated_by: str = Field(default="", max_length=200)
