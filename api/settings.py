@@ -149,6 +149,12 @@ class Settings(BaseModel):
     smtp_port: int = 25
     smtp_from: str | None = None
     webhook_secret: str | None = Field(default=None, repr=False)
+    # The public status page (api/web/status.py): whose incidents it shows (None: the
+    # company of ackline.yaml, else the first API key's), how often component states are
+    # sampled, and whether outages open and resolve incidents by themselves.
+    status_operator: str | None = None
+    status_sample_interval: float = Field(default=60.0, gt=0)
+    status_auto_incidents: bool = False
 
     @property
     def run_embedded_worker(self) -> bool:
@@ -208,4 +214,7 @@ class Settings(BaseModel):
             smtp_port=int(e.get("ACKLINE_SMTP_PORT", "25")),
             smtp_from=e.get("ACKLINE_SMTP_FROM") or None,
             webhook_secret=e.get("ACKLINE_WEBHOOK_SECRET") or None,
+            status_operator=e.get("ACKLINE_STATUS_OPERATOR") or None,
+            status_sample_interval=float(e.get("ACKLINE_STATUS_SAMPLE_INTERVAL") or "60"),
+            status_auto_incidents=_bool(e.get("ACKLINE_STATUS_AUTO_INCIDENTS"), False),
         )
