@@ -32,10 +32,12 @@ from api.routes import (
     health,
     integrations,
     schedules,
+    status,
     twilio_voice,
     webhooks,
 )
 from api.settings import Settings
+from api.web import status as status_web
 from escalation.channels.base import Channel
 from escalation.crud import sync_config
 from escalation.outage import RETRY_AFTER_SECONDS, FailureLog, down_dependency
@@ -93,7 +95,8 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
         if settings.run_embedded_worker:
             task = asyncio.create_task(_worker(runtime, channels).run(stop), name="worker")
         try:
-            yield
+            async with status_web.running_status_page(app, runtime):
+                yield
         finally:
             stop.set()
             if task is not None:
@@ -119,7 +122,8 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
 
     for router in (alerts.router, config.router, carriers.router, audit.router, webhooks.router,
                    integrations.router, twilio_voice.router, health.router,
-                   metrics.router, schedules.router):  # fmt: skip
+                   metrics.router, schedules.router, status.router,
+                   status_web.router):  # fmt: skip
         app.include_router(router)
     app.include_router(webphone.router)  # off until app.state.webphone is set
     web.mount_static(app)
