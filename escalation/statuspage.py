@@ -225,14 +225,18 @@ class StatusService:
         body: str,
         by: RequestContext,
         impact: Impact | None = None,
+        auto_key: str | None = None,
     ) -> Incident:
         """A timestamped update; `resolved` closes the incident (a later update may
-        reopen it)."""
+        reopen it). With `auto_key`, only while that automatic incident is still open
+        (several nodes' samplers may see the recovery; one resolves it)."""
         now = self.clock()
         async with self.db.session() as s, s.begin():
             row = await s.get(StatusIncidentRow, incident_id, with_for_update=True)
             if row is None or row.company != self.company:
                 raise IncidentNotFound(f"no incident {incident_id}")
+            if auto_key is not None and row.open_auto_key != auto_key:
+                raise IncidentNotFound(f"automatic incident {incident_id} is already resolved")
             row.status = status.value
             row.updated_at = now
             if impact is not None:
@@ -314,8 +318,13 @@ class StatusService:
                 col(StatusIncidentRow.open_auto_key) == component))  # fmt: skip
         if open_one is None:
             return False
-        await self.update_incident(open_one, status=IncidentStatus.RESOLVED, by=AUTOMATIC,
-                                   body=f"{name} has recovered.")  # fmt: skip
+        try:
+            await self.update_incident(
+                open_one, status=IncidentStatus.RESOLVED, by=AUTOMATIC,
+                body=f"{name} has recovered.", auto_key=component,
+            )  # fmt: skip
+        except IncidentNotFound:
+            return False  # another node resolved it first
         return True
 
     # -- maintenance -----------------------------------------------------------------------
