@@ -95,7 +95,7 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
         if settings.run_embedded_worker:
             task = asyncio.create_task(_worker(runtime, channels).run(stop), name="worker")
         try:
-            async with status_web.running_status_page(app, runtime):
+            async with status_web.running_status_page(app, runtime, channels):
                 yield
         finally:
             stop.set()

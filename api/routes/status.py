@@ -19,6 +19,12 @@ from api.routes.schemas import Error
 from api.web.status import StatusPage, incident_json, maintenance_json
 from escalation.engine import RequestContext
 from escalation.status import Impact, IncidentStatus
+from escalation.status_subscribers import (
+    RateLimited,
+    StatusSubscriptions,
+    SubscriberKind,
+    SubscriptionError,
+)
 from escalation.statuspage import IncidentNotFound
 
 router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/status", tags=["status page"])
@@ -176,3 +182,43 @@ async def cancel_maintenance(maintenance_id: RowId, op: OperatorDep) -> dict[str
         raise HTTPException(404, str(exc)) from None
     page.collector.forget()
     return maintenance_json(window, page.service.clock())
+
+
+class SubscriberIn(BaseModel):
+    kind: SubscriberKind
+    address: Text = Field(min_length=1, max_length=2000, description=(
+        "email address, E.164 number (sms), chat id (telegram), or an https URL "
+        "(webhook, slack incoming webhook)"))  # fmt: skip
+
+
+def _subscriptions(page: StatusPage) -> StatusSubscriptions:
+    if page.subscriptions is None:
+        raise HTTPException(
+            404, "subscriptions need ACKLINE_PUBLIC_URL and ACKLINE_ACK_SECRET (their links)"
+        )
+    return page.subscriptions
+
+
+@router.post("/subscribers", status_code=201, responses={**_ERRORS, 429: {"model": Error}})
+async def add_subscriber(body: SubscriberIn, op: OperatorDep) -> dict[str, Any]:
+    """Sign someone up for incident updates. Email still confirms by a link sent to it
+    (double opt-in); other kinds the operator adds are active at once."""
+    page, by = op
+    subscriptions = _subscriptions(page)
+    try:
+        found = await subscriptions.subscribe(
+            body.kind, body.address, by=by, source=None, confirmed=True
+        )
+    except SubscriptionError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except RateLimited as exc:
+        raise HTTPException(429, str(exc)) from None
+    return {"id": found.id, "kind": found.kind.value, "confirmed": found.confirmed}
+
+
+@router.get("/subscribers", responses=_ERRORS)
+async def list_subscribers(op: OperatorDep) -> list[dict[str, Any]]:
+    """Active subscribers (confirmed, not unsubscribed)."""
+    page, _ = op
+    return [{"id": s.id, "kind": s.kind.value, "address": s.address}
+            for s in await _subscriptions(page).subscribers()]  # fmt: skip

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,14 +29,20 @@ from api.status_sampler import (
     components_for,
     operator_company,
 )
+from escalation.engine import RequestContext
 from escalation.status import (
     HISTORY_DAYS,
     ComponentState,
     DayBar,
-    MaintenanceStatus,
     daily_bars,
     overall_state,
     uptime,
+)
+from escalation.status_subscribers import (
+    RateLimited,
+    StatusSubscriptions,
+    SubscriberKind,
+    SubscriptionError,
 )
 from escalation.statuspage import Incident, Maintenance, StatusService
 
@@ -55,6 +61,7 @@ class StatusPage:
     collector: StatusCollector
     sampler: Sampler
     public_url: str | None = None
+    subscriptions: StatusSubscriptions | None = None  # needs ACKLINE_PUBLIC_URL, _ACK_SECRET
     _history: tuple[float, dict[str, list[DayBar]]] | None = field(default=None, repr=False)
 
     async def history(self) -> dict[str, list[DayBar]]:
@@ -75,8 +82,11 @@ class StatusPage:
 
 
 @contextlib.asynccontextmanager
-async def running_status_page(app: FastAPI, runtime: Runtime) -> AsyncIterator[StatusPage]:
-    """Build the page's objects for `app` and sample while it runs."""
+async def running_status_page(
+    app: FastAPI, runtime: Runtime, channels: Mapping[str, Any]
+) -> AsyncIterator[StatusPage]:
+    """Build the page's objects for `app` and sample while it runs; subscribers are told
+    through `channels` (the ones this process was given)."""
     settings = runtime.settings
     service = StatusService(runtime.db, runtime.audit, operator_company(settings, runtime.config))
     collector = StatusCollector(runtime, service, components_for(settings, runtime.config),
@@ -84,7 +94,11 @@ async def running_status_page(app: FastAPI, runtime: Runtime) -> AsyncIterator[S
                                 cache_for=min(5.0, settings.status_sample_interval))  # fmt: skip
     sampler = Sampler(collector, settings.status_sample_interval,
                       auto_incidents=settings.status_auto_incidents)  # fmt: skip
-    page = StatusPage(service, collector, sampler, settings.public_url)
+    subscriptions = None
+    if settings.public_url and settings.ack_secret:
+        subscriptions = StatusSubscriptions(service, channels, secret=settings.ack_secret,
+                                            public_url=settings.public_url)  # fmt: skip
+    page = StatusPage(service, collector, sampler, settings.public_url, subscriptions)
     app.state.status_page = page
     stop = asyncio.Event()
     task = asyncio.create_task(sampler.run(stop), name="status-sampler")
@@ -93,6 +107,8 @@ async def running_status_page(app: FastAPI, runtime: Runtime) -> AsyncIterator[S
     finally:
         stop.set()
         await task
+        if subscriptions is not None:
+            await subscriptions.aclose()
 
 
 def _page(request: Request) -> StatusPage:
@@ -192,11 +208,93 @@ web.templates.env.globals["banner_text"] = banner_text
 async def status_html(request: Request) -> Response:
     page = _page(request)
     data = await page_data(page)
-    context: dict[str, Any] = {"data": data, "MaintenanceStatus": MaintenanceStatus}
-    response = web.templates.TemplateResponse(request, "status/page.html", context)
+    offered = page.subscriptions.offered() if page.subscriptions else []
+    form_kinds = [k for k in (SubscriberKind.EMAIL, SubscriberKind.WEBHOOK) if k in offered]
+    context: dict[str, Any] = {"data": data, "form_kinds": form_kinds}
+    return _html(request, "status/page.html", context)
+
+
+def _html(request: Request, template: str, context: dict[str, Any], status: int = 200) -> Response:
+    response = web.templates.TemplateResponse(request, template, context, status_code=status)
     response.headers.update(web.SECURITY_HEADERS)
     response.headers["Cache-Control"] = "no-cache"
     return response
+
+
+def _message(request: Request, title: str, text: str, status: int = 200,
+             action: str | None = None, button: str = "") -> Response:  # fmt: skip
+    context = {"title": title, "text": text, "action": action, "button": button}
+    return _html(request, "status/message.html", context, status)
+
+
+def _who(request: Request) -> tuple[RequestContext, str]:
+    ip = request.client.host if request.client else None
+    rid = getattr(request.state, "request_id", None)
+    return RequestContext("status:public", ip, rid), f"ip:{ip}"
+
+
+@router.post("/status/subscribe", include_in_schema=False)
+async def status_subscribe(request: Request) -> Response:
+    """The page's form (email or webhook): both confirm before anything else is sent."""
+    page = _page(request)
+    form = await request.form()
+    kind_text, address = str(form.get("kind", "")), str(form.get("address", ""))
+    if page.subscriptions is None or kind_text not in {"email", "webhook"}:
+        return _message(request, "Not available", "These subscriptions are not offered.", 404)
+    by, source = _who(request)
+    try:
+        await page.subscriptions.subscribe(SubscriberKind(kind_text), address, by=by,
+                                           source=source)  # fmt: skip
+    except SubscriptionError as exc:
+        return _message(request, "Please check the address", str(exc).capitalize() + ".", 422)
+    except RateLimited:
+        return _message(request, "Too many requests", "Please try again in a few minutes.", 429)
+    where = "your inbox" if kind_text == "email" else "your endpoint's requests"
+    text = f"Check {where} for a confirmation link: updates start once it is opened."
+    return _message(request, "Almost done", text)
+
+
+def _token_form(request: Request, token: str, path: str) -> str:
+    from urllib.parse import quote
+
+    return f"{path}?token={quote(token, safe='')}"
+
+
+@router.get("/status/confirm", include_in_schema=False)
+async def status_confirm_form(request: Request, token: str = "") -> Response:
+    """A button, not the change itself: mail scanners open links."""
+    return _message(request, "Confirm your subscription", "Press the button to start "
+                    "receiving incident updates.", action=_token_form(request, token,
+                    "/status/confirm"), button="Confirm subscription")  # fmt: skip
+
+
+@router.post("/status/confirm", include_in_schema=False)
+async def status_confirm(request: Request, token: str = "") -> Response:
+    page = _page(request)
+    found = None
+    if page.subscriptions is not None and token:
+        found = await page.subscriptions.confirm(token, by=_who(request)[0])
+    if found is None:
+        return _message(request, "Link not valid", "This confirmation link is not valid.", 404)
+    return _message(request, "Subscribed", "You will receive incident updates.")
+
+
+@router.get("/status/unsubscribe", include_in_schema=False)
+async def status_unsubscribe_form(request: Request, token: str = "") -> Response:
+    return _message(request, "Unsubscribe", "Press the button to stop incident updates.",
+                    action=_token_form(request, token, "/status/unsubscribe"),
+                    button="Unsubscribe")  # fmt: skip
+
+
+@router.post("/status/unsubscribe", include_in_schema=False)
+async def status_unsubscribe(request: Request, token: str = "") -> Response:
+    """Also the RFC 8058 one-click target: a POST with `List-Unsubscribe=One-Click`."""
+    page = _page(request)
+    done = page.subscriptions is not None and token != "" and await page.subscriptions.unsubscribe(
+        token, by=_who(request)[0])  # fmt: skip
+    if not done:
+        return _message(request, "Link not valid", "This unsubscribe link is not valid.", 404)
+    return _message(request, "Unsubscribed", "You will not receive incident updates any more.")
 
 
 def incident_json(incident: Incident) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from playwright.sync_api import Page
 from api.app import create_app
 from api.channels import services_for
 from api.settings import Settings
+from escalation.channels.webhook import WebhookChannel
 from gateway.call import Gateway, GatewayConfig
 from gateway.sip.transaction import TimerSettings
 from tests.browser.conftest import LiveServer, axe_violations, shot
@@ -48,8 +49,11 @@ def status_app(tmp_path: Path, carrier_port: int) -> FastAPI:
         audit_dir=tmp_path / "audit",
         embedded_worker=False,
         status_sample_interval=1.0,
+        public_url="https://status.example.com",
+        ack_secret="ack-secret",
     )
-    app = create_app(settings, {})
+    # a webhook channel: the page offers its subscribe form (and axe checks it)
+    app = create_app(settings, {"webhook": WebhookChannel("whsec-browser")})
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
@@ -100,6 +104,7 @@ def test_voice_component_follows_its_carrier(
         assert page.text_content(f"{COMPONENT} .component-name") == "Voice calls via carrier-a"
         main = page.inner_html("main")
         assert "127.0.0.1" not in main and str(port) not in main  # the trunk's host is private
+        assert page.is_visible("form[action='/status/subscribe']")
         shot(page, "status-page-desktop")
         page.set_viewport_size({"width": 375, "height": 800})
         page.goto(url)
