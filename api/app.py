@@ -33,12 +33,14 @@ from api.routes import (
     integrations,
     schedules,
     setup,
+    status,
     twilio_voice,
     webhooks,
 )
 from api.settings import Settings
 from api.setup_health import setup_warnings
 from api.web import auth as console_auth
+from api.web import status as status_web
 from escalation.channels.base import Channel
 from escalation.crud import sync_config
 from escalation.outage import RETRY_AFTER_SECONDS, FailureLog, down_dependency
@@ -100,7 +102,8 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
         if settings.run_embedded_worker:
             task = asyncio.create_task(_worker(runtime, channels).run(stop), name="worker")
         try:
-            yield
+            async with status_web.running_status_page(app, runtime, channels):
+                yield
         finally:
             stop.set()
             if task is not None:
@@ -127,7 +130,8 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
 
     for router in (alerts.router, config.router, carriers.router, audit.router, webhooks.router,
                    integrations.router, twilio_voice.router, health.router,
-                   metrics.router, schedules.router, setup.router):  # fmt: skip
+                   metrics.router, schedules.router, setup.router, status.router,
+                   status_web.router):  # fmt: skip
         app.include_router(router)
     app.include_router(webphone.router)  # off until app.state.webphone is set
     console_auth.install(app)

@@ -154,6 +154,12 @@ class Settings(BaseModel):
     # Several API processes behind one name must share it.
     session_secret: str | None = Field(default=None, repr=False)
     console_idle_timeout: float = Field(default=8 * 3600.0, gt=0)  # seconds without a request
+    # The public status page (api/web/status.py): whose incidents it shows (None: the
+    # company of ackline.yaml, else the first API key's), how often component states are
+    # sampled, and whether outages open and resolve incidents by themselves.
+    status_operator: str | None = None
+    status_sample_interval: float = Field(default=60.0, gt=0)
+    status_auto_incidents: bool = False
 
     @property
     def run_embedded_worker(self) -> bool:
@@ -215,4 +221,7 @@ class Settings(BaseModel):
             webhook_secret=e.get("ACKLINE_WEBHOOK_SECRET") or None,
             session_secret=e.get("ACKLINE_SESSION_SECRET") or None,
             console_idle_timeout=float(e.get("ACKLINE_CONSOLE_IDLE_TIMEOUT", "28800")),
+            status_operator=e.get("ACKLINE_STATUS_OPERATOR") or None,
+            status_sample_interval=float(e.get("ACKLINE_STATUS_SAMPLE_INTERVAL") or "60"),
+            status_auto_incidents=_bool(e.get("ACKLINE_STATUS_AUTO_INCIDENTS"), False),
         )

@@ -109,6 +109,8 @@ class NotificationAttempt(SQLModel, table=True):
         sa.UniqueConstraint("notification_id", "attempt", name="uq_attempt"),
         sa.Index("ix_attempts_rate", "company", "recipient_id", "channel", "sent_at"),
         sa.Index("ix_attempts_address", "address", "channel"),
+        # The status page: each channel's recent delivery outcomes (escalation.statuspage).
+        sa.Index("ix_attempts_finished", "finished_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -293,3 +295,88 @@ class ConsoleUserRow(SQLModel, table=True):
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
     updated_by: str = Field(default="", max_length=200)
+
+
+# -- status page (escalation.status, escalation.statuspage) -----------------------------------
+
+
+class StatusSampleRow(SQLModel, table=True):
+    """A component's state for one sampler interval. The key (component, bucket start)
+    makes every node's sampler write the same row: the first one wins, so several nodes
+    never count one interval twice."""
+
+    __tablename__ = "status_samples"
+    __table_args__ = (sa.Index("ix_status_samples_day", "day", "component"),)
+
+    component: str = Field(primary_key=True, max_length=80)
+    at: datetime = Field(sa_column=sa.Column(UTCDateTime(), primary_key=True))
+    day: str = Field(max_length=10)  # UTC YYYY-MM-DD: daily bars group on it
+    seconds: int
+    state: str = Field(max_length=20)
+
+
+class StatusIncidentRow(SQLModel, table=True):
+    __tablename__ = "status_incidents"
+    __table_args__ = (
+        # One open automatic incident per component, across nodes (NULL once resolved).
+        sa.UniqueConstraint("company", "open_auto_key", name="uq_status_incidents_auto"),
+        sa.Index("ix_status_incidents_company_created", "company", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    company: str = Field(max_length=64)
+    title: str = Field(max_length=300)
+    impact: str = Field(max_length=20)
+    status: str = Field(max_length=20)
+    components: list[str] = Field(default_factory=list, sa_column=sa.Column(sa.JSON()))
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    resolved_at: datetime | None = _ts(nullable=True)
+    created_by: str = Field(default="", max_length=200)
+    open_auto_key: str | None = Field(default=None, max_length=80)
+
+
+class StatusIncidentUpdateRow(SQLModel, table=True):
+    __tablename__ = "status_incident_updates"
+
+    id: int | None = Field(default=None, primary_key=True)
+    incident_id: int = Field(index=True)
+    status: str = Field(max_length=20)
+    body: str = Field(default="", sa_column=sa.Column(sa.Text(), nullable=False))
+    created_at: datetime = _ts()
+    created_by: str = Field(default="", max_length=200)
+
+
+class StatusMaintenanceRow(SQLModel, table=True):
+    __tablename__ = "status_maintenances"
+    __table_args__ = (sa.Index("ix_status_maintenances_window", "company", "ends_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    company: str = Field(max_length=64)
+    title: str = Field(max_length=300)
+    body: str = Field(default="", sa_column=sa.Column(sa.Text(), nullable=False))
+    components: list[str] = Field(default_factory=list, sa_column=sa.Column(sa.JSON()))
+    starts_at: datetime = _ts()
+    ends_at: datetime = _ts()
+    created_at: datetime = _ts()
+    created_by: str = Field(default="", max_length=200)
+    cancelled_at: datetime | None = _ts(nullable=True)
+
+
+class StatusSubscriberRow(SQLModel, table=True):
+    """Someone told of incident updates. The token of their confirm and unsubscribe links
+    is kept only as a SHA-256 digest."""
+
+    __tablename__ = "status_subscribers"
+    __table_args__ = (
+        sa.UniqueConstraint("company", "kind", "address", name="uq_status_subscribers"),
+    )
+
+    id: str = Field(primary_key=True, max_length=36)
+    company: str = Field(max_length=64)
+    kind: str = Field(max_length=16)
+    address: str = Field(max_length=2000)
+    token_sha256: str = Field(max_length=64, unique=True)
+    created_at: datetime = _ts()
+    confirmed_at: datetime | None = _ts(nullable=True)
+    unsubscribed_at: datetime | None = _ts(nullable=True)

@@ -112,7 +112,15 @@ class EmailChannel(RequestDeadline):
     ) -> DeliveryResult:
         if not notification.contact.email:
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "no_email")
-        message = render_email(notification, self._sender)
+        return await self.deliver(render_email(notification, self._sender))
+
+    @property
+    def sender(self) -> str:
+        return self._sender
+
+    async def deliver(self, message: EmailMessage) -> DeliveryResult:
+        """Submit any message through this relay (the status page's subscriber mail),
+        classified like a page's delivery."""
         try:
             await asyncio.to_thread(self._submit, message)
         except OSError as exc:  # includes every smtplib.SMTPException and ssl.SSLError

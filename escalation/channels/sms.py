@@ -120,8 +120,12 @@ class SmsChannel(RequestDeadline):
         phone = notification.contact.phone
         if not phone:
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "no_phone")
-        body = sms_body(notification)
-        start = (notification.attempt - 1) % len(self._senders)
+        return await self.send_text(phone, sms_body(notification), notification.attempt)
+
+    async def send_text(self, phone: str, body: str, attempt: int = 1) -> DeliveryResult:
+        """Any text through the senders (the status page's subscribers get incident
+        updates this way); attempt N starts with sender N."""
+        start = (attempt - 1) % len(self._senders)
         order = [(start + i) % len(self._senders) for i in range(len(self._senders))]
         failures: list[tuple[DeliveryResult, str]] = []
         for index in order:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -79,7 +79,12 @@ class WebhookChannel(RequestDeadline):
         url = notification.contact.webhook_url
         if not url:
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "no_webhook_url")
-        body = json.dumps(webhook_payload(notification), separators=(",", ":")).encode()
+        return await self.post_signed(url, webhook_payload(notification))
+
+    async def post_signed(self, url: str, payload: Mapping[str, Any]) -> DeliveryResult:
+        """POST any JSON document signed as a page is (the status page's subscribers get
+        incident updates this way), classified like a page's delivery."""
+        body = json.dumps(payload, separators=(",", ":")).encode()
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "ackline-webhook/1",
