@@ -225,13 +225,21 @@ async def _render_alert(
     open_ = alert.state == AlertState.TRIGGERED.value
     return render(request, "console/alert.html", {
         "nav": "alerts", "alert": alert, "attempts": attempts, "timeline": timeline.entries,
-        "steps": steps, "step": int(chain.get("next_step", 0)),
-        "round": int(chain.get("next_round", 0)) + 1,
+        "steps": steps, **_last_fired(chain, steps),
         "next_step_at": await _next_step_at(runtime, alert_id) if open_ else None,
         "is_open": open_, "has_recording": recording_of(runtime, alert) is not None,
         "targets": await _targets(runtime, user.company), "done": done, "error": error,
         "details": {k: v for k, v in alert.details.items() if k != "recording"},
     }, user, status_code=status_code)  # fmt: skip
+
+
+def _last_fired(chain: dict[str, Any], steps: int) -> dict[str, int]:
+    """The step (1-based) and round last paged: the chain stores the next ones, which
+    wrap to step 0 of the next round after a round's last step."""
+    next_step, next_round = int(chain.get("next_step", 0)), int(chain.get("next_round", 0))
+    if next_step == 0:
+        return {"step": steps if next_round else 0, "round": max(next_round, 1)}
+    return {"step": next_step, "round": next_round + 1}
 
 
 @router.get("/console/alerts/{alert_id}", response_class=HTMLResponse)
