@@ -934,6 +934,10 @@ def _user_db_action(action: Any) -> Any:
         typer.echo(f"error: bad settings: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
+    sqlite_file = settings.database_url.removeprefix("sqlite:///")
+    if sqlite_file != settings.database_url:  # a first run: var/ may not exist yet
+        Path(sqlite_file).parent.mkdir(parents=True, exist_ok=True)
+
     async def run() -> Any:
         db = Database(settings.database_url)
         try:

@@ -70,9 +70,10 @@ class ConsoleUser:
 
     @property
     def ack_actor(self) -> str:
-        """Who an ack or resolve is attributed to: the linked recipient when there is one,
-        so "acked by alice" reads the same from a call, a reply or the console."""
-        return self.recipient_id or self.actor
+        """Who an ack or resolve is attributed to (the alert's `acked_by`): the linked
+        recipient when there is one ("console:alice" whichever account alice signed in
+        with), else the user."""
+        return f"console:{self.recipient_id}" if self.recipient_id else self.actor
 
     @classmethod
     def of(cls, row: ConsoleUserRow) -> ConsoleUser:

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import AwareDatetime
 
-from api.deps import RuntimeDep, TenantDep, context
+from api.deps import Runtime, RuntimeDep, TenantDep, context
 from api.json_body import StrictJsonRoute
 from api.routes.schemas import (
     AlertAccepted,
@@ -29,7 +29,7 @@ from escalation.engine import (
     UnknownPolicy,
 )
 from escalation.listing import AlertFilter, BadCursor, Cursor, SortOrder, list_alerts
-from escalation.models import AlertState
+from escalation.models import Alert, AlertState
 from escalation.timeline import Timeline, build_timeline
 
 router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/alerts", tags=["alerts"])
@@ -139,14 +139,24 @@ async def get_recording(alert_id: str, runtime: RuntimeDep, tenant: TenantDep) -
     got = await runtime.engine.get_alert(alert_id, tenant.company)
     if got is None:
         raise HTTPException(404, "alert not found")
+    return recording_response(runtime, got[0])
+
+
+def recording_of(runtime: Runtime, alert: Alert) -> Path | None:
+    """The hotline recording an alert names, if the hotline itself wrote it there:
+    details are client input too, so a path outside the recordings folder is ignored."""
     hotline = runtime.config.hotline
-    recording = got[0].details.get("recording")
+    recording = alert.details.get("recording")
     if hotline is None or not isinstance(recording, str):
-        raise HTTPException(404, "this alert has no recording")
-    # details are client input too: serve only files the hotline itself wrote
-    root = hotline.recordings_dir.resolve()
+        return None
     path = Path(recording).resolve()
-    if not path.is_relative_to(root):
+    return path if path.is_relative_to(hotline.recordings_dir.resolve()) else None
+
+
+def recording_response(runtime: Runtime, alert: Alert) -> FileResponse:
+    """The recording as audio/wav (404 without one, 410 once it has been deleted)."""
+    path = recording_of(runtime, alert)
+    if path is None:
         raise HTTPException(404, "this alert has no recording")
     if not path.is_file():  # deleted by hotline.recordings_retention (or by hand)
         raise HTTPException(410, "this alert's recording has been deleted")

@@ -82,7 +82,7 @@ async def signed_in(client: httpx.AsyncClient, username: str) -> str:
     """Sign in; the CSRF token of the new session is returned."""
     r = await sign_in(client, username)
     assert r.status_code == 303, r.text
-    page = await client.get("/console/probe-page")
+    page = await client.get("/console")
     assert page.status_code == 200, page.text
     return csrf_of(page.text)
 
