@@ -113,10 +113,15 @@ async def _put_schedule(s: AsyncSession, company: str, sch: Schedule) -> None:
     if row is None:
         row = ScheduleRow(company=company, name=sch.name, updated_at=utcnow())
         s.add(row)
-    # without `reminder` when there is none: a node of the release before reminders
-    # (whose Schedule forbids the key) still reads every schedule that has none
-    spec = sch.model_dump(mode="json", exclude={"reminder"} if sch.reminder is None else None)
+    spec = schedule_spec(sch)
     row.spec, row.updated_at = spec, utcnow()
+
+
+def schedule_spec(sch: Schedule) -> dict[str, Any]:
+    """The stored form, without the keys that are unset (`reminder`, a layer's `end`,
+    `shift_length`): a node of a release before them (whose Schedule forbids unknown keys)
+    still reads every schedule that does not use them. Every optional field defaults to None."""
+    return sch.model_dump(mode="json", exclude_none=True)
 
 
 async def _add_override(s: AsyncSession, company: str, o: Override, actor: str) -> Override:

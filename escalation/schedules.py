@@ -12,6 +12,8 @@ Rules (the README's "Schedules" section says the same):
   length (``"12h"``) is elapsed time from the epoch instant.
 * Local times that do not exist (spring forward) are shifted forward by the length of
   the gap; ambiguous ones (fall back) take the first occurrence (``fold=0``).
+* A layer with an ``end`` date is temporary: from ``end`` at ``handoff`` local time it has
+  nobody, so the layers below answer again.
 * Restrictions are weekly local windows: outside them the layer has nobody, and the
   rotation goes on regardless. Where layers overlap the later layer (higher index) wins.
 * Overrides win over every layer. They are applied in creation order (the order of the
@@ -171,6 +173,9 @@ class Layer(BaseModel):
     shift_length: Duration | None = None  # custom rotations only
     handoff: str = "09:00"
     start: date
+    # A temporary layer (holiday cover, an incident rota) ends at `end` at the handoff;
+    # from then on the layers below it answer again.
+    end: date | None = None
     participants: tuple[str, ...] = Field(min_length=1)
     restrictions: tuple[Restriction, ...] = ()
 
@@ -193,7 +198,12 @@ class Layer(BaseModel):
             raise ValueError(f"shift_length is for custom rotations, not {self.rotation.value}")
         if self.shift_length is not None and self.shift_length < MIN_SHIFT:
             raise ValueError("shift_length is at least 1h")
+        if self.end is not None and self.end <= self.start:
+            raise ValueError("a layer's end comes after its start")
         return self
+
+    def _end_at(self, tz: ZoneInfo) -> datetime | None:
+        return None if self.end is None else local_instant(self.end, self.handoff, tz)
 
     @property
     def _length_days(self) -> int | None:
@@ -235,12 +245,21 @@ class Layer(BaseModel):
         n = self.shift_index(at, tz)
         if n is None:
             return None
+        if (end := self._end_at(tz)) is not None and at >= end:
+            return None
         if self.restrictions and not any(r.contains(at, tz) for r in self.restrictions):
             return None
         return self.participants[n % len(self.participants)]
 
     def boundaries(self, since: datetime, until: datetime, tz: ZoneInfo) -> Iterator[datetime]:
         """Every instant in (since, until) where this layer's answer may change."""
+        end = self._end_at(tz)
+        if end is not None:
+            if end <= since:
+                return  # over: nobody from this layer in the whole window
+            if end < until:
+                yield end
+                until = end
         n = self.shift_index(since, tz)
         n = 0 if n is None else n + 1
         while (at := self._handoff_at(n, tz)) < until:

@@ -172,6 +172,7 @@ def test_override_that_replaces_someone_applies_only_during_their_shifts() -> No
         ({"layers": [layer(restrictions=[{"days": ["mon"], "start": "17:00", "end": "09:00"}])]},
          "ends after it starts"),
         ({"layers": [layer(), layer()]}, "two layers have the same name"),
+        ({"layers": [layer(start="2026-03-16", end="2026-03-16")]}, "end comes after its start"),
         ({"owner": "x"}, "Extra inputs are not permitted"),
     ],
 )  # fmt: skip
@@ -224,6 +225,8 @@ def wall_clock_pick(spec: dict[str, Any], tz: ZoneInfo, at: datetime) -> str | N
     elapsed = (day - date.fromisoformat(spec["start"])).days
     if elapsed < 0:
         return None
+    if "end" in spec and day >= date.fromisoformat(spec["end"]):
+        return None
     for r in spec.get("restrictions", []):
         lo, hi = time.fromisoformat(r["start"]), time.fromisoformat(r["end"])
         if wall.strftime("%a").lower() in r["days"] and lo <= wall.time() < hi:
@@ -245,7 +248,9 @@ def windows(draw: st.DrawFn) -> tuple[str, datetime, datetime]:
 
 
 @st.composite
-def layer_specs(draw: st.DrawFn, name: str, restricted: bool = False) -> dict[str, Any]:
+def layer_specs(
+    draw: st.DrawFn, name: str, restricted: bool = False, temporary: bool = False
+) -> dict[str, Any]:
     spec = layer(
         name=name,
         rotation=draw(st.sampled_from(["daily", "weekly"])),
@@ -253,6 +258,9 @@ def layer_specs(draw: st.DrawFn, name: str, restricted: bool = False) -> dict[st
         start=(date(2026, 2, 20) + timedelta(days=draw(st.integers(0, 250)))).isoformat(),
         participants=draw(st.lists(st.sampled_from(PEOPLE), min_size=1, max_size=4)),
     )
+    if temporary:
+        spec["end"] = (date.fromisoformat(spec["start"]) + timedelta(
+            days=draw(st.integers(1, 40)))).isoformat()  # fmt: skip
     if restricted:
         lo, hi = sorted(draw(st.lists(CLOCKS, min_size=2, max_size=2, unique=True)))
         days = draw(st.lists(st.sampled_from(["mon", "tue", "wed", "thu", "fri", "sat", "sun"]),
@@ -310,6 +318,26 @@ def test_restricted_layers_win_inside_their_windows_only(
         assert current.layer == (None if expected is None else "office" if top else "base")
 
 
+@FAST
+@given(windows(), layer_specs("base"), layer_specs("cover", temporary=True), FRACTIONS)
+def test_a_temporary_layer_answers_until_its_end_then_the_layer_below_again(
+    window: tuple[str, datetime, datetime],
+    base: dict[str, Any],
+    cover: dict[str, Any],
+    extra: list[float],
+) -> None:
+    zone, since, until = window
+    s = schedule(zone, base, cover)
+    found = shifts(s, [], since, until)
+    assert_covers(found, since, until)
+    for at in probes(found, extra):
+        [current] = [x for x in found if x.start <= at < x.end]
+        top = wall_clock_pick(cover, ZONES[zone], at)
+        expected = top if top is not None else wall_clock_pick(base, ZONES[zone], at)
+        assert current.recipient == who(s, at) == expected
+        assert current.layer == (None if expected is None else "cover" if top else "base")
+
+
 @st.composite
 def override_lists(draw: st.DrawFn, since: datetime, until: datetime) -> list[Override]:
     span = int((until - since).total_seconds() // 60)
@@ -350,3 +378,21 @@ def test_overrides_on_overrides_the_latest_created_active_one_wins(
                 expected, won = o.recipient, o
         assert current.recipient == who(s, at, tuple(overrides)) == expected
         assert current.override == won
+
+
+def test_a_stored_schedule_leaves_out_what_it_does_not_use() -> None:
+    """A node of the previous release forbids unknown keys: a schedule without a reminder or
+    a temporary layer must be stored without `reminder` and `end`, and round-trip."""
+    from escalation.crud import schedule_spec
+
+    plain = Schedule.model_validate(
+        {"name": "payments", "time_zone": "Europe/Berlin", "layers": [layer()]}
+    )
+    spec = schedule_spec(plain)
+    assert "reminder" not in spec and "end" not in spec["layers"][0]
+    assert Schedule.model_validate(spec) == plain
+    temporary = Schedule.model_validate(
+        {"name": "payments", "time_zone": "Europe/Berlin",
+         "layers": [layer(start="2026-12-24", end="2027-01-02")]}
+    )  # fmt: skip
+    assert schedule_spec(temporary)["layers"][0]["end"] == "2027-01-02"
