@@ -22,9 +22,11 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy.exc import IntegrityError
@@ -42,6 +44,7 @@ __all__ = [
     "Subscriber",
     "SubscriberKind",
     "SubscriptionError",
+    "SubscriptionState",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,12 +80,32 @@ class RateLimited(Exception):
     """Too many sign-ups from one source, or messages to one subscriber, just now."""
 
 
+class SubscriptionState(enum.StrEnum):
+    PENDING = "pending"  # signed up, the confirmation link not used yet
+    CONFIRMED = "confirmed"
+    UNSUBSCRIBED = "unsubscribed"
+
+
 @dataclass(frozen=True)
 class Subscriber:
     id: str
     kind: SubscriberKind
     address: str
     confirmed: bool
+    state: SubscriptionState = SubscriptionState.CONFIRMED
+    created_at: datetime | None = None
+
+    @property
+    def masked(self) -> str:
+        """The address as the console shows it: enough to tell subscribers apart, not
+        enough to use (a webhook or Slack URL's path is its secret)."""
+        if self.kind in (SubscriberKind.WEBHOOK, SubscriberKind.SLACK):
+            parts = urlsplit(self.address)
+            return f"{parts.scheme}://{parts.hostname or '?'}/…"
+        if self.kind is SubscriberKind.EMAIL:
+            local, _, domain = self.address.partition("@")
+            return f"{local[:1]}…@{domain}"
+        return f"…{self.address[-2:]}"  # a phone number or chat id
 
 
 class SlidingWindow:
@@ -255,14 +278,18 @@ class StatusSubscriptions:
         self._audit("status_subscriber", "unsubscribed", by, self._subscriber(row))
         return True
 
-    async def subscribers(self, *, active_only: bool = True) -> list[Subscriber]:
+    async def subscribers(
+        self, *, active_only: bool = True, limit: int | None = None
+    ) -> list[Subscriber]:
+        """Oldest first; `active_only`: confirmed and not unsubscribed (who is told)."""
         query = select(StatusSubscriberRow).where(
             col(StatusSubscriberRow.company) == self.service.company)  # fmt: skip
         if active_only:
             query = query.where(col(StatusSubscriberRow.confirmed_at).is_not(None),
                                 col(StatusSubscriberRow.unsubscribed_at).is_(None))  # fmt: skip
+        query = query.order_by(col(StatusSubscriberRow.created_at)).limit(limit)
         async with self.service.db.session() as s:
-            rows = (await s.execute(query.order_by(col(StatusSubscriberRow.created_at)))).scalars()
+            rows = (await s.execute(query)).scalars()
             return [self._subscriber(r) for r in rows]
 
     # -- fan-out ---------------------------------------------------------------------------
@@ -436,8 +463,14 @@ class StatusSubscriptions:
 
     @staticmethod
     def _subscriber(row: StatusSubscriberRow) -> Subscriber:
+        if row.unsubscribed_at is not None:
+            state = SubscriptionState.UNSUBSCRIBED
+        elif row.confirmed_at is None:
+            state = SubscriptionState.PENDING
+        else:
+            state = SubscriptionState.CONFIRMED
         return Subscriber(row.id, SubscriberKind(row.kind), row.address,
-                          row.confirmed_at is not None and row.unsubscribed_at is None)  # fmt: skip
+                          state is SubscriptionState.CONFIRMED, state, row.created_at)  # fmt: skip
 
     def _audit(
         self, event: str, status: str, by: RequestContext, subscriber: Subscriber, **more: Any

@@ -87,7 +87,7 @@ OperatorDep = Annotated[tuple[StatusPage, RequestContext], Depends(operator)]
 
 
 def _check_components(page: StatusPage, components: list[str]) -> None:
-    unknown = [c for c in components if page.collector.component(c) is None]
+    unknown = page.unknown_components(components)
     if unknown:
         known = ", ".join(c.id for c in page.collector.components)
         raise HTTPException(422, f"unknown components: {', '.join(unknown)} (known: {known})")

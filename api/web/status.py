@@ -80,6 +80,10 @@ class StatusPage:
     def forget_history(self) -> None:
         self._history = None
 
+    def unknown_components(self, ids: Sequence[str]) -> list[str]:
+        """Of `ids`, those that are not a component of this page (API and console)."""
+        return [c for c in ids if self.collector.component(c) is None]
+
 
 @contextlib.asynccontextmanager
 async def running_status_page(
