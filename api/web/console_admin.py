@@ -508,8 +508,11 @@ class PolicyForm:
 
     def with_blank_step(self) -> list[dict[str, Any]]:
         """The steps and one empty row to add a step with (an empty row is ignored)."""
+        steps = list(self.steps)
+        while steps and _empty_step(steps[-1]):  # the empty row sent back with the form
+            steps.pop()
         blank = {**dict.fromkeys(STEP_TARGETS, ""), "channels": [], "delay": "5m"}
-        return [*self.steps, blank] if len(self.steps) < MAX_STEPS else list(self.steps)
+        return [*steps, blank] if len(steps) < MAX_STEPS else steps
 
 
 def _empty_step(step: Mapping[str, Any]) -> bool:
