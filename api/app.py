@@ -40,7 +40,7 @@ from api.routes import (
 from api.settings import Settings
 from api.setup_health import setup_warnings
 from api.web import auth as console_auth
-from api.web import console, console_incidents
+from api.web import console, console_admin, console_incidents
 from api.web import status as status_web
 from escalation.channels.base import Channel
 from escalation.crud import sync_config
@@ -138,6 +138,7 @@ def create_app(settings: Settings, channels: Mapping[str, Channel]) -> FastAPI:
     console_auth.install(app)
     app.include_router(console.router)
     app.include_router(console_incidents.router)
+    app.include_router(console_admin.router)
     web.mount_static(app)
     return app
 

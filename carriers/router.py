@@ -198,14 +198,18 @@ class CarrierRouter:
         return self._active[trunk]
 
     def health_report(self, trunk: str) -> dict[str, Any]:
-        """What this process knows of ``trunk`` right now, as an admin reads it."""
+        """What this process knows of ``trunk`` right now, as an admin reads it; `enabled`
+        is whether this process has it in rotation (an operator's change reaches each
+        process within its override poll)."""
         health = self.health[trunk]
         return {
+            "enabled": next(t.enabled for t in self.trunks if t.name == trunk),
             "probe": health.probe.value,
             "breaker": health.breaker.value,
             "usable": self.health.usable(trunk),
             "active_calls": self.active(trunk),
             "asr": self.quality.asr(trunk),
+            "pdd_ms": self.quality.mean_pdd_ms(trunk),
             "samples": self.quality.samples(trunk),
         }
 

@@ -21,6 +21,7 @@ from carriers.router import CarrierRouter
 from carriers.shared_health import SharedTrunkHealth
 from carriers.store import TrunkChanges, TrunkStore, apply_overrides, trunk_change_record
 from carriers.trunk import Trunk
+from escalation.engine import RequestContext
 from escalation.runner import RedisBus
 
 router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/carriers", tags=["carriers"])
@@ -37,7 +38,8 @@ def _trunks(runtime: Any) -> list[Trunk]:
     return trunks
 
 
-def _in_process_router(request: Request) -> CarrierRouter | None:
+def in_process_router(request: Request) -> CarrierRouter | None:
+    """The router of this process's gateway (`ackline serve` sets it), if any."""
     found: CarrierRouter | None = getattr(request.app.state, "carriers_router", None)
     return found
 
@@ -80,13 +82,12 @@ async def _current(runtime: Any, name: str) -> tuple[Trunk, dict[str, Any]]:
     return trunk, overrides.get(name, {})
 
 
-@router.get("", responses=_ERRORS)
-async def list_carriers(
-    request: Request, runtime: RuntimeDep, tenant: TenantDep
-) -> list[dict[str, Any]]:
-    """Every configured trunk with its overrides applied."""
+# -- what the routes do, shared with the console's carriers page (api.web.console_admin)
+
+
+async def trunk_views(runtime: Any, live: CarrierRouter | None) -> list[dict[str, Any]]:
+    """Every configured trunk with its overrides applied, as `describe` shows it."""
     overrides = await TrunkStore(runtime.db).overrides()
-    live = _in_process_router(request)
     workers = await _workers_health(runtime)
     return [
         describe(t, overrides.get(t.name, {}), live, workers)
@@ -94,12 +95,61 @@ async def list_carriers(
     ]
 
 
+async def trunk_view(runtime: Any, name: str, live: CarrierRouter | None) -> dict[str, Any]:
+    trunk, overrides = await _current(runtime, name)
+    return describe(trunk, overrides, live, await _workers_health(runtime))
+
+
+async def change_trunk(
+    runtime: Any, name: str, changes: TrunkChanges, ctx: RequestContext, company: str
+) -> None:
+    """Store an operator's change to a trunk and audit it (404/422 before any write)."""
+    await _current(runtime, name)
+    if not changes.as_dict():
+        raise HTTPException(422, "nothing to change")
+    merged = await TrunkStore(runtime.db).change(name, changes, ctx.actor)
+    runtime.audit.write(
+        company,
+        [trunk_change_record(name, "changed", ",".join(sorted(merged)), ctx.actor,
+                             changes.as_dict(), ip=ctx.ip, request_id=ctx.request_id)],
+    )  # fmt: skip
+
+
+async def reset_trunk(runtime: Any, name: str, ctx: RequestContext, company: str) -> None:
+    """Forget a trunk's overrides (back to ackline.yaml) and audit it."""
+    await _current(runtime, name)
+    await TrunkStore(runtime.db).reset(name)
+    runtime.audit.write(
+        company,
+        [trunk_change_record(name, "reset", "overrides_cleared", ctx.actor,
+                             ip=ctx.ip, request_id=ctx.request_id)],
+    )  # fmt: skip
+
+
+async def probe_trunk(runtime: Any, name: str, live: CarrierRouter | None) -> dict[str, Any]:
+    """One probe of the trunk now, from this process's gateway (503 without one)."""
+    trunk, _ = await _current(runtime, name)
+    if live is None:
+        raise HTTPException(503, "no SIP gateway runs in this process (use ackline serve)")
+    return await probe_once(live, trunk)
+
+
+# -- routes
+
+
+@router.get("", responses=_ERRORS)
+async def list_carriers(
+    request: Request, runtime: RuntimeDep, tenant: TenantDep
+) -> list[dict[str, Any]]:
+    """Every configured trunk with its overrides applied."""
+    return await trunk_views(runtime, in_process_router(request))
+
+
 @router.get("/{name}", responses=_ERRORS)
 async def get_carrier(
     name: str, request: Request, runtime: RuntimeDep, tenant: TenantDep
 ) -> dict[str, Any]:
-    trunk, overrides = await _current(runtime, name)
-    return describe(trunk, overrides, _in_process_router(request), await _workers_health(runtime))
+    return await trunk_view(runtime, name, in_process_router(request))
 
 
 @router.patch("/{name}", responses=_ERRORS)
@@ -108,18 +158,9 @@ async def change_carrier(
 ) -> dict[str, Any]:
     """Change a trunk without a restart (e.g. `{"enabled": false}` takes it out of rotation
     for new calls; calls in progress are not touched). Audited."""
-    await _current(runtime, name)  # 404 before anything is written
-    if not changes.as_dict():
-        raise HTTPException(422, "nothing to change")
     ctx = context(request, f"api:{tenant.company}")
-    merged = await TrunkStore(runtime.db).change(name, changes, ctx.actor)
-    runtime.audit.write(
-        tenant.company,
-        [trunk_change_record(name, "changed", ",".join(sorted(merged)), ctx.actor,
-                             changes.as_dict(), ip=ctx.ip, request_id=ctx.request_id)],
-    )  # fmt: skip
-    trunk, overrides = await _current(runtime, name)
-    return describe(trunk, overrides, _in_process_router(request), await _workers_health(runtime))
+    await change_trunk(runtime, name, changes, ctx, tenant.company)
+    return await trunk_view(runtime, name, in_process_router(request))
 
 
 @router.delete("/{name}/overrides", responses=_ERRORS)
@@ -127,16 +168,8 @@ async def reset_carrier(
     name: str, request: Request, runtime: RuntimeDep, tenant: TenantDep
 ) -> dict[str, Any]:
     """Back to the trunk's ackline.yaml definition. Audited."""
-    await _current(runtime, name)
-    await TrunkStore(runtime.db).reset(name)
-    ctx = context(request, f"api:{tenant.company}")
-    runtime.audit.write(
-        tenant.company,
-        [trunk_change_record(name, "reset", "overrides_cleared", ctx.actor,
-                             ip=ctx.ip, request_id=ctx.request_id)],
-    )  # fmt: skip
-    trunk, overrides = await _current(runtime, name)
-    return describe(trunk, overrides, _in_process_router(request), await _workers_health(runtime))
+    await reset_trunk(runtime, name, context(request, f"api:{tenant.company}"), tenant.company)
+    return await trunk_view(runtime, name, in_process_router(request))
 
 
 @router.post("/{name}/test", responses=_ERRORS)
@@ -144,11 +177,7 @@ async def test_carrier(
     name: str, request: Request, runtime: RuntimeDep, tenant: TenantDep
 ) -> dict[str, Any]:
     """Send one OPTIONS probe to the trunk now (needs the gateway in this process)."""
-    trunk, _ = await _current(runtime, name)
-    live = _in_process_router(request)
-    if live is None:
-        raise HTTPException(503, "no SIP gateway runs in this process (use ackline serve)")
-    return await probe_once(live, trunk)
+    return await probe_trunk(runtime, name, in_process_router(request))
 
 
 async def probe_once(router: CarrierRouter, trunk: Trunk) -> dict[str, Any]:
