@@ -9,6 +9,7 @@ which is what a long-running gateway sees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import socket
@@ -243,10 +244,14 @@ def test_live_tcp_survives_hostile_streams(live: LiveTarget, data: bytes, cuts: 
     with socket.create_connection(live.tcp, timeout=5) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         start = 0
-        for cut in sorted(cuts):  # the same bytes, split into several writes
-            sock.sendall(data[start:cut])
-            start = max(start, cut)
-        sock.sendall(data[start:])
+        # The gateway may close a hostile stream before all of it is written (a bad
+        # Content-Length is answered 400 and the connection closed): a later write then
+        # meets a closed socket, which is the gateway defending itself, not a failure.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for cut in sorted(cuts):  # the same bytes, split into several writes
+                sock.sendall(data[start:cut])
+                start = max(start, cut)
+            sock.sendall(data[start:])
     # The hostile connection may rightly be waiting for more or closed; a new one must work.
     with socket.create_connection(live.tcp, timeout=5) as sock:
         probe = live.probe()
