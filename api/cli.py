@@ -513,6 +513,9 @@ async def _serve(
                 await _answer_with(gateway, services, settings, inbound, prompts, stack)
             await gateway.start()
             stack.push_async_callback(gateway.stop)
+            if services.registrations is not None:  # unregistered before the gateway stops
+                services.registrations.start()
+                stack.push_async_callback(services.registrations.close)
             udp = gateway.address("udp")
             print(f"sip listening on {udp[0]}:{udp[1]} (udp, tcp), advertised as "
                   f"{gateway.config.advertised_host}, rtp {'-'.join(map(str, settings.rtp_ports))}",
