@@ -763,6 +763,7 @@ def carriers_list(
         changed = f" (changed: {', '.join(sorted(row['overrides']))})" if row["overrides"] else ""
         seen = "; ".join(
             f"{process}: probe {h['probe']}, breaker {h['breaker']}"
+            + (f", registration {h['registration']}" if h.get("registration") else "")
             for process, h in row["health_by_process"].items()
         )
         typer.echo(

@@ -71,7 +71,12 @@ def test_register_settings_override_the_trunk(monkeypatch: pytest.MonkeyPatch) -
     # the password is never shown, not even to an admin
     assert "reg-pw" not in trunk.model_dump_json()
     assert "reg-pw" not in repr(trunk)
-    assert "reg-pw" not in json.dumps(describe(trunk, {}, None, {}))
+    described = describe(trunk, {}, None, {})
+    assert "reg-pw" not in json.dumps(described)
+    assert described["register"] == {
+        "username": "acme-reg", "registrar": "reg.carrier-a.example:5070", "expires": 120,
+        "contact_user": "acme-in",
+    }  # fmt: skip
 
 
 def test_registrar_forms() -> None:
