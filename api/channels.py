@@ -17,6 +17,7 @@ from api.settings import Settings
 from api.setup_health import available_channels
 from carriers.budgets import RedisBudgets
 from carriers.health import HealthChange
+from carriers.registration import TrunkRegistrations
 from carriers.router import CarrierRouter
 from carriers.store import TrunkStore
 from carriers.trunk import Trunk
@@ -154,6 +155,8 @@ class Services:
     dialer: Dialer | None = None
     router: CarrierRouter | None = None  # when calls go out through carrier trunks
     twilio_events: CallEvents | None = None  # Twilio call webhooks -> the calls they report
+    # Trunks with register: started once the gateway listens, closed before it stops
+    registrations: TrunkRegistrations | None = None
 
 
 @contextlib.asynccontextmanager
@@ -193,6 +196,8 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
         closers += [prober.close, router.close]
         services.dialer = CarrierDialer(router)
         services.router = router
+        registrations = TrunkRegistrations(gateway, router.trunks, router.health)
+        services.registrations = registrations if registrations else None
         closers.append(await _watch_overrides(settings, config.carriers.trunks, router))
         if settings.redis_url:  # scale-out: the API shows what each worker sees
             closers.append(_share_trunk_health(settings.redis_url, settings.redis_prefix, router))

@@ -513,6 +513,9 @@ async def _serve(
                 await _answer_with(gateway, services, settings, inbound, prompts, stack)
             await gateway.start()
             stack.push_async_callback(gateway.stop)
+            if services.registrations is not None:  # unregistered before the gateway stops
+                services.registrations.start()
+                stack.push_async_callback(services.registrations.close)
             udp = gateway.address("udp")
             print(f"sip listening on {udp[0]}:{udp[1]} (udp, tcp), advertised as "
                   f"{gateway.config.advertised_host}, rtp {'-'.join(map(str, settings.rtp_ports))}",
@@ -760,6 +763,7 @@ def carriers_list(
         changed = f" (changed: {', '.join(sorted(row['overrides']))})" if row["overrides"] else ""
         seen = "; ".join(
             f"{process}: probe {h['probe']}, breaker {h['breaker']}"
+            + (f", registration {h['registration']}" if h.get("registration") else "")
             for process, h in row["health_by_process"].items()
         )
         typer.echo(

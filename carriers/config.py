@@ -131,6 +131,9 @@ class CarrierConfig(BaseModel):
                 item = dict(item)
                 for secret_key in SECRET_KEYS:
                     _secret_from_env(item, secret_key)
+                if isinstance(item.get("register"), Mapping):  # register.password_env
+                    item["register"] = dict(item["register"])
+                    _secret_from_env(item["register"], "password")
             out.append(item)
         return out
 

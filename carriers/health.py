@@ -1,4 +1,5 @@
-"""Trunk health: OPTIONS probe state with hysteresis, and a live-call circuit breaker.
+"""Trunk health: OPTIONS probe state with hysteresis, a live-call circuit breaker, and for
+trunks that register, whether the registrar holds our binding.
 
 ``TrunkHealth`` is sans-IO (every input carries ``now``) so flapping and cool-downs are
 tested without sleeping. ``HealthBoard`` holds one per trunk, reads the clock, and turns
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from carriers import metrics
 from carriers.trunk import Trunk
 from gateway.call import Gateway
+from gateway.sip.registration import RegistrationState
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class HealthChange:
     """One state change, as handed to ``on_change`` (e.g. for the audit log)."""
 
     trunk: str
-    aspect: str  # "probe" | "breaker"
+    aspect: str  # "probe" | "breaker" | "registration"
     old: str
     new: str
     reason: str
@@ -77,6 +79,8 @@ class TrunkHealth:
         self.call_failures = 0
         self._opened_at = 0.0
         self._trial_in_flight = False
+        # None: the trunk does not register. Otherwise calls go out only while REGISTERED.
+        self.registration: RegistrationState | None = None
 
     # -- probes ---------------------------------------------------------------------
 
@@ -114,6 +118,8 @@ class TrunkHealth:
     def usable(self, now: float) -> bool:
         """May a new call be routed here? (Call ``tick`` first to see cool-downs end.)"""
         if self.probe is ProbeState.DOWN:
+            return False
+        if self.registration not in (None, RegistrationState.REGISTERED):
             return False
         if self.breaker is BreakerState.OPEN:
             return False
@@ -155,6 +161,17 @@ class TrunkHealth:
         self.breaker = state
         return change
 
+    # -- registration -------------------------------------------------------------------
+
+    def registration_result(self, state: RegistrationState, reason: str) -> list[HealthChange]:
+        """The registration moved to ``state``; the first call also marks the trunk as one
+        that registers (unusable until REGISTERED)."""
+        if state is self.registration:
+            return []
+        old = self.registration.value if self.registration is not None else "none"
+        self.registration = state
+        return [HealthChange(self.trunk, "registration", old, state.value, reason)]
+
 
 class HealthBoard:
     """Health of every trunk, with the clock, the change callback and the gauges."""
@@ -174,6 +191,16 @@ class HealthBoard:
         for name, health in self._trunks.items():
             metrics.TRUNK_UP.labels(trunk=name).set(1 if health.probe is ProbeState.UP else 0)
             metrics.TRUNK_BREAKER.labels(trunk=name).set(_BREAKER_GAUGE[health.breaker])
+
+    def expect_registration(self, trunk: str) -> None:
+        """``trunk`` registers: it counts as down until its registration succeeds."""
+        health = self._trunks[trunk]
+        if health.registration is None:
+            health.registration = RegistrationState.UNREGISTERED
+            metrics.TRUNK_REGISTERED.labels(trunk=trunk).set(0)
+
+    def registration_result(self, trunk: str, state: RegistrationState, reason: str) -> None:
+        self._emit(self._trunks[trunk].registration_result(state, reason))
 
     def __getitem__(self, trunk: str) -> TrunkHealth:
         return self._trunks[trunk]
@@ -213,6 +240,10 @@ class HealthBoard:
             if change.aspect == "probe":
                 metrics.TRUNK_UP.labels(trunk=change.trunk).set(
                     1 if health.probe is ProbeState.UP else 0
+                )
+            elif change.aspect == "registration":
+                metrics.TRUNK_REGISTERED.labels(trunk=change.trunk).set(
+                    1 if health.registration is RegistrationState.REGISTERED else 0
                 )
             else:
                 metrics.TRUNK_BREAKER.labels(trunk=change.trunk).set(_BREAKER_GAUGE[health.breaker])

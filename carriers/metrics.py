@@ -5,6 +5,11 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge
 
 TRUNK_UP = Gauge("ackline_trunk_up", "1 while OPTIONS probes say the trunk is up", ["trunk"])
+TRUNK_REGISTERED = Gauge(
+    "ackline_trunk_registered",
+    "Trunks with register: 1 while the registrar holds this process's binding",
+    ["trunk"],
+)
 TRUNK_BREAKER = Gauge(
     "ackline_trunk_breaker_state",
     "Live-call circuit breaker per trunk: 0 closed, 1 half-open, 2 open",
@@ -23,7 +28,7 @@ TRUNK_SKIPPED = Counter(
 )
 HEALTH_CHANGES = Counter(
     "ackline_trunk_health_changes_total",
-    "Health state changes per trunk (probe up/down, breaker transitions)",
+    "Health state changes per trunk (probe up/down, breaker, registration)",
     ["trunk", "aspect", "state"],
 )
 CALLS_REFUSED = Counter(

@@ -33,6 +33,7 @@ from carriers.trunk import Trunk
 from carriers.twilio_voice import TwilioCall, TwilioVoice
 from gateway.call import Call, Gateway
 from gateway.result import CallOutcome
+from gateway.sip.registration import RegistrationState
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ class CarrierRouter:
             "enabled": next(t.enabled for t in self.trunks if t.name == trunk),
             "probe": health.probe.value,
             "breaker": health.breaker.value,
+            "registration": health.registration.value if health.registration else None,
             "usable": self.health.usable(trunk),
             "active_calls": self.active(trunk),
             "asr": self.quality.asr(trunk),
@@ -585,6 +587,8 @@ class CarrierRouter:
         health = self.health[trunk.name]
         if health.probe is ProbeState.DOWN:
             return "down (OPTIONS probes failing)"
+        if health.registration not in (None, RegistrationState.REGISTERED):
+            return f"down (not registered: {health.registration.value})"
         if health.breaker is BreakerState.OPEN:
             return "breaker open (recent call failures)"
         return "half_open trial call already in progress"

@@ -33,6 +33,7 @@ _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _CALLER_ID = re.compile(r"^\+?[A-Za-z0-9._-]{1,32}$")
 _TECH_PREFIX = re.compile(r"^[0-9*#]{1,16}$")
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}$")
+_SIP_USER = re.compile(r"^[A-Za-z0-9+._~-]{1,64}$")  # unreserved: no escaping in a URI
 
 
 def check_countries(codes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -66,6 +67,69 @@ class NumberFormat(str, enum.Enum):
     TECH_PREFIX = "tech_prefix"  # <prefix>14155550101: carriers that route on a prefix
 
 
+def _check_host(value: str) -> str:
+    """A hostname or an IP address (no port); IPv6 without brackets."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(value.strip("[]")))
+    if not _HOST.match(value):
+        raise ValueError(f"invalid host {value!r} (a hostname or IP address, no port)")
+    return value
+
+
+def _register_flag(value: object) -> object:
+    """``register: true`` is the registration with every default; false is none."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
+class RegisterSettings(BaseModel):
+    """``register:`` of a SIP trunk: keep a binding at the carrier's registrar, which then
+    sends the trunk's inbound calls to us. Omitted keys come from the trunk."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    username: str | None = None  # default: the trunk's username
+    password: SecretStr | None = None  # password_env; default: the trunk's password
+    registrar: str | None = None  # host or host:port; default: the trunk's host and port
+    expires: int = Field(default=3600, ge=1, le=2**31 - 1)  # seconds asked for
+    contact_user: str | None = None  # user part of our Contact; default: the username
+
+    @field_validator("username", "contact_user")
+    @classmethod
+    def _check_user(cls, value: str | None) -> str | None:
+        if value is not None and not _SIP_USER.match(value):
+            raise ValueError(f"invalid SIP user {value!r} (1-64 of A-Z a-z 0-9 + . _ ~ -)")
+        return value
+
+    @field_validator("registrar")
+    @classmethod
+    def _check_registrar(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, port = split_hostport(value)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_hostport(value: str, default_port: int = 5060) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` -> (host, port), validated."""
+    text = value.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"invalid port in {value!r}")
+        port = int(port_text)
+    return _check_host(host), port
+
+
 class Trunk(BaseModel):
     """One carrier trunk. Unknown keys are errors so typos in YAML do not pass silently."""
 
@@ -92,6 +156,11 @@ class Trunk(BaseModel):
     account_sid: str | None = None
     auth_token: SecretStr | None = None
     api_base: str | None = None  # another API endpoint (a regional edge, a proxy, a test fake)
+    # sip: register with the carrier (calls to us arrive on the registered contact);
+    # ``register:`` in YAML (a field of that name would shadow ABCMeta.register)
+    registration: Annotated[RegisterSettings | None, BeforeValidator(_register_flag)] = Field(
+        default=None, alias="register"
+    )
 
     @field_validator("name")
     @classmethod
@@ -103,13 +172,7 @@ class Trunk(BaseModel):
     @field_validator("host")
     @classmethod
     def _check_host(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.ip_address(value.strip("[]")))
-        if not _HOST.match(value):
-            raise ValueError(f"invalid host {value!r} (a hostname or IP address, no port)")
-        return value
+        return None if value is None else _check_host(value)
 
     @field_validator("trying_timeout", mode="before")
     @classmethod
@@ -146,6 +209,8 @@ class Trunk(BaseModel):
         ]
         if twilio_only:
             raise ValueError(f"{', '.join(twilio_only)}: twilio trunks only")
+        if self.registration is not None and self.registration_user() is None:
+            raise ValueError("register needs a username (register.username or the trunk's)")
 
     def _check_twilio(self) -> None:
         if self.account_sid is None or not _ACCOUNT_SID.match(self.account_sid):
@@ -154,7 +219,8 @@ class Trunk(BaseModel):
             raise ValueError("a twilio trunk needs auth_token")
         if self.caller_id is None or not self.caller_id.startswith("+"):
             raise ValueError("a twilio trunk needs caller_id: one of the account's numbers, E.164")
-        sip_only = [k for k in ("host", "username") if getattr(self, k) is not None]
+        sip_keys = {"host": self.host, "username": self.username, "register": self.registration}
+        sip_only = [k for k, v in sip_keys.items() if v is not None]
         if sip_only or self.number_format is not NumberFormat.E164:
             raise ValueError(
                 f"{', '.join(sip_only or ['number_format'])}: sip trunks only "
@@ -172,6 +238,36 @@ class Trunk(BaseModel):
         if self.username is None or self.password is None:
             return None
         return Credentials(self.username, self.password.get_secret_value())
+
+    def registration_user(self) -> str | None:
+        """As whom ``register:`` registers (its username, else the trunk's)."""
+        if self.registration is None:
+            return None
+        return self.registration.username or self.username
+
+    def registration_credentials(self) -> Credentials | None:
+        """The digest login of the registration: its own password, else the trunk's."""
+        user = self.registration_user()
+        register = self.registration
+        if user is None or register is None:
+            return None
+        password = register.password or self.password
+        return Credentials(user, password.get_secret_value()) if password is not None else None
+
+    def registrar(self) -> tuple[str, int]:
+        """Where REGISTERs go: ``register.registrar``, else the trunk's host and port."""
+        if self.registration is not None and self.registration.registrar is not None:
+            return split_hostport(self.registration.registrar)
+        if self.host is None:
+            raise ValueError(f"trunk {self.name} is a {self.kind} trunk: it has no SIP address")
+        return self.host, self.port
+
+    def registrar_uri(self) -> str:
+        """The REGISTER Request-URI: the registrar's domain (no user part)."""
+        host, port = self.registrar()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"sip:{host}:{port}{self._transport_param()}"
 
     def dial_string(self, number: phonenumbers.PhoneNumber | str) -> str:
         """The user part this carrier expects for ``number`` (E.164 string or parsed)."""

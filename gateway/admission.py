@@ -24,6 +24,7 @@ from sipmessage import AuthChallenge, Request
 from gateway.media.sdp import create_answer
 from gateway.sip.auth import DigestServer
 from gateway.sip.message import Rejection, check_request
+from gateway.sip.registration import ContactBindings
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -93,7 +94,9 @@ class InboundGuard:
     """Admission control for new INVITEs (in-dialog requests never come here).
 
     `trunks` empty means no ACL: every source is trusted (a lab or a PBX on loopback).
-    `rate`/`burst` bound new INVITEs per source address, trusted or not.
+    `rate`/`burst` bound new INVITEs per source address, trusted or not. `bindings` are
+    the contacts we registered: an INVITE for one of them from its registrar is that
+    trunk's call, whatever the ACL says (see `ContactBindings`).
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class InboundGuard:
         rate: float = 10.0,
         burst: int = 20,
         max_sources: int = 10_000,
+        bindings: ContactBindings | None = None,
     ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
@@ -112,6 +116,7 @@ class InboundGuard:
         self.max_sources = max_sources
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._digest = {t.name: DigestServer(t.realm, t.users) for t in self.trunks if t.users}
+        self.bindings = bindings
 
     def trunk_for(self, host: str) -> TrustedTrunk | None:
         try:
@@ -125,7 +130,21 @@ class InboundGuard:
 
     def check(self, request: Request, source_host: str, now: float) -> Decision:
         """ACL, then the flood budget (trusted sources only: an untrusted one costs no
-        memory), then digest."""
+        memory), then digest. A call to a registered contact from its registrar skips
+        the ACL and digest (the registrar authenticated us, it does not answer challenges)
+        but not the flood budget."""
+        registered = (
+            self.bindings.trunk_for(request.uri.user, source_host, now)
+            if self.bindings is not None
+            else None
+        )
+        if registered is not None:
+            if not self._take(source_host, now):
+                return Decision(
+                    False, registered, 503, RefusalReason.INVITE_FLOOD,
+                    retry_after=self._retry_after(),
+                )  # fmt: skip
+            return Decision(True, registered)
         trunk = self.trunk_for(source_host) if self.trunks else None
         if self.trunks and trunk is None:
             return Decision(False, code=403, reason=RefusalReason.UNTRUSTED_SOURCE)

@@ -270,6 +270,9 @@ class Gateway:
             self.config.refusal_report_interval, self.config.refusal_report_sources
         )
         self._refusal_timer: asyncio.TimerHandle | None = None
+        # The trunk `_screen_invite` admitted the INVITE in hand as (the screen and the
+        # dispatch of one request run back to back, without yielding in between).
+        self._admitted: tuple[Request, str | None] | None = None
 
     async def start(self) -> None:
         await self.endpoint.listen(udp_port=self.config.udp_port, tcp_port=self.config.tcp_port)
@@ -429,6 +432,8 @@ class Gateway:
                 peer=ctx.source,
                 target=str(request.from_address.uri),
             )
+            admitted, self._admitted = self._admitted, None
+            call.trunk = admitted[1] if admitted is not None and admitted[0] is request else None
             call._take(ctx)
             self.inbound_calls += 1
             self.spawn(call._answer_incoming(ctx))
@@ -485,6 +490,7 @@ class Gateway:
         rejection = check_new_invite(request)
         if rejection is not None:
             return self._refuse(request, source, rejection, RefusalReason.MALFORMED_REQUEST, trunk)
+        self._admitted = (request, trunk)
         return None
 
     def _refuse(
@@ -631,6 +637,7 @@ class Call:
         self._answer_wallclock: str | None = None
         self._codec: str | None = None
         self.terminated_by: str | None = None  # terminator digit that ended the last collect
+        self.trunk: str | None = None  # inbound: the trunk the guard admitted the call as
 
     # -- public API ---------------------------------------------------------------
 

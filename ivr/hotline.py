@@ -109,6 +109,7 @@ class Hotline:
                     "alert_id": result.variables.get("alert_id"),
                     "actor": f"hotline:{did}",
                     "ip": call.source_host,
+                    "trunk": call.trunk,
                     "caller": result.variables.get("caller"),
                     "call_id": call.call_id,
                     "path": result.path,

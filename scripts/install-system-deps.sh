@@ -23,6 +23,8 @@ pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)
 [ -e "/usr/share/postgresql/${pg_major:-15}/extension/pgautofailover.control" ] \
     || need+=("postgresql-${pg_major:-15}-auto-failover")
 command -v chromium >/dev/null || need+=(chromium)  # the browser softphone's headless test
+# a registrar for the registering-trunk tests (tests/integration/test_registration_kamailio.py)
+command -v kamailio >/dev/null || need+=(kamailio)
 
 if ((${#need[@]})); then
     SUDO=""
@@ -30,4 +32,9 @@ if ((${#need[@]})); then
     echo "installing system packages: ${need[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+    # The tests run their own Kamailio on a loopback port; the packaged service (port 5060 on
+    # every address, the example configuration) is not wanted running.
+    if [[ " ${need[*]} " == *" kamailio "* ]] && command -v systemctl >/dev/null; then
+        $SUDO systemctl disable --now kamailio >/dev/null 2>&1 || true
+    fi
 fi

@@ -61,7 +61,8 @@ def describe(
     """A trunk as an admin sees it: its settings (no secrets), overrides, live health:
     this process's (`health`) and, with Redis, every calling process's
     (`health_by_process`: host/pid -> the same fields, plus when it was reported)."""
-    out = trunk.model_dump(mode="json", exclude={"password", "auth_token"})
+    secrets: dict[str, Any] = {"password": True, "auth_token": True, "registration": {"password"}}
+    out = trunk.model_dump(mode="json", by_alias=True, exclude=secrets)  # as in the YAML
     out["has_password"] = trunk.password is not None or trunk.auth_token is not None
     out["overrides"] = overrides
     out["health"] = router.health_report(trunk.name) if router is not None else None

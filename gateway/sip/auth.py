@@ -221,6 +221,27 @@ class DigestClient:
         when the server challenges a realm we already answered without stale=true, so
         callers cannot loop on a wrong password.
         """
+        retry = self.with_credentials(request, response)
+        cseq = request.cseq
+        retry.cseq = CSeq(cseq.sequence + 1, cseq.method)
+        vias = retry.via
+        via = vias[0]
+        vias[0] = Via(
+            transport=via.transport,
+            host=via.host,
+            port=via.port,
+            parameters=via.parameters.replace(branch=new_branch()),
+        )
+        retry.via = vias
+        return retry
+
+    def with_credentials(self, request: Request, response: Response) -> Request:
+        """A copy of ``request`` (same CSeq and Via) answering the challenges in ``response``.
+
+        Also for a new request answering an earlier challenge: re-using its nonce (with
+        the next nonce count) spares a registrar's refresh the round trip of a fresh
+        challenge. Raises ``DigestError`` as `authorize` does.
+        """
         if response.code not in _HEADERS:
             raise DigestError(f"{response.code} is not an authentication challenge")
         challenge_header, credentials_header = _HEADERS[response.code]
@@ -269,17 +290,6 @@ class DigestClient:
         retry.headers.remove(credentials_header)
         for value in [*kept, *headers]:
             retry.headers.add(credentials_header, value)
-        cseq = request.cseq
-        retry.cseq = CSeq(cseq.sequence + 1, cseq.method)
-        vias = retry.via
-        via = vias[0]
-        vias[0] = Via(
-            transport=via.transport,
-            host=via.host,
-            port=via.port,
-            parameters=via.parameters.replace(branch=new_branch()),
-        )
-        retry.via = vias
         return retry
 
     def _credentials_for(self, request: Request, realm: str, params: Mapping[str, str]) -> str:

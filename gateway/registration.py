@@ -1,0 +1,172 @@
+"""Registering a contact of a running `Gateway` with a registrar: the asyncio side of
+`gateway.sip.registration.Registration`.
+
+The state machine decides; this only puts its REGISTERs through the gateway's endpoint
+(each in a non-INVITE client transaction with its retransmissions), feeds back the final
+responses, and wakes it at its timers on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sipmessage import URI, Request
+
+from gateway.call import Gateway, resolve_target
+from gateway.sip.auth import Credentials
+from gateway.sip.message import new_call_id, new_tag
+from gateway.sip.registration import (
+    Backoff,
+    Event,
+    Registration,
+    RegistrationSettings,
+    RegistrationState,
+    Stopped,
+)
+
+__all__ = ["RegisterTarget", "RegistrationClient"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegisterTarget:
+    """Whom to register with and as whom (the SIP side of a trunk's ``register:``)."""
+
+    registrar: URI  # sip:host[:port][;transport=tcp]
+    user: str  # the AOR is sip:user@<registrar host>
+    contact_user: str  # the user part of our Contact: what the registrar's calls dial
+    transport: str = "udp"
+    expires: int = 3600
+    credentials: Credentials | None = None
+
+
+class RegistrationClient:
+    """Keeps one contact of ``gateway`` registered until `close`.
+
+    ``on_event`` hears every `gateway.sip.registration` event (state changes, successes,
+    failures with their back-off, the final `Stopped`); it must not raise, and is
+    logged if it does. The gateway must be listening before `start`.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        target: RegisterTarget,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        backoff: Backoff | None = None,
+        draw: Callable[[], float] = random.random,
+    ) -> None:
+        self.gateway = gateway
+        self.target = target
+        self.on_event = on_event
+        self.backoff = backoff or Backoff()
+        self.draw = draw
+        self.registrar_host: str | None = None  # where the last REGISTER went (an IP)
+        self.machine: Registration | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._sends: set[asyncio.Task[None]] = set()
+        self.outcome: Stopped | None = None  # how the registration ended
+        self._stopped = asyncio.Event()
+
+    @property
+    def state(self) -> RegistrationState:
+        return self.machine.state if self.machine is not None else RegistrationState.UNREGISTERED
+
+    def start(self) -> None:
+        """Send the first REGISTER (the gateway is listening: its address is the Contact)."""
+        if self.machine is not None:
+            return
+        endpoint = self.gateway.endpoint
+        kind = self.target.transport
+        contact = endpoint.contact(kind, self.target.contact_user).uri
+        registrar = self.target.registrar
+        settings = RegistrationSettings(
+            registrar=registrar,
+            aor=URI(scheme="sip", user=self.target.user, host=registrar.host),
+            contact=contact,
+            call_id=new_call_id(self.gateway.config.advertised_host),
+            from_tag=new_tag(),
+            expires=self.target.expires,
+            credentials=self.target.credentials,
+            backoff=self.backoff,
+        )
+        self.machine = Registration(settings, new_via=lambda: endpoint.via(kind), draw=self.draw)
+        self.machine.start(self._now())
+        self._pump()
+
+    async def close(self, timeout: float = 2.0) -> bool:
+        """Unregister, waiting at most ``timeout`` seconds; True when the registrar
+        confirmed it. Either way nothing is sent afterwards."""
+        machine = self.machine
+        if machine is None:
+            return False
+        machine.stop(self._now(), timeout)
+        self._pump()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), timeout + 0.5)
+        self._cancel_timer()
+        for task in list(self._sends):
+            task.cancel()
+        await asyncio.gather(*self._sends, return_exceptions=True)
+        return self.outcome is not None and self.outcome.unregistered
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _pump(self) -> None:
+        machine = self.machine
+        assert machine is not None
+        for request in machine.requests_to_send():
+            task = asyncio.ensure_future(self._send(request))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+        while (event := machine.next_event()) is not None:
+            if isinstance(event, Stopped):
+                self.outcome = event
+                self._stopped.set()
+            if self.on_event is not None:
+                try:
+                    self.on_event(event)
+                except Exception:
+                    logger.exception("registration event handler failed")
+        self._cancel_timer()
+        at = machine.next_timer_at()
+        if at is not None and not machine.stopped:
+            self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        assert self.machine is not None
+        self.machine.handle_timer(self._now())
+        self._pump()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _send(self, request: Request) -> None:
+        """One REGISTER transaction; its outcome goes back to the machine."""
+        machine = self.machine
+        assert machine is not None
+        try:
+            peer = await resolve_target(self.target.registrar, self.target.transport)
+            self.registrar_host = peer.host
+            response = await self.gateway.endpoint.request(request, peer)
+        except (OSError, ValueError) as exc:
+            machine.no_response(request, self._now(), f"{type(exc).__name__}: {exc}")
+        else:
+            if response is None:
+                machine.no_response(request, self._now(), "no answer (timer F)")
+            else:
+                machine.receive(response, self._now())
+        self._pump()
