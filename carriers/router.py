@@ -16,6 +16,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+from urllib.parse import unquote
+
+from sipmessage import URI
 
 from carriers import metrics
 from carriers.budgets import Budgets, CallBudget, LocalBudgets
@@ -32,12 +35,14 @@ from carriers.rotation import AttemptKind, QualityStats, RouteView, Strategy, ma
 from carriers.trunk import Trunk
 from carriers.twilio_voice import TwilioCall, TwilioVoice
 from gateway.call import Call, Gateway
+from gateway.redirect import RedirectPolicy, RedirectScreen
 from gateway.result import CallOutcome
 
 logger = logging.getLogger(__name__)
 
 # Final INVITE responses that mean "this carrier cannot or will not carry the call" rather
-# than anything about the person: try the next trunk. 3xx too, as redirects are not followed.
+# than anything about the person: try the next trunk. 3xx too: a redirect that could not be
+# followed (a loop, too many hops, no usable Contact); a refused one ends the call instead.
 FAILOVER_CODES = frozenset({400, 401, 403, 404, 407, 408, 416, 420, 421, 488})
 
 
@@ -115,6 +120,8 @@ def classify(call: AnyCall) -> tuple[AttemptKind, int | None, str]:
     if result is None:  # dial() returns only answered or ended; be safe anyway
         return AttemptKind.TRANSPORT_ERROR, None, "call ended without a result"
     code, reason = result.sip_code, result.reason
+    if redirect_refusal(call) is not None:  # final: another carrier would be redirected too
+        return AttemptKind.REJECTED, code, reason
     if not call.responded.is_set():  # any code here is synthetic (503/408 from our side)
         if result.outcome is CallOutcome.CANCELLED:
             return AttemptKind.CANCELLED, None, reason
@@ -129,6 +136,15 @@ def classify(call: AnyCall) -> tuple[AttemptKind, int | None, str]:
         CallOutcome.REJECTED: AttemptKind.REJECTED,
     }
     return final.get(result.outcome, AttemptKind.FAILED), code, reason
+
+
+def redirect_refusal(call: AnyCall) -> FraudRefused | None:
+    """The toll-fraud refusal of a 3xx target this call was redirected to, if any."""
+    decision = call.redirect if isinstance(call, Call) else None
+    if decision is None or not decision.verdict.refused or decision.target is None:
+        return None
+    number = unquote(decision.target.user or "") or str(decision.target)
+    return FraudRefused(number, f"redirect: {decision.reason}")
 
 
 def _then_app(
@@ -329,6 +345,9 @@ class CarrierRouter:
                 attempt.elapsed_ms,
             )
             if attempt.final and call is not None:
+                refusal = redirect_refusal(call)
+                if refusal is not None:
+                    raise refusal
                 return RoutedCall(call, trunk.name, attempts, destination, skipped)
         raise NoRouteAvailable(
             destination.e164, self._explain(attempts, skipped), attempts, skipped
@@ -364,6 +383,7 @@ class CarrierRouter:
                 caller=trunk.caller_id,
                 on_call=on_call,
                 max_duration=max_duration,
+                redirects=RedirectPolicy(self._redirect_screen(trunk)),
             )
         )
         dial.add_done_callback(lambda task: self._on_dial_done(trunk.name, claim, task))
@@ -396,6 +416,34 @@ class CarrierRouter:
         result = attempt(kind, code, reason)
         self._record(trunk, result, call.result.pdd_ms if call.result else None)
         return call, result
+
+    def _redirect_screen(self, trunk: Trunk) -> RedirectScreen:
+        """A 3xx target is a new destination: the same guard as the dialled number (allowed
+        countries, refused types, the trunk's countries); not a phone number: refused."""
+
+        def screen(target: URI) -> str | None:
+            try:
+                destination = normalise(
+                    unquote(target.user or ""), default_region=self.default_region
+                )
+                self.guard.check(destination)
+                if not trunk.allows_country(destination.region):
+                    raise FraudRefused(
+                        destination.e164, f"trunk {trunk.name} does not allow {destination.region}"
+                    )
+            except FraudRefused as exc:
+                refusal = exc.reason
+            except ValueError as exc:  # InvalidNumber: nothing the guard can vouch for
+                refusal = str(exc)
+            else:
+                return None
+            metrics.CALLS_REFUSED.labels(reason="redirect").inc()
+            logger.warning(
+                "trunk %s redirected a call to %s: refused: %s", trunk.name, target, refusal
+            )
+            return refusal
+
+        return screen
 
     async def _attempt_twilio(
         self,
