@@ -31,8 +31,16 @@ from carriers.health import (
     ProbeState,
 )
 from carriers.numbers import REFUSED_TYPES, Destination, FraudGuard, FraudRefused, normalise
-from carriers.rotation import AttemptKind, QualityStats, RouteView, Strategy, make_strategy
+from carriers.rotation import (
+    AttemptKind,
+    QualityStats,
+    RoundRobinStrategy,
+    RouteView,
+    Strategy,
+    make_strategy,
+)
 from carriers.trunk import Trunk
+from carriers.turns import ALL_TRUNKS, TURN_TIMEOUT, Turns
 from carriers.twilio_voice import TwilioCall, TwilioVoice
 from gateway.call import Call, Gateway
 from gateway.redirect import RedirectPolicy, RedirectScreen
@@ -187,6 +195,8 @@ class CarrierRouter:
         budgets: Budgets | None = None,
         twilio: TwilioVoice | None = None,
         call_budget: CallBudget | None = None,
+        turns: Turns | None = None,
+        route: str = ALL_TRUNKS,
     ) -> None:
         names = [t.name for t in trunks]
         if len(set(names)) != len(names):
@@ -206,6 +216,8 @@ class CarrierRouter:
         self._probers: list[Prober] = []
         self.twilio = twilio  # places calls on twilio trunks (needs our public webhook URL)
         self.call_budget = call_budget or CallBudget()  # hourly, all calls and per number
+        self.turns = turns  # round robin shared by every process (None: this one's own)
+        self.route = route
 
     # -- public -------------------------------------------------------------------------
 
@@ -250,6 +262,8 @@ class CarrierRouter:
         timer B; ``grace`` seconds are given for that before the rest is cancelled."""
         await self._close_calls(grace)
         await self.budgets.close()
+        if self.turns is not None:
+            await self.turns.close()
 
     async def _close_calls(self, grace: float) -> None:
         if grace > 0 and self._background:
@@ -317,7 +331,7 @@ class CarrierRouter:
                 skipped.append(SkippedTrunk(trunk.name, self._unusable_reason(trunk)))
             else:
                 candidates.append(trunk)
-        view = RouteView(active=dict(self._active), quality=self.quality)
+        view = RouteView(active=dict(self._active), quality=self.quality, turn=await self._turn())
         attempts: list[TrunkAttempt] = []
         for trunk in self.strategy.order(candidates, view):
             reason, claim = await self._budget_refusal(trunk)
@@ -613,6 +627,18 @@ class CarrierRouter:
             self._keep(asyncio.ensure_future(self._release_budget(trunk.name, claim)))
             return "half_open trial call already in progress", ""
         return None, claim
+
+    async def _turn(self) -> int | None:
+        """The route's shared round-robin turn; None (this process's own) without shared
+        turns, for other strategies, or while Redis or the database does not answer."""
+        if self.turns is None or not isinstance(self.strategy, RoundRobinStrategy):
+            return None
+        try:
+            async with asyncio.timeout(TURN_TIMEOUT):
+                return await self.turns.next_turn(self.route)
+        except Exception as exc:  # the page matters more than the rotation (logged)
+            logger.warning("shared round-robin turn unavailable (%r); using this process's", exc)
+            return None
 
     async def _admit(self, destination: Destination) -> None:
         """Count the call against the hourly budgets; FraudRefused once one is spent."""
