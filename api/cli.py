@@ -275,6 +275,7 @@ async def _shared_trunk_state(settings: Settings) -> AsyncIterator[tuple[dict[st
     from carriers.turns import turns_for
     from escalation.db import Database
 
+    _make_sqlite_dir(settings)
     db = Database(settings.database_url)
     try:
         try:
@@ -765,6 +766,7 @@ async def _with_store(settings: Settings, action: Any) -> Any:
     from carriers.store import TrunkStore
     from escalation.db import Database
 
+    _make_sqlite_dir(settings)
     db = Database(settings.database_url)
     try:
         if settings.migrate_on_start:
@@ -965,6 +967,13 @@ user_app = typer.Typer(no_args_is_help=True, help="web console users: add, list,
 app.add_typer(user_app, name="user")
 
 
+def _make_sqlite_dir(settings: Settings) -> None:
+    """The embedded SQLite file's directory: on a first run var/ may not exist yet."""
+    sqlite_file = settings.database_url.removeprefix("sqlite:///")
+    if sqlite_file != settings.database_url:
+        Path(sqlite_file).parent.mkdir(parents=True, exist_ok=True)
+
+
 def _user_db_action(action: Any) -> Any:
     """Run `action(settings, db)` on a migrated database; bad settings exit 2."""
     from escalation.db import Database
@@ -975,9 +984,7 @@ def _user_db_action(action: Any) -> Any:
         typer.echo(f"error: bad settings: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
-    sqlite_file = settings.database_url.removeprefix("sqlite:///")
-    if sqlite_file != settings.database_url:  # a first run: var/ may not exist yet
-        Path(sqlite_file).parent.mkdir(parents=True, exist_ok=True)
+    _make_sqlite_dir(settings)
 
     async def run() -> Any:
         db = Database(settings.database_url)
