@@ -987,6 +987,9 @@ class Call:
             self._fail(self._cancel_outcome(), code, "redirected after cancel; not followed")
         else:
             logger.info("call %s: %s, following to %s", self.call_id, code, decision.target)
+            # What allowed a CANCEL was the finished INVITE's: the next one earns its own.
+            self._provisional = False
+            self._cancel_sent = False
             self.gateway.spawn(self._follow_redirect(decision.target))
 
     async def _follow_redirect(self, target: URI) -> None:
@@ -1006,8 +1009,6 @@ class Call:
         via = self.gateway.endpoint.via(self.transport)
         request = redirected_invite(self._invite, target, via, keep_credentials=same_host)
         self.peer = peer
-        self._provisional = False
-        self._cancel_sent = False
         self._send_invite(request)
 
     def _on_invite_2xx(self, response: Response) -> None:
