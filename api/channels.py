@@ -21,6 +21,7 @@ from carriers.registration import TrunkRegistrations
 from carriers.router import CarrierRouter
 from carriers.store import TrunkStore
 from carriers.trunk import Trunk
+from carriers.turns import turns_for
 from carriers.twilio_voice import CallEvents, TwilioVoice
 from escalation.audit import AuditLog
 from escalation.channels.base import Channel
@@ -81,10 +82,10 @@ def _share_trunk_health(
 
 
 async def _watch_overrides(
-    settings: Settings, trunks: Sequence[Trunk], router: CarrierRouter
+    settings: Settings, db: Database, trunks: Sequence[Trunk], router: CarrierRouter
 ) -> Callable[[], Awaitable[None]]:
-    """Apply the operators' trunk changes (API/CLI) now and whenever they change."""
-    db = Database(settings.database_url)
+    """Apply the operators' trunk changes (API/CLI) now and whenever they change; the
+    database is closed with the watch."""
     if settings.migrate_on_start:
         await db.migrate()
     stop = asyncio.Event()
@@ -185,11 +186,13 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
             if settings.redis_url
             else None  # one process: its own budgets
         )
+        db = Database(settings.database_url)  # trunk overrides and, without Redis, turns
         router = config.carriers.router(
             gateway,
             on_health_change=lambda change: audit_trunk_health(audit, config, change),
             budgets=budgets,
             twilio=twilio,
+            turns=turns_for(settings.redis_url, settings.redis_prefix, db),
         )
         prober = router.prober(interval=config.carriers.probe.interval)
         prober.start()
@@ -198,7 +201,7 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
         services.router = router
         registrations = TrunkRegistrations(gateway, router.trunks, router.health)
         services.registrations = registrations if registrations else None
-        closers.append(await _watch_overrides(settings, config.carriers.trunks, router))
+        closers.append(await _watch_overrides(settings, db, config.carriers.trunks, router))
         if settings.redis_url:  # scale-out: the API shows what each worker sees
             closers.append(_share_trunk_health(settings.redis_url, settings.redis_prefix, router))
     elif gateway is not None and (target := settings.voice_target or config.voice_target):

@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -187,6 +187,8 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
             f"{a['trunk']}={a['sip_code'] or a['outcome']}" for a in result["trunks_tried"]
         )
         line += f" trunk={result['trunk'] or '-'} tried: {tried or '-'}"
+    if result.get("redirected_to"):
+        line += f" redirected: {' -> '.join(result['redirected_to'])}"
     typer.echo(line)
 
 
@@ -227,12 +229,15 @@ def _call_number(
 
     try:
         carriers = _carriers_config(config_path)
-    except (ValueError, ConfigError) as exc:
+        settings = Settings.from_env()
+    except (ValueError, ValidationError, ConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
         result = asyncio.run(
-            _route_call(carriers, number, route, say, gather, timeout, ring_timeout, voice)
+            _route_call(
+                carriers, settings, number, route, say, gather, timeout, ring_timeout, voice
+            )
         )
     except (InvalidNumber, FraudRefused) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -260,8 +265,38 @@ def _attempt_dict(attempt: Any) -> dict[str, Any]:
     }
 
 
+@contextlib.asynccontextmanager
+async def _shared_trunk_state(settings: Settings) -> AsyncIterator[tuple[dict[str, Any], Any]]:
+    """What the workers go by besides ackline.yaml: the operators' trunk overrides (the
+    database) and the round-robin turns (Redis, else the database): (overrides, turns).
+
+    Unreadable overrides are a warning, not a failed test call: the YAML trunks are used."""
+    from carriers.store import TrunkStore
+    from carriers.turns import turns_for
+    from escalation.db import Database
+
+    _make_sqlite_dir(settings)
+    db = Database(settings.database_url)
+    try:
+        try:
+            if settings.migrate_on_start:
+                await db.migrate()
+            overrides: dict[str, Any] = await TrunkStore(db).overrides()
+        except Exception as exc:  # a database away: say so, call with the YAML trunks
+            typer.echo(
+                f"warning: trunk overrides unavailable ({exc!r}); "
+                "calling with the trunks of the configuration as they are",
+                err=True,
+            )
+            overrides = {}
+        yield overrides, turns_for(settings.redis_url, settings.redis_prefix, db)
+    finally:
+        await db.dispose()
+
+
 async def _route_call(
     carriers: CarrierConfig,
+    settings: Settings,
     number: str,
     route: str | None,
     say: str | None,
@@ -275,8 +310,15 @@ async def _route_call(
     prompts = _prompt_cache(voice) if say else None
     if prompts is not None:
         await prompts.render(say)
-    async with Gateway(GatewayConfig(host=host, udp_port=0, tcp_port=0), prompts=prompts) as gw:
-        router = carriers.router(gw, route=route)
+    from carriers.store import apply_overrides
+
+    gateway_config = GatewayConfig(host=host, udp_port=0, tcp_port=0)
+    async with (
+        _shared_trunk_state(settings) as (overrides, turns),
+        Gateway(gateway_config, prompts=prompts) as gw,
+    ):
+        router = carriers.router(gw, route=route, turns=turns)
+        router.update_trunks(apply_overrides(router.trunks, overrides))  # as the workers do
         try:
             # the prompt and keys go over our own RTP: SIP trunks only
             routed = await router.place_call(number, ring_timeout=ring_timeout, needs_media=True)
@@ -727,6 +769,7 @@ async def _with_store(settings: Settings, action: Any) -> Any:
     from carriers.store import TrunkStore
     from escalation.db import Database
 
+    _make_sqlite_dir(settings)
     db = Database(settings.database_url)
     try:
         if settings.migrate_on_start:
@@ -928,6 +971,13 @@ user_app = typer.Typer(no_args_is_help=True, help="web console users: add, list,
 app.add_typer(user_app, name="user")
 
 
+def _make_sqlite_dir(settings: Settings) -> None:
+    """The embedded SQLite file's directory: on a first run var/ may not exist yet."""
+    sqlite_file = settings.database_url.removeprefix("sqlite:///")
+    if sqlite_file != settings.database_url:
+        Path(sqlite_file).parent.mkdir(parents=True, exist_ok=True)
+
+
 def _user_db_action(action: Any) -> Any:
     """Run `action(settings, db)` on a migrated database; bad settings exit 2."""
     from escalation.db import Database
@@ -938,9 +988,7 @@ def _user_db_action(action: Any) -> Any:
         typer.echo(f"error: bad settings: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
-    sqlite_file = settings.database_url.removeprefix("sqlite:///")
-    if sqlite_file != settings.database_url:  # a first run: var/ may not exist yet
-        Path(sqlite_file).parent.mkdir(parents=True, exist_ok=True)
+    _make_sqlite_dir(settings)
 
     async def run() -> Any:
         db = Database(settings.database_url)

@@ -30,6 +30,7 @@ from carriers.health import HealthChange, HealthPolicy
 from carriers.numbers import REFUSED_TYPES, type_from_name, type_name
 from carriers.router import CarrierRouter
 from carriers.trunk import CountryCodes, Trunk, check_countries
+from carriers.turns import ALL_TRUNKS, Turns
 from carriers.twilio_voice import TwilioVoice
 from escalation.durations import parse_duration
 from gateway.call import Gateway
@@ -182,8 +183,10 @@ class CarrierConfig(BaseModel):
         on_health_change: Callable[[HealthChange], None] | None = None,
         budgets: Budgets | None = None,
         twilio: TwilioVoice | None = None,
+        turns: Turns | None = None,
     ) -> CarrierRouter:
-        """A router over every trunk, or over the trunks of the named ``route``."""
+        """A router over every trunk, or over the trunks of the named ``route``; ``turns``
+        shares its round-robin position with every other process (carriers.turns)."""
         trunks, strategy = self.trunks, self.strategy
         if route is not None:
             settings = self.routes.get(route)
@@ -204,6 +207,8 @@ class CarrierConfig(BaseModel):
             budgets=budgets,
             twilio=twilio,
             call_budget=self.call_budget.budget(),
+            turns=turns,
+            route=route or ALL_TRUNKS,
         )
 
 

@@ -137,10 +137,12 @@ class QualityStats:
 
 @dataclass(frozen=True)
 class RouteView:
-    """What a strategy may look at besides the trunks: calls in progress and quality."""
+    """What a strategy may look at besides the trunks: calls in progress, quality, and
+    the route's turn shared by every process (carriers.turns; None: keep your own)."""
 
     active: Mapping[str, int] = field(default_factory=dict)
     quality: QualityStats | None = None
+    turn: int | None = None
 
 
 class Strategy(Protocol):
@@ -164,7 +166,9 @@ class PriorityStrategy:
 
 
 class RoundRobinStrategy:
-    """Each call starts one trunk further along the priority-ordered list."""
+    """Each call starts one trunk further along the priority-ordered list: at the shared
+    turn when the view has one (every worker and `ackline call` alike), else at this
+    process's own."""
 
     name = "round_robin"
 
@@ -175,8 +179,9 @@ class RoundRobinStrategy:
         ordered = by_priority(trunks)
         if not ordered:
             return []
-        start = self._turn % len(ordered)
-        self._turn += 1
+        turn = self._turn if view.turn is None else view.turn
+        self._turn = turn + 1
+        start = turn % len(ordered)
         return ordered[start:] + ordered[:start]
 
 

@@ -16,6 +16,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+from urllib.parse import unquote
+
+from sipmessage import URI
 
 from carriers import metrics
 from carriers.budgets import Budgets, CallBudget, LocalBudgets
@@ -28,17 +31,27 @@ from carriers.health import (
     ProbeState,
 )
 from carriers.numbers import REFUSED_TYPES, Destination, FraudGuard, FraudRefused, normalise
-from carriers.rotation import AttemptKind, QualityStats, RouteView, Strategy, make_strategy
+from carriers.rotation import (
+    AttemptKind,
+    QualityStats,
+    RoundRobinStrategy,
+    RouteView,
+    Strategy,
+    make_strategy,
+)
 from carriers.trunk import Trunk
+from carriers.turns import ALL_TRUNKS, TURN_TIMEOUT, Turns
 from carriers.twilio_voice import TwilioCall, TwilioVoice
 from gateway.call import Call, Gateway
+from gateway.redirect import RedirectPolicy, RedirectScreen
 from gateway.result import CallOutcome
 from gateway.sip.registration import RegistrationState
 
 logger = logging.getLogger(__name__)
 
 # Final INVITE responses that mean "this carrier cannot or will not carry the call" rather
-# than anything about the person: try the next trunk. 3xx too, as redirects are not followed.
+# than anything about the person: try the next trunk. 3xx too: a redirect that could not be
+# followed (a loop, too many hops, no usable Contact); a refused one ends the call instead.
 FAILOVER_CODES = frozenset({400, 401, 403, 404, 407, 408, 416, 420, 421, 488})
 
 
@@ -116,6 +129,8 @@ def classify(call: AnyCall) -> tuple[AttemptKind, int | None, str]:
     if result is None:  # dial() returns only answered or ended; be safe anyway
         return AttemptKind.TRANSPORT_ERROR, None, "call ended without a result"
     code, reason = result.sip_code, result.reason
+    if redirect_refusal(call) is not None:  # final: another carrier would be redirected too
+        return AttemptKind.REJECTED, code, reason
     if not call.responded.is_set():  # any code here is synthetic (503/408 from our side)
         if result.outcome is CallOutcome.CANCELLED:
             return AttemptKind.CANCELLED, None, reason
@@ -130,6 +145,15 @@ def classify(call: AnyCall) -> tuple[AttemptKind, int | None, str]:
         CallOutcome.REJECTED: AttemptKind.REJECTED,
     }
     return final.get(result.outcome, AttemptKind.FAILED), code, reason
+
+
+def redirect_refusal(call: AnyCall) -> FraudRefused | None:
+    """The toll-fraud refusal of a 3xx target this call was redirected to, if any."""
+    decision = call.redirect if isinstance(call, Call) else None
+    if decision is None or not decision.verdict.refused or decision.target is None:
+        return None
+    number = unquote(decision.target.user or "") or str(decision.target)
+    return FraudRefused(number, f"redirect: {decision.reason}")
 
 
 def _then_app(
@@ -172,6 +196,8 @@ class CarrierRouter:
         budgets: Budgets | None = None,
         twilio: TwilioVoice | None = None,
         call_budget: CallBudget | None = None,
+        turns: Turns | None = None,
+        route: str = ALL_TRUNKS,
     ) -> None:
         names = [t.name for t in trunks]
         if len(set(names)) != len(names):
@@ -191,6 +217,8 @@ class CarrierRouter:
         self._probers: list[Prober] = []
         self.twilio = twilio  # places calls on twilio trunks (needs our public webhook URL)
         self.call_budget = call_budget or CallBudget()  # hourly, all calls and per number
+        self.turns = turns  # round robin shared by every process (None: this one's own)
+        self.route = route
 
     # -- public -------------------------------------------------------------------------
 
@@ -240,6 +268,8 @@ class CarrierRouter:
         timer B; ``grace`` seconds are given for that before the rest is cancelled."""
         await self._close_calls(grace)
         await self.budgets.close()
+        if self.turns is not None:
+            await self.turns.close()
 
     async def _close_calls(self, grace: float) -> None:
         if grace > 0 and self._background:
@@ -307,7 +337,7 @@ class CarrierRouter:
                 skipped.append(SkippedTrunk(trunk.name, self._unusable_reason(trunk)))
             else:
                 candidates.append(trunk)
-        view = RouteView(active=dict(self._active), quality=self.quality)
+        view = RouteView(active=dict(self._active), quality=self.quality, turn=await self._turn())
         attempts: list[TrunkAttempt] = []
         for trunk in self.strategy.order(candidates, view):
             reason, claim = await self._budget_refusal(trunk)
@@ -335,6 +365,9 @@ class CarrierRouter:
                 attempt.elapsed_ms,
             )
             if attempt.final and call is not None:
+                refusal = redirect_refusal(call)
+                if refusal is not None:
+                    raise refusal
                 return RoutedCall(call, trunk.name, attempts, destination, skipped)
         raise NoRouteAvailable(
             destination.e164, self._explain(attempts, skipped), attempts, skipped
@@ -370,6 +403,7 @@ class CarrierRouter:
                 caller=trunk.caller_id,
                 on_call=on_call,
                 max_duration=max_duration,
+                redirects=RedirectPolicy(self._redirect_screen(trunk)),
             )
         )
         dial.add_done_callback(lambda task: self._on_dial_done(trunk.name, claim, task))
@@ -402,6 +436,34 @@ class CarrierRouter:
         result = attempt(kind, code, reason)
         self._record(trunk, result, call.result.pdd_ms if call.result else None)
         return call, result
+
+    def _redirect_screen(self, trunk: Trunk) -> RedirectScreen:
+        """A 3xx target is a new destination: the same guard as the dialled number (allowed
+        countries, refused types, the trunk's countries); not a phone number: refused."""
+
+        def screen(target: URI) -> str | None:
+            try:
+                destination = normalise(
+                    unquote(target.user or ""), default_region=self.default_region
+                )
+                self.guard.check(destination)
+                if not trunk.allows_country(destination.region):
+                    raise FraudRefused(
+                        destination.e164, f"trunk {trunk.name} does not allow {destination.region}"
+                    )
+            except FraudRefused as exc:
+                refusal = exc.reason
+            except ValueError as exc:  # InvalidNumber: nothing the guard can vouch for
+                refusal = str(exc)
+            else:
+                return None
+            metrics.CALLS_REFUSED.labels(reason="redirect").inc()
+            logger.warning(
+                "trunk %s redirected a call to %s: refused: %s", trunk.name, target, refusal
+            )
+            return refusal
+
+        return screen
 
     async def _attempt_twilio(
         self,
@@ -571,6 +633,18 @@ class CarrierRouter:
             self._keep(asyncio.ensure_future(self._release_budget(trunk.name, claim)))
             return "half_open trial call already in progress", ""
         return None, claim
+
+    async def _turn(self) -> int | None:
+        """The route's shared round-robin turn; None (this process's own) without shared
+        turns, for other strategies, or while Redis or the database does not answer."""
+        if self.turns is None or not isinstance(self.strategy, RoundRobinStrategy):
+            return None
+        try:
+            async with asyncio.timeout(TURN_TIMEOUT):
+                return await self.turns.next_turn(self.route)
+        except Exception as exc:  # the page matters more than the rotation (logged)
+            logger.warning("shared round-robin turn unavailable (%r); using this process's", exc)
+            return None
 
     async def _admit(self, destination: Destination) -> None:
         """Count the call against the hourly budgets; FraudRefused once one is spent."""

@@ -229,6 +229,17 @@ class TrunkOverrideRow(SQLModel, table=True):
     updated_by: str = Field(default="", max_length=200)
 
 
+class RouteTurnRow(SQLModel, table=True):
+    """Whose turn it is in a round-robin route, shared by the workers and `ackline call`
+    when there is no Redis to keep it (carriers.turns)."""
+
+    __tablename__ = "route_turns"
+
+    route: str = Field(primary_key=True, max_length=64)
+    turn: int = 0
+    updated_at: datetime = _ts()
+
+
 class ScheduleRow(SQLModel, table=True):
     """An on-call schedule (escalation.schedules.Schedule as JSON), per company."""
 

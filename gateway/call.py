@@ -44,6 +44,14 @@ from gateway.media.pacer import Pacer
 from gateway.media.sdp import NegotiatedMedia, SdpError, create_answer, create_offer, parse_answer
 from gateway.media.session import MediaSession, NoFreeRtpPort
 from gateway.metrics import CALL_TASK_FAILURES, count_rejection
+from gateway.redirect import (
+    FOLLOWED_CODES,
+    RedirectDecision,
+    RedirectPolicy,
+    Redirects,
+    RedirectVerdict,
+    redirected_invite,
+)
 from gateway.result import CallOutcome, CallResult, ReceivedDigit, classify_final
 from gateway.sip.auth import Credentials, DigestClient, DigestError
 from gateway.sip.dialog import USER_AGENT, Dialog, DialogError
@@ -345,13 +353,16 @@ class Gateway:
         caller: str | None = None,
         on_call: Callable[[Call], None] | None = None,
         max_duration: float | None = None,
+        redirects: RedirectPolicy | None = None,
     ) -> Call:
         """Place a call; returns when it is answered or has ended without answer.
 
         ``call.answered`` tells which; ``call.result`` is final once ``call.ended``, at the
         latest `call_time_bound` after this was called. ``on_call`` receives the call
         before the INVITE goes out, so the application can hang it up (CANCEL) while it is
-        still ringing. ``max_duration`` overrides ``config.max_call_duration``.
+        still ringing. ``max_duration`` overrides ``config.max_call_duration``. With
+        ``redirects`` a 300/301/302 is followed as the same call (gateway.redirect), all
+        within ``ring_timeout``; without, a 3xx is final.
         """
         if self._draining:
             raise GatewayShuttingDown("the gateway is shutting down")
@@ -361,6 +372,8 @@ class Gateway:
             raise ValueError(f"unsupported transport {kind!r}")
         peer = await resolve_target(uri, kind)
         call = Call(self, direction="outbound", transport=kind, peer=peer, target=str(uri))
+        if redirects is not None:
+            call._redirects = Redirects.start(redirects, uri)
         if max_duration is not None:
             call.set_max_duration(max_duration)
         if on_call is not None:
@@ -638,6 +651,8 @@ class Call:
         self._codec: str | None = None
         self.terminated_by: str | None = None  # terminator digit that ended the last collect
         self.trunk: str | None = None  # inbound: the trunk the guard admitted the call as
+        self._redirects: Redirects | None = None  # following 3xx (Gateway.dial(redirects=))
+        self.redirect: RedirectDecision | None = None  # the last 3xx's verdict, if any
 
     # -- public API ---------------------------------------------------------------
 
@@ -955,7 +970,53 @@ class Call:
         if code == 487 and self._cancel_reason is not None:
             self._fail(self._cancel_outcome(), code, "cancelled: " + self._cancel_reason)
             return
+        if code in FOLLOWED_CODES and self._redirects is not None:
+            self._on_redirect(response)
+            return
         self._fail(classify_final(code), code, response.phrase)
+
+    def _on_redirect(self, response: Response) -> None:
+        """A 3xx (ACKed by its transaction): INVITE the next target, or end the call with
+        the reason it may not be followed."""
+        assert self._redirects is not None
+        try:
+            contacts = response.contact
+        except ValueError:
+            contacts = []
+        decision, self._redirects = self._redirects.decide(contacts)
+        self.redirect = decision
+        code = response.code
+        if decision.verdict is not RedirectVerdict.FOLLOW or decision.target is None:
+            logger.info("call %s: %s not followed: %s", self.call_id, code, decision.reason)
+            outcome = CallOutcome.REJECTED if decision.verdict.refused else CallOutcome.FAILED
+            self._fail(outcome, code, f"redirect {decision.verdict.value}: {decision.reason}")
+        elif self._cancel_reason is not None or self.gateway.draining:
+            self._fail(self._cancel_outcome(), code, "redirected after cancel; not followed")
+        else:
+            logger.info("call %s: %s, following to %s", self.call_id, code, decision.target)
+            # What allowed a CANCEL was the finished INVITE's: the next one earns its own.
+            self._provisional = False
+            self._cancel_sent = False
+            self.gateway.spawn(self._follow_redirect(decision.target))
+
+    async def _follow_redirect(self, target: URI) -> None:
+        """INVITE ``target`` as the same call: same dialog identifiers and offer."""
+        assert self._invite is not None
+        try:
+            peer = await resolve_target(target, self.transport)
+        except (OSError, ValueError) as exc:
+            self._fail(CallOutcome.FAILED, None, f"redirect target unreachable: {exc}")
+            return
+        if self._final.done() or self._cancel_reason is not None:
+            self._fail(self._cancel_outcome(), None, "cancelled while redirecting")
+            return
+        same_host = (peer.host, peer.port) == (self.peer.host, self.peer.port)
+        if not same_host:
+            self._digest = None  # our trunk's credentials are not the new host's business
+        via = self.gateway.endpoint.via(self.transport)
+        request = redirected_invite(self._invite, target, via, keep_credentials=same_host)
+        self.peer = peer
+        self._send_invite(request)
 
     def _on_invite_2xx(self, response: Response) -> None:
         endpoint = self.gateway.endpoint
@@ -1367,6 +1428,7 @@ class Call:
             hangup_by=self._hangup_by,
             received=list(self._digits),
             authenticated=self._authenticated,
+            redirected_to=[] if self._redirects is None else list(self._redirects.visited[1:]),
         )
         self.ended.set()
         if self._duration_timer is not None:

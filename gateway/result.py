@@ -25,7 +25,8 @@ def classify_final(code: int) -> CallOutcome:
     """Map a final INVITE response code to an outcome.
 
     487 is not mapped here: whether it means "no answer" or "cancelled" depends on why
-    we cancelled, which only the caller knows. 3xx redirects count as failures for now.
+    we cancelled, which only the caller knows. A 3xx that is not followed (Gateway.dial
+    without ``redirects``, or a refused target) counts as a failure.
     """
     if 200 <= code < 300:
         return CallOutcome.ANSWERED
@@ -64,6 +65,8 @@ class CallResult:
     hangup_by: str | None = None  # "local" | "remote" | None when never answered
     received: list[ReceivedDigit] = field(default_factory=list)
     authenticated: bool = False
+    # 3xx redirects followed, in order (target_key form); the call went to the last one
+    redirected_to: list[str] = field(default_factory=list)
 
     @property
     def digits(self) -> str:

@@ -429,6 +429,10 @@ class NegotiatedMedia:
     ``payload_type``/``telephone_event_pt`` are the numbers to send with (the peer's);
     ``ptime`` is the packetisation the peer asked for; ``direction`` is ours: "recvonly" or
     "inactive" means the peer has put us on hold and nothing must be sent.
+
+    ``extra_audio``/``extra_events`` are payload types accepted on receive besides the send
+    ones: an offerer receives on the numbers it offered (RFC 3264 §5.1), and a compliant
+    answerer may send any offered format it listed, so neither must be dropped.
     """
 
     remote_host: str
@@ -439,6 +443,20 @@ class NegotiatedMedia:
     telephone_event_pt: int | None
     ptime: int
     direction: str
+    extra_audio: tuple[tuple[int, str], ...] = ()  # (payload type, codec)
+    extra_events: tuple[int, ...] = ()
+
+    @property
+    def receive_audio(self) -> dict[int, str]:
+        """Every payload type decoded as audio on receive, to its codec name."""
+        return {**dict(self.extra_audio), self.payload_type: self.codec}
+
+    @property
+    def receive_events(self) -> frozenset[int]:
+        """Every payload type taken as telephone-event on receive (empty: none negotiated)."""
+        if self.telephone_event_pt is None:
+            return frozenset()
+        return frozenset((self.telephone_event_pt, *self.extra_events))
 
     @property
     def can_send(self) -> bool:
@@ -589,9 +607,10 @@ def create_offer(
 def parse_answer(
     answer: SessionDescription | str | bytes, offer: SessionDescription
 ) -> NegotiatedMedia:
-    """Apply the peer's answer to our offer, honouring the answerer's codec choice and its
-    telephone-event payload type (which may differ from ours). SdpError if the audio stream
-    was rejected (port 0) or nothing we offered was accepted."""
+    """Apply the peer's answer to our offer: send with the answerer's codec choice and its
+    telephone-event payload type (which may differ from ours), receive on either numbering
+    (``extra_audio``/``extra_events``). SdpError if the audio stream was rejected (port 0)
+    or nothing we offered was accepted."""
     sdp = _coerce(answer)
     index = offer.audio_index()
     if index is None:
@@ -604,16 +623,16 @@ def parse_answer(
     if theirs.port == 0:
         raise SdpError("audio stream rejected by the answerer")
     conn = _remote_connection(sdp, theirs)
-    offered = [
-        m.encoding.upper() for m in ours.rtpmaps().values() if _is_audio_codec(m, list(SUPPORTED))
-    ]
-    offered_events = any(_is_telephone_event(m) for m in ours.rtpmaps().values())
+    our_maps = ours.rtpmaps()
+    our_codecs = {pt: m for pt, m in our_maps.items() if _is_audio_codec(m, list(SUPPORTED))}
+    offered = [m.encoding.upper() for m in our_codecs.values()]
+    our_events = [pt for pt, m in our_maps.items() if _is_telephone_event(m)]
     maps = theirs.rtpmaps()
     chosen = next((maps[int(f)] for f in theirs.formats if _accepts(maps, f, offered)), None)
     if chosen is None:
         raise SdpError("answer accepts none of the offered codecs")
     event_pt = None
-    if offered_events:
+    if our_events:
         event_pt = next((m.payload_type for m in maps.values() if _is_telephone_event(m)), None)
     ours_direction = offer.direction_of(ours)
     theirs_direction = _peer_direction(sdp, theirs, conn)
@@ -621,7 +640,19 @@ def parse_answer(
         _sends(ours_direction) and _receives(theirs_direction),
         _receives(ours_direction) and _sends(theirs_direction),
     )
-    return _negotiated(conn, theirs, chosen, event_pt, direction)
+    # Receive on what we offered and on the answer's numbers for it (RFC 3264 §5.1, §6.1).
+    theirs_codecs = {pt: m for pt, m in maps.items() if _is_audio_codec(m, offered)}
+    extra_audio = tuple(
+        (pt, m.encoding.upper())
+        for pt, m in sorted({**theirs_codecs, **our_codecs}.items())
+        if pt != chosen.payload_type
+    )
+    extra_events: tuple[int, ...] = ()
+    if event_pt is not None:
+        theirs_events = [pt for pt, m in maps.items() if _is_telephone_event(m)]
+        extra_events = tuple(sorted({*our_events, *theirs_events} - {event_pt}))
+    negotiated = _negotiated(conn, theirs, chosen, event_pt, direction)
+    return dataclasses.replace(negotiated, extra_audio=extra_audio, extra_events=extra_events)
 
 
 def _negotiated(

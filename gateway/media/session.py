@@ -322,9 +322,10 @@ class MediaSession:
         self._sender: RtpSender | None = None
         self._codec = ""
         self._encode: Encoder | None = None
-        self._decode: Decoder | None = None
-        self._payload_type = -1
-        self._event_pt = -1
+        # What we take on receive: audio payload types to (codec, decoder), and the
+        # telephone-event ones (the offer's and the answer's numbers, see NegotiatedMedia).
+        self._decoders: dict[int, tuple[str, Decoder]] = {}
+        self._event_pts: frozenset[int] = frozenset()
         self._silence = b""
         self._frame_samples = 160
         self._ticks_per_frame = 1
@@ -343,6 +344,7 @@ class MediaSession:
         self._events_seen = False
         self._inband = GoertzelDetector(8000) if inband_dtmf else None
         self._inband_batch: list[bytes] = []  # payloads, decoded once per batch
+        self._inband_decode: Decoder | None = None  # the batch's codec
         self._inband_samples = 0
         self._inband_since = 0.0  # arrival time of the batch's first packet
         # Decoded batches handed to the scanner, with the arrival time of their first sample.
@@ -438,7 +440,7 @@ class MediaSession:
     def configure(self, media: NegotiatedMedia) -> None:
         """Apply a (re-)negotiated stream; a held stream keeps its clock but sends nothing."""
         codec = media.codec.upper()
-        encode, decode = encoder_for(codec), decoder_for(codec)
+        encode = encoder_for(codec)
         remote = (normalize_host(media.remote_host), media.remote_port)
         if self._source_filter.set_remote(remote):
             self._send_to = self._source_filter.send_to
@@ -454,14 +456,15 @@ class MediaSession:
             )
         self._frame_samples = media.clock_rate * self._ticks_per_frame * tick_ms // 1000
         if codec != self._codec:
-            self._detect_inband()  # the batch holds codes of the old codec; finish it
             for item in self._queue:
                 item.data = None  # re-encode the unsent rest with the new codec
             self._marker_pending = True
-        self._codec, self._encode, self._decode = codec, encode, decode
+        self._codec, self._encode = codec, encode
         self._silence = bytes((SILENCE[codec],)) * self._frame_samples
-        self._payload_type = media.payload_type
-        self._event_pt = -1 if media.telephone_event_pt is None else media.telephone_event_pt
+        self._decoders = {
+            pt: (name.upper(), decoder_for(name)) for pt, name in media.receive_audio.items()
+        }
+        self._event_pts = media.receive_events
         self._receiver.clock_rate = media.clock_rate
         # Datagrams beyond a few frames in the socket's send buffer are stale audio.
         self._max_buffered = 4 * (12 + self._frame_samples)
@@ -767,16 +770,20 @@ class MediaSession:
 
     def _handle(self, packet: RtpPacket, now: float) -> None:
         pt = packet.payload_type
-        if pt == self._event_pt:
+        if pt in self._event_pts:
             self._events_seen = True
             digit = self._events.receive(
                 packet.payload, packet.timestamp, packet.ssrc, packet.marker, now
             )
             if digit is not None:
                 self.digits.put_nowait(digit)
-        elif pt == self._payload_type and self._decode is not None:
-            self._store_audio(packet, self._decode)
+        elif (audio := self._decoders.get(pt)) is not None:
+            codec, decode = audio
+            self._store_audio(packet, codec, decode)
             if self._inband is not None:
+                if decode is not self._inband_decode:
+                    self._detect_inband()  # the batch holds another codec's codes
+                    self._inband_decode = decode
                 if not self._inband_batch:
                     self._inband_since = now
                 self._inband_batch.append(packet.payload)
@@ -786,13 +793,13 @@ class MediaSession:
         else:
             self._counters.other_payload += 1
 
-    def _store_audio(self, packet: RtpPacket, decode: Decoder) -> None:
+    def _store_audio(self, packet: RtpPacket, codec: str, decode: Decoder) -> None:
         """Append to the history, filling timestamp gaps (loss, DTMF, hold) with silence
         so recordings and answering-machine detection keep real-time alignment."""
         if packet.ssrc == self._rx_ssrc:
             gap = (packet.timestamp - self._rx_next_ts) % (1 << 32)
             if 0 < gap <= _MAX_GAP_FILL:
-                fill = bytes((SILENCE[self._codec],)) * gap
+                fill = bytes((SILENCE[codec],)) * gap
                 self._history.append(decode, fill)
                 if self._listeners:
                     self._notify(decode, fill)
@@ -804,11 +811,12 @@ class MediaSession:
 
     def _detect_inband(self) -> None:
         """Decode the batch (with the codec it arrived in) and hand it to the scanner."""
-        if self._inband is None or not self._inband_batch or self._decode is None:
+        decode = self._inband_decode
+        if self._inband is None or not self._inband_batch or decode is None:
             return
         if not self._inband_pending:
             self._inband_pending_since = self._inband_since
-        self._inband_pending.append(self._decode(b"".join(self._inband_batch)))
+        self._inband_pending.append(decode(b"".join(self._inband_batch)))
         self._inband_batch = []
         self._inband_samples = 0
         self._scanner.submit(self)

@@ -27,7 +27,7 @@ from sipmessage import (
 )
 from sipmessage.address import quote
 
-from gateway.sip.message import new_branch
+from gateway.sip.message import copy_request, new_branch
 
 __all__ = [
     "SUPPORTED_ALGORITHMS",
@@ -189,15 +189,6 @@ def _qop_options(params: Mapping[str, str]) -> list[str] | None:
     return [option.strip().lower() for option in params["qop"].split(",") if option.strip()]
 
 
-def _copy_request(request: Request) -> Request:
-    copy = Request(request.method, request.uri, body=request.body)
-    names = request.headers.keys()  # Headers is not iterable itself
-    for name in names:
-        for value in request.headers.getlist(name):
-            copy.headers.add(name, value)
-    return copy
-
-
 class DigestClient:
     """Answers 401/407 challenges for one account.
 
@@ -278,7 +269,7 @@ class DigestClient:
                 raise DigestError(f"credentials for realm {realm!r} were rejected")
             headers.append(self._credentials_for(request, realm, params))
 
-        retry = _copy_request(request)
+        retry = copy_request(request)
         # Keep credentials for realms nobody challenged this time (e.g. an earlier proxy).
         kept = [
             value

@@ -251,6 +251,16 @@ def check_request(request: Request) -> Rejection | None:
     return None
 
 
+def copy_request(request: Request) -> Request:
+    """A copy to modify for a follow-up request (digest retry, redirect): every header."""
+    copy = Request(request.method, request.uri, body=request.body)
+    names = request.headers.keys()  # Headers is not iterable itself
+    for name in names:
+        for value in request.headers.getlist(name):
+            copy.headers.add(name, value)
+    return copy
+
+
 def top_via(message: Message) -> Via:
     """The topmost Via: the first value of the first Via header. ValueError when there is
     none (an empty or garbled first Via header counts as none)."""

@@ -18,12 +18,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.media.dtmf import dtmf_tone
-from gateway.media.g711 import ulaw_encode
+from gateway.media.g711 import alaw_encode, ulaw_encode
 
 PCAP_MAGIC = 0xA1B2C3D4
 LINKTYPE_ETHERNET = 1
 SAMPLE_RATE = 8000
 PCMU = 0
+PCMA = 8
 
 _GLOBAL = struct.Struct("<IHHiIII")
 _RECORD = struct.Struct("<IIII")
@@ -191,15 +192,43 @@ def inband_dtmf_pcm(
     return np.concatenate(parts).astype(np.int16)
 
 
-def write_pcmu_pcap(path: Path, pcm: NDArray[np.int16], *, ptime_ms: int = 20) -> Path:
-    """Encode 8 kHz audio as PCMU and write it as ``ptime_ms`` RTP packets."""
+def write_pcmu_pcap(
+    path: Path, pcm: NDArray[np.int16], *, ptime_ms: int = 20, payload_type: int = PCMU
+) -> Path:
+    """Encode 8 kHz audio as PCMU (or PCMA) and write it as ``ptime_ms`` RTP packets."""
     samples = SAMPLE_RATE * ptime_ms // 1000
     padded = np.concatenate((pcm, np.zeros((-len(pcm)) % samples, dtype=np.int16))).astype(np.int16)
-    encoded = ulaw_encode(padded)
+    encoded = (alaw_encode if payload_type == PCMA else ulaw_encode)(padded)
     payloads = [encoded[i : i + samples] for i in range(0, len(encoded), samples)]
-    return write_rtp_pcap(path, payloads, payload_type=PCMU, ptime_ms=ptime_ms)
+    return write_rtp_pcap(path, payloads, payload_type=payload_type, ptime_ms=ptime_ms)
 
 
-def inband_dtmf_pcap(path: Path, digits: str, *, tone_ms: int = 120) -> Path:
-    """A PCMU stream carrying ``digits`` as in-band tones (no telephone-event packets)."""
-    return write_pcmu_pcap(path, inband_dtmf_pcm(digits, tone_ms=tone_ms))
+def inband_dtmf_pcap(
+    path: Path, digits: str, *, tone_ms: int = 120, payload_type: int = PCMU
+) -> Path:
+    """A PCMU (or PCMA) stream carrying ``digits`` as in-band tones (no telephone-event)."""
+    return write_pcmu_pcap(
+        path, inband_dtmf_pcm(digits, tone_ms=tone_ms), payload_type=payload_type
+    )
+
+
+def retype_rtp_pcap(source: Path, path: Path, payload_type: int) -> Path:
+    """Copy a pcap like SIPp's samples with every RTP packet's payload type changed
+    (SIPp replays the type it finds), the UDP checksums recomputed."""
+    data = bytearray(source.read_bytes())
+    offset = _GLOBAL.size
+    while offset < len(data):
+        included = _RECORD.unpack_from(data, offset)[2]
+        ip = offset + _RECORD.size + _ETHER.size
+        udp = ip + _IPV4.size
+        length = _UDP.unpack_from(data, udp)[2]
+        data[udp + _UDP.size + 1] = (data[udp + _UDP.size + 1] & 0x80) | payload_type
+        data[udp + 6 : udp + 8] = b"\0\0"
+        checksum = _udp_checksum(
+            bytes(data[ip + 12 : ip + 16]), bytes(data[ip + 16 : ip + 20]),
+            bytes(data[udp : udp + length]),
+        )  # fmt: skip
+        data[udp + 6 : udp + 8] = struct.pack("!H", checksum)
+        offset += _RECORD.size + included
+    path.write_bytes(bytes(data))
+    return path

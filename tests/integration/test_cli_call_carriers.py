@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.integration.peers import ackline_cli, cli_env, dtmf_pcap, free_port, sipp
+from tests.integration.peers import SippRun, ackline_cli, cli_env, dtmf_pcap, free_port, sipp
 
 pytestmark = pytest.mark.interop
 
 NUMBER = "+14155550101"
+
+
+def env(tmp: Path) -> dict[str, str]:
+    """The CLI's environment: the test's own database (trunk overrides, round-robin turns)."""
+    return {**cli_env(tmp), "ACKLINE_DATABASE_URL": f"sqlite:///{tmp}/ackline.db",
+            "ACKLINE_AUDIT_DIR": str(tmp / "audit")}  # fmt: skip
 
 
 def run(tmp: Path, config: dict[str, Any], *args: str) -> tuple[int, dict[str, Any], str]:
@@ -25,10 +33,21 @@ def run(tmp: Path, config: dict[str, Any], *args: str) -> tuple[int, dict[str, A
         capture_output=True,
         text=True,
         timeout=60,
-        env=cli_env(tmp),
+        env=env(tmp),
     )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     return proc.returncode, json.loads(lines[-1]) if lines else {}, proc.stderr
+
+
+def carriers_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ackline carriers ...` on the configuration `run` wrote, and the same database."""
+    return subprocess.run(
+        [*ackline_cli(), "carriers", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env(tmp), "ACKLINE_CONFIG": str(tmp / "ackline.yaml")},
+    )
 
 
 def carriers(*trunks: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -106,3 +125,59 @@ def test_every_trunk_failing_exits_3_with_the_attempts(tmp_path: Path) -> None:
     assert code == 3, err
     assert result["outcome"] == "failed"
     assert [(t["trunk"], t["sip_code"]) for t in result["trunks_tried"]] == [("only", 502)]
+
+
+def invites(peer: SippRun) -> int:
+    return sum(1 for line in peer.log_lines() if line.startswith("INVITE "))
+
+
+def two_carriers(tmp: Path) -> contextlib.AbstractContextManager[tuple[SippRun, SippRun]]:
+    @contextlib.contextmanager
+    def both() -> Iterator[tuple[SippRun, SippRun]]:
+        scenario = {"RING_MS": "0", "PAUSE_MS": "300", "PCAP": str(dtmf_pcap("1"))}
+        (tmp / "a").mkdir()
+        (tmp / "b").mkdir()
+        with (
+            sipp("carrier_answer_dtmf.xml", tmp / "a", calls=10, **scenario) as a,
+            sipp("carrier_answer_dtmf.xml", tmp / "b", calls=10, **scenario) as b,
+        ):
+            yield a, b
+
+    return both()
+
+
+def test_a_trunk_disabled_with_the_cli_carries_no_cli_call(tmp_path: Path) -> None:
+    with two_carriers(tmp_path) as (a, b):
+        config = carriers(
+            {"name": "a", "host": "127.0.0.1", "port": a.port, "priority": 1},
+            {"name": "b", "host": "127.0.0.1", "port": b.port, "priority": 2},
+        )
+        first = run(tmp_path, config, NUMBER, "--gather", "1", "--timeout", "5")
+        disabled = carriers_cli(tmp_path, "disable", "a")
+        second = run(tmp_path, config, NUMBER, "--gather", "1", "--timeout", "5")
+        enabled = carriers_cli(tmp_path, "enable", "a")
+        third = run(tmp_path, config, NUMBER, "--gather", "1", "--timeout", "5")
+        seen = (invites(a), invites(b))
+    assert disabled.returncode == 0 and enabled.returncode == 0, disabled.stderr + enabled.stderr
+    assert [r[0] for r in (first, second, third)] == [0, 0, 0], [
+        r[2] for r in (first, second, third)
+    ]
+    assert [r[1]["trunk"] for r in (first, second, third)] == ["a", "b", "a"]
+    assert [t["trunk"] for t in second[1]["trunks_tried"]] == ["b"]  # a never tried
+    assert second[1]["digits"] == "1"
+    assert seen == (2, 1)
+
+
+def test_round_robin_goes_on_from_one_cli_call_to_the_next(tmp_path: Path) -> None:
+    with two_carriers(tmp_path) as (a, b):
+        config = carriers(
+            {"name": "a", "host": "127.0.0.1", "port": a.port},
+            {"name": "b", "host": "127.0.0.1", "port": b.port},
+            strategy="round_robin",
+        )
+        results = [run(tmp_path, config, NUMBER, "--gather", "1", "--timeout", "5")
+                   for _ in range(3)]  # fmt: skip
+        seen = (invites(a), invites(b))
+    assert [code for code, _, _ in results] == [0, 0, 0], [err for _, _, err in results]
+    assert [result["trunk"] for _, result, _ in results] == ["a", "b", "a"]
+    assert seen == (2, 1)

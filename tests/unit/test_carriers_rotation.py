@@ -47,6 +47,14 @@ def test_round_robin_rotates_the_first_pick_and_keeps_the_rest_as_failover() -> 
     assert set(firsts.values()) == {100}
 
 
+def test_round_robin_starts_at_the_shared_turn_when_there_is_one() -> None:
+    """Every process (workers, `ackline call`) draws the turn from one counter."""
+    first, second = RoundRobinStrategy(), RoundRobinStrategy()  # two processes
+    orders = [names(s.order([A, B, C], RouteView(turn=t))) for s, t in ((first, 7), (second, 8))]
+    assert orders == [["a", "c", "b"], ["c", "b", "a"]]
+    assert names(first.order([A, B, C], VIEW)) == ["c", "b", "a"]  # no turn: on from 7
+
+
 @pytest.mark.parametrize("weights", [(1, 1), (3, 1), (5, 3, 2), (10, 1, 1)])
 def test_weighted_respects_weights_over_many_picks(weights: tuple[int, ...]) -> None:
     trunks = [trunk(f"t{i}", weight=w) for i, w in enumerate(weights)]

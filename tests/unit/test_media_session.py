@@ -18,7 +18,7 @@ from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, rfc4733_packets
 from gateway.media.g711 import alaw_encode, decoder_for, ulaw_encode
 from gateway.media.pacer import Pacer
 from gateway.media.rtp import RtpPacket
-from gateway.media.sdp import NegotiatedMedia
+from gateway.media.sdp import NegotiatedMedia, create_offer, parse_answer
 from gateway.media.session import MediaSession, MediaSessionClosed
 from gateway.media.source import RtpSourceFilter, SourceVerdict
 
@@ -535,6 +535,70 @@ async def test_rfc4733_from_raw_socket_with_lost_end_packets(pacer: Pacer, peer:
         assert s.digits.empty()
     finally:
         await s.close()
+
+
+def answered_126_pcma(port: int) -> NegotiatedMedia:
+    """Our offer (PCMU, PCMA, telephone-event/101) answered with PCMA first, PCMU too,
+    and telephone-event renumbered 126."""
+    answer = (
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        f"m=audio {port} RTP/AVP 8 0 126\r\na=rtpmap:126 telephone-event/8000\r\n"
+    )
+    return parse_answer(answer, create_offer(HOST, 20000))
+
+
+async def test_events_heard_on_the_offered_and_the_answered_type(
+    pacer: Pacer, peer: RawPeer
+) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer, inband_dtmf=False)
+    await s.open()
+    try:
+        s.configure(answered_126_pcma(peer.port))
+        seq = 0
+        for pt, digit, ts in ((TE, "4", 1000), (126, "6", 9000)):
+            for payload, marker, _ in rfc4733_packets(digit, duration_ms=60):
+                peer.send(RtpPacket(pt, seq, ts, 5, payload, marker).serialize(), s.local_port)
+                seq += 1
+        async with asyncio.timeout(2):
+            heard = [(await s.digits.get()).digit for _ in range(2)]
+        peer.drain()
+        sent = asyncio.ensure_future(s.send_digit("2", 60))
+        async with asyncio.timeout(2):
+            while (packet := await peer.next()).payload_type not in (TE, 126):
+                pass
+        await sent
+    finally:
+        await s.close()
+    assert heard == ["4", "6"]
+    assert packet.payload_type == 126  # we send on the answer's number
+
+
+async def test_audio_of_every_offered_codec_is_decoded(pacer: Pacer, peer: RawPeer) -> None:
+    """We send PCMA as answered; the callee sends PCMU (listed too): heard, tones included."""
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(answered_126_pcma(peer.port))
+        tone = np.concatenate((dtmf_tone("9", 200), np.zeros(3200, dtype=np.int16)))
+        codes = ulaw_encode(tone)
+        for seq in range(len(codes) // 160):
+            peer.send(rtp(seq, codes[seq * 160 : (seq + 1) * 160], pt=0), s.local_port)
+        ulaw_frames = len(codes) // 160
+        level = alaw_encode(np.full(160, 3000, dtype=np.int16))
+        peer.send(rtp(ulaw_frames, level, pt=8), s.local_port)
+        async with asyncio.timeout(3):
+            digit = await s.digits.get()
+        await wait_for(lambda: s.stats.packets_received == ulaw_frames + 1)
+        packet = await peer.next()
+        audio = s.received_audio()
+        stats = s.stats
+    finally:
+        await s.close()
+    assert (digit.digit, digit.method) == ("9", DtmfMethod.INBAND)
+    assert stats.other_payload == 0
+    assert packet.payload_type == 8  # we send PCMA, as answered
+    assert audio[-160:].tolist() == decoder_for("PCMA")(level).tolist()
+    assert best_match(audio, dtmf_tone("9", 200)) > 0.95
 
 
 # -- lifecycle ---------------------------------------------------------------------------

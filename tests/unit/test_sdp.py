@@ -449,7 +449,42 @@ def test_answer_takes_remote_ptime() -> None:
 
 def test_parse_answer_pcma_and_peer_event_type() -> None:
     media = parse_answer(ASTERISK_ANSWER_PCMA, our_offer())
-    assert media == NegotiatedMedia("10.0.0.5", 17240, 8, "PCMA", 8000, 100, 20, "sendrecv")
+    assert media == NegotiatedMedia(
+        "10.0.0.5", 17240, 8, "PCMA", 8000, 100, 20, "sendrecv",
+        extra_audio=((0, "PCMU"),), extra_events=(101,),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("event_pt", [96, 101, 126])
+def test_parse_answer_receives_events_on_the_offered_and_the_answered_type(event_pt: int) -> None:
+    """RFC 3264 §5.1: we offered telephone-event/101, so the callee may send on 101 even
+    when its answer numbers it otherwise; we send on the answer's number."""
+    answer = ASTERISK_ANSWER_PCMA.replace("100", str(event_pt))
+    media = parse_answer(answer, our_offer())
+    assert media.telephone_event_pt == event_pt
+    assert media.receive_events == {101, event_pt}
+
+
+def test_parse_answer_receives_every_offered_codec() -> None:
+    """The answer prefers PCMA (we send PCMA) but a compliant callee sends our first
+    choice, PCMU, which it also listed (RFC 3264 §6.1): both decode."""
+    answer = ASTERISK_ANSWER_PCMA.replace("8 100", "8 0 100")
+    media = parse_answer(answer, our_offer())
+    assert (media.payload_type, media.codec) == (8, "PCMA")
+    assert media.receive_audio == {8: "PCMA", 0: "PCMU"}
+    only_pcmu = parse_answer(answer.replace("8 0 100", "0 100"), our_offer(codecs=("PCMU",)))
+    assert only_pcmu.receive_audio == {0: "PCMU"}
+
+
+def test_parse_answer_without_events_receives_none() -> None:
+    media = parse_answer(ASTERISK_ANSWER_PCMA.replace("8 100", "8"), our_offer())
+    assert media.telephone_event_pt is None and media.receive_events == frozenset()
+
+
+def test_create_answer_receives_on_what_it_answered() -> None:
+    _, media = create_answer(ASTERISK_OFFER, "192.0.2.10", 20000)
+    assert media.receive_audio == {media.payload_type: media.codec}
+    assert media.receive_events == {100}
 
 
 def test_parse_answer_accepts_bytes_and_objects() -> None:
