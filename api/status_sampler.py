@@ -51,6 +51,7 @@ from escalation.status import (
     with_maintenance,
 )
 from escalation.statuspage import StatusService
+from gateway.sip.registration import RegistrationState
 
 __all__ = ["ComponentStatus", "Sampler", "StatusCollector", "components_for", "operator_company"]
 
@@ -267,12 +268,23 @@ class StatusCollector:
         views: dict[str, list[TrunkView]] = {}
         for report in reports:
             for name, health in report.items():
-                try:
-                    view = TrunkView(ProbeState(health["probe"]), BreakerState(health["breaker"]))
-                except (KeyError, ValueError, TypeError):
-                    continue  # a report a newer release shaped differently
-                views.setdefault(name, []).append(view)
+                if (view := trunk_view(health)) is not None:
+                    views.setdefault(name, []).append(view)
         return views
+
+
+def trunk_view(health: Mapping[str, Any]) -> TrunkView | None:
+    """One process's health report of a trunk (carriers.router.health_report); None for a
+    report a newer release shaped differently. A trunk that registers counts only while
+    registered; `registration` is None for one that does not register."""
+    try:
+        return TrunkView(
+            ProbeState(health["probe"]),
+            BreakerState(health["breaker"]),
+            registered=health.get("registration") in (None, RegistrationState.REGISTERED.value),
+        )
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def interval_start(now: datetime, interval: float) -> datetime:

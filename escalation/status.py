@@ -173,6 +173,7 @@ class TrunkView:
 
     probe: ProbeState
     breaker: BreakerState
+    registered: bool = True  # a registering trunk not registered takes no calls
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def dispatcher_state(signal: DispatcherSignal, t: Thresholds = Thresholds()) -> 
 
 
 def _one_view(view: TrunkView) -> ComponentState:
-    if view.probe is ProbeState.DOWN:
+    if view.probe is ProbeState.DOWN or not view.registered:
         return ComponentState.MAJOR_OUTAGE
     if view.breaker is BreakerState.OPEN:
         return ComponentState.PARTIAL_OUTAGE

@@ -83,6 +83,8 @@ def test_thresholds_are_settable() -> None:
         ([TrunkView(DOWN, CLOSED), TrunkView(UP, CLOSED)], S.PARTIAL_OUTAGE),  # some down
         ([TrunkView(UP, OPEN), TrunkView(UP, CLOSED)], S.PARTIAL_OUTAGE),
         ([TrunkView(UP, HALF), TrunkView(UP, CLOSED)], S.DEGRADED),
+        ([TrunkView(UP, CLOSED, registered=False)], S.MAJOR_OUTAGE),  # takes no calls
+        ([TrunkView(UP, CLOSED, registered=False), TrunkView(UP, CLOSED)], S.PARTIAL_OUTAGE),
     ],
 )
 def test_trunk_state(views: list[TrunkView], state: ComponentState | None) -> None:
@@ -191,3 +193,16 @@ def test_request_window_counts_v1_requests_and_5xx_in_the_window() -> None:
 def test_badge_escapes_its_text() -> None:
     svg = badge_svg("Voice <a&b>", "operational", "#13692f")
     assert "<a&b>" not in svg and "Voice &lt;a&amp;b&gt;" in svg
+
+
+def test_a_trunk_report_counts_its_registration() -> None:
+    from api.status_sampler import trunk_view
+
+    report = {"probe": "up", "breaker": "closed", "registration": None}
+    assert trunk_view(report) == TrunkView(UP, CLOSED, registered=True)
+    assert trunk_view({**report, "registration": "registered"}) == TrunkView(UP, CLOSED)
+    for state in ("unregistered", "failed"):
+        assert trunk_view({**report, "registration": state}) == TrunkView(
+            UP, CLOSED, registered=False
+        )
+    assert trunk_view({"probe": "sideways", "breaker": "closed"}) is None
