@@ -196,11 +196,12 @@ SUPPORTED_OPTIONS: frozenset[str] = frozenset()  # SIP extensions (option tags) 
 _SDP = "application/sdp"
 
 
-def check_new_invite(request: Request) -> Rejection | None:
+def check_new_invite(request: Request, *, secure: bool = False) -> Rejection | None:
     """Everything a new INVITE must satisfy before a call or a media port is spent on it.
 
     Pure and in RFC 3261 8.2 order: the headers every request needs (`check_request`), the
-    Request-URI (416 for schemes other than sip), Max-Forwards (483 at 0), a From tag, one
+    Request-URI (416 for schemes other than sip, and for sips unless it came over TLS:
+    ``secure``), Max-Forwards (483 at 0), a From tag, one
     Contact and a Record-Route to build the dialog from, Require (420), the body's type and
     encoding (415)
     and finally the SDP offer (488 when no stream we can answer is in it). None means the
@@ -210,7 +211,7 @@ def check_new_invite(request: Request) -> Rejection | None:
     if rejection is not None:
         return rejection
     uri = request.uri
-    if uri.scheme != "sip":
+    if uri.scheme not in ("sip", "sips") or (uri.scheme == "sips" and not secure):
         return Rejection(416, "Unsupported URI Scheme")
     if not uri.host or (uri.port is not None and not 0 < uri.port < 65536):
         return Rejection(400, "Invalid Request-URI")
