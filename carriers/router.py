@@ -401,6 +401,7 @@ class CarrierRouter:
                 ring_timeout=ring_timeout,
                 transport=trunk.transport,
                 tls=trunk.tls_client(),
+                srtp=trunk.srtp_policy(),
                 caller=trunk.caller_id,
                 on_call=on_call,
                 max_duration=max_duration,

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from escalation.durations import parse_duration
+from gateway.media.srtp import SrtpMode, SrtpPolicy
 from gateway.sip.auth import Credentials
 from gateway.tls import DEFAULT_SIPS_PORT, TlsClientSettings
 
@@ -172,6 +173,9 @@ class Trunk(BaseModel):
     port: int = Field(default=5060, ge=1, le=65535)  # 5061 with transport: tls
     transport: Literal["udp", "tcp", "tls"] = "udp"
     tls: TlsSettings | None = None  # transport: tls only; default: verify with system CAs
+    srtp: SrtpMode = SrtpMode.OFF  # required | optional | off (SDES, RFC 4568)
+    # SDES keys travel inside the SIP message: without TLS anyone on the path reads them
+    srtp_without_tls: bool = False
     username: str | None = None
     password: SecretStr | None = None
     caller_id: str | None = None
@@ -255,6 +259,7 @@ class Trunk(BaseModel):
             raise ValueError("tls: settings need transport: tls")
         if self.registration is not None and self.transport == "tls":
             raise ValueError("register: over transport tls is not supported yet")
+        self.srtp_policy().check(self.transport)
 
     def _check_twilio(self) -> None:
         if self.account_sid is None or not _ACCOUNT_SID.match(self.account_sid):
@@ -283,6 +288,9 @@ class Trunk(BaseModel):
         if self.transport != "tls":
             return None
         return self.tls.client() if self.tls is not None else TlsClientSettings()
+
+    def srtp_policy(self) -> SrtpPolicy:
+        return SrtpPolicy(self.srtp, allow_cleartext_keys=self.srtp_without_tls)
 
     def credentials(self) -> Credentials | None:
         if self.username is None or self.password is None:

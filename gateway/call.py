@@ -41,8 +41,16 @@ from gateway.admission import (
 from gateway.endpoint import CancelReceived, ServerContext, SipEndpoint
 from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, parse_info_dtmf
 from gateway.media.pacer import Pacer
-from gateway.media.sdp import NegotiatedMedia, SdpError, create_answer, create_offer, parse_answer
+from gateway.media.sdp import (
+    NegotiatedMedia,
+    SdpError,
+    SessionDescription,
+    create_answer,
+    create_offer,
+    parse_answer,
+)
 from gateway.media.session import MediaSession, NoFreeRtpPort
+from gateway.media.srtp import CryptoAttribute, SrtpKeys, SrtpMode, SrtpPolicy, SrtpStream
 from gateway.metrics import CALL_TASK_FAILURES, count_rejection
 from gateway.redirect import (
     FOLLOWED_CODES,
@@ -143,6 +151,9 @@ class GatewayConfig:
     tcp_port: int | None = None
     tls_port: int | None = None  # inbound SIP over TLS; needs ``tls`` (our certificate)
     tls: TlsServerSettings | None = None
+    # Inbound SRTP: SRTP offers are answered (and REQUIRED refuses plain RTP) over TLS only,
+    # unless the policy allows SDES keys over a cleartext transport.
+    srtp: SrtpPolicy = field(default_factory=lambda: SrtpPolicy(SrtpMode.OPTIONAL))
     rtp_ports: tuple[int, int] = (20000, 30000)  # RTP binds even ports inside, inclusive
     timers: TimerSettings = field(default_factory=TimerSettings)
     caller: str = "ackline"  # user part of our From
@@ -379,6 +390,7 @@ class Gateway:
         max_duration: float | None = None,
         redirects: RedirectPolicy | None = None,
         tls: TlsClientSettings | None = None,
+        srtp: SrtpPolicy | None = None,
     ) -> Call:
         """Place a call; returns when it is answered or has ended without answer.
 
@@ -388,14 +400,18 @@ class Gateway:
         still ringing. ``max_duration`` overrides ``config.max_call_duration``. With
         ``redirects`` a 300/301/302 is followed as the same call (gateway.redirect), all
         within ``ring_timeout``; without, a 3xx is final. ``tls`` says how to verify a TLS
-        peer (default: the system's CAs and the target's host name).
+        peer (default: the system's CAs and the target's host name). ``srtp`` offers SDES
+        SRTP (ValueError when its keys would go over a transport without TLS).
         """
         if self._draining:
             raise GatewayShuttingDown("the gateway is shutting down")
         uri = parse_target(target) if isinstance(target, str) else target
         kind = target_transport(uri, transport)
+        policy = srtp or SrtpPolicy()
+        policy.check(kind)
         peer = await resolve_target(uri, kind)
         call = Call(self, direction="outbound", transport=kind, peer=peer, target=str(uri))
+        call._set_srtp_mode(policy.mode_over(kind))
         call._tls = tls
         call.peer = call._with_tls(peer, uri)
         call.sips = uri.scheme == "sips"
@@ -486,6 +502,7 @@ class Gateway:
             admitted, self._admitted = self._admitted, None
             call.trunk = admitted[1] if admitted is not None and admitted[0] is request else None
             call.sips = request.uri.scheme == "sips" and ctx.source.transport == "tls"
+            call._set_srtp_mode(self.config.srtp.mode_over(ctx.source.transport))
             call._take(ctx)
             self.inbound_calls += 1
             self.spawn(call._answer_incoming(ctx))
@@ -539,7 +556,13 @@ class Gateway:
             retry = (("Retry-After", str(BUSY_RETRY_AFTER)),)
             refusal = Rejection(503, "Service Unavailable (too many calls)", retry)
             return self._refuse(request, source, refusal, RefusalReason.TOO_MANY_CALLS, trunk)
-        rejection = check_new_invite(request, secure=source.transport == "tls")
+        srtp = self.config.srtp
+        if srtp.mode is SrtpMode.REQUIRED and srtp.mode_over(source.transport) is SrtpMode.OFF:
+            refusal = Rejection(488, "Not Acceptable Here (SRTP required: call over TLS)")
+            return self._refuse(request, source, refusal, RefusalReason.MALFORMED_REQUEST, trunk)
+        rejection = check_new_invite(
+            request, secure=source.transport == "tls", srtp=srtp.mode_over(source.transport)
+        )
         if rejection is not None:
             return self._refuse(request, source, rejection, RefusalReason.MALFORMED_REQUEST, trunk)
         self._admitted = (request, trunk)
@@ -704,6 +727,10 @@ class Call:
         self._redirects: Redirects | None = None  # following 3xx (Gateway.dial(redirects=))
         self.redirect: RedirectDecision | None = None  # the last 3xx's verdict, if any
         self._tls: TlsClientSettings | None = None  # Gateway.dial(tls=)
+        self._srtp_mode = SrtpMode.OFF  # what this call offers/accepts (see SrtpPolicy)
+        self._crypto: CryptoAttribute | None = None  # our SDES key, one per call
+        self._srtp: SrtpStream | None = None
+        self._sdp_error = ""
         self.sips = False  # a sips: dialog: our Contact is sips: too (RFC 3261 8.1.1.8)
 
     # -- public API ---------------------------------------------------------------
@@ -910,7 +937,7 @@ class Call:
         config = self.gateway.config
         self.call_id = new_call_id(config.advertised_host)
         rtp_port = await self._open_media()
-        self._offer = create_offer(config.advertised_host, rtp_port)
+        self._offer = self._create_offer(rtp_port)
         self._sdp_session_id = self._offer.origin.session_id
         if not await self._connect_first():
             return
@@ -1108,7 +1135,8 @@ class Call:
         if not self._configure_from_answer(response.body, early=False):
             bye = self.dialog.create_request("BYE", self._via())
             self.gateway.spawn(endpoint.request(bye, self._dialog_peer()))
-            self._fail(CallOutcome.FAILED, response.code, "unusable SDP answer")
+            reason = f"unusable SDP answer: {self._sdp_error}"
+            self._fail(CallOutcome.FAILED, response.code, reason)
             return
         self._invite_code = response.code
         self._invite_reason = response.phrase
@@ -1123,6 +1151,7 @@ class Call:
             negotiated = parse_answer(body, self._offer)
         except SdpError as exc:
             logger.info("call %s: SDP answer rejected: %s", self.call_id, exc)
+            self._sdp_error = str(exc)
             return False
         self._configure_media(negotiated)
         return True
@@ -1131,6 +1160,43 @@ class Call:
         assert self.media is not None
         self.media.configure(negotiated)
         self._codec = negotiated.codec
+        self._apply_srtp(negotiated.srtp)
+
+    def _set_srtp_mode(self, mode: SrtpMode) -> None:
+        """Whether this call offers/accepts SRTP; a fresh key when it may."""
+        self._srtp_mode = mode
+        self._crypto = CryptoAttribute.generate() if mode is not SrtpMode.OFF else None
+
+    def _apply_srtp(self, keys: SrtpKeys | None) -> None:
+        """Key the media session as negotiated; unchanged keys keep their libsrtp state
+        (rollover counter, replay window) across re-INVITEs."""
+        assert self.media is not None
+        if keys == (self._srtp.keys if self._srtp is not None else None):
+            return
+        self._srtp = SrtpStream(keys) if keys is not None else None
+        self.media.set_srtp(self._srtp)
+
+    def _create_offer(self, port: int, **kwargs: Any) -> SessionDescription:
+        """Our offer (first, late or re-offer), with our SDES key when SRTP may be used."""
+        return create_offer(
+            self.gateway.config.advertised_host,
+            port,
+            crypto=self._crypto,
+            srtp_required=self._srtp_mode is SrtpMode.REQUIRED,
+            **kwargs,
+        )
+
+    def _create_answer(
+        self, offer: bytes, port: int, **kwargs: Any
+    ) -> tuple[SessionDescription, NegotiatedMedia]:
+        return create_answer(
+            offer,
+            self.gateway.config.advertised_host,
+            port,
+            crypto=self._crypto,
+            srtp_required=self._srtp_mode is SrtpMode.REQUIRED,
+            **kwargs,
+        )
 
     def _cancel(self, reason: str) -> None:
         if self._cancel_reason is None:
@@ -1212,13 +1278,13 @@ class Call:
             self._refuse_without_media(ctx, exc)
             return
         if request.body:
-            answer, negotiated = create_answer(request.body, config.advertised_host, rtp_port)
+            answer, negotiated = self._create_answer(request.body, rtp_port)
             self._sdp_session_id = answer.origin.session_id
             self._configure_media(negotiated)
             answer_body = str(answer).encode()
         else:
             # late offer: the answer comes in the ACK
-            self._offer = create_offer(config.advertised_host, rtp_port)
+            self._offer = self._create_offer(rtp_port)
             self._sdp_session_id = self._offer.origin.session_id
             answer_body = str(self._offer).encode()
         ctx.respond(180, to_tag=self.local_tag)
@@ -1339,13 +1405,11 @@ class Call:
         except ValueError:  # a garbled Contact: refuse the re-INVITE, keep the call
             ctx.respond(400, "Invalid Contact")
             return
-        config = self.gateway.config
         self._sdp_version += 1
         try:
             if request.body:
-                answer, negotiated = create_answer(
+                answer, negotiated = self._create_answer(
                     request.body,
-                    config.advertised_host,
                     self.media.local_port,
                     session_id=self._sdp_session_id,
                     version=self._sdp_version,
@@ -1353,8 +1417,7 @@ class Call:
                 self._configure_media(negotiated)
                 body = str(answer).encode()
             else:
-                self._offer = create_offer(
-                    config.advertised_host,
+                self._offer = self._create_offer(
                     self.media.local_port,
                     session_id=self._sdp_session_id,
                     version=self._sdp_version,
@@ -1495,6 +1558,7 @@ class Call:
             received=list(self._digits),
             authenticated=self._authenticated,
             redirected_to=[] if self._redirects is None else list(self._redirects.visited[1:]),
+            srtp=self._srtp is not None,
         )
         self.ended.set()
         if self._duration_timer is not None:

@@ -211,3 +211,18 @@ def test_a_tls_trunk_takes_a_ca_file_and_client_certificate(tmp_path: Path) -> N
 )
 def test_bad_tls_settings_are_named(yaml_text: str, expected: str) -> None:
     assert expected in errors_of(yaml_text)
+
+
+def test_srtp_per_trunk_needs_tls_unless_allowed() -> None:
+    trunk = load_carriers(_tls_trunk(", srtp: required")).trunks[0]
+    assert trunk.srtp_policy().mode_over("tls").value == "required"
+    assert "use transport tls" in errors_of(
+        "carriers:\n  allowed_countries: [US]\n  trunks:\n"
+        "    - {name: plain, host: 192.0.2.1, srtp: optional}\n"
+    )
+    lab = load_carriers(
+        "carriers:\n  allowed_countries: [US]\n  trunks:\n"
+        "    - {name: lab, host: 192.0.2.1, srtp: optional, srtp_without_tls: true}\n"
+    ).trunks[0]
+    assert lab.srtp_policy().mode_over("udp").value == "optional"
+    assert "srtp" in errors_of(_tls_trunk(", srtp: maybe"))
