@@ -37,6 +37,7 @@ from gateway.call import (
     resolve_target,
     target_transport,
 )
+from gateway.media.srtp import SrtpMode, SrtpPolicy
 from gateway.result import CallResult
 from gateway.sip.auth import Credentials
 from gateway.sip.transaction import TimerSettings
@@ -125,6 +126,9 @@ def call(
         Path | None,
         typer.Option(help="CA bundle to verify a TLS peer with (default: the system's CAs)"),
     ] = None,
+    srtp: Annotated[
+        SrtpMode, typer.Option(help="SDES SRTP: required, optional or off (TLS only)")
+    ] = SrtpMode.OFF,
     bind: Annotated[
         str | None, typer.Option(help="local address (default: route to target)")
     ] = None,
@@ -153,6 +157,8 @@ def call(
         tls = TlsClientSettings(ca_file=tls_ca_file) if kind == "tls" else None
         if tls is not None:
             tls.check_files()
+        srtp_policy = SrtpPolicy(srtp)
+        srtp_policy.check(kind)
         if (auth_user is None) != (auth_password is None):
             raise ValueError("--auth-user and --auth-password go together")
     except ValueError as exc:
@@ -172,6 +178,7 @@ def call(
                 bind=bind,
                 voice=voice,
                 tls=tls,
+                srtp=srtp_policy,
             )
         )
     except Unreachable as exc:
@@ -355,6 +362,7 @@ async def _call(
     bind: str | None,
     voice: str,
     tls: TlsClientSettings | None = None,
+    srtp: SrtpPolicy | None = None,
 ) -> dict[str, Any]:
     uri = parse_target(uri_text)
     peer = await resolve_target(uri, kind)
@@ -371,7 +379,12 @@ async def _call(
         await prompts.render(say)  # synthesize before dialing: no dead air after answer
     async with Gateway(config, prompts=prompts) as gateway:
         active = await gateway.dial(
-            uri, credentials=credentials, ring_timeout=ring_timeout, transport=kind, tls=tls
+            uri,
+            credentials=credentials,
+            ring_timeout=ring_timeout,
+            transport=kind,
+            tls=tls,
+            srtp=srtp,
         )
         if active.result is not None and active.result.reason.startswith("transport error"):
             raise Unreachable(f"cannot reach {uri_text} over {kind}: {active.result.reason}")
