@@ -35,10 +35,13 @@ from gateway.call import (
     advertised_address,
     parse_target,
     resolve_target,
+    target_transport,
 )
+from gateway.media.srtp import SrtpMode, SrtpPolicy
 from gateway.result import CallResult
 from gateway.sip.auth import Credentials
 from gateway.sip.transaction import TimerSettings
+from gateway.tls import DEFAULT_SIPS_PORT, TlsClientSettings, TlsServerSettings
 from ivr.flow import FlowError
 
 if TYPE_CHECKING:
@@ -116,7 +119,16 @@ def call(
     ring_timeout: Annotated[float, typer.Option(min=0.1, help="seconds to ring")] = 30.0,
     auth_user: Annotated[str | None, typer.Option(help="digest username")] = None,
     auth_password: Annotated[str | None, typer.Option(help="digest password")] = None,
-    transport: Annotated[str | None, typer.Option(help="udp or tcp")] = None,
+    transport: Annotated[
+        str | None, typer.Option(help="udp, tcp or tls (default: tls for sips:, else udp)")
+    ] = None,
+    tls_ca_file: Annotated[
+        Path | None,
+        typer.Option(help="CA bundle to verify a TLS peer with (default: the system's CAs)"),
+    ] = None,
+    srtp: Annotated[
+        SrtpMode, typer.Option(help="SDES SRTP: required, optional or off (TLS only)")
+    ] = SrtpMode.OFF,
     bind: Annotated[
         str | None, typer.Option(help="local address (default: route to target)")
     ] = None,
@@ -141,9 +153,12 @@ def call(
         raise typer.Exit(EXIT_BAD_INPUT)
     try:
         uri = parse_target(target)
-        kind = (transport or uri.parameters.get("transport") or "udp").lower()
-        if kind not in ("udp", "tcp"):
-            raise ValueError(f"unsupported transport {kind!r} (udp or tcp)")
+        kind = target_transport(uri, transport)
+        tls = TlsClientSettings(ca_file=tls_ca_file) if kind == "tls" else None
+        if tls is not None:
+            tls.check_files()
+        srtp_policy = SrtpPolicy(srtp)
+        srtp_policy.check(kind)
         if (auth_user is None) != (auth_password is None):
             raise ValueError("--auth-user and --auth-password go together")
     except ValueError as exc:
@@ -162,6 +177,8 @@ def call(
                 credentials=credentials,
                 bind=bind,
                 voice=voice,
+                tls=tls,
+                srtp=srtp_policy,
             )
         )
     except Unreachable as exc:
@@ -344,6 +361,8 @@ async def _call(
     credentials: Credentials | None,
     bind: str | None,
     voice: str,
+    tls: TlsClientSettings | None = None,
+    srtp: SrtpPolicy | None = None,
 ) -> dict[str, Any]:
     uri = parse_target(uri_text)
     peer = await resolve_target(uri, kind)
@@ -360,7 +379,12 @@ async def _call(
         await prompts.render(say)  # synthesize before dialing: no dead air after answer
     async with Gateway(config, prompts=prompts) as gateway:
         active = await gateway.dial(
-            uri, credentials=credentials, ring_timeout=ring_timeout, transport=kind
+            uri,
+            credentials=credentials,
+            ring_timeout=ring_timeout,
+            transport=kind,
+            tls=tls,
+            srtp=srtp,
         )
         if active.result is not None and active.result.reason.startswith("transport error"):
             raise Unreachable(f"cannot reach {uri_text} over {kind}: {active.result.reason}")
@@ -410,6 +434,26 @@ def serve(
             help="SIP port, UDP and TCP (default 5060; a worker alone picks a free one)",
         ),
     ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ACKLINE_SIP_TLS_CERT",
+            help="PEM certificate (chain) to listen for SIP over TLS with",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(envvar="ACKLINE_SIP_TLS_KEY", help="its PEM key (default: in --tls-cert)"),
+    ] = None,
+    tls_port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            envvar="ACKLINE_SIP_TLS_PORT",
+            help="SIP over TLS port (with --tls-cert)",
+        ),
+    ] = DEFAULT_SIPS_PORT,
     http_host: Annotated[str, typer.Option(envvar="ACKLINE_HTTP_HOST")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(min=1, max=65535, envvar="ACKLINE_HTTP_PORT")] = 8080,
     greeting: Annotated[str, typer.Option(help="text spoken to callers")] = (
@@ -443,12 +487,23 @@ def serve(
     if role in (Role.ALL, Role.API) and not settings.api_keys:
         settings = settings.model_copy(update={"api_keys": _local_api_key(settings)})
     sip_port = port if port is not None else (0 if role is Role.WORKER else 5060)
+    tls: TlsServerSettings | None = None
+    if tls_cert is not None:
+        tls = TlsServerSettings(tls_cert, tls_key)
+        try:
+            tls.check_files()
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+    elif tls_key is not None:
+        typer.echo("error: --tls-key needs --tls-cert", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
     inbound = Inbound(greeting, gather, timeout)
     try:
         run_service(
             _serve(
                 role, settings, host, sip_port, http_host, http_port, inbound, voice, webphone,
-                advertise=advertise,
+                advertise=advertise, tls=tls, tls_port=tls_port,
             )
         )  # fmt: skip
     except (ConfigError, FlowError) as exc:
@@ -508,6 +563,8 @@ async def _serve(
     voice: str,
     webphone: bool = True,
     advertise: str | None = None,
+    tls: TlsServerSettings | None = None,
+    tls_port: int = DEFAULT_SIPS_PORT,
 ) -> None:
     from api.app import create_app, run_worker
     from api.channels import services_for
@@ -539,6 +596,8 @@ async def _serve(
                     advertise=advertise,
                     udp_port=sip_port,
                     tcp_port=sip_port,
+                    tls_port=tls_port if tls is not None else None,
+                    tls=tls,
                     rtp_ports=settings.rtp_ports,
                     timers=TimerSettings(t1=settings.sip_t1),
                     max_call_duration=settings.sip_max_call,
@@ -559,6 +618,10 @@ async def _serve(
                 services.registrations.start()
                 stack.push_async_callback(services.registrations.close)
             udp = gateway.address("udp")
+            if tls is not None:
+                secure = gateway.address("tls")
+                print(f"sip listening on {secure[0]}:{secure[1]} (tls)", file=sys.stderr,
+                      flush=True)  # fmt: skip
             print(f"sip listening on {udp[0]}:{udp[1]} (udp, tcp), advertised as "
                   f"{gateway.config.advertised_host}, rtp {'-'.join(map(str, settings.rtp_ports))}",
                   file=sys.stderr, flush=True)  # fmt: skip

@@ -345,7 +345,10 @@ class Prober:
         detail = ""
         try:
             response = await asyncio.wait_for(
-                self.gateway.options(trunk.probe_uri(), transport=trunk.transport), timeout
+                self.gateway.options(
+                    trunk.probe_uri(), transport=trunk.transport, tls=trunk.tls_client()
+                ),
+                timeout,
             )
         except TimeoutError:
             response, detail = None, f"no answer within {timeout:g} s"

@@ -400,6 +400,8 @@ class CarrierRouter:
                 credentials=trunk.credentials(),
                 ring_timeout=ring_timeout,
                 transport=trunk.transport,
+                tls=trunk.tls_client(),
+                srtp=trunk.srtp_policy(),
                 caller=trunk.caller_id,
                 on_call=on_call,
                 max_duration=max_duration,

@@ -10,7 +10,8 @@ import contextlib
 import enum
 import ipaddress
 import re
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import phonenumbers
@@ -26,7 +27,9 @@ from pydantic import (
 )
 
 from escalation.durations import parse_duration
+from gateway.media.srtp import SrtpMode, SrtpPolicy
 from gateway.sip.auth import Credentials
+from gateway.tls import DEFAULT_SIPS_PORT, TlsClientSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
@@ -130,6 +133,35 @@ def split_hostport(value: str, default_port: int = 5060) -> tuple[str, int]:
     return _check_host(host), port
 
 
+class TlsSettings(BaseModel):
+    """``tls:`` of a trunk with ``transport: tls``: whom to trust and who we are.
+
+    Verification is on by default; ``verify: false`` accepts any certificate (and so gives
+    SRTP keys to whoever answers the connection), for a lab only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ca_file: Path | None = None  # PEM CA bundle; default: the system's CAs
+    verify: bool = True
+    client_cert: Path | None = None  # PEM certificate (chain) for mutual TLS
+    client_key: Path | None = None  # default: the key is in client_cert
+    server_name: str | None = None  # name checked against the certificate; default: host
+
+    @model_validator(mode="after")
+    def _check(self) -> TlsSettings:
+        self.client().check_files()
+        return self
+
+    def client(self) -> TlsClientSettings:
+        return TlsClientSettings(
+            ca_file=self.ca_file,
+            verify=self.verify,
+            client_cert=self.client_cert,
+            client_key=self.client_key,
+            server_name=self.server_name,
+        )
+
+
 class Trunk(BaseModel):
     """One carrier trunk. Unknown keys are errors so typos in YAML do not pass silently."""
 
@@ -138,8 +170,12 @@ class Trunk(BaseModel):
     name: str
     kind: Literal["sip", "twilio"] = "sip"
     host: str | None = None  # sip: the carrier's SIP server (required)
-    port: int = Field(default=5060, ge=1, le=65535)
-    transport: Literal["udp", "tcp"] = "udp"
+    port: int = Field(default=5060, ge=1, le=65535)  # 5061 with transport: tls
+    transport: Literal["udp", "tcp", "tls"] = "udp"
+    tls: TlsSettings | None = None  # transport: tls only; default: verify with system CAs
+    srtp: SrtpMode = SrtpMode.OFF  # required | optional | off (SDES, RFC 4568)
+    # SDES keys travel inside the SIP message: without TLS anyone on the path reads them
+    srtp_without_tls: bool = False
     username: str | None = None
     password: SecretStr | None = None
     caller_id: str | None = None
@@ -161,6 +197,14 @@ class Trunk(BaseModel):
     registration: Annotated[RegisterSettings | None, BeforeValidator(_register_flag)] = Field(
         default=None, alias="register"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_port(cls, data: Any) -> Any:
+        """SIP over TLS listens on 5061 (RFC 3261 26.2.2) unless the trunk says otherwise."""
+        if isinstance(data, dict) and data.get("transport") == "tls" and "port" not in data:
+            return {**data, "port": DEFAULT_SIPS_PORT}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -211,6 +255,11 @@ class Trunk(BaseModel):
             raise ValueError(f"{', '.join(twilio_only)}: twilio trunks only")
         if self.registration is not None and self.registration_user() is None:
             raise ValueError("register needs a username (register.username or the trunk's)")
+        if self.tls is not None and self.transport != "tls":
+            raise ValueError("tls: settings need transport: tls")
+        if self.registration is not None and self.transport == "tls":
+            raise ValueError("register: over transport tls is not supported yet")
+        self.srtp_policy().check(self.transport)
 
     def _check_twilio(self) -> None:
         if self.account_sid is None or not _ACCOUNT_SID.match(self.account_sid):
@@ -233,6 +282,15 @@ class Trunk(BaseModel):
 
     def allows_country(self, region: str) -> bool:
         return not self.allowed_countries or region in self.allowed_countries
+
+    def tls_client(self) -> TlsClientSettings | None:
+        """How to verify this trunk over TLS (None: not a TLS trunk)."""
+        if self.transport != "tls":
+            return None
+        return self.tls.client() if self.tls is not None else TlsClientSettings()
+
+    def srtp_policy(self) -> SrtpPolicy:
+        return SrtpPolicy(self.srtp, allow_cleartext_keys=self.srtp_without_tls)
 
     def credentials(self) -> Credentials | None:
         if self.username is None or self.password is None:
@@ -299,4 +357,4 @@ class Trunk(BaseModel):
         return f"{host}:{self.port}"
 
     def _transport_param(self) -> str:
-        return ";transport=tcp" if self.transport == "tcp" else ""
+        return "" if self.transport == "udp" else f";transport={self.transport}"

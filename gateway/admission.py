@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from sipmessage import AuthChallenge, Request
 
 from gateway.media.sdp import create_answer
+from gateway.media.srtp import KEY_SALT_LENGTH, CryptoAttribute, SrtpMode
 from gateway.sip.auth import DigestServer
 from gateway.sip.message import Rejection, check_request
 from gateway.sip.registration import ContactBindings
@@ -196,21 +197,24 @@ SUPPORTED_OPTIONS: frozenset[str] = frozenset()  # SIP extensions (option tags) 
 _SDP = "application/sdp"
 
 
-def check_new_invite(request: Request) -> Rejection | None:
+def check_new_invite(
+    request: Request, *, secure: bool = False, srtp: SrtpMode = SrtpMode.OFF
+) -> Rejection | None:
     """Everything a new INVITE must satisfy before a call or a media port is spent on it.
 
     Pure and in RFC 3261 8.2 order: the headers every request needs (`check_request`), the
-    Request-URI (416 for schemes other than sip), Max-Forwards (483 at 0), a From tag, one
+    Request-URI (416 for schemes other than sip, and for sips unless it came over TLS:
+    ``secure``), Max-Forwards (483 at 0), a From tag, one
     Contact and a Record-Route to build the dialog from, Require (420), the body's type and
     encoding (415)
-    and finally the SDP offer (488 when no stream we can answer is in it). None means the
-    INVITE can be answered.
+    and finally the SDP offer (488 when no stream we can answer is in it, under the
+    ``srtp`` mode the call would have). None means the INVITE can be answered.
     """
     rejection = check_request(request)
     if rejection is not None:
         return rejection
     uri = request.uri
-    if uri.scheme != "sip":
+    if uri.scheme not in ("sip", "sips") or (uri.scheme == "sips" and not secure):
         return Rejection(416, "Unsupported URI Scheme")
     if not uri.host or (uri.port is not None and not 0 < uri.port < 65536):
         return Rejection(400, "Invalid Request-URI")
@@ -234,10 +238,14 @@ def check_new_invite(request: Request) -> Rejection | None:
     unsupported = [tag for tag in request.require if tag.lower() not in SUPPORTED_OPTIONS]
     if unsupported:
         return Rejection(420, "Bad Extension", (("Unsupported", ", ".join(unsupported)),))
-    return _check_body(request)
+    return _check_body(request, srtp)
 
 
-def _check_body(request: Request) -> Rejection | None:
+# Stands in for the call's own key when screening an offer; never sent.
+_SCREENING_KEY = CryptoAttribute(1, bytes(KEY_SALT_LENGTH))
+
+
+def _check_body(request: Request, srtp: SrtpMode) -> Rejection | None:
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         return Rejection(415, "Unsupported Content-Encoding", (("Accept-Encoding", "identity"),))
@@ -249,7 +257,13 @@ def _check_body(request: Request) -> Rejection | None:
     if content_type.split(";", 1)[0].strip().lower() != _SDP:
         return Rejection(415, "Unsupported Media Type", (("Accept", _SDP),))
     try:
-        create_answer(request.body, "127.0.0.1", 9)  # the same negotiation the call will run
+        create_answer(  # the same negotiation the call will run
+            request.body,
+            "127.0.0.1",
+            9,
+            crypto=None if srtp is SrtpMode.OFF else _SCREENING_KEY,
+            srtp_required=srtp is SrtpMode.REQUIRED,
+        )
     except ValueError as exc:
         return Rejection(488, f"Not Acceptable Here ({_phrase_safe(str(exc))})")
     return None

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sipmessage import URI, Address, CSeq, Parameters, Request, Response
+from sipmessage import URI, Address, CSeq, Parameters, Request, Response, Via
 
 from gateway.admission import (
     Decision,
@@ -41,8 +41,16 @@ from gateway.admission import (
 from gateway.endpoint import CancelReceived, ServerContext, SipEndpoint
 from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, parse_info_dtmf
 from gateway.media.pacer import Pacer
-from gateway.media.sdp import NegotiatedMedia, SdpError, create_answer, create_offer, parse_answer
+from gateway.media.sdp import (
+    NegotiatedMedia,
+    SdpError,
+    SessionDescription,
+    create_answer,
+    create_offer,
+    parse_answer,
+)
 from gateway.media.session import MediaSession, NoFreeRtpPort
+from gateway.media.srtp import CryptoAttribute, SrtpKeys, SrtpMode, SrtpPolicy, SrtpStream
 from gateway.metrics import CALL_TASK_FAILURES, count_rejection
 from gateway.redirect import (
     FOLLOWED_CODES,
@@ -73,6 +81,7 @@ from gateway.sip.transaction import (
     TransactionTimeout,
     TransportFailure,
 )
+from gateway.tls import DEFAULT_SIPS_PORT, TlsClientSettings, TlsServerSettings
 from gateway.transport import Peer, TcpLimits
 
 logger = logging.getLogger(__name__)
@@ -140,6 +149,11 @@ class GatewayConfig:
     advertise: str | None = None
     udp_port: int | None = 0  # None disables UDP; 0 picks a free port
     tcp_port: int | None = None
+    tls_port: int | None = None  # inbound SIP over TLS; needs ``tls`` (our certificate)
+    tls: TlsServerSettings | None = None
+    # Inbound SRTP: SRTP offers are answered (and REQUIRED refuses plain RTP) over TLS only,
+    # unless the policy allows SDES keys over a cleartext transport.
+    srtp: SrtpPolicy = field(default_factory=lambda: SrtpPolicy(SrtpMode.OPTIONAL))
     rtp_ports: tuple[int, int] = (20000, 30000)  # RTP binds even ports inside, inclusive
     timers: TimerSettings = field(default_factory=TimerSettings)
     caller: str = "ackline"  # user part of our From
@@ -161,6 +175,8 @@ class GatewayConfig:
             raise ValueError("max_call_duration must be positive and drain_timeout not negative")
         if self.max_inbound_calls < 1:
             raise ValueError("max_inbound_calls must be at least 1")
+        if self.tls_port is not None and self.tls is None:
+            raise ValueError("tls_port needs tls: the certificate and key to listen with")
         advertised_address(self.host, self.advertise)
 
     @property
@@ -203,16 +219,29 @@ def parse_target(target: str) -> URI:
         uri = URI.parse(text)
     except ValueError:
         raise ValueError(f"invalid SIP URI: {target!r}") from None
-    if uri.scheme == "sips":
-        raise ValueError("sips: (TLS) is not supported yet")
     if not uri.host:
         raise ValueError(f"SIP URI has no host: {target!r}")
     if uri.port is not None and not 0 < uri.port < 65536:
         raise ValueError(f"port out of range in {target!r}")
-    transport = uri.parameters.get("transport")
-    if transport is not None and transport.lower() not in ("udp", "tcp"):
-        raise ValueError(f"unsupported transport {transport!r} (udp or tcp)")
+    target_transport(uri)
     return uri
+
+
+TRANSPORTS = ("udp", "tcp", "tls")
+
+
+def target_transport(uri: URI, transport: str | None = None) -> str:
+    """The transport for ``uri``: the one asked for, else its ``transport`` parameter, else
+    TLS for ``sips:`` and UDP otherwise. A ``sips:`` URI is only ever reached over TLS
+    (RFC 3261 26.2), so asking for anything else is an error rather than a downgrade."""
+    kind = (transport or uri.parameters.get("transport") or "").lower()
+    if not kind:
+        kind = "tls" if uri.scheme == "sips" else "udp"
+    if kind not in TRANSPORTS:
+        raise ValueError(f"unsupported transport {kind!r} (udp, tcp or tls)")
+    if uri.scheme == "sips" and kind != "tls":
+        raise ValueError(f"a sips: URI is reached over TLS, not {kind}")
+    return kind
 
 
 async def resolve_target(uri: URI, transport: str) -> Peer:
@@ -222,7 +251,7 @@ async def resolve_target(uri: URI, transport: str) -> Peer:
     an unknown name a ValueError.
     """
     host = uri.host.strip("[]")
-    port = uri.port or 5060
+    port = uri.port or (DEFAULT_SIPS_PORT if transport == "tls" else 5060)
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
     except OSError:
@@ -283,7 +312,13 @@ class Gateway:
         self._admitted: tuple[Request, str | None] | None = None
 
     async def start(self) -> None:
-        await self.endpoint.listen(udp_port=self.config.udp_port, tcp_port=self.config.tcp_port)
+        config = self.config
+        await self.endpoint.listen(
+            udp_port=config.udp_port,
+            tcp_port=config.tcp_port,
+            tls_port=config.tls_port,
+            tls=config.tls,
+        )
 
     @property
     def draining(self) -> bool:
@@ -354,6 +389,8 @@ class Gateway:
         on_call: Callable[[Call], None] | None = None,
         max_duration: float | None = None,
         redirects: RedirectPolicy | None = None,
+        tls: TlsClientSettings | None = None,
+        srtp: SrtpPolicy | None = None,
     ) -> Call:
         """Place a call; returns when it is answered or has ended without answer.
 
@@ -362,16 +399,22 @@ class Gateway:
         before the INVITE goes out, so the application can hang it up (CANCEL) while it is
         still ringing. ``max_duration`` overrides ``config.max_call_duration``. With
         ``redirects`` a 300/301/302 is followed as the same call (gateway.redirect), all
-        within ``ring_timeout``; without, a 3xx is final.
+        within ``ring_timeout``; without, a 3xx is final. ``tls`` says how to verify a TLS
+        peer (default: the system's CAs and the target's host name). ``srtp`` offers SDES
+        SRTP (ValueError when its keys would go over a transport without TLS).
         """
         if self._draining:
             raise GatewayShuttingDown("the gateway is shutting down")
         uri = parse_target(target) if isinstance(target, str) else target
-        kind = (transport or uri.parameters.get("transport") or "udp").lower()
-        if kind not in ("udp", "tcp"):
-            raise ValueError(f"unsupported transport {kind!r}")
+        kind = target_transport(uri, transport)
+        policy = srtp or SrtpPolicy()
+        policy.check(kind)
         peer = await resolve_target(uri, kind)
         call = Call(self, direction="outbound", transport=kind, peer=peer, target=str(uri))
+        call._set_srtp_mode(policy.mode_over(kind))
+        call._tls = tls
+        call.peer = call._with_tls(peer, uri)
+        call.sips = uri.scheme == "sips"
         if redirects is not None:
             call._redirects = Redirects.start(redirects, uri)
         if max_duration is not None:
@@ -388,15 +431,26 @@ class Gateway:
             raise
         return call
 
-    async def options(self, target: str | URI, *, transport: str | None = None) -> Response | None:
+    async def options(
+        self,
+        target: str | URI,
+        *,
+        transport: str | None = None,
+        tls: TlsClientSettings | None = None,
+    ) -> Response | None:
         """Send an out-of-dialog OPTIONS (health probe); None when no answer came."""
         uri = parse_target(target) if isinstance(target, str) else target
-        kind = (transport or uri.parameters.get("transport") or "udp").lower()
-        peer = await resolve_target(uri, kind)
+        kind = target_transport(uri, transport)
+        peer = tls_peer(await resolve_target(uri, kind), uri, tls)
+        try:
+            await self.endpoint.reach(peer)
+        except OSError as exc:
+            logger.info("OPTIONS to %s: %s", peer, exc)
+            return None
         request = Request("OPTIONS", uri)
-        request.via = [self.endpoint.via(kind)]
+        request.via = [self.endpoint.via(kind, peer)]
         request.max_forwards = 70
-        local = self.endpoint.contact(kind, self.config.caller)
+        local = self.endpoint.contact(kind, self.config.caller, peer=peer)
         request.from_address = Address(uri=local.uri, parameters=Parameters(tag=new_tag()))
         request.to_address = Address(uri=uri)
         request.call_id = new_call_id(self.config.advertised_host)
@@ -447,6 +501,8 @@ class Gateway:
             )
             admitted, self._admitted = self._admitted, None
             call.trunk = admitted[1] if admitted is not None and admitted[0] is request else None
+            call.sips = request.uri.scheme == "sips" and ctx.source.transport == "tls"
+            call._set_srtp_mode(self.config.srtp.mode_over(ctx.source.transport))
             call._take(ctx)
             self.inbound_calls += 1
             self.spawn(call._answer_incoming(ctx))
@@ -500,7 +556,13 @@ class Gateway:
             retry = (("Retry-After", str(BUSY_RETRY_AFTER)),)
             refusal = Rejection(503, "Service Unavailable (too many calls)", retry)
             return self._refuse(request, source, refusal, RefusalReason.TOO_MANY_CALLS, trunk)
-        rejection = check_new_invite(request)
+        srtp = self.config.srtp
+        if srtp.mode is SrtpMode.REQUIRED and srtp.mode_over(source.transport) is SrtpMode.OFF:
+            refusal = Rejection(488, "Not Acceptable Here (SRTP required: call over TLS)")
+            return self._refuse(request, source, refusal, RefusalReason.MALFORMED_REQUEST, trunk)
+        rejection = check_new_invite(
+            request, secure=source.transport == "tls", srtp=srtp.mode_over(source.transport)
+        )
         if rejection is not None:
             return self._refuse(request, source, rejection, RefusalReason.MALFORMED_REQUEST, trunk)
         self._admitted = (request, trunk)
@@ -586,6 +648,17 @@ class Gateway:
             call._on_invite_2xx(response)
 
 
+def tls_peer(peer: Peer, uri: URI, tls: TlsClientSettings | None) -> Peer:
+    """``peer`` carrying the TLS settings to verify it with; the name checked against its
+    certificate is ``tls.server_name``, else the URI's host (the peer's host is already an
+    address by now)."""
+    if peer.transport != "tls":
+        return peer
+    settings = tls or TlsClientSettings()
+    name = settings.server_name or uri.host.strip("[]")
+    return dataclasses.replace(peer, tls=dataclasses.replace(settings, server_name=name))
+
+
 def _rejection_of(decision: Decision) -> Rejection:
     """The response a guard decision names, with its Retry-After or challenge."""
     headers: list[tuple[str, str]] = []
@@ -653,6 +726,12 @@ class Call:
         self.trunk: str | None = None  # inbound: the trunk the guard admitted the call as
         self._redirects: Redirects | None = None  # following 3xx (Gateway.dial(redirects=))
         self.redirect: RedirectDecision | None = None  # the last 3xx's verdict, if any
+        self._tls: TlsClientSettings | None = None  # Gateway.dial(tls=)
+        self._srtp_mode = SrtpMode.OFF  # what this call offers/accepts (see SrtpPolicy)
+        self._crypto: CryptoAttribute | None = None  # our SDES key, one per call
+        self._srtp: SrtpStream | None = None
+        self._sdp_error = ""
+        self.sips = False  # a sips: dialog: our Contact is sips: too (RFC 3261 8.1.1.8)
 
     # -- public API ---------------------------------------------------------------
 
@@ -824,7 +903,7 @@ class Call:
         timers = self.gateway.config.timers
         if self.answered and self.dialog is not None:
             self._hangup_by = "local"
-            bye = self.dialog.create_request("BYE", self.gateway.endpoint.via(self.transport))
+            bye = self.dialog.create_request("BYE", self._via())
             peer = self._dialog_peer()
             self._finish(CallOutcome.ANSWERED, 200, reason)
             response = await self.gateway.endpoint.request(bye, peer)
@@ -858,12 +937,14 @@ class Call:
         config = self.gateway.config
         self.call_id = new_call_id(config.advertised_host)
         rtp_port = await self._open_media()
-        self._offer = create_offer(config.advertised_host, rtp_port)
+        self._offer = self._create_offer(rtp_port)
         self._sdp_session_id = self._offer.origin.session_id
-        contact = endpoint.contact(self.transport, caller)
+        if not await self._connect_first():
+            return
+        contact = endpoint.contact(self.transport, caller, sips=self.sips, peer=self.peer)
         from_uri = URI(scheme="sip", user=caller, host=contact.uri.host)
         request = Request("INVITE", uri)
-        request.via = [endpoint.via(self.transport)]
+        request.via = [self._via()]
         request.max_forwards = 70
         request.from_address = Address(
             uri=from_uri, name=config.caller_name, parameters=Parameters(tag=self.local_tag)
@@ -898,6 +979,17 @@ class Call:
             await self._await_final(2 * config.timers.timer_b)
             if not self._final.done():
                 self._fail(self._cancel_outcome(), 408, "no final response after CANCEL")
+
+    async def _connect_first(self) -> bool:
+        """A stream transport we do not listen on (TLS without a certificate of ours) is
+        reached over a connection opened before the INVITE, whose local port our Via and
+        Contact name. False, with the call failed for the reason, when it cannot be opened."""
+        try:
+            await self.gateway.endpoint.reach(self.peer)
+        except OSError as exc:
+            self._fail(CallOutcome.FAILED, 503, f"transport error: {exc}")
+            return False
+        return True
 
     async def _await_final(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -936,7 +1028,8 @@ class Call:
             else:
                 self._fail(CallOutcome.FAILED, 408, f"no response (timer {event.timer})")
         elif isinstance(event, TransportFailure) and not self._final.done():
-            self._fail(CallOutcome.FAILED, 503, "transport error: peer unreachable")
+            why = self.gateway.endpoint.transport.connect_error(self.peer) or "peer unreachable"
+            self._fail(CallOutcome.FAILED, 503, f"transport error: {why}")
 
     def _on_invite_response(self, response: Response) -> None:
         self.responded.set()
@@ -1003,7 +1096,7 @@ class Call:
         """INVITE ``target`` as the same call: same dialog identifiers and offer."""
         assert self._invite is not None
         try:
-            peer = await resolve_target(target, self.transport)
+            peer = self._with_tls(await resolve_target(target, self.transport), target)
         except (OSError, ValueError) as exc:
             self._fail(CallOutcome.FAILED, None, f"redirect target unreachable: {exc}")
             return
@@ -1013,7 +1106,7 @@ class Call:
         same_host = (peer.host, peer.port) == (self.peer.host, self.peer.port)
         if not same_host:
             self._digest = None  # our trunk's credentials are not the new host's business
-        via = self.gateway.endpoint.via(self.transport)
+        via = self._via()
         request = redirected_invite(self._invite, target, via, keep_credentials=same_host)
         self.peer = peer
         self._send_invite(request)
@@ -1030,19 +1123,20 @@ class Call:
             logger.warning("call %s: unusable 2xx: %s", self.call_id, exc)
             self._fail(CallOutcome.FAILED, response.code, f"invalid 2xx: {exc}")
             return
-        self._ack = self.dialog.create_ack(endpoint.via(self.transport))
+        self._ack = self.dialog.create_ack(self._via())
         endpoint.send_stateless(self._ack, self._dialog_peer())
         if self._cancel_reason is not None or self._final.done():
             # Answered after we gave up (CANCEL/200 race): release it straight away.
-            bye = self.dialog.create_request("BYE", endpoint.via(self.transport))
+            bye = self.dialog.create_request("BYE", self._via())
             self.gateway.spawn(endpoint.request(bye, self._dialog_peer()))
             if not self._final.done():
                 self._fail(self._cancel_outcome(), 487, "answered after cancel; released")
             return
         if not self._configure_from_answer(response.body, early=False):
-            bye = self.dialog.create_request("BYE", endpoint.via(self.transport))
+            bye = self.dialog.create_request("BYE", self._via())
             self.gateway.spawn(endpoint.request(bye, self._dialog_peer()))
-            self._fail(CallOutcome.FAILED, response.code, "unusable SDP answer")
+            reason = f"unusable SDP answer: {self._sdp_error}"
+            self._fail(CallOutcome.FAILED, response.code, reason)
             return
         self._invite_code = response.code
         self._invite_reason = response.phrase
@@ -1057,6 +1151,7 @@ class Call:
             negotiated = parse_answer(body, self._offer)
         except SdpError as exc:
             logger.info("call %s: SDP answer rejected: %s", self.call_id, exc)
+            self._sdp_error = str(exc)
             return False
         self._configure_media(negotiated)
         return True
@@ -1065,6 +1160,43 @@ class Call:
         assert self.media is not None
         self.media.configure(negotiated)
         self._codec = negotiated.codec
+        self._apply_srtp(negotiated.srtp)
+
+    def _set_srtp_mode(self, mode: SrtpMode) -> None:
+        """Whether this call offers/accepts SRTP; a fresh key when it may."""
+        self._srtp_mode = mode
+        self._crypto = CryptoAttribute.generate() if mode is not SrtpMode.OFF else None
+
+    def _apply_srtp(self, keys: SrtpKeys | None) -> None:
+        """Key the media session as negotiated; unchanged keys keep their libsrtp state
+        (rollover counter, replay window) across re-INVITEs."""
+        assert self.media is not None
+        if keys == (self._srtp.keys if self._srtp is not None else None):
+            return
+        self._srtp = SrtpStream(keys) if keys is not None else None
+        self.media.set_srtp(self._srtp)
+
+    def _create_offer(self, port: int, **kwargs: Any) -> SessionDescription:
+        """Our offer (first, late or re-offer), with our SDES key when SRTP may be used."""
+        return create_offer(
+            self.gateway.config.advertised_host,
+            port,
+            crypto=self._crypto,
+            srtp_required=self._srtp_mode is SrtpMode.REQUIRED,
+            **kwargs,
+        )
+
+    def _create_answer(
+        self, offer: bytes, port: int, **kwargs: Any
+    ) -> tuple[SessionDescription, NegotiatedMedia]:
+        return create_answer(
+            offer,
+            self.gateway.config.advertised_host,
+            port,
+            crypto=self._crypto,
+            srtp_required=self._srtp_mode is SrtpMode.REQUIRED,
+            **kwargs,
+        )
 
     def _cancel(self, reason: str) -> None:
         if self._cancel_reason is None:
@@ -1146,13 +1278,13 @@ class Call:
             self._refuse_without_media(ctx, exc)
             return
         if request.body:
-            answer, negotiated = create_answer(request.body, config.advertised_host, rtp_port)
+            answer, negotiated = self._create_answer(request.body, rtp_port)
             self._sdp_session_id = answer.origin.session_id
             self._configure_media(negotiated)
             answer_body = str(answer).encode()
         else:
             # late offer: the answer comes in the ACK
-            self._offer = create_offer(config.advertised_host, rtp_port)
+            self._offer = self._create_offer(rtp_port)
             self._sdp_session_id = self._offer.origin.session_id
             answer_body = str(self._offer).encode()
         ctx.respond(180, to_tag=self.local_tag)
@@ -1160,7 +1292,7 @@ class Call:
             await asyncio.sleep(config.answer_ring_ms / 1000)
         if ctx.cancelled or self.ended.is_set():
             return
-        contact = self.gateway.endpoint.contact(self.transport, config.caller)
+        contact = self.gateway.endpoint.contact(self.transport, config.caller, sips=self.sips)
         self.dialog = Dialog.from_uas_request(request, self.local_tag, contact)
         ok = create_response(
             request, 200, to_tag=self.local_tag, body=answer_body, content_type=SDP
@@ -1273,13 +1405,11 @@ class Call:
         except ValueError:  # a garbled Contact: refuse the re-INVITE, keep the call
             ctx.respond(400, "Invalid Contact")
             return
-        config = self.gateway.config
         self._sdp_version += 1
         try:
             if request.body:
-                answer, negotiated = create_answer(
+                answer, negotiated = self._create_answer(
                     request.body,
-                    config.advertised_host,
                     self.media.local_port,
                     session_id=self._sdp_session_id,
                     version=self._sdp_version,
@@ -1287,8 +1417,7 @@ class Call:
                 self._configure_media(negotiated)
                 body = str(answer).encode()
             else:
-                self._offer = create_offer(
-                    config.advertised_host,
+                self._offer = self._create_offer(
                     self.media.local_port,
                     session_id=self._sdp_session_id,
                     version=self._sdp_version,
@@ -1370,7 +1499,7 @@ class Call:
             code = 500
         if self.answered and self.dialog is not None:
             self._hangup_by = "local"
-            bye = self.dialog.create_request("BYE", endpoint.via(self.transport))
+            bye = self.dialog.create_request("BYE", self._via())
             self.gateway.spawn(endpoint.request(bye, self._dialog_peer()))
         elif self.direction == "outbound" and self._invite is not None:
             self._cancel("error")
@@ -1429,6 +1558,7 @@ class Call:
             received=list(self._digits),
             authenticated=self._authenticated,
             redirected_to=[] if self._redirects is None else list(self._redirects.visited[1:]),
+            srtp=self._srtp is not None,
         )
         self.ended.set()
         if self._duration_timer is not None:
@@ -1453,9 +1583,7 @@ class Call:
 
         dialog = self._require_dialog()
         content_type, body = info_dtmf_body(digit, duration_ms)
-        info = dialog.create_request(
-            "INFO", self.gateway.endpoint.via(self.transport), body=body, content_type=content_type
-        )
+        info = dialog.create_request("INFO", self._via(), body=body, content_type=content_type)
         await self.gateway.endpoint.request(info, self._dialog_peer())
 
     def _dialog_peer(self) -> Peer:
@@ -1467,7 +1595,16 @@ class Call:
         assert self.dialog is not None
         uri = self.dialog.destination()
         kind = (uri.parameters.get("transport") or self.transport).lower()
-        return Peer(kind, uri.host.strip("[]"), uri.port or 5060)
+        if uri.scheme == "sips":
+            kind = "tls"
+        port = uri.port or (DEFAULT_SIPS_PORT if kind == "tls" else 5060)
+        return Peer(kind, uri.host.strip("[]"), port, self.peer.tls)
+
+    def _via(self) -> Via:
+        return self.gateway.endpoint.via(self.transport, self.peer)
+
+    def _with_tls(self, peer: Peer, uri: URI) -> Peer:
+        return tls_peer(peer, uri, self._tls)
 
     def _require_media(self) -> MediaSession:
         if self.ended.is_set() or not self.answered or self.media is None:

@@ -41,6 +41,7 @@ from gateway.sip.transaction import (
     TransportFailure,
     transaction_key,
 )
+from gateway.tls import TlsServerSettings
 from gateway.transport import Peer, SipTransport, TcpLimits
 
 logger = logging.getLogger(__name__)
@@ -146,13 +147,24 @@ class SipEndpoint:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    async def listen(self, *, udp_port: int | None = 0, tcp_port: int | None = None) -> None:
-        """Open the UDP and/or TCP listeners (port 0 picks a free port)."""
+    async def listen(
+        self,
+        *,
+        udp_port: int | None = 0,
+        tcp_port: int | None = None,
+        tls_port: int | None = None,
+        tls: TlsServerSettings | None = None,
+    ) -> None:
+        """Open the UDP, TCP and/or TLS listeners (port 0 picks a free port)."""
         self._loop = asyncio.get_running_loop()
         if udp_port is not None:
             await self.transport.listen_udp(self.host, udp_port)
         if tcp_port is not None:
             await self.transport.listen_tcp(self.host, tcp_port)
+        if tls_port is not None:
+            if tls is None:
+                raise ValueError("listening on TLS needs a certificate (TlsServerSettings)")
+            await self.transport.listen_tls(self.host, tls_port, tls)
 
     async def close(self) -> None:
         """Forget every transaction (a client transaction's owner hears a TransportFailure,
@@ -176,15 +188,34 @@ class SipEndpoint:
 
     # -- identities -------------------------------------------------------------------
 
-    def sent_by(self, transport: str) -> tuple[str, int]:
+    def sent_by(self, transport: str, peer: Peer | None = None) -> tuple[str, int]:
         """Where peers reach us over ``transport``: the advertised address (the bound one
-        when none is set) and the bound port."""
-        host, port = self.transport.local_address(transport)
+        when none is set) and the bound port. With no listener of a stream transport (a
+        TLS client has no certificate to listen with), our end of the open connection to
+        ``peer``: the peer sends its requests back over that connection."""
+        try:
+            host, port = self.transport.local_address(transport)
+        except OSError:
+            local = self.transport.connection_address(peer) if peer is not None else None
+            if local is None:
+                raise
+            host, port = local
         return (self.advertise or host, port)
 
-    def via(self, transport: str) -> Via:
+    async def reach(self, peer: Peer) -> None:
+        """Make sure requests to ``peer`` can name us: a listener of its transport, or else
+        (TCP/TLS) an open connection to it. OSError (a TLS verification failure, refused,
+        timed out) when neither can be had."""
+        try:
+            self.transport.local_address(peer.transport)
+        except OSError:
+            if peer.transport.lower() == "udp":
+                raise
+            await self.transport.connect(peer)
+
+    def via(self, transport: str, peer: Peer | None = None) -> Via:
         """A fresh top Via for a new client transaction (rport requested, RFC 3581)."""
-        host, port = self.sent_by(transport)
+        host, port = self.sent_by(transport, peer)
         return Via(
             transport=transport.upper(),
             host=_uri_host(host),
@@ -192,13 +223,23 @@ class SipEndpoint:
             parameters=Parameters(branch=new_branch(), rport=None),
         )
 
-    def contact(self, transport: str, user: str = "ackline") -> Address:
+    def contact(
+        self, transport: str, user: str = "ackline", *, sips: bool = False, peer: Peer | None = None
+    ) -> Address:
+        """Our Contact over ``transport``: ``sips:`` when the dialog is sips (RFC 3261
+        8.1.1.8), else ``sip:`` with ``;transport=tcp|tls`` for a stream transport."""
         from sipmessage import URI
 
-        host, port = self.sent_by(transport)
-        params = Parameters(transport="tcp") if transport == "tcp" else Parameters()
+        host, port = self.sent_by(transport, peer)
+        kind = transport.lower()
+        if sips and kind == "tls":
+            scheme, params = "sips", Parameters()
+        elif kind in ("tcp", "tls"):
+            scheme, params = "sip", Parameters(transport=kind)
+        else:
+            scheme, params = "sip", Parameters()
         return Address(
-            uri=URI(scheme="sip", user=user, host=_uri_host(host), port=port, parameters=params)
+            uri=URI(scheme=scheme, user=user, host=_uri_host(host), port=port, parameters=params)
         )
 
     # -- client side --------------------------------------------------------------------

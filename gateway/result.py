@@ -67,6 +67,7 @@ class CallResult:
     authenticated: bool = False
     # 3xx redirects followed, in order (target_key form); the call went to the last one
     redirected_to: list[str] = field(default_factory=list)
+    srtp: bool = False  # media was SRTP (SDES keys, RFC 4568) when answered
 
     @property
     def digits(self) -> str:

@@ -10,6 +10,11 @@ when it is a request that can be answered, handed to ``on_bad_request`` to be re
 Inbound TCP is bounded (``TcpLimits``): connections in all and per source address are
 capped (the excess is closed at once), a connection must complete a message soon after it
 starts one, and one with no traffic at all for long is closed.
+
+TLS (RFC 3261 section 26) is the same stream handling over asyncio's ssl: its own listener
+(`listen_tls`), connections keyed apart from TCP ones, reused the same way, a bounded
+handshake, and the peer's certificate verified with the ``TlsClientSettings`` a ``Peer``
+carries (system CAs and the target's host name when it carries none).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import ipaddress
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sipmessage import Parameters
@@ -34,10 +40,18 @@ from gateway.metrics import (
     TcpCloseReason,
 )
 from gateway.sip.message import BadRequest, Request, Response, Via, parse_message, top_via
+from gateway.tls import (
+    DEFAULT_SIPS_PORT,
+    TLS_HANDSHAKE_TIMEOUT,
+    TlsClientSettings,
+    TlsServerSettings,
+    describe_tls_error,
+)
 
 __all__ = [
     "DEFAULT_SIP_PORT",
     "MAX_UDP_PAYLOAD",
+    "STREAM_TRANSPORTS",
     "FramingError",
     "MessageHandler",
     "Peer",
@@ -58,6 +72,10 @@ MAX_UDP_PAYLOAD = 65507
 MAX_TCP_WRITE_BUFFER = 1 << 20
 # Oversized messages are logged at most this often (seconds), with how many were dropped.
 OVERSIZE_LOG_INTERVAL = 10.0
+# Transports carried over a connection (framed by SipStreamFramer, reliable).
+STREAM_TRANSPORTS = frozenset({"tcp", "tls"})
+# Why the last connect to a peer failed, kept for this many peers (oldest forgotten).
+MAX_CONNECT_ERRORS = 256
 
 _HEADER_END = b"\r\n\r\n"
 _PONG = b"\r\n"
@@ -67,9 +85,12 @@ _PONG = b"\r\n"
 class Peer:
     """Where a message came from or goes to; ``host`` is an IP (bare, no brackets) or name."""
 
-    transport: str  # "udp" | "tcp"
+    transport: str  # "udp" | "tcp" | "tls"
     host: str
     port: int
+    # TLS only: how to verify the peer (None: system CAs, the host as name). Not part of
+    # the identity: a connection to the address is reused whatever settings opened it.
+    tls: TlsClientSettings | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -302,6 +323,11 @@ def _stamp_via(request: Request, source: Peer) -> None:
     request.headers.setlist("Via", [first, *raw[1:]])
 
 
+def _key(transport: str, host: str, port: int) -> tuple[str, str, int]:
+    """Connection map key: (kind, normalised host, port)."""
+    return (transport.lower(), _normalize_host(host), port)
+
+
 def _valid_port(value: str | None) -> int | None:
     if value is None or not value.isascii() or not value.isdigit():
         return None
@@ -333,10 +359,13 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
 
 
 class _StreamProtocol(asyncio.Protocol):
-    """One TCP connection, inbound or outbound: framing, keep-alive answers, writes."""
+    """One TCP or TLS connection, inbound or outbound: framing, keep-alive answers, writes.
 
-    def __init__(self, owner: SipTransport, *, inbound: bool = False) -> None:
+    For TLS, asyncio calls ``connection_made`` only once the handshake is done."""
+
+    def __init__(self, owner: SipTransport, *, kind: str = "tcp", inbound: bool = False) -> None:
         self._owner = owner
+        self.kind = kind
         self._framer = SipStreamFramer(owner.max_message_size)
         self.inbound = inbound
         self.counted = False  # holds a place under the inbound caps
@@ -368,7 +397,7 @@ class _StreamProtocol(asyncio.Protocol):
         if not peername or self._owner.closed:
             self.transport.abort()
             return
-        self.peer = Peer("tcp", _normalize_host(str(peername[0])), int(peername[1]))
+        self.peer = Peer(self.kind, _normalize_host(str(peername[0])), int(peername[1]))
         if self.inbound and not self._owner._admit_inbound(self):
             self.transport.abort()
             return
@@ -463,8 +492,12 @@ class SipTransport:
         self._udp_address: tuple[str, int] | None = None
         self._server: asyncio.Server | None = None
         self._tcp_address: tuple[str, int] | None = None
-        self._connections: dict[tuple[str, int], _StreamProtocol] = {}
-        self._connecting: dict[tuple[str, int], asyncio.Task[_StreamProtocol]] = {}
+        self._tls_server: asyncio.Server | None = None
+        self._tls_address: tuple[str, int] | None = None
+        # keyed (kind, host, port): a TLS and a TCP connection never stand in for each other
+        self._connections: dict[tuple[str, str, int], _StreamProtocol] = {}
+        self._connecting: dict[tuple[str, str, int], asyncio.Task[_StreamProtocol]] = {}
+        self._connect_errors: OrderedDict[tuple[str, str, int], str] = OrderedDict()
 
     @property
     def closed(self) -> bool:
@@ -503,18 +536,74 @@ class SipTransport:
         except OSError as exc:
             raise TransportError(f"cannot listen on TCP {host}:{port}: {exc}") from exc
         self._server = server
-        self._sweeper = loop.create_task(self._sweep_inbound(), name="sip-tcp-sweeper")
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep_inbound(), name="sip-tcp-sweeper")
         sockname = server.sockets[0].getsockname()
         self._tcp_address = (str(sockname[0]), int(sockname[1]))
         return self._tcp_address
 
+    async def listen_tls(
+        self, host: str, port: int, settings: TlsServerSettings
+    ) -> tuple[str, int]:
+        """Open the TLS listener (port 0 picks one) with our certificate; inbound TLS
+        connections share the TCP caps and timeouts, handshakes are bounded."""
+        self._check_open()
+        if self._tls_server is not None:
+            raise TransportError("already listening on TLS")
+        try:
+            context = settings.context()
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot load the TLS certificate: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(
+                lambda: _StreamProtocol(self, kind="tls", inbound=True),
+                host.strip("[]") or None,
+                port,
+                ssl=context,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            )
+        except OSError as exc:
+            raise TransportError(f"cannot listen on TLS {host}:{port}: {exc}") from exc
+        self._tls_server = server
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep_inbound(), name="sip-tcp-sweeper")
+        sockname = server.sockets[0].getsockname()
+        self._tls_address = (str(sockname[0]), int(sockname[1]))
+        return self._tls_address
+
     def local_address(self, transport: str) -> tuple[str, int]:
         """Bound (host, port) of the listener, for Via sent-by and Contact."""
         kind = transport.lower()
-        address = self._udp_address if kind == "udp" else self._tcp_address
-        if kind not in ("udp", "tcp") or address is None:
+        addresses = {"udp": self._udp_address, "tcp": self._tcp_address, "tls": self._tls_address}
+        address = addresses.get(kind)
+        if address is None:
             raise TransportError(f"not listening on {transport!r}")
         return address
+
+    async def connect(self, peer: Peer) -> tuple[str, int]:
+        """Open (or reuse) the TCP/TLS connection to ``peer``; returns its local address,
+        which is where a client with no listener of that kind is reached (Via, Contact)."""
+        self._check_open()
+        connection = await self._stream_connection(peer)
+        local = self.connection_address(peer)
+        if local is None:
+            raise TransportError(f"connection to {peer} closed at once")
+        assert connection.usable
+        return local
+
+    def connection_address(self, peer: Peer) -> tuple[str, int] | None:
+        """Our end of the open TCP/TLS connection to ``peer``, if there is one."""
+        connection = self._find_connection(_key(peer.transport, peer.host, peer.port))
+        if connection is None or connection.transport is None:
+            return None
+        sockname = connection.transport.get_extra_info("sockname")
+        return (str(sockname[0]), int(sockname[1])) if sockname else None
+
+    def connect_error(self, peer: Peer) -> str | None:
+        """Why the last connection attempt to ``peer`` failed (TLS verification, refused,
+        timed out), until a later one succeeds; None when it did not fail."""
+        return self._connect_errors.get(_key(peer.transport, peer.host, peer.port))
 
     async def close(self) -> None:
         """Stop listening and close every connection; idempotent."""
@@ -529,8 +618,9 @@ class SipTransport:
         if self._udp is not None and self._udp_protocol is not None:
             self._udp.close()
             waiters.append(self._udp_protocol.lost)
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.close()
         for connection in set(self._connections.values()):
             if connection.transport is not None:
                 connection.transport.close()
@@ -538,8 +628,9 @@ class SipTransport:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
                 await asyncio.gather(*waiters)
-                if self._server is not None:
-                    await self._server.wait_closed()
+                for server in (self._server, self._tls_server):
+                    if server is not None:
+                        await server.wait_closed()
         self._connections.clear()
 
     # -- sending ---------------------------------------------------------------------
@@ -548,7 +639,7 @@ class SipTransport:
         """Send ``message`` to ``peer``, fixing Content-Length first.
 
         UDP leaves from the listening socket so replies come back to it (RFC 3581).
-        TCP reuses any open connection to the peer, inbound ones included.
+        TCP and TLS reuse any open connection to the peer, inbound ones included.
         """
         self._check_open()
         if not 0 < peer.port < 65536:
@@ -561,8 +652,8 @@ class SipTransport:
         kind = peer.transport.lower()
         if kind == "udp":
             await self._send_udp(data, peer)
-        elif kind == "tcp":
-            connection = await self._tcp_connection(peer.host, peer.port)
+        elif kind in STREAM_TRANSPORTS:
+            connection = await self._stream_connection(peer)
             connection.write(data)
         else:
             raise TransportError(f"unsupported transport {peer.transport!r}")
@@ -571,8 +662,8 @@ class SipTransport:
     async def send_response(self, response: Response, request_source: Peer) -> None:
         """Route a response per RFC 3261 18.2.2 and RFC 3581.
 
-        TCP: the connection the request arrived on, else a new one to ``received`` (or
-        sent-by host) and the sent-by port. UDP: ``received`` (or sent-by host) and
+        TCP/TLS: the connection the request arrived on, else a new one to ``received`` (or
+        sent-by host) and the sent-by port (5061 for TLS). UDP: ``received`` (or sent-by host) and
         ``rport`` (or ``maddr`` / sent-by port, default 5060).
         """
         try:
@@ -581,14 +672,15 @@ class SipTransport:
             raise TransportError(f"response has no usable Via: {exc}") from exc
         received = via.parameters.get("received")
         host = received.strip("[]") if received else via.host.strip("[]")
-        sent_by_port = via.port or DEFAULT_SIP_PORT
-        if request_source.transport.lower() == "tcp":
-            connection = self._find_connection(request_source.host, request_source.port)
-            if connection is not None:
+        kind = request_source.transport.lower()
+        if kind in STREAM_TRANSPORTS:
+            if self.has_connection(request_source):
                 await self.send(response, request_source)
                 return
-            await self.send(response, Peer("tcp", host, sent_by_port))
+            port = via.port or (DEFAULT_SIPS_PORT if kind == "tls" else DEFAULT_SIP_PORT)
+            await self.send(response, Peer(kind, host, port, request_source.tls))
             return
+        sent_by_port = via.port or DEFAULT_SIP_PORT
         rport = _valid_port(via.parameters.get("rport"))
         maddr = via.parameters.get("maddr")
         if rport is not None:
@@ -630,25 +722,22 @@ class SipTransport:
         udp.sendto(data, (target, peer.port))
 
     def has_connection(self, peer: Peer) -> bool:
-        """True while a usable TCP connection to ``peer`` is open (inbound or ours)."""
-        return (
-            peer.transport.lower() == "tcp"
-            and self._find_connection(peer.host, peer.port) is not None
-        )
+        """True while a usable TCP/TLS connection to ``peer`` is open (inbound or ours)."""
+        return self._find_connection(_key(peer.transport, peer.host, peer.port)) is not None
 
-    def _find_connection(self, host: str, port: int) -> _StreamProtocol | None:
-        connection = self._connections.get((_normalize_host(host), port))
+    def _find_connection(self, key: tuple[str, str, int]) -> _StreamProtocol | None:
+        connection = self._connections.get(key)
         return connection if connection is not None and connection.usable else None
 
-    async def _tcp_connection(self, host: str, port: int) -> _StreamProtocol:
-        """An open connection to (host, port); concurrent senders share one connect."""
-        connection = self._find_connection(host, port)
+    async def _stream_connection(self, peer: Peer) -> _StreamProtocol:
+        """An open connection to ``peer``; concurrent senders share one connect."""
+        key = _key(peer.transport, peer.host, peer.port)
+        connection = self._find_connection(key)
         if connection is not None:
             return connection
-        key = (_normalize_host(host), port)
         task = self._connecting.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._connect(key))
+            task = asyncio.get_running_loop().create_task(self._connect(key, peer.tls))
             self._connecting[key] = task
             task.add_done_callback(lambda done: self._connect_done(key, done))
         try:
@@ -660,24 +749,46 @@ class SipTransport:
                 raise TransportError(f"transport closed while connecting to {key}") from None
             raise
 
-    def _connect_done(self, key: tuple[str, int], task: asyncio.Task[_StreamProtocol]) -> None:
+    def _connect_done(self, key: tuple[str, str, int], task: asyncio.Task[_StreamProtocol]) -> None:
         if self._connecting.get(key) is task:
             del self._connecting[key]
-        if not task.cancelled():
-            task.exception()  # retrieved here so a sender that gave up does not leave it unseen
+        if task.cancelled():
+            return
+        # retrieved here so a sender that gave up does not leave it unseen
+        error = task.exception()
+        if error is None:
+            self._connect_errors.pop(key, None)
+            return
+        self._connect_errors[key] = str(error)
+        self._connect_errors.move_to_end(key)
+        while len(self._connect_errors) > MAX_CONNECT_ERRORS:
+            self._connect_errors.popitem(last=False)
 
-    async def _connect(self, key: tuple[str, int]) -> _StreamProtocol:
-        host, port = key
+    async def _connect(
+        self, key: tuple[str, str, int], tls: TlsClientSettings | None
+    ) -> _StreamProtocol:
+        kind, host, port = key
         loop = asyncio.get_running_loop()
+        options: dict[str, Any] = {}
+        if kind == "tls":
+            settings = tls or TlsClientSettings()
+            try:
+                options["ssl"] = settings.context()
+            except (OSError, ValueError) as exc:
+                raise TransportError(f"cannot use the TLS settings for {kind}:{host}:{port}: "
+                                     f"{exc}") from exc  # fmt: skip
+            options["server_hostname"] = settings.server_name or host
+            options["ssl_handshake_timeout"] = min(TLS_HANDSHAKE_TIMEOUT, self.connect_timeout)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: _StreamProtocol(self), host, port
+                    lambda: _StreamProtocol(self, kind=kind), host, port, **options
                 )
-        except OSError as exc:  # includes TimeoutError and refused connections
-            raise TransportError(f"cannot connect to tcp:{host}:{port}: {exc!r}") from exc
+        except (OSError, ValueError) as exc:  # TimeoutError, refused, ssl.SSLError
+            reason = describe_tls_error(exc) if kind == "tls" else repr(exc)
+            raise TransportError(f"cannot connect to {kind}:{host}:{port}: {reason}") from exc
         if not protocol.usable:
-            raise TransportError(f"connection to tcp:{host}:{port} closed at once")
+            raise TransportError(f"connection to {kind}:{host}:{port} closed at once")
         if _ip(host) is None:
             self._connections[key] = protocol  # reachable under the name it was asked for
         return protocol
@@ -738,9 +849,10 @@ class SipTransport:
 
     def _register(self, connection: _StreamProtocol) -> None:
         assert connection.peer is not None
-        self._connections[(connection.peer.host, connection.peer.port)] = connection
+        peer = connection.peer
+        self._connections[(peer.transport, peer.host, peer.port)] = connection
         self.stats.tcp_connections += 1
-        logger.debug("TCP connection with %s opened", connection.peer)
+        logger.debug("%s connection with %s opened", peer.transport.upper(), peer)
 
     def _unregister(self, connection: _StreamProtocol) -> None:
         self._release_inbound(connection)

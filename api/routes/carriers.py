@@ -197,7 +197,9 @@ async def probe_once(router: CarrierRouter, trunk: Trunk) -> dict[str, Any]:
     detail = ""
     try:
         response = await asyncio.wait_for(
-            router.gateway.options(trunk.probe_uri(), transport=trunk.transport),
+            router.gateway.options(
+                trunk.probe_uri(), transport=trunk.transport, tls=trunk.tls_client()
+            ),
             trunk.trying_timeout,
         )
         code = response.code if response is not None else None

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from gateway.media.srtp import CryptoAttribute, SrtpKeys, parse_crypto_lines
+
 __all__ = [
     "DIRECTIONS",
     "SUPPORTED",
@@ -43,6 +45,7 @@ _PTIME: Final = 20
 _EVENTS: Final = "0-15"
 _USERNAME: Final = "ackline"
 _RTP_AVP: Final = "RTP/AVP"
+_RTP_SAVP: Final = "RTP/SAVP"  # SRTP (RFC 3711); SDES keys in a=crypto (RFC 4568)
 
 # RFC 3551 static payload types, for offers that list them without a=rtpmap.
 _STATIC_TYPES: Final = {
@@ -410,14 +413,12 @@ class SessionDescription:
         )
         return session or "sendrecv"
 
-    def audio_index(self) -> int | None:
-        """Index of the m= line we use: the first enabled plain-RTP audio stream."""
+    def audio_index(self, *, secure: bool = True) -> int | None:
+        """Index of the m= line we use: the first enabled RTP (or, when ``secure``, SRTP)
+        audio stream."""
+        protos = (_RTP_AVP, _RTP_SAVP) if secure else (_RTP_AVP,)
         for index, media in enumerate(self.media):
-            if (
-                media.media.lower() == "audio"
-                and media.port != 0
-                and media.proto.upper() == _RTP_AVP
-            ):
+            if media.media.lower() == "audio" and media.port != 0 and media.proto.upper() in protos:
                 return index
         return None
 
@@ -445,6 +446,7 @@ class NegotiatedMedia:
     direction: str
     extra_audio: tuple[tuple[int, str], ...] = ()  # (payload type, codec)
     extra_events: tuple[int, ...] = ()
+    srtp: SrtpKeys | None = None  # SDES keys when the stream is SRTP
 
     @property
     def receive_audio(self) -> dict[int, str]:
@@ -579,9 +581,17 @@ def create_offer(
     session_id: int | None = None,
     version: int = 0,
     direction: str = "sendrecv",
+    crypto: CryptoAttribute | None = None,
+    srtp_required: bool = False,
 ) -> SessionDescription:
     """Build our offer. For a re-offer (hold, resume, new port) pass the same ``session_id``
-    and the previous version + 1; ``direction="sendonly"`` puts the peer on hold."""
+    and the previous version + 1; ``direction="sendonly"`` puts the peer on hold.
+
+    With ``crypto`` the offer carries our SDES key: on RTP/SAVP when ``srtp_required``,
+    else on RTP/AVP ("best effort" SRTP, RFC 4568 section 7.1: a peer without SRTP
+    ignores the attribute and answers plain RTP)."""
+    if srtp_required and crypto is None:
+        raise ValueError("an SRTP offer needs a crypto attribute")
     _check_local(local_host, local_port)
     names = _check_codecs(codecs)
     _check_direction(direction)
@@ -589,7 +599,8 @@ def create_offer(
         raise ValueError("session_id and version must not be negative")
     conn = Connection.for_host(local_host)
     sid = session_id if session_id is not None else secrets.randbelow(2**62) + 1
-    media = MediaDescription("audio", local_port, _RTP_AVP, [])
+    proto = _RTP_SAVP if srtp_required else _RTP_AVP
+    media = MediaDescription("audio", local_port, proto, [])
     for name in names:
         media.formats.append(str(SUPPORTED[name]))
         media.attributes.append(Attribute("rtpmap", f"{SUPPORTED[name]} {name}/{_CLOCK_RATE}"))
@@ -600,6 +611,8 @@ def create_offer(
         )
         media.attributes.append(Attribute("fmtp", f"{TELEPHONE_EVENT_PT} {_EVENTS}"))
     media.attributes += [Attribute("ptime", str(_PTIME)), Attribute(direction)]
+    if crypto is not None:
+        media.attributes.append(Attribute("crypto", crypto.value))
     origin = Origin(_USERNAME, sid, version, conn.nettype, conn.addrtype, conn.address)
     return SessionDescription(origin, _USERNAME, conn, media=[media])
 
@@ -652,7 +665,42 @@ def parse_answer(
         theirs_events = [pt for pt, m in maps.items() if _is_telephone_event(m)]
         extra_events = tuple(sorted({*our_events, *theirs_events} - {event_pt}))
     negotiated = _negotiated(conn, theirs, chosen, event_pt, direction)
-    return dataclasses.replace(negotiated, extra_audio=extra_audio, extra_events=extra_events)
+    srtp = _answered_keys(ours, theirs)
+    return dataclasses.replace(
+        negotiated, extra_audio=extra_audio, extra_events=extra_events, srtp=srtp
+    )
+
+
+def _answered_keys(ours: MediaDescription, theirs: MediaDescription) -> SrtpKeys | None:
+    """The SDES keys of an answer to our offer: its a=crypto whose tag is one of ours.
+    An RTP/SAVP offer answered without one is unusable; an RTP/AVP one is plain RTP."""
+    offered = {c.tag: c for c in parse_crypto_lines(ours.values("crypto"))}
+    if not offered:
+        return None
+    answered = [c for c in parse_crypto_lines(theirs.values("crypto")) if c.tag in offered]
+    if answered:
+        return SrtpKeys(local=offered[answered[0].tag], remote=answered[0])
+    if ours.proto.upper() == _RTP_SAVP:
+        raise SdpError("SRTP was offered (RTP/SAVP) but the answer has no matching a=crypto")
+    return None
+
+
+def _answer_keys(
+    theirs: MediaDescription, crypto: CryptoAttribute | None, required: bool
+) -> SrtpKeys | None:
+    """Our SDES answer to an offered stream: the first usable a=crypto offered, answered
+    with our key under its tag (RFC 4568 7.1.2). SdpError (488) for an SRTP offer we may
+    not or cannot take, or for plain RTP when SRTP is ``required``."""
+    offered = parse_crypto_lines(theirs.values("crypto"))
+    if crypto is not None and offered:
+        return SrtpKeys(local=crypto.with_tag(offered[0].tag), remote=offered[0])
+    if theirs.proto.upper() == _RTP_SAVP:
+        if crypto is None:
+            raise SdpError("SRTP (RTP/SAVP) is not accepted here")
+        raise SdpError("no usable a=crypto in the SRTP offer (only AES_CM_128_HMAC_SHA1_80)")
+    if required:
+        raise SdpError("SRTP is required but the offer has no usable a=crypto")
+    return None
 
 
 def _negotiated(
@@ -687,6 +735,8 @@ def create_answer(
     codecs: Sequence[str] = ("PCMU", "PCMA"),
     session_id: int | None = None,
     version: int = 0,
+    crypto: CryptoAttribute | None = None,
+    srtp_required: bool = False,
 ) -> tuple[SessionDescription, NegotiatedMedia]:
     """Answer a peer's offer: the offerer's most preferred codec we support, its own
     telephone-event payload type echoed, the mirrored direction, every other m= line
@@ -695,13 +745,19 @@ def create_answer(
     Hold is recognised both as a=sendonly/inactive and as c=0.0.0.0 (RFC 2543); either way
     the negotiated direction tells the caller not to send. For an answer to a re-offer pass
     the same ``session_id`` and bump ``version`` when the answer changes.
+
+    ``crypto`` is our SDES key, given when SRTP may be used: an offered a=crypto is then
+    answered with it; without it an RTP/SAVP offer is refused. ``srtp_required`` refuses
+    an offer without a usable a=crypto.
     """
     _check_local(local_host, local_port)
     names = _check_codecs(codecs)
     sdp = _coerce(offer)
-    index = sdp.audio_index()
+    index = sdp.audio_index(secure=crypto is not None)
     if index is None:
-        raise SdpError("offer has no usable RTP/AVP audio stream")
+        if sdp.audio_index() is not None:
+            raise SdpError("SRTP (RTP/SAVP) is not accepted here")
+        raise SdpError("offer has no usable RTP/AVP or RTP/SAVP audio stream")
     theirs = sdp.media[index]
     conn = _remote_connection(sdp, theirs)
     maps = theirs.rtpmaps()
@@ -714,6 +770,7 @@ def create_answer(
     )
     theirs_direction = _peer_direction(sdp, theirs, conn)
     direction = _direction(_receives(theirs_direction), _sends(theirs_direction))
+    srtp = _answer_keys(theirs, crypto, srtp_required)
 
     local = Connection.for_host(local_host)
     sid = session_id if session_id is not None else secrets.randbelow(2**62) + 1
@@ -722,9 +779,11 @@ def create_answer(
     answer = SessionDescription(origin, _USERNAME, local, lines=timing)
     for position, media in enumerate(sdp.media):
         if position == index:
-            answer.media.append(
-                _audio_section(local_port, theirs.proto, chosen, event_pt, direction)
-            )
+            section = _audio_section(local_port, theirs.proto, chosen, event_pt, direction)
+            if srtp is not None:
+                section.attributes.append(Attribute("crypto", srtp.local.value))
+            answer.media.append(section)
         else:
             answer.media.append(MediaDescription(media.media, 0, media.proto, list(media.formats)))
-    return answer, _negotiated(conn, theirs, chosen, event_pt, direction)
+    negotiated = _negotiated(conn, theirs, chosen, event_pt, direction)
+    return answer, dataclasses.replace(negotiated, srtp=srtp)

@@ -42,6 +42,7 @@ from gateway.media.source import (
     is_hold_address,
     normalize_host,
 )
+from gateway.media.srtp import SrtpError, SrtpStream
 from gateway.metrics import RTP_DROPPED_BY_REASON, RtpDropReason
 
 __all__ = ["AudioListener", "MediaSession", "MediaSessionClosed", "MediaStats", "NoFreeRtpPort"]
@@ -318,6 +319,7 @@ class MediaSession:
         self._source_filter = RtpSourceFilter(trusted_hosts, latch_any_source=latch_any_source)
         self._send_to: Address | None = None  # the filter's, kept here for the send path
         self._sending = False
+        self._srtp: SrtpStream | None = None
 
         self._sender: RtpSender | None = None
         self._codec = ""
@@ -476,6 +478,11 @@ class MediaSession:
             self._sender.payload_type = media.payload_type
             self._sender.event_payload_type = media.telephone_event_pt
         self._media = media
+
+    def set_srtp(self, stream: SrtpStream | None) -> None:
+        """Protect every RTP packet sent and unprotect every one received with ``stream``
+        (None: plain RTP). Received packets failing SRTP authentication count as malformed."""
+        self._srtp = stream
 
     @property
     def media(self) -> NegotiatedMedia | None:
@@ -640,6 +647,8 @@ class MediaSession:
         transport, sock, address = self._transport, self._sock, self._send_to
         if transport is None or sock is None or address is None:
             return
+        if self._srtp is not None:
+            data = self._srtp.protect(data)
         buffered = self._buffered()
         if buffered == 0:
             # Nothing queued in the transport, so sending directly keeps datagram order and
@@ -720,6 +729,12 @@ class MediaSession:
         if is_rtcp(data):
             self._counters.rtcp += 1
             return
+        if self._srtp is not None:
+            try:
+                data = self._srtp.unprotect(data)
+            except SrtpError:
+                self._count_malformed()
+                return
         try:
             packet = RtpPacket.parse(data)
         except ValueError:

@@ -51,7 +51,7 @@ _TRACE = re.compile(
     re.DOTALL,
 )
 
-Transport = Literal["udp", "tcp"]
+Transport = Literal["udp", "tcp", "tls"]
 
 
 class BaresipError(RuntimeError):
@@ -131,6 +131,8 @@ class BaresipPeer:
         lifetime_s: int,
         tone_hz: int,
         record: bool,
+        certificate: Path | None = None,
+        mediaenc: str | None = None,
     ) -> None:
         if shutil.which(BARESIP) is None:
             raise BaresipError(
@@ -140,8 +142,12 @@ class BaresipPeer:
         bad = set(dtmf) - DTMF_DIGITS
         if bad:
             raise ValueError(f"unsupported DTMF digits {sorted(bad)} in {dtmf!r}")
-        if transport not in ("udp", "tcp"):
-            raise ValueError(f"transport must be udp or tcp, not {transport!r}")
+        if transport not in ("udp", "tcp", "tls"):
+            raise ValueError(f"transport must be udp, tcp or tls, not {transport!r}")
+        if transport == "tls" and certificate is None:
+            raise ValueError("baresip over TLS needs a certificate (PEM: cert then key)")
+        self.certificate = certificate  # baresip's own TLS certificate + key, one file
+        self.mediaenc = mediaenc  # e.g. "srtp-mand": SDES SRTP, RTP/SAVP, mandatory
         self.mode = mode
         self.user = user
         self.transport: Transport = transport
@@ -174,14 +180,19 @@ class BaresipPeer:
     # ---------------------------------------------------------------- addresses
 
     @property
+    def signalling_port(self) -> int:
+        """baresip listens for TLS on its SIP port + 1 (UDP and TCP on the port itself)."""
+        return self.sip_port + 1 if self.transport == "tls" else self.sip_port
+
+    @property
     def uri(self) -> str:
         """Where to call this peer, e.g. ``sip:bob@127.0.0.1:40000`` (``;transport=tcp``)."""
-        suffix = ";transport=tcp" if self.transport == "tcp" else ""
-        return f"sip:{self.user}@{LOOPBACK}:{self.sip_port}{suffix}"
+        suffix = "" if self.transport == "udp" else f";transport={self.transport}"
+        return f"sip:{self.user}@{LOOPBACK}:{self.signalling_port}{suffix}"
 
     @property
     def address(self) -> str:
-        return f"{LOOPBACK}:{self.sip_port}"
+        return f"{LOOPBACK}:{self.signalling_port}"
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -190,9 +201,13 @@ class BaresipPeer:
         modules = ["g711.so", "ausine.so"]
         if self.record:
             modules.append("sndfile.so")
+        if self.mediaenc is not None:
+            modules.append("srtp.so")
+        tls = [f"sip_certificate {self.certificate}"] if self.certificate is not None else []
         lines = [
             "poll_method epoll",
             f"sip_listen {LOOPBACK}:{self.sip_port}",
+            *tls,
             f"net_interface {LOOPBACK}",  # 'lo' does not work in 1.0.0: use the address
             "dns_server 127.0.0.1:53",  # never ask a real resolver (we only use IPs)
             "call_local_timeout 30",
@@ -221,10 +236,11 @@ class BaresipPeer:
         ]
         (self.config_dir / "config").write_text("\n".join(lines) + "\n")
         answermode = "auto" if self.mode == "uas" else "manual"
-        params = "" if self.transport == "udp" else ";transport=tcp"
+        params = "" if self.transport == "udp" else f";transport={self.transport}"
+        mediaenc = f";mediaenc={self.mediaenc}" if self.mediaenc is not None else ""
         account = (
             f"<sip:{self.user}@{LOOPBACK}{params}>;regint=0;answermode={answermode}"
-            ";audio_codecs=PCMU,PCMA;mwi=no;call_transfer=no\n"
+            f";audio_codecs=PCMU,PCMA;mwi=no;call_transfer=no{mediaenc}\n"
         )
         (self.config_dir / "accounts").write_text(account)
         (self.config_dir / "contacts").write_text("")
@@ -571,7 +587,7 @@ class BaresipPeer:
 
     def sent_sdp(self) -> list[str]:
         """SDP bodies baresip sent (offer in INVITE or answer in 200)."""
-        own = f"{LOOPBACK}:{self.sip_port}"
+        own = self.address
         return [
             m.body
             for m in self.sip_messages()
@@ -604,6 +620,8 @@ def baresip_uas(
     lifetime_s: int = 30,
     tone_hz: int = 440,
     record: bool = False,
+    certificate: Path | None = None,
+    mediaenc: str | None = None,
 ) -> Iterator[BaresipPeer]:
     """baresip answering calls to ``peer.uri`` automatically, then pressing ``dtmf``.
 
@@ -621,6 +639,8 @@ def baresip_uas(
         lifetime_s=lifetime_s,
         tone_hz=tone_hz,
         record=record,
+        certificate=certificate,
+        mediaenc=mediaenc,
     )
     with _running(peer):
         yield peer
@@ -639,6 +659,8 @@ def baresip_uac(
     lifetime_s: int = 30,
     tone_hz: int = 440,
     record: bool = False,
+    certificate: Path | None = None,
+    mediaenc: str | None = None,
 ) -> Iterator[BaresipPeer]:
     """baresip dialling ``target_uri`` (use ``;transport=tcp`` in it for TCP).
 
@@ -656,6 +678,8 @@ def baresip_uac(
         lifetime_s=lifetime_s,
         tone_hz=tone_hz,
         record=record,
+        certificate=certificate,
+        mediaenc=mediaenc,
     )
     with _running(peer):
         peer.dial(target_uri)

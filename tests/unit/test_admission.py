@@ -207,7 +207,7 @@ def test_a_well_formed_invite_passes() -> None:
             "m=audio",
             "m=video",
             488,
-            "Not Acceptable Here (offer has no usable RTP/AVP audio stream)",
+            "Not Acceptable Here (offer has no usable RTP/AVP or RTP/SAVP audio stream)",
         ),
         ("CSeq: 1 INVITE", "CSeq: 1 BYE", 400, "CSeq method does not match the request"),
     ],

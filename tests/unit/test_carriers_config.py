@@ -164,3 +164,65 @@ def test_parse_duration() -> None:
     for bad in ("fast", True, None, "-1s"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+def _tls_trunk(extra: str) -> str:
+    return (
+        "carriers:\n  allowed_countries: [US]\n  trunks:\n"
+        f"    - {{name: secure, host: sip.carrier.example, transport: tls{extra}}}\n"
+    )
+
+
+def test_a_tls_trunk_defaults_to_port_5061_and_verifies_with_system_cas() -> None:
+    trunk = load_carriers(_tls_trunk("")).trunks[0]
+    assert trunk.port == 5061
+    assert (
+        trunk.request_uri("+14155550100")
+        == "sip:+14155550100@sip.carrier.example:5061;transport=tls"
+    )
+    tls = trunk.tls_client()
+    assert tls is not None and tls.verify and tls.ca_file is None
+    assert load_carriers(_tls_trunk(", port: 5081")).trunks[0].port == 5081
+
+
+def test_a_tls_trunk_takes_a_ca_file_and_client_certificate(tmp_path: Path) -> None:
+    for name in ("ca.pem", "me.pem", "me.key"):
+        (tmp_path / name).write_text("placeholder\n")
+    extra = (f", tls: {{ca_file: {tmp_path}/ca.pem, client_cert: {tmp_path}/me.pem, "
+             f"client_key: {tmp_path}/me.key, server_name: sip.example}}")  # fmt: skip
+    tls = load_carriers(_tls_trunk(extra)).trunks[0].tls_client()
+    assert tls is not None
+    assert (tls.ca_file, tls.server_name, tls.verify) == (tmp_path / "ca.pem", "sip.example", True)
+    assert tls.client_key == tmp_path / "me.key"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        (_tls_trunk(", tls: {ca_file: /nonexistent/ca.pem}"), "tls.ca_file /nonexistent/ca.pem"),
+        (_tls_trunk(", tls: {verfy: false}"), "verfy"),
+        (
+            "carriers:\n  allowed_countries: [US]\n  trunks:\n"
+            "    - {name: plain, host: 192.0.2.1, tls: {verify: false}}\n",
+            "tls: settings need transport: tls",
+        ),
+        (_tls_trunk(", username: u, password: p, register: true"), "not supported yet"),
+    ],
+)
+def test_bad_tls_settings_are_named(yaml_text: str, expected: str) -> None:
+    assert expected in errors_of(yaml_text)
+
+
+def test_srtp_per_trunk_needs_tls_unless_allowed() -> None:
+    trunk = load_carriers(_tls_trunk(", srtp: required")).trunks[0]
+    assert trunk.srtp_policy().mode_over("tls").value == "required"
+    assert "use transport tls" in errors_of(
+        "carriers:\n  allowed_countries: [US]\n  trunks:\n"
+        "    - {name: plain, host: 192.0.2.1, srtp: optional}\n"
+    )
+    lab = load_carriers(
+        "carriers:\n  allowed_countries: [US]\n  trunks:\n"
+        "    - {name: lab, host: 192.0.2.1, srtp: optional, srtp_without_tls: true}\n"
+    ).trunks[0]
+    assert lab.srtp_policy().mode_over("udp").value == "optional"
+    assert "srtp" in errors_of(_tls_trunk(", srtp: maybe"))

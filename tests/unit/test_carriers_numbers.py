@@ -207,7 +207,7 @@ def test_twilio_trunks_need_an_account_and_no_sip_settings() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"transport": "tls"}, "transport"),
+        ({"transport": "sctp"}, "transport"),
         ({"port": 70000}, "port"),
         ({"number_format": "tech_prefix"}, "tech_prefix"),
         ({"tech_prefix": "99"}, "only used with"),

@@ -424,7 +424,7 @@ async def test_tcp_response_falls_back_to_sent_by_when_connection_gone(
     writer.close()
     await writer.wait_closed()
     # Private lookup: the only way to know b has noticed the close before replying.
-    await wait_until(lambda: b.transport._find_connection(source.host, source.port) is None)
+    await wait_until(lambda: not b.transport.has_connection(source))
 
     assert isinstance(received, Request)
     await b.transport.send_response(create_response(received, 200), source)
