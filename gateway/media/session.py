@@ -159,6 +159,8 @@ class _AudioHistory:
         self._size = 0
 
     def append(self, decoder: Decoder, codes: bytes) -> None:
+        if not self.capacity:
+            return  # no history kept (the gateway's default: listeners get the audio)
         if not self._segments or self._segments[-1].decoder is not decoder:
             self._segments.append(_Segment(decoder))
         self._segments[-1].codes += codes
