@@ -127,6 +127,7 @@ class _GcPauses:
 
     def __init__(self) -> None:
         self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self.collected = {0: 0, 1: 0, 2: 0}  # unreachable cycles freed, by generation
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
@@ -134,10 +135,15 @@ class _GcPauses:
             self._started = time.perf_counter()
         else:
             self.pauses[info["generation"]].append(time.perf_counter() - self._started)
+            self.collected[info["generation"]] += info["collected"]
 
     def report(self) -> dict[str, Any]:
         return {
-            f"gen{g}": {"runs": len(p), "max_ms": round(max(p, default=0.0) * 1000, 1)}
+            f"gen{g}": {
+                "runs": len(p),
+                "max_ms": round(max(p, default=0.0) * 1000, 1),
+                "collected": self.collected[g],
+            }
             for g, p in self.pauses.items()
         }
 
@@ -254,16 +260,21 @@ async def setup_phase(
             failures += 1
 
     tasks = []
+    gc_pauses = _GcPauses()
+    gc.callbacks.append(gc_pauses)
     start = time.monotonic()
     late = 0.0
-    for i in range(total):
-        delay = start + i / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        else:
-            late = max(late, -delay)
-        tasks.append(asyncio.ensure_future(one()))
-    await asyncio.gather(*tasks)
+    try:
+        for i in range(total):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                late = max(late, -delay)
+            tasks.append(asyncio.ensure_future(one()))
+        await asyncio.gather(*tasks)
+    finally:
+        gc.callbacks.remove(gc_pauses)
     elapsed = time.monotonic() - start
     setup_ms = np.array(durations) * 1000 if durations else np.array([0.0])
     # Setups completed in each whole second of the run (the last, partial one left out).
@@ -277,11 +288,13 @@ async def setup_phase(
         "duration_s": duration,
         "achieved_rate_per_s": round(len(durations) / elapsed, 1),
         "min_setups_in_one_second": int(per_second.min()) if len(per_second) else 0,
+        "setups_each_second": per_second.tolist(),
         "failures": failures,
         "setup_ms_p50": round(float(np.percentile(setup_ms, 50)), 2),
         "setup_ms_p99": round(float(np.percentile(setup_ms, 99)), 2),
         "setup_ms_max": round(float(setup_ms.max()), 2),
         "dialler_max_late_ms": round(late * 1000, 1),
+        "gc": gc_pauses.report(),
         "cpu_percent": round(process.cpu_percent(None), 1),
         "load_avg_before": load_before,
         "load_avg_after": _load(),
