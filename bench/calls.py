@@ -259,7 +259,7 @@ async def setup_phase(
             print(f"hangup failed: {exc!r}", file=sys.stderr)
             failures += 1
 
-    tasks = []
+    tasks: set[asyncio.Future[None]] = set()  # only those running: the heap stays the gateway's
     gc_pauses = _GcPauses()
     gc.callbacks.append(gc_pauses)
     start = time.monotonic()
@@ -271,7 +271,9 @@ async def setup_phase(
                 await asyncio.sleep(delay)
             else:
                 late = max(late, -delay)
-            tasks.append(asyncio.ensure_future(one()))
+            task = asyncio.ensure_future(one())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)
     finally:
         gc.callbacks.remove(gc_pauses)
