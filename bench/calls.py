@@ -11,6 +11,7 @@ beside it, and the load average before and after is part of the report.
     python -m bench.calls [--calls 500] [--hold 20] [--setup-rate 50] [--duration 10]
     python -m bench.calls --calls 1000 --duration 0 --background-load 1
     python -m bench.calls --calls 0 --setup-rate 200 --duration 60
+    python -m bench.calls --calls 1000 --duration 0 --processes 2
 """
 
 from __future__ import annotations
@@ -343,6 +344,51 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def run_processes(args: argparse.Namespace) -> dict[str, Any]:
+    """Run N single-process benches at once, each with its share, and combine the reports:
+    failures and calls add up, jitter and tick work are the worst process's."""
+    n = args.processes
+    child = [sys.executable, "-m", "bench.calls", "--hold", str(args.hold)]
+    child += ["--calls", str(args.calls // n), "--duration", str(args.duration)]
+    child += ["--setup-rate", str(args.setup_rate / n)]
+    loaders = start_background_load(args.background_load)
+    try:
+        procs = [subprocess.Popen(child, stdout=subprocess.PIPE) for _ in range(n)]
+        outputs = [proc.communicate()[0] for proc in procs]
+    finally:
+        for loader in loaders:
+            loader.kill()
+            loader.wait()
+    reports = [json.loads(out) for out in outputs]
+    combined: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "processes": n,
+        "background_load_processes": args.background_load,
+        "per_process": reports,
+    }
+    holds = [r["hold"] for r in reports if "hold" in r]
+    if holds:
+        combined["hold"] = {
+            "concurrent_calls": sum(h["concurrent_calls"] for h in holds),
+            "answered": sum(h["answered"] for h in holds),
+            "failures": sum(h["failures"] for h in holds),
+            "cpu_percent": round(sum(h["cpu_percent"] for h in holds), 1),
+            "worst_pacing_interval_jitter_ms": {
+                key: max(h["pacing_interval_jitter_ms"][key] for h in holds)
+                for key in ("p50", "p99", "p100")
+            },
+            "memory_per_call_kib": max(h["memory_per_call_kib"] for h in holds),
+        }
+    setups = [r["setup"] for r in reports if "setup" in r]
+    if setups:
+        combined["setup"] = {
+            "setups": sum(x["setups"] for x in setups),
+            "achieved_rate_per_s": round(sum(x["achieved_rate_per_s"] for x in setups), 1),
+            "failures": sum(x["failures"] for x in setups),
+        }
+    return combined
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -367,8 +413,17 @@ def main() -> None:
         metavar="N",
         help="trace allocations while holding; report the N source lines that grew most",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the calls and the setup rate over N gateway processes, each with its own\n"
+        "SIPp, run at once (the media on both cores, as N workers would run it)",
+    )
     args = parser.parse_args()
-    report = run_service(main_async(args))  # the loop `ackline serve` runs on
+    # One process runs on the loop `ackline serve` runs on.
+    report = run_processes(args) if args.processes > 1 else run_service(main_async(args))
     print(json.dumps(report, indent=2))
     failed = sum(report.get(phase, {}).get("failures", 0) for phase in ("hold", "setup"))
     raise SystemExit(1 if failed else 0)
