@@ -169,6 +169,10 @@ class GatewayConfig:
     # Inbound calls at once; more get 503 with Retry-After before any media port is spent
     # (each holds an RTP socket and a task until it ends, up to max_call_duration).
     max_inbound_calls: int = 500
+    # Received audio each call keeps for Call.media.received_audio() (inspection, tests).
+    # Off by default: at 8 KB/s it was most of a call's memory (60 s, ~600 KB), and
+    # recording and answering-machine detection take the audio live from listeners.
+    media_history_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_call_duration <= 0 or self.drain_timeout < 0:
@@ -177,6 +181,8 @@ class GatewayConfig:
             raise ValueError("max_inbound_calls must be at least 1")
         if self.tls_port is not None and self.tls is None:
             raise ValueError("tls_port needs tls: the certificate and key to listen with")
+        if self.media_history_seconds < 0:
+            raise ValueError("media_history_seconds must not be negative")
         advertised_address(self.host, self.advertise)
 
     @property
@@ -1471,6 +1477,7 @@ class Call:
             pacer=self.gateway.pacer,
             port_range=config.rtp_ports,
             trusted_hosts=[self.peer.host],  # NAT: RTP from where the SIP comes from
+            history_seconds=config.media_history_seconds,
         )
         opening = asyncio.ensure_future(media.open())
         try:

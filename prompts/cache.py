@@ -9,7 +9,9 @@ import json
 import logging
 import os
 import tempfile
+import time
 import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +28,25 @@ log = logging.getLogger(__name__)
 # Bump when the stored audio changes for the same engine output (resampler, format, ...).
 FORMAT_VERSION = 1
 MAX_TEXT_CHARS = 2000
+# Rendered audio kept in memory and shared by every call playing it (~160 KB per 10 s).
+MEMORY_BYTES = 32 * 2**20
+
+_Signature = tuple[int, int, int]  # the file's inode, size and mtime_ns
+_SETTLE_NS = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    signature: _Signature
+    pcm: npt.NDArray[np.int16]
+    settled: bool  # the file was older than _SETTLE_NS when its signature was taken
 
 
 @dataclass(frozen=True, eq=False)
 class Prompt:
-    """A rendered prompt ready to packetise: 8 kHz mono int16 samples plus where they live."""
+    """A rendered prompt ready to packetise: 8 kHz mono int16 samples plus where they live.
+
+    ``pcm`` is read-only: one array is shared by every call playing the same prompt."""
 
     text: str
     pcm: npt.NDArray[np.int16] = field(repr=False)
@@ -59,12 +75,27 @@ class PromptCache:
     atomically, and validated on read; a damaged file is re-synthesised. Concurrent renders of
     the same key in one event loop share a single synthesis; separate processes may both
     synthesise, but os.replace makes the last complete file win.
+
+    Decoded audio is also kept in memory (up to ``memory_bytes``, least recently used
+    first out) as read-only arrays, so a thousand calls playing one alert share one copy
+    instead of reading their own. The file stays the truth: each render checks its inode,
+    size and mtime, and a file changed or damaged since is read (or synthesised) again.
     """
 
-    def __init__(self, directory: Path, engine: TtsEngine, *, voice: str = "en-us") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        engine: TtsEngine,
+        *,
+        voice: str = "en-us",
+        memory_bytes: int = MEMORY_BYTES,
+    ) -> None:
         self.directory = Path(directory)
         self.engine = engine
         self.voice = voice
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[str, _Held] = OrderedDict()
+        self._memory_used = 0
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: dict[str, int] = {}
 
@@ -93,7 +124,7 @@ class PromptCache:
         key = self._key(spoken, voice)
         path = self._path(key)
 
-        pcm = await asyncio.to_thread(self._read, path)
+        pcm = await self._load(key, path)
         if pcm is not None:
             return Prompt(spoken, pcm, path, cached=True)
 
@@ -102,17 +133,55 @@ class PromptCache:
         try:
             async with lock:
                 # Whoever held the lock before us has probably written the file.
-                pcm = await asyncio.to_thread(self._read, path)
+                pcm = await self._load(key, path)
                 if pcm is not None:
                     return Prompt(spoken, pcm, path, cached=True)
                 wav = await self.engine.synthesize(spoken, voice=voice)
                 pcm = await asyncio.to_thread(self._convert_and_store, wav, path)
+                with contextlib.suppress(OSError):  # unremembered: the next render reads it
+                    self._remember(key, _signature(await asyncio.to_thread(path.stat)), pcm)
                 return Prompt(spoken, pcm, path, cached=False)
         finally:
             self._lock_users[key] -= 1
             if self._lock_users[key] == 0:
                 del self._lock_users[key]
                 del self._locks[key]
+
+    async def _load(self, key: str, path: Path) -> npt.NDArray[np.int16] | None:
+        """The audio of ``path``: the shared copy while the file is unchanged, else read."""
+        try:
+            signature = _signature(await asyncio.to_thread(path.stat))
+        except FileNotFoundError:
+            return None
+        held = self._memory.get(key)
+        if held is not None and held.signature == signature and held.settled:
+            self._memory.move_to_end(key)
+            return held.pcm
+        pcm = await asyncio.to_thread(self._read, path)
+        if pcm is None:
+            return None
+        if held is not None and np.array_equal(held.pcm, pcm):
+            pcm = held.pcm  # unchanged after all: keep sharing the one copy
+        # Had the file been replaced between stat and read, the next render's stat
+        # differs from this signature and reads it again.
+        self._remember(key, signature, pcm)
+        return pcm
+
+    def _remember(self, key: str, signature: _Signature, pcm: npt.NDArray[np.int16]) -> None:
+        pcm.flags.writeable = False
+        old = self._memory.pop(key, None)
+        if old is not None:
+            self._memory_used -= old.pcm.nbytes
+        if pcm.nbytes > self.memory_bytes:
+            return
+        # A rewrite within the file system's timestamp granularity (a few ms) can keep size
+        # and mtime; until the file is older than that, renders read it and compare.
+        settled = time.time_ns() - signature[2] > _SETTLE_NS
+        self._memory[key] = _Held(signature, pcm, settled)
+        self._memory_used += pcm.nbytes
+        while self._memory_used > self.memory_bytes:
+            _, evicted = self._memory.popitem(last=False)
+            self._memory_used -= evicted.pcm.nbytes
 
     def _check_text(self, text: str) -> str:
         spoken = normalise_text(text)
@@ -158,6 +227,10 @@ class PromptCache:
             raise TtsError("engine returned no audio samples")
         _atomic_write(path, pcm_to_wav(pcm, TELEPHONY_RATE))
         return pcm
+
+
+def _signature(stat: os.stat_result) -> _Signature:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

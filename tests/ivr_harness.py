@@ -125,7 +125,11 @@ async def loopback(
         results.put_nowait(result)
 
     server = Gateway(GatewayConfig(host="127.0.0.1"), prompts=cache, on_incoming=on_incoming)
-    client = Gateway(GatewayConfig(host="127.0.0.1", caller="+14155550142"), prompts=cache)
+    # The caller keeps what it heard, for tests comparing it with what the flow played.
+    client = Gateway(
+        GatewayConfig(host="127.0.0.1", caller="+14155550142", media_history_seconds=60.0),
+        prompts=cache,
+    )
     async with server, client:
         yield Loopback(server, client, log, results)
 

@@ -328,7 +328,8 @@ class GoertzelDetector:
         carried = len(self._buffer)
         data = np.concatenate((self._buffer, chunk))
         count = len(data) // self.block_size
-        self._buffer = data[count * self.block_size :]
+        # A copy: a slice would be a view keeping the whole chunk alive between feeds.
+        self._buffer = data[count * self.block_size :].copy()
         return data[: count * self.block_size].reshape(count, self.block_size), carried
 
     def _finish(
@@ -337,7 +338,8 @@ class GoertzelDetector:
         """Confirm and debounce classified (DC-free) blocks; the digits they complete."""
         if len(blocks) == 0:
             return []
-        last_block = blocks[-1]
+        # A copy: ``blocks`` is a view of every session's batch stacked by ``feed_all``.
+        last_block = blocks[-1].copy()
         if self._active is None and keys.count(None) == len(keys):
             # Nothing held and nothing heard: what stepping through the blocks would do.
             self._last_block = last_block

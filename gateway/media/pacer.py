@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterable
+from time import perf_counter
 from typing import Protocol
 
 import numpy as np
@@ -193,13 +194,15 @@ class Pacer:
                 previous, self._reset_interval = None, False
             for _ in range(due):
                 deadline = start + n * period
-                began = loop.time()
-                stats.lateness.add(began - deadline)
+                stats.lateness.add(loop.time() - deadline)
+                # Interval and work on perf_counter: uvloop's loop.time() is a millisecond
+                # clock read once per loop iteration, too coarse for a 20 ms grid's jitter.
+                began = perf_counter()
                 if previous is not None:
                     stats.interval.add(began - previous)
                 previous = began
                 self._tick(deadline)
-                stats.work.add(loop.time() - began)
+                stats.work.add(perf_counter() - began)
                 stats.ticks += 1
                 n += 1
 

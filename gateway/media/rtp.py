@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -278,6 +279,31 @@ class _Held:
     arrival: float
 
 
+_SEEN_SLOTS = 1024  # a power of two: slot = extended sequence number & (slots - 1)
+_NEVER = -(1 << 62)  # no extended sequence number is this far below zero
+_EMPTY_SEEN = array("q", [_NEVER]) * _SEEN_SLOTS
+
+
+class _SeenRing:
+    """Which extended sequence numbers arrived, for the last ``_SEEN_SLOTS`` of them.
+
+    A fixed 8 KiB slot array instead of a set of ints: the set of a live stream held up
+    to a thousand int objects and a 32 KiB table, rebuilt every ~20 s, per call. Slot
+    ``n & mask`` holds ``n``, so ``n`` is remembered until ``n + 1024`` arrives.
+    """
+
+    __slots__ = ("_slots",)
+
+    def __init__(self) -> None:
+        self._slots = array("q", _EMPTY_SEEN)
+
+    def __contains__(self, ext: int) -> bool:
+        return self._slots[ext & (_SEEN_SLOTS - 1)] == ext
+
+    def add(self, ext: int) -> None:
+        self._slots[ext & (_SEEN_SLOTS - 1)] = ext
+
+
 @dataclass(slots=True)
 class _Source:
     """Sequence state of the current SSRC, in extended (cycle-counting) sequence numbers."""
@@ -289,7 +315,7 @@ class _Source:
     received: int = 0
     probation: int | None = None
     held: dict[int, _Held] = field(default_factory=dict)
-    seen: set[int] = field(default_factory=set)
+    seen: _SeenRing = field(default_factory=_SeenRing)
 
 
 class RtpReceiver:
@@ -303,7 +329,6 @@ class RtpReceiver:
 
     MAX_DROPOUT = 3000  # RFC 3550 A.1: larger jumps may be a sender restart
     MAX_MISORDER = 100
-    _SEEN_WINDOW = 512  # how far back duplicates are still recognised
 
     def __init__(self, clock_rate: int = 8000, *, depth: int = 3, max_hold: float = 0.06) -> None:
         if depth < 0:
@@ -369,7 +394,6 @@ class RtpReceiver:
                 self._received += 1
                 self._update_jitter(packet, now)
                 src.next_out = ext + 1
-                self._trim_seen(src)
                 return [packet]
         out: list[RtpPacket] = []
         if src is None or packet.ssrc != src.ssrc:
@@ -472,7 +496,6 @@ class RtpReceiver:
             if len(held) <= self.depth and now - held[oldest].arrival < self.max_hold:
                 break
             src.next_out = oldest  # give up on the gap
-        self._trim_seen(src)
         return out
 
     def _release_all(self, src: _Source) -> list[RtpPacket]:
@@ -481,8 +504,3 @@ class RtpReceiver:
             src.next_out = max(src.held) + 1
             src.held.clear()
         return out
-
-    def _trim_seen(self, src: _Source) -> None:
-        if len(src.seen) > 2 * self._SEEN_WINDOW:
-            floor = src.next_out - self._SEEN_WINDOW
-            src.seen = {s for s in src.seen if s >= floor}

@@ -649,3 +649,12 @@ def test_feed_all_takes_a_detectors_repeated_chunks_in_order() -> None:
 def test_feed_all_of_nothing() -> None:
     assert feed_all([]) == []
     assert feed_all([(GoertzelDetector(), np.zeros(50, dtype=np.int16), 0.0)]) == [[]]
+
+
+def test_detector_keeps_no_view_of_the_audio_it_was_fed() -> None:
+    """What stays buffered between feeds is copied: a view would keep each whole batch
+    (and, through feed_all, every session's stacked batch) alive per call."""
+    detector = GoertzelDetector(8000)
+    detector.feed(np.zeros(3200 + 50, dtype=np.int16), 0.0)
+    assert detector._buffer.base is None and len(detector._buffer) == (3250 % 106)
+    assert detector._last_block is not None and detector._last_block.base is None

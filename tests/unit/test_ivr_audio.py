@@ -85,3 +85,25 @@ def test_voice_activity_follows_the_noise_floor() -> None:
     talk = (hiss[: len(t)] + 9000 * np.sin(2 * np.pi * 300 * t)).astype(np.int16)
     assert all(vad.is_speech(talk[i : i + FRAME_SAMPLES]) for i in range(0, len(talk), 160))
     assert frame_dbfs(np.zeros(160, dtype=np.int16)) == -120.0
+
+
+async def test_without_history_listeners_still_get_every_chunk() -> None:
+    """The gateway keeps no history by default (memory per call); listeners, which
+    recording and AMD use, must see exactly what a history would have held."""
+    pacer = Pacer(20)
+    session = MediaSession(local_host=HOST, pacer=pacer, history_seconds=0)
+    peer = await raw_peer()
+    try:
+        port = await session.open()
+        session.configure(negotiated(peer.port))
+        chunks: list[NDArray[np.int16]] = []
+        session.add_audio_listener(chunks.append)
+        tone = bytes(range(0x10, 0x10 + 160))
+        for seq in (1, 2, 4):
+            peer.send(rtp(seq, tone), port)
+        await wait_for(lambda: sum(len(c) for c in chunks) >= 4 * 160)
+        heard = np.concatenate(chunks)
+        assert len(heard) == 4 * 160 and not heard[320:480].any() and heard[:160].any()
+        assert len(session.received_audio()) == 0
+    finally:
+        await session.close()

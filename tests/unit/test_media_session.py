@@ -1033,3 +1033,34 @@ async def test_latch_any_source_opt_in_latches_an_unrelated_address(pacer: Pacer
     finally:
         await s.close()
         await close_peers(relay)
+
+
+async def test_inband_scan_of_a_crowd_is_spread_over_ticks(
+    pacer: Pacer, peer: RawPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches handed over in one tick by more sessions than a tick scans are classified
+    over the next ticks, oldest first, and every digit still arrives."""
+    monkeypatch.setattr(session_module, "_INBAND_SESSIONS_PER_TICK", 2)
+    passes: list[int] = []
+    real_feed_all = session_module.feed_all
+
+    def counting_feed_all(jobs: Any) -> Any:
+        passes.append(len(jobs))
+        return real_feed_all(jobs)
+
+    monkeypatch.setattr(session_module, "feed_all", counting_feed_all)
+    sessions = [MediaSession(local_host=HOST, pacer=pacer) for _ in range(5)]
+    for s in sessions:
+        await s.open()
+        s.configure(negotiated(peer.port))
+    try:
+        for index, s in enumerate(sessions):
+            for data in _inband_packets("14703"[index], ssrc=index + 1, tail=1600):
+                peer.send(data, s.local_port)
+        async with asyncio.timeout(3):
+            got = [await s.digits.get() for s in sessions]
+        assert [(d.digit, d.method) for d in got] == [(k, DtmfMethod.INBAND) for k in "14703"]
+        assert passes and max(passes) <= 2
+    finally:
+        for s in sessions:
+            await s.close()

@@ -203,6 +203,27 @@ async def test_engine_identity_is_part_of_the_key(tmp_path: Path) -> None:
     assert p_slow.duration_ms > p_normal.duration_ms
 
 
+async def test_renders_share_one_read_only_copy(
+    cache: PromptCache, espeak: CountingEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await cache.render(ALERT)
+    second = await cache.render(ALERT)  # file just written: read and compared, then shared
+    assert second.pcm is first.pcm
+    assert not first.pcm.flags.writeable
+    with pytest.raises(ValueError):
+        first.pcm[0] = 1
+    monkeypatch.setattr("prompts.cache._SETTLE_NS", 0)
+    settled = await cache.render(ALERT)  # served from memory without reading the file
+    assert settled.pcm is first.pcm and settled.cached is True
+    # A file replaced by another (new inode) is read again, not served from memory.
+    replacement = first.path.with_suffix(".new")
+    replacement.write_bytes(pcm_to_wav(first.pcm[: len(first.pcm) // 2]))
+    replacement.replace(first.path)
+    shorter = await cache.render(ALERT)
+    assert len(shorter.pcm) == len(first.pcm) // 2
+    assert espeak.calls == 1
+
+
 @pytest.mark.parametrize(
     "damage",
     ["garbage", "truncated", "empty", "wrong_rate"],

@@ -349,3 +349,13 @@ def test_receiver_output_is_ordered_and_unique(
     assert stats.late == len(set(arrivals) - playable)
     assert stats.duplicates == len(arrivals) - len(set(arrivals))
     assert stats.lost == max(arrivals) - arrivals[0] + 1 - len(playable)
+
+
+def test_duplicates_are_recognised_a_window_back_across_the_wrap() -> None:
+    rx = RtpReceiver()
+    start = 65536 - 300  # the window spans the 16-bit wrap
+    for i in range(800):
+        rx.push(pkt(start + i), i * 0.02)
+    for back in (1, 100, 512):
+        assert rx.push(pkt(start + 800 - back), 16.0) == []
+    assert rx.stats.duplicates == 3 and rx.stats.late == 0
