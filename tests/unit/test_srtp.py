@@ -175,8 +175,9 @@ class Answerer:
 
 def _server(pki: PkiFiles, answerer: Answerer, srtp: SrtpPolicy) -> Gateway:
     config = GatewayConfig(
-        udp_port=0, tls_port=0, tls=TlsServerSettings(pki.cert, pki.key), srtp=srtp
-    )
+        udp_port=0, tls_port=0, tls=TlsServerSettings(pki.cert, pki.key), srtp=srtp,
+        media_history_seconds=10.0,  # the test reads what each side heard
+    )  # fmt: skip
     return Gateway(config, on_incoming=answerer, on_call_ended=answerer.ended.append)
 
 
@@ -201,7 +202,7 @@ async def test_srtp_call_over_tls_carries_audio_and_dtmf_both_ways(
     answerer = Answerer()
     async with (
         _server(pki, answerer, SrtpPolicy(SrtpMode.OPTIONAL)) as server,
-        Gateway(GatewayConfig(udp_port=None)) as caller,
+        Gateway(GatewayConfig(udp_port=None, media_history_seconds=10.0)) as caller,
     ):
         call = await _dial_tls(server, caller, pki, mode)
         assert call.answered, call.result
