@@ -49,7 +49,9 @@ async def test_gateway_calls_baresip_over_tls_with_srtp(tmp_path: Path, pki: Pki
         tmp_path, transport="tls", certificate=pki.bundle, mediaenc="srtp-mand",
         dtmf="1", dtmf_delay_s=1.5, record=True,
     ) as peer:  # fmt: skip
-        async with Gateway(GatewayConfig(host="127.0.0.1", udp_port=None)) as gateway:
+        async with Gateway(
+            GatewayConfig(host="127.0.0.1", udp_port=None, media_history_seconds=10.0)
+        ) as gateway:
             call = await gateway.dial(
                 peer.uri,
                 tls=TlsClientSettings(ca_file=pki.ca_cert),
@@ -89,7 +91,11 @@ async def test_baresip_calls_the_gateway_tls_listener_with_srtp(
         heard.append(_rms(call.media.received_audio()))
 
     config = GatewayConfig(
-        host="127.0.0.1", udp_port=None, tls_port=0, tls=TlsServerSettings(pki.cert, pki.key)
+        media_history_seconds=10.0,  # the test reads what ackline heard
+        host="127.0.0.1",
+        udp_port=None,
+        tls_port=0,
+        tls=TlsServerSettings(pki.cert, pki.key),
     )
     async with Gateway(config, on_incoming=on_incoming, on_call_ended=finished.append) as gateway:
         host, port = gateway.address("tls")
