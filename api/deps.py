@@ -55,9 +55,14 @@ def build_runtime(settings: Settings) -> Runtime:
 # worker thread, two thread hand-offs per request for a dict lookup.
 
 
-async def get_runtime(request: Request) -> Runtime:
+def runtime_of(request: Request) -> Runtime:
+    """The running app's shared objects, for code that already holds the request."""
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+async def get_runtime(request: Request) -> Runtime:
+    return runtime_of(request)
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

@@ -56,7 +56,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import web
-from api.deps import Runtime, context
+from api.deps import Runtime, context, runtime_of
 from escalation.engine import RequestContext
 from escalation.users import ConsoleUser, Role, authenticate, get_user
 
@@ -127,11 +127,6 @@ class Session:
         return cls(secrets.token_urlsafe(18), secrets.token_urlsafe(24), seen_at=now)
 
 
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
 def _secret_file(runtime: Runtime) -> Path:
     return runtime.settings.audit_dir.parent / "session-secret"
 
@@ -155,7 +150,7 @@ def _load_or_create_secret(path: Path) -> str:
 def _serializer(request: Request) -> URLSafeTimedSerializer:
     found: URLSafeTimedSerializer | None = getattr(request.app.state, "console_signer", None)
     if found is None:
-        runtime = _runtime(request)
+        runtime = runtime_of(request)
         secret = runtime.settings.session_secret or _load_or_create_secret(_secret_file(runtime))
         found = URLSafeTimedSerializer(secret, salt="ackline-console-session")
         request.app.state.console_signer = found
@@ -243,9 +238,9 @@ async def current_user(request: Request) -> ConsoleUser | None:
     user = None
     if session.username is not None:
         now = clock()
-        idle = _runtime(request).settings.console_idle_timeout
+        idle = runtime_of(request).settings.console_idle_timeout
         if now - session.seen_at <= idle and now - session.signed_in_at <= MAX_SESSION_SECONDS:
-            found = await get_user(_runtime(request).db, session.username)
+            found = await get_user(runtime_of(request).db, session.username)
             if (found is not None and not found.disabled
                     and found.session_version == session.version):  # fmt: skip
                 user = found
@@ -405,7 +400,7 @@ async def login(
     next: Annotated[str, Form(max_length=2000)] = "/console",
 ) -> Response:
     await check_csrf(request)
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     key = (username.strip().lower(), client_ip(request))
     now = clock()
     limiter = _limiter(request)
@@ -436,7 +431,7 @@ async def login(
 async def logout(
     request: Request, user: Annotated[ConsoleUser, Depends(require_role(Role.VIEWER))]
 ) -> Response:
-    _runtime(request).audit.write(user.company, [_audit_line("console_logout", request, user)])
+    runtime_of(request).audit.write(user.company, [_audit_line("console_logout", request, user)])
     _send_session(request, Session.anonymous(clock()))
     return RedirectResponse(LOGIN_PATH, 303)
 

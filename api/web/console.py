@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from api.deps import Runtime
+from api.deps import Runtime, runtime_of
 from api.routes.alerts import recording_of, recording_response
 from api.web.auth import ConsoleUser, ConsoleUserDep, Role, audit_context, render, require_role
 from escalation import crud
@@ -84,11 +84,6 @@ def _ack_context(request: Request, user: ConsoleUser) -> RequestContext:
     return replace(audit_context(request, user), actor=user.ack_actor)
 
 
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
 @dataclass(frozen=True)
 class ListQuery:
     """The list page's filters as they appear in its URL."""
@@ -123,7 +118,7 @@ ListQueryDep = Annotated[ListQuery, Depends(_list_query)]
 
 
 async def _list_context(request: Request, user: ConsoleUser, query: ListQuery) -> dict[str, Any]:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     delta = query.since.delta
     filt = AlertFilter(user.company, query.policy, query.severity,
                        utcnow() - delta if delta else None, None, query.q)  # fmt: skip
@@ -142,7 +137,7 @@ async def _list_context(request: Request, user: ConsoleUser, query: ListQuery) -
 async def alert_list(
     request: Request, user: ConsoleUserDep, query: ListQueryDep, done: str | None = None
 ) -> HTMLResponse:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     ctx = await _list_context(request, user, query)
     policies = [p.name for p in await crud.list_policies(runtime.db, user.company)]
     return render(request, "console/alerts.html", {**ctx, "nav": "alerts", "done": done,
@@ -167,7 +162,7 @@ async def bulk(
 ) -> Response:
     """Acknowledge or resolve the checked alerts, one engine close each (each audited);
     alerts already past that state are skipped, not failed."""
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     state = ACTION_STATE[action]
     changed = 0
     for alert_id in list(dict.fromkeys(ids or []))[:PAGE_SIZE]:
@@ -217,7 +212,7 @@ async def _render_alert(
     error: str | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     alert, attempts = await _alert_or_404(runtime, alert_id, user)
     timeline = build_timeline(alert_id, runtime.audit.read(user.company, alert_id=alert_id))
     steps = len(alert.plan.get("steps", []))
@@ -252,7 +247,7 @@ async def alert_page(
 @router.get("/console/alerts/{alert_id}/recording", response_class=FileResponse)
 async def alert_recording(request: Request, alert_id: str, user: ConsoleUserDep) -> FileResponse:
     """The hotline caller's message, for the page's <audio> element (signed in only)."""
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     alert, _ = await _alert_or_404(runtime, alert_id, user)
     return recording_response(runtime, alert)
 
@@ -262,7 +257,7 @@ def _back_to(alert_id: str, done: str) -> RedirectResponse:
 
 
 async def _close(request: Request, alert_id: str, user: ConsoleUser, state: AlertState) -> Response:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     alert = await runtime.engine.close(alert_id, state, _ack_context(request, user),
                                        company=user.company, reason="console")  # fmt: skip
     if alert is None:
@@ -285,7 +280,7 @@ async def resolve(request: Request, alert_id: str, user: Responder) -> Response:
 
 @router.post("/console/alerts/{alert_id}/escalate")
 async def escalate(request: Request, alert_id: str, user: Responder) -> Response:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     try:
         alert = await runtime.engine.escalate(alert_id, audit_context(request, user),
                                               company=user.company)  # fmt: skip
@@ -321,7 +316,7 @@ async def reassign(
 ) -> Response:
     """`target` is "recipient:<id>", "group:<name>" or "schedule:<name>" (whoever it
     has on call now)."""
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     kind_text, _, name = target.partition(":")
     recipients: list[str] = []
     groups: list[str] = []
@@ -372,7 +367,7 @@ async def _users_page(
     done: str | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     return render(request, "console/users.html", {
         "nav": "users", "users": await list_users(runtime.db, user.company),
         "recipients": [r.id for r in await crud.list_recipients(runtime.db, user.company)],
@@ -388,7 +383,7 @@ async def users_page(request: Request, user: Admin, done: str | None = None) -> 
 def _audit_user(request: Request, admin: ConsoleUser, event: str, username: str,
                 **extra: Any) -> None:  # fmt: skip
     ctx = audit_context(request, admin)
-    _runtime(request).audit.write(admin.company, [{
+    runtime_of(request).audit.write(admin.company, [{
         "event": event, "status": "ok", "actor": ctx.actor, "ip": ctx.ip,
         "request_id": ctx.request_id, "user": username, **extra,
     }])  # fmt: skip
@@ -410,7 +405,7 @@ async def add_user_route(
         return await _users_page(request, user, errors={"new.role": "choose a role"}, form=form,
                                  status_code=422)  # fmt: skip
     try:
-        added = await add_user(_runtime(request).db, user.company, username, password, chosen,
+        added = await add_user(runtime_of(request).db, user.company, username, password, chosen,
                                user.actor, recipient or None)  # fmt: skip
     except UserError as exc:
         return await _users_page(request, user, errors={f"new.{exc.field}": exc.message},
@@ -432,7 +427,7 @@ async def change_user(
 ) -> Response:
     """One change to a user of the admin's company; a new role or password, or disabling,
     signs them out everywhere."""
-    db = _runtime(request).db
+    db = runtime_of(request).db
     changes: dict[str, Any] = {}
     try:
         match action:

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from api.deps import Runtime
+from api.deps import Runtime, runtime_of
 from api.routes.carriers import (
     change_trunk,
     in_process_router,
@@ -50,11 +50,6 @@ MAX_STEPS = 50  # Policy.steps' bound: the form never builds more
 FORM_ERROR = "form"  # the key of an error that belongs to no single field
 
 
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
 # ------------------------------------------------------------------ carriers
 
 
@@ -76,7 +71,7 @@ async def _carriers_page(
     tested: Mapping[str, Any] | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     carriers = runtime.config.carriers
     trunks = await trunk_views(runtime, in_process_router(request)) if carriers else []
     return render(request, "console/admin_carriers.html", {
@@ -103,7 +98,7 @@ async def change_carrier(
     weight: Annotated[str, Form(max_length=20)] = "",
 ) -> Response:
     """One change to a trunk, as PATCH/DELETE/POST /v1/carriers/{name} make it."""
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     ctx = audit_context(request, user)
     match action:
         case TrunkAction.ENABLE | TrunkAction.DISABLE:
@@ -236,7 +231,7 @@ def _same(a: BaseModel, b: BaseModel) -> bool:
 def _audit_change(request: Request, user: ConsoleUser, kind: Kind, key: str, created: bool) -> None:
     """Who changed which configuration item from the console, and from where."""
     ctx = audit_context(request, user)
-    _runtime(request).audit.write(user.company, [{
+    runtime_of(request).audit.write(user.company, [{
         "event": "config_changed", "status": "created" if created else "changed",
         "actor": ctx.actor, "ip": ctx.ip, "request_id": ctx.request_id,
         "kind": kind.value, "key": key,
@@ -266,7 +261,7 @@ async def _recipients(runtime: Runtime, company: str) -> dict[str, Recipient]:
 async def recipients_page(
     request: Request, user: ConsoleUserDep, done: str | None = None
 ) -> HTMLResponse:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     found = await _recipients(runtime, user.company)
     return render(request, "console/admin_recipients.html", {
         "nav": "recipients", "recipients": list(found.values()), "done": done,
@@ -281,7 +276,7 @@ async def _recipient_form(
     form: Mapping[str, str],
     errors: Mapping[str, str] | None = None,
 ) -> HTMLResponse:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     return render(request, "console/admin_recipient.html", {
         "nav": "recipients", "key": key, "form": form, "errors": errors or {},
         "in_file": key is not None and key in _file_items(runtime, user.company, Kind.RECIPIENT),
@@ -295,7 +290,7 @@ async def new_recipient_page(request: Request, user: Admin) -> HTMLResponse:
 
 @router.get("/console/recipients/{rid}/edit", response_class=HTMLResponse)
 async def recipient_page(request: Request, rid: str, user: Admin) -> HTMLResponse:
-    found = (await _recipients(_runtime(request), user.company)).get(rid)
+    found = (await _recipients(runtime_of(request), user.company)).get(rid)
     if found is None:
         raise _not_found(Kind.RECIPIENT, rid)
     form = {f: getattr(found, f) or "" for f in RECIPIENT_FIELDS}
@@ -306,7 +301,7 @@ async def _save_recipient(
     request: Request, user: ConsoleUser, key: str | None, form: dict[str, str]
 ) -> Response:
     """Validate as the API does (the Recipient model) and store through escalation.crud."""
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     rid = key or form["id"]
     existing = await _recipients(runtime, user.company)
     if key is not None and key not in existing:
@@ -358,7 +353,7 @@ async def edit_recipient(
 async def groups_page(
     request: Request, user: ConsoleUserDep, done: str | None = None
 ) -> HTMLResponse:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     found = {g.name: g for g in await crud.list_groups(runtime.db, user.company)}
     return render(request, "console/admin_groups.html", {
         "nav": "groups", "groups": list(found.values()), "done": done,
@@ -374,7 +369,7 @@ async def _group_form(
     members: Sequence[str],
     errors: Mapping[str, str] | None = None,
 ) -> HTMLResponse:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     known = list(await _recipients(runtime, user.company))
     choices = known + [m for m in members if m not in known]  # a stale member stays visible
     return render(request, "console/admin_group.html", {
@@ -391,7 +386,7 @@ async def new_group_page(request: Request, user: Admin) -> HTMLResponse:
 
 @router.get("/console/groups/{name}/edit", response_class=HTMLResponse)
 async def group_page(request: Request, name: str, user: Admin) -> HTMLResponse:
-    groups = {g.name: g for g in await crud.list_groups(_runtime(request).db, user.company)}
+    groups = {g.name: g for g in await crud.list_groups(runtime_of(request).db, user.company)}
     if name not in groups:
         raise _not_found(Kind.GROUP, name)
     return await _group_form(request, user, name, name, groups[name].members)
@@ -402,7 +397,7 @@ def _group_key(loc: tuple[str | int, ...]) -> str:
 
 
 async def _save_group(request: Request, user: ConsoleUser, key: str | None) -> Response:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     form = await request.form()
     name = key or str(form.get("name", ""))[:200].strip()
     members = [m for m in form.getlist("members") if isinstance(m, str)][:1000]
@@ -575,7 +570,7 @@ async def _policies(runtime: Runtime, company: str) -> dict[str, Policy]:
 async def policies_page(
     request: Request, user: ConsoleUserDep, done: str | None = None
 ) -> HTMLResponse:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     found = await _policies(runtime, user.company)
     return render(request, "console/admin_policies.html", {
         "nav": "policies", "policies": list(found.values()), "done": done,
@@ -591,7 +586,7 @@ async def _policy_form(
     form: PolicyForm,
     errors: Mapping[str, str] | None = None,
 ) -> HTMLResponse:
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     return render(request, "console/admin_policy.html", {
         "nav": "policies", "key": key, "fields": form.fields, "steps": form.with_blank_step(),
         "advanced": form.advanced, "channels": KNOWN_CHANNELS, "errors": errors or {},
@@ -606,7 +601,7 @@ async def new_policy_page(request: Request, user: Admin) -> HTMLResponse:
 
 @router.get("/console/policies/{name}/edit", response_class=HTMLResponse)
 async def policy_page(request: Request, name: str, user: Admin) -> HTMLResponse:
-    found = (await _policies(_runtime(request), user.company)).get(name)
+    found = (await _policies(runtime_of(request), user.company)).get(name)
     if found is None:
         raise _not_found(Kind.POLICY, name)
     return await _policy_form(request, user, name, PolicyForm.of(found))
@@ -615,7 +610,7 @@ async def policy_page(request: Request, name: str, user: Admin) -> HTMLResponse:
 async def _save_policy(request: Request, user: ConsoleUser, key: str | None) -> Response:
     """Validate with the Policy model, then `crud.put_policy` checks references in the
     database (recipients, groups, schedules, fallback cycles) as PUT /v1/policies does."""
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     form = await PolicyForm.read(request)
     name = key or form.fields["name"].strip()
     existing = await _policies(runtime, user.company)
