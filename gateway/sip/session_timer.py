@@ -35,6 +35,8 @@ __all__ = [
     "negotiate_uas",
     "parse_min_se",
     "parse_session_expires",
+    "request_headers",
+    "response_headers",
     "retry_interval_after_422",
 ]
 
@@ -284,3 +286,17 @@ class SessionTimer:
 
     def next_event(self) -> SessionTimerEvent | None:
         return self._events.popleft() if self._events else None
+
+
+def request_headers(expires: SessionExpires, min_se: int) -> tuple[tuple[str, str], ...]:
+    """Session-Expires and Min-SE for an INVITE or refresh we send (RFC 4028 7.1, 7.4)."""
+    return (("Session-Expires", str(expires)), ("Min-SE", str(min_se)))
+
+
+def response_headers(request: Request, expires: SessionExpires) -> tuple[tuple[str, str], ...]:
+    """Session-Expires (with the refresher) for our 2xx, and Require: timer when the
+    caller supports timers (RFC 4028 9: a must when the caller is to refresh)."""
+    headers: tuple[tuple[str, str], ...] = (("Session-Expires", str(expires)),)
+    if OPTION_TIMER in option_tags(request, "Supported") or expires.refresher is Refresher.UAC:
+        headers += (("Require", OPTION_TIMER),)
+    return headers
