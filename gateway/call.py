@@ -806,7 +806,7 @@ class Call:
         self._session_422_retried = False
         self._local_sdp = b""  # the SDP we last sent, re-sent by session refreshes
         self._refresh_ack: Request | None = None  # ACK for our refresh re-INVITE's 2xx
-        self._refreshing = False
+        self.session_refreshes = 0  # session refreshes that succeeded, either way
 
     # -- public API ---------------------------------------------------------------
 
@@ -970,6 +970,12 @@ class Call:
     @property
     def max_duration(self) -> float:
         return self._max_duration
+
+    @property
+    def session_expires(self) -> SessionExpires | None:
+        """The negotiated RFC 4028 session timer (interval, refresher) while it runs."""
+        timer = self._session_timer
+        return None if timer is None or timer.over else timer.expires
 
     async def _hang_up(self, reason: str) -> CallResult:
         if self.ended.is_set():
@@ -1758,6 +1764,7 @@ class Call:
             )
         else:
             self._session_timer.refreshed(expires, local_refresher=local, now=now)
+            self.session_refreshes += 1
         self._pump_session_timer()
 
     def _pump_session_timer(self) -> None:
@@ -1832,6 +1839,7 @@ class Call:
                 logger.info("call %s: the refresh's 2xx dropped the session timer", self.call_id)
                 timer.stop()
             else:
+                self.session_refreshes += 1
                 timer.refreshed(
                     expires, local_refresher=expires.refresher is us, now=self.loop.time()
                 )

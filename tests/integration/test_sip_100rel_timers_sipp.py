@@ -1,0 +1,153 @@
+"""RFC 3262 (100rel) and RFC 4028 (session timers) against SIPp, both directions.
+
+SIPp plays the callee (requiring 100rel, retransmitting reliable 18x, answering 422,
+choosing either refresher) and the caller (requiring 100rel, refreshing the session).
+Session timer tests use a few seconds' interval through the gateway's lab setting
+``min_session_expires`` so that a refresh or an expiry happens within the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.call import Call, Gateway, GatewayConfig
+from gateway.result import CallOutcome
+from gateway.sip.session_timer import Refresher, SessionExpires
+from tests.integration.peers import SippRun, ackline_cli, cli_env, dtmf_pcap, sipp
+
+pytestmark = pytest.mark.interop
+
+# A short session timer for the lab: refreshes and expiries within seconds.
+LAB_TIMER = {"session_expires": 4, "min_se": 2, "min_session_expires": 2}
+
+
+@asynccontextmanager
+async def gateway(
+    on_incoming: Callable[[Call], Awaitable[None]] | None = None, **config: Any
+) -> AsyncIterator[Gateway]:
+    settings = GatewayConfig(host="127.0.0.1", udp_port=0, **config)
+    async with Gateway(settings, on_incoming=on_incoming) as gw:
+        yield gw
+
+
+async def sipp_exit(peer: SippRun, timeout: float = 15) -> int:
+    return await asyncio.to_thread(peer.wait, timeout)
+
+
+def run_call(tmp: Path, target: str, *args: str, timeout: float = 30) -> dict[str, Any]:
+    proc = subprocess.run(
+        [*ackline_cli(), "call", target, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(tmp),
+    )
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+# -- outbound: the callee requires 100rel ------------------------------------------------
+
+
+def test_callee_requiring_100rel_gets_pracks_early_media_and_digit(tmp_path: Path) -> None:
+    """Reliable 180, reliable 183 with the SDP answer, each PRACKed once with its RAck;
+    the 200 without SDP still answers (the 183 had the answer) and press-1 works."""
+    with sipp(
+        "uas_100rel_answer_dtmf.xml",
+        tmp_path,
+        PCAP=str(dtmf_pcap("1")),
+        RING_MS="300",
+        PAUSE_MS="500",
+    ) as peer:
+        result = run_call(
+            tmp_path, f"sip:+15550140@{peer.address}", "--gather", "1", "--timeout", "10"
+        )
+        assert peer.wait(timeout=15) == 0, peer.logs()  # both PRACKs, ACK, BYE as expected
+    assert result["outcome"] == "answered", result
+    assert result["codec"] == "PCMU"
+    assert result["digits"] == "1"
+    assert result["hangup_by"] == "local"
+    assert result["duration_ms"] < 5000  # the digit ended the call, not the timeout
+    lines = peer.log_lines()
+    assert any(line.startswith("SUPPORTED") for line in lines), lines  # INVITE offered 100rel
+    assert len([line for line in lines if line.startswith("RACK")]) == 2, lines
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` (cheap state of the call), bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_reliable_18x_retransmissions_and_out_of_order_get_one_prack(
+    tmp_path: Path,
+) -> None:
+    with sipp("uas_100rel_retransmit.xml", tmp_path) as peer:
+        async with gateway() as gw:
+            call = await gw.dial(f"sip:+15550141@{peer.address}", ring_timeout=10)
+            assert call.answered, call.result
+            await call.hangup()
+        assert await sipp_exit(peer) == 0, peer.logs()  # a second PRACK would be unexpected
+        racks = [line for line in peer.log_lines() if line.startswith("RACK")]
+    assert len(racks) == 2, racks  # RSeq 7 once, RSeq 8 once; RSeq 9 and the repeat: none
+    assert call.result is not None and call.result.outcome is CallOutcome.ANSWERED
+
+
+# -- outbound: session timers ---------------------------------------------------------------
+
+
+async def test_422_is_retried_once_with_the_callees_min_se(tmp_path: Path) -> None:
+    with sipp("uas_422_then_answer.xml", tmp_path, MIN_SE="2400") as peer:
+        async with gateway() as gw:
+            call = await gw.dial(f"sip:+15550142@{peer.address}", ring_timeout=10)
+            assert call.answered, call.result
+            assert call.session_expires == SessionExpires(2400, Refresher.UAC)
+            await call.hangup()
+        assert await sipp_exit(peer) == 0, peer.logs()
+        lines = peer.log_lines()
+    assert ["FIRST", "SE", "1800"] in [line.split() for line in lines], lines
+    assert ["RETRY", "SE", "2400", "CSEQ", "2", "INVITE"] in [line.split() for line in lines]
+
+
+async def test_refresher_uac_we_refresh_within_the_interval(tmp_path: Path) -> None:
+    """The callee makes us the refresher of a 4 s session (lab setting): two refresh
+    re-INVITEs must reach it, each within the interval (SIPp's recv timeout)."""
+    with sipp("uas_timer_refresher_uac.xml", tmp_path, SE="4", SE_MS="4000") as peer:
+        async with gateway(**LAB_TIMER) as gw:
+            call = await gw.dial(f"sip:+15550143@{peer.address}", ring_timeout=10)
+            assert call.answered, call.result
+            started = time.monotonic()
+            await wait_for(lambda: call.session_refreshes >= 2, 8, "two refreshes")
+            elapsed = time.monotonic() - started
+            assert not call.ended.is_set()
+            result = await call.hangup()
+        assert await sipp_exit(peer) == 0, peer.logs()
+    assert 3.0 <= elapsed < 6.0  # refreshes at half the interval: about 2 s and 4 s
+    assert result.outcome is CallOutcome.ANSWERED and result.reason == "local hangup"
+
+
+async def test_silent_refresher_uas_gets_bye_at_expiry(tmp_path: Path) -> None:
+    """refresher=uas and no refresh: BYE at 6 - min(32, 6/3) = 4 s, with the reason."""
+    with sipp("uas_timer_refresher_uas_silent.xml", tmp_path, SE="6", SE_MS="6000") as peer:
+        async with gateway(**LAB_TIMER) as gw:
+            call = await gw.dial(f"sip:+15550144@{peer.address}", ring_timeout=10)
+            assert call.answered, call.result
+            result = await call.wait_ended(timeout=10)
+        assert await sipp_exit(peer) == 0, peer.logs()
+    assert result.outcome is CallOutcome.ANSWERED
+    assert result.hangup_by == "local"
+    assert "session timer (6 s): no session refresh from the peer" in result.reason
+    assert 3500 <= result.duration_ms < 5500
