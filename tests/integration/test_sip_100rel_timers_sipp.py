@@ -151,3 +151,63 @@ async def test_silent_refresher_uas_gets_bye_at_expiry(tmp_path: Path) -> None:
     assert result.hangup_by == "local"
     assert "session timer (6 s): no session refresh from the peer" in result.reason
     assert 3500 <= result.duration_ms < 5500
+
+
+# -- inbound ------------------------------------------------------------------------------
+
+
+async def test_inbound_caller_requiring_100rel_is_answered_after_its_prack(
+    tmp_path: Path,
+) -> None:
+    digits: list[str] = []
+
+    async def on_incoming(call: Call) -> None:
+        digits.append(await call.collect(1, timeout=5.0))
+
+    async with gateway(on_incoming) as gw:
+        host, port = gw.address()
+        with sipp(
+            "uac_100rel_dtmf.xml",
+            tmp_path,
+            remote=f"{host}:{port}",
+            PAUSE_MS="300",
+            PCAP=str(dtmf_pcap("1")),
+        ) as peer:
+            assert await sipp_exit(peer) == 0, peer.logs()
+            lines = [line.split() for line in peer.log_lines()]
+    assert digits == ["1"]
+    assert ["PRACK", "OK", "PRACK"] in lines, lines  # the PRACK's 200 came before the answer
+    assert ["ANSWERED", "INVITE"] in lines, lines
+
+
+async def test_inbound_session_refreshes_accepted_then_missing_refresh_ends_call(
+    tmp_path: Path,
+) -> None:
+    """The caller refreshes its 3 s session by UPDATE and by re-INVITE, then stops: the
+    gateway answers both with Session-Expires and sends BYE 3 - min(32, 3/3) = 2 s after
+    the last one, ending the flow with the reason."""
+    results = []
+    refreshes: list[int] = []
+
+    async def on_incoming(call: Call) -> None:
+        result = await call.wait_ended(timeout=15)
+        refreshes.append(call.session_refreshes)
+        results.append(result)
+
+    async with gateway(on_incoming, **LAB_TIMER) as gw:
+        host, port = gw.address()
+        with sipp(
+            "uac_session_refresh.xml",
+            tmp_path,
+            remote=f"{host}:{port}",
+            SE="3",
+            HALF_MS="1000",
+            SE_MS="3000",
+        ) as peer:
+            assert await sipp_exit(peer) == 0, peer.logs()
+        await wait_for(lambda: bool(results), 5, "the call's result")
+    (result,) = results
+    assert refreshes == [2]
+    assert result.outcome is CallOutcome.ANSWERED and result.hangup_by == "local"
+    assert "session timer (3 s): no session refresh from the peer" in result.reason
+    assert 3500 <= result.duration_ms < 5500  # 1 s + 1 s of refreshes, then 2 s
