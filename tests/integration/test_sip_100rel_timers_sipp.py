@@ -27,7 +27,7 @@ from tests.integration.peers import SippRun, ackline_cli, cli_env, dtmf_pcap, si
 pytestmark = pytest.mark.interop
 
 # A short session timer for the lab: refreshes and expiries within seconds.
-LAB_TIMER = {"session_expires": 4, "min_se": 2, "min_session_expires": 2}
+LAB_TIMER: dict[str, Any] = {"session_expires": 4, "min_se": 2, "min_session_expires": 2}
 
 
 @asynccontextmanager
