@@ -807,6 +807,7 @@ class Call:
         self._local_sdp = b""  # the SDP we last sent, re-sent by session refreshes
         self._refresh_ack: Request | None = None  # ACK for our refresh re-INVITE's 2xx
         self.session_refreshes = 0  # session refreshes that succeeded, either way
+        self._session_expired = False
 
     # -- public API ---------------------------------------------------------------
 
@@ -1782,6 +1783,7 @@ class Call:
                 case SessionExpired():
                     reason = event.describe(timer.interval)
                     logger.info("call %s: %s, hanging up", self.call_id, reason)
+                    self._session_expired = True
                     self.gateway.spawn(self._hang_up(reason))
                     return
                 case _:
@@ -2032,6 +2034,7 @@ class Call:
             authenticated=self._authenticated,
             redirected_to=[] if self._redirects is None else list(self._redirects.visited[1:]),
             srtp=self._srtp is not None,
+            session_expired=self._session_expired,
         )
         self.ended.set()
         if self._duration_timer is not None:

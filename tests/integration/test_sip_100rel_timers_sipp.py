@@ -137,6 +137,7 @@ async def test_refresher_uac_we_refresh_within_the_interval(tmp_path: Path) -> N
         assert await sipp_exit(peer) == 0, peer.logs()
     assert 3.0 <= elapsed < 6.0  # refreshes at half the interval: about 2 s and 4 s
     assert result.outcome is CallOutcome.ANSWERED and result.reason == "local hangup"
+    assert not result.session_expired
 
 
 async def test_silent_refresher_uas_gets_bye_at_expiry(tmp_path: Path) -> None:
@@ -150,6 +151,7 @@ async def test_silent_refresher_uas_gets_bye_at_expiry(tmp_path: Path) -> None:
     assert result.outcome is CallOutcome.ANSWERED
     assert result.hangup_by == "local"
     assert "session timer (6 s): no session refresh from the peer" in result.reason
+    assert result.session_expired
     assert 3500 <= result.duration_ms < 5500
 
 
@@ -210,4 +212,33 @@ async def test_inbound_session_refreshes_accepted_then_missing_refresh_ends_call
     assert refreshes == [2]
     assert result.outcome is CallOutcome.ANSWERED and result.hangup_by == "local"
     assert "session timer (3 s): no session refresh from the peer" in result.reason
+    assert result.session_expired
     assert 3500 <= result.duration_ms < 5500  # 1 s + 1 s of refreshes, then 2 s
+
+
+async def test_session_expiry_ends_the_ack_flow_and_the_escalation_attempt(
+    tmp_path: Path,
+) -> None:
+    """An alert call whose callee stops its session (refresher=uas, never refreshes)
+    while the ack menu waits 30 s for a key: the session timer's BYE ends the flow at
+    once, and the attempt's result says so (``session_expired``), not a person."""
+    from escalation.channels.base import DeliveryStatus
+    from escalation.channels.voice import AckMenu, SipUriDialer, VoiceChannel
+    from prompts import EspeakEngine, PromptCache
+    from tests.fakes import make_notification
+
+    prompts = PromptCache(tmp_path / "prompts", EspeakEngine())
+    with sipp("uas_timer_refresher_uas_silent.xml", tmp_path, SE="6", SE_MS="6000") as peer:
+        settings = GatewayConfig(host="127.0.0.1", udp_port=0, **LAB_TIMER)
+        async with Gateway(settings, prompts=prompts) as gw:
+            dialer = SipUriDialer(gw, f"sip:{{number}}@{peer.address}")
+            channel = VoiceChannel(
+                dialer, ring_timeout=5, max_call=60, menu=AckMenu(prompts=3, digit_timeout=30)
+            )
+            notification = make_notification("voice", phone="+15550147")
+            started = time.monotonic()
+            result = await asyncio.wait_for(channel.send(notification), 30)
+            took = time.monotonic() - started
+        assert await sipp_exit(peer) == 0, peer.logs()  # the BYE came within the interval
+    assert (result.status, result.reason) == (DeliveryStatus.NOT_ACKNOWLEDGED, "session_expired")
+    assert took < 10, f"the attempt lasted {took:.1f} s"
