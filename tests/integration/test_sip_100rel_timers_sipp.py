@@ -106,6 +106,22 @@ async def test_reliable_18x_retransmissions_and_out_of_order_get_one_prack(
     assert call.result is not None and call.result.outcome is CallOutcome.ANSWERED
 
 
+async def test_refused_prack_ends_the_attempt_with_the_reason(tmp_path: Path) -> None:
+    """A PRACK answered 481 would leave the INVITE ringing for nobody: the attempt is
+    cancelled at once and the result names the PRACK's failure."""
+    with sipp("uas_100rel_prack_refused.xml", tmp_path, CODE="481") as peer:
+        async with gateway() as gw:
+            started = time.monotonic()
+            call = await gw.dial(f"sip:+15550148@{peer.address}", ring_timeout=20)
+            took = time.monotonic() - started
+        assert await sipp_exit(peer) == 0, peer.logs()  # CANCEL, then ACK for the 487
+    assert not call.answered
+    assert call.result is not None
+    assert call.result.outcome is CallOutcome.FAILED
+    assert "PRACK failed: 481" in call.result.reason
+    assert took < 3  # not the 20 s ring timeout
+
+
 # -- outbound: session timers ---------------------------------------------------------------
 
 
