@@ -258,3 +258,33 @@ async def test_session_expiry_ends_the_ack_flow_and_the_escalation_attempt(
         assert await sipp_exit(peer) == 0, peer.logs()  # the BYE came within the interval
     assert (result.status, result.reason) == (DeliveryStatus.NOT_ACKNOWLEDGED, "session_expired")
     assert took < 10, f"the attempt lasted {took:.1f} s"
+
+
+async def test_inbound_reliable_180_never_pracked_is_rejected_after_64_t1(
+    tmp_path: Path,
+) -> None:
+    """With T1 = 50 ms the reliable 180 is retransmitted for 3.2 s, then 500; the
+    handler never runs (the call was never answered)."""
+    from gateway.sip.transaction import TimerSettings
+
+    handled: list[Call] = []
+
+    async def on_incoming(call: Call) -> None:
+        handled.append(call)
+
+    ended = []
+    async with gateway(on_incoming, timers=TimerSettings(t1=0.05)) as gw:
+        gw.on_call_ended = ended.append
+        host, port = gw.address()
+        started = time.monotonic()
+        with sipp(
+            "uac_100rel_no_prack.xml", tmp_path, remote=f"{host}:{port}", WAIT_MS="6000"
+        ) as peer:
+            assert await sipp_exit(peer) == 0, peer.logs()
+        took = time.monotonic() - started
+        await wait_for(lambda: bool(ended), 5, "the call's result")
+    assert handled == []
+    (result,) = ended
+    assert (result.outcome, result.sip_code) == (CallOutcome.FAILED, 500)
+    assert "no PRACK" in result.reason
+    assert 3.0 <= took < 6.0
