@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from gateway.call import Call, Gateway, GatewayConfig
-from gateway.result import CallOutcome
+from gateway.result import CallOutcome, CallResult
 from gateway.sip.session_timer import Refresher, SessionExpires
 from tests.integration.peers import SippRun, ackline_cli, cli_env, dtmf_pcap, sipp
 
@@ -204,7 +204,7 @@ async def test_inbound_session_refreshes_accepted_then_missing_refresh_ends_call
     """The caller refreshes its 3 s session by UPDATE and by re-INVITE, then stops: the
     gateway answers both with Session-Expires and sends BYE 3 - min(32, 3/3) = 2 s after
     the last one, ending the flow with the reason."""
-    results = []
+    results: list[CallResult] = []
     refreshes: list[int] = []
 
     async def on_incoming(call: Call) -> None:
@@ -272,7 +272,7 @@ async def test_inbound_reliable_180_never_pracked_is_rejected_after_64_t1(
     async def on_incoming(call: Call) -> None:
         handled.append(call)
 
-    ended = []
+    ended: list[CallResult] = []
     async with gateway(on_incoming, timers=TimerSettings(t1=0.05)) as gw:
         gw.on_call_ended = ended.append
         host, port = gw.address()
