@@ -32,9 +32,12 @@ LAB_TIMER: dict[str, Any] = {"session_expires": 4, "min_se": 2, "min_session_exp
 
 @asynccontextmanager
 async def gateway(
-    on_incoming: Callable[[Call], Awaitable[None]] | None = None, **config: Any
+    on_incoming: Callable[[Call], Awaitable[None]] | None = None,
+    transport: str = "udp",
+    **config: Any,
 ) -> AsyncIterator[Gateway]:
-    settings = GatewayConfig(host="127.0.0.1", udp_port=0, **config)
+    udp_port, tcp_port = (0, None) if transport == "udp" else (None, 0)
+    settings = GatewayConfig(host="127.0.0.1", udp_port=udp_port, tcp_port=tcp_port, **config)
     async with Gateway(settings, on_incoming=on_incoming) as gw:
         yield gw
 
@@ -92,12 +95,15 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> 
         await asyncio.sleep(0.02)
 
 
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_reliable_18x_retransmissions_and_out_of_order_get_one_prack(
-    tmp_path: Path,
+    tmp_path: Path, transport: str
 ) -> None:
-    with sipp("uas_100rel_retransmit.xml", tmp_path) as peer:
-        async with gateway() as gw:
-            call = await gw.dial(f"sip:+15550141@{peer.address}", ring_timeout=10)
+    with sipp("uas_100rel_retransmit.xml", tmp_path, transport=transport) as peer:
+        async with gateway(transport=transport) as gw:
+            call = await gw.dial(
+                f"sip:+15550141@{peer.address}", transport=transport, ring_timeout=10
+            )
             assert call.answered, call.result
             await call.hangup()
         assert await sipp_exit(peer) == 0, peer.logs()  # a second PRACK would be unexpected
@@ -138,12 +144,17 @@ async def test_422_is_retried_once_with_the_callees_min_se(tmp_path: Path) -> No
     assert ["RETRY", "SE", "2400", "CSEQ", "2", "INVITE"] in [line.split() for line in lines]
 
 
-async def test_refresher_uac_we_refresh_within_the_interval(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_refresher_uac_we_refresh_within_the_interval(tmp_path: Path, transport: str) -> None:
     """The callee makes us the refresher of a 4 s session (lab setting): two refresh
     re-INVITEs must reach it, each within the interval (SIPp's recv timeout)."""
-    with sipp("uas_timer_refresher_uac.xml", tmp_path, SE="4", SE_MS="4000") as peer:
-        async with gateway(**LAB_TIMER) as gw:
-            call = await gw.dial(f"sip:+15550143@{peer.address}", ring_timeout=10)
+    with sipp(
+        "uas_timer_refresher_uac.xml", tmp_path, transport=transport, SE="4", SE_MS="4000"
+    ) as peer:
+        async with gateway(transport=transport, **LAB_TIMER) as gw:
+            call = await gw.dial(
+                f"sip:+15550143@{peer.address}", transport=transport, ring_timeout=10
+            )
             assert call.answered, call.result
             started = time.monotonic()
             await wait_for(lambda: call.session_refreshes >= 2, 8, "two refreshes")
