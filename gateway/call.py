@@ -808,6 +808,7 @@ class Call:
         self._refresh_ack: Request | None = None  # ACK for our refresh re-INVITE's 2xx
         self.session_refreshes = 0  # session refreshes that succeeded, either way
         self._session_expired = False
+        self._reinviting = False  # our re-INVITE awaits its final response (glare: 491)
 
     # -- public API ---------------------------------------------------------------
 
@@ -1614,6 +1615,9 @@ class Call:
         """Answer a re-INVITE (hold, resume, session refresh) on the same media session."""
         assert self.dialog is not None and self.media is not None
         request = ctx.request
+        if self._reinviting:  # RFC 3261 14.2: both sides re-INVITEd at once
+            ctx.respond(491)
+            return
         if self._session_rejection(ctx):
             return
         try:
@@ -1873,10 +1877,13 @@ class Call:
 
         endpoint.start_client_transaction(request, self._dialog_peer(), on_event)
         bound = self.gateway.config.timers.timer_b + endpoint.transport.connect_timeout
+        self._reinviting = True
         try:
             return await asyncio.wait_for(future, bound)
         except TimeoutError:
             return None
+        finally:
+            self._reinviting = False
 
     def _session_rejection(self, ctx: ServerContext) -> bool:
         """RFC 4028 9: answer 422 with our Min-SE to a Session-Expires below it; True
