@@ -197,7 +197,7 @@ class SessionTimer:
 
     As refresher: `RefreshDue` at half the interval; a fatal answer (408, 481, no answer)
     or no success by expiry is `SessionExpired`; another failure (e.g. 491 glare, 500)
-    tries again half way to the expiry. Otherwise: `SessionExpired` when no refresh came
+    tries again once, half way to the expiry. Otherwise: `SessionExpired` when no refresh came
     by expiry minus min(32 s, interval/3) (RFC 4028 10). Every success restarts the clock
     with the interval and refresher it negotiated.
     """
@@ -210,6 +210,7 @@ class SessionTimer:
         self._expire_at = now
         self._in_flight = False
         self._last_failure: int | None = None  # our last refresh's non-2xx, if any
+        self._retried = False  # a failed refresh was tried again in this interval
         self.over = False
         self._restart(now)
 
@@ -227,6 +228,7 @@ class SessionTimer:
             self._expire_at = now + interval - min(32.0, interval / 3)
         self._in_flight = False
         self._last_failure = None
+        self._retried = False
 
     def refreshed(self, expires: SessionExpires, *, local_refresher: bool, now: float) -> None:
         """A refresh succeeded (ours got its 2xx, or we answered the peer's with 2xx)."""
@@ -249,8 +251,10 @@ class SessionTimer:
         elif code in _FATAL_REFRESH_CODES:
             self._expire(ExpiryReason.REFRESH_FAILED, code)
         else:
-            retry_at = now + (self._expire_at - now) / 2
-            self._refresh_at = retry_at if retry_at - now >= 1.0 else None
+            # One more try half way to the expiry (a 491 clears once the peer's own
+            # re-INVITE is done); after that the expiry decides.
+            self._refresh_at = None if self._retried else now + (self._expire_at - now) / 2
+            self._retried = True
             self._last_failure = code
 
     def next_timer_at(self) -> float | None:

@@ -167,6 +167,20 @@ async def test_refresher_uac_we_refresh_within_the_interval(tmp_path: Path, tran
     assert not result.session_expired
 
 
+async def test_refresh_glare_gets_491_and_our_refresh_is_retried(tmp_path: Path) -> None:
+    """Both sides re-INVITE at once: theirs gets 491 while ours is pending; ours, answered
+    491, goes out again half way to the expiry and keeps the call up."""
+    with sipp("uas_timer_glare.xml", tmp_path, SE="4", SE_MS="4000") as peer:
+        async with gateway(**LAB_TIMER) as gw:
+            call = await gw.dial(f"sip:+15550150@{peer.address}", ring_timeout=10)
+            assert call.answered, call.result
+            await wait_for(lambda: call.session_refreshes >= 1, 8, "the retried refresh")
+            assert not call.ended.is_set()
+            result = await call.hangup()
+        assert await sipp_exit(peer) == 0, peer.logs()
+    assert result.reason == "local hangup" and not result.session_expired
+
+
 async def test_silent_refresher_uas_gets_bye_at_expiry(tmp_path: Path) -> None:
     """refresher=uas and no refresh: BYE at 6 - min(32, 6/3) = 4 s, with the reason."""
     with sipp("uas_timer_refresher_uas_silent.xml", tmp_path, SE="6", SE_MS="6000") as peer:

@@ -163,3 +163,13 @@ def test_peer_refresh_postpones_expiry() -> None:
     timer.refreshed(SessionExpires(90, Refresher.UAC), local_refresher=False, now=50.0)
     assert _run(timer, 100) == []
     assert _run(timer, 110) == [(110.0, SessionExpired(ExpiryReason.NO_REFRESH))]
+
+
+def test_a_failed_refresh_is_retried_once_however_short_the_interval() -> None:
+    timer = SessionTimer(SessionExpires(4, Refresher.UAC), local_refresher=True, now=0.0)
+    assert _run(timer, 2) == [(2.0, RefreshDue())]
+    timer.refresh_failed(491, 2.1)  # glare: the peer's own re-INVITE crossed ours
+    assert _run(timer, 3.05) == [(3.05, RefreshDue())]
+    timer.refresh_failed(491, 3.1)
+    assert timer.next_timer_at() == 4.0  # no third try: the expiry decides
+    assert _run(timer, 5) == [(4.0, SessionExpired(ExpiryReason.REFRESH_FAILED, 491))]
