@@ -9,7 +9,9 @@ Session timer tests use a few seconds' interval through the gateway's lab settin
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import re
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +23,7 @@ import pytest
 
 from gateway.call import Call, Gateway, GatewayConfig
 from gateway.result import CallOutcome, CallResult
+from gateway.sip.auth import Credentials
 from gateway.sip.session_timer import Refresher, SessionExpires
 from tests.integration.peers import SippRun, ackline_cli, cli_env, dtmf_pcap, sipp
 
@@ -110,6 +113,34 @@ async def test_reliable_18x_retransmissions_and_out_of_order_get_one_prack(
         racks = [line for line in peer.log_lines() if line.startswith("RACK")]
     assert len(racks) == 2, racks  # RSeq 7 once, RSeq 8 once; RSeq 9 and the repeat: none
     assert call.result is not None and call.result.outcome is CallOutcome.ANSWERED
+
+
+def _md5(*parts: str) -> str:
+    return hashlib.md5(":".join(parts).encode()).hexdigest()
+
+
+async def test_prack_carries_the_credentials_the_proxy_asked_the_invite_for(
+    tmp_path: Path,
+) -> None:
+    """The proxy challenged the INVITE (407): the PRACK answers the same challenge, with a
+    digest computed for PRACK and its own Request-URI (checked here, RFC 2069 form)."""
+    with sipp("uas_auth_100rel.xml", tmp_path) as peer:
+        async with gateway() as gw:
+            call = await gw.dial(
+                f"sip:+15550151@{peer.address}",
+                credentials=Credentials("lab-user", "lab-pass"),
+                ring_timeout=10,
+            )
+            assert call.answered, call.result
+            await call.hangup()
+        assert await sipp_exit(peer) == 0, peer.logs()  # no PRACK without credentials
+        (line,) = [x for x in peer.log_lines() if x.startswith("PRACK AUTH")]
+    params = dict(re.findall(r'(\w+)="?([^",]+)"?', line.split("Digest", 1)[1]))
+    ha1 = _md5("lab-user", "ackline.test", "lab-pass")
+    assert params["username"] == "lab-user" and params["nonce"] == "a1b2c3d4e5f60718"
+    assert params["response"] == _md5(ha1, params["nonce"], _md5("PRACK", params["uri"]))
+    assert params["uri"].startswith("sip:uas@127.0.0.1")  # the callee's Contact
+    assert call.result is not None and call.result.authenticated
 
 
 async def test_refused_prack_ends_the_attempt_with_the_reason(tmp_path: Path) -> None:
