@@ -212,6 +212,21 @@ async def test_refresh_glare_gets_491_and_our_refresh_is_retried(tmp_path: Path)
     assert result.reason == "local hangup" and not result.session_expired
 
 
+@pytest.mark.parametrize("code", [481, 408])
+async def test_refused_refresh_ends_the_call_at_once(tmp_path: Path, code: int) -> None:
+    with sipp(
+        "uas_timer_refresh_refused.xml", tmp_path, SE="4", SE_MS="4000", CODE=str(code)
+    ) as peer:
+        async with gateway(**LAB_TIMER) as gw:
+            call = await gw.dial(f"sip:+15550152@{peer.address}", ring_timeout=10)
+            assert call.answered, call.result
+            result = await call.wait_ended(timeout=8)
+        assert await sipp_exit(peer) == 0, peer.logs()  # BYE within 1 s of the refusal
+    assert result.session_expired and result.hangup_by == "local"
+    assert f"session timer (4 s): session refresh failed ({code})" in result.reason
+    assert 1500 <= result.duration_ms < 3500  # refreshed at 2 s, refused, BYE
+
+
 async def test_silent_refresher_uas_gets_bye_at_expiry(tmp_path: Path) -> None:
     """refresher=uas and no refresh: BYE at 6 - min(32, 6/3) = 4 s, with the reason."""
     with sipp("uas_timer_refresher_uas_silent.xml", tmp_path, SE="6", SE_MS="6000") as peer:
