@@ -11,6 +11,10 @@ New INVITEs are screened before anything is spent on them (`Gateway._screen`): r
 ones (untrusted, flood, malformed, shutting down) are answered statelessly and reported
 through a `RefusalAggregator`, and a call's task, whatever it raises, ends answered for,
 with its media socket closed and its entry gone.
+
+Reliable provisionals (RFC 3262, gateway.sip.reliable) and session timers (RFC 4028,
+gateway.sip.session_timer) are sans-IO machines; ``Call`` only feeds them and acts on
+what they say (PRACK, retransmit the 180, refresh, BYE on expiry).
 """
 
 from __future__ import annotations
@@ -246,7 +250,10 @@ def call_time_bound(
     ``ring_timeout`` is cancelled, and a peer whose provisional response came as late as
     timer B and which then never answers the CANCEL is given up 64*T1 later (RFC 3261
     9.1), hence twice timer B; then ``max_duration`` after the answer, and timer F for the
-    BYE. An inbound call is shorter (ring time + 64*T1 for the ACK + the same tail).
+    BYE. An inbound call is shorter (ring time + 64*T1 for the ACK + the same tail, and
+    64*T1 for the PRACK when the caller requires 100rel). A 422 retry (RFC 4028) and
+    PRACKs (RFC 3262) happen within ``ring_timeout``; a session timer only ever ends a
+    call sooner.
     Callers keeping their own deadline (a lease, a job timeout) should use this one.
     """
     if ring_timeout < 0 or max_duration < 0:
