@@ -359,3 +359,26 @@ async def test_inbound_reliable_180_never_pracked_is_rejected_after_64_t1(
     assert (result.outcome, result.sip_code) == (CallOutcome.FAILED, 500)
     assert "no PRACK" in result.reason
     assert 3.0 <= took < 6.0
+
+
+async def test_inbound_caller_asking_us_to_refresh_gets_a_refresh(tmp_path: Path) -> None:
+    """refresher=uas from the caller: the gateway itself re-INVITEs at half of the 4 s."""
+    results: list[CallResult] = []
+    refreshes: list[int] = []
+
+    async def on_incoming(call: Call) -> None:
+        result = await call.wait_ended(timeout=15)
+        refreshes.append(call.session_refreshes)
+        results.append(result)
+
+    async with gateway(on_incoming, **LAB_TIMER) as gw:
+        host, port = gw.address()
+        with sipp(
+            "uac_expect_refresh.xml", tmp_path, remote=f"{host}:{port}", SE="4", SE_MS="4000"
+        ) as peer:
+            assert await sipp_exit(peer) == 0, peer.logs()
+        await wait_for(lambda: bool(results), 5, "the call's result")
+    (result,) = results
+    assert refreshes == [1]
+    assert result.hangup_by == "remote" and not result.session_expired
+    assert 1500 <= result.duration_ms < 3500
