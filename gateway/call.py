@@ -1847,6 +1847,7 @@ class Call:
             return
         if response is not None and response.code < 300:
             self.dialog.refresh_target(response)
+            self._apply_refresh_answer(response.body)
             expires = negotiate_uac(response)
             if expires is None:
                 logger.info("call %s: the refresh's 2xx dropped the session timer", self.call_id)
@@ -1861,6 +1862,20 @@ class Call:
             logger.info("call %s: session refresh failed: %s", self.call_id, code)
             timer.refresh_failed(code, self.loop.time())
         self._pump_session_timer()
+
+    def _apply_refresh_answer(self, body: bytes) -> None:
+        """The answer to our refresh's offer (the SDP we last sent): usually what the peer
+        said before, but a peer may move its media on any offer/answer (RFC 3264 8). An
+        unusable one is logged and the media stays as it was: the session itself was
+        refreshed."""
+        if not body or self.media is None:
+            return
+        try:
+            negotiated = parse_answer(body, SessionDescription.parse(self._local_sdp))
+        except ValueError as exc:  # SdpError, or an odd answer the parser let through
+            logger.info("call %s: refresh answer not applied: %s", self.call_id, exc)
+            return
+        self._configure_media(negotiated)
 
     async def _send_reinvite(self, request: Request) -> Response | None:
         """Send an in-dialog re-INVITE, ACK its 2xx (and every retransmission of it), and

@@ -178,9 +178,15 @@ async def test_422_is_retried_once_with_the_callees_min_se(tmp_path: Path) -> No
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_refresher_uac_we_refresh_within_the_interval(tmp_path: Path, transport: str) -> None:
     """The callee makes us the refresher of a 4 s session (lab setting): two refresh
-    re-INVITEs must reach it, each within the interval (SIPp's recv timeout)."""
+    re-INVITEs must reach it, each within the interval (SIPp's recv timeout); an answer
+    that moves the media is applied."""
     with sipp(
-        "uas_timer_refresher_uac.xml", tmp_path, transport=transport, SE="4", SE_MS="4000"
+        "uas_timer_refresher_uac.xml",
+        tmp_path,
+        transport=transport,
+        SE="4",
+        SE_MS="4000",
+        MOVED_PORT="23456",
     ) as peer:
         async with gateway(transport=transport, **LAB_TIMER) as gw:
             call = await gw.dial(
@@ -188,9 +194,15 @@ async def test_refresher_uac_we_refresh_within_the_interval(tmp_path: Path, tran
             )
             assert call.answered, call.result
             started = time.monotonic()
+            media = call.media
+            assert media is not None and media.media is not None
+            original = media.media.remote_port
+            await wait_for(lambda: call.session_refreshes >= 1, 8, "the first refresh")
+            assert media.media.remote_port == 23456  # the refresh's answer moved the media
             await wait_for(lambda: call.session_refreshes >= 2, 8, "two refreshes")
             elapsed = time.monotonic() - started
             assert not call.ended.is_set()
+            assert media.media.remote_port == original  # and the next one moved it back
             result = await call.hangup()
         assert await sipp_exit(peer) == 0, peer.logs()
     assert 3.0 <= elapsed < 6.0  # refreshes at half the interval: about 2 s and 4 s
