@@ -1093,6 +1093,11 @@ class Call:
 
     def _send_invite(self, request: Request) -> None:
         self._invite = request
+        # RSeq numbering and early dialogs belong to one INVITE transaction (RFC 3262 3);
+        # a retry after 401/407, 422 or a redirect starts them afresh.
+        self._provisionals = ProvisionalTracker()
+        self._early_dialogs.clear()
+        self._early_answer = False
         if self._invite_sent_at is None:
             self._invite_sent_at = self.loop.time()
         transaction = self.gateway.endpoint.start_client_transaction(
