@@ -602,6 +602,8 @@ async def _serve(
                     timers=TimerSettings(t1=settings.sip_t1),
                     max_call_duration=settings.sip_max_call,
                     max_inbound_calls=settings.sip_max_inbound_calls,
+                    session_expires=settings.sip_session_expires,
+                    min_se=settings.sip_min_se,
                     drain_timeout=max(1.0, calls_left),
                 ),
                 prompts=prompts,

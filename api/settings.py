@@ -131,6 +131,10 @@ class Settings(BaseModel):
     sip_t1: float = Field(default=0.5, gt=0, le=4)  # RFC 3261 T1: every SIP timer scales with it
     sip_max_call: float = Field(default=3600.0, gt=0)  # any call, inbound ones included, ends by
     sip_max_inbound_calls: int = Field(default=500, ge=1)  # at once; more get 503
+    # RFC 4028 session timer of calls without a trunk's own (inbound ones): the interval
+    # asked for and the smallest accepted (422 below it); 90 s at least.
+    sip_session_expires: int = Field(default=1800, ge=90, le=86400)
+    sip_min_se: int = Field(default=90, ge=90, le=86400)
     voice_target: str | None = None  # e.g. sip:{number}@127.0.0.1:5090
     voice_auth_user: str | None = None
     voice_auth_password: str | None = Field(default=None, repr=False)
@@ -198,6 +202,8 @@ class Settings(BaseModel):
             sip_t1=float(e.get("ACKLINE_SIP_T1", "0.5")),
             sip_max_call=float(e.get("ACKLINE_SIP_MAX_CALL", "3600")),
             sip_max_inbound_calls=int(e.get("ACKLINE_SIP_MAX_INBOUND_CALLS", "500")),
+            sip_session_expires=int(e.get("ACKLINE_SIP_SESSION_EXPIRES", "1800")),
+            sip_min_se=int(e.get("ACKLINE_SIP_MIN_SE", "90")),
             voice_target=e.get("ACKLINE_VOICE_TARGET") or None,
             voice_auth_user=e.get("ACKLINE_VOICE_AUTH_USER") or None,
             voice_auth_password=e.get("ACKLINE_VOICE_AUTH_PASSWORD") or None,

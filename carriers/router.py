@@ -402,6 +402,7 @@ class CarrierRouter:
                 transport=trunk.transport,
                 tls=trunk.tls_client(),
                 srtp=trunk.srtp_policy(),
+                session_timer=trunk.session_timer(),
                 caller=trunk.caller_id,
                 on_call=on_call,
                 max_duration=max_duration,

@@ -29,6 +29,11 @@ from pydantic import (
 from escalation.durations import parse_duration
 from gateway.media.srtp import SrtpMode, SrtpPolicy
 from gateway.sip.auth import Credentials
+from gateway.sip.session_timer import (
+    DEFAULT_SESSION_EXPIRES,
+    MIN_SE_FLOOR,
+    SessionTimerSettings,
+)
 from gateway.tls import DEFAULT_SIPS_PORT, TlsClientSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -188,6 +193,10 @@ class Trunk(BaseModel):
     priority: int = 100  # lower goes first
     weight: int = Field(default=1, ge=1, le=10_000)
     trying_timeout: float = Field(default=2.0, gt=0, le=60)  # seconds to wait for any response
+    # RFC 4028 session timer: the interval our INVITEs ask for (refreshed at half of it
+    # when the carrier makes us the refresher) and the smallest we accept; 90 s at least.
+    session_expires: int = Field(default=DEFAULT_SESSION_EXPIRES, ge=MIN_SE_FLOOR, le=86400)
+    min_se: int = Field(default=MIN_SE_FLOOR, ge=MIN_SE_FLOOR, le=86400)
     # twilio: calls through the REST API of this account; caller_id is the From number
     account_sid: str | None = None
     auth_token: SecretStr | None = None
@@ -239,6 +248,8 @@ class Trunk(BaseModel):
             raise ValueError("tech_prefix is only used with number_format: tech_prefix")
         if (self.username is None) != (self.password is None):
             raise ValueError("digest authentication needs both username and password")
+        if self.session_expires < self.min_se:
+            raise ValueError("session_expires must not be below min_se")
         if self.kind == "sip":
             self._check_sip()
         else:
@@ -288,6 +299,10 @@ class Trunk(BaseModel):
         if self.transport != "tls":
             return None
         return self.tls.client() if self.tls is not None else TlsClientSettings()
+
+    def session_timer(self) -> SessionTimerSettings:
+        """What calls through this trunk ask for (Session-Expires, Min-SE)."""
+        return SessionTimerSettings(self.session_expires, self.min_se)
 
     def srtp_policy(self) -> SrtpPolicy:
         return SrtpPolicy(self.srtp, allow_cleartext_keys=self.srtp_without_tls)

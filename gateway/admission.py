@@ -26,6 +26,8 @@ from gateway.media.srtp import KEY_SALT_LENGTH, CryptoAttribute, SrtpMode
 from gateway.sip.auth import DigestServer
 from gateway.sip.message import Rejection, check_request
 from gateway.sip.registration import ContactBindings
+from gateway.sip.reliable import OPTION_100REL
+from gateway.sip.session_timer import OPTION_TIMER
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -193,7 +195,8 @@ class InboundGuard:
 
 # -- can we serve this INVITE? ---------------------------------------------------------------
 
-SUPPORTED_OPTIONS: frozenset[str] = frozenset()  # SIP extensions (option tags) we implement
+# SIP extensions (option tags) we implement: a Require naming any other gets 420.
+SUPPORTED_OPTIONS: frozenset[str] = frozenset({OPTION_100REL, OPTION_TIMER})
 _SDP = "application/sdp"
 
 

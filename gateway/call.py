@@ -11,6 +11,10 @@ New INVITEs are screened before anything is spent on them (`Gateway._screen`): r
 ones (untrusted, flood, malformed, shutting down) are answered statelessly and reported
 through a `RefusalAggregator`, and a call's task, whatever it raises, ends answered for,
 with its media socket closed and its entry gone.
+
+Reliable provisionals (RFC 3262, gateway.sip.reliable) and session timers (RFC 4028,
+gateway.sip.session_timer) are sans-IO machines; ``Call`` only feeds them and acts on
+what they say (PRACK, retransmit the 180, refresh, BYE on expiry).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 import numpy as np
 from sipmessage import URI, Address, CSeq, Parameters, Request, Response, Via
@@ -66,11 +70,37 @@ from gateway.sip.dialog import USER_AGENT, Dialog, DialogError
 from gateway.sip.message import (
     REASON_PHRASES,
     Rejection,
+    copy_request,
     create_rejection,
     create_response,
     new_call_id,
     new_tag,
     stateless_tag,
+)
+from gateway.sip.reliable import (
+    OPTION_100REL,
+    Pracked,
+    ProvisionalTracker,
+    ProvisionalVerdict,
+    ReliableProvisional,
+    ReliableTimeout,
+    new_rseq,
+    requires_100rel,
+)
+from gateway.sip.session_timer import (
+    MIN_SE_FLOOR,
+    OPTION_TIMER,
+    RefreshDue,
+    Refresher,
+    SessionExpired,
+    SessionExpires,
+    SessionTimer,
+    SessionTimerSettings,
+    negotiate_uac,
+    negotiate_uas,
+    request_headers,
+    response_headers,
+    retry_interval_after_422,
 )
 from gateway.sip.transaction import (
     AckReceived,
@@ -86,7 +116,11 @@ from gateway.transport import Peer, TcpLimits
 
 logger = logging.getLogger(__name__)
 
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, PRACK, UPDATE"
+# Extensions we implement (RFC 3262 reliable provisionals, RFC 4028 session timers).
+SUPPORTED = f"{OPTION_100REL}, {OPTION_TIMER}"
+# A 422's Min-SE above this is not retried: a day between refreshes is no timer at all.
+MAX_SESSION_EXPIRES = 86400
 SDP = "application/sdp"
 
 Prompt = Any  # prompts.cache.Prompt, np.ndarray of int16 samples, or text to speak
@@ -173,6 +207,13 @@ class GatewayConfig:
     # Off by default: at 8 KB/s it was most of a call's memory (60 s, ~600 KB), and
     # recording and answering-machine detection take the audio live from listeners.
     media_history_seconds: float = 0.0
+    # RFC 4028 session timers: the interval our INVITEs ask for (trunks may override it,
+    # see carriers.trunk) and the smallest we accept from callers (422 below it).
+    session_expires: int = 1800
+    min_se: int = MIN_SE_FLOOR
+    # The lowest either of the two may be set to. RFC 4028 says 90 s; lower it only in a
+    # lab (a test of refreshes that must not take minutes), never towards a real network.
+    min_session_expires: int = MIN_SE_FLOOR
 
     def __post_init__(self) -> None:
         if self.max_call_duration <= 0 or self.drain_timeout < 0:
@@ -183,7 +224,15 @@ class GatewayConfig:
             raise ValueError("tls_port needs tls: the certificate and key to listen with")
         if self.media_history_seconds < 0:
             raise ValueError("media_history_seconds must not be negative")
+        self.session_timer  # noqa: B018 - raises ValueError for an interval below the floor
         advertised_address(self.host, self.advertise)
+
+    @property
+    def session_timer(self) -> SessionTimerSettings:
+        """Session timer settings for inbound calls and dials that bring none."""
+        return SessionTimerSettings(
+            self.session_expires, self.min_se, floor=self.min_session_expires
+        )
 
     @property
     def advertised_host(self) -> str:
@@ -201,7 +250,10 @@ def call_time_bound(
     ``ring_timeout`` is cancelled, and a peer whose provisional response came as late as
     timer B and which then never answers the CANCEL is given up 64*T1 later (RFC 3261
     9.1), hence twice timer B; then ``max_duration`` after the answer, and timer F for the
-    BYE. An inbound call is shorter (ring time + 64*T1 for the ACK + the same tail).
+    BYE. An inbound call is shorter (ring time + 64*T1 for the ACK + the same tail, and
+    64*T1 for the PRACK when the caller requires 100rel). A 422 retry (RFC 4028) and
+    PRACKs (RFC 3262) happen within ``ring_timeout``; a session timer only ever ends a
+    call sooner.
     Callers keeping their own deadline (a lease, a job timeout) should use this one.
     """
     if ring_timeout < 0 or max_duration < 0:
@@ -397,6 +449,7 @@ class Gateway:
         redirects: RedirectPolicy | None = None,
         tls: TlsClientSettings | None = None,
         srtp: SrtpPolicy | None = None,
+        session_timer: SessionTimerSettings | None = None,
     ) -> Call:
         """Place a call; returns when it is answered or has ended without answer.
 
@@ -408,6 +461,7 @@ class Gateway:
         within ``ring_timeout``; without, a 3xx is final. ``tls`` says how to verify a TLS
         peer (default: the system's CAs and the target's host name). ``srtp`` offers SDES
         SRTP (ValueError when its keys would go over a transport without TLS).
+        ``session_timer`` (a trunk's) replaces the gateway's Session-Expires and Min-SE.
         """
         if self._draining:
             raise GatewayShuttingDown("the gateway is shutting down")
@@ -419,6 +473,8 @@ class Gateway:
         call = Call(self, direction="outbound", transport=kind, peer=peer, target=str(uri))
         call._set_srtp_mode(policy.mode_over(kind))
         call._tls = tls
+        if session_timer is not None:
+            call._st_settings = session_timer
         call.peer = call._with_tls(peer, uri)
         call.sips = uri.scheme == "sips"
         if redirects is not None:
@@ -651,7 +707,7 @@ class Gateway:
         local_tag = response.from_address.parameters.get("tag") or ""
         call = self.calls.get((response.call_id, local_tag))
         if call is not None:
-            call._on_invite_2xx(response)
+            call._on_stray_2xx(response)
 
 
 def tls_peer(peer: Peer, uri: URI, tls: TlsClientSettings | None) -> Peer:
@@ -738,6 +794,28 @@ class Call:
         self._srtp: SrtpStream | None = None
         self._sdp_error = ""
         self.sips = False  # a sips: dialog: our Contact is sips: too (RFC 3261 8.1.1.8)
+        # RFC 3262 (100rel): outbound, which reliable 1xx were PRACKed, the early dialogs
+        # PRACKs go in, and the last challenge (PRACKs carry credentials too); inbound,
+        # our reliable 180 while it waits for its PRACK.
+        self._provisionals = ProvisionalTracker()
+        self._early_dialogs: dict[str, Dialog] = {}
+        self._early_answer = False  # a reliable 1xx carried the SDP answer
+        self._challenge: Response | None = None
+        self._prack_failure: str | None = None
+        self._reliable: ReliableProvisional | None = None
+        self._reliable_timer: asyncio.TimerHandle | None = None
+        self._reliable_outcome: asyncio.Future[bool] = self.loop.create_future()
+        self._remote_cseq = 0  # inbound: the highest CSeq the caller used before the dialog
+        # RFC 4028 session timer: what we ask for, the running timer, one 422 retry.
+        self._st_settings = gateway.config.session_timer
+        self._session_timer: SessionTimer | None = None
+        self._session_timer_handle: asyncio.TimerHandle | None = None
+        self._session_422_retried = False
+        self._local_sdp = b""  # the SDP we last sent, re-sent by session refreshes
+        self._refresh_ack: Request | None = None  # ACK for our refresh re-INVITE's 2xx
+        self.session_refreshes = 0  # session refreshes that succeeded, either way
+        self._session_expired = False
+        self._reinviting = False  # our re-INVITE awaits its final response (glare: 491)
 
     # -- public API ---------------------------------------------------------------
 
@@ -902,6 +980,12 @@ class Call:
     def max_duration(self) -> float:
         return self._max_duration
 
+    @property
+    def session_expires(self) -> SessionExpires | None:
+        """The negotiated RFC 4028 session timer (interval, refresher) while it runs."""
+        timer = self._session_timer
+        return None if timer is None or timer.over else timer.expires
+
     async def _hang_up(self, reason: str) -> CallResult:
         if self.ended.is_set():
             assert self.result is not None
@@ -962,9 +1046,15 @@ class Call:
         request.cseq = CSeq(1, "INVITE")
         request.contact = [contact]
         request.headers.set("Allow", ALLOW)
+        request.headers.set("Supported", SUPPORTED)
+        settings = self._st_settings
+        for name, value in request_headers(
+            SessionExpires(settings.session_expires), settings.min_se
+        ):
+            request.headers.set(name, value)
         request.user_agent = USER_AGENT
         request.headers.set("Content-Type", SDP)
-        request.body = str(self._offer).encode()
+        request.body = self._local_sdp = str(self._offer).encode()
         request.content_length = len(request.body)
         if credentials is not None:
             self._digest = DigestClient(credentials)
@@ -1003,6 +1093,11 @@ class Call:
 
     def _send_invite(self, request: Request) -> None:
         self._invite = request
+        # RSeq numbering and early dialogs belong to one INVITE transaction (RFC 3262 3);
+        # a retry after 401/407, 422 or a redirect starts them afresh.
+        self._provisionals = ProvisionalTracker()
+        self._early_dialogs.clear()
+        self._early_answer = False
         if self._invite_sent_at is None:
             self._invite_sent_at = self.loop.time()
         transaction = self.gateway.endpoint.start_client_transaction(
@@ -1041,11 +1136,25 @@ class Call:
         self.responded.set()
         code = response.code
         if code < 200:
+            verdict = self._provisionals.receive(response)
+            if verdict in (
+                ProvisionalVerdict.RETRANSMISSION,
+                ProvisionalVerdict.OUT_OF_ORDER,
+                ProvisionalVerdict.INVALID,
+            ):
+                # RFC 3262 4: seen already (its PRACK went out), or the UAS must first
+                # resend the one we missed: nothing to process, nothing to acknowledge.
+                logger.debug("call %s: %s %s ignored", self.call_id, code, verdict.value)
+                return
             self._provisional = True  # any 1xx, 100 included, allows a CANCEL (RFC 3261 9.1)
             if code > 100 and self._pdd_ms is None:
                 self._pdd_ms = self._ms_since(self._invite_sent_at)
             if code > 100 and response.body and self.media is not None and self._offer:
-                self._configure_from_answer(response.body, early=True)
+                configured = self._configure_from_answer(response.body, early=True)
+                if configured and verdict is ProvisionalVerdict.PRACK:
+                    self._early_answer = True  # the answer: the 2xx may come without SDP
+            if verdict is ProvisionalVerdict.PRACK and self._cancel_reason is None:
+                self._send_prack(response)
             if self._cancel_reason is not None and not self._cancel_sent:
                 self._send_cancel()
             return
@@ -1064,7 +1173,11 @@ class Call:
                 self._fail(CallOutcome.REJECTED, code, f"authentication failed: {exc}")
                 return
             self._authenticated = True
+            self._challenge = response
             self._send_invite(retry)
+            return
+        retry_422 = code == 422 and self._cancel_reason is None and self._invite is not None
+        if retry_422 and self._retry_after_422(response):
             return
         if code == 487 and self._cancel_reason is not None:
             self._fail(self._cancel_outcome(), code, "cancelled: " + self._cancel_reason)
@@ -1073,6 +1186,79 @@ class Call:
             self._on_redirect(response)
             return
         self._fail(classify_final(code), code, response.phrase)
+
+    def _retry_after_422(self, response: Response) -> bool:
+        """RFC 4028 7.4: INVITE once more, as the same call, with the 422's Min-SE as the
+        interval. False (the 422 is final) after one retry or for a Min-SE we refuse."""
+        invite = self._invite
+        assert invite is not None
+        asked = self._st_settings.session_expires
+        interval = retry_interval_after_422(response, asked, MAX_SESSION_EXPIRES)
+        if self._session_422_retried or interval is None:
+            return False
+        self._session_422_retried = True
+        logger.info("call %s: 422, retrying with Session-Expires %d", self.call_id, interval)
+        self._st_settings = dataclasses.replace(
+            self._st_settings, session_expires=interval, min_se=interval
+        )
+        retry = copy_request(invite)
+        retry.via = [self._via()]
+        retry.cseq = CSeq(invite.cseq.sequence + 1, "INVITE")
+        for name, value in request_headers(SessionExpires(interval), interval):
+            retry.headers.set(name, value)
+        if self._digest is not None and self._challenge is not None:
+            retry = self._with_credentials(retry)
+        self._send_invite(retry)
+        return True
+
+    def _with_credentials(self, request: Request) -> Request:
+        """``request`` answering the INVITE's last challenge (a PRACK, a retried INVITE:
+        the proxy that challenged the INVITE challenges them too)."""
+        assert self._digest is not None and self._challenge is not None
+        for name in ("Authorization", "Proxy-Authorization"):
+            request.headers.remove(name)
+        try:
+            return self._digest.with_credentials(request, self._challenge)
+        except DigestError as exc:
+            logger.info("call %s: no credentials for %s: %s", self.call_id, request.method, exc)
+            return request
+
+    def _send_prack(self, response: Response) -> None:
+        """RFC 3262 4: acknowledge a reliable provisional in its early dialog."""
+        assert self._invite is not None
+        tag = response.to_address.parameters.get("tag") or ""
+        dialog = self._early_dialogs.get(tag)
+        if dialog is None:
+            try:
+                dialog = Dialog.from_uac_response(self._invite, response)
+            except DialogError as exc:
+                self._prack_failed(f"no early dialog to PRACK in: {exc}")
+                return
+            self._early_dialogs[tag] = dialog
+        else:
+            dialog.refresh_target(response)
+        prack = dialog.create_request("PRACK", self._via())
+        rseq = (response.headers.get("RSeq") or "").strip()
+        prack.headers.set("RAck", f"{rseq} {self._invite.cseq.sequence} INVITE")
+        if self._digest is not None and self._challenge is not None:
+            prack = self._with_credentials(prack)
+        self.gateway.spawn(self._await_prack(prack, self._peer_of(dialog)))
+
+    async def _await_prack(self, prack: Request, peer: Peer) -> None:
+        """The PRACK's own outcome: a non-2xx or no answer (its transaction bounds the
+        wait) ends the attempt, since the UAS would hold the INVITE forever."""
+        response = await self.gateway.endpoint.request(prack, peer)
+        if response is not None and response.code < 300:
+            return
+        why = f"{response.code} {response.phrase}" if response is not None else "no answer"
+        self._prack_failed(f"PRACK failed: {why}")
+
+    def _prack_failed(self, reason: str) -> None:
+        if self._final.done():
+            return  # answered (or over) meanwhile: the call goes on
+        logger.info("call %s: %s; cancelling", self.call_id, reason)
+        self._prack_failure = reason
+        self._cancel(reason)
 
     def _on_redirect(self, response: Response) -> None:
         """A 3xx (ACKed by its transaction): INVITE the next target, or end the call with
@@ -1117,6 +1303,15 @@ class Call:
         self.peer = peer
         self._send_invite(request)
 
+    def _on_stray_2xx(self, response: Response) -> None:
+        """A 2xx retransmission after its INVITE transaction ended: ACK it again (the
+        first INVITE's, or our last session refresh's)."""
+        refresh = self._refresh_ack
+        if refresh is not None and response.cseq.sequence == refresh.cseq.sequence:
+            self.gateway.endpoint.send_stateless(refresh, self._dialog_peer())
+        elif self.direction == "outbound":
+            self._on_invite_2xx(response)
+
     def _on_invite_2xx(self, response: Response) -> None:
         endpoint = self.gateway.endpoint
         if self._ack is not None:
@@ -1129,6 +1324,9 @@ class Call:
             logger.warning("call %s: unusable 2xx: %s", self.call_id, exc)
             self._fail(CallOutcome.FAILED, response.code, f"invalid 2xx: {exc}")
             return
+        early = self._early_dialogs.get(self.dialog.remote_tag)
+        if early is not None:  # PRACKs went out in this dialog: CSeq goes on from there
+            self.dialog.local_cseq = max(self.dialog.local_cseq, early.local_cseq)
         self._ack = self.dialog.create_ack(self._via())
         endpoint.send_stateless(self._ack, self._dialog_peer())
         if self._cancel_reason is not None or self._final.done():
@@ -1138,7 +1336,8 @@ class Call:
             if not self._final.done():
                 self._fail(self._cancel_outcome(), 487, "answered after cancel; released")
             return
-        if not self._configure_from_answer(response.body, early=False):
+        answered_early = self._early_answer and not response.body
+        if not answered_early and not self._configure_from_answer(response.body, early=False):
             bye = self.dialog.create_request("BYE", self._via())
             self.gateway.spawn(endpoint.request(bye, self._dialog_peer()))
             reason = f"unusable SDP answer: {self._sdp_error}"
@@ -1147,6 +1346,9 @@ class Call:
         self._invite_code = response.code
         self._invite_reason = response.phrase
         self._mark_answered()
+        expires = negotiate_uac(response)
+        if expires is not None:
+            self._start_session_timer(expires, local=expires.refresher is Refresher.UAC)
         self._final.set_result(None)
 
     def _configure_from_answer(self, body: bytes, *, early: bool) -> bool:
@@ -1211,6 +1413,8 @@ class Call:
             self._send_cancel()
 
     def _cancel_outcome(self) -> CallOutcome:
+        if self._prack_failure is not None:
+            return CallOutcome.FAILED
         return (
             CallOutcome.NO_ANSWER
             if self._cancel_reason == "ring_timeout"
@@ -1293,19 +1497,31 @@ class Call:
             self._offer = self._create_offer(rtp_port)
             self._sdp_session_id = self._offer.origin.session_id
             answer_body = str(self._offer).encode()
-        ctx.respond(180, to_tag=self.local_tag)
+        self._local_sdp = answer_body
+        if self._session_rejection(ctx):
+            self._fail(CallOutcome.FAILED, 422, "Session-Expires below our Min-SE")
+            return
+        if requires_100rel(request):
+            if not await self._ring_reliably(ctx):
+                return
+        else:
+            ctx.respond(180, to_tag=self.local_tag)
         if config.answer_ring_ms:
             await asyncio.sleep(config.answer_ring_ms / 1000)
         if ctx.cancelled or self.ended.is_set():
             return
-        contact = self.gateway.endpoint.contact(self.transport, config.caller, sips=self.sips)
+        contact = self._local_contact()
         self.dialog = Dialog.from_uas_request(request, self.local_tag, contact)
+        # PRACKs already moved the caller's CSeq on; later requests must be above them.
+        self.dialog.remote_cseq = max(self.dialog.remote_cseq or 0, self._remote_cseq)
         ok = create_response(
             request, 200, to_tag=self.local_tag, body=answer_body, content_type=SDP
         )
         ok.contact = [contact]
         ok.headers.set("Allow", ALLOW)
+        ok.headers.set("Supported", SUPPORTED)
         ok.user_agent = USER_AGENT
+        self._answer_session_timer(request, ok)
         if not ctx.send(ok):  # the INVITE transaction is over: nobody to answer
             self._finish(CallOutcome.CANCELLED, None, "INVITE ended before the answer")
             return
@@ -1362,6 +1578,9 @@ class Call:
         if method == "ACK":
             self._on_ack(request)
             return
+        if method == "PRACK":
+            self._on_prack(ctx)
+            return
         dialog = self.dialog
         if dialog is None:
             ctx.respond(481)
@@ -1377,6 +1596,8 @@ class Call:
             self._on_info(ctx)
         elif method == "INVITE":
             self._on_reinvite(ctx)
+        elif method == "UPDATE":
+            self._on_update(ctx)
         elif method == "OPTIONS":
             ctx.respond(200)
         else:
@@ -1406,6 +1627,11 @@ class Call:
         """Answer a re-INVITE (hold, resume, session refresh) on the same media session."""
         assert self.dialog is not None and self.media is not None
         request = ctx.request
+        if self._reinviting:  # RFC 3261 14.2: both sides re-INVITEd at once
+            ctx.respond(491)
+            return
+        if self._session_rejection(ctx):
+            return
         try:
             self.dialog.refresh_target(request)
         except ValueError:  # a garbled Contact: refuse the re-INVITE, keep the call
@@ -1432,11 +1658,287 @@ class Call:
         except ValueError:  # SdpError, or an odd offer the parser let through
             ctx.respond(488)
             return
+        self._local_sdp = body
         ok = create_response(request, 200, body=body, content_type=SDP)
         ok.contact = [self.dialog.contact]
+        ok.headers.set("Supported", SUPPORTED)
+        self._answer_session_timer(request, ok)
         self._acked.clear()
         if ctx.send(ok):
             self.gateway.spawn(self._await_ack(ctx, ok))
+
+    def _on_update(self, ctx: ServerContext) -> None:
+        """UPDATE (RFC 3311), taken as a session refresh: an offer in it is answered on
+        the same media session; without one the 200 carries no SDP."""
+        assert self.dialog is not None and self.media is not None
+        request = ctx.request
+        if self._session_rejection(ctx):
+            return
+        body = b""
+        if request.body:
+            self._sdp_version += 1
+            try:
+                answer, negotiated = self._create_answer(
+                    request.body,
+                    self.media.local_port,
+                    session_id=self._sdp_session_id,
+                    version=self._sdp_version,
+                )
+            except ValueError:
+                ctx.respond(488)
+                return
+            self._configure_media(negotiated)
+            body = self._local_sdp = str(answer).encode()
+        ok = create_response(request, 200, body=body, content_type=SDP if body else None)
+        ok.contact = [self.dialog.contact]
+        ok.headers.set("Supported", SUPPORTED)
+        self._answer_session_timer(request, ok)
+        ctx.send(ok)
+
+    def _on_prack(self, ctx: ServerContext) -> None:
+        """RFC 3262 3: 200 to the PRACK of our reliable 180, 481 to any other."""
+        reliable = self._reliable
+        request = ctx.request
+        if reliable is None or not reliable.receive(request, self.loop.time()):
+            ctx.respond(481)
+            return
+        self._remote_cseq = max(self._remote_cseq, request.cseq.sequence)
+        ctx.respond(200)
+        self._pump_reliable()
+
+    # -- reliable provisionals, inbound (RFC 3262) ------------------------------------
+
+    async def _ring_reliably(self, ctx: ServerContext) -> bool:
+        """Send 180 with Require: 100rel and wait for its PRACK, retransmitting it (T1,
+        doubling) meanwhile; after 64*T1 without one, 500 ends the call (RFC 3262 3).
+        True once PRACKed."""
+        ringing = create_response(ctx.request, 180, to_tag=self.local_tag)
+        ringing.contact = [self._local_contact()]
+        ringing.headers.set("Require", OPTION_100REL)
+        ringing.headers.set("RSeq", str(new_rseq()))
+        ringing.headers.set("Allow", ALLOW)
+        self._reliable = ReliableProvisional(ringing, self.gateway.config.timers)
+        self._reliable.start(self.loop.time())
+        self._pump_reliable()
+        if not await self._reliable_outcome:
+            if not self.ended.is_set():
+                reason = "no PRACK for the reliable 180 within 64*T1"
+                ctx.respond(500, "No PRACK received", to_tag=self.local_tag)
+                self._fail(CallOutcome.FAILED, 500, reason)
+            return False
+        return not self.ended.is_set()
+
+    def _pump_reliable(self) -> None:
+        reliable = self._reliable
+        ctx = self._invite_ctx
+        if reliable is None or ctx is None:
+            return
+        if self._reliable_timer is not None:
+            self._reliable_timer.cancel()
+            self._reliable_timer = None
+        for response in reliable.messages_to_send():
+            if not ctx.send(response):  # the INVITE transaction is over (cancelled)
+                reliable.done = True
+        while (event := reliable.next_event()) is not None:
+            if not self._reliable_outcome.done():
+                match event:
+                    case Pracked():
+                        self._reliable_outcome.set_result(True)
+                    case ReliableTimeout():
+                        self._reliable_outcome.set_result(False)
+                    case _:
+                        assert_never(event)
+        at = reliable.next_timer_at()
+        if at is not None and not self.ended.is_set():
+            self._reliable_timer = self.loop.call_at(at, self._on_reliable_timer)
+        elif reliable.done and not self._reliable_outcome.done():
+            self._reliable_outcome.set_result(False)
+
+    def _on_reliable_timer(self) -> None:
+        self._reliable_timer = None
+        if self._reliable is not None:
+            self._reliable.handle_timer(self.loop.time())
+        self._pump_reliable()
+
+    def _local_contact(self) -> Address:
+        return self.gateway.endpoint.contact(
+            self.transport, self.gateway.config.caller, sips=self.sips
+        )
+
+    # -- session timers (RFC 4028) ---------------------------------------------------
+
+    def _start_session_timer(self, expires: SessionExpires, *, local: bool) -> None:
+        """Run (or restart, after a refresh either way) the session timer; ``local``: we
+        are the refresher."""
+        now = self.loop.time()
+        if self._session_timer is None:
+            self._session_timer = SessionTimer(expires, local_refresher=local, now=now)
+            logger.info(
+                "call %s: session timer %d s, refresher %s",
+                self.call_id,
+                expires.interval,
+                "us" if local else "peer",
+            )
+        else:
+            self._session_timer.refreshed(expires, local_refresher=local, now=now)
+            self.session_refreshes += 1
+        self._pump_session_timer()
+
+    def _pump_session_timer(self) -> None:
+        """Act on the timer's events and re-arm it at its next deadline."""
+        timer = self._session_timer
+        if self._session_timer_handle is not None:
+            self._session_timer_handle.cancel()
+            self._session_timer_handle = None
+        if timer is None or self.ended.is_set():
+            return
+        while (event := timer.next_event()) is not None:
+            match event:
+                case RefreshDue():
+                    self.gateway.spawn(self._refresh_session())
+                case SessionExpired():
+                    reason = event.describe(timer.interval)
+                    logger.info("call %s: %s, hanging up", self.call_id, reason)
+                    self._session_expired = True
+                    self.gateway.spawn(self._hang_up(reason))
+                    return
+                case _:
+                    assert_never(event)
+        at = timer.next_timer_at()
+        if at is not None:
+            self._session_timer_handle = self.loop.call_at(at, self._on_session_timer)
+
+    def _on_session_timer(self) -> None:
+        self._session_timer_handle = None
+        if self._session_timer is not None:
+            self._session_timer.handle_timer(self.loop.time())
+        self._pump_session_timer()
+
+    async def _refresh_session(self) -> None:
+        """Refresh with a re-INVITE carrying the SDP we last sent, unchanged.
+
+        A re-INVITE rather than UPDATE: every SIP peer must take INVITE, while UPDATE
+        (RFC 3311) is optional and carriers often refuse it; one code path for all."""
+        timer = self._session_timer
+        if self.dialog is None or timer is None or self.ended.is_set():
+            return
+        timer.refresh_sent()
+        us = Refresher.UAC  # we send the refresh: we are its UAC (RFC 4028 7.4)
+        request = self.dialog.create_request(
+            "INVITE", self._via(), body=self._local_sdp, content_type=SDP
+        )
+        request.headers.set("Allow", ALLOW)
+        request.headers.set("Supported", SUPPORTED)
+        settings = self._st_settings
+        for name, value in request_headers(
+            SessionExpires(timer.interval, us), min(settings.min_se, timer.interval)
+        ):
+            request.headers.set(name, value)
+        response = await self._send_reinvite(request)
+        if (
+            response is not None
+            and response.code in (401, 407)
+            and self._digest is not None
+            and not self.ended.is_set()
+        ):
+            self._challenge = response
+            retry = copy_request(request)
+            retry.via = [self._via()]
+            self.dialog.local_cseq += 1
+            retry.cseq = CSeq(self.dialog.local_cseq, "INVITE")
+            self.dialog.invite_cseq = self.dialog.local_cseq
+            response = await self._send_reinvite(self._with_credentials(retry))
+        if self.ended.is_set():
+            return
+        if response is not None and response.code < 300:
+            self.dialog.refresh_target(response)
+            self._apply_refresh_answer(response.body)
+            expires = negotiate_uac(response)
+            if expires is None:
+                logger.info("call %s: the refresh's 2xx dropped the session timer", self.call_id)
+                timer.stop()
+            else:
+                self.session_refreshes += 1
+                timer.refreshed(
+                    expires, local_refresher=expires.refresher is us, now=self.loop.time()
+                )
+        else:
+            code = response.code if response is not None else None
+            logger.info("call %s: session refresh failed: %s", self.call_id, code)
+            timer.refresh_failed(code, self.loop.time())
+        self._pump_session_timer()
+
+    def _apply_refresh_answer(self, body: bytes) -> None:
+        """The answer to our refresh's offer (the SDP we last sent): usually what the peer
+        said before, but a peer may move its media on any offer/answer (RFC 3264 8). An
+        unusable one is logged and the media stays as it was: the session itself was
+        refreshed."""
+        if not body or self.media is None:
+            return
+        try:
+            negotiated = parse_answer(body, SessionDescription.parse(self._local_sdp))
+        except ValueError as exc:  # SdpError, or an odd answer the parser let through
+            logger.info("call %s: refresh answer not applied: %s", self.call_id, exc)
+            return
+        self._configure_media(negotiated)
+
+    async def _send_reinvite(self, request: Request) -> Response | None:
+        """Send an in-dialog re-INVITE, ACK its 2xx (and every retransmission of it), and
+        return its final response; None when none came within timer B."""
+        endpoint = self.gateway.endpoint
+        dialog = self._require_dialog()
+        future: asyncio.Future[Response | None] = self.loop.create_future()
+        cseq = request.cseq.sequence
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, ResponseReceived) and event.response.code >= 200:
+                response = event.response
+                if response.code < 300:
+                    if self._refresh_ack is None or self._refresh_ack.cseq.sequence != cseq:
+                        self._refresh_ack = dialog.create_ack(self._via(), cseq=cseq)
+                    endpoint.send_stateless(self._refresh_ack, self._dialog_peer())
+                if not future.done():
+                    future.set_result(response)
+            elif isinstance(event, TransactionTimeout | TransportFailure) and not future.done():
+                future.set_result(None)
+
+        endpoint.start_client_transaction(request, self._dialog_peer(), on_event)
+        bound = self.gateway.config.timers.timer_b + endpoint.transport.connect_timeout
+        self._reinviting = True
+        try:
+            return await asyncio.wait_for(future, bound)
+        except TimeoutError:
+            return None
+        finally:
+            self._reinviting = False
+
+    def _session_rejection(self, ctx: ServerContext) -> bool:
+        """RFC 4028 9: answer 422 with our Min-SE to a Session-Expires below it; True
+        when that was sent (the request goes no further)."""
+        rejection = negotiate_uas(ctx.request, self._st_settings).rejection
+        if rejection is None:
+            return False
+        refusal = create_response(
+            ctx.request, rejection.code, rejection.phrase, to_tag=self.local_tag
+        )
+        for name, value in rejection.headers:
+            refusal.headers.set(name, value)
+        ctx.send(refusal)
+        return True
+
+    def _answer_session_timer(self, request: Request, response: Response) -> None:
+        """Session-timer part of our 2xx to the peer's INVITE, re-INVITE or UPDATE (RFC
+        4028 9): the negotiated Session-Expires goes into ``response`` and the timer
+        (re)starts; a refresh without Session-Expires turns the timer off."""
+        expires = negotiate_uas(request, self._st_settings).expires
+        if expires is None:
+            if self._session_timer is not None:
+                self._session_timer.stop()
+                self._pump_session_timer()
+            return
+        for name, value in response_headers(request, expires):
+            response.headers.set(name, value)
+        self._start_session_timer(expires, local=expires.refresher is Refresher.UAS)
 
     # -- shared -----------------------------------------------------------------------
 
@@ -1566,11 +2068,18 @@ class Call:
             authenticated=self._authenticated,
             redirected_to=[] if self._redirects is None else list(self._redirects.visited[1:]),
             srtp=self._srtp is not None,
+            session_expired=self._session_expired,
         )
         self.ended.set()
         if self._duration_timer is not None:
             self._duration_timer.cancel()
             self._duration_timer = None
+        for handle in (self._session_timer_handle, self._reliable_timer):
+            if handle is not None:
+                handle.cancel()
+        self._session_timer_handle = self._reliable_timer = None
+        if not self._reliable_outcome.done():
+            self._reliable_outcome.set_result(False)
         self.gateway.calls.pop((self.call_id, self.local_tag), None)
         if self.direction == "inbound":
             self.gateway.inbound_calls -= 1
@@ -1596,11 +2105,15 @@ class Call:
     def _dialog_peer(self) -> Peer:
         """Where in-dialog requests go: the remote target (or first route), same transport;
         an inbound TCP call reuses the caller's connection while it is open."""
+        assert self.dialog is not None
+        return self._peer_of(self.dialog)
+
+    def _peer_of(self, dialog: Dialog) -> Peer:
+        """`_dialog_peer` for ``dialog`` (an early dialog's PRACK goes the same way)."""
         transport = self.gateway.endpoint.transport
         if self.direction == "inbound" and transport.has_connection(self.peer):
             return self.peer
-        assert self.dialog is not None
-        uri = self.dialog.destination()
+        uri = dialog.destination()
         kind = (uri.parameters.get("transport") or self.transport).lower()
         if uri.scheme == "sips":
             kind = "tls"

@@ -68,6 +68,9 @@ class CallResult:
     # 3xx redirects followed, in order (target_key form); the call went to the last one
     redirected_to: list[str] = field(default_factory=list)
     srtp: bool = False  # media was SRTP (SDES keys, RFC 4568) when answered
+    # Ended by its RFC 4028 session timer (the peer stopped refreshing, or our refresh
+    # failed): the reason says which. Not a hang-up by either person.
+    session_expired: bool = False
 
     @property
     def digits(self) -> str:

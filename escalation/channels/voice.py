@@ -287,6 +287,8 @@ def classify_call(
             return done(*KEYED[outcome])
         if outcome == AckOutcome.MACHINE:
             return done(DeliveryStatus.NOT_ACKNOWLEDGED, "answering_machine")
+        if result.session_expired:  # the line died under the call (RFC 4028), not a person
+            return done(DeliveryStatus.NOT_ACKNOWLEDGED, "session_expired")
         if result.hangup_by == "remote" and not result.digits:
             return done(DeliveryStatus.NOT_ACKNOWLEDGED, "hung_up_without_digit")
         return done(DeliveryStatus.NOT_ACKNOWLEDGED, "no_valid_digit")

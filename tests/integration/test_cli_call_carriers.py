@@ -181,3 +181,17 @@ def test_round_robin_goes_on_from_one_cli_call_to_the_next(tmp_path: Path) -> No
     assert [code for code, _, _ in results] == [0, 0, 0], [err for _, _, err in results]
     assert [result["trunk"] for _, result, _ in results] == ["a", "b", "a"]
     assert seen == (2, 1)
+
+
+def test_trunk_session_timer_settings_reach_the_invite(tmp_path: Path) -> None:
+    """`ackline call` asks for the trunk's session_expires and min_se, as workers do."""
+    with sipp("carrier_session_timer.xml", tmp_path, calls=10, RING_MS="0", PAUSE_MS="300",
+              PCAP=str(dtmf_pcap("1"))) as peer:  # fmt: skip
+        trunk = {"name": "timed", "host": "127.0.0.1", "port": peer.port,
+                 "session_expires": 600, "min_se": 120}  # fmt: skip
+        code, result, err = run(tmp_path, carriers(trunk), NUMBER, "--gather", "1",
+                                "--timeout", "5")  # fmt: skip
+        timers = [line.split() for line in peer.log_lines() if line.startswith("TIMER")]
+    assert code == 0, err
+    assert (result["outcome"], result["trunk"]) == ("answered", "timed")
+    assert timers == [["TIMER", "600", "120", "timer"]], timers

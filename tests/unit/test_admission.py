@@ -227,10 +227,12 @@ def test_unservable_invites_get_a_precise_final_response(
 
 
 def test_rejections_carry_the_headers_their_code_needs() -> None:
-    require = parsed(GOOD.replace("Max-Forwards: 70", "Max-Forwards: 70\r\nRequire: 100rel"))
-    assert check_new_invite(require) == Rejection(
-        420, "Bad Extension", (("Unsupported", "100rel"),)
+    require = parsed(
+        GOOD.replace("Max-Forwards: 70", "Max-Forwards: 70\r\nRequire: 100rel, timer, foo")
     )
+    assert check_new_invite(require) == Rejection(420, "Bad Extension", (("Unsupported", "foo"),))
+    ours = parsed(GOOD.replace("Max-Forwards: 70", "Max-Forwards: 70\r\nRequire: 100rel, timer"))
+    assert check_new_invite(ours) is None  # RFC 3262 and RFC 4028 are ours
     media = parsed(GOOD.replace("application/sdp", "application/json"))
     rejection = check_new_invite(media)
     assert rejection is not None and rejection.headers == (("Accept", "application/sdp"),)

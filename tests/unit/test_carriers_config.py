@@ -226,3 +226,23 @@ def test_srtp_per_trunk_needs_tls_unless_allowed() -> None:
     ).trunks[0]
     assert lab.srtp_policy().mode_over("udp").value == "optional"
     assert "srtp" in errors_of(_tls_trunk(", srtp: maybe"))
+
+
+def test_session_timer_per_trunk_with_rfc_4028_floor() -> None:
+    head = "carriers:\n  allowed_countries: [US]\n  trunks:\n"
+    default = load_carriers(head + "    - {name: a, host: 192.0.2.1}\n").trunks[0]
+    assert (default.session_timer().session_expires, default.session_timer().min_se) == (
+        1800,
+        90,
+    )
+    trunk = load_carriers(
+        head + "    - {name: a, host: 192.0.2.1, session_expires: 600, min_se: 300}\n"
+    ).trunks[0]
+    assert (trunk.session_timer().session_expires, trunk.session_timer().min_se) == (600, 300)
+    assert "session_expires" in errors_of(
+        head + "    - {name: a, host: 192.0.2.1, session_expires: 60}\n"
+    )
+    assert "min_se" in errors_of(head + "    - {name: a, host: 192.0.2.1, min_se: 30}\n")
+    assert "below min_se" in errors_of(
+        head + "    - {name: a, host: 192.0.2.1, session_expires: 120, min_se: 300}\n"
+    )

@@ -10,7 +10,12 @@ from gateway.result import CallOutcome, CallResult, ReceivedDigit
 
 
 def result(
-    outcome: CallOutcome, code: int | None, *, digits: str = "", hangup_by: str | None = None
+    outcome: CallOutcome,
+    code: int | None,
+    *,
+    digits: str = "",
+    hangup_by: str | None = None,
+    session_expired: bool = False,
 ) -> CallResult:
     return CallResult(
         outcome=outcome,
@@ -22,6 +27,7 @@ def result(
         transport="udp",
         hangup_by=hangup_by,
         received=[ReceivedDigit(d, "rfc4733", 100 * i) for i, d in enumerate(digits)],
+        session_expired=session_expired,
     )
 
 
@@ -42,6 +48,12 @@ def result(
          "no_valid_digit"),
         (result(CallOutcome.ANSWERED, 200, hangup_by="remote"), "", S.NOT_ACKNOWLEDGED,
          "hung_up_without_digit"),
+        # the session timer ended the call before a key (RFC 4028): said as such
+        (result(CallOutcome.ANSWERED, 200, hangup_by="local", session_expired=True), "",
+         S.NOT_ACKNOWLEDGED, "session_expired"),
+        # a key pressed before the expiry still counts
+        (result(CallOutcome.ANSWERED, 200, digits="1", session_expired=True), "acknowledged",
+         S.ACKNOWLEDGED, "pressed_1"),
         (result(CallOutcome.BUSY, 486), "", S.FAILED_RETRYABLE, "busy"),
         (result(CallOutcome.NO_ANSWER, 487), "", S.FAILED_RETRYABLE, "no_answer"),
         (result(CallOutcome.REJECTED, 603), "", S.FAILED_RETRYABLE, "rejected_sip_603"),

@@ -56,3 +56,15 @@ def test_fault_bounds_come_from_the_environment_and_bad_ones_are_refused() -> No
                         ("ACKLINE_SIP_MAX_INBOUND_CALLS", "0")]:  # fmt: skip
         with pytest.raises(ValueError):
             Settings.from_env({name: value})
+
+
+def test_session_timer_settings_come_from_the_environment_with_the_rfc_floor() -> None:
+    settings = Settings.from_env(
+        {"ACKLINE_SIP_SESSION_EXPIRES": "600", "ACKLINE_SIP_MIN_SE": "120"}
+    )
+    assert (settings.sip_session_expires, settings.sip_min_se) == (600, 120)
+    defaults = Settings.from_env({})
+    assert (defaults.sip_session_expires, defaults.sip_min_se) == (1800, 90)
+    for name in ("ACKLINE_SIP_SESSION_EXPIRES", "ACKLINE_SIP_MIN_SE"):
+        with pytest.raises(ValueError):
+            Settings.from_env({name: "60"})  # below RFC 4028's 90 s
