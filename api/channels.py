@@ -27,11 +27,11 @@ from escalation.audit import AuditLog
 from escalation.channels.base import Channel
 from escalation.channels.voice import AckMenu, CarrierDialer, Dialer, SipUriDialer, VoiceChannel
 from escalation.config import AcklineConfig, ConfigError, load_config
-from escalation.db import Database
 from gateway.call import Gateway
 from gateway.sip.auth import Credentials
 from ivr.flow import Flow, load_flow
 from ivr.twiml import twiml_errors
+from storage.db import Database
 
 
 def _wav_tts(prompts: Any) -> Callable[[str], Awaitable[bytes]]:
@@ -68,7 +68,7 @@ def _share_trunk_health(
 ) -> Callable[[], Awaitable[None]]:
     """Publish this process's trunk health for the API (carriers.shared_health)."""
     from carriers.shared_health import SharedTrunkHealth, process_name, publish_trunk_health
-    from escalation.redis_client import async_client
+    from storage.redis_client import async_client
 
     redis = async_client(url)
     shared = SharedTrunkHealth(redis, prefix, process_name())

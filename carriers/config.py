@@ -32,7 +32,7 @@ from carriers.router import CarrierRouter
 from carriers.trunk import CountryCodes, Trunk, check_countries
 from carriers.turns import ALL_TRUNKS, Turns
 from carriers.twilio_voice import TwilioVoice
-from escalation.durations import parse_duration
+from common.durations import parse_duration
 from gateway.call import Gateway
 
 

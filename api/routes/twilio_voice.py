@@ -21,9 +21,9 @@ from api.json_body import StrictJsonRoute
 from api.routes.webhooks import verified_twilio_form
 from carriers.twilio_voice import CallEvents, voice_webhook_urls
 from escalation.channels.voice import EARLY_OUTCOMES
-from escalation.models import AlertState
 from ivr import twiml
 from ivr.flow import Flow
+from storage.models import AlertState
 
 router = APIRouter(
     route_class=StrictJsonRoute, prefix="/v1/webhooks/twilio/voice", tags=["webhooks"]

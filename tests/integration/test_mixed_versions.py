@@ -22,7 +22,7 @@ import pytest
 import yaml
 from starlette.responses import Response
 
-from escalation.db import Database
+from storage.db import Database
 from tests.conftest_escalation import REDIS_URL
 from tests.fakes import FakeService, RecordedRequest
 from tests.integration.peers import ackline_cli, cli_env, free_port
