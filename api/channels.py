@@ -15,6 +15,7 @@ from typing import Any
 from api.loop import cancel_and_wait
 from api.settings import Settings
 from api.setup_health import available_channels
+from api.voice_channel import AckMenu, CarrierDialer, Dialer, SipUriDialer, VoiceChannel
 from carriers.budgets import RedisBudgets
 from carriers.health import HealthChange
 from carriers.registration import TrunkRegistrations
@@ -25,7 +26,6 @@ from carriers.turns import turns_for
 from carriers.twilio_voice import CallEvents, TwilioVoice
 from escalation.audit import AuditLog
 from escalation.channels.base import Channel
-from escalation.channels.voice import AckMenu, CarrierDialer, Dialer, SipUriDialer, VoiceChannel
 from escalation.config import AcklineConfig, ConfigError, load_config
 from gateway.call import Gateway
 from gateway.sip.auth import Credentials

@@ -721,8 +721,8 @@ async def _answer_with(
     """Inbound calls run the hotline flows when ackline.yaml has a hotline: section (only
     from trusted sources, into the escalation engine); otherwise the greeting."""
     from api.app import start_runtime, stop_runtime
+    from api.hotline import Hotline
     from api.loop import cancel_and_wait
-    from ivr.hotline import Hotline
 
     if services.config.hotline is None:
         await prompts.render(inbound.greeting)
