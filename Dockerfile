@@ -14,10 +14,12 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY api ./api
 COPY carriers ./carriers
+COPY common ./common
 COPY escalation ./escalation
 COPY gateway ./gateway
 COPY ivr ./ivr
 COPY prompts ./prompts
+COPY storage ./storage
 RUN pip install --no-cache-dir . && rm -rf /src
 
 # Non-root; its home holds var/ (SQLite when no database is set, audit log, recordings,

@@ -27,9 +27,11 @@ run: install system-deps
 	ACKLINE_CONFIG="$${ACKLINE_CONFIG:-$$(test -f ackline.yaml && echo ackline.yaml || echo ackline.demo.yaml)}" \
 		$(BIN)/ackline serve
 
+# lint-imports: the layering contracts in pyproject.toml ([tool.importlinter]).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo
 
 typecheck: install
 	$(BIN)/mypy
@@ -72,4 +74,4 @@ drills: install system-deps
 		rolling-restart; do $(BIN)/ackline drill $$s || exit 1; done
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .import_linter_cache

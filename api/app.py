@@ -44,8 +44,8 @@ from api.web import console, console_admin, console_incidents
 from api.web import status as status_web
 from escalation.channels.base import Channel
 from escalation.crud import sync_config
-from escalation.outage import RETRY_AFTER_SECONDS, FailureLog, down_dependency
 from escalation.runner import Worker
+from storage.outage import RETRY_AFTER_SECONDS, FailureLog, down_dependency
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _validation_message(error: Mapping[str, Any]) -> str:
     return f"{where}: {message}"
 
 
-# What a request meets when PostgreSQL or Redis is unreachable (see escalation.outage).
+# What a request meets when PostgreSQL or Redis is unreachable (see storage.outage).
 _DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
     sqlalchemy.exc.DBAPIError,
     sqlalchemy.exc.TimeoutError,

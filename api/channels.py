@@ -15,6 +15,7 @@ from typing import Any
 from api.loop import cancel_and_wait
 from api.settings import Settings
 from api.setup_health import available_channels
+from api.voice_channel import AckMenu, CarrierDialer, Dialer, SipUriDialer, VoiceChannel
 from carriers.budgets import RedisBudgets
 from carriers.health import HealthChange
 from carriers.registration import TrunkRegistrations
@@ -25,13 +26,12 @@ from carriers.turns import turns_for
 from carriers.twilio_voice import CallEvents, TwilioVoice
 from escalation.audit import AuditLog
 from escalation.channels.base import Channel
-from escalation.channels.voice import AckMenu, CarrierDialer, Dialer, SipUriDialer, VoiceChannel
 from escalation.config import AcklineConfig, ConfigError, load_config
-from escalation.db import Database
 from gateway.call import Gateway
 from gateway.sip.auth import Credentials
 from ivr.flow import Flow, load_flow
 from ivr.twiml import twiml_errors
+from storage.db import Database
 
 
 def _wav_tts(prompts: Any) -> Callable[[str], Awaitable[bytes]]:
@@ -68,7 +68,7 @@ def _share_trunk_health(
 ) -> Callable[[], Awaitable[None]]:
     """Publish this process's trunk health for the API (carriers.shared_health)."""
     from carriers.shared_health import SharedTrunkHealth, process_name, publish_trunk_health
-    from escalation.redis_client import async_client
+    from storage.redis_client import async_client
 
     redis = async_client(url)
     shared = SharedTrunkHealth(redis, prefix, process_name())

@@ -290,7 +290,7 @@ async def _shared_trunk_state(settings: Settings) -> AsyncIterator[tuple[dict[st
     Unreadable overrides are a warning, not a failed test call: the YAML trunks are used."""
     from carriers.store import TrunkStore
     from carriers.turns import turns_for
-    from escalation.db import Database
+    from storage.db import Database
 
     _make_sqlite_dir(settings)
     db = Database(settings.database_url)
@@ -721,8 +721,8 @@ async def _answer_with(
     """Inbound calls run the hotline flows when ackline.yaml has a hotline: section (only
     from trusted sources, into the escalation engine); otherwise the greeting."""
     from api.app import start_runtime, stop_runtime
+    from api.hotline import Hotline
     from api.loop import cancel_and_wait
-    from ivr.hotline import Hotline
 
     if services.config.hotline is None:
         await prompts.render(inbound.greeting)
@@ -832,7 +832,7 @@ def _carriers_runtime() -> tuple[Settings, CarrierConfig]:
 
 async def _with_store(settings: Settings, action: Any) -> Any:
     from carriers.store import TrunkStore
-    from escalation.db import Database
+    from storage.db import Database
 
     _make_sqlite_dir(settings)
     db = Database(settings.database_url)
@@ -886,7 +886,7 @@ async def _shared_trunk_health(settings: Settings) -> dict[str, dict[str, Any]]:
     if not settings.redis_url:
         return {}
     from carriers.shared_health import SharedTrunkHealth
-    from escalation.redis_client import async_client
+    from storage.redis_client import async_client
 
     redis = async_client(settings.redis_url)
     try:
@@ -990,8 +990,8 @@ def override_add(
     """Put someone on call for a while; it wins over the rota and every earlier override."""
     from escalation import crud
     from escalation.config import format_validation_error, load_config
-    from escalation.db import Database
     from escalation.schedules import Override
+    from storage.db import Database
 
     try:
         settings = Settings.from_env()
@@ -1045,7 +1045,7 @@ def _make_sqlite_dir(settings: Settings) -> None:
 
 def _user_db_action(action: Any) -> Any:
     """Run `action(settings, db)` on a migrated database; bad settings exit 2."""
-    from escalation.db import Database
+    from storage.db import Database
 
     try:
         settings = Settings.from_env()

@@ -11,9 +11,9 @@ from fastapi import Depends, Header, HTTPException, Request
 from api.settings import Settings
 from escalation.audit import AuditLog
 from escalation.config import AcklineConfig, load_config
-from escalation.db import Database
 from escalation.engine import Engine, EngineConfig, RequestContext
 from escalation.runner import InProcessBus, RedisBus
+from storage.db import Database
 
 
 @dataclass

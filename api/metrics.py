@@ -1,4 +1,5 @@
-"""HTTP metrics and the /metrics endpoint (engine metrics live in escalation.metrics)."""
+"""HTTP metrics and the /metrics endpoint (engine metrics live in escalation.metrics, the
+storage layer's in storage.metrics)."""
 
 from __future__ import annotations
 

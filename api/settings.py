@@ -41,7 +41,7 @@ def redis_url_from_env(env: Mapping[str, str]) -> str | None:
         return url
     if url:
         raise ValueError("set REDIS_URL or REDIS_SENTINELS, not both")
-    from escalation.redis_client import sentinel_url
+    from storage.redis_client import sentinel_url
 
     return sentinel_url(sentinels, (env.get("REDIS_MASTER_NAME") or "mymaster").strip())
 

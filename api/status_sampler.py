@@ -31,8 +31,6 @@ from carriers.health import BreakerState, ProbeState
 from carriers.shared_health import SharedTrunkHealth
 from escalation.channels.base import DeliveryStatus
 from escalation.config import AcklineConfig
-from escalation.models import Job, NotificationAttempt
-from escalation.outage import FailureLog
 from escalation.runner import RedisBus
 from escalation.status import (
     ApiSignal,
@@ -52,6 +50,8 @@ from escalation.status import (
 )
 from escalation.statuspage import StatusService
 from gateway.sip.registration import RegistrationState
+from storage.models import Job, NotificationAttempt
+from storage.outage import FailureLog
 
 __all__ = ["ComponentStatus", "Sampler", "StatusCollector", "components_for", "operator_company"]
 

@@ -44,7 +44,7 @@ from escalation.channels.base import (
     ProgressSink,
     ignore_progress,
 )
-from escalation.redis_client import async_client
+from storage.redis_client import async_client
 
 PG_ADMIN = os.environ.get("ACKLINE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ACKLINE_BENCH_REDIS", "redis://127.0.0.1:6379/0")

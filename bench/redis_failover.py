@@ -37,7 +37,7 @@ import yaml
 from bench.ha_redis import RedisSentinelSet
 from bench.ports import free_port
 from bench.services import Owned, ackline_command, service_env, tail, wait_http_ready
-from escalation.redis_client import async_client
+from storage.redis_client import async_client
 
 PG_ADMIN = os.environ.get("ACKLINE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 API_KEY = "failover-key"

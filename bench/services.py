@@ -27,7 +27,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from bench.ports import free_media_port, listening
-from escalation.redis_client import async_client
+from storage.redis_client import async_client
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -183,7 +183,7 @@ class RedisBudgets:
     """
 
     def __init__(self, url: str, prefix: str = "ackline", *, lease_s: float = 4 * 3600) -> None:
-        from escalation.redis_client import async_client
+        from storage.redis_client import async_client
 
         # A Redis that hangs must not hold a page up: past this the budget counts as
         # unavailable and the call goes ahead (CarrierRouter).

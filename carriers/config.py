@@ -28,12 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from carriers.budgets import Budgets, CallBudget
 from carriers.health import HealthChange, HealthPolicy
 from carriers.numbers import REFUSED_TYPES, type_from_name, type_name
-from carriers.router import CarrierRouter
+from carriers.router import CarrierRouter, TrunkGateway
 from carriers.trunk import CountryCodes, Trunk, check_countries
 from carriers.turns import ALL_TRUNKS, Turns
 from carriers.twilio_voice import TwilioVoice
-from escalation.durations import parse_duration
-from gateway.call import Gateway
+from common.durations import parse_duration
 
 
 class CarrierConfigError(ValueError):
@@ -177,7 +176,7 @@ class CarrierConfig(BaseModel):
 
     def router(
         self,
-        gateway: Gateway,
+        gateway: TrunkGateway,
         *,
         route: str | None = None,
         on_health_change: Callable[[HealthChange], None] | None = None,

@@ -4,7 +4,8 @@ trunks that register, whether the registrar holds our binding.
 ``TrunkHealth`` is sans-IO (every input carries ``now``) so flapping and cool-downs are
 tested without sleeping. ``HealthBoard`` holds one per trunk, reads the clock, and turns
 state changes into callbacks (for the audit log) and Prometheus gauges. ``Prober`` is the
-only part that does I/O: one bounded OPTIONS loop per trunk through ``Gateway.options``.
+only part that does I/O: one bounded OPTIONS loop per trunk through ``Gateway.options``
+(any ``OptionsSender``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,28 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+from sipmessage import URI, Response
 
 from carriers import metrics
 from carriers.trunk import Trunk
-from gateway.call import Gateway
 from gateway.sip.registration import RegistrationState
+from gateway.tls import TlsClientSettings
 
 logger = logging.getLogger(__name__)
+
+
+class OptionsSender(Protocol):
+    """What a Prober needs of the SIP gateway (gateway.call.Gateway is one)."""
+
+    async def options(
+        self,
+        target: str | URI,
+        *,
+        transport: str | None = ...,
+        tls: TlsClientSettings | None = ...,
+    ) -> Response | None: ...
 
 
 class ProbeState(str, enum.Enum):
@@ -276,7 +292,7 @@ class Prober:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: OptionsSender,
         trunks: Sequence[Trunk],
         board: HealthBoard,
         *,

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import unquote
 
 from sipmessage import URI
@@ -27,6 +27,7 @@ from carriers.health import (
     HealthBoard,
     HealthChange,
     HealthPolicy,
+    OptionsSender,
     Prober,
     ProbeState,
 )
@@ -42,10 +43,14 @@ from carriers.rotation import (
 from carriers.trunk import Trunk
 from carriers.turns import ALL_TRUNKS, TURN_TIMEOUT, Turns
 from carriers.twilio_voice import TwilioCall, TwilioVoice
-from gateway.call import Call, Gateway
+from gateway.call import Call, GatewayConfig
+from gateway.media.srtp import SrtpPolicy
 from gateway.redirect import RedirectPolicy, RedirectScreen
 from gateway.result import CallOutcome
+from gateway.sip.auth import Credentials
 from gateway.sip.registration import RegistrationState
+from gateway.sip.session_timer import SessionTimerSettings
+from gateway.tls import TlsClientSettings
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,33 @@ FAILOVER_CODES = frozenset({400, 401, 403, 404, 407, 408, 416, 420, 421, 488})
 
 def is_failover_code(code: int) -> bool:
     return code in FAILOVER_CODES or 300 <= code < 400 or 500 <= code < 600
+
+
+class TrunkGateway(OptionsSender, Protocol):
+    """What the router needs of the SIP gateway (gateway.call.Gateway is one): its
+    configuration, calls and their time bound, OPTIONS probes. Building a router from
+    configuration (carriers.config) then needs no import of the call machinery."""
+
+    @property
+    def config(self) -> GatewayConfig: ...
+
+    def call_time_bound(self, ring_timeout: float, max_duration: float | None = ...) -> float: ...
+
+    async def dial(
+        self,
+        target: str | URI,
+        *,
+        credentials: Credentials | None = ...,
+        ring_timeout: float = ...,
+        transport: str | None = ...,
+        caller: str | None = ...,
+        on_call: Callable[[Call], None] | None = ...,
+        max_duration: float | None = ...,
+        redirects: RedirectPolicy | None = ...,
+        tls: TlsClientSettings | None = ...,
+        srtp: SrtpPolicy | None = ...,
+        session_timer: SessionTimerSettings | None = ...,
+    ) -> Call: ...
 
 
 @dataclass(frozen=True)
@@ -182,7 +214,7 @@ class CarrierRouter:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: TrunkGateway,
         trunks: Sequence[Trunk],
         strategy: Strategy | str = "priority",
         *,

@@ -20,9 +20,9 @@ from sqlalchemy import delete, func, select
 from sqlmodel import col
 
 from carriers.trunk import Trunk
-from escalation.db import Database
-from escalation.durations import parse_duration
-from escalation.models import TrunkOverrideRow
+from common.durations import parse_duration
+from storage.db import Database
+from storage.models import TrunkOverrideRow
 
 __all__ = ["TrunkChanges", "TrunkStore", "apply_overrides"]
 

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from escalation.durations import parse_duration
+from common.durations import parse_duration
 from gateway.media.srtp import SrtpMode, SrtpPolicy
 from gateway.sip.auth import Credentials
 from gateway.sip.session_timer import (

@@ -16,8 +16,8 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
-from escalation.db import Database
-from escalation.models import RouteTurnRow
+from storage.db import Database
+from storage.models import RouteTurnRow
 
 __all__ = ["DatabaseTurns", "RedisTurns", "Turns", "turns_for"]
 
@@ -37,7 +37,7 @@ class RedisTurns:
     """One counter per route in Redis, ``<prefix>:route:<route>:turn``."""
 
     def __init__(self, url: str, prefix: str = "ackline") -> None:
-        from escalation.redis_client import async_client
+        from storage.redis_client import async_client
 
         self.redis: Any = async_client(
             url, socket_connect_timeout=TURN_TIMEOUT, socket_timeout=TURN_TIMEOUT

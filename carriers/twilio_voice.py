@@ -28,8 +28,8 @@ from twilio.base.exceptions import TwilioRestException  # type: ignore[import-un
 
 from carriers.trunk import Trunk
 from carriers.twilio_api import twilio_client
-from escalation.outage import FailureLog, down_dependency
 from gateway.result import CallOutcome, CallResult, ReceivedDigit
+from storage.outage import FailureLog, down_dependency
 
 __all__ = [
     "CallEvents",
@@ -275,7 +275,7 @@ class CallEvents:
         self._redis: Any = None
         self._reader: asyncio.Task[None] | None = None
         if redis_url:
-            from escalation.redis_client import async_client
+            from storage.redis_client import async_client
 
             self._redis = async_client(redis_url)
 

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from carriers.config import CarrierConfig, CarrierConfigError, load_carriers
-from escalation.durations import Duration
+from common.durations import Duration
 from escalation.schedules import Override, Schedule
 
 # Which contact field each channel needs; a channel not listed here is not accepted.

@@ -16,8 +16,8 @@ from typing import Any, assert_never
 
 from escalation.channels.base import ContactPoint, DeliveryStatus
 from escalation.config import CHANNEL_CONTACT_FIELD, Policy, RateLimit, Recipient, RetryPolicy
-from escalation.models import AlertState
 from escalation.schedules import OnCall
+from storage.models import AlertState
 
 # ---------------------------------------------------------------------------- the plan
 

@@ -33,8 +33,9 @@ from escalation.config import (
     reference_errors,
     schedule_errors,
 )
-from escalation.db import Database
-from escalation.models import (
+from escalation.schedules import Override, Schedule
+from storage.db import Database
+from storage.models import (
     GroupRow,
     IntegrationRow,
     PolicyRow,
@@ -43,7 +44,6 @@ from escalation.models import (
     ScheduleRow,
     utcnow,
 )
-from escalation.schedules import Override, Schedule
 
 _INSTANT = timedelta(microseconds=1)
 log = logging.getLogger(__name__)

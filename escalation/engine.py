@@ -81,8 +81,8 @@ from escalation.core import (
     rate_limit_release,
     step_targets,
 )
-from escalation.db import Database
-from escalation.models import (
+from storage.db import Database
+from storage.models import (
     Alert,
     AlertState,
     GroupRow,
@@ -94,7 +94,7 @@ from escalation.models import (
     RecipientRow,
     utcnow,
 )
-from escalation.outage import FailureLog
+from storage.outage import FailureLog
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from escalation.config import (
     format_validation_error,
 )
 from escalation.engine import AlertIn, Engine, RequestContext, UnknownPolicy
-from escalation.models import Alert, AlertState
-from escalation.outage import FailureLog
+from storage.models import Alert, AlertState
+from storage.outage import FailureLog
 
 log = logging.getLogger(__name__)
 _TITLE_MAX = 300

@@ -19,8 +19,8 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col
 
-from escalation.db import Database
-from escalation.models import Alert, AlertState
+from storage.db import Database
+from storage.models import Alert, AlertState
 
 
 class SortOrder(enum.StrEnum):

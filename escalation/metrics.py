@@ -26,11 +26,6 @@ CANCEL_LATENCY = Histogram(
 RATE_LIMITED = Counter(
     "ackline_rate_limited_total", "Notifications held or bundled by a rate limit", ["mode"]
 )
-DEPENDENCY_FAILURES = Counter(
-    "ackline_dependency_failures_total",
-    "Operations that failed, by operation and the dependency found unavailable (or other)",
-    ["operation", "dependency"],
-)
 SENDS_GIVEN_UP = Counter(
     "ackline_sends_given_up_total",
     "Deliveries still running at their channel's deadline, hung up and recorded as failed",

@@ -38,9 +38,9 @@ from escalation.channels.base import (
     NotificationKind,
 )
 from escalation.config import REMINDER_CHANNELS, Recipient
-from escalation.db import Database
-from escalation.models import ShiftReminderRow, utcnow
 from escalation.schedules import MAX_REMINDER, Override, Reminder, Schedule, shifts
+from storage.db import Database
+from storage.models import ShiftReminderRow, utcnow
 
 __all__ = [
     "ReminderOutcome",

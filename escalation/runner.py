@@ -27,13 +27,14 @@ from typing import Any, Protocol, assert_never
 
 import redis.asyncio as aioredis
 
-from escalation import metrics, redis_client
+from escalation import metrics
 from escalation.channels.base import Channel, DeliveryResult, DeliveryStatus, Progress
 from escalation.core import CancelScope
 from escalation.engine import CancelRequest, Engine, SendTask
-from escalation.outage import FailureLog
 from escalation.reminders import ShiftReminders
 from gateway.aio import cancel_and_wait
+from storage import redis_client
+from storage.outage import FailureLog
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from pydantic import (
     model_validator,
 )
 
-from escalation.durations import Duration
+from common.durations import Duration
 
 __all__ = [
     "Layer",

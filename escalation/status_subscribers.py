@@ -34,8 +34,8 @@ from sqlmodel import col, select
 
 from escalation.channels.base import DeliveryResult, DeliveryStatus
 from escalation.engine import RequestContext
-from escalation.models import StatusSubscriberRow
 from escalation.statuspage import Incident, IncidentUpdate, StatusService
+from storage.models import StatusSubscriberRow
 
 __all__ = [
     "RateLimited",

@@ -22,15 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from escalation.audit import AuditLog
-from escalation.db import Database
 from escalation.engine import RequestContext
-from escalation.models import (
-    StatusIncidentRow,
-    StatusIncidentUpdateRow,
-    StatusMaintenanceRow,
-    StatusSampleRow,
-    utcnow,
-)
 from escalation.status import (
     ComponentState,
     Impact,
@@ -38,6 +30,14 @@ from escalation.status import (
     MaintenanceStatus,
     Sample,
     maintenance_status,
+)
+from storage.db import Database
+from storage.models import (
+    StatusIncidentRow,
+    StatusIncidentUpdateRow,
+    StatusMaintenanceRow,
+    StatusSampleRow,
+    utcnow,
 )
 
 __all__ = [

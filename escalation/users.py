@@ -17,8 +17,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlmodel import col, select
 
-from escalation.db import Database
-from escalation.models import ConsoleUserRow, RecipientRow, utcnow
+from storage.db import Database
+from storage.models import ConsoleUserRow, RecipientRow, utcnow
 
 __all__ = [
     "ConsoleUser",

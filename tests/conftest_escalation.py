@@ -28,10 +28,10 @@ from escalation.channels.base import (
 )
 from escalation.config import parse_config
 from escalation.crud import sync_config
-from escalation.db import Database
 from escalation.engine import AlertIn, Engine, EngineConfig, RequestContext
-from escalation.models import Alert
 from escalation.runner import InProcessBus, Worker
+from storage.db import Database
+from storage.models import Alert
 
 PG_ADMIN = os.environ.get("ACKLINE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ACKLINE_TEST_REDIS", "redis://127.0.0.1:6379/0")

@@ -29,8 +29,8 @@ from escalation.engine import (
     UnknownPolicy,
 )
 from escalation.listing import AlertFilter, BadCursor, Cursor, SortOrder, list_alerts
-from escalation.models import Alert, AlertState
 from escalation.timeline import Timeline, build_timeline
+from storage.models import Alert, AlertState
 
 router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/alerts", tags=["alerts"])
 _ERRORS: dict[int | str, dict[str, object]] = {

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from escalation.models import Alert, NotificationAttempt
+from storage.models import Alert, NotificationAttempt
 
 
 class AlertAccepted(BaseModel):

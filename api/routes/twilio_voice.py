@@ -19,11 +19,11 @@ from api.channels import default_ack_flow, policy_flows
 from api.deps import Runtime, RuntimeDep
 from api.json_body import StrictJsonRoute
 from api.routes.webhooks import verified_twilio_form
+from api.voice_channel import EARLY_OUTCOMES
 from carriers.twilio_voice import CallEvents, voice_webhook_urls
-from escalation.channels.voice import EARLY_OUTCOMES
-from escalation.models import AlertState
 from ivr import twiml
 from ivr.flow import Flow
+from storage.models import AlertState
 
 router = APIRouter(
     route_class=StrictJsonRoute, prefix="/v1/webhooks/twilio/voice", tags=["webhooks"]

@@ -30,7 +30,7 @@ from escalation.channels.sms import (
     validate_twilio_signature,
 )
 from escalation.channels.telegram import check_telegram_secret, parse_telegram_update
-from escalation.models import Alert, AlertState
+from storage.models import Alert, AlertState
 
 log = logging.getLogger(__name__)
 router = APIRouter(route_class=StrictJsonRoute, prefix="/v1", tags=["webhooks"])

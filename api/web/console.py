@@ -27,10 +27,10 @@ from escalation import crud
 from escalation.config import Severity
 from escalation.engine import AlertClosed, BadTarget, RequestContext
 from escalation.listing import AlertFilter, BadCursor, Cursor, SortOrder, list_alerts
-from escalation.models import AlertState, Job, JobKind, utcnow
 from escalation.schedules import oncall
 from escalation.timeline import build_timeline
 from escalation.users import Keep, UserError, add_user, list_users, update_user
+from storage.models import AlertState, Job, JobKind, utcnow
 
 __all__ = ["router"]
 

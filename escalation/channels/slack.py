@@ -29,7 +29,7 @@ from escalation.channels.base import (
     SentMessages,
     ignore_progress,
 )
-from escalation.models import AlertState
+from storage.models import AlertState
 
 __all__ = [
     "SLACK_API_BASE",

@@ -19,8 +19,8 @@ from playwright.sync_api import Browser, Page, expect
 from api.app import create_app
 from api.settings import Settings
 from escalation.channels.base import Channel, DeliveryStatus
-from escalation.db import Database
 from escalation.users import Role, add_user
+from storage.db import Database
 from tests.browser.conftest import LiveServer, axe_violations, shot
 from tests.conftest_escalation import ScriptedChannel, reply
 from tests.integration.test_api_alerts import CONFIG

@@ -21,8 +21,8 @@ from playwright.sync_api import Page, expect
 from api.app import create_app
 from api.settings import Settings
 from escalation.channels.base import Channel, DeliveryStatus
-from escalation.db import Database
 from escalation.users import Role, add_user
+from storage.db import Database
 from tests.browser.conftest import LiveServer
 from tests.browser.test_console import fits_375, reload_until, run, sign_in
 from tests.conftest_escalation import ScriptedChannel, reply

@@ -28,8 +28,8 @@ from api.settings import Settings
 from escalation.channels.email import EmailChannel
 from escalation.channels.signing import SIGNATURE_HEADER, verify_webhook
 from escalation.channels.webhook import WebhookChannel
-from escalation.db import Database
 from escalation.users import Role, add_user
+from storage.db import Database
 from tests.browser.conftest import LiveServer, axe_violations, free_port, shot
 from tests.browser.test_console import PASSWORD, run, sign_in
 from tests.integration.test_channel_email import Mailbox

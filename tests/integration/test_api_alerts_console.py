@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import text
 
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
-from escalation.db import Database
+from storage.db import Database
 from tests.integration.test_api_alerts import KEY, Api, running
 
 pytest_plugins = ["tests.conftest_escalation"]

@@ -18,7 +18,7 @@ import yaml
 from api.app import create_app
 from api.settings import Settings
 from escalation.channels.base import Channel, DeliveryStatus
-from escalation.db import Database
+from storage.db import Database
 from tests.conftest_escalation import ScriptedChannel, reply
 
 pytest_plugins = ["tests.conftest_escalation"]

@@ -176,8 +176,8 @@ async def test_an_alert_call_nobody_ends_is_hung_up_at_the_channels_max_call(
     """The far end answers, never presses a key and never hangs up, and the ack menu
     would wait half a minute for a key three times: the voice channel ends the call at
     its `max_call` (BYE), and the whole send stays inside the channel's own deadline."""
+    from api.voice_channel import AckMenu, SipUriDialer, VoiceChannel
     from escalation.channels.base import DeliveryStatus
-    from escalation.channels.voice import AckMenu, SipUriDialer, VoiceChannel
     from prompts import EspeakEngine, PromptCache
     from tests.fakes import make_notification
 

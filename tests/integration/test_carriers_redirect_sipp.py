@@ -82,10 +82,10 @@ async def test_a_refused_redirect_is_the_pages_recorded_fraud_refusal(tmp_path: 
     named fraud_refused, as for a premium number dialled directly, and counted."""
     from prometheus_client import REGISTRY
 
+    from api.voice_channel import CarrierDialer, VoiceChannel
     from carriers.router import CarrierRouter
     from carriers.trunk import Trunk
     from escalation.channels.base import DeliveryStatus
-    from escalation.channels.voice import CarrierDialer, VoiceChannel
     from gateway.call import Gateway, GatewayConfig
     from tests.fakes import make_notification
 

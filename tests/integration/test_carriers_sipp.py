@@ -511,7 +511,7 @@ carriers:
 
 
 async def test_carrier_dialer_hands_out_every_attempt(tmp_path: Path) -> None:
-    from escalation.channels.voice import CarrierDialer
+    from api.voice_channel import CarrierDialer
 
     with (
         sipp("uas_reject.xml", sipp_dir(tmp_path, "a"), CODE="503", PHRASE="Down") as a,
@@ -539,7 +539,7 @@ async def test_carrier_dialer_hands_out_every_attempt(tmp_path: Path) -> None:
 
 async def test_hanging_up_the_current_attempt_ends_routing(tmp_path: Path) -> None:
     """What VoiceChannel.cancel does: hang up the call on_call handed out, mid-ring."""
-    from escalation.channels.voice import CarrierDialer
+    from api.voice_channel import CarrierDialer
 
     with (
         sipp("uas_ring_cancel.xml", sipp_dir(tmp_path, "ringing")) as ringing,
@@ -593,8 +593,8 @@ async def test_an_hourly_call_budget_refuses_before_any_carrier_is_touched(tmp_p
 async def test_quality_learns_time_to_acknowledgement_from_alert_calls(tmp_path: Path) -> None:
     """A responder's key through trunk "keys" raises its score; a trunk whose answered
     calls never deliver a key (DTMF lost on the way) sinks below it."""
+    from api.voice_channel import AckMenu, CarrierDialer, VoiceChannel
     from escalation.channels.base import DeliveryStatus
-    from escalation.channels.voice import AckMenu, CarrierDialer, VoiceChannel
     from prompts import EspeakEngine, PromptCache
     from tests.fakes import make_notification
     from tests.integration.peers import dtmf_pcap

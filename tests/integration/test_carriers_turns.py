@@ -12,8 +12,8 @@ import pytest
 from carriers.router import CarrierRouter
 from carriers.trunk import Trunk
 from carriers.turns import DatabaseTurns, RedisTurns
-from escalation.db import Database
 from gateway.call import Gateway
+from storage.db import Database
 from tests.conftest_escalation import REDIS_URL
 
 pytest_plugins = ["tests.conftest_escalation"]

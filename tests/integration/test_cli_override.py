@@ -12,8 +12,8 @@ import yaml
 
 from escalation import crud
 from escalation.config import load_config
-from escalation.db import Database
 from escalation.schedules import oncall
+from storage.db import Database
 from tests.integration.peers import ackline_cli
 
 pytest_plugins = ["tests.conftest_escalation"]

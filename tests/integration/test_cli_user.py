@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from escalation.db import Database
 from escalation.users import Role, authenticate, get_user
+from storage.db import Database
 from tests.integration.peers import ackline_cli
 
 pytest_plugins = ["tests.conftest_escalation"]

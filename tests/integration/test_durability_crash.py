@@ -19,7 +19,7 @@ from bench.ports import free_port
 from bench.services import Postgres
 from escalation.channels.base import DeliveryResult, DeliveryStatus
 from escalation.engine import RequestContext
-from escalation.models import AlertState
+from storage.models import AlertState
 from tests.conftest_escalation import make_harness
 
 pytest_plugins = ["tests.conftest_escalation"]

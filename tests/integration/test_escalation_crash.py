@@ -28,10 +28,10 @@ from escalation.channels.base import (
 )
 from escalation.config import parse_config
 from escalation.crud import sync_config
-from escalation.db import Database
 from escalation.engine import AlertIn, Engine, EngineConfig, RequestContext
-from escalation.models import AlertState
 from escalation.runner import RedisBus, Worker
+from storage.db import Database
+from storage.models import AlertState
 from tests.conftest_escalation import REDIS_URL
 
 pytest_plugins = ["tests.conftest_escalation"]

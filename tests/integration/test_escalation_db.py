@@ -23,9 +23,9 @@ from escalation import engine as engine_module
 from escalation.channels.base import DeliveryResult, DeliveryStatus
 from escalation.config import AcklineConfig
 from escalation.crud import list_recipients, sync_config
-from escalation.db import Database
 from escalation.engine import RequestContext
-from escalation.models import AlertState, IdempotencyKey, Job, PolicyRow
+from storage.db import Database
+from storage.models import AlertState, IdempotencyKey, Job, PolicyRow
 from tests.conftest_escalation import make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]
@@ -58,7 +58,7 @@ async def test_a_release_starts_on_a_schema_its_successor_migrated(
         await db.migrate()
         async with db.engine.begin() as conn:
             await conn.execute(text("UPDATE alembic_version SET version_num = '9001'"))
-        with caplog.at_level(logging.WARNING, logger="escalation.db"):
+        with caplog.at_level(logging.WARNING, logger="storage.db"):
             await db.migrate()
         assert "newer than this release knows" in caplog.text
         async with db.engine.connect() as conn:

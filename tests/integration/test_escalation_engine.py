@@ -16,7 +16,7 @@ from sqlmodel import col
 from escalation.audit import replay
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
 from escalation.engine import AlertIn, RequestContext
-from escalation.models import Alert, AlertState, Job, NotificationAttempt
+from storage.models import Alert, AlertState, Job, NotificationAttempt
 from tests.conftest_escalation import Harness, make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]

@@ -11,9 +11,9 @@ from escalation.channels.base import DeliveryResult, DeliveryStatus, Notificatio
 from escalation.config import parse_config
 from escalation.core import CancelScope
 from escalation.crud import sync_config
-from escalation.db import Database
 from escalation.engine import AlertIn, CancelRequest, Engine, EngineConfig, RequestContext
 from escalation.runner import RedisBus, Worker
+from storage.db import Database
 from tests.conftest_escalation import REDIS_URL, ScriptedChannel, make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]

@@ -14,10 +14,10 @@ from escalation.audit import AuditLog
 from escalation.channels.base import DeliveryStatus
 from escalation.config import parse_config
 from escalation.crud import sync_config
-from escalation.db import Database
 from escalation.engine import AlertIn, Engine, EngineConfig, RequestContext
-from escalation.models import Job, utcnow
 from escalation.runner import RedisBus, Worker
+from storage.db import Database
+from storage.models import Job, utcnow
 from tests.conftest_escalation import REDIS_URL, ScriptedChannel, make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]

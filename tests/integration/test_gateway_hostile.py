@@ -29,6 +29,7 @@ from typing import Any
 import psutil
 import pytest
 
+from api.hotline import Hotline
 from escalation.audit import AuditLog
 from gateway.admission import InboundGuard, TrustedTrunk
 from gateway.call import Call, Gateway, GatewayConfig
@@ -37,7 +38,6 @@ from gateway.result import CallOutcome
 from gateway.sip.message import REASON_PHRASES
 from gateway.sip.transaction import TimerSettings
 from gateway.transport import SipStreamFramer
-from ivr.hotline import Hotline
 from tests.integration.peers import dtmf_pcap, sipp
 
 RTP_PORTS = (21000, 21998)  # below the ephemeral range: an open socket here is a call's

@@ -20,9 +20,14 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlmodel import SQLModel
 from starlette.responses import Response
 
-from escalation.db import Database
+from storage.db import Database, alembic_config
 from tests.conftest_escalation import REDIS_URL
 from tests.fakes import FakeService, RecordedRequest
 from tests.integration.peers import ackline_cli, cli_env, free_port
@@ -168,3 +173,50 @@ async def test_the_previous_release_and_this_one_serve_one_schema_together(
                 assert acked.json()["state"] == "acknowledged"
             for alert_id, by in accepted.items():
                 assert (await by.get(f"/v1/alerts/{alert_id}")).json()["state"] == "acknowledged"
+
+
+def _heads(conn: Connection) -> tuple[str, ...]:
+    return tuple(MigrationContext.configure(conn).get_current_heads())
+
+
+def _schema_diff(conn: Connection) -> list[Any]:
+    ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+    return list(compare_metadata(ctx, SQLModel.metadata))
+
+
+@pytest.mark.timeout(120)
+async def test_a_schema_the_previous_release_migrated_upgrades_to_this_head(
+    tmp_path: Path, db_url: str
+) -> None:
+    """The previous release ran its migrations from another place in the tree (before
+    storage/ there was escalation/migrations); alembic knows them by revision only, so
+    every revision it wrote is one of ours and the database upgrades in place to this
+    release's head, matching this release's tables."""
+    old_tree = previous_release(tmp_path / "previous")
+    migrate = ("import asyncio, sys; from escalation import db; "
+               "assert db.__file__.startswith(sys.argv[2]), db.__file__; "
+               "asyncio.run(db.Database(sys.argv[1]).migrate())")  # fmt: skip
+    old = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", migrate, db_url, str(old_tree)],
+        env=cli_env(tmp_path) | {"PYTHONPATH": str(old_tree)},
+        cwd=old_tree,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert old.returncode == 0, old.stderr
+    script = ScriptDirectory.from_config(alembic_config())
+    ours = {rev.revision for rev in script.walk_revisions()}
+    db = Database(db_url)
+    try:
+        async with db.engine.connect() as conn:
+            before = await conn.run_sync(_heads)
+        assert before and set(before) <= ours, before
+        await db.migrate()
+        async with db.engine.connect() as conn:
+            after = await conn.run_sync(_heads)
+            assert after == (script.get_current_head(),)
+            assert await conn.run_sync(_schema_diff) == []
+    finally:
+        await db.dispose()

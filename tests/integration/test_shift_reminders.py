@@ -23,11 +23,11 @@ from escalation.channels.signing import verify_webhook
 from escalation.channels.webhook import WebhookChannel
 from escalation.config import parse_config
 from escalation.crud import sync_config
-from escalation.db import Database
 from escalation.engine import Engine, EngineConfig
-from escalation.models import ShiftReminderRow
 from escalation.reminders import ReminderStatus, ShiftReminders
 from escalation.runner import InProcessBus, Worker
+from storage.db import Database
+from storage.models import ShiftReminderRow
 from tests.conftest_escalation import ScriptedChannel, reply
 from tests.integration.test_channel_webhook import Receiver
 

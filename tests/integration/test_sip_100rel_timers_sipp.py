@@ -321,8 +321,8 @@ async def test_session_expiry_ends_the_ack_flow_and_the_escalation_attempt(
     """An alert call whose callee stops its session (refresher=uas, never refreshes)
     while the ack menu waits 30 s for a key: the session timer's BYE ends the flow at
     once, and the attempt's result says so (``session_expired``), not a person."""
+    from api.voice_channel import AckMenu, SipUriDialer, VoiceChannel
     from escalation.channels.base import DeliveryStatus
-    from escalation.channels.voice import AckMenu, SipUriDialer, VoiceChannel
     from prompts import EspeakEngine, PromptCache
     from tests.fakes import make_notification
 

@@ -20,8 +20,8 @@ from api.app import create_app
 from api.settings import Settings
 from escalation.channels.base import Channel
 from escalation.channels.slack import SlackChannel, SlackWebApi
-from escalation.db import Database
-from escalation.models import Job
+from storage.db import Database
+from storage.models import Job
 from tests.conftest_escalation import ScriptedChannel
 from tests.fakes.slack_server import FakeSlack, interaction_request
 

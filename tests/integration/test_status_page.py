@@ -22,8 +22,8 @@ from api.app import create_app
 from api.settings import Settings
 from api.status_sampler import Sampler
 from api.web.status import StatusPage
-from escalation.db import Database
-from escalation.models import Job, NotificationAttempt
+from storage.db import Database
+from storage.models import Job, NotificationAttempt
 
 pytest_plugins = ["tests.conftest_escalation"]
 

@@ -15,10 +15,10 @@ from escalation.audit import AuditLog
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
 from escalation.config import parse_config
 from escalation.crud import sync_config
-from escalation.db import Database
 from escalation.engine import AlertIn, Engine, EngineConfig, RequestContext
-from escalation.models import AlertState
 from escalation.runner import RedisBus, Worker
+from storage.db import Database
+from storage.models import AlertState
 from tests.conftest_escalation import REDIS_URL, Harness, ScriptedChannel, make_harness, reply
 from tests.integration.fault_proxy import FaultProxy
 

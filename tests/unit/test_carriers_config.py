@@ -9,7 +9,7 @@ from phonenumbers import PhoneNumberType
 
 from carriers.config import CarrierConfigError, load_carriers
 from carriers.trunk import NumberFormat
-from escalation.durations import parse_duration
+from common.durations import parse_duration
 
 EXAMPLE = """
 carriers:

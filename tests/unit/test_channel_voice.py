@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from api.voice_channel import SipUriDialer, classify_call
 from escalation.channels.base import DeliveryStatus as S
-from escalation.channels.voice import SipUriDialer, classify_call
 from gateway.result import CallOutcome, CallResult, ReceivedDigit
 
 

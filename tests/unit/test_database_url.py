@@ -7,7 +7,7 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 import sqlalchemy.exc
 
-from escalation.db import (
+from storage.db import (
     Database,
     NoPrimaryError,
     PgHost,
@@ -17,7 +17,7 @@ from escalation.db import (
     is_broken_connection,
     is_read_only_error,
 )
-from escalation.outage import Dependency, down_dependency
+from storage.outage import Dependency, down_dependency
 
 MULTI = "postgresql://h1:5432,h2:5433/ackline?target_session_attrs=read-write"
 

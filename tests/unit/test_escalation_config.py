@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from common.durations import parse_duration
 from escalation.config import (
     DEFAULT_RETRY,
     Backoff,
@@ -16,7 +17,6 @@ from escalation.config import (
     load_config,
     parse_config,
 )
-from escalation.durations import parse_duration
 
 ROOT = Path(__file__).resolve().parents[2]
 

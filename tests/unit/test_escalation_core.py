@@ -35,7 +35,7 @@ from escalation.core import (
     decide,
     rate_limit_release,
 )
-from escalation.models import AlertState
+from storage.models import AlertState
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 ALICE = Recipient(id="alice", name="A", phone="+14155550101", telegram_chat_id="42")

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from escalation.config import HotlineConfig
-from ivr.hotline import expire_recordings
+from ivr.recordings import expire_recordings
 
 NOW = 1_800_000_000.0
 DAY = 86400.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from escalation.db import MIGRATIONS_DIR
+from storage.db import MIGRATIONS_DIR
 
 # The schema head of the previous release (tests/integration/test_mixed_versions.py).
 RELEASED_HEAD = "0005"

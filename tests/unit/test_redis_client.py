@@ -6,7 +6,7 @@ import pytest
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from api.settings import Settings, redis_url_from_env
-from escalation.redis_client import (
+from storage.redis_client import (
     SentinelTarget,
     async_client,
     parse_sentinel_url,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from escalation.models import UTCDateTime
+from storage.models import UTCDateTime
 
 revision = "0006"
 down_revision = "0005"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import escalation.models
+import storage.models
 
 revision = "0003"
 down_revision = "0002"
@@ -22,7 +22,7 @@ def upgrade() -> None:
         "trunk_overrides",
         sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("changes", sa.JSON(), nullable=True),
-        sa.Column("updated_at", escalation.models.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", storage.models.UTCDateTime(), nullable=False),
         sa.Column("updated_by", sa.String(length=200), nullable=False),
         sa.PrimaryKeyConstraint("name"),
     )

@@ -4,6 +4,9 @@ escalate and bridge nodes go into the same escalation engine as every other aler
 Only trusted carrier addresses may call in (others get 403 and an audit line), INVITE
 floods are cut off per source, a recording made by the flow is attached to the alert it
 raises, and the caller can be put through to the policy's first responders.
+
+Wiring of the ivr flows' hooks to the escalation engine, so it lives in api: escalation
+and ivr do not import each other.
 """
 
 from __future__ import annotations
@@ -12,14 +15,14 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from api.voice_channel import Dialer
 from escalation.audit import AuditLog
-from escalation.channels.voice import Dialer
 from escalation.config import (
     AcklineConfig,
     HotlineConfig,
@@ -32,9 +35,10 @@ from gateway.bridge import bridge_calls
 from gateway.call import Call, Gateway
 from ivr.builtin import hotline_flow
 from ivr.flow import Flow, load_flow
+from ivr.recordings import expire_recordings
 from ivr.runner import FlowContext, FlowRunner
 
-__all__ = ["HOTLINE_API_KEY", "Hotline", "build_guard", "expire_recordings"]
+__all__ = ["HOTLINE_API_KEY", "Hotline", "build_guard"]
 
 logger = logging.getLogger(__name__)
 
@@ -240,35 +244,6 @@ class Hotline:
         except (OSError, ValueError) as exc:
             logger.info("hotline: cannot reach %s: %s", target, exc)
             return None
-
-
-def expire_recordings(
-    directory: Path,
-    retention: float,
-    now: float,
-    on_deleted: Callable[[Path], None] | None = None,
-) -> list[Path]:
-    """Delete the WAV files in `directory` last written more than `retention` seconds
-    before `now`; a recording still being written is fresh by definition. Several
-    gateways may share the directory, so a file another one deleted first is no error.
-    `on_deleted` hears of each file as soon as it is gone (a crash midway leaves no
-    deletion unrecorded but the one under way)."""
-    expired = []
-    try:
-        candidates = list(directory.glob("*.wav"))
-    except FileNotFoundError:
-        return []
-    for path in candidates:
-        try:
-            if not path.is_file() or now - path.stat().st_mtime <= retention:
-                continue
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        if on_deleted is not None:
-            on_deleted(path)
-        expired.append(path)
-    return sorted(expired)
 
 
 def _ignore(_call: object) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import escalation.models
+import storage.models
 
 revision = "0001"
 down_revision = None
@@ -35,11 +35,11 @@ def upgrade() -> None:
         sa.Column("plan", sa.JSON(), nullable=True),
         sa.Column("chain", sa.JSON(), nullable=True),
         sa.Column("dup_count", sa.Integer(), nullable=False),
-        sa.Column("created_at", escalation.models.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", escalation.models.UTCDateTime(), nullable=False),
-        sa.Column("acknowledged_at", escalation.models.UTCDateTime(), nullable=True),
-        sa.Column("resolved_at", escalation.models.UTCDateTime(), nullable=True),
-        sa.Column("exhausted_at", escalation.models.UTCDateTime(), nullable=True),
+        sa.Column("created_at", storage.models.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", storage.models.UTCDateTime(), nullable=False),
+        sa.Column("acknowledged_at", storage.models.UTCDateTime(), nullable=True),
+        sa.Column("resolved_at", storage.models.UTCDateTime(), nullable=True),
+        sa.Column("exhausted_at", storage.models.UTCDateTime(), nullable=True),
         sa.Column("acked_by", sa.String(length=200), nullable=True),
         sa.Column("resolved_by", sa.String(length=200), nullable=True),
         sa.Column("close_reason", sa.String(length=100), nullable=True),
@@ -53,7 +53,7 @@ def upgrade() -> None:
         sa.Column("api_key_hash", sa.String(length=64), nullable=False),
         sa.Column("idempotency_key", sa.String(length=255), nullable=False),
         sa.Column("alert_id", sa.String(length=36), nullable=False),
-        sa.Column("created_at", escalation.models.UTCDateTime(), nullable=False),
+        sa.Column("created_at", storage.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("api_key_hash", "idempotency_key"),
     )
     op.create_table(
@@ -62,13 +62,13 @@ def upgrade() -> None:
         sa.Column("alert_id", sa.String(length=36), nullable=False),
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("payload", sa.JSON(), nullable=True),
-        sa.Column("due_at", escalation.models.UTCDateTime(), nullable=False),
+        sa.Column("due_at", storage.models.UTCDateTime(), nullable=False),
         sa.Column("owner", sa.String(length=100), nullable=True),
-        sa.Column("lease_until", escalation.models.UTCDateTime(), nullable=True),
+        sa.Column("lease_until", storage.models.UTCDateTime(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("done", sa.Boolean(), nullable=False),
         sa.Column("outcome", sa.String(length=32), nullable=True),
-        sa.Column("created_at", escalation.models.UTCDateTime(), nullable=False),
+        sa.Column("created_at", storage.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index(op.f("ix_jobs_alert_id"), "jobs", ["alert_id"], unique=False)
@@ -88,9 +88,9 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=32), nullable=False),
         sa.Column("reason", sa.String(length=200), nullable=True),
         sa.Column("provider_id", sa.String(length=200), nullable=True),
-        sa.Column("scheduled_for", escalation.models.UTCDateTime(), nullable=False),
-        sa.Column("sent_at", escalation.models.UTCDateTime(), nullable=True),
-        sa.Column("finished_at", escalation.models.UTCDateTime(), nullable=True),
+        sa.Column("scheduled_for", storage.models.UTCDateTime(), nullable=False),
+        sa.Column("sent_at", storage.models.UTCDateTime(), nullable=True),
+        sa.Column("finished_at", storage.models.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("notification_id", "attempt", name="uq_attempt"),
     )
@@ -126,7 +126,7 @@ def upgrade() -> None:
         sa.Column("company", sa.String(length=64), nullable=False),
         sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("spec", sa.JSON(), nullable=True),
-        sa.Column("updated_at", escalation.models.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", storage.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("company", "name"),
     )
     op.create_table(
@@ -134,7 +134,7 @@ def upgrade() -> None:
         sa.Column("company", sa.String(length=64), nullable=False),
         sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("members", sa.JSON(), nullable=True),
-        sa.Column("updated_at", escalation.models.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", storage.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("company", "name"),
     )
     op.create_table(
@@ -146,7 +146,7 @@ def upgrade() -> None:
         sa.Column("telegram_chat_id", sa.String(length=64), nullable=True),
         sa.Column("email", sa.String(length=320), nullable=True),
         sa.Column("webhook_url", sa.String(length=2000), nullable=True),
-        sa.Column("updated_at", escalation.models.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", storage.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("company", "id"),
     )
 

@@ -7,6 +7,9 @@ without a digit, or one answering machine detection says is a machine, counts as
 acknowledged so the chain moves on. Every way
 a call can fail is classified for the engine, so busy or a carrier 5xx retries or falls
 back at once instead of waiting for a timer.
+
+It lives in api because it composes layers that do not import each other: the
+escalation engine's channel interface with the IVR's ack flow (over carriers and gateway).
 """
 
 from __future__ import annotations

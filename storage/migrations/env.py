@@ -1,15 +1,15 @@
-"""Alembic environment: runs on the connection handed over by `escalation.db`."""
+"""Alembic environment: runs on the connection handed over by `storage.db`."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlmodel import SQLModel
 
-import escalation.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import storage.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("run migrations through escalation.db.Database.migrate()")
+    raise RuntimeError("run migrations through storage.db.Database.migrate()")
 context.configure(
     connection=connection,
     target_metadata=SQLModel.metadata,

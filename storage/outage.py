@@ -18,7 +18,7 @@ import asyncpg  # type: ignore[import-untyped]
 import redis.exceptions
 import sqlalchemy.exc
 
-from escalation import metrics
+from storage import metrics
 
 # How long a client should wait before retrying a request refused for an outage: a
 # database restart or a Redis failover takes seconds.

@@ -1,0 +1,1 @@
+"""Helpers every layer may import; nothing here imports the rest of the project."""
