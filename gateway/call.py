@@ -1761,8 +1761,10 @@ class Call:
         self._pump_reliable()
 
     def _local_contact(self) -> Address:
+        """Our listener, or (a TLS call arriving over the connection we opened to register,
+        with no TLS listener) our end of that connection."""
         return self.gateway.endpoint.contact(
-            self.transport, self.gateway.config.caller, sips=self.sips
+            self.transport, self.gateway.config.caller, sips=self.sips, peer=self.peer
         )
 
     # -- session timers (RFC 4028) ---------------------------------------------------
