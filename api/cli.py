@@ -604,6 +604,7 @@ async def _serve(
                     max_inbound_calls=settings.sip_max_inbound_calls,
                     session_expires=settings.sip_session_expires,
                     min_se=settings.sip_min_se,
+                    srtp=SrtpPolicy(settings.sip_srtp),
                     drain_timeout=max(1.0, calls_left),
                 ),
                 prompts=prompts,
