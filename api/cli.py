@@ -161,7 +161,8 @@ def call(
         srtp_policy.check(kind)
         if (auth_user is None) != (auth_password is None):
             raise ValueError("--auth-user and --auth-password go together")
-    except ValueError as exc:
+        settings = Settings.from_env()
+    except (ValueError, ValidationError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     credentials = Credentials(auth_user, auth_password) if auth_user and auth_password else None
@@ -179,6 +180,7 @@ def call(
                 voice=voice,
                 tls=tls,
                 srtp=srtp_policy,
+                settings=settings,
             )
         )
     except Unreachable as exc:
@@ -311,6 +313,18 @@ async def _shared_trunk_state(settings: Settings) -> AsyncIterator[tuple[dict[st
         await db.dispose()
 
 
+def _cli_gateway_config(settings: Settings, **kwargs: Any) -> GatewayConfig:
+    """The gateway of one CLI call: SIP timers and the session timer of dials without a
+    trunk's own (ACKLINE_SIP_T1, ACKLINE_SIP_SESSION_EXPIRES, ACKLINE_SIP_MIN_SE) as
+    ``serve`` has them."""
+    return GatewayConfig(
+        timers=TimerSettings(t1=settings.sip_t1),
+        session_expires=settings.sip_session_expires,
+        min_se=settings.sip_min_se,
+        **kwargs,
+    )
+
+
 async def _route_call(
     carriers: CarrierConfig,
     settings: Settings,
@@ -327,14 +341,25 @@ async def _route_call(
     prompts = _prompt_cache(voice) if say else None
     if prompts is not None:
         await prompts.render(say)
+    from carriers.budgets import RedisBudgets
     from carriers.store import apply_overrides
 
-    gateway_config = GatewayConfig(host=host, udp_port=0, tcp_port=0)
+    gateway_config = _cli_gateway_config(settings, host=host, udp_port=0, tcp_port=0)
+    # With Redis, trunk budgets (max_concurrent, max_cps) and per-number call budgets are
+    # shared by every process: a call from the CLI counts against them as a worker's does.
+    budgets = (
+        RedisBudgets(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
+    )
     async with (
         _shared_trunk_state(settings) as (overrides, turns),
         Gateway(gateway_config, prompts=prompts) as gw,
     ):
-        router = carriers.router(gw, route=route, turns=turns)
+        try:
+            router = carriers.router(gw, route=route, turns=turns, budgets=budgets)
+        except ValueError:  # an unknown route: no router to close the budgets' connection
+            if budgets is not None:
+                await budgets.close()
+            raise
         router.update_trunks(apply_overrides(router.trunks, overrides))  # as the workers do
         try:
             # the prompt and keys go over our own RTP: SIP trunks only
@@ -363,13 +388,15 @@ async def _call(
     voice: str,
     tls: TlsClientSettings | None = None,
     srtp: SrtpPolicy | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     uri = parse_target(uri_text)
     peer = await resolve_target(uri, kind)
     if kind == "udp":
         await asyncio.to_thread(check_udp_reachable, peer.host, peer.port)
     host = bind or local_address_for(peer.host)
-    config = GatewayConfig(
+    config = _cli_gateway_config(
+        settings or Settings(),
         host=host,
         udp_port=0 if kind == "udp" else None,
         tcp_port=0 if kind == "tcp" else None,
