@@ -156,3 +156,53 @@ async def test_a_registrar_certificate_the_ca_file_does_not_vouch_for_gets_no_re
                 await registrations.close()
                 await router.close()
         assert register_cseqs(registrar) == [], registrar.logs()
+
+
+async def test_a_dropped_registrar_connection_is_replaced_and_its_new_contact_registered(
+    tmp_path: Path,
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    password = secrets.token_hex(8)
+    (tmp_path / "kamailio").mkdir()
+    with kamailio(
+        tmp_path / "kamailio", user=USER, password=password, min_expires=1, tls=pki
+    ) as registrar:
+        config = GatewayConfig(host="127.0.0.1", udp_port=0, timers=TimerSettings(t1=0.05))
+        async with Gateway(config) as gw:
+            router = CarrierRouter(gw, [tls_trunk(registrar, password, pki.ca_cert)],
+                                   allowed_countries=["US"])  # fmt: skip
+            registrations = TrunkRegistrations(gw, router.trunks, router.health, draw=lambda: 0.0)
+            client = registrations.clients[TRUNK]
+            events: asyncio.Queue[Event] = asyncio.Queue()
+            wiring = client.on_event
+            assert wiring is not None
+
+            def tee(event: Event) -> None:
+                wiring(event)
+                events.put_nowait(event)
+
+            client.on_event = tee
+            registrations.start()
+            try:
+                async with asyncio.timeout(10):
+                    while not isinstance(await events.get(), Registered):
+                        pass
+                assert client.machine is not None
+                first = client.machine.settings.contact
+                # The registrar's end goes away (a NAT timeout, a restart): drop our side.
+                transport = gw.endpoint.transport
+                [connection] = [c for c in transport._connections.values() if c.usable]
+                assert connection.transport is not None
+                connection.transport.abort()
+                async with asyncio.timeout(8):  # the refresh, due at half of 6 s
+                    while not isinstance(await events.get(), Registered):
+                        pass
+                second = client.machine.settings.contact
+                assert second.port != first.port
+                dump = registrar.rpc("ul.dump")
+                assert f"sip:{CONTACT_USER}@127.0.0.1:{second.port}" in dump, dump
+                assert router.health.usable(TRUNK)
+            finally:
+                await registrations.close()
+                await router.close()
+            assert client.outcome is not None and client.outcome.unregistered
