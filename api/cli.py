@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import gc
 import json
 import logging
 import os
@@ -311,6 +312,14 @@ async def _shared_trunk_state(settings: Settings) -> AsyncIterator[tuple[dict[st
         yield overrides, turns_for(settings.redis_url, settings.redis_prefix, db)
     finally:
         await db.dispose()
+
+
+def _freeze_startup_heap() -> None:
+    """Move what start-up built (modules, configuration, rendered prompts) out of the
+    collector's sight: a full collection then walks only what calls and alerts allocate
+    since, and so stalls the event loop for less (bench.calls --gc-freeze)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _cli_gateway_config(settings: Settings, **kwargs: Any) -> GatewayConfig:
@@ -655,6 +664,7 @@ async def _serve(
             print(f"sip listening on {udp[0]}:{udp[1]} (udp, tcp), advertised as "
                   f"{gateway.config.advertised_host}, rtp {'-'.join(map(str, settings.rtp_ports))}",
                   file=sys.stderr, flush=True)  # fmt: skip
+        _freeze_startup_heap()
         if role is Role.GATEWAY:
             await stop.wait()
             return
