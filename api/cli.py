@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import gc
 import json
 import logging
 import os
@@ -161,7 +162,8 @@ def call(
         srtp_policy.check(kind)
         if (auth_user is None) != (auth_password is None):
             raise ValueError("--auth-user and --auth-password go together")
-    except ValueError as exc:
+        settings = Settings.from_env()
+    except (ValueError, ValidationError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     credentials = Credentials(auth_user, auth_password) if auth_user and auth_password else None
@@ -179,6 +181,7 @@ def call(
                 voice=voice,
                 tls=tls,
                 srtp=srtp_policy,
+                settings=settings,
             )
         )
     except Unreachable as exc:
@@ -311,6 +314,26 @@ async def _shared_trunk_state(settings: Settings) -> AsyncIterator[tuple[dict[st
         await db.dispose()
 
 
+def _freeze_startup_heap() -> None:
+    """Move what start-up built (modules, configuration, rendered prompts) out of the
+    collector's sight: a full collection then walks only what calls and alerts allocate
+    since, and so stalls the event loop for less (bench.calls --gc-freeze)."""
+    gc.collect()
+    gc.freeze()
+
+
+def _cli_gateway_config(settings: Settings, **kwargs: Any) -> GatewayConfig:
+    """The gateway of one CLI call: SIP timers and the session timer of dials without a
+    trunk's own (ACKLINE_SIP_T1, ACKLINE_SIP_SESSION_EXPIRES, ACKLINE_SIP_MIN_SE) as
+    ``serve`` has them."""
+    return GatewayConfig(
+        timers=TimerSettings(t1=settings.sip_t1),
+        session_expires=settings.sip_session_expires,
+        min_se=settings.sip_min_se,
+        **kwargs,
+    )
+
+
 async def _route_call(
     carriers: CarrierConfig,
     settings: Settings,
@@ -327,14 +350,25 @@ async def _route_call(
     prompts = _prompt_cache(voice) if say else None
     if prompts is not None:
         await prompts.render(say)
+    from carriers.budgets import RedisBudgets
     from carriers.store import apply_overrides
 
-    gateway_config = GatewayConfig(host=host, udp_port=0, tcp_port=0)
+    gateway_config = _cli_gateway_config(settings, host=host, udp_port=0, tcp_port=0)
+    # With Redis, trunk budgets (max_concurrent, max_cps) and per-number call budgets are
+    # shared by every process: a call from the CLI counts against them as a worker's does.
+    budgets = (
+        RedisBudgets(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
+    )
     async with (
         _shared_trunk_state(settings) as (overrides, turns),
         Gateway(gateway_config, prompts=prompts) as gw,
     ):
-        router = carriers.router(gw, route=route, turns=turns)
+        try:
+            router = carriers.router(gw, route=route, turns=turns, budgets=budgets)
+        except ValueError:  # an unknown route: no router to close the budgets' connection
+            if budgets is not None:
+                await budgets.close()
+            raise
         router.update_trunks(apply_overrides(router.trunks, overrides))  # as the workers do
         try:
             # the prompt and keys go over our own RTP: SIP trunks only
@@ -363,13 +397,15 @@ async def _call(
     voice: str,
     tls: TlsClientSettings | None = None,
     srtp: SrtpPolicy | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     uri = parse_target(uri_text)
     peer = await resolve_target(uri, kind)
     if kind == "udp":
         await asyncio.to_thread(check_udp_reachable, peer.host, peer.port)
     host = bind or local_address_for(peer.host)
-    config = GatewayConfig(
+    config = _cli_gateway_config(
+        settings or Settings(),
         host=host,
         udp_port=0 if kind == "udp" else None,
         tcp_port=0 if kind == "tcp" else None,
@@ -604,6 +640,7 @@ async def _serve(
                     max_inbound_calls=settings.sip_max_inbound_calls,
                     session_expires=settings.sip_session_expires,
                     min_se=settings.sip_min_se,
+                    srtp=SrtpPolicy(settings.sip_srtp),
                     drain_timeout=max(1.0, calls_left),
                 ),
                 prompts=prompts,
@@ -627,6 +664,7 @@ async def _serve(
             print(f"sip listening on {udp[0]}:{udp[1]} (udp, tcp), advertised as "
                   f"{gateway.config.advertised_host}, rtp {'-'.join(map(str, settings.rtp_ports))}",
                   file=sys.stderr, flush=True)  # fmt: skip
+        _freeze_startup_heap()
         if role is Role.GATEWAY:
             await stop.wait()
             return

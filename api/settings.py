@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from gateway.media.srtp import SrtpMode
+
 
 def _bool(value: str | None, default: bool) -> bool:
     if value is None or value == "":
@@ -100,6 +102,15 @@ def with_file_secrets(env: Mapping[str, str]) -> Mapping[str, str]:
     return out
 
 
+def parse_srtp_mode(value: str) -> SrtpMode:
+    """``ACKLINE_SIP_SRTP``: required, optional or off (a typo must not turn SRTP off)."""
+    try:
+        return SrtpMode(value.strip().lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in SrtpMode)
+        raise ValueError(f"ACKLINE_SIP_SRTP must be one of {choices}, not {value!r}") from None
+
+
 class Settings(BaseModel):
     database_url: str = "sqlite:///var/ackline.db"
     redis_url: str | None = None
@@ -135,6 +146,10 @@ class Settings(BaseModel):
     # asked for and the smallest accepted (422 below it); 90 s at least.
     sip_session_expires: int = Field(default=1800, ge=90, le=86400)
     sip_min_se: int = Field(default=90, ge=90, le=86400)
+    # SDES SRTP of inbound (hotline) calls: offered and accepted over TLS only, as SDES keys
+    # travel inside the SIP message; ``required`` refuses plain RTP (and any call not
+    # arriving over TLS) with 488, ``off`` refuses SRTP offers.
+    sip_srtp: SrtpMode = SrtpMode.OPTIONAL
     voice_target: str | None = None  # e.g. sip:{number}@127.0.0.1:5090
     voice_auth_user: str | None = None
     voice_auth_password: str | None = Field(default=None, repr=False)
@@ -204,6 +219,7 @@ class Settings(BaseModel):
             sip_max_inbound_calls=int(e.get("ACKLINE_SIP_MAX_INBOUND_CALLS", "500")),
             sip_session_expires=int(e.get("ACKLINE_SIP_SESSION_EXPIRES", "1800")),
             sip_min_se=int(e.get("ACKLINE_SIP_MIN_SE", "90")),
+            sip_srtp=parse_srtp_mode(e.get("ACKLINE_SIP_SRTP") or SrtpMode.OPTIONAL.value),
             voice_target=e.get("ACKLINE_VOICE_TARGET") or None,
             voice_auth_user=e.get("ACKLINE_VOICE_AUTH_USER") or None,
             voice_auth_password=e.get("ACKLINE_VOICE_AUTH_PASSWORD") or None,

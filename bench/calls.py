@@ -315,10 +315,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             target = f"sip:+15550100@127.0.0.1:{port}"
             try:
                 async with Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
+                    if args.gc_freeze:  # as `ackline serve` does once it has started
+                        gc.collect()
+                        gc.freeze()
                     report: dict[str, Any] = {
                         "python": sys.version.split()[0],
                         "cpus": os.cpu_count(),
                         "background_load_processes": args.background_load,
+                        "gc_frozen_objects": gc.get_freeze_count(),
                     }
                     if args.calls:
                         report["hold"] = await hold_phase(
@@ -351,6 +355,7 @@ def run_processes(args: argparse.Namespace) -> dict[str, Any]:
     child = [sys.executable, "-m", "bench.calls", "--hold", str(args.hold)]
     child += ["--calls", str(args.calls // n), "--duration", str(args.duration)]
     child += ["--setup-rate", str(args.setup_rate / n)]
+    child += ["--gc-freeze"] if args.gc_freeze else []
     loaders = start_background_load(args.background_load)
     try:
         procs = [subprocess.Popen(child, stdout=subprocess.PIPE) for _ in range(n)]
@@ -420,6 +425,12 @@ def main() -> None:
         metavar="N",
         help="split the calls and the setup rate over N gateway processes, each with its own\n"
         "SIPp, run at once (the media on both cores, as N workers would run it)",
+    )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() once the gateway has started, as `ackline serve` does: full\n"
+        "collections then skip the start-up heap (modules, prompts)",
     )
     args = parser.parse_args()
     # One process runs on the loop `ackline serve` runs on.

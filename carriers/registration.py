@@ -53,6 +53,7 @@ def register_target(trunk: Trunk) -> RegisterTarget:
         transport=trunk.transport,
         expires=register.expires,
         credentials=trunk.registration_credentials(),
+        tls=trunk.tls_client(),
     )
 
 

@@ -268,8 +268,6 @@ class Trunk(BaseModel):
             raise ValueError("register needs a username (register.username or the trunk's)")
         if self.tls is not None and self.transport != "tls":
             raise ValueError("tls: settings need transport: tls")
-        if self.registration is not None and self.transport == "tls":
-            raise ValueError("register: over transport tls is not supported yet")
         self.srtp_policy().check(self.transport)
 
     def _check_twilio(self) -> None:

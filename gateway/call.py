@@ -42,6 +42,7 @@ from gateway.admission import (
     RefusalReport,
     check_new_invite,
 )
+from gateway.aio import weak_method
 from gateway.endpoint import CancelReceived, ServerContext, SipEndpoint
 from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, parse_info_dtmf
 from gateway.media.pacer import Pacer
@@ -1101,7 +1102,7 @@ class Call:
         if self._invite_sent_at is None:
             self._invite_sent_at = self.loop.time()
         transaction = self.gateway.endpoint.start_client_transaction(
-            request, self.peer, self._on_invite_event
+            request, self.peer, weak_method(self._on_invite_event)
         )
         assert isinstance(transaction, ClientInviteTransaction)
         self._invite_transaction = transaction
@@ -1474,7 +1475,7 @@ class Call:
         self._invite_ctx = ctx
         self.call_id = ctx.request.call_id
         self.gateway.calls[(self.call_id, self.local_tag)] = self
-        ctx.on_event = self._on_server_invite_event
+        ctx.on_event = weak_method(self._on_server_invite_event)
 
     async def _run_incoming(self, ctx: ServerContext) -> None:
         request = ctx.request  # passed Gateway._screen: check_new_invite found it usable
@@ -1506,8 +1507,9 @@ class Call:
                 return
         else:
             ctx.respond(180, to_tag=self.local_tag)
-        if config.answer_ring_ms:
-            await asyncio.sleep(config.answer_ring_ms / 1000)
+        if config.answer_ring_ms:  # a CANCEL ends the call, and so the ringing, at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ended.wait(), config.answer_ring_ms / 1000)
         if ctx.cancelled or self.ended.is_set():
             return
         contact = self._local_contact()
@@ -1761,8 +1763,10 @@ class Call:
         self._pump_reliable()
 
     def _local_contact(self) -> Address:
+        """Our listener, or (a TLS call arriving over the connection we opened to register,
+        with no TLS listener) our end of that connection."""
         return self.gateway.endpoint.contact(
-            self.transport, self.gateway.config.caller, sips=self.sips
+            self.transport, self.gateway.config.caller, sips=self.sips, peer=self.peer
         )
 
     # -- session timers (RFC 4028) ---------------------------------------------------
@@ -2090,6 +2094,8 @@ class Call:
                 logger.exception("on_call_ended hook failed")
         if self._digit_task is not None:
             self._digit_task.cancel()
+            # a cancelled task keeps its CancelledError, whose traceback holds our frame
+            self._digit_task = None
         if self.media is not None:
             self.gateway._close_media(self.media)
         logger.info("call %s ended: %s %s %s", self.call_id, outcome.value, code, reason)

@@ -314,6 +314,10 @@ class SipEndpoint:
                 entry.on_event(event)
             except Exception:
                 logger.exception("client transaction event handler failed")
+            if _last_event_for_owner(transaction, event):
+                # The transaction lingers (timer D/K: up to 32 s) only to absorb
+                # retransmissions; its owner (a call, a waiting future) may go now.
+                entry.on_event = _ignore
         self._arm(entry, transaction.next_timer_at(), self._client_timer)
 
     def _client_timer(self, entry: _ClientEntry) -> None:
@@ -482,6 +486,24 @@ class SipEndpoint:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _ignore(event: Event) -> None:
+    """The handler of a transaction whose owner has heard all it will act on."""
+
+
+def _last_event_for_owner(transaction: ClientTransaction, event: Event) -> bool:
+    """Nothing after ``event`` reaches the owner but retransmissions it ignores: a final
+    response (an INVITE's 2xx excepted: its retransmissions need the caller's ACK again,
+    RFC 6026), a timeout or a transport failure."""
+    if isinstance(event, TransactionTimeout | TransportFailure | TransactionTerminated):
+        return True
+    if isinstance(event, ResponseReceived):
+        code = event.response.code
+        if isinstance(transaction, ClientInviteTransaction):
+            return code >= 300
+        return code >= 200
+    return False
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@
 The state machine decides; this only puts its REGISTERs through the gateway's endpoint
 (each in a non-INVITE client transaction with its retransmissions), feeds back the final
 responses, and wakes it at its timers on the event loop.
+
+Over TCP or TLS with no listener of that kind (a TLS client has no certificate to listen
+with) the contact is our end of a connection opened first, and the registrar sends its
+calls back over that connection (as RFC 5626 clients behind NAT are reached). If it drops,
+the next refresh opens a new one and registers the new contact in a fresh binding.
 """
 
 from __future__ import annotations
@@ -17,17 +22,21 @@ from dataclasses import dataclass
 
 from sipmessage import URI, Request
 
-from gateway.call import Gateway, resolve_target
+from gateway.call import Gateway, resolve_target, tls_peer
 from gateway.sip.auth import Credentials
 from gateway.sip.message import new_call_id, new_tag
 from gateway.sip.registration import (
     Backoff,
     Event,
+    Failed,
     Registration,
     RegistrationSettings,
     RegistrationState,
+    StateChanged,
     Stopped,
 )
+from gateway.tls import TlsClientSettings
+from gateway.transport import Peer
 
 __all__ = ["RegisterTarget", "RegistrationClient"]
 
@@ -44,6 +53,7 @@ class RegisterTarget:
     transport: str = "udp"
     expires: int = 3600
     credentials: Credentials | None = None
+    tls: TlsClientSettings | None = None  # transport tls: how to verify the registrar
 
 
 class RegistrationClient:
@@ -74,18 +84,41 @@ class RegistrationClient:
         self._sends: set[asyncio.Task[None]] = set()
         self.outcome: Stopped | None = None  # how the registration ended
         self._stopped = asyncio.Event()
+        self._peer: Peer | None = None  # the registrar, resolved (TLS settings attached)
+        self._connection_bound = False  # our contact is our end of a connection to it
+        self._connecting: asyncio.Task[None] | None = None
+        self._connect_failures = 0
+        self._closing = False
 
     @property
     def state(self) -> RegistrationState:
         return self.machine.state if self.machine is not None else RegistrationState.UNREGISTERED
 
     def start(self) -> None:
-        """Send the first REGISTER (the gateway is listening: its address is the Contact)."""
-        if self.machine is not None:
+        """Send the first REGISTER (the gateway is listening: its address is the Contact);
+        over TCP/TLS with no such listener, open the connection first."""
+        if self.machine is not None or self._connecting is not None or self._closing:
             return
+        kind = self.target.transport
+        if kind != "udp" and not self._listens(kind):
+            self._connection_bound = True
+            self._connecting = asyncio.ensure_future(self._connect_then_start())
+            return
+        self._begin(None)
+
+    def _listens(self, kind: str) -> bool:
+        try:
+            self.gateway.endpoint.transport.local_address(kind)
+        except OSError:
+            return False
+        return True
+
+    def _begin(self, peer: Peer | None) -> None:
+        """A new binding: a fresh machine whose Contact (and Vias) name our listener, or
+        our end of the connection to ``peer``."""
         endpoint = self.gateway.endpoint
         kind = self.target.transport
-        contact = endpoint.contact(kind, self.target.contact_user).uri
+        contact = endpoint.contact(kind, self.target.contact_user, peer=peer).uri
         registrar = self.target.registrar
         settings = RegistrationSettings(
             registrar=registrar,
@@ -97,13 +130,50 @@ class RegistrationClient:
             credentials=self.target.credentials,
             backoff=self.backoff,
         )
-        self.machine = Registration(settings, new_via=lambda: endpoint.via(kind), draw=self.draw)
+        self.machine = Registration(
+            settings, new_via=lambda: endpoint.via(kind, peer), draw=self.draw
+        )
         self.machine.start(self._now())
         self._pump()
+
+    async def _resolve(self) -> Peer:
+        registrar = self.target.registrar
+        peer = tls_peer(
+            await resolve_target(registrar, self.target.transport), registrar, self.target.tls
+        )
+        self._peer = peer
+        return peer
+
+    async def _connect_then_start(self) -> None:
+        """Open the connection our contact will name, retrying with the back-off (the trunk
+        reported failed meanwhile), then register over it."""
+        try:
+            while True:
+                try:
+                    peer = await self._resolve()
+                    await self.gateway.endpoint.reach(peer)
+                except (OSError, ValueError) as exc:
+                    self._connect_failures += 1
+                    reason = f"cannot connect to the registrar: {exc}"
+                    retry_in = self.backoff.delay(self._connect_failures, self.draw())
+                    if self._connect_failures == 1:
+                        self._emit(StateChanged(self.state, RegistrationState.FAILED, reason))
+                    self._emit(Failed(reason, retry_in))
+                    await asyncio.sleep(retry_in)
+                    continue
+                self._connect_failures = 0
+                self._begin(peer)
+                return
+        finally:
+            self._connecting = None
 
     async def close(self, timeout: float = 2.0) -> bool:
         """Unregister, waiting at most ``timeout`` seconds; True when the registrar
         confirmed it. Either way nothing is sent afterwards."""
+        self._closing = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+            await asyncio.gather(self._connecting, return_exceptions=True)
         machine = self.machine
         if machine is None:
             return False
@@ -133,19 +203,34 @@ class RegistrationClient:
             if isinstance(event, Stopped):
                 self.outcome = event
                 self._stopped.set()
-            if self.on_event is not None:
-                try:
-                    self.on_event(event)
-                except Exception:
-                    logger.exception("registration event handler failed")
+            self._emit(event)
         self._cancel_timer()
         at = machine.next_timer_at()
         if at is not None and not machine.stopped:
             self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
 
+    def _emit(self, event: Event) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:
+                logger.exception("registration event handler failed")
+
     def _on_timer(self) -> None:
         self._timer = None
         assert self.machine is not None
+        peer = self._peer
+        if (
+            self._connection_bound
+            and not self._closing
+            and peer is not None
+            and not self.gateway.endpoint.transport.has_connection(peer)
+        ):
+            # Our contact named a connection that is gone: nothing can reach it any more.
+            logger.info("registrar connection %s closed: registering a new contact", peer)
+            self.machine = None
+            self.start()
+            return
         self.machine.handle_timer(self._now())
         self._pump()
 
@@ -159,7 +244,7 @@ class RegistrationClient:
         machine = self.machine
         assert machine is not None
         try:
-            peer = await resolve_target(self.target.registrar, self.target.transport)
+            peer = self._peer if self._connection_bound and self._peer else await self._resolve()
             self.registrar_host = peer.host
             response = await self.gateway.endpoint.request(request, peer)
         except (OSError, ValueError) as exc:

@@ -25,6 +25,8 @@ pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)
 command -v chromium >/dev/null || need+=(chromium)  # the browser softphone's headless test
 # a registrar for the registering-trunk tests (tests/integration/test_registration_kamailio.py)
 command -v kamailio >/dev/null || need+=(kamailio)
+# its tls module: registration over TLS (tests/integration/test_registration_kamailio_tls.py)
+[ -e /usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so ] || need+=(kamailio-tls-modules)
 # test certificates for SIP over TLS (tests/tls_certs.py)
 command -v openssl >/dev/null || need+=(openssl)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,9 @@ def env(tmp: Path) -> dict[str, str]:
             "ACKLINE_AUDIT_DIR": str(tmp / "audit")}  # fmt: skip
 
 
-def run(tmp: Path, config: dict[str, Any], *args: str) -> tuple[int, dict[str, Any], str]:
+def run(
+    tmp: Path, config: dict[str, Any], *args: str, env_extra: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], str]:
     path = tmp / "ackline.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.run(
@@ -33,7 +37,7 @@ def run(tmp: Path, config: dict[str, Any], *args: str) -> tuple[int, dict[str, A
         capture_output=True,
         text=True,
         timeout=60,
-        env=env(tmp),
+        env={**env(tmp), **(env_extra or {})},
     )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     return proc.returncode, json.loads(lines[-1]) if lines else {}, proc.stderr
@@ -195,3 +199,51 @@ def test_trunk_session_timer_settings_reach_the_invite(tmp_path: Path) -> None:
     assert code == 0, err
     assert (result["outcome"], result["trunk"]) == ("answered", "timed")
     assert timers == [["TIMER", "600", "120", "timer"]], timers
+
+
+async def test_a_trunk_budget_held_by_a_worker_through_redis_counts_for_the_cli(
+    tmp_path: Path,
+) -> None:
+    """With Redis, a trunk at its max_concurrent across all processes carries no CLI call."""
+    from carriers.budgets import RedisBudgets
+    from carriers.trunk import Trunk
+
+    redis_url, prefix = "redis://127.0.0.1:6379/0", f"ackline-test-{secrets.token_hex(4)}"
+    extra = {"REDIS_URL": redis_url, "ACKLINE_REDIS_PREFIX": prefix}
+    budgets = RedisBudgets(redis_url, prefix)
+    with two_carriers(tmp_path) as (a, b):
+        full = {"name": "a", "host": "127.0.0.1", "port": a.port, "priority": 1,
+                "max_concurrent": 1}  # fmt: skip
+        config = carriers(full, {"name": "b", "host": "127.0.0.1", "port": b.port, "priority": 2})
+        args = (NUMBER, "--gather", "1", "--timeout", "5")
+        # a worker's call in progress on a, through the shared budget
+        refusal, claim = await budgets.acquire(Trunk.model_validate(full))
+        assert refusal is None
+        try:
+            held = await asyncio.to_thread(run, tmp_path, config, *args, env_extra=extra)
+        finally:
+            await budgets.release("a", claim)
+            await budgets.close()
+        free = await asyncio.to_thread(run, tmp_path, config, *args, env_extra=extra)
+        seen = (invites(a), invites(b))
+    assert (held[0], held[1]["trunk"]) == (0, "b"), held[2]
+    assert [t["trunk"] for t in held[1]["trunks_tried"]] == ["b"]  # a was never dialled
+    assert (free[0], free[1]["trunk"]) == (0, "a"), free[2]  # released: a carries it again
+    assert seen == (1, 1)
+
+
+def test_a_sip_uri_call_asks_for_the_gateway_session_timer_settings(tmp_path: Path) -> None:
+    """`ackline call sip:...` (no trunk) asks for ACKLINE_SIP_SESSION_EXPIRES/MIN_SE as
+    `serve` does for its dials without a trunk."""
+    with sipp("carrier_session_timer.xml", tmp_path, RING_MS="0", PAUSE_MS="300",
+              PCAP=str(dtmf_pcap("1"))) as peer:  # fmt: skip
+        proc = subprocess.run(
+            [*ackline_cli(), "call", f"sip:{NUMBER}@127.0.0.1:{peer.port}", "--gather", "1",
+             "--timeout", "5", "--json"],
+            capture_output=True, text=True, timeout=60,
+            env={**env(tmp_path), "ACKLINE_SIP_SESSION_EXPIRES": "300",
+                 "ACKLINE_SIP_MIN_SE": "150"},
+        )  # fmt: skip
+        timers = [line.split() for line in peer.log_lines() if line.startswith("TIMER")]
+    assert proc.returncode == 0, proc.stderr
+    assert timers == [["TIMER", "300", "150", "timer"]], timers

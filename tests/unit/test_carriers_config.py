@@ -8,6 +8,7 @@ import pytest
 from phonenumbers import PhoneNumberType
 
 from carriers.config import CarrierConfigError, load_carriers
+from carriers.registration import register_target
 from carriers.trunk import NumberFormat
 from common.durations import parse_duration
 
@@ -206,11 +207,18 @@ def test_a_tls_trunk_takes_a_ca_file_and_client_certificate(tmp_path: Path) -> N
             "    - {name: plain, host: 192.0.2.1, tls: {verify: false}}\n",
             "tls: settings need transport: tls",
         ),
-        (_tls_trunk(", username: u, password: p, register: true"), "not supported yet"),
     ],
 )
 def test_bad_tls_settings_are_named(yaml_text: str, expected: str) -> None:
     assert expected in errors_of(yaml_text)
+
+
+def test_a_tls_trunk_registers_over_tls_verified_with_its_ca_file(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("placeholder\n")
+    extra = f", username: u, password: p, register: true, tls: {{ca_file: {tmp_path}/ca.pem}}"
+    target = register_target(load_carriers(_tls_trunk(extra)).trunks[0])
+    assert target.transport == "tls" and str(target.registrar).endswith(";transport=tls")
+    assert target.tls is not None and target.tls.ca_file == tmp_path / "ca.pem"
 
 
 def test_srtp_per_trunk_needs_tls_unless_allowed() -> None:

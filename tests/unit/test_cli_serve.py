@@ -10,6 +10,7 @@ import yaml
 
 from api.cli import _local_api_key
 from api.settings import Settings
+from gateway.media.srtp import SrtpMode
 
 
 def test_local_api_key_is_private_and_survives_restarts(
@@ -68,3 +69,11 @@ def test_session_timer_settings_come_from_the_environment_with_the_rfc_floor() -
     for name in ("ACKLINE_SIP_SESSION_EXPIRES", "ACKLINE_SIP_MIN_SE"):
         with pytest.raises(ValueError):
             Settings.from_env({name: "60"})  # below RFC 4028's 90 s
+
+
+def test_inbound_srtp_policy_comes_from_the_environment_default_optional() -> None:
+    assert Settings.from_env({}).sip_srtp is SrtpMode.OPTIONAL
+    assert Settings.from_env({"ACKLINE_SIP_SRTP": "required"}).sip_srtp is SrtpMode.REQUIRED
+    assert Settings.from_env({"ACKLINE_SIP_SRTP": " Off "}).sip_srtp is SrtpMode.OFF
+    with pytest.raises(ValueError, match="ACKLINE_SIP_SRTP must be one of required"):
+        Settings.from_env({"ACKLINE_SIP_SRTP": "requird"})

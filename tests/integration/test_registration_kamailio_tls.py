@@ -1,0 +1,208 @@
+"""A trunk registering over TLS with Kamailio's registrar (its tls module, a certificate
+made for this run): the certificate verified against the trunk's ``ca_file``, digest auth,
+a refresh, a call from Kamailio to our contact over that TLS connection admitted as the
+trunk's call, and the unregister on shutdown. A registrar whose certificate the CA file
+does not vouch for is never sent a REGISTER."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from pathlib import Path
+
+import pytest
+
+from carriers.health import HealthChange
+from carriers.registration import TrunkRegistrations
+from carriers.router import CarrierRouter
+from carriers.trunk import Trunk
+from gateway.admission import InboundGuard, RefusalReport, TrustedTrunk
+from gateway.call import Call, Gateway, GatewayConfig
+from gateway.sip.registration import Backoff, Event, Registered, RegistrationState
+from gateway.sip.transaction import TimerSettings
+from tests.integration.kamailio import Kamailio, kamailio
+from tests.integration.peers import sipp
+from tests.integration.test_registration_kamailio import bound, register_cseqs, until_state
+from tests.tls_certs import make_pki
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
+
+USER = "acme"
+CONTACT_USER = "acme-in"
+TRUNK = "kamtls"
+
+
+def tls_trunk(registrar: Kamailio, password: str, ca_file: Path) -> Trunk:
+    return Trunk.model_validate(
+        {"name": TRUNK, "host": "127.0.0.1", "port": registrar.tls_port, "transport": "tls",
+         "tls": {"ca_file": str(ca_file)},
+         "register": {"username": USER, "password": password, "expires": 6,
+                      "contact_user": CONTACT_USER}}
+    )  # fmt: skip
+
+
+async def test_register_over_tls_then_a_call_over_that_connection_is_the_trunks(
+    tmp_path: Path,
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    password = secrets.token_hex(8)
+    (tmp_path / "kamailio").mkdir()
+    (tmp_path / "caller").mkdir()
+    with kamailio(
+        tmp_path / "kamailio", user=USER, password=password, min_expires=1, tls=pki
+    ) as registrar:
+        calls: list[Call] = []
+
+        async def on_incoming(call: Call) -> None:
+            calls.append(call)
+            await asyncio.sleep(0.3)  # then we hang up: the caller waits for our BYE
+
+        refused: list[RefusalReport] = []
+        guard = InboundGuard([TrustedTrunk.parse("pbx", ["192.0.2.5"])])
+        # No TLS listener (no certificate of ours): the contact is our end of the connection.
+        config = GatewayConfig(host="127.0.0.1", udp_port=0, timers=TimerSettings(t1=0.05))
+        async with Gateway(
+            config, on_incoming=on_incoming, guard=guard, on_refused=refused.append
+        ) as gw:
+            changes: asyncio.Queue[HealthChange] = asyncio.Queue()
+            router = CarrierRouter(gw, [tls_trunk(registrar, password, pki.ca_cert)],
+                                   allowed_countries=["US"],
+                                   on_health_change=changes.put_nowait)  # fmt: skip
+            registrations = TrunkRegistrations(
+                gw, router.trunks, router.health, backoff=Backoff(1.0, 8.0), draw=lambda: 0.0
+            )
+            events: asyncio.Queue[Event] = asyncio.Queue()
+            client = registrations.clients[TRUNK]
+            wiring = client.on_event
+            assert wiring is not None
+
+            def tee(event: Event) -> None:
+                wiring(event)
+                events.put_nowait(event)
+
+            client.on_event = tee
+            registrations.start()
+            try:
+                change = await until_state(changes, RegistrationState.REGISTERED, 10)
+                assert change.reason == "registered for 6 s", registrar.logs()
+                assert client.machine is not None
+                contact = client.machine.settings.contact
+                assert contact.parameters.get("transport") == "tls"
+                assert bound(registrar, f"sip:{CONTACT_USER}@127.0.0.1:{contact.port}")
+                dump = registrar.rpc("ul.dump")
+                assert "tls:127.0.0.1" in dump.lower(), dump  # the binding's socket is TLS
+
+                # A caller dials the trunk's user at Kamailio over UDP; Kamailio relays the
+                # INVITE to our contact over the TLS connection we registered on.
+                with sipp(
+                    "uac_via_registrar.xml",
+                    tmp_path / "caller",
+                    remote=f"127.0.0.1:{registrar.port}",
+                    USER=USER,
+                ) as caller:
+                    assert await asyncio.to_thread(caller.wait, 20) == 0, (
+                        caller.logs() + registrar.logs()
+                    )
+                [call] = calls
+                assert call.trunk == TRUNK
+                assert call.dialed == CONTACT_USER
+                assert call.result is not None and call.result.transport == "tls"
+                assert refused == []
+
+                # The refresh (half of 6 s) goes over the same connection and contact: the
+                # second Registered (the first was the initial registration's).
+                async with asyncio.timeout(8):
+                    for _ in range(2):
+                        while not isinstance(await events.get(), Registered):
+                            pass
+                assert client.machine.settings.contact == contact
+                assert router.health.usable(TRUNK)
+            finally:
+                await registrations.close()
+                await router.close()
+            assert router.health[TRUNK].registration is RegistrationState.UNREGISTERED
+            assert client.outcome is not None and client.outcome.unregistered
+            assert CONTACT_USER not in registrar.rpc("ul.dump")
+        # 401, 200, the refresh, the unregister: all four over the one TLS connection
+        assert register_cseqs(registrar) == [1, 2, 3, 4], registrar.logs()
+        sources = re.findall(r"REGISTER \S+ from 127\.0\.0\.1:(\d+) ", registrar.logs())
+        assert sources == [str(contact.port)] * 4, registrar.logs()
+
+
+async def test_a_registrar_certificate_the_ca_file_does_not_vouch_for_gets_no_register(
+    tmp_path: Path,
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    other = make_pki(tmp_path / "other", name="other")
+    password = secrets.token_hex(8)
+    (tmp_path / "kamailio").mkdir()
+    with kamailio(
+        tmp_path / "kamailio", user=USER, password=password, min_expires=1, tls=pki
+    ) as registrar:
+        config = GatewayConfig(host="127.0.0.1", udp_port=0, timers=TimerSettings(t1=0.05))
+        async with Gateway(config) as gw:
+            changes: asyncio.Queue[HealthChange] = asyncio.Queue()
+            router = CarrierRouter(gw, [tls_trunk(registrar, password, other.ca_cert)],
+                                   allowed_countries=["US"],
+                                   on_health_change=changes.put_nowait)  # fmt: skip
+            registrations = TrunkRegistrations(gw, router.trunks, router.health, draw=lambda: 0.0)
+            registrations.start()
+            try:
+                change = await until_state(changes, RegistrationState.FAILED, 10)
+                assert "TLS certificate verification failed" in change.reason, change.reason
+                assert not router.health.usable(TRUNK)
+            finally:
+                await registrations.close()
+                await router.close()
+        assert register_cseqs(registrar) == [], registrar.logs()
+
+
+async def test_a_dropped_registrar_connection_is_replaced_and_its_new_contact_registered(
+    tmp_path: Path,
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    password = secrets.token_hex(8)
+    (tmp_path / "kamailio").mkdir()
+    with kamailio(
+        tmp_path / "kamailio", user=USER, password=password, min_expires=1, tls=pki
+    ) as registrar:
+        config = GatewayConfig(host="127.0.0.1", udp_port=0, timers=TimerSettings(t1=0.05))
+        async with Gateway(config) as gw:
+            router = CarrierRouter(gw, [tls_trunk(registrar, password, pki.ca_cert)],
+                                   allowed_countries=["US"])  # fmt: skip
+            registrations = TrunkRegistrations(gw, router.trunks, router.health, draw=lambda: 0.0)
+            client = registrations.clients[TRUNK]
+            events: asyncio.Queue[Event] = asyncio.Queue()
+            wiring = client.on_event
+            assert wiring is not None
+
+            def tee(event: Event) -> None:
+                wiring(event)
+                events.put_nowait(event)
+
+            client.on_event = tee
+            registrations.start()
+            try:
+                async with asyncio.timeout(10):
+                    while not isinstance(await events.get(), Registered):
+                        pass
+                assert client.machine is not None
+                first = client.machine.settings.contact
+                # The registrar's end goes away (a NAT timeout, a restart): drop our side.
+                transport = gw.endpoint.transport
+                [connection] = [c for c in transport._connections.values() if c.usable]
+                assert connection.transport is not None
+                connection.transport.abort()
+                async with asyncio.timeout(8):  # the refresh, due at half of 6 s
+                    while not isinstance(await events.get(), Registered):
+                        pass
+                second = client.machine.settings.contact
+                assert second.port != first.port
+                dump = registrar.rpc("ul.dump")
+                assert f"sip:{CONTACT_USER}@127.0.0.1:{second.port}" in dump, dump
+                assert router.health.usable(TRUNK)
+            finally:
+                await registrations.close()
+                await router.close()
+            assert client.outcome is not None and client.outcome.unregistered
