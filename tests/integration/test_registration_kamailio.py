@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from carriers.router import CarrierRouter
 from carriers.trunk import Trunk
 from gateway.admission import InboundGuard, RefusalReport, TrustedTrunk
 from gateway.call import Call, Gateway, GatewayConfig
+from gateway.registration import RegistrationClient
 from gateway.sip.registration import Backoff, Event, Registered, RegistrationState
 from gateway.sip.transaction import TimerSettings
 from tests.integration.kamailio import Kamailio, kamailio
@@ -46,6 +48,18 @@ async def until_state(
             change = await changes.get()
             if change.aspect == "registration" and change.new == state.value:
                 return change
+
+
+def tee_events(client: RegistrationClient, sink: Callable[[Event], object]) -> None:
+    """Lets the test see every registration event after the trunk's own wiring has."""
+    wiring = client.on_event
+    assert wiring is not None
+
+    def tee(event: Event) -> None:
+        wiring(event)
+        sink(event)
+
+    client.on_event = tee
 
 
 def bound(registrar: Kamailio, contact: str) -> bool:
@@ -83,14 +97,7 @@ async def test_register_with_digest_and_423_then_a_call_via_kamailio_is_the_trun
             )
             refreshed: asyncio.Queue[Event] = asyncio.Queue()
             client = registrations.clients[TRUNK]
-            wiring = client.on_event
-            assert wiring is not None
-
-            def tee(event: Event) -> None:
-                wiring(event)
-                refreshed.put_nowait(event)
-
-            client.on_event = tee
+            tee_events(client, refreshed.put_nowait)
             contact = f"sip:{CONTACT_USER}@127.0.0.1:{gw.address('udp')[1]}"
             registrations.start()
             try:

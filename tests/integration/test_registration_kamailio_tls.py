@@ -23,7 +23,12 @@ from gateway.sip.registration import Backoff, Event, Registered, RegistrationSta
 from gateway.sip.transaction import TimerSettings
 from tests.integration.kamailio import Kamailio, kamailio
 from tests.integration.peers import sipp
-from tests.integration.test_registration_kamailio import bound, register_cseqs, until_state
+from tests.integration.test_registration_kamailio import (
+    bound,
+    register_cseqs,
+    tee_events,
+    until_state,
+)
 from tests.tls_certs import make_pki
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
@@ -74,14 +79,7 @@ async def test_register_over_tls_then_a_call_over_that_connection_is_the_trunks(
             )
             events: asyncio.Queue[Event] = asyncio.Queue()
             client = registrations.clients[TRUNK]
-            wiring = client.on_event
-            assert wiring is not None
-
-            def tee(event: Event) -> None:
-                wiring(event)
-                events.put_nowait(event)
-
-            client.on_event = tee
+            tee_events(client, events.put_nowait)
             registrations.start()
             try:
                 change = await until_state(changes, RegistrationState.REGISTERED, 10)
@@ -174,14 +172,7 @@ async def test_a_dropped_registrar_connection_is_replaced_and_its_new_contact_re
             registrations = TrunkRegistrations(gw, router.trunks, router.health, draw=lambda: 0.0)
             client = registrations.clients[TRUNK]
             events: asyncio.Queue[Event] = asyncio.Queue()
-            wiring = client.on_event
-            assert wiring is not None
-
-            def tee(event: Event) -> None:
-                wiring(event)
-                events.put_nowait(event)
-
-            client.on_event = tee
+            tee_events(client, events.put_nowait)
             registrations.start()
             try:
                 async with asyncio.timeout(10):
