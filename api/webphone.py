@@ -45,6 +45,7 @@ from pydantic import BaseModel, Field
 from api.json_body import StrictJsonRoute
 from api.webphone_page import CONTENT_SECURITY_POLICY, PAGE
 from gateway.call import Call, CallEnded, Gateway, parse_target
+from gateway.media.dtmf import DtmfMethod
 from gateway.media.session import MediaSession, MediaSessionClosed
 from gateway.result import CallResult
 
@@ -511,7 +512,7 @@ class Webphone:
             if task is not asyncio.current_task():
                 task.cancel()
 
-    async def send_digits(self, record: WebphoneCall, digits: str, method: str) -> None:
+    async def send_digits(self, record: WebphoneCall, digits: str, method: DtmfMethod) -> None:
         """Send keys on the SIP leg; raises CallEnded when it is not answered (any more)."""
         call = record.call
         if record.state != "answered" or call is None:
@@ -562,7 +563,7 @@ class OfferIn(BaseModel):
 
 class DtmfIn(BaseModel):
     digits: str = Field(min_length=1, max_length=32, pattern=r"^[0-9*#A-Da-d]+$")
-    method: Literal["rfc4733", "sip_info", "inband"] = "rfc4733"
+    method: Literal[DtmfMethod.RFC4733, DtmfMethod.SIP_INFO, DtmfMethod.INBAND] = DtmfMethod.RFC4733
 
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["webphone"])

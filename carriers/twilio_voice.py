@@ -28,6 +28,7 @@ from twilio.base.exceptions import TwilioRestException  # type: ignore[import-un
 
 from carriers.trunk import Trunk
 from carriers.twilio_api import twilio_client
+from gateway.media.dtmf import DtmfMethod
 from gateway.result import CallOutcome, CallResult, ReceivedDigit
 from storage.outage import FailureLog, down_dependency
 
@@ -49,7 +50,7 @@ NUMBER_ERRORS = frozenset({21211, 13224, 21215, 21216, 21217})
 _EARLY_LIMIT = 1000  # reports for calls not registered yet (they can beat the REST answer)
 _EARLY_TTL = 60.0
 HANGUP_WAIT = 10.0  # for Twilio's final report after we asked it to end the call
-DIGIT_METHOD = "twilio_gather"
+DIGIT_METHOD = DtmfMethod.TWILIO_GATHER
 
 
 class TwilioRejected(ValueError):

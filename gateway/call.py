@@ -138,6 +138,15 @@ BUSY_RETRY_AFTER = 10
 STOP_GRACE = 1.0
 
 
+def _dtmf_method(method: DtmfMethod | str) -> DtmfMethod:
+    """A method given as a plain string (a script's or a flow's) is checked once, here."""
+    try:
+        return DtmfMethod(method)
+    except ValueError:
+        names = ", ".join(m.value for m in DtmfMethod)
+        raise ValueError(f"unknown DTMF method {method!r} (one of {names})") from None
+
+
 class CallEnded(Exception):
     """The operation cannot continue: the call is over."""
 
@@ -852,11 +861,13 @@ class Call:
         return remove
 
     @property
-    def dtmf_method(self) -> str:
+    def dtmf_method(self) -> DtmfMethod:
         """How `send_digits` should reach this peer: RFC 4733 events when it negotiated
         telephone-event, else SIP INFO."""
         negotiated = self.media.media if self.media is not None else None
-        return "rfc4733" if negotiated and negotiated.telephone_event_pt is not None else "sip_info"
+        if negotiated and negotiated.telephone_event_pt is not None:
+            return DtmfMethod.RFC4733
+        return DtmfMethod.SIP_INFO
 
     async def play(self, prompt: Prompt, *, barge_in: bool = False) -> bool:
         """Play a prompt; returns True if it played to the end.
@@ -947,20 +958,24 @@ class Call:
         return collected
 
     async def send_digits(
-        self, digits: str, *, duration_ms: int = 100, method: str = "rfc4733"
+        self, digits: str, *, duration_ms: int = 100, method: DtmfMethod | str = DtmfMethod.RFC4733
     ) -> None:
         """Send DTMF to the far end: RFC 4733 events, SIP INFO, or in-band tones (for peers
         that only listen to the audio)."""
-        if method not in ("rfc4733", "sip_info", "inband"):
-            raise ValueError(f"unknown DTMF method {method!r} (rfc4733, sip_info, inband)")
+        method = _dtmf_method(method)
         media = self._require_media()
         for digit in digits:
-            if method == "sip_info":
-                await self._send_info_digit(digit, duration_ms)
-            elif method == "inband":
-                await media.play(dtmf_tone(digit, duration_ms))
-            else:
-                await media.send_digit(digit, duration_ms)
+            match method:
+                case DtmfMethod.SIP_INFO:
+                    await self._send_info_digit(digit, duration_ms)
+                case DtmfMethod.INBAND:
+                    await media.play(dtmf_tone(digit, duration_ms))
+                case DtmfMethod.RFC4733:
+                    await media.send_digit(digit, duration_ms)
+                case DtmfMethod.TWILIO_GATHER:
+                    raise ValueError("twilio_gather names how a digit was heard; it cannot send")
+                case unreachable:
+                    assert_never(unreachable)
             await asyncio.sleep(0.05)
 
     async def hangup(self) -> CallResult:
@@ -2029,7 +2044,7 @@ class Call:
         elif digit.method == DtmfMethod.INBAND and self._rfc4733_seen:
             return  # the far end signals out of band; tones it also plays are not new digits
         at_ms = self._ms_since(self._answered_at) or 0
-        received = ReceivedDigit(digit.digit, digit.method.value, at_ms)
+        received = ReceivedDigit(digit.digit, digit.method, at_ms)
         self._digits.append(received)
         self._pending.append(digit.digit)
         self._digit_arrived.set()

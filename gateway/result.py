@@ -6,6 +6,8 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gateway.media.dtmf import DtmfMethod
+
 
 class CallOutcome(str, enum.Enum):
     ANSWERED = "answered"
@@ -42,7 +44,7 @@ def classify_final(code: int) -> CallOutcome:
 @dataclass(frozen=True)
 class ReceivedDigit:
     digit: str
-    method: str  # "rfc4733" | "sip_info" | "inband"
+    method: DtmfMethod
     at_ms: int  # since the call was answered
 
 

@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from gateway.call import Call, Gateway, GatewayConfig
+from gateway.media.dtmf import DtmfMethod
 from gateway.media.session import MediaSessionClosed
 from gateway.result import CallResult
 
@@ -140,7 +141,7 @@ class Leg:
         return await self._until(lambda: self.ear.run_quiet >= frames, timeout, "silence")
 
     async def send_dtmf(
-        self, digits: str, *, method: str = "rfc4733", duration_ms: int = 120
+        self, digits: str, *, method: DtmfMethod = DtmfMethod.RFC4733, duration_ms: int = 120
     ) -> None:
         await self.call.send_digits(digits, duration_ms=duration_ms, method=method)
 
@@ -262,7 +263,7 @@ class WaitSilence(_Step):
 
 class Dtmf(_Step):
     dtmf: str
-    method: Literal["rfc4733", "sip_info", "inband"] = "rfc4733"
+    method: Literal[DtmfMethod.RFC4733, DtmfMethod.SIP_INFO, DtmfMethod.INBAND] = DtmfMethod.RFC4733
     duration_ms: int = Field(default=120, ge=40, le=2000)
 
     @field_validator("dtmf")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 import numpy as np
 from numpy.typing import NDArray
@@ -239,30 +239,32 @@ class FlowRunner:
     # -- nodes ---------------------------------------------------------------------
 
     async def _execute(self, ctx: FlowContext, node: Node) -> str | None:
-        if isinstance(node, SayNode):
-            await self._say(ctx, node.text, barge_in=node.barge_in)
-            return node.next
-        if isinstance(node, PlayNode):
-            await ctx.call.play(self._file(node.file), barge_in=node.barge_in)
-            return node.next
-        if isinstance(node, MenuNode):
-            return await self._menu(ctx, node)
-        if isinstance(node, GatherNode):
-            return await self._gather(ctx, node)
-        if isinstance(node, RecordNode):
-            return await self._record(ctx, node)
-        if isinstance(node, AmdNode):
-            return await self._amd(ctx, node)
-        if isinstance(node, EscalateNode):
-            return await self._escalate(ctx, node)
-        if isinstance(node, WebhookNode):
-            return await self._webhook(ctx, node)
-        if isinstance(node, BridgeNode):
-            return await self._bridge(ctx, node)
-        if isinstance(node, HangupNode):
-            await ctx.call.hangup()
-            return None
-        raise AssertionError(f"unhandled node type {node.type}")  # pragma: no cover
+        match node:
+            case SayNode():
+                await self._say(ctx, node.text, barge_in=node.barge_in)
+                return node.next
+            case PlayNode():
+                await ctx.call.play(self._file(node.file), barge_in=node.barge_in)
+                return node.next
+            case MenuNode():
+                return await self._menu(ctx, node)
+            case GatherNode():
+                return await self._gather(ctx, node)
+            case RecordNode():
+                return await self._record(ctx, node)
+            case AmdNode():
+                return await self._amd(ctx, node)
+            case EscalateNode():
+                return await self._escalate(ctx, node)
+            case WebhookNode():
+                return await self._webhook(ctx, node)
+            case BridgeNode():
+                return await self._bridge(ctx, node)
+            case HangupNode():
+                await ctx.call.hangup()
+                return None
+            case unreachable:
+                assert_never(unreachable)
 
     def _text(self, ctx: FlowContext, text: str) -> str:
         missing = [name for name in placeholders(text) if name not in ctx.variables]

@@ -54,6 +54,7 @@ class DtmfMethod(StrEnum):
     RFC4733 = "rfc4733"
     SIP_INFO = "sip_info"
     INBAND = "inband"
+    TWILIO_GATHER = "twilio_gather"  # received only: Twilio's <Gather> heard the key for us
 
 
 @dataclass(frozen=True)

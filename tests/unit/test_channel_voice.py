@@ -6,6 +6,7 @@ import pytest
 
 from api.voice_channel import SipUriDialer, classify_call
 from escalation.channels.base import DeliveryStatus as S
+from gateway.media.dtmf import DtmfMethod
 from gateway.result import CallOutcome, CallResult, ReceivedDigit
 
 
@@ -26,7 +27,7 @@ def result(
         call_id="c1@127.0.0.1",
         transport="udp",
         hangup_by=hangup_by,
-        received=[ReceivedDigit(d, "rfc4733", 100 * i) for i, d in enumerate(digits)],
+        received=[ReceivedDigit(d, DtmfMethod.RFC4733, 100 * i) for i, d in enumerate(digits)],
         session_expired=session_expired,
     )
 

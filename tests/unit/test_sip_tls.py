@@ -10,6 +10,7 @@ import pytest
 from sipmessage import URI
 
 from gateway.call import Call, Gateway, GatewayConfig, parse_target, target_transport
+from gateway.media.dtmf import DtmfMethod
 from gateway.result import CallOutcome, CallResult
 from gateway.sip.transaction import TimerSettings
 from gateway.tls import TlsClientSettings, TlsServerSettings
@@ -83,6 +84,23 @@ async def test_a_call_over_tls_carries_dtmf_and_uses_sips(pki: PkiFiles) -> None
     assert result.transport == "tls"
     assert result.hangup_by == "remote"
     assert answerer.ended[0].transport == "tls"
+
+
+async def test_a_method_that_cannot_send_is_refused_before_any_key_goes_out(
+    pki: PkiFiles,
+) -> None:
+    answerer = Answerer()
+    server = Gateway(server_config(pki), on_incoming=answerer, on_call_ended=answerer.ended.append)
+    async with server, _caller() as caller:
+        call = await _dial(server, caller, TlsClientSettings(ca_file=pki.ca_cert))
+        assert call.answered, call.result
+        with pytest.raises(ValueError, match="unknown DTMF method 'tones'"):
+            await call.send_digits("9", method="tones")
+        with pytest.raises(ValueError, match="cannot send"):
+            await call.send_digits("8", method=DtmfMethod.TWILIO_GATHER)
+        await call.send_digits("42", method="rfc4733")  # a flow's plain string is accepted
+        await _wait_for(lambda: bool(answerer.ended))
+    assert answerer.digits == ["42"]
 
 
 async def test_sip_uri_with_transport_tls_gets_a_sip_contact(pki: PkiFiles) -> None:
