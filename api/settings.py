@@ -10,16 +10,19 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 from gateway.media.srtp import SrtpMode
-
-
-def _bool(value: str | None, default: bool) -> bool:
-    if value is None or value == "":
-        return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def parse_api_keys(text: str) -> dict[str, str]:
@@ -111,139 +114,188 @@ def parse_srtp_mode(value: str) -> SrtpMode:
         raise ValueError(f"ACKLINE_SIP_SRTP must be one of {choices}, not {value!r}") from None
 
 
-class Settings(BaseModel):
-    database_url: str = "sqlite:///var/ackline.db"
+class Settings(BaseSettings):
+    """Every setting once: its type, bound, default and environment variable side by side.
+
+    `Settings(...)` takes field names and reads nothing else (tests, embedded use);
+    `Settings.from_env()` reads the environment. An empty variable counts as unset.
+    """
+
+    model_config = SettingsConfigDict(env_ignore_empty=True, populate_by_name=True)
+
+    database_url: str = Field(
+        default="sqlite:///var/ackline.db",
+        validation_alias=AliasChoices("ACKLINE_DATABASE_URL", "DATABASE_URL"),
+    )
     redis_url: str | None = None
-    redis_prefix: str = "ackline"
-    config_path: Path | None = None  # ackline.yaml; loaded into the database at start
-    api_keys: dict[str, str] = Field(default_factory=dict)  # API key -> company (tenant)
-    audit_dir: Path = Path("var/audit")
-    audit_fsync: bool = False
-    public_url: str | None = None  # how Twilio/Telegram/email links reach us
-    ack_secret: str | None = Field(default=None, repr=False)  # signs one-click ack links
-    twilio_auth_token: str | None = Field(default=None, repr=False)  # validates X-Twilio-Signature
+    redis_prefix: str = Field(default="ackline", validation_alias="ACKLINE_REDIS_PREFIX")
+    # ackline.yaml, loaded into the database at start
+    config_path: Path | None = Field(default=None, validation_alias="ACKLINE_CONFIG")
+    # API key -> company (tenant)
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, validation_alias="ACKLINE_API_KEYS"
+    )
+    audit_dir: Path = Field(default=Path("var/audit"), validation_alias="ACKLINE_AUDIT_DIR")
+    audit_fsync: bool = Field(default=False, validation_alias="ACKLINE_AUDIT_FSYNC")
+    # how Twilio/Telegram/email links reach us
+    public_url: str | None = Field(default=None, validation_alias="ACKLINE_PUBLIC_URL")
+    # signs one-click ack links
+    ack_secret: str | None = Field(default=None, repr=False, validation_alias="ACKLINE_ACK_SECRET")
+    # validates X-Twilio-Signature
+    twilio_auth_token: str | None = Field(
+        default=None, repr=False, validation_alias="TWILIO_AUTH_TOKEN"
+    )
+    # X-Telegram-Bot-Api-Secret-Token
     telegram_secret: str | None = Field(
-        default=None, repr=False
-    )  # expected X-Telegram-Bot-Api-Secret-Token
-    embedded_worker: bool | None = None  # None: run the worker in-process unless Redis is set
-    lease_seconds: float = 30.0
-    poll_interval: float = 1.0
+        default=None, repr=False, validation_alias="TELEGRAM_WEBHOOK_SECRET"
+    )
+    # None: run the worker in-process unless Redis is set
+    embedded_worker: bool | None = Field(default=None, validation_alias="ACKLINE_EMBEDDED_WORKER")
+    lease_seconds: float = Field(default=30.0, validation_alias="ACKLINE_LEASE_SECONDS")
+    poll_interval: float = Field(default=1.0, validation_alias="ACKLINE_POLL_INTERVAL")
     # SIGTERM: the process stops taking work, lets deliveries in flight end, hands the
     # rest back to other workers and exits within this many seconds.
-    drain_timeout: float = Field(default=10.0, gt=0)
+    drain_timeout: float = Field(default=10.0, gt=0, validation_alias="ACKLINE_DRAIN_TIMEOUT")
     # SIGTERM: before it stops, the API answers /readyz 503 for this many seconds while it
     # still serves, so a load balancer takes it out of rotation first (0: stop at once).
-    unready_grace: float = Field(default=0.0, ge=0, le=60)
-    migrate_on_start: bool = True
-    # Channels: each is built only when its settings are present (api/channels.py).
-    sip_host: str = "127.0.0.1"  # the gateway's SIP address (listen and advertise)
-    rtp_ports: tuple[int, int] = (20000, 30000)  # ACKLINE_RTP_PORTS, see parse_rtp_ports
-    sip_port: int = 5060
-    sip_t1: float = Field(default=0.5, gt=0, le=4)  # RFC 3261 T1: every SIP timer scales with it
-    sip_max_call: float = Field(default=3600.0, gt=0)  # any call, inbound ones included, ends by
-    sip_max_inbound_calls: int = Field(default=500, ge=1)  # at once; more get 503
+    unready_grace: float = Field(default=0.0, ge=0, le=60, validation_alias="ACKLINE_UNREADY_GRACE")
+    migrate_on_start: bool = Field(default=True, validation_alias="ACKLINE_MIGRATE")
+    # The gateway's SIP address (listen and advertise).
+    sip_host: str = Field(default="127.0.0.1", validation_alias="ACKLINE_SIP_HOST")
+    # Where RTP sockets bind (parse_rtp_ports).
+    rtp_ports: Annotated[tuple[int, int], NoDecode] = Field(
+        default=(20000, 30000), validation_alias="ACKLINE_RTP_PORTS"
+    )
+    sip_port: int = Field(default=5060, validation_alias="ACKLINE_SIP_PORT")
+    # RFC 3261 T1: every SIP timer scales with it.
+    sip_t1: float = Field(default=0.5, gt=0, le=4, validation_alias="ACKLINE_SIP_T1")
+    # Any call, inbound ones included, ends after this many seconds.
+    sip_max_call: float = Field(default=3600.0, gt=0, validation_alias="ACKLINE_SIP_MAX_CALL")
+    # Inbound calls at once; more get 503.
+    sip_max_inbound_calls: int = Field(
+        default=500, ge=1, validation_alias="ACKLINE_SIP_MAX_INBOUND_CALLS"
+    )
     # RFC 4028 session timer of calls without a trunk's own (inbound ones): the interval
     # asked for and the smallest accepted (422 below it); 90 s at least.
-    sip_session_expires: int = Field(default=1800, ge=90, le=86400)
-    sip_min_se: int = Field(default=90, ge=90, le=86400)
+    sip_session_expires: int = Field(
+        default=1800, ge=90, le=86400, validation_alias="ACKLINE_SIP_SESSION_EXPIRES"
+    )
+    sip_min_se: int = Field(default=90, ge=90, le=86400, validation_alias="ACKLINE_SIP_MIN_SE")
     # SDES SRTP of inbound (hotline) calls: offered and accepted over TLS only, as SDES keys
     # travel inside the SIP message; ``required`` refuses plain RTP (and any call not
     # arriving over TLS) with 488, ``off`` refuses SRTP offers.
-    sip_srtp: SrtpMode = SrtpMode.OPTIONAL
-    voice_target: str | None = None  # e.g. sip:{number}@127.0.0.1:5090
-    voice_auth_user: str | None = None
-    voice_auth_password: str | None = Field(default=None, repr=False)
-    voice_ring_timeout: float = 30.0
-    voice_max_call: float = Field(default=300.0, gt=0)  # an answered alert call ends after this
-    voice_amd: bool = False  # answering-machine detection before the ack prompt
-    voice_machine_message: str | None = None  # left after the beep; None: hang up
-    twilio_account_sid: str | None = None
-    twilio_from_numbers: tuple[str, ...] = ()
-    twilio_api_base: str | None = None  # None: Twilio itself
-    telegram_bot_token: str | None = Field(default=None, repr=False)
-    telegram_api_base: str | None = None  # None: the public Bot API
-    slack_bot_token: str | None = Field(default=None, repr=False)
-    slack_signing_secret: str | None = Field(default=None, repr=False)  # verifies interactions
-    slack_api_base: str | None = None  # None: slack.com's Web API
-    smtp_host: str | None = None
-    smtp_port: int = 25
-    smtp_from: str | None = None
-    webhook_secret: str | None = Field(default=None, repr=False)
+    sip_srtp: SrtpMode = Field(default=SrtpMode.OPTIONAL, validation_alias="ACKLINE_SIP_SRTP")
+    # Channels: each is built only when its settings are present (api/channels.py).
+    # The voice channel dials this, e.g. sip:{number}@127.0.0.1:5090.
+    voice_target: str | None = Field(default=None, validation_alias="ACKLINE_VOICE_TARGET")
+    voice_auth_user: str | None = Field(default=None, validation_alias="ACKLINE_VOICE_AUTH_USER")
+    voice_auth_password: str | None = Field(
+        default=None, repr=False, validation_alias="ACKLINE_VOICE_AUTH_PASSWORD"
+    )
+    voice_ring_timeout: float = Field(default=30.0, validation_alias="ACKLINE_VOICE_RING_TIMEOUT")
+    # an answered alert call ends after this
+    voice_max_call: float = Field(default=300.0, gt=0, validation_alias="ACKLINE_VOICE_MAX_CALL")
+    # answering-machine detection before the ack prompt
+    voice_amd: bool = Field(default=False, validation_alias="ACKLINE_VOICE_AMD")
+    # left after the beep; None: hang up
+    voice_machine_message: str | None = Field(
+        default=None, validation_alias="ACKLINE_VOICE_MACHINE_MESSAGE"
+    )
+    twilio_account_sid: str | None = Field(default=None, validation_alias="TWILIO_ACCOUNT_SID")
+    twilio_from_numbers: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), validation_alias="TWILIO_FROM_NUMBERS"
+    )
+    # None: Twilio itself
+    twilio_api_base: str | None = Field(default=None, validation_alias="TWILIO_API_BASE")
+    telegram_bot_token: str | None = Field(
+        default=None, repr=False, validation_alias="TELEGRAM_BOT_TOKEN"
+    )
+    # None: the public Bot API
+    telegram_api_base: str | None = Field(default=None, validation_alias="TELEGRAM_API_BASE")
+    slack_bot_token: str | None = Field(
+        default=None, repr=False, validation_alias="SLACK_BOT_TOKEN"
+    )
+    # verifies interactions
+    slack_signing_secret: str | None = Field(
+        default=None, repr=False, validation_alias="SLACK_SIGNING_SECRET"
+    )
+    # None: slack.com's Web API
+    slack_api_base: str | None = Field(default=None, validation_alias="SLACK_API_BASE")
+    smtp_host: str | None = Field(default=None, validation_alias="ACKLINE_SMTP_HOST")
+    smtp_port: int = Field(default=25, validation_alias="ACKLINE_SMTP_PORT")
+    smtp_from: str | None = Field(default=None, validation_alias="ACKLINE_SMTP_FROM")
+    webhook_secret: str | None = Field(
+        default=None, repr=False, validation_alias="ACKLINE_WEBHOOK_SECRET"
+    )
     # Signs web console session cookies; None: a random one kept in var/session-secret.
     # Several API processes behind one name must share it.
-    session_secret: str | None = Field(default=None, repr=False)
-    console_idle_timeout: float = Field(default=8 * 3600.0, gt=0)  # seconds without a request
+    session_secret: str | None = Field(
+        default=None, repr=False, validation_alias="ACKLINE_SESSION_SECRET"
+    )
+    # seconds without a request
+    console_idle_timeout: float = Field(
+        default=8 * 3600.0, gt=0, validation_alias="ACKLINE_CONSOLE_IDLE_TIMEOUT"
+    )
     # The public status page (api/web/status.py): whose incidents it shows (None: the
     # company of ackline.yaml, else the first API key's), how often component states are
     # sampled, and whether outages open and resolve incidents by themselves.
-    status_operator: str | None = None
-    status_sample_interval: float = Field(default=60.0, gt=0)
-    status_auto_incidents: bool = False
+    status_operator: str | None = Field(default=None, validation_alias="ACKLINE_STATUS_OPERATOR")
+    status_sample_interval: float = Field(
+        default=60.0, gt=0, validation_alias="ACKLINE_STATUS_SAMPLE_INTERVAL"
+    )
+    status_auto_incidents: bool = Field(
+        default=False, validation_alias="ACKLINE_STATUS_AUTO_INCIDENTS"
+    )
 
     @property
     def run_embedded_worker(self) -> bool:
         return self.embedded_worker if self.embedded_worker is not None else not self.redis_url
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: Any) -> Any:
+        return parse_api_keys(value) if isinstance(value, str) else value
+
+    @field_validator("rtp_ports", mode="before")
+    @classmethod
+    def _rtp_ports(cls, value: Any) -> Any:
+        return parse_rtp_ports(value) if isinstance(value, str) else value
+
+    @field_validator("twilio_from_numbers", mode="before")
+    @classmethod
+    def _numbers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(n.strip() for n in value.split(",") if n.strip())
+        return value
+
+    @field_validator("sip_srtp", mode="before")
+    @classmethod
+    def _srtp(cls, value: Any) -> Any:
+        return parse_srtp_mode(value) if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only what the constructor is given: the environment is read by `from_env`,
+        from the mapping it is handed, so tests never pick up the machine's variables."""
+        return (init_settings,)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        e = with_file_secrets(os.environ if env is None else env)
-        config = e.get("ACKLINE_CONFIG") or (
-            "ackline.yaml" if Path("ackline.yaml").exists() else ""
-        )
-        worker = e.get("ACKLINE_EMBEDDED_WORKER")
-        return cls(
-            database_url=e.get("ACKLINE_DATABASE_URL")
-            or e.get("DATABASE_URL")
-            or cls().database_url,
-            redis_url=redis_url_from_env(e),
-            redis_prefix=e.get("ACKLINE_REDIS_PREFIX", "ackline"),
-            config_path=Path(config) if config else None,
-            api_keys=parse_api_keys(e.get("ACKLINE_API_KEYS", "")),
-            audit_dir=Path(e.get("ACKLINE_AUDIT_DIR", "var/audit")),
-            audit_fsync=_bool(e.get("ACKLINE_AUDIT_FSYNC"), False),
-            public_url=e.get("ACKLINE_PUBLIC_URL") or None,
-            ack_secret=e.get("ACKLINE_ACK_SECRET") or None,
-            twilio_auth_token=e.get("TWILIO_AUTH_TOKEN") or None,
-            telegram_secret=e.get("TELEGRAM_WEBHOOK_SECRET") or None,
-            embedded_worker=None if worker in (None, "") else _bool(worker, True),
-            lease_seconds=float(e.get("ACKLINE_LEASE_SECONDS", "30")),
-            poll_interval=float(e.get("ACKLINE_POLL_INTERVAL", "1")),
-            drain_timeout=float(e.get("ACKLINE_DRAIN_TIMEOUT", "10")),
-            unready_grace=float(e.get("ACKLINE_UNREADY_GRACE", "0")),
-            migrate_on_start=_bool(e.get("ACKLINE_MIGRATE"), True),
-            sip_host=e.get("ACKLINE_SIP_HOST", "127.0.0.1"),
-            rtp_ports=parse_rtp_ports(e.get("ACKLINE_RTP_PORTS") or "20000-30000"),
-            sip_port=int(e.get("ACKLINE_SIP_PORT", "5060")),
-            sip_t1=float(e.get("ACKLINE_SIP_T1", "0.5")),
-            sip_max_call=float(e.get("ACKLINE_SIP_MAX_CALL", "3600")),
-            sip_max_inbound_calls=int(e.get("ACKLINE_SIP_MAX_INBOUND_CALLS", "500")),
-            sip_session_expires=int(e.get("ACKLINE_SIP_SESSION_EXPIRES", "1800")),
-            sip_min_se=int(e.get("ACKLINE_SIP_MIN_SE", "90")),
-            sip_srtp=parse_srtp_mode(e.get("ACKLINE_SIP_SRTP") or SrtpMode.OPTIONAL.value),
-            voice_target=e.get("ACKLINE_VOICE_TARGET") or None,
-            voice_auth_user=e.get("ACKLINE_VOICE_AUTH_USER") or None,
-            voice_auth_password=e.get("ACKLINE_VOICE_AUTH_PASSWORD") or None,
-            voice_ring_timeout=float(e.get("ACKLINE_VOICE_RING_TIMEOUT", "30")),
-            voice_max_call=float(e.get("ACKLINE_VOICE_MAX_CALL", "300")),
-            voice_amd=_bool(e.get("ACKLINE_VOICE_AMD"), False),
-            voice_machine_message=e.get("ACKLINE_VOICE_MACHINE_MESSAGE") or None,
-            twilio_account_sid=e.get("TWILIO_ACCOUNT_SID") or None,
-            twilio_from_numbers=tuple(
-                n.strip() for n in e.get("TWILIO_FROM_NUMBERS", "").split(",") if n.strip()
-            ),
-            twilio_api_base=e.get("TWILIO_API_BASE") or None,
-            telegram_bot_token=e.get("TELEGRAM_BOT_TOKEN") or None,
-            telegram_api_base=e.get("TELEGRAM_API_BASE") or None,
-            slack_bot_token=e.get("SLACK_BOT_TOKEN") or None,
-            slack_signing_secret=e.get("SLACK_SIGNING_SECRET") or None,
-            slack_api_base=e.get("SLACK_API_BASE") or None,
-            smtp_host=e.get("ACKLINE_SMTP_HOST") or None,
-            smtp_port=int(e.get("ACKLINE_SMTP_PORT", "25")),
-            smtp_from=e.get("ACKLINE_SMTP_FROM") or None,
-            webhook_secret=e.get("ACKLINE_WEBHOOK_SECRET") or None,
-            session_secret=e.get("ACKLINE_SESSION_SECRET") or None,
-            console_idle_timeout=float(e.get("ACKLINE_CONSOLE_IDLE_TIMEOUT", "28800")),
-            status_operator=e.get("ACKLINE_STATUS_OPERATOR") or None,
-            status_sample_interval=float(e.get("ACKLINE_STATUS_SAMPLE_INTERVAL") or "60"),
-            status_auto_incidents=_bool(e.get("ACKLINE_STATUS_AUTO_INCIDENTS"), False),
-        )
+        """The settings of `env` (default: the process environment), with NAME_FILE
+        secrets read in, REDIS_SENTINELS turned into a URL and ./ackline.yaml as the
+        configuration when ACKLINE_CONFIG is unset. Raises ValueError naming the variable."""
+        values = with_file_secrets(os.environ if env is None else env)
+        source = EnvSettingsSource(cls, case_sensitive=False, env_ignore_empty=True)
+        source.env_vars = parse_env_vars(values, False, True, None)
+        found: dict[str, Any] = source()
+        found["redis_url"] = redis_url_from_env(values)
+        if "ACKLINE_CONFIG" not in found and Path("ackline.yaml").exists():
+            found["ACKLINE_CONFIG"] = "ackline.yaml"
+        return cls(**found)

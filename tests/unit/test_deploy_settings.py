@@ -102,3 +102,40 @@ async def test_an_exhausted_rtp_range_is_named_in_the_error() -> None:
         with pytest.raises(NoFreeRtpPort, match=f"^no free RTP port in {port}-{port + 1}$"):
             await media.open()
         await pacer.stop()
+
+
+def test_every_setting_reads_its_variable_and_empty_ones_count_as_unset() -> None:
+    env = {
+        "DATABASE_URL": "postgresql://db/other",  # the generic name, read when the own one is unset
+        "ACKLINE_AUDIT_FSYNC": "yes",
+        "ACKLINE_EMBEDDED_WORKER": "false",
+        "TWILIO_FROM_NUMBERS": "+15550100, +15550101,",
+        "ACKLINE_API_KEYS": "k1:acme",
+        "ACKLINE_SMTP_PORT": "2525",
+        "ACKLINE_VOICE_TARGET": "",
+        "ACKLINE_LEASE_SECONDS": "",
+    }
+    settings = Settings.from_env(env)
+    assert settings.database_url == "postgresql://db/other"
+    assert settings.audit_fsync is True and settings.embedded_worker is False
+    assert settings.twilio_from_numbers == ("+15550100", "+15550101")
+    assert settings.api_keys == {"k1": "acme"} and settings.smtp_port == 2525
+    assert settings.voice_target is None and settings.lease_seconds == 30.0
+    both = {"ACKLINE_DATABASE_URL": "postgresql://db/own", "DATABASE_URL": "postgresql://x/y"}
+    assert Settings.from_env(both).database_url == "postgresql://db/own"
+
+
+def test_a_malformed_variable_is_refused_by_name_instead_of_read_as_a_default() -> None:
+    for name, value in [("ACKLINE_AUDIT_FSYNC", "maybe"), ("ACKLINE_SIP_PORT", "5o60"),
+                        ("ACKLINE_LEASE_SECONDS", "thirty")]:  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            Settings.from_env({name: value})
+
+
+def test_settings_built_in_code_ignore_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ACKLINE_SIP_PORT", "5999")
+    assert Settings().sip_port == 5060
+    assert Settings(sip_port=5070).sip_port == 5070
+    assert Settings.from_env().sip_port == 5999
