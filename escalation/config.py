@@ -41,6 +41,9 @@ CHANNEL_CONTACT_FIELD: Mapping[str, str] = {
     "slack": "slack_channel",
 }
 KNOWN_CHANNELS = tuple(CHANNEL_CONTACT_FIELD)
+# A recipient's contact fields, each once: the config model, the table, the console form
+# and the ContactPoint a channel gets all carry exactly these.
+CONTACT_FIELDS = tuple(dict.fromkeys(CHANNEL_CONTACT_FIELD.values()))
 # Where a shift reminder may go, in the order a recipient's default is picked. A reminder
 # is a message, not a page: a call would run the ack menu for an alert that does not exist.
 REMINDER_CHANNELS = ("sms", "telegram", "slack", "email", "webhook")
@@ -202,7 +205,7 @@ class Recipient(BaseModel):
 
     @model_validator(mode="after")
     def _reachable(self) -> Recipient:
-        if not any(getattr(self, f) for f in set(CHANNEL_CONTACT_FIELD.values())):
+        if not any(getattr(self, f) for f in CONTACT_FIELDS):
             raise ValueError(f"recipient {self.id!r} has no contact point")
         return self
 

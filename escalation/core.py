@@ -15,7 +15,14 @@ from datetime import datetime, timedelta
 from typing import Any, assert_never
 
 from escalation.channels.base import ContactPoint, DeliveryStatus
-from escalation.config import CHANNEL_CONTACT_FIELD, Policy, RateLimit, Recipient, RetryPolicy
+from escalation.config import (
+    CHANNEL_CONTACT_FIELD,
+    CONTACT_FIELDS,
+    Policy,
+    RateLimit,
+    Recipient,
+    RetryPolicy,
+)
 from escalation.schedules import OnCall
 from storage.models import AlertState
 
@@ -177,15 +184,8 @@ def build_plan(
 
 
 def contact_point(r: Recipient) -> ContactPoint:
-    return ContactPoint(
-        recipient_id=r.id,
-        name=r.name,
-        phone=r.phone,
-        telegram_chat_id=r.telegram_chat_id,
-        email=r.email,
-        webhook_url=r.webhook_url,
-        slack_channel=r.slack_channel,
-    )
+    contacts: dict[str, Any] = {name: getattr(r, name) for name in CONTACT_FIELDS}
+    return ContactPoint(recipient_id=r.id, name=r.name, **contacts)
 
 
 # ---------------------------------------------------------------------------- chain state

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from escalation.config import (
+    CONTACT_FIELDS,
     AcklineConfig,
     ConfigError,
     Group,
@@ -139,9 +140,9 @@ async def _put_recipient(s: AsyncSession, company: str, r: Recipient) -> None:
     if row is None:
         row = RecipientRow(company=company, id=r.id, name=r.name, updated_at=utcnow())
         s.add(row)
-    row.name, row.phone, row.email = r.name, r.phone, r.email
-    row.telegram_chat_id, row.webhook_url = r.telegram_chat_id, r.webhook_url
-    row.slack_channel = r.slack_channel
+    row.name = r.name
+    for name in CONTACT_FIELDS:
+        setattr(row, name, getattr(r, name))
     row.updated_at = utcnow()
 
 

@@ -31,13 +31,13 @@ from escalation import crud
 from escalation.audit import AuditLog
 from escalation.channels.base import (
     Channel,
-    ContactPoint,
     DeliveryResult,
     DeliveryStatus,
     Notification,
     NotificationKind,
 )
 from escalation.config import REMINDER_CHANNELS, Recipient
+from escalation.core import contact_point
 from escalation.schedules import MAX_REMINDER, Override, Reminder, Schedule, shifts
 from storage.db import Database
 from storage.models import ShiftReminderRow, utcnow
@@ -142,14 +142,6 @@ def reminder_id(company: str, shift: ShiftStart) -> str:
     return str(uuid.uuid5(_REMINDER_IDS, key))
 
 
-def _contact(recipient: Recipient) -> ContactPoint:
-    return ContactPoint(
-        recipient_id=recipient.id, name=recipient.name, phone=recipient.phone,
-        telegram_chat_id=recipient.telegram_chat_id, email=recipient.email,
-        webhook_url=recipient.webhook_url, slack_channel=recipient.slack_channel,
-    )  # fmt: skip
-
-
 class ShiftReminders:
     """Sends the reminders due at an instant; `run_once(now)` is one bounded pass.
 
@@ -242,7 +234,7 @@ class ShiftReminders:
         title, summary = reminder_text(src.schedule, shift.start)
         notification = Notification(
             notification_id=reminder_id(company, shift), alert_id="", alert_short_id="",
-            channel=channel, contact=_contact(recipient), title=title, summary=summary,
+            channel=channel, contact=contact_point(recipient), title=title, summary=summary,
             severity="info", attempt=1, kind=NotificationKind.SHIFT_REMINDER,
             details={"schedule": shift.schedule, "shift_start": shift.start.isoformat()},
         )  # fmt: skip

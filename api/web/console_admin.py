@@ -37,7 +37,14 @@ from api.routes.carriers import (
 from api.web.auth import ConsoleUser, ConsoleUserDep, Role, audit_context, render, require_role
 from carriers.store import TrunkChanges
 from escalation import crud
-from escalation.config import KNOWN_CHANNELS, ConfigError, Group, Policy, Recipient
+from escalation.config import (
+    CONTACT_FIELDS,
+    KNOWN_CHANNELS,
+    ConfigError,
+    Group,
+    Policy,
+    Recipient,
+)
 
 __all__ = ["router"]
 
@@ -250,7 +257,7 @@ def _not_found(kind: Kind, key: str) -> HTTPException:
 
 # ------------------------------------------------------------------ recipients
 
-RECIPIENT_FIELDS = ("name", "phone", "telegram_chat_id", "email", "webhook_url", "slack_channel")
+RECIPIENT_FIELDS = ("name", *CONTACT_FIELDS)
 
 
 async def _recipients(runtime: Runtime, company: str) -> dict[str, Recipient]:

@@ -177,3 +177,27 @@ def test_snooze_is_whole_minutes_within_a_day(bad: object) -> None:
     data["policies"][0]["voice"] = {"snooze": bad}
     with pytest.raises(ConfigError, match="snooze must be whole minutes"):
         parse_config(data)
+
+
+def test_every_contact_field_is_carried_from_config_to_table_to_channel() -> None:
+    """A contact field missing from one of them would silently never reach its channel."""
+    from dataclasses import fields
+
+    from escalation.channels.base import ContactPoint
+    from escalation.config import CONTACT_FIELDS, Recipient
+    from escalation.core import contact_point
+    from storage.models import RecipientRow
+
+    assert set(CONTACT_FIELDS) <= set(Recipient.model_fields)
+    assert set(CONTACT_FIELDS) <= {f.name for f in fields(ContactPoint)}
+    assert set(CONTACT_FIELDS) <= set(RecipientRow.model_fields)
+    values = {
+        "phone": "+14155550100",
+        "telegram_chat_id": "12345",
+        "email": "oncall@example.org",
+        "webhook_url": "https://hooks.example.org/p",
+        "slack_channel": "C0123ABCD",
+    }
+    assert set(values) == set(CONTACT_FIELDS), "give the new contact field a value here"
+    contact = contact_point(Recipient(id="ann", name="Ann", **values))
+    assert {name: getattr(contact, name) for name in CONTACT_FIELDS} == values
