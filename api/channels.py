@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from api.channel_providers import PROVIDERS, BuildContext
 from api.loop import cancel_and_wait
 from api.settings import Settings
-from api.setup_health import available_channels
 from api.voice_channel import AckMenu, CarrierDialer, Dialer, SipUriDialer, VoiceChannel
 from carriers.budgets import RedisBudgets
 from carriers.health import HealthChange
@@ -32,17 +32,6 @@ from gateway.sip.auth import Credentials
 from ivr.flow import Flow, load_flow
 from ivr.twiml import twiml_errors
 from storage.db import Database
-
-
-def _wav_tts(prompts: Any) -> Callable[[str], Awaitable[bytes]]:
-    """The gateway's cached TTS as WAV bytes, for voice notes."""
-    from prompts.audio import pcm_to_wav
-
-    async def render(text: str) -> bytes:
-        prompt = await prompts.render(text)
-        return pcm_to_wav(prompt.pcm)
-
-    return render
 
 
 def audit_trunk_health(audit: AuditLog, config: AcklineConfig, change: HealthChange) -> None:
@@ -165,7 +154,6 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
     """The configured channels, closed again when the worker stops."""
     config = load_config(settings.config_path) if settings.config_path else AcklineConfig()
     services = Services(config)
-    enabled = available_channels(settings, config)  # the start-up warnings' own view
     channels = services.channels
     closers: list[Any] = []
     twilio: TwilioVoice | None = None
@@ -219,58 +207,11 @@ async def services_for(settings: Settings, gateway: Gateway | None) -> AsyncIter
             flow=default_ack_flow(settings),
             flows=policy_flows(config),
         )
-    if "sms" in enabled:
-        assert settings.twilio_account_sid and settings.twilio_auth_token
-        from escalation.channels.sms import SmsChannel, TwilioSender
-
-        senders = [
-            TwilioSender(settings.twilio_account_sid, settings.twilio_auth_token, from_number=n)
-            for n in settings.twilio_from_numbers
-        ]
-        status_url = (
-            f"{settings.public_url.rstrip('/')}/v1/webhooks/twilio/status"
-            if settings.public_url
-            else None
-        )
-        channels["sms"] = SmsChannel(
-            senders, api_base=settings.twilio_api_base, status_callback_url=status_url
-        )
-    if "telegram" in enabled:
-        assert settings.telegram_bot_token
-        from escalation.channels.telegram import (
-            TELEGRAM_API_BASE,
-            TelegramBotApi,
-            TelegramChannel,
-            TelegramVoiceChannel,
-        )
-
-        bot = TelegramBotApi(
-            settings.telegram_bot_token, api_base=settings.telegram_api_base or TELEGRAM_API_BASE
-        )
-        closers.append(bot.aclose)
-        channels["telegram"] = TelegramChannel(bot)
-        if gateway is not None and gateway.prompts is not None:
-            channels["telegram_voice"] = TelegramVoiceChannel(bot, _wav_tts(gateway.prompts))
-    if "slack" in enabled:
-        assert settings.slack_bot_token
-        from escalation.channels.slack import SlackChannel, SlackWebApi
-
-        slack = SlackWebApi(settings.slack_bot_token, api_base=settings.slack_api_base)
-        channels["slack"] = SlackChannel(slack)
-    if "email" in enabled:
-        assert settings.smtp_host and settings.smtp_from
-        from escalation.channels.email import EmailChannel
-
-        channels["email"] = EmailChannel(
-            settings.smtp_host, settings.smtp_port, sender=settings.smtp_from
-        )
-    if "webhook" in enabled:
-        assert settings.webhook_secret
-        from escalation.channels.webhook import WebhookChannel
-
-        webhook = WebhookChannel(settings.webhook_secret)
-        closers.append(webhook.aclose)
-        channels["webhook"] = webhook
+    built = BuildContext(settings, gateway)
+    for provider in PROVIDERS:
+        if provider.enabled(settings):
+            channels.update(provider.build(built))
+    closers += built.closers
     try:
         yield services
     finally:

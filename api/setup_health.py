@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from api.channel_providers import PROVIDERS
 from api.settings import Settings
 from escalation.config import CHANNEL_CONTACT_FIELD, AcklineConfig, Policy, Recipient
 from escalation.schedules import shifts
@@ -30,15 +31,10 @@ __all__ = [
     "setup_warnings",
 ]
 
-# What enables each channel (api.channels.services_for builds them from the same settings).
+# What enables each channel: voice's route, and each registered provider's variables.
 CHANNEL_SETTINGS = {
     "voice": "ACKLINE_VOICE_TARGET (or voice_target / carriers: trunks in ackline.yaml)",
-    "sms": "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_FROM_NUMBERS",
-    "telegram": "TELEGRAM_BOT_TOKEN",
-    "telegram_voice": "TELEGRAM_BOT_TOKEN",
-    "slack": "SLACK_BOT_TOKEN",
-    "email": "ACKLINE_SMTP_HOST and ACKLINE_SMTP_FROM",
-    "webhook": "ACKLINE_WEBHOOK_SECRET",
+    **{name: p.variables() for p in PROVIDERS for name in p.channels},
 }
 # How far ahead an empty schedule is looked for: a rota nobody is on for a week is broken.
 SCHEDULE_LOOKAHEAD = timedelta(days=7)
@@ -75,19 +71,9 @@ def voice_route(settings: Settings, config: AcklineConfig) -> bool:
 def available_channels(settings: Settings, config: AcklineConfig) -> set[str]:
     """The channels a worker with these settings has: api.channels.services_for builds
     exactly these (voice and telegram_voice also need a gateway in the process)."""
-    out: set[str] = set()
+    out = {name for p in PROVIDERS if p.enabled(settings) for name in p.channels}
     if voice_route(settings, config):
         out.add("voice")
-    if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from_numbers:
-        out.add("sms")
-    if settings.telegram_bot_token:
-        out |= {"telegram", "telegram_voice"}
-    if settings.slack_bot_token:
-        out.add("slack")
-    if settings.smtp_host and settings.smtp_from:
-        out.add("email")
-    if settings.webhook_secret:
-        out.add("webhook")
     return out
 
 

@@ -17,7 +17,7 @@ from api.setup_health import (
     available_channels,
     setup_warnings,
 )
-from escalation.config import ConfigError, parse_config
+from escalation.config import AcklineConfig, ConfigError, parse_config
 
 NOW = datetime(2026, 3, 18, 12, tzinfo=UTC)
 EVERYTHING = {
@@ -162,3 +162,27 @@ def test_the_files_voice_target_is_a_sip_template_with_the_number() -> None:
     for bad in ("sip:alice@127.0.0.1:5070", "tel:{number}"):
         with pytest.raises(ConfigError, match="voice_target is a SIP URI template"):
             config(voice_target=bad)
+
+
+async def test_every_channel_but_voice_has_one_provider_and_is_built_as_announced(
+    tmp_path: Path,
+) -> None:
+    """The registry is the one list: what the warnings call available is what a worker
+    builds, and a channel the config accepts cannot lack a provider."""
+    from api.channel_providers import PROVIDERS
+    from api.channels import services_for
+    from escalation.config import KNOWN_CHANNELS
+
+    provided = [name for p in PROVIDERS for name in p.channels]
+    assert sorted(provided) == sorted(set(KNOWN_CHANNELS) - {"voice"})
+    settings = Settings(
+        audit_dir=tmp_path / "audit",
+        smtp_host="127.0.0.1",
+        smtp_from="ackline@example.org",
+        webhook_secret="s",
+        twilio_account_sid="AC00000000000000000000000000000000",
+        twilio_auth_token="t",  # no From numbers: sms stays off
+    )
+    assert available_channels(settings, AcklineConfig()) == {"email", "webhook"}
+    async with services_for(settings, None) as services:
+        assert set(services.channels) == {"email", "webhook"}
