@@ -282,6 +282,7 @@ def require_role(role: Role) -> Callable[[Request], Awaitable[ConsoleUser]]:
 
 
 ConsoleUserDep = Annotated[ConsoleUser, Depends(require_role(Role.VIEWER))]
+Admin = Annotated[ConsoleUser, Depends(require_role(Role.ADMIN))]
 
 
 def audit_context(request: Request, user: ConsoleUser) -> RequestContext:

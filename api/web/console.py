@@ -22,7 +22,15 @@ from sqlmodel import col
 
 from api.deps import Runtime, runtime_of
 from api.routes.alerts import recording_of, recording_response
-from api.web.auth import ConsoleUser, ConsoleUserDep, Role, audit_context, render, require_role
+from api.web.auth import (
+    Admin,
+    ConsoleUser,
+    ConsoleUserDep,
+    Role,
+    audit_context,
+    render,
+    require_role,
+)
 from escalation import crud
 from escalation.config import Severity
 from escalation.engine import AlertClosed, BadTarget, RequestContext
@@ -37,7 +45,6 @@ __all__ = ["router"]
 router = APIRouter(include_in_schema=False)
 
 Responder = Annotated[ConsoleUser, Depends(require_role(Role.RESPONDER))]
-Admin = Annotated[ConsoleUser, Depends(require_role(Role.ADMIN))]
 
 PAGE_SIZE = 25
 POLL_SECONDS = 4

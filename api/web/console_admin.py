@@ -34,7 +34,13 @@ from api.routes.carriers import (
     reset_trunk,
     trunk_views,
 )
-from api.web.auth import ConsoleUser, ConsoleUserDep, Role, audit_context, render, require_role
+from api.web.auth import (
+    Admin,
+    ConsoleUser,
+    ConsoleUserDep,
+    audit_context,
+    render,
+)
 from carriers.store import TrunkChanges
 from escalation import crud
 from escalation.config import (
@@ -50,7 +56,6 @@ __all__ = ["router"]
 
 router = APIRouter(include_in_schema=False)
 
-Admin = Annotated[ConsoleUser, Depends(require_role(Role.ADMIN))]
 
 OVERRIDE_POLL_SECONDS = 2  # carriers.store.TrunkStore.watch: how soon workers apply a change
 MAX_STEPS = 50  # Policy.steps' bound: the form never builds more
@@ -235,20 +240,29 @@ def _same(a: BaseModel, b: BaseModel) -> bool:
     return a.model_dump(mode="json") == b.model_dump(mode="json")
 
 
-def _audit_change(request: Request, user: ConsoleUser, kind: Kind, key: str, created: bool) -> None:
-    """Who changed which configuration item from the console, and from where."""
+def _audit_change(request: Request, user: ConsoleUser, kind: Kind, key: str, status: str) -> None:
+    """Who created, changed or deleted which configuration item from the console, and
+    from where."""
     ctx = audit_context(request, user)
     runtime_of(request).audit.write(user.company, [{
-        "event": "config_changed", "status": "created" if created else "changed",
+        "event": "config_changed", "status": status,
         "actor": ctx.actor, "ip": ctx.ip, "request_id": ctx.request_id,
         "kind": kind.value, "key": key,
     }])  # fmt: skip
 
 
-def _saved(kind: Kind, key: str, created: bool) -> RedirectResponse:
-    path = {Kind.RECIPIENT: "recipients", Kind.GROUP: "groups", Kind.POLICY: "policies"}[kind]
+def _list_page(kind: Kind) -> str:
+    return {Kind.RECIPIENT: "recipients", Kind.GROUP: "groups", Kind.POLICY: "policies"}[kind]
+
+
+def _saved(
+    request: Request, user: ConsoleUser, kind: Kind, key: str, created: bool
+) -> RedirectResponse:
+    _audit_change(request, user, kind, key, "created" if created else "changed")
     verb = "created" if created else "saved"
-    return RedirectResponse(f"/console/{path}?done={verb}:{key}#{kind.value}-{key}", 303)
+    return RedirectResponse(
+        f"/console/{_list_page(kind)}?done={verb}:{key}#{kind.value}-{key}", 303
+    )
 
 
 def _not_found(kind: Kind, key: str) -> HTTPException:
@@ -258,6 +272,14 @@ def _not_found(kind: Kind, key: str) -> HTTPException:
 # ------------------------------------------------------------------ recipients
 
 RECIPIENT_FIELDS = ("name", *CONTACT_FIELDS)
+# Each contact field's label and hint on the pages (a test checks it covers CONTACT_FIELDS).
+CONTACT_LABELS: Mapping[str, tuple[str, str]] = {
+    "phone": ("Phone", "E.164, e.g. +14155550123"),
+    "telegram_chat_id": ("Telegram chat id", "a number or @channel"),
+    "email": ("Email", ""),
+    "webhook_url": ("Webhook URL", "http(s)"),
+    "slack_channel": ("Slack channel or user id", "C0123ABCD, not #name"),
+}
 
 
 async def _recipients(runtime: Runtime, company: str) -> dict[str, Recipient]:
@@ -268,12 +290,19 @@ async def _recipients(runtime: Runtime, company: str) -> dict[str, Recipient]:
 async def recipients_page(
     request: Request, user: ConsoleUserDep, done: str | None = None
 ) -> HTMLResponse:
+    return await _recipients_page(request, user, done)
+
+
+async def _recipients_page(
+    request: Request, user: ConsoleUser, done: str | None, refused: str | None = None
+) -> HTMLResponse:
     runtime = runtime_of(request)
     found = await _recipients(runtime, user.company)
     return render(request, "console/admin_recipients.html", {
         "nav": "recipients", "recipients": list(found.values()), "done": done,
+        "refused": refused, "contact_labels": CONTACT_LABELS,
         "sources": _sources(runtime, user.company, Kind.RECIPIENT, found), "Source": Source,
-    }, user)  # fmt: skip
+    }, user, status_code=409 if refused else 200)  # fmt: skip
 
 
 async def _recipient_form(
@@ -286,6 +315,7 @@ async def _recipient_form(
     runtime = runtime_of(request)
     return render(request, "console/admin_recipient.html", {
         "nav": "recipients", "key": key, "form": form, "errors": errors or {},
+        "contact_labels": CONTACT_LABELS,
         "in_file": key is not None and key in _file_items(runtime, user.company, Kind.RECIPIENT),
     }, user, status_code=422 if errors else 200)  # fmt: skip
 
@@ -323,8 +353,7 @@ async def _save_recipient(
     except ValidationError as exc:
         return await _recipient_form(request, user, key, form, _by_field(exc))
     await crud.put_recipient(runtime.db, user.company, recipient)
-    _audit_change(request, user, Kind.RECIPIENT, rid, key is None)
-    return _saved(Kind.RECIPIENT, rid, key is None)
+    return _saved(request, user, Kind.RECIPIENT, rid, key is None)
 
 
 async def _recipient_form_fields(request: Request) -> dict[str, str]:
@@ -360,12 +389,18 @@ async def edit_recipient(
 async def groups_page(
     request: Request, user: ConsoleUserDep, done: str | None = None
 ) -> HTMLResponse:
+    return await _groups_page(request, user, done)
+
+
+async def _groups_page(
+    request: Request, user: ConsoleUser, done: str | None, refused: str | None = None
+) -> HTMLResponse:
     runtime = runtime_of(request)
     found = {g.name: g for g in await crud.list_groups(runtime.db, user.company)}
     return render(request, "console/admin_groups.html", {
-        "nav": "groups", "groups": list(found.values()), "done": done,
+        "nav": "groups", "groups": list(found.values()), "done": done, "refused": refused,
         "sources": _sources(runtime, user.company, Kind.GROUP, found), "Source": Source,
-    }, user)  # fmt: skip
+    }, user, status_code=409 if refused else 200)  # fmt: skip
 
 
 async def _group_form(
@@ -422,8 +457,7 @@ async def _save_group(request: Request, user: ConsoleUser, key: str | None) -> R
     except ConfigError as exc:
         errors = _config_errors(exc, "", _group_key)
         return await _group_form(request, user, key, name, members, errors)
-    _audit_change(request, user, Kind.GROUP, name, key is None)
-    return _saved(Kind.GROUP, name, key is None)
+    return _saved(request, user, Kind.GROUP, name, key is None)
 
 
 @router.post("/console/groups")
@@ -577,13 +611,19 @@ async def _policies(runtime: Runtime, company: str) -> dict[str, Policy]:
 async def policies_page(
     request: Request, user: ConsoleUserDep, done: str | None = None
 ) -> HTMLResponse:
+    return await _policies_page(request, user, done)
+
+
+async def _policies_page(
+    request: Request, user: ConsoleUser, done: str | None, refused: str | None = None
+) -> HTMLResponse:
     runtime = runtime_of(request)
     found = await _policies(runtime, user.company)
     return render(request, "console/admin_policies.html", {
-        "nav": "policies", "policies": list(found.values()), "done": done,
+        "nav": "policies", "policies": list(found.values()), "done": done, "refused": refused,
         "sources": _sources(runtime, user.company, Kind.POLICY, found), "Source": Source,
         "duration_text": duration_text,
-    }, user)  # fmt: skip
+    }, user, status_code=409 if refused else 200)  # fmt: skip
 
 
 async def _policy_form(
@@ -637,8 +677,7 @@ async def _save_policy(request: Request, user: ConsoleUser, key: str | None) -> 
         return await _policy_form(request, user, key, form, _by_field(exc, field))
     except ConfigError as exc:
         return await _policy_form(request, user, key, form, _config_errors(exc, "policy", field))
-    _audit_change(request, user, Kind.POLICY, name, key is None)
-    return _saved(Kind.POLICY, name, key is None)
+    return _saved(request, user, Kind.POLICY, name, key is None)
 
 
 @router.post("/console/policies")
@@ -649,3 +688,50 @@ async def create_policy(request: Request, user: Admin) -> Response:
 @router.post("/console/policies/{name}/edit")
 async def edit_policy(request: Request, name: str, user: Admin) -> Response:
     return await _save_policy(request, user, name)
+
+
+# ------------------------------------------------------------------ deleting
+
+
+async def _delete(request: Request, user: ConsoleUser, kind: Kind, key: str) -> Response:
+    """Delete through escalation.crud, which refuses while a policy, group, schedule or
+    integration still names the item; an item of ackline.yaml is refused too, as the next
+    start would bring it back. A refusal changes nothing and says why on the list page."""
+    runtime = runtime_of(request)
+    refused: str | None = None
+    if key in _file_items(runtime, user.company, kind):
+        refused = (f"{kind.value} {key!r} is defined in ackline.yaml, and the next start "
+                   "would bring it back: remove it from the file")  # fmt: skip
+    else:
+        try:
+            if not await crud.delete(runtime.db, user.company, kind.value, key):
+                raise _not_found(kind, key)
+        except crud.Conflict as exc:
+            refused = f"not deleted: {exc}"
+    if refused is not None:
+        match kind:
+            case Kind.RECIPIENT:
+                return await _recipients_page(request, user, None, refused)
+            case Kind.GROUP:
+                return await _groups_page(request, user, None, refused)
+            case Kind.POLICY:
+                return await _policies_page(request, user, None, refused)
+            case _:
+                typing.assert_never(kind)
+    _audit_change(request, user, kind, key, "deleted")
+    return RedirectResponse(f"/console/{_list_page(kind)}?done=deleted:{key}", 303)
+
+
+@router.post("/console/recipients/{rid}/delete")
+async def delete_recipient(request: Request, rid: str, user: Admin) -> Response:
+    return await _delete(request, user, Kind.RECIPIENT, rid)
+
+
+@router.post("/console/groups/{name}/delete")
+async def delete_group(request: Request, name: str, user: Admin) -> Response:
+    return await _delete(request, user, Kind.GROUP, name)
+
+
+@router.post("/console/policies/{name}/delete")
+async def delete_policy(request: Request, name: str, user: Admin) -> Response:
+    return await _delete(request, user, Kind.POLICY, name)

@@ -13,19 +13,18 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from api.routes.status import IncidentIn, IncidentUpdateIn, MaintenanceIn, RowId
 from api.web.auth import (
+    Admin,
     ConsoleUser,
     ConsoleUserDep,
     Forbidden,
-    Role,
     audit_context,
     render,
-    require_role,
 )
 from api.web.status import StatusPage
 from escalation.status import Impact, IncidentStatus, MaintenanceStatus
@@ -35,7 +34,6 @@ __all__ = ["router"]
 
 router = APIRouter(include_in_schema=False)
 
-Admin = Annotated[ConsoleUser, Depends(require_role(Role.ADMIN))]
 
 RECENT_RESOLVED = 20
 MAX_OPEN = 100

@@ -272,3 +272,33 @@ def test_a_responder_cannot_edit_trunks(page: Page, server: LiveServer) -> None:
     expect(page.get_by_role("link", name="Edit page")).to_have_count(0)
     refused = page.goto(f"{server.url}/console/policies/page/edit")
     assert refused is not None and refused.status == 403
+
+
+def test_an_admin_deletes_a_recipient_after_a_second_step_and_a_file_one_is_refused(
+    page: Page, server: LiveServer, csp_errors: list[str]
+) -> None:
+    sign_in(page, server, "ada")
+    page.goto(f"{server.url}/console/recipients/new")
+    page.locator("#f-id").fill("zed")
+    page.locator("#f-name").fill("Zed")
+    page.locator("#f-email").fill("zed@example.org")
+    page.locator("#save").click()
+    expect(page.locator("#done")).to_have_text("Created: zed.")
+
+    page.get_by_role("link", name="Edit zed").click()
+    confirm = page.get_by_role("button", name="Delete zed")
+    expect(confirm).to_be_hidden()  # inside the closed disclosure: one click cannot delete
+    page.get_by_text("Delete this recipient").click()
+    expect(confirm).to_be_visible()
+    fits_375(page, "admin-recipient-delete")
+    confirm.click()
+    expect(page.locator("#done")).to_have_text("Deleted: zed.")
+    expect(page.locator("#recipient-zed")).to_have_count(0)
+
+    page.goto(f"{server.url}/console/recipients/alice/edit")
+    page.get_by_text("Delete this recipient").click()
+    page.get_by_role("button", name="Delete alice").click()
+    expect(page.locator("#refused")).to_contain_text("defined in ackline.yaml")
+    expect(page.locator("#recipient-alice")).to_have_count(1)
+    fits_375(page, "admin-recipients-refused")
+    assert csp_errors == []

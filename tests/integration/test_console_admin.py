@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import html
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -100,6 +101,9 @@ WRITES: list[tuple[str, dict[str, Any]]] = [
     ("/console/recipients", {"id": "eve", "name": "Eve", "phone": "+14155550108"}),
     ("/console/groups/primary/edit", {"members": "bob"}),
     ("/console/groups", {"name": "others", "members": "bob"}),
+    ("/console/recipients/bob/delete", {}),
+    ("/console/groups/primary/delete", {}),
+    ("/console/policies/page/delete", {}),
 ]  # fmt: skip
 
 
@@ -179,7 +183,7 @@ async def test_console_trunk_changes_are_the_api_changes(db_url: str, tmp_path: 
         assert (await console({"action": "reset"})).status_code == 303
         assert (await client.delete("/v1/carriers/secondary/overrides", headers=KEY)).is_success
         missing = await console({"action": "disable"}, "nope")
-        assert missing.status_code == 404
+        assert missing.status_code == 404, missing.text
 
         lines = audit(app, "trunk_changed")
         by_actor: dict[str, list[Any]] = {}
@@ -335,3 +339,52 @@ async def test_console_recipients_and_groups_validate_as_the_api(
         assert "from ackline.yaml" in alice_item
         changes = [(x["status"], x["kind"], x["key"]) for x in audit(app, "config_changed")]
         assert changes == [("created", "recipient", "carol"), ("changed", "group", "primary")]
+
+
+async def test_console_deletes_what_nothing_uses_and_refuses_the_rest_changing_nothing(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    async with console_app(sqlite_url, tmp_path) as (app, client):
+        token = await sign_in(client, "ada")
+        for form in ({"id": "carol", "name": "Carol", "phone": "+14155550107"},
+                     {"id": "dave", "name": "Dave", "email": "dave@example.org"}):  # fmt: skip
+            assert (await client.post("/console/recipients", data={**form, "csrf_token": token})
+                    ).status_code == 303  # fmt: skip
+        made = await client.post(
+            "/console/groups", data={"name": "night", "members": ["carol"], "csrf_token": token}
+        )
+        assert made.status_code == 303, made.text
+        edit = (await client.get("/console/recipients/carol/edit")).text
+        assert 'action="/console/recipients/carol/delete"' in edit
+
+        in_use = await client.post("/console/recipients/carol/delete", data={"csrf_token": token})
+        assert in_use.status_code == 409
+        refusal = html.unescape(in_use.text.split('id="refused">')[1].split("</p>")[0])
+        assert refusal == "not deleted: recipient 'carol' is used by group night"
+        in_file = await client.post("/console/recipients/alice/delete", data={"csrf_token": token})
+        assert in_file.status_code == 409 and "defined in ackline.yaml" in in_file.text
+        missing = await client.post("/console/groups/nobody/delete", data={"csrf_token": token})
+        assert missing.status_code == 404, missing.text
+        no_csrf = await client.post("/console/recipients/dave/delete")
+        assert no_csrf.status_code == 403
+        people = {r["id"] for r in (await client.get("/v1/recipients", headers=KEY)).json()}
+        assert {"alice", "carol", "dave"} <= people
+
+        gone = await client.post("/console/groups/night/delete", data={"csrf_token": token})
+        assert gone.status_code == 303
+        assert gone.headers["location"] == "/console/groups?done=deleted:night"
+        for rid in ("carol", "dave"):
+            r = await client.post(f"/console/recipients/{rid}/delete", data={"csrf_token": token})
+            assert r.status_code == 303, r.text
+        people = {r["id"] for r in (await client.get("/v1/recipients", headers=KEY)).json()}
+        assert "carol" not in people and "dave" not in people and "alice" in people
+        groups = {g["name"] for g in (await client.get("/v1/groups", headers=KEY)).json()}
+        assert "night" not in groups
+        listing = (await client.get("/console/recipients?done=deleted:dave")).text
+        assert 'id="recipient-dave"' not in listing and "Deleted: dave." in listing
+        changes = [(x["status"], x["kind"], x["key"]) for x in audit(app, "config_changed")]
+        assert changes[-3:] == [
+            ("deleted", "group", "night"), ("deleted", "recipient", "carol"),
+            ("deleted", "recipient", "dave"),
+        ]  # fmt: skip
+        assert all(x["actor"] == "console:ada" for x in audit(app, "config_changed"))

@@ -191,6 +191,9 @@ def test_every_contact_field_is_carried_from_config_to_table_to_channel() -> Non
     assert set(CONTACT_FIELDS) <= set(Recipient.model_fields)
     assert set(CONTACT_FIELDS) <= {f.name for f in fields(ContactPoint)}
     assert set(CONTACT_FIELDS) <= set(RecipientRow.model_fields)
+    from api.web.console_admin import CONTACT_LABELS
+
+    assert list(CONTACT_LABELS) == list(CONTACT_FIELDS)  # the console's form and list
     values = {
         "phone": "+14155550100",
         "telegram_chat_id": "12345",
