@@ -32,6 +32,7 @@ from gateway.call import Gateway, GatewayConfig
 from gateway.sip.registration import Backoff, Event, Failed, Registered, RegistrationState
 from gateway.sip.transaction import TimerSettings
 from tests.integration.peers import SippRun, serve_gateway, sipp, wait_until
+from tests.integration.test_registration_kamailio import tee_events
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -92,14 +93,7 @@ async def registering(
         )
         run = Registering(gw, router, registrations, changes)
         client = registrations.clients[TRUNK]
-        wiring = client.on_event
-        assert wiring is not None
-
-        def tee(event: Event) -> None:
-            wiring(event)
-            run.events.put_nowait((time.monotonic(), event))
-
-        client.on_event = tee
+        tee_events(client, lambda event: run.events.put_nowait((time.monotonic(), event)))
         try:
             assert not run.usable  # down until registered
             registrations.start()
