@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from carriers.router import AnyCall, CarrierRouter, RoutedCall
+from carriers.router import CarrierRouter, RoutedCall
 from carriers.twilio_voice import TwilioCall
 from escalation.channels.base import (
     DeliveryResult,
@@ -33,7 +33,7 @@ from escalation.channels.base import (
     ignore_progress,
 )
 from gateway.call import Call, Gateway
-from gateway.result import CallOutcome, CallResult
+from gateway.result import CallOutcome, CallResult, PlacedCall
 from gateway.sip.auth import Credentials
 from ivr.builtin import AckOutcome, ack_flow, run_ack_flow
 from ivr.flow import Flow
@@ -52,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OnCall = Callable[[AnyCall], None]
+OnCall = Callable[[PlacedCall], None]
 # How long an answered alert call may last. The ack menu takes about a minute (three
 # prompts, six seconds for a key after each); a call still going after this is stuck
 # (a far end that never hangs up, a Twilio call whose reports stopped) and is ended.
@@ -70,7 +70,7 @@ _PERMANENT_CODES = frozenset({404, 484, 485, 604})
 class DialedCall:
     """A placed call plus how it was routed (trunk used, trunks tried), for the audit."""
 
-    call: AnyCall
+    call: PlacedCall
     details: Mapping[str, str] = field(default_factory=dict)
     # told how the answered call went: seconds from answer to the responder's key, or
     # None without one (the route's quality statistics learn from it)
@@ -346,7 +346,7 @@ async def _end_eventually(call: TwilioCall) -> None:
             await call.hangup()
 
 
-def early_result(call: AnyCall, outcome: str, route: Mapping[str, str]) -> DeliveryResult:
+def early_result(call: PlacedCall, outcome: str, route: Mapping[str, str]) -> DeliveryResult:
     """The result of a call that is still saying goodbye: the key has been pressed."""
     status, reason = KEYED[outcome]
     details = {**route, "call_id": call.call_id, "digits": call.digits, "sip_code": "200"}
@@ -386,7 +386,7 @@ class VoiceChannel:
         self._policy_conversations = {
             policy: ack_conversation(flow) for policy, flow in self._flows.items()
         }
-        self._active: dict[str, AnyCall | None] = {}  # in-flight notification -> its call
+        self._active: dict[str, PlacedCall | None] = {}  # in-flight notification -> its call
         self._cancelled: set[str] = set()  # only ever holds keys of _active
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -404,7 +404,7 @@ class VoiceChannel:
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "no_phone")
         self._active[nid] = None
 
-        def track(call: AnyCall) -> None:
+        def track(call: PlacedCall) -> None:
             self._active[nid] = call
             if nid in self._cancelled:  # the ack raced the dial: never let it ring
                 self._spawn(call.hangup())
@@ -434,7 +434,7 @@ class VoiceChannel:
                 progress(Progress.ANSWERED)
             if isinstance(call, TwilioCall):
                 outcome = await _twilio_outcome(call, self._max_call)
-            elif call.answered and not call.ended.is_set():
+            elif isinstance(call, Call) and call.answered and not call.ended.is_set():
                 converse = self._policy_conversations.get(notification.policy)
                 try:
                     async with asyncio.timeout(self._max_call):

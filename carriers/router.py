@@ -46,7 +46,7 @@ from carriers.twilio_voice import TwilioCall, TwilioVoice
 from gateway.call import Call, GatewayConfig
 from gateway.media.srtp import SrtpPolicy
 from gateway.redirect import RedirectPolicy, RedirectScreen
-from gateway.result import CallOutcome
+from gateway.result import CallOutcome, PlacedCall
 from gateway.sip.auth import Credentials
 from gateway.sip.registration import RegistrationState
 from gateway.sip.session_timer import SessionTimerSettings
@@ -112,15 +112,11 @@ class SkippedTrunk:
     reason: str
 
 
-AnyCall = Call | TwilioCall
-"""A call on a SIP trunk (ours: signalling and media) or on a Twilio trunk (Twilio's)."""
-
-
 @dataclass
 class RoutedCall:
     """The call as the application sees it: answered, or ended for good (busy, declined...)."""
 
-    call: AnyCall
+    call: PlacedCall
     trunk: str | None  # the trunk that carried the final attempt
     attempts: list[TrunkAttempt]
     destination: Destination
@@ -153,7 +149,7 @@ class NoRouteAvailable(OSError):
         self.skipped = list(skipped)
 
 
-def classify(call: AnyCall) -> tuple[AttemptKind, int | None, str]:
+def classify(call: PlacedCall) -> tuple[AttemptKind, int | None, str]:
     """What a finished dial says: (kind, SIP code, reason)."""
     if call.answered:
         return AttemptKind.ANSWERED, 200, "answered"
@@ -179,7 +175,7 @@ def classify(call: AnyCall) -> tuple[AttemptKind, int | None, str]:
     return final.get(result.outcome, AttemptKind.FAILED), code, reason
 
 
-def redirect_refusal(call: AnyCall) -> FraudRefused | None:
+def redirect_refusal(call: PlacedCall) -> FraudRefused | None:
     """The toll-fraud refusal of a 3xx target this call was redirected to, if any."""
     decision = call.redirect if isinstance(call, Call) else None
     if decision is None or not decision.verdict.refused or decision.target is None:
@@ -189,7 +185,7 @@ def redirect_refusal(call: AnyCall) -> FraudRefused | None:
 
 
 def _then_app(
-    ours: Callable[[Any], None], app_on_call: Callable[[AnyCall], None] | None
+    ours: Callable[[Any], None], app_on_call: Callable[[PlacedCall], None] | None
 ) -> Callable[[Any], None]:
     """Our own on_call bookkeeping, then the application's hook (whose errors are logged,
     never allowed to break routing)."""
@@ -326,7 +322,7 @@ class CarrierRouter:
         number: str,
         *,
         ring_timeout: float = 30.0,
-        on_call: Callable[[AnyCall], None] | None = None,
+        on_call: Callable[[PlacedCall], None] | None = None,
         context: Mapping[str, str] | None = None,
         needs_media: bool = False,
         max_duration: float | None = None,
@@ -377,7 +373,7 @@ class CarrierRouter:
                 skipped.append(SkippedTrunk(trunk.name, reason))
                 metrics.TRUNK_SKIPPED.labels(trunk=trunk.name, reason=reason.split(" ")[0]).inc()
                 continue
-            call: AnyCall | None
+            call: PlacedCall | None
             if trunk.kind == "twilio":
                 call, attempt = await self._attempt_twilio(
                     trunk, claim, destination, ring_timeout, on_call, context or {}
@@ -413,7 +409,7 @@ class CarrierRouter:
         claim: str,
         destination: Destination,
         ring_timeout: float,
-        app_on_call: Callable[[AnyCall], None] | None,
+        app_on_call: Callable[[PlacedCall], None] | None,
         max_duration: float | None,
     ) -> tuple[Call | None, TrunkAttempt]:
         loop = asyncio.get_running_loop()
@@ -506,7 +502,7 @@ class CarrierRouter:
         claim: str,
         destination: Destination,
         ring_timeout: float,
-        app_on_call: Callable[[AnyCall], None] | None,
+        app_on_call: Callable[[PlacedCall], None] | None,
         context: Mapping[str, str],
     ) -> tuple[TwilioCall | None, TrunkAttempt]:
         """One try through Twilio's REST API: a refusal by Twilio (5xx, 429, auth, an
@@ -604,7 +600,7 @@ class CarrierRouter:
         self, trunk: str, claim: str, dial: asyncio.Future[Call] | asyncio.Future[TwilioCall]
     ) -> None:
         """The dial is over; its call may still be up (answered): count it until it ends."""
-        call: AnyCall | None = None
+        call: PlacedCall | None = None
         if not dial.cancelled() and dial.exception() is None:
             call = dial.result()
         if call is None or call.ended.is_set():

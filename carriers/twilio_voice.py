@@ -68,8 +68,8 @@ def voice_webhook_urls(public_url: str) -> tuple[str, str]:
 class TwilioCall:
     """One outbound Twilio call, seen through its status and Gather webhooks.
 
-    Quacks like `gateway.call.Call` where the router and the voice channel look: it has
-    `responded`, `answered`, `ended`, `result`, `digits`, `call_id` and `hangup()`.
+    A `gateway.result.PlacedCall`, as `gateway.call.Call` is: what the router and the
+    voice channel read of a call, whoever carries it (mypy checks both kinds conform).
     """
 
     transport = "twilio"

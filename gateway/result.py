@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.media.dtmf import DtmfMethod
 
@@ -93,3 +94,23 @@ class CallResult:
         data["dtmf_method"] = self.dtmf_method
         data["dtmf"] = data.pop("received")
         return data
+
+
+class PlacedCall(Protocol):
+    """What routing and the voice channel read of a call they placed, whoever carries it:
+    our SIP stack (gateway.call.Call) or a carrier's API (carriers' TwilioCall). Anything
+    only one kind has is reached after an isinstance check, never by duck typing."""
+
+    call_id: str
+    target: str
+    transport: str
+    direction: str
+    answered: bool
+    responded: asyncio.Event  # the far side took the call on (a provisional or final answer)
+    ended: asyncio.Event
+    result: CallResult | None  # set once `ended` is
+
+    @property
+    def digits(self) -> str: ...
+
+    async def hangup(self) -> CallResult: ...
