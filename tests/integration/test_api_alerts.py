@@ -31,7 +31,7 @@ TWILIO_TOKEN = "twilio-test-token"
 TG_SECRET = "tg-secret"
 PUBLIC = "https://ackline.example.com"
 KEY = {"X-API-Key": "k-acme"}
-CONFIG = {
+CONFIG: dict[str, Any] = {
     "company": "acme",
     "recipients": [
         {"id": "alice", "name": "Alice", "phone": "+14155550101", "telegram_chat_id": "42"},

@@ -144,7 +144,8 @@ async def test_pages_are_stable_while_alerts_keep_arriving(db_url: str, tmp_path
             more = [api.post_alert(title=f"new{page_no}-{i}") for i in range(3)]
             nxt = listed(api, **{**params, "cursor": page["next_cursor"]}) if page[
                 "next_cursor"] else None  # fmt: skip
-            results = await asyncio.gather(*more, *([nxt] if nxt else []))
+            # the posts' responses, then the next page
+            results: list[Any] = await asyncio.gather(*more, *([nxt] if nxt else []))
             added += [r.json()["id"] for r in results[:3]]
             cursor = page["next_cursor"]
             if cursor is None:

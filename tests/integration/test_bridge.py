@@ -138,7 +138,7 @@ async def test_a_sipp_callees_sip_info_key_reaches_the_caller_as_an_rfc4733_even
     caller, who negotiated telephone-event, gets an RFC 4733 "9"."""
     bridged: list[BridgeResult] = []
     info = {"CONTENT_TYPE": "application/dtmf-relay", "BODY": "Signal=9\nDuration=160"}
-    with sipp("uas_info_dtmf.xml", tmp_path, PAUSE_MS="800", **info) as callee:
+    with sipp("uas_info_dtmf.xml", tmp_path, PAUSE_MS="800", fields=info) as callee:
         async with bridging_gateway(f"sip:oncall@{callee.address}", bridged) as gateway:
             received = await _call_in_until_digits(gateway, "9", 0.3)  # the end packets
             # the caller left: the bridge sends the callee BYE, SIPp's last step

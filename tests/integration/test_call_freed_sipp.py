@@ -149,7 +149,7 @@ async def test_an_outbound_call_is_freed_by_reference_counting(
 ) -> None:
     scenario, values, finish, outcome = OUTBOUND[case]
     async with Gateway(GatewayConfig(host="127.0.0.1", udp_port=0, timers=T1)) as gw:
-        with sipp(scenario, tmp_path, **values) as peer:
+        with sipp(scenario, tmp_path, fields=values) as peer:
 
             async def one_call() -> Refs:
                 call = await gw.dial(f"sip:+14155550100@127.0.0.1:{peer.port}", ring_timeout=0.5)
@@ -196,7 +196,7 @@ async def test_an_inbound_call_is_freed_by_reference_counting(
         ended: asyncio.Queue[Any] = asyncio.Queue()
         gw.on_call_ended = ended.put_nowait
         host, port = gw.address("udp")
-        with sipp(scenario, tmp_path, remote=f"{host}:{port}", **values) as peer:
+        with sipp(scenario, tmp_path, remote=f"{host}:{port}", fields=values) as peer:
             result = await asyncio.wait_for(ended.get(), 15)
             assert await asyncio.to_thread(peer.wait, 15) == 0, peer.logs()
         assert result.outcome is outcome, result

@@ -64,8 +64,8 @@ async def test_disable_and_enable_a_trunk_without_restart(tmp_path: Path) -> Non
     (tmp_path / "s").mkdir()
     scenario = {"RING_MS": "0", "PAUSE_MS": "200", "PCAP": str(dtmf_pcap("1"))}
     with (
-        sipp("carrier_answer_dtmf.xml", tmp_path / "p", calls=200, **scenario) as primary,
-        sipp("carrier_answer_dtmf.xml", tmp_path / "s", calls=200, **scenario) as secondary,
+        sipp("carrier_answer_dtmf.xml", tmp_path / "p", calls=200, fields=scenario) as primary,
+        sipp("carrier_answer_dtmf.xml", tmp_path / "s", calls=200, fields=scenario) as secondary,
     ):
         async with serve(tmp_path, config(primary.port, secondary.port), {}) as service:
             r = await service.client.get("/v1/carriers", headers=KEY)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,9 @@ def trunk(**values: object) -> Trunk:
 
 
 @pytest.fixture
-async def budgets() -> RedisBudgets:
+async def budgets() -> AsyncIterator[RedisBudgets]:
     shared = RedisBudgets(REDIS_URL, f"ackline-test-{uuid.uuid4().hex[:8]}", lease_s=0.5)
-    yield shared  # type: ignore[misc]
+    yield shared
     await shared.close()
 
 

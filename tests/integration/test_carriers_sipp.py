@@ -603,7 +603,7 @@ async def test_quality_learns_time_to_acknowledgement_from_alert_calls(tmp_path:
     scenario = {"CODECS": "0", "RING_MS": "0", "PAUSE_MS": "600"}
     with (
         sipp("uas_answer_dtmf.xml", sipp_dir(tmp_path, "keys"), PCAP=str(dtmf_pcap("1")),
-             **scenario) as keys,
+             fields=scenario) as keys,
         sipp("carrier_uas.xml", sipp_dir(tmp_path, "mute"), RING_MS="0") as mute,
     ):  # fmt: skip
         trunks = [carrier("keys", keys, priority=1), carrier("mute", mute, priority=2)]

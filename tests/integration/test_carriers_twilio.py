@@ -111,7 +111,9 @@ async def test_twilio_refusing_the_call_fails_over_to_a_sip_trunk(tmp_path: Path
     async with FakeTwilio() as twilio:
         account = twilio.add_account(numbers=(FROM,))
         scenario = {"CODECS": "0", "RING_MS": "100", "PAUSE_MS": "800"}
-        with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), **scenario) as uas:
+        with sipp(
+            "uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), fields=scenario
+        ) as uas:
             host, port = uas.address.rsplit(":", 1)
             trunks = [
                 twilio_trunk(twilio, account, priority=1),

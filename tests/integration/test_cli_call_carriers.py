@@ -142,8 +142,8 @@ def two_carriers(tmp: Path) -> contextlib.AbstractContextManager[tuple[SippRun, 
         (tmp / "a").mkdir()
         (tmp / "b").mkdir()
         with (
-            sipp("carrier_answer_dtmf.xml", tmp / "a", calls=10, **scenario) as a,
-            sipp("carrier_answer_dtmf.xml", tmp / "b", calls=10, **scenario) as b,
+            sipp("carrier_answer_dtmf.xml", tmp / "a", calls=10, fields=scenario) as a,
+            sipp("carrier_answer_dtmf.xml", tmp / "b", calls=10, fields=scenario) as b,
         ):
             yield a, b
 

@@ -106,7 +106,9 @@ async def test_sign_in_gives_a_fresh_session_and_the_user_acts_as_themselves(
         assert r.status_code == 303 and r.headers["location"] == "/console/probe"
         after = client.cookies[auth.COOKIE]
         assert after != before
-        assert auth.Session.load(_payload(api, before)).sid != _payload(api, after)["s"]
+        old = auth.Session.load(_payload(api, before))
+        assert old is not None
+        assert old.sid != _payload(api, after)["s"]
         assert (await client.get("/console/probe")).text == "rex responder acme"
         token = csrf_of((await client.get("/console/probe-page")).text)
         assert token != csrf_of(form.text)  # a new CSRF token with the new session

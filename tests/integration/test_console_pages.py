@@ -7,6 +7,7 @@ import re
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ async def console(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Api]:
         yield api
 
 
-async def new_alert(api: Api, **body: object) -> str:
+async def new_alert(api: Api, **body: Any) -> str:
     r = await api.post_alert(**body)
     assert r.status_code == 202, r.text
     alert_id: str = r.json()["id"]
@@ -210,7 +211,9 @@ async def test_the_hotline_recording_plays_for_signed_in_users(
     recordings.mkdir()
     wav = recordings / "call-1.wav"
     with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
         w.writeframes(b"\0\0" * 800)
     runtime = console.app.state.runtime
     hotline = HotlineConfig.model_validate({"numbers": {"default": {"policy": "page"}},

@@ -83,7 +83,8 @@ async def hotline_alert(service: Any, timeout: float = 30) -> dict[str, Any]:
     while True:
         calls = [x for x in service.audit_lines_all() if x.get("event") == "hotline_call"]
         if calls:
-            return calls[-1]
+            last: dict[str, Any] = calls[-1]
+            return last
         assert time.monotonic() < deadline, "no hotline call was recorded"
         await asyncio.sleep(0.2)
 

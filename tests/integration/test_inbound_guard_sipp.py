@@ -34,7 +34,12 @@ async def run_caller(
         # SIPp's digest uri defaults to host:port only; make it the Request-URI (RFC 3261 22.4)
         extra = ["-auth_uri", f"hotline@127.0.0.1:{port}"]
         with sipp(
-            scenario, tmp, remote=f"127.0.0.1:{port}", extra=extra, timeout_s=timeout_s, **values
+            scenario,
+            tmp,
+            remote=f"127.0.0.1:{port}",
+            extra=extra,
+            timeout_s=timeout_s,
+            fields=values,
         ) as peer:
             code = await asyncio.to_thread(peer.wait, 20)
             logs = peer.logs()

@@ -102,7 +102,7 @@ async def call_under_flood(
     the answering one."""
     pcap = str(dtmf_pcap("1"))
     if direction == "outbound":
-        with sipp(uas, tmp_path, PAUSE_MS="1500", PCAP=pcap, **both, **uas_only) as peer:
+        with sipp(uas, tmp_path, PAUSE_MS="1500", PCAP=pcap, fields={**both, **uas_only}) as peer:
             async with Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
                 call = await gateway.dial(f"sip:+15550140@{peer.address}", ring_timeout=10)
                 assert call.answered, call.result
@@ -117,7 +117,7 @@ async def call_under_flood(
     async with Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming) as gateway:
         host, port = gateway.address("udp")
         with sipp(uac, tmp_path, remote=f"{host}:{port}", PAUSE_MS="1500", PCAP=pcap,
-                  **both) as peer:  # fmt: skip
+                  fields=both) as peer:  # fmt: skip
             status, logs = await asyncio.to_thread(peer.wait, 30), peer.logs()
     [got] = outcome
     return got, status, logs

@@ -188,7 +188,9 @@ async def test_keypress_1_acknowledges_and_later_steps_never_fire(tmp_path: Path
             "TWILIO_API_BASE": twilio.url,
         }
         scenario = {"CODECS": "0", "RING_MS": "300", "PAUSE_MS": "1000"}
-        with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), **scenario) as uas:
+        with sipp(
+            "uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), fields=scenario
+        ) as uas:
             env["ACKLINE_VOICE_TARGET"] = f"sip:{{number}}@{uas.address}"
             async with serve(tmp_path, config, env) as service:
                 alert_id = await service.post_alert("page")
@@ -324,7 +326,7 @@ async def test_api_and_worker_as_separate_processes_on_postgres_and_redis(
     rings the phone; the keypress acks through the shared PostgreSQL and Redis."""
     config = voice_page_config()
     scenario = {"CODECS": "8", "RING_MS": "100", "PAUSE_MS": "800"}
-    with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), **scenario) as uas:
+    with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), fields=scenario) as uas:
         env = {
             "ACKLINE_DATABASE_URL": pg_url,
             "REDIS_URL": REDIS_URL,

@@ -98,7 +98,7 @@ async def test_softphone_answers_and_presses_2_for_our_gateway() -> None:
     async with Softphone() as phone, Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
         host, port = phone.address
 
-        async def callee() -> tuple[float, str]:
+        async def callee() -> tuple[float, str | None]:
             async with phone.answer(timeout=10) as leg:
                 waited = await leg.wait_for_audio(timeout=5)
                 await leg.send_dtmf("2")

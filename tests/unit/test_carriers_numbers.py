@@ -184,14 +184,15 @@ def twilio_trunk(**values: object) -> Trunk:
 def test_twilio_trunks_need_an_account_and_no_sip_settings() -> None:
     assert twilio_trunk().host is None
     assert "secret" not in repr(twilio_trunk())
-    for values, message in [
+    cases: list[tuple[dict[str, object], str]] = [
         ({"account_sid": "AC123"}, "account_sid"),
         ({"auth_token": ""}, "auth_token"),
         ({"caller_id": None}, "caller_id"),
         ({"host": "127.0.0.1"}, "host: sip trunks only"),
         ({"number_format": "national"}, "number_format: sip trunks only"),
         ({"api_base": "ftp://127.0.0.1"}, "api_base"),
-    ]:
+    ]
+    for values, message in cases:
         with pytest.raises(ValidationError, match=message):
             twilio_trunk(**values)
     with pytest.raises(ValidationError, match="needs host"):

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from prometheus_client import REGISTRY
 
 import gateway.media.session as session_module
-from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, rfc4733_packets
+from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, feed_all, rfc4733_packets
 from gateway.media.g711 import alaw_encode, decoder_for, ulaw_encode
 from gateway.media.pacer import Pacer
 from gateway.media.rtp import RtpPacket
@@ -784,7 +784,7 @@ async def test_inband_digits_of_many_sessions_scanned_together(
     pacer: Pacer, peer: RawPeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     passes: list[int] = []
-    real_feed_all = session_module.feed_all
+    real_feed_all = feed_all
 
     def counting_feed_all(jobs: Any) -> Any:
         passes.append(len(jobs))
@@ -872,7 +872,7 @@ def test_filter_forgets_on_a_new_sdp_address_but_not_on_hold() -> None:
     f.learn(nat)
     assert not f.set_remote(SDP)  # same address: a re-INVITE for a codec change
     assert not f.set_remote(("0.0.0.0", 4000)) and not f.set_remote(("192.0.2.10", 0))
-    assert f.latched == nat and f.send_to == nat  # hold does not move the far end's media
+    assert (f.latched, f.send_to) == (nat, nat)  # hold does not move the far end's media
     moved = ("192.0.2.20", 5000)
     assert f.set_remote(moved) and f.send_to == moved and f.latched is None
     assert f.check(nat) is DROP and f.check(moved) is LEARN
@@ -1042,7 +1042,7 @@ async def test_inband_scan_of_a_crowd_is_spread_over_ticks(
     over the next ticks, oldest first, and every digit still arrives."""
     monkeypatch.setattr(session_module, "_INBAND_SESSIONS_PER_TICK", 2)
     passes: list[int] = []
-    real_feed_all = session_module.feed_all
+    real_feed_all = feed_all
 
     def counting_feed_all(jobs: Any) -> Any:
         passes.append(len(jobs))

@@ -58,6 +58,17 @@ def sent(reg: Registration) -> Request:
     return request
 
 
+def state(reg: Registration) -> RegistrationState:
+    """`reg.state` read through a call: a type checker keeps an attribute narrowed by an
+    earlier assert across the method calls that change it."""
+    return reg.state
+
+
+def stopped(reg: Registration) -> bool:
+    """`reg.stopped`, read like `state`."""
+    return reg.stopped
+
+
 def events(reg: Registration) -> list[Event]:
     out = []
     while (event := reg.next_event()) is not None:
@@ -206,7 +217,7 @@ def test_responses_not_to_the_pending_register_are_ignored() -> None:
     reg.receive(stale, 0.0)
     assert reg.state is RegistrationState.UNREGISTERED and events(reg) == []
     reg.receive(answer(request, 200), 0.0)
-    assert reg.state is RegistrationState.REGISTERED
+    assert state(reg) is RegistrationState.REGISTERED
     reg.receive(answer(request, 200), 0.0)  # a retransmitted 200: nothing pending
     assert [e for e in events(reg) if isinstance(e, Registered)] == [Registered(3600, 3600.0)]
 
@@ -423,7 +434,7 @@ def test_backoff_jitter_and_bounds() -> None:
     assert backoff.delay(10_000, 0.5) == 225.0
     for bad in (dict(initial=0), dict(initial=5, maximum=1), dict(jitter=1.0)):
         with pytest.raises(ValueError):
-            Backoff(**bad)  # type: ignore[arg-type]
+            Backoff(**bad)
 
 
 def test_binding_expiring_before_the_refresh_is_answered_counts_as_failed() -> None:
@@ -437,7 +448,7 @@ def test_binding_expiring_before_the_refresh_is_answered_counts_as_failed() -> N
         RegistrationState.REGISTERED, RegistrationState.FAILED, "binding expired before a refresh"
     )
     reg.receive(answer(refresh, 200), 4.5)  # late, but a binding all the same
-    assert reg.state is RegistrationState.REGISTERED
+    assert state(reg) is RegistrationState.REGISTERED
 
 
 # -- unregister -----------------------------------------------------------------------------
@@ -484,7 +495,7 @@ def test_stop_is_bounded_when_the_registrar_is_silent() -> None:
     reg.handle_timer(51.9)
     assert not reg.stopped
     reg.handle_timer(52.0)
-    assert reg.stopped
+    assert stopped(reg)
     assert events(reg)[-1] == Stopped(False, "no answer to the unregister in time")
     assert reg.state is RegistrationState.UNREGISTERED
 
@@ -520,7 +531,7 @@ def test_stop_while_a_register_is_in_flight_unregisters_with_a_higher_cseq() -> 
     reg.receive(answer(first, 200), 0.2)  # the answer to the old one no longer counts
     assert reg.state is RegistrationState.UNREGISTERED and not reg.stopped
     reg.no_response(unregister, 2.0, "no answer (timer F)")
-    assert reg.stopped and events(reg)[-1] == Stopped(False, "no answer (timer F)")
+    assert stopped(reg) and events(reg)[-1] == Stopped(False, "no answer (timer F)")
 
 
 def test_settings_need_a_positive_expiry() -> None:

@@ -36,8 +36,8 @@ def schedule(zone: str = "Europe/Berlin", **layer: Any) -> Schedule:
     )  # fmt: skip
 
 
-def at(tz: ZoneInfo, *args: int) -> datetime:
-    return datetime(*args, tzinfo=tz)  # type: ignore[misc]
+def at(tz: ZoneInfo, year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=tz)
 
 
 def test_a_handoff_is_due_from_before_it_until_it_starts_and_never_after() -> None:

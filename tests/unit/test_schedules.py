@@ -30,8 +30,10 @@ def layer(**kw: Any) -> dict[str, Any]:
     return base | kw
 
 
-def local(tz: ZoneInfo, *args: int, fold: int = 0) -> datetime:
-    return datetime(*args, tzinfo=tz, fold=fold)  # type: ignore[misc]
+def local(
+    tz: ZoneInfo, year: int, month: int, day: int, hour: int = 0, minute: int = 0, fold: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=tz, fold=fold)
 
 
 def who(s: Schedule, at: datetime, overrides: tuple[Override, ...] = ()) -> str | None:

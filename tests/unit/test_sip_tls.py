@@ -29,10 +29,8 @@ def other_pki(tmp_path_factory: pytest.TempPathFactory) -> PkiFiles:
     return make_pki(tmp_path_factory.mktemp("other-pki"), name="other")
 
 
-def server_config(pki: PkiFiles, **extra: object) -> GatewayConfig:
-    return GatewayConfig(
-        udp_port=None, tls_port=0, tls=TlsServerSettings(pki.cert, pki.key), **extra
-    )  # type: ignore[arg-type]
+def server_config(pki: PkiFiles) -> GatewayConfig:
+    return GatewayConfig(udp_port=None, tls_port=0, tls=TlsServerSettings(pki.cert, pki.key))
 
 
 async def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import escalation
 from escalation.timeline import AuditEvent, EntryKind, build_timeline
@@ -27,7 +28,7 @@ def test_every_event_the_engine_writes_is_mapped_and_none_is_made_up() -> None:
     assert written == {e.value for e in AuditEvent}
 
 
-def rec(ts: str, event: str, **fields: object) -> dict[str, object]:
+def rec(ts: str, event: str, **fields: object) -> dict[str, Any]:
     return {"ts": f"2030-01-01T00:00:{ts}+00:00", "alert_id": "a1", "event": event, **fields}
 
 

@@ -111,7 +111,7 @@ async def test_a_keypress_reported_after_the_final_status_still_counts() -> None
     call = placed()
     status(call, "in-progress")
     status(call, "completed", CallDuration="9")
-    assert call.ended.is_set() and call.outcome is None
+    assert (call.ended.is_set(), call.outcome) == (True, None)
     call.on_report({"kind": "gather", "digit": "1", "outcome": "acknowledged", "decided": "1"})
     assert call.decided.is_set() and call.outcome == "acknowledged"
     assert call.result is not None and call.result.digits == "1"
