@@ -33,6 +33,7 @@ from pathlib import Path
 import asyncpg  # type: ignore[import-untyped]
 import httpx
 import yaml
+from redis.exceptions import RedisError
 
 from bench.ha_redis import RedisSentinelSet
 from bench.ports import free_port
@@ -132,7 +133,7 @@ async def _subscribers(url: str, channel: str) -> int:
     try:
         [(_, count)] = await client.pubsub_numsub(channel)
         return int(count)
-    except Exception:
+    except (RedisError, OSError):
         return 0
     finally:
         await client.aclose()

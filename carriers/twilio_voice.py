@@ -363,7 +363,8 @@ class CallEvents:
             except asyncio.CancelledError:
                 await pubsub.aclose()
                 raise
-            except Exception as exc:  # a bad message or a Redis hiccup: keep listening
+            except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
+                # a bad message or a Redis hiccup: keep listening
                 failures.failed(exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
