@@ -39,6 +39,16 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def popen_logged(
+    cmd: list[str], log_path: Path, *, env: Mapping[str, str], cwd: Path
+) -> subprocess.Popen[bytes]:
+    """Start `cmd` with its stdout and stderr in `log_path` (the child keeps the file
+    open; ours is closed at once). A plain function, so async tests do not fork in
+    their own body."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+
+
 @dataclass
 class SippRun:
     process: subprocess.Popen[bytes]

@@ -20,6 +20,7 @@ from gateway.result import CallResult
 from gateway.tls import TlsClientSettings, TlsServerSettings
 from tests.integration.baresip_peer import baresip_uac, baresip_uas
 from tests.tls_certs import PkiFiles, make_pki
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -109,9 +110,7 @@ async def test_baresip_calls_the_gateway_tls_listener_with_srtp(
             assert peer.closed_by_remote, peer.log_text()
             # baresip's INVITE leaves from an ephemeral port: find it by its request line
             invites = [m for m in peer.sip_messages() if m.first_line.startswith("INVITE ")]
-        async with asyncio.timeout(5):
-            while not finished:
-                await asyncio.sleep(0.05)
+        await wait_until(lambda: finished, 5, "the call's result", interval=0.05)
     result = finished[0]
     assert result.direction == "inbound" and result.transport == "tls"
     assert result.digits == "42" and result.dtmf_method == "rfc4733"

@@ -24,6 +24,7 @@ from gateway.call import Call, Gateway, GatewayConfig
 from gateway.result import CallOutcome
 from gateway.sip.transaction import TimerSettings
 from tests.integration.peers import dtmf_pcap, sipp
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -88,9 +89,13 @@ def cycle_through(obj: object, depth: int = 10) -> str:
 async def all_freed(refs: Refs, gateway: Gateway) -> None:
     """Every weakref dead within a bound, the cycle collector never having run."""
     assert not gc.isenabled()
-    async with asyncio.timeout(5):
-        while gateway._media_closing or any(r() is not None for r in refs.values()):
-            await asyncio.sleep(0.02)  # the media's close task and its socket's last callbacks
+    # the media's close task and its socket's last callbacks
+    await wait_until(
+        lambda: not gateway._media_closing and all(r() is None for r in refs.values()),
+        5,
+        "every weakref dead",
+        interval=0.02,
+    )
     # (a timeout above fails the test; the message below names the cycle when one is left)
 
 

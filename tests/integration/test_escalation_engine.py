@@ -18,6 +18,7 @@ from escalation.channels.base import DeliveryResult, DeliveryStatus, Notificatio
 from escalation.engine import AlertIn, RequestContext
 from storage.models import Alert, AlertState, Job, NotificationAttempt
 from tests.conftest_escalation import Harness, make_harness, reply
+from tests.waiting import wait_until
 
 pytest_plugins = ["tests.conftest_escalation"]
 
@@ -240,9 +241,7 @@ async def test_rate_limit_hold_mode_spaces_out(db_url: str, tmp_path: Path) -> N
     h = await harness(db_url, tmp_path, cfg, sms=reply(S.DELIVERED))
     try:
         alerts = [await h.ingest(title=f"flap {i}") for i in range(3)]
-        deadline = time.monotonic() + 5
-        while len(h.channels["sms"].sent) < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: len(h.channels["sms"].sent) >= 3, 5, "3 sms", interval=0.02)
         await h.worker.idle()
         assert len(h.channels["sms"].sent) == 3
         times = []

@@ -22,6 +22,7 @@ from tests.integration.peers import dtmf_pcap, sipp
 from tests.integration.test_serve_escalation import KEY, serve
 from tests.integration.test_softphone import run_softphone
 from tests.ivr_audio import Clip, load, render
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
@@ -115,7 +116,7 @@ async def test_caller_reports_outage_recording_attached_nobody_answers(tmp_path:
     assert len(recorded) > 0.6 * samples  # the caller's report, not a blip
     assert np.sqrt(np.mean(recorded.astype(np.float64) ** 2)) > 300  # not silence
     assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
-    assert r.content == recording.read_bytes()
+    assert r.content == await asyncio.to_thread(recording.read_bytes)
     assert f"INVITE sip:{ONCALL}@" in invites  # the bridge and the page both rang alice
     assert alert["attempts"][0]["channel"] == "voice"
 
@@ -213,10 +214,7 @@ async def test_recordings_past_their_retention_are_deleted_and_audited(tmp_path:
     config["hotline"]["recordings_retention"] = "30s"  # swept every 3 s
 
     async def gone(path: Path) -> None:
-        deadline = time.monotonic() + 10
-        while path.exists():
-            assert time.monotonic() < deadline, f"{path} outlived its retention"
-            await asyncio.sleep(0.2)
+        await wait_until(lambda: not path.exists(), 10, f"{path} to go", interval=0.2)
 
     async with serve(tmp_path, config, {}) as service:
         await gone(old)

@@ -23,6 +23,7 @@ from gateway.media.dtmf import rfc4733_packets
 from gateway.media.rtp import RtpPacket
 from gateway.media.session import MediaStats
 from tests.integration.peers import dtmf_pcap, sipp
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -85,9 +86,9 @@ async def collect_under_flood(call: Call) -> Collected:
     media = call.media
     assert media is not None
     async with stranger_flood("7", media.local_port) as flood:
-        async with asyncio.timeout(10):  # under way well before SIPp's key press (1.5 s)
-            while flood.sent < 3 * len(rfc4733_packets("7", duration_ms=100)):
-                await asyncio.sleep(0.01)
+        flood_packets = 3 * len(rfc4733_packets("7", duration_ms=100))
+        # under way well before SIPp's key press (1.5 s)
+        await wait_until(lambda: flood.sent >= flood_packets, 10, "the flood")
         first = await call.collect(max_digits=1, timeout=15)
         await asyncio.sleep(0.5)
     return Collected(first, call.digits, media.stats, media.remote_address)

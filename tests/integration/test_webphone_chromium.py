@@ -90,7 +90,7 @@ async def serve(app: Any) -> AsyncIterator[str]:
 async def chromium(url: str, tmp: Path, mic: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     """Headless Chromium on `url` with a fake microphone; killed when the block ends."""
     assert CHROMIUM is not None
-    log = open(tmp / "chromium.log", "wb")  # noqa: SIM115 - closed below
+    log = await asyncio.to_thread((tmp / "chromium.log").open, "wb")  # closed below
     proc = await asyncio.create_subprocess_exec(
         CHROMIUM,
         "--headless=new",

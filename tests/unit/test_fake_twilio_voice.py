@@ -20,6 +20,7 @@ from twilio.rest import Client  # type: ignore[import-untyped]
 
 from tests.fakes import FakeService, RecordedRequest, free_port
 from tests.fakes.twilio_server import FakeCall, FakeTwilio, TwilioAccount
+from tests.waiting import wait_until
 
 FROM = "+14155550100"
 TO = "+14155550123"
@@ -144,9 +145,7 @@ def assert_signed(account: TwilioAccount, app: App, request: RecordedRequest) ->
 
 
 async def wait_status(call: FakeCall, status: str, timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while call.status != status:
-            await asyncio.sleep(0.005)
+    await wait_until(lambda: call.status == status, timeout, status, interval=0.005)
 
 
 async def test_create_answers_like_twilio_and_sends_signed_progress_callbacks(

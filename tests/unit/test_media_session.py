@@ -21,6 +21,7 @@ from gateway.media.rtp import RtpPacket
 from gateway.media.sdp import NegotiatedMedia, create_offer, parse_answer
 from gateway.media.session import MediaSession, MediaSessionClosed
 from gateway.media.source import RtpSourceFilter, SourceVerdict
+from tests.waiting import wait_until
 
 HOST = "127.0.0.1"
 TE = 101
@@ -57,9 +58,7 @@ def is_playing(session: MediaSession) -> bool:
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
+    await wait_until(predicate, timeout)
 
 
 class RawPeer(asyncio.DatagramProtocol):

@@ -332,7 +332,7 @@ async def test_engine_output_that_is_not_audio_is_not_cached(tmp_path: Path) -> 
     cache = PromptCache(tmp_path, GarbageEngine())
     with pytest.raises(TtsError, match="unusable audio"):
         await cache.render(ALERT)
-    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert await asyncio.to_thread(lambda: [p for p in tmp_path.rglob("*") if p.is_file()]) == []
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t", "\x00\x07"])

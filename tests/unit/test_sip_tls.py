@@ -15,6 +15,7 @@ from gateway.result import CallOutcome, CallResult
 from gateway.sip.transaction import TimerSettings
 from gateway.tls import TlsClientSettings, TlsServerSettings
 from tests.tls_certs import PkiFiles, make_pki
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -34,9 +35,7 @@ def server_config(pki: PkiFiles) -> GatewayConfig:
 
 
 async def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
+    await wait_until(predicate, timeout, interval=0.02)
 
 
 class Answerer:
