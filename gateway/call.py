@@ -1230,7 +1230,8 @@ class Call:
     def _with_credentials(self, request: Request) -> Request:
         """``request`` answering the INVITE's last challenge (a PRACK, a retried INVITE:
         the proxy that challenged the INVITE challenges them too)."""
-        assert self._digest is not None and self._challenge is not None
+        assert self._digest is not None
+        assert self._challenge is not None
         for name in ("Authorization", "Proxy-Authorization"):
             request.headers.remove(name)
         try:
@@ -1642,7 +1643,8 @@ class Call:
 
     def _on_reinvite(self, ctx: ServerContext) -> None:
         """Answer a re-INVITE (hold, resume, session refresh) on the same media session."""
-        assert self.dialog is not None and self.media is not None
+        assert self.dialog is not None
+        assert self.media is not None
         request = ctx.request
         if self._reinviting:  # RFC 3261 14.2: both sides re-INVITEd at once
             ctx.respond(491)
@@ -1687,7 +1689,8 @@ class Call:
     def _on_update(self, ctx: ServerContext) -> None:
         """UPDATE (RFC 3311), taken as a session refresh: an offer in it is answered on
         the same media session; without one the 200 carries no SDP."""
-        assert self.dialog is not None and self.media is not None
+        assert self.dialog is not None
+        assert self.media is not None
         request = ctx.request
         if self._session_rejection(ctx):
             return

@@ -271,4 +271,5 @@ def test_a_responder_cannot_edit_trunks(page: Page, server: LiveServer) -> None:
     page.goto(f"{server.url}/console/policies")
     expect(page.get_by_role("link", name="Edit page")).to_have_count(0)
     refused = page.goto(f"{server.url}/console/policies/page/edit")
-    assert refused is not None and refused.status == 403
+    assert refused is not None
+    assert refused.status == 403

@@ -159,9 +159,11 @@ async def test_an_outbound_call_is_freed_by_reference_counting(
             async def one_call() -> Refs:
                 call = await gw.dial(f"sip:+14155550100@127.0.0.1:{peer.port}", ring_timeout=0.5)
                 await finish(call)
-                assert call.result is not None and call.result.outcome is outcome, call.result
+                assert call.result is not None, call.result
+                assert call.result.outcome is outcome, call.result
                 if outcome is CallOutcome.ANSWERED:
-                    assert call.dialog is not None and call.media is not None
+                    assert call.dialog is not None
+                    assert call.media is not None
                 return refs_of(call)
 
             refs = await one_call()

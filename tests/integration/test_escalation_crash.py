@@ -213,7 +213,8 @@ async def test_several_workers_each_job_owned_once(
         owners = Counter(r["worker"] for r in AuditLog(audit).read("acme") if r["event"] == "send")
         assert len(owners) >= 2  # the work really was shared
         closed = await engine.close(ids[0], AlertState.RESOLVED, RequestContext("t"))
-        assert closed is not None and closed.state == "resolved"
+        assert closed is not None
+        assert closed.state == "resolved"
     finally:
         stop.set()
         for wdb, wbus, task in workers:

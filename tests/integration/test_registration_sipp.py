@@ -159,7 +159,8 @@ async def test_401_then_200_refresh_before_expiry_and_unregister(
     with sipp("registrar_auth.xml", tmp_path, transport=transport, fields=values) as peer:
         async with registering(peer.port, values["PASSWORD"], transport=transport) as run:
             change = await run.state(RegistrationState.REGISTERED, 5)
-            assert change.old == "unregistered" and change.reason == "registered for 4 s"
+            assert change.old == "unregistered"
+            assert change.reason == "registered for 4 s"
             assert run.usable()
             report = run.router.health_report(TRUNK)
             assert (report["registration"], report["usable"]) == ("registered", True)

@@ -148,6 +148,7 @@ async def test_phone_behind_nat_is_latched_by_its_signalling_address(
         {"SDP_MEDIA_IP": NAT_PRIVATE},
     )  # fmt: skip
     assert (got.first, got.digits) == ("1", "1")
-    assert got.sends_to is not None and got.sends_to[0] == "127.0.0.1"  # latched, not the SDP's
+    assert got.sends_to is not None
+    assert got.sends_to[0] == "127.0.0.1"  # latched, not the SDP's
     assert got.stats.foreign > 0  # the stranger's flood
     assert sipp_status == 0, sipp_logs

@@ -338,7 +338,8 @@ async def test_api_and_worker_as_separate_processes_on_postgres_and_redis(
     assert (voice["status"], voice["reason"]) == ("acknowledged", "pressed_1")
     worker_log = (tmp_path / "serve-worker.log").read_text()
     api_log = (tmp_path / "serve-api.log").read_text()
-    assert '"digits": "1"' in worker_log and '"codec": "PCMA"' in worker_log, worker_log
+    assert '"digits": "1"' in worker_log, worker_log
+    assert '"codec": "PCMA"' in worker_log, worker_log
     assert "sip listening" not in api_log, api_log  # the API process placed no call
 
 
@@ -429,7 +430,9 @@ async def test_alert_call_fails_over_across_carrier_trunks_and_audits_health(
     assert result["details"]["trunk"] == "healthy", result
     assert result["details"]["trunks_tried"] == "broken:503,healthy:200", result
     dead = [x for x in health if x["trunk"] == "dead"]
-    assert dead and dead[0]["status"] == "down" and dead[0]["aspect"] == "probe", health
+    assert dead, health
+    assert dead[0]["status"] == "down", health
+    assert dead[0]["aspect"] == "probe", health
     invites = (tmp_path / "a").glob("*_messages.log")
     assert any("INVITE sip:+14155550101@" in p.read_text() for p in invites)  # tried first
 
@@ -480,4 +483,5 @@ def test_a_policy_with_a_broken_flow_file_stops_serve_at_start(tmp_path: Path) -
         capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert "missing.yaml" in proc.stderr and "cannot read the flow" in proc.stderr
+    assert "missing.yaml" in proc.stderr
+    assert "cannot read the flow" in proc.stderr

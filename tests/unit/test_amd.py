@@ -53,7 +53,8 @@ def score(corpus: dict[str, Path], clips: list[Clip], codec: str | None) -> list
 
 
 def test_corpus_is_labelled_and_varied(corpus: dict[str, Path]) -> None:
-    assert len(HUMAN_CLIPS) >= 10 and len(MACHINE_CLIPS) >= 10
+    assert len(HUMAN_CLIPS) >= 10
+    assert len(MACHINE_CLIPS) >= 10
     assert len({clip.voice for clip in ALL_CLIPS}) >= 8
     assert len({clip.wpm for clip in ALL_CLIPS}) >= 8
     assert sum(1 for c in MACHINE_CLIPS if c.beep_hz) >= 5

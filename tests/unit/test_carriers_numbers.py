@@ -169,7 +169,8 @@ def test_password_never_shows_in_repr_or_json() -> None:
     assert "hunter2" not in t.model_dump_json()
     assert "hunter2" not in json.dumps(t.model_dump(mode="json"))
     credentials = t.credentials()
-    assert credentials is not None and credentials.password == "hunter2-not-real"
+    assert credentials is not None
+    assert credentials.password == "hunter2-not-real"
 
 
 SID = "AC" + "0" * 32
@@ -230,4 +231,5 @@ def test_trunk_country_list_narrows() -> None:
     assert trunk().allows_country("DE")  # no list: the deployment-wide one decides
     limited = trunk(allowed_countries=["us", "CA"])
     assert limited.allowed_countries == ("US", "CA")
-    assert limited.allows_country("US") and not limited.allows_country("GB")
+    assert limited.allows_country("US")
+    assert not limited.allows_country("GB")
