@@ -501,7 +501,7 @@ def _answer_key(answer: Answer) -> str:
     return str(answer.status) if answer.status is not None else f"conn:{answer.error}"
 
 
-_Windows = Callable[[float], tuple["WindowStats", "WindowStats"]]  # its window's and the total
+_Windows = Callable[[float], tuple[WindowStats, WindowStats]]  # its window's and the total
 
 
 def _tally_request(
