@@ -63,7 +63,8 @@ def _sms(ctx: BuildContext) -> Mapping[str, Channel]:
     from escalation.channels.sms import SmsChannel, TwilioSender
 
     s = ctx.settings
-    assert s.twilio_account_sid and s.twilio_auth_token
+    assert s.twilio_account_sid
+    assert s.twilio_auth_token
     senders = [
         TwilioSender(s.twilio_account_sid, s.twilio_auth_token, from_number=n)
         for n in s.twilio_from_numbers
@@ -102,7 +103,8 @@ def _email(ctx: BuildContext) -> Mapping[str, Channel]:
     from escalation.channels.email import EmailChannel
 
     s = ctx.settings
-    assert s.smtp_host and s.smtp_from
+    assert s.smtp_host
+    assert s.smtp_from
     return {"email": EmailChannel(s.smtp_host, s.smtp_port, sender=s.smtp_from)}
 
 

@@ -308,6 +308,7 @@ async def _shared_trunk_state(settings: Settings) -> AsyncIterator[tuple[dict[st
                 "calling with the trunks of the configuration as they are",
                 err=True,
             )
+            logging.getLogger(__name__).debug("reading trunk overrides failed", exc_info=True)
             overrides = {}
         yield overrides, turns_for(settings.redis_url, settings.redis_prefix, db)
     finally:

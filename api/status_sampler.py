@@ -211,7 +211,7 @@ class StatusCollector:
         """A signal's value, or `failed` when it errs or takes over QUERY_TIMEOUT."""
         try:
             result = await asyncio.wait_for(work, QUERY_TIMEOUT)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
             self._failures.failed(exc)
             return failed
         return result
@@ -332,7 +332,7 @@ class Sampler:
         while not stop.is_set():
             try:
                 await self.sample_once()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
                 self._failures.failed(exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval)

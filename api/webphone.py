@@ -288,6 +288,7 @@ class WebphoneCall:
     ended_at: float | None = None
     digits_sent: str = ""
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    call_placed: asyncio.Event = field(default_factory=asyncio.Event)  # `call` is set
     peer_gone: asyncio.Event = field(default_factory=asyncio.Event)
     hangup_requested: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -491,14 +492,15 @@ class Webphone:
 
     async def _ringing(self, record: WebphoneCall) -> None:
         """'ringing' once the far end answers the INVITE provisionally (100 included)."""
-        while record.call is None:
-            await asyncio.sleep(0.02)
+        await record.call_placed.wait()
+        assert record.call is not None
         await record.call.responded.wait()
         if record.state == "calling":
             record.state = "ringing"
 
     def _on_call(self, record: WebphoneCall, call: Call) -> None:
         record.call = call
+        record.call_placed.set()
         if record.hangup_requested.is_set():
             # Hung up before the INVITE left: Call.hangup marks it cancelled at once.
             self.gateway.spawn(call.hangup())

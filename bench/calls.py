@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import gc
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -36,6 +37,8 @@ import psutil
 from api.loop import run as run_service
 from bench.ports import free_media_port, free_port
 from gateway.call import Call, Gateway, GatewayConfig
+
+log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 _BATCH = 50  # calls dialled at once while ramping up
@@ -117,7 +120,7 @@ async def _dial(gateway: Gateway, target: str) -> Call | None:
     try:
         call = await gateway.dial(target, ring_timeout=10)
     except Exception as exc:  # every failure is counted by the caller; say which
-        print(f"dial failed: {exc!r}", file=sys.stderr)
+        log.warning("dial failed: %r", exc, exc_info=True)
         return None
     return call if call.answered else None
 
@@ -257,7 +260,7 @@ async def setup_phase(
         try:
             await call.hangup()
         except Exception as exc:  # a failed BYE is a failed call: counted, and said why
-            print(f"hangup failed: {exc!r}", file=sys.stderr)
+            log.warning("hangup failed: %r", exc, exc_info=True)
             failures += 1
 
     tasks: set[asyncio.Future[None]] = set()  # only those running: the heap stays the gateway's

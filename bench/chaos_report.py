@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -501,6 +501,63 @@ def _answer_key(answer: Answer) -> str:
     return str(answer.status) if answer.status is not None else f"conn:{answer.error}"
 
 
+_Windows = Callable[[float], tuple[WindowStats, WindowStats]]  # its window's and the total
+
+
+def _tally_request(
+    req: Request,
+    by_id: Mapping[str, StoredAlert],
+    both: _Windows,
+    examples: dict[str, list[str]],
+    sends: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]],
+    killed: set[int],
+) -> None:
+    """Count one request's answers and its alert's fate; note it if lost or stuck."""
+    for i, answer in enumerate(req.answers):
+        for s in both(answer.sent_at):
+            s.answers[_answer_key(answer)] += 1
+            s.retries += i > 0
+    for s in both(req.sent_at):
+        if req.alert_id is None:
+            s.gave_up += 1
+            continue
+        s.accepted += 1
+        row = by_id.get(req.alert_id)
+        if row is None:
+            s.lost += 1
+            continue
+        s.finished += row.state in FINAL_STATES
+        s.stuck += row.stuck
+    if req.alert_id is not None and req.alert_id not in by_id:
+        examples["no alert lost"].append(f"{req.key} -> {req.alert_id} (202) not in the database")
+    elif req.alert_id is not None and by_id[req.alert_id].stuck:
+        examples["no alert stuck"].append(_stuck(by_id[req.alert_id], req.policy, sends,
+                                                 killed))  # fmt: skip
+
+
+def _tally_duplicate(
+    d: DuplicateSend,
+    both: _Windows,
+    examples: dict[str, list[str]],
+    calls: Mapping[tuple[str, int], int],
+    load_start: float,
+) -> None:
+    """Count one duplicate send in its window; note it when over the bound."""
+    for s in both(d.cause_at):
+        if d.within_bound:
+            s.duplicate_sends_within += 1
+        else:
+            s.duplicate_sends_over += 1
+    if not d.within_bound:
+        examples["duplicate notifications within bound"].append(
+            f"alert {d.alert_id} notification {d.notification_uuid} attempt {d.attempt}: "
+            f"sent at {d.previous_at - load_start:.1f} s by {d.previous_worker}, again at "
+            f"{d.at - load_start:.1f} s by {d.worker}; "
+            f"{calls.get((d.notification_uuid, d.attempt), 0)} of its calls reached the "
+            "carrier"
+        )
+
+
 def build_report(
     requests: Sequence[Request],
     faults: Sequence[FaultEvent],
@@ -524,46 +581,13 @@ def build_report(
         return stats[window_of(windows, at).name], total
 
     for req in requests:
-        for i, answer in enumerate(req.answers):
-            for s in both(answer.sent_at):
-                s.answers[_answer_key(answer)] += 1
-                s.retries += i > 0
-        for s in both(req.sent_at):
-            if req.alert_id is None:
-                s.gave_up += 1
-                continue
-            s.accepted += 1
-            row = by_id.get(req.alert_id)
-            if row is None:
-                s.lost += 1
-                continue
-            s.finished += row.state in FINAL_STATES
-            s.stuck += row.stuck
-        if req.alert_id is not None and req.alert_id not in by_id:
-            examples["no alert lost"].append(
-                f"{req.key} -> {req.alert_id} (202) not in the database"
-            )
-        elif req.alert_id is not None and by_id[req.alert_id].stuck:
-            examples["no alert stuck"].append(_stuck(by_id[req.alert_id], req.policy, sends,
-                                                     killed))  # fmt: skip
+        _tally_request(req, by_id, both, examples, sends, killed)
 
     duplicates = duplicate_sends(audit, {f.killed_pid: f.start for f in faults
                                          if f.killed_pid is not None})  # fmt: skip
     calls = calls_by_attempt(audit, invites)
     for d in duplicates:
-        for s in both(d.cause_at):
-            if d.within_bound:
-                s.duplicate_sends_within += 1
-            else:
-                s.duplicate_sends_over += 1
-        if not d.within_bound:
-            examples["duplicate notifications within bound"].append(
-                f"alert {d.alert_id} notification {d.notification_uuid} attempt {d.attempt}: "
-                f"sent at {d.previous_at - load_start:.1f} s by {d.previous_worker}, again at "
-                f"{d.at - load_start:.1f} s by {d.worker}; "
-                f"{calls.get((d.notification_uuid, d.attempt), 0)} of its calls reached the "
-                "carrier"
-            )
+        _tally_duplicate(d, both, examples, calls, load_start)
     lines = duplicate_audit_lines(audit)
     for line in lines:
         for s in both(line.at):

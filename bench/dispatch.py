@@ -318,10 +318,11 @@ async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
 
     ingest = [handoffs[a] - t for a, t in posted.items() if a in handoffs]
     if args.raw:  # when in the run each slow hand-off happened: a start-up cost, a stall
-        Path(args.raw).write_text(json.dumps(sorted(
+        raw = json.dumps(sorted(
             (t - wall_start, handoffs[a] - t, send_lag[a])
             for a, t in posted.items() if a in handoffs
-        )))  # fmt: skip
+        ))  # fmt: skip
+        await asyncio.to_thread(Path(args.raw).write_text, raw)
     # Each cancelled call belongs to one acked alert; match them by order of time.
     cancel_lat = [c - a for c, a in zip(sorted(cancels), sorted(acks.values()), strict=False)]
     return {
@@ -338,6 +339,11 @@ async def _drive(args: argparse.Namespace, port: int) -> dict[str, Any]:
         "acks": len(acks),
         "cancels": len(cancels),
     }
+
+
+def _start_role(role: str, common: list[str]) -> subprocess.Popen[bytes]:
+    """One `bench.dispatch --role` process (a plain function: the fork blocks briefly)."""
+    return subprocess.Popen([sys.executable, "-m", "bench.dispatch", "--role", role, *common])
 
 
 async def _bench(args: argparse.Namespace) -> int:
@@ -361,17 +367,13 @@ async def _bench(args: argparse.Namespace) -> int:
             str(args.port),
         ]
         try:
-            api = subprocess.Popen(
-                [sys.executable, "-m", "bench.dispatch", "--role", "api", *common]
-            )
+            api = _start_role("api", common)
             procs.append(api)
             base = f"http://127.0.0.1:{args.port}"
             async with httpx.AsyncClient(base_url=base) as probe:
                 await wait_http_ready(probe, api)
             for _ in range(args.workers):
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "bench.dispatch", "--role", "worker", *common]
-                ))  # fmt: skip
+                procs.append(_start_role("worker", common))
             await wait_subscribed(REDIS_URL, prefix, args.workers, procs)
             freeze_startup_objects()  # no full collection of the client's heap mid-load
             cpu_before = [_cpu_seconds(p.pid) for p in procs], _machine_busy()
@@ -407,7 +409,7 @@ async def _bench(args: argparse.Namespace) -> int:
         for key in ("ingest_to_handoff", "post_latency", "ack_to_cancel", "ack_response"):
             summary[f"{key}_p50_ms"] = round(pct(result[key], 50) * 1000, 3)
             summary[f"{key}_p99_ms"] = round(pct(result[key], 99) * 1000, 3)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        await asyncio.to_thread(Path(args.json).write_text, json.dumps(summary, indent=2))
     ok = result["lost"] == 0 and result["post_errors"] == 0 and result["acks"] == result["cancels"]
     return 0 if ok else 1
 

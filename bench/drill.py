@@ -156,6 +156,29 @@ def longest_gap(times: Sequence[float], start: float, end: float) -> float:
     return max(b - a for a, b in itertools.pairwise(points))
 
 
+def _failed_answers(requests: Sequence[Request]) -> dict[str, int]:
+    """Answers other than 202, by status (or `conn:<error>` when none came)."""
+    failed: dict[str, int] = {}
+    for r in requests:
+        for a in r.answers:
+            if a.status != 202:
+                key = str(a.status) if a.status is not None else f"conn:{a.error}"
+                failed[key] = failed.get(key, 0) + 1
+    return failed
+
+
+def _calls_cut_short(audit: Sequence[Mapping[str, Any]]) -> int:
+    """Attempts sent more than once, plus calls whose result says they were cut short."""
+    send_count: dict[tuple[str, int], int] = {}
+    for rec in audit:
+        if rec.get("event") == "send" and rec.get("notification_uuid"):
+            attempt = (str(rec["notification_uuid"]), int(rec["attempt"]))
+            send_count[attempt] = send_count.get(attempt, 0) + 1
+    return sum(1 for n in send_count.values() if n > 1) + sum(
+        1 for rec in audit if rec.get("event") == "result" and rec.get("reason") in CUT_SHORT
+    )
+
+
 def measure(
     scenario: Scenario,
     requests: Sequence[Request],
@@ -169,12 +192,7 @@ def measure(
     sends = [audit_time(r) for r in audit if r.get("event") == "send"]
     ingest_rto = longest_gap(accepted_at, fault.start, load_end)
     dispatch_rto = longest_gap(sends, fault.start, load_end)
-    failed: dict[str, int] = {}
-    for r in requests:
-        for a in r.answers:
-            if a.status != 202:
-                key = str(a.status) if a.status is not None else f"conn:{a.error}"
-                failed[key] = failed.get(key, 0) + 1
+    failed = _failed_answers(requests)
     first_send: dict[str, float] = {}
     for rec in audit:
         if rec.get("event") == "send" and rec.get("alert_id"):
@@ -188,14 +206,7 @@ def measure(
         delays_202.append(ok[0].answered_at - r.sent_at)
         if r.alert_id in first_send:
             delays_call.append(first_send[r.alert_id] - ok[0].answered_at)
-    send_count: dict[tuple[str, int], int] = {}
-    for rec in audit:
-        if rec.get("event") == "send" and rec.get("notification_uuid"):
-            attempt = (str(rec["notification_uuid"]), int(rec["attempt"]))
-            send_count[attempt] = send_count.get(attempt, 0) + 1
-    cut_short = sum(1 for n in send_count.values() if n > 1) + sum(
-        1 for rec in audit if rec.get("event") == "result" and rec.get("reason") in CUT_SHORT
-    )
+    cut_short = _calls_cut_short(audit)
     rto = max(ingest_rto, dispatch_rto)
     failures = [f"chaos check failed: {c.name} ({c.detail})" for c in report.checks if not c.ok]
     if report.total.gave_up:

@@ -265,6 +265,64 @@ class RtpStats:
     elapsed: float = 0.0
 
 
+def _start_call(
+    target: tuple[str, int], rng: random.Random, stats: RtpStats
+) -> tuple[LiveCall, PacketFactory] | None:
+    """A new live call, its packet factory, and 5 audio packets sent from the offered
+    address (heard first, it is the source); None (counted) when the call fails."""
+    call = LiveCall(target, rng)
+    if not call.start():
+        stats.calls_failed += 1
+        call.close()
+        return None
+    stats.calls += 1
+    stats.call_ids.append(call.call_id)
+    assert call.media is not None
+    factory = PacketFactory(rng, call.media.event_pt)
+    for _ in range(5):
+        call.rtp.sendto(factory.audio(), (call.media.host, call.media.port))
+        stats.sent[Packet.AUDIO] += 1
+        stats.sources[Source.OFFERED] += 1
+    return call, factory
+
+
+def _send_batch(
+    call: LiveCall,
+    factory: PacketFactory,
+    strangers: list[socket.socket],
+    rng: random.Random,
+    stats: RtpStats,
+    count: int,
+) -> None:
+    """`count` packets of weighted kinds to the call's media port (RTCP to port + 1 half the
+    time), mostly from the offered address, else from strangers or another port of ours."""
+    media = call.media
+    assert media is not None
+    for _ in range(count):
+        kind = rng.choices(list(WEIGHTS), weights=list(WEIGHTS.values()))[0]
+        data = factory.make(kind)
+        roll = rng.random()
+        source = Source.OFFERED if roll < 0.7 else (
+            Source.STRANGER if roll < 0.9 else Source.OTHER_PORT)  # fmt: skip
+        sock = (
+            call.rtp
+            if source is Source.OFFERED
+            else (rng.choice(strangers[:-1]) if source is Source.STRANGER else strangers[-1])
+        )
+        port = media.port + 1 if kind is Packet.RTCP and rng.random() < 0.5 else media.port
+        with contextlib.suppress(OSError):
+            sock.sendto(data, (media.host, port))
+        stats.sent[kind] += 1
+        stats.sources[source] += 1
+
+
+def _check_alive(call: LiveCall, stats: RtpStats) -> None:
+    """An in-dialog OPTIONS: unanswered while the call is up counts as a failed check."""
+    stats.alive_checks += 1
+    if call.request("OPTIONS") is None and not call.ended:
+        stats.alive_failed += 1
+
+
 def fuzz_live_call(
     target: tuple[str, int],
     total: int,
@@ -296,58 +354,27 @@ def fuzz_live_call(
                     stats.ended_by_gateway += 1
                     stats.received_bytes += call.received_bytes
                     call.close()
-                call = LiveCall(target, rng)
-                if not call.start():
-                    stats.calls_failed += 1
-                    call.close()
+                started = _start_call(target, rng, stats)
+                if started is None:
                     call = None
                     if stats.calls_failed > 5:
                         break
                     continue
-                stats.calls += 1
-                stats.call_ids.append(call.call_id)
-                assert call.media is not None
-                factory = PacketFactory(rng, call.media.event_pt)
-                for _ in range(5):  # the offered address is heard first: it is the source
-                    call.rtp.sendto(factory.audio(), (call.media.host, call.media.port))
-                    stats.sent[Packet.AUDIO] += 1
-                    stats.sources[Source.OFFERED] += 1
-            media = call.media
-            assert media is not None
+                call, factory = started
             batch_start = time.monotonic()
-            for _ in range(min(200, total - sent)):
-                kind = rng.choices(list(WEIGHTS), weights=list(WEIGHTS.values()))[0]
-                data = factory.make(kind)
-                roll = rng.random()
-                source = Source.OFFERED if roll < 0.7 else (
-                    Source.STRANGER if roll < 0.9 else Source.OTHER_PORT)  # fmt: skip
-                sock = (
-                    call.rtp
-                    if source is Source.OFFERED
-                    else (
-                        rng.choice(strangers[:-1]) if source is Source.STRANGER else strangers[-1]
-                    )
-                )
-                port = media.port + 1 if kind is Packet.RTCP and rng.random() < 0.5 else media.port
-                with contextlib.suppress(OSError):
-                    sock.sendto(data, (media.host, port))
-                stats.sent[kind] += 1
-                stats.sources[source] += 1
-                sent += 1
+            batch = min(200, total - sent)
+            _send_batch(call, factory, strangers, rng, stats, batch)
+            sent += batch
             call.poll()
             if sent % 2000 < 200 and not call.ended:
-                stats.alive_checks += 1
-                if call.request("OPTIONS") is None and not call.ended:
-                    stats.alive_failed += 1
+                _check_alive(call, stats)
             pause = 200 / rate - (time.monotonic() - batch_start)
             if pause > 0:
                 time.sleep(pause)
         if call is not None and call.ended:
             stats.ended_by_gateway += 1
         elif call is not None:
-            stats.alive_checks += 1
-            if call.request("OPTIONS") is None and not call.ended:
-                stats.alive_failed += 1
+            _check_alive(call, stats)
             if call.request("BYE") == 200:
                 stats.hangups_ok += 1
     finally:

@@ -222,6 +222,11 @@ class Mutator:
         if op is Mutation.LINE_ENDS:
             return data.replace(b"\r\n", rng.choice((b"\n", b"\r", b"\r\n ", b"\r\n\t", b"\n\r")),
                                 rng.choice((1, 3, -1)))  # fmt: skip
+        return self._mutate_header(op, data)
+
+    def _mutate_header(self, op: Mutation, data: bytes) -> bytes:
+        """The mutations of one header line (or of their order), head and body kept apart."""
+        rng = self.rng
         head, sep, body = data.partition(_HEADER_END)
         lines = head.split(b"\r\n")
         if len(lines) < 2:

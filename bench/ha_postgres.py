@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -47,6 +48,8 @@ from bench.services import (
     postgres_dir,
     tail,
 )
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "ha_postgres.json"
 MONITOR = "monitor"
@@ -348,7 +351,7 @@ class PgAutoFailover:
                 try:
                     proc.stop(timeout=15)
                 except Exception as exc:  # keep stopping the others
-                    print(f"stopping {name} failed: {exc!r}", file=sys.stderr)
+                    log.warning("stopping %s failed: %r", name, exc, exc_info=True)
         for name in NODES:  # a postmaster that outlived its group (should not happen)
             pid = self._postmaster_pid(name)
             if pid is not None and Path(f"/proc/{pid}").exists():

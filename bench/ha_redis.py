@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -26,6 +27,8 @@ import redis
 
 from bench.ports import free_port
 from bench.services import Owned, ServiceError, group_running, tail
+
+log = logging.getLogger(__name__)
 
 MASTER_NAME = "ackline"
 DOWN_AFTER_MS = 1000
@@ -199,7 +202,7 @@ class RedisSentinelSet:
             try:
                 node.stop(timeout=5)
             except Exception as exc:  # keep stopping the others
-                print(f"stopping {node.name} failed: {exc!r}", file=sys.stderr)
+                log.warning("stopping %s failed: %r", node.name, exc, exc_info=True)
 
     def __enter__(self) -> RedisSentinelSet:
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ import redis.asyncio as aioredis
 
 from bench.ports import free_media_port, listening
 from storage.redis_client import async_client
+
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -487,7 +490,7 @@ class Services:
                 else:
                     service.close()
             except Exception as exc:  # keep stopping the others; say what was left
-                print(f"stopping {service} failed: {exc!r}", file=sys.stderr)
+                log.warning("stopping %s failed: %r", service, exc, exc_info=True)
         self._owned.clear()
 
     def __enter__(self) -> Services:

@@ -631,7 +631,7 @@ class CarrierRouter:
         try:
             await self.budgets.release(trunk, claim)
         except Exception as exc:  # a shared budget's lease frees the slot anyway
-            logger.warning("releasing the budget of trunk %s failed: %r", trunk, exc)
+            logger.warning("releasing the budget of trunk %s failed: %r", trunk, exc, exc_info=True)
 
     def _keep(self, future: asyncio.Future[Any]) -> None:
         self._background.add(future)
@@ -656,7 +656,12 @@ class CarrierRouter:
         try:
             reason, claim = await self.budgets.acquire(trunk)
         except Exception as exc:  # Redis away: better this call than none (logged)
-            logger.warning("budget of trunk %s unavailable (%s); calling anyway", trunk.name, exc)
+            logger.warning(
+                "budget of trunk %s unavailable (%s); calling anyway",
+                trunk.name,
+                exc,
+                exc_info=True,
+            )
             reason, claim = None, ""
         if reason is not None:
             return reason, ""
@@ -674,7 +679,9 @@ class CarrierRouter:
             async with asyncio.timeout(TURN_TIMEOUT):
                 return await self.turns.next_turn(self.route)
         except Exception as exc:  # the page matters more than the rotation (logged)
-            logger.warning("shared round-robin turn unavailable (%r); using this process's", exc)
+            logger.warning(
+                "shared round-robin turn unavailable (%r); using this process's", exc, exc_info=True
+            )
             return None
 
     async def _admit(self, destination: Destination) -> None:
@@ -682,7 +689,9 @@ class CarrierRouter:
         try:
             refusal = await self.budgets.admit_call(destination.e164, self.call_budget)
         except Exception as exc:  # Redis away: the page matters more (logged)
-            logger.warning("hourly call budget unavailable (%s); calling anyway", exc)
+            logger.warning(
+                "hourly call budget unavailable (%s); calling anyway", exc, exc_info=True
+            )
             return
         if refusal is not None:
             metrics.CALLS_REFUSED.labels(reason="call_budget").inc()

@@ -124,7 +124,8 @@ class TrunkStore:
             except Exception as exc:  # a database blip: keep the trunks we have, try again
                 if not failing:  # once per outage, not every `interval`
                     logger.warning("reading trunk overrides failed, keeping the trunks as "
-                                   "they are until it works again: %r", exc)  # fmt: skip
+                                   "they are until it works again: %r", exc,
+                                   exc_info=True)  # fmt: skip
                 failing = True
             else:
                 if failing:

@@ -363,7 +363,8 @@ class CallEvents:
             except asyncio.CancelledError:
                 await pubsub.aclose()
                 raise
-            except Exception as exc:  # a bad message or a Redis hiccup: keep listening
+            except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
+                # a bad message or a Redis hiccup: keep listening
                 failures.failed(exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
@@ -379,7 +380,8 @@ class TwilioVoice:
         self._clients: dict[tuple[str, str, str | None], Any] = {}
 
     def _client(self, trunk: Trunk) -> Any:
-        assert trunk.account_sid is not None and trunk.auth_token is not None
+        assert trunk.account_sid is not None
+        assert trunk.auth_token is not None
         key = (trunk.account_sid, trunk.auth_token.get_secret_value(), trunk.api_base)
         if key not in self._clients:
             self._clients[key] = twilio_client(

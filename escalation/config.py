@@ -631,35 +631,41 @@ def hotline_sources_from_carriers(cfg: AcklineConfig) -> list[TrustedSource]:
     return out
 
 
-def parse_config(data: object, source: str = "<config>") -> AcklineConfig:
-    """Validate a parsed YAML document; raise ConfigError listing every problem."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"{source}: the top level must be a mapping"])
-    data = dict(data)
-    carriers_section = data.pop("carriers", None)
+def _carrier_errors(cfg: AcklineConfig, section: object) -> list[str]:
+    """Load the `carriers:` section (it has its own loader) into `cfg`; its problems."""
+    if section is None:
+        return []
     try:
-        cfg = AcklineConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, f"{source}: ")) from None
+        cfg.carriers = load_carriers({"carriers": section})
+    except CarrierConfigError as exc:
+        lines = [line.strip() for line in str(exc).splitlines()]
+        return [line for line in lines if line.startswith("carriers")] or lines
+    return []
+
+
+def _hotline_errors(cfg: AcklineConfig) -> list[str]:
+    """Hotline numbers must page known policies and someone must be trusted to call in."""
+    if cfg.hotline is None:
+        return []
     errors: list[str] = []
-    if carriers_section is not None:
-        try:
-            cfg.carriers = load_carriers({"carriers": carriers_section})
-        except CarrierConfigError as exc:
-            lines = [line.strip() for line in str(exc).splitlines()]
-            errors += [line for line in lines if line.startswith("carriers")] or lines
-    if cfg.hotline is not None:
-        policies = {p.name for p in cfg.policies}
-        for did, number in cfg.hotline.numbers.items():
-            if number.policy not in policies:
-                errors.append(f"hotline.numbers[{did}].policy: unknown policy {number.policy!r}")
-        if cfg.hotline.trusted is None and not hotline_sources_from_carriers(cfg):
-            errors.append(
-                "hotline.trusted: no trusted sources: list the carriers allowed to call in "
-                "(or give carrier trunks with IP address hosts)"
-            )
+    policies = {p.name for p in cfg.policies}
+    for did, number in cfg.hotline.numbers.items():
+        if number.policy not in policies:
+            errors.append(f"hotline.numbers[{did}].policy: unknown policy {number.policy!r}")
+    if cfg.hotline.trusted is None and not hotline_sources_from_carriers(cfg):
+        errors.append(
+            "hotline.trusted: no trusted sources: list the carriers allowed to call in "
+            "(or give carrier trunks with IP address hosts)"
+        )
+    return errors
+
+
+def _directory(
+    cfg: AcklineConfig,
+) -> tuple[dict[str, Recipient], dict[str, Group], set[str], list[str]]:
+    """Recipients, groups and schedules by name, and the problems of each (duplicates,
+    unknown members, bad schedules and overrides) in the document's order."""
+    errors: list[str] = []
     recipients: dict[str, Recipient] = {}
     for i, r in enumerate(cfg.recipients):
         if r.id in recipients:
@@ -681,6 +687,12 @@ def parse_config(data: object, source: str = "<config>") -> AcklineConfig:
         errors += schedule_errors(f"schedules[{i}]", sch, recipients)
     for i, o in enumerate(cfg.overrides):
         errors += override_errors(f"overrides[{i}]", o, schedules, recipients)
+    return recipients, groups, schedules, errors
+
+
+def _policy_and_integration_errors(cfg: AcklineConfig) -> list[str]:
+    """Duplicate policies and integrations, and integrations naming unknown policies."""
+    errors: list[str] = []
     names: set[str] = set()
     for i, p in enumerate(cfg.policies):
         if p.name in names:
@@ -692,6 +704,25 @@ def parse_config(data: object, source: str = "<config>") -> AcklineConfig:
             errors.append(f"integrations[{i}]: duplicate integration {integration.name!r}")
         seen_integrations.add(integration.name)
         errors += [f"integrations[{i}].{e}" for e in integration_errors(integration, names)]
+    return errors
+
+
+def parse_config(data: object, source: str = "<config>") -> AcklineConfig:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping"])
+    data = dict(data)
+    carriers_section = data.pop("carriers", None)
+    try:
+        cfg = AcklineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{source}: ")) from None
+    errors = _carrier_errors(cfg, carriers_section) + _hotline_errors(cfg)
+    recipients, groups, schedules, directory_errors = _directory(cfg)
+    errors += directory_errors
+    errors += _policy_and_integration_errors(cfg)
     errors += reference_errors(
         ((f"policies[{i}]", p) for i, p in enumerate(cfg.policies)),
         recipients,

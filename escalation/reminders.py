@@ -320,4 +320,4 @@ class ShiftReminders:
                 await s.execute(stmt)
         except Exception as exc:  # the reminder went (or not) either way; the row says claimed
             log.warning("recording the shift reminder for %s on %s failed: %r",
-                        shift.recipient, shift.schedule, exc)  # fmt: skip
+                        shift.recipient, shift.schedule, exc, exc_info=True)  # fmt: skip

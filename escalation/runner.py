@@ -155,7 +155,8 @@ class RedisBus:
                             pipe.zadd(self.due_key, later)
                         pipe.publish(self.wake_channel, b"1")
                         await pipe.execute()
-            except Exception as exc:  # the callers see it; polling finds the jobs anyway
+            except Exception as exc:  # noqa: BLE001 (set on the batch: its callers raise it)
+                # the callers see it; polling finds the jobs anyway
                 batch.set_exception(exc)
                 batch.exception()  # retrieved: no warning if every caller has gone
             else:
@@ -196,7 +197,8 @@ class RedisBus:
                 msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis away: polling the database covers the gap
+            except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
+                # Redis away: polling the database covers the gap
                 failures.failed(exc)
                 down_since = time.monotonic() if down_since is None else down_since
                 await self._drop_pubsub()
@@ -242,7 +244,8 @@ class RedisBus:
                 pipe.zremrangebyscore(self.due_key, "-inf", now)
                 pipe.zrange(self.due_key, 0, 0, withscores=True)
                 came_due, head = await pipe.execute()
-        except Exception as exc:  # Redis away: plain polling
+        except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
+            # Redis away: plain polling
             self._wait_failures.failed(exc)
         else:
             if came_due:
@@ -376,7 +379,8 @@ class Worker:
             while not stop.is_set():
                 try:
                     claimed = await self.run_once()
-                except Exception as exc:  # database away: the jobs stay in the database
+                except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
+                    # database away: the jobs stay in the database
                     self._claim_failures.failed(exc)
                     claimed = 0
                     await _wait_event(stop, self.poll_interval)
@@ -475,7 +479,7 @@ class Worker:
             try:
                 await asyncio.wait_for(channel.cancel(n.notification_id), HANGUP_WAIT)
             except Exception as exc:
-                log.warning("hanging up %s failed: %r", n.notification_id, exc)
+                log.warning("hanging up %s failed: %r", n.notification_id, exc, exc_info=True)
         loop = asyncio.get_running_loop()
         until = loop.time() + HANGUP_WAIT
         while not flight.recording and flight.runner is not None and not flight.runner.done():
@@ -492,7 +496,8 @@ class Worker:
     async def _mark_answered(self, task: SendTask) -> None:
         try:
             await self.engine.mark_answered(task)
-        except Exception as exc:  # only a duplicate call after a crash depends on it
+        except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
+            # only a duplicate call after a crash depends on it
             self._answer_failures.failed(exc)
 
     async def _record(self, task: SendTask, result: DeliveryResult) -> None:
@@ -514,7 +519,7 @@ class Worker:
             del self._results[: len(batch)]
             try:
                 await self.engine.complete_many([(t, r) for t, r, _ in batch], self.worker_id)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
                 self._record_failures.failed(exc)
                 await asyncio.gather(*(self._record_one(t, r) for t, r, _ in batch))
             for _, _, done in batch:
@@ -532,7 +537,7 @@ class Worker:
             try:
                 await self.engine.complete(task, result, self.worker_id)
                 return
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
                 self._record_failures.failed(exc)
             stop_at = self._give_up_recording_at
             if stop_at is not None and loop.time() + delay > stop_at:
@@ -616,7 +621,7 @@ class Worker:
                     [f.task.job_id for f in sending],
                     {f.task.notification.alert_id for f in sending},
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
                 self._check_failures.failed(exc)
                 continue
             for flight in sending:
@@ -656,7 +661,8 @@ class Worker:
                 log.info("worker %s handed %d sends back", self.worker_id, len(handed))
             except Exception as exc:
                 log.warning("worker %s could not hand %d sends back (%r): their leases run "
-                            "out instead", self.worker_id, len(handed), exc)  # fmt: skip
+                            "out instead", self.worker_id, len(handed), exc,
+                            exc_info=True)  # fmt: skip
         left = [f.runner for f in self._inflight.values() if f.runner is not None]
         if left:
             await asyncio.wait(left, timeout=max(0.0, deadline - loop.time()))
@@ -677,7 +683,7 @@ class Worker:
                 for _ in range(10):
                     if await self.engine.purge_done_jobs(self.purge_batch) < self.purge_batch:
                         break
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
                 self._purge_failures.failed(exc)
 
     async def _remind_shifts(self) -> None:
@@ -689,7 +695,7 @@ class Worker:
             await asyncio.sleep(self.reminder_interval)
             try:
                 await self.reminders.run_once(self.engine.clock())
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (FailureLog logs it)
                 self._reminder_failures.failed(exc)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:

@@ -1152,27 +1152,7 @@ class Call:
         self.responded.set()
         code = response.code
         if code < 200:
-            verdict = self._provisionals.receive(response)
-            if verdict in (
-                ProvisionalVerdict.RETRANSMISSION,
-                ProvisionalVerdict.OUT_OF_ORDER,
-                ProvisionalVerdict.INVALID,
-            ):
-                # RFC 3262 4: seen already (its PRACK went out), or the UAS must first
-                # resend the one we missed: nothing to process, nothing to acknowledge.
-                logger.debug("call %s: %s %s ignored", self.call_id, code, verdict.value)
-                return
-            self._provisional = True  # any 1xx, 100 included, allows a CANCEL (RFC 3261 9.1)
-            if code > 100 and self._pdd_ms is None:
-                self._pdd_ms = self._ms_since(self._invite_sent_at)
-            if code > 100 and response.body and self.media is not None and self._offer:
-                configured = self._configure_from_answer(response.body, early=True)
-                if configured and verdict is ProvisionalVerdict.PRACK:
-                    self._early_answer = True  # the answer: the 2xx may come without SDP
-            if verdict is ProvisionalVerdict.PRACK and self._cancel_reason is None:
-                self._send_prack(response)
-            if self._cancel_reason is not None and not self._cancel_sent:
-                self._send_cancel()
+            self._on_invite_provisional(response)
             return
         if self._pdd_ms is None:
             self._pdd_ms = self._ms_since(self._invite_sent_at)
@@ -1203,6 +1183,31 @@ class Call:
             return
         self._fail(classify_final(code), code, response.phrase)
 
+    def _on_invite_provisional(self, response: Response) -> None:
+        """A 1xx to our INVITE: early media, its PRACK (RFC 3262), a pending CANCEL."""
+        code = response.code
+        verdict = self._provisionals.receive(response)
+        if verdict in (
+            ProvisionalVerdict.RETRANSMISSION,
+            ProvisionalVerdict.OUT_OF_ORDER,
+            ProvisionalVerdict.INVALID,
+        ):
+            # RFC 3262 4: seen already (its PRACK went out), or the UAS must first
+            # resend the one we missed: nothing to process, nothing to acknowledge.
+            logger.debug("call %s: %s %s ignored", self.call_id, code, verdict.value)
+            return
+        self._provisional = True  # any 1xx, 100 included, allows a CANCEL (RFC 3261 9.1)
+        if code > 100 and self._pdd_ms is None:
+            self._pdd_ms = self._ms_since(self._invite_sent_at)
+        if code > 100 and response.body and self.media is not None and self._offer:
+            configured = self._configure_from_answer(response.body, early=True)
+            if configured and verdict is ProvisionalVerdict.PRACK:
+                self._early_answer = True  # the answer: the 2xx may come without SDP
+        if verdict is ProvisionalVerdict.PRACK and self._cancel_reason is None:
+            self._send_prack(response)
+        if self._cancel_reason is not None and not self._cancel_sent:
+            self._send_cancel()
+
     def _retry_after_422(self, response: Response) -> bool:
         """RFC 4028 7.4: INVITE once more, as the same call, with the 422's Min-SE as the
         interval. False (the 422 is final) after one retry or for a Min-SE we refuse."""
@@ -1230,7 +1235,8 @@ class Call:
     def _with_credentials(self, request: Request) -> Request:
         """``request`` answering the INVITE's last challenge (a PRACK, a retried INVITE:
         the proxy that challenged the INVITE challenges them too)."""
-        assert self._digest is not None and self._challenge is not None
+        assert self._digest is not None
+        assert self._challenge is not None
         for name in ("Authorization", "Proxy-Authorization"):
             request.headers.remove(name)
         try:
@@ -1642,7 +1648,8 @@ class Call:
 
     def _on_reinvite(self, ctx: ServerContext) -> None:
         """Answer a re-INVITE (hold, resume, session refresh) on the same media session."""
-        assert self.dialog is not None and self.media is not None
+        assert self.dialog is not None
+        assert self.media is not None
         request = ctx.request
         if self._reinviting:  # RFC 3261 14.2: both sides re-INVITEd at once
             ctx.respond(491)
@@ -1687,7 +1694,8 @@ class Call:
     def _on_update(self, ctx: ServerContext) -> None:
         """UPDATE (RFC 3311), taken as a session refresh: an offer in it is answered on
         the same media session; without one the 200 carries no SDP."""
-        assert self.dialog is not None and self.media is not None
+        assert self.dialog is not None
+        assert self.media is not None
         request = ctx.request
         if self._session_rejection(ctx):
             return

@@ -428,6 +428,12 @@ class FlowRunner:
         try:
             alert_id = await self.hooks.escalate(ctx, policy, dict(ctx.variables))
         except Exception as exc:
+            logger.warning(
+                "call %s: escalate hook failed at node %r",
+                ctx.call.call_id,
+                ctx.node_id,
+                exc_info=True,
+            )
             return self._hook_failed(ctx, node.on_error, "escalate", exc)
         if alert_id is not None:
             ctx.variables[node.variable] = str(alert_id)
@@ -439,6 +445,12 @@ class FlowRunner:
         try:
             await self.hooks.webhook(ctx, url, dict(ctx.variables))
         except Exception as exc:
+            logger.warning(
+                "call %s: webhook hook failed at node %r",
+                ctx.call.call_id,
+                ctx.node_id,
+                exc_info=True,
+            )
             return self._hook_failed(ctx, node.on_error, "webhook", exc)
         return node.next
 
@@ -451,6 +463,12 @@ class FlowRunner:
         try:
             connected = await self.hooks.bridge(ctx, target, node.ring_timeout)
         except Exception as exc:
+            logger.warning(
+                "call %s: bridge hook failed at node %r",
+                ctx.call.call_id,
+                ctx.node_id,
+                exc_info=True,
+            )
             return self._hook_failed(ctx, node.on_error, "bridge", exc)
         finally:
             if ringback is not None and not ringback.done():
@@ -465,9 +483,9 @@ class FlowRunner:
     def _hook_failed(
         self, ctx: FlowContext, on_error: str | None, hook: str, exc: Exception
     ) -> str | None:
-        """A failed hook goes to ``on_error``; without one the flow stops as an error."""
+        """A failed hook (logged by the caller, with its traceback) goes to ``on_error``;
+        without one the flow stops as an error."""
         message = f"{hook} hook failed at node {ctx.node_id!r}: {exc!r}"
-        logger.warning("call %s: %s", ctx.call.call_id, message)
         ctx.variables["error"] = message
         if on_error is None:
             raise _Stop("error", message)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import RuntimeDep
 from api.json_body import StrictJsonRoute
 from escalation.runner import RedisBus
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["health"])
 
@@ -30,13 +34,15 @@ async def readyz(request: Request, runtime: RuntimeDep) -> JSONResponse:
     try:
         await runtime.db.ping()
         checks["database"] = "ok"
-    except Exception as exc:
+    except Exception as exc:  # the answer says it; the traceback only with debug logging
+        log.debug("readiness: database ping failed", exc_info=True)
         checks["database"] = f"error: {type(exc).__name__}"
     if isinstance(runtime.bus, RedisBus):
         try:
             await runtime.bus.ping()
             checks["redis"] = "ok"
         except Exception as exc:
+            log.debug("readiness: Redis ping failed", exc_info=True)
             checks["redis"] = f"error: {type(exc).__name__}"
     if checks["database"] != "ok":
         return JSONResponse({"status": "unavailable", **checks}, 503)

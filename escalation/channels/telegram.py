@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -28,6 +29,8 @@ from escalation.channels.base import (
     SentMessages,
     ignore_progress,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TELEGRAM_API_BASE",
@@ -233,6 +236,7 @@ class TelegramVoiceChannel(_TelegramChannelBase):
         try:
             wav = await self._tts(speech)
         except Exception:  # any synthesiser failure means: use another channel
+            log.warning("synthesising the voice note failed", exc_info=True)
             return DeliveryResult(DeliveryStatus.FAILED_PERMANENT, "tts_failed")
         try:
             ogg = await wav_to_ogg_opus(wav, ffmpeg=self._ffmpeg, timeout_s=self._encode_timeout_s)

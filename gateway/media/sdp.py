@@ -13,9 +13,9 @@ import dataclasses
 import ipaddress
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 from gateway.media.srtp import CryptoAttribute, SrtpKeys, parse_crypto_lines
 
@@ -324,11 +324,6 @@ class SessionDescription:
     @classmethod
     def parse(cls, text: str | bytes) -> SessionDescription:
         """Parse an SDP body (CRLF or LF). Raises SdpError, and only SdpError, on bad input."""
-        if isinstance(text, bytes | bytearray):
-            try:
-                text = bytes(text).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise SdpError("SDP is not valid UTF-8") from exc
         origin: Origin | None = None
         session_name: str | None = None
         connection: Connection | None = None
@@ -337,13 +332,7 @@ class SessionDescription:
         media: list[MediaDescription] = []
         current: MediaDescription | None = None
         seen_version = False
-        for number, raw in enumerate(text.split("\n"), 1):
-            line = raw.rstrip("\r\t ")
-            if not line:
-                continue
-            if len(line) < 2 or line[1] != "=" or not "a" <= line[0] <= "z":
-                raise SdpError(f"line {number}: expected <type>=<value>: {line[:40]!r}")
-            kind, value = line[0], line[2:]
+        for number, kind, value in _sdp_lines(text):
             if not seen_version:
                 if kind != "v" or value.strip() != "0":
                     raise SdpError("SDP must start with v=0")
@@ -358,19 +347,15 @@ class SessionDescription:
                     raise SdpError("duplicate o=")
                 origin = Origin.parse(value)
             elif kind == "s":
-                if session_name is not None:
-                    raise SdpError("duplicate s=")
-                session_name = value
+                session_name = _once(session_name, value, "duplicate s=")
             elif kind == "c":
                 parsed = Connection.parse(value)
                 if current is None:
-                    if connection is not None:
-                        raise SdpError("duplicate session-level c=")
-                    connection = parsed
+                    connection = _once(connection, parsed, "duplicate session-level c=")
                 else:
-                    if current.connection is not None:
-                        raise SdpError("duplicate c= in a media section")
-                    current.connection = parsed
+                    current.connection = _once(
+                        current.connection, parsed, "duplicate c= in a media section"
+                    )
             elif kind == "a":
                 # Only session attributes and audio streams' are ours to interpret: a
                 # video stream's odd rtpmap (RFC 4475's "a=rtpmap:31 LPC") is kept as it
@@ -472,6 +457,32 @@ class NegotiatedMedia:
 # --------------------------------------------------------------------------------------------
 # Offer / answer
 # --------------------------------------------------------------------------------------------
+
+
+_T = TypeVar("_T")
+
+
+def _sdp_lines(text: str | bytes) -> Iterator[tuple[int, str, str]]:
+    """(line number, type, value) of each non-empty line of an SDP body (CRLF or LF)."""
+    if isinstance(text, bytes | bytearray):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SdpError("SDP is not valid UTF-8") from exc
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.rstrip("\r\t ")
+        if not line:
+            continue
+        if len(line) < 2 or line[1] != "=" or not "a" <= line[0] <= "z":
+            raise SdpError(f"line {number}: expected <type>=<value>: {line[:40]!r}")
+        yield number, line[0], line[2:]
+
+
+def _once(seen: _T | None, value: _T, duplicate: str) -> _T:
+    """`value` for a field given at most once; SdpError(`duplicate`) the second time."""
+    if seen is not None:
+        raise SdpError(duplicate)
+    return value
 
 
 def _strip_brackets(host: str) -> str:

@@ -14,7 +14,6 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +104,9 @@ def axe_violations(page: Page, impacts: set[str] = SERIOUS) -> list[dict[str, An
 
 
 @pytest.fixture
-def csp_errors(page: Page) -> Iterator[list[str]]:
+def csp_errors(page: Page) -> list[str]:
     """Console messages that say the Content-Security-Policy refused something."""
     errors: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text
             else None)  # fmt: skip
-    yield errors
+    return errors

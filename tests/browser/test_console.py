@@ -198,7 +198,8 @@ def test_roles_csrf_and_revocation(browser: Browser, page: Page, server: LiveSer
     responder = browser.new_context().new_page()
     sign_in(responder, server, "rex")
     forbidden = responder.goto(f"{server.url}/console/users")
-    assert forbidden is not None and forbidden.status == 403
+    assert forbidden is not None
+    assert forbidden.status == 403
     expect(responder.get_by_role("link", name="Webphone")).to_be_visible()
     responder.context.close()
 

@@ -114,8 +114,8 @@ def test_an_admin_disables_a_trunk_and_the_next_call_avoids_it(
     (tmp_path / "s").mkdir()
     scenario = {"RING_MS": "0", "PAUSE_MS": "200", "PCAP": str(dtmf_pcap("1"))}
     with (
-        sipp("carrier_answer_dtmf.xml", tmp_path / "p", calls=200, **scenario) as primary,
-        sipp("carrier_answer_dtmf.xml", tmp_path / "s", calls=200, **scenario) as secondary,
+        sipp("carrier_answer_dtmf.xml", tmp_path / "p", calls=200, fields=scenario) as primary,
+        sipp("carrier_answer_dtmf.xml", tmp_path / "s", calls=200, fields=scenario) as secondary,
         serving(tmp_path, carriers_config(primary.port, secondary.port)) as url,
     ):
         add_people(f"sqlite:///{tmp_path}/ackline.db")
@@ -271,7 +271,8 @@ def test_a_responder_cannot_edit_trunks(page: Page, server: LiveServer) -> None:
     page.goto(f"{server.url}/console/policies")
     expect(page.get_by_role("link", name="Edit page")).to_have_count(0)
     refused = page.goto(f"{server.url}/console/policies/page/edit")
-    assert refused is not None and refused.status == 403
+    assert refused is not None
+    assert refused.status == 403
 
 
 def test_an_admin_deletes_a_recipient_after_a_second_step_and_a_file_one_is_refused(

@@ -103,7 +103,8 @@ def test_voice_component_follows_its_carrier(
         assert page.text_content(f"{COMPONENT} .state") == "Operational"
         assert page.text_content(f"{COMPONENT} .component-name") == "Voice calls via carrier-a"
         main = page.inner_html("main")
-        assert "127.0.0.1" not in main and str(port) not in main  # the trunk's host is private
+        assert "127.0.0.1" not in main
+        assert str(port) not in main  # the trunk's host is private
         assert page.is_visible("form[action='/status/subscribe']")
         shot(page, "status-page-desktop")
         page.set_viewport_size({"width": 375, "height": 800})
@@ -129,5 +130,6 @@ def test_voice_component_follows_its_carrier(
             wait_for_state(page, url, "operational")
             assert page.text_content("#status-banner strong") == "All systems operational"
         badge = page.request.get(f"{server.url}/status/badge/voice-carrier-a.svg")
-        assert badge.ok and "Voice calls via carrier-a" in badge.text()
+        assert badge.ok
+        assert "Voice calls via carrier-a" in badge.text()
     assert csp_errors == []

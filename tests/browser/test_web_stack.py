@@ -28,7 +28,8 @@ def test_base_page_loads_htmx_and_css_under_the_csp(page: Page, csp_errors: list
     with LiveServer(stack_app()) as server:
         page.set_viewport_size({"width": 375, "height": 700})
         response = page.goto(f"{server.url}/probe")
-        assert response is not None and response.ok
+        assert response is not None
+        assert response.ok
         assert "script-src 'self'" in response.headers["content-security-policy"]
         page.wait_for_function("() => window.htmx !== undefined", timeout=5000)
         assert page.evaluate("() => htmx.config.includeIndicatorStyles") is False

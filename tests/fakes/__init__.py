@@ -199,6 +199,7 @@ class FakeService(abc.ABC):
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None and self._task is not None
+        assert self._server is not None
+        assert self._task is not None
         self._server.should_exit = True
         await asyncio.wait_for(self._task, timeout=10)

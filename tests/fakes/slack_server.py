@@ -115,10 +115,10 @@ class FakeSlack(FakeService):
         return handler(params)
 
     def _conversation(self, channel: Any) -> str | None:
-        channel = str(channel or "")
-        if channel not in self.channels:
+        name = str(channel or "")
+        if name not in self.channels:
             return None
-        return "D" + channel[1:] if channel.startswith("U") else channel
+        return "D" + name[1:] if name.startswith("U") else name
 
     def _content_error(self, params: Mapping[str, Any]) -> str | None:
         if "blocks" in params and (error := _blocks_error(params["blocks"])):

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.ports import free_media_port, free_port, listening
+# free_port and listening are re-exported: the tests take them from here with sipp().
+from bench.ports import free_media_port
+from bench.ports import free_port as free_port
+from bench.ports import listening as listening
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 PCAPS = Path("/usr/share/sip-tester")
@@ -34,6 +37,16 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
             return
         time.sleep(0.02)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+def popen_logged(
+    cmd: list[str], log_path: Path, *, env: Mapping[str, str], cwd: Path
+) -> subprocess.Popen[bytes]:
+    """Start `cmd` with its stdout and stderr in `log_path` (the child keeps the file
+    open; ours is closed at once). A plain function, so async tests do not fork in
+    their own body."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
 
 
 @dataclass
@@ -93,12 +106,15 @@ def sipp(
     timeout_s: int = 30,
     extra: list[str] | None = None,
     port: int | None = None,
+    fields: Mapping[str, str] | None = None,
     **values: str,
 ) -> Iterator[SippRun]:
-    """Run one SIPp instance with a scenario from tests/integration/scenarios."""
+    """Run one SIPp instance with a scenario from tests/integration/scenarios. Its
+    placeholders are filled from `fields` (a shared set, kept apart from the keyword
+    options so the types stay checked) and then `values`."""
     if shutil.which("sipp") is None:
         raise RuntimeError("sipp is not installed: run `make test` (installs sip-tester)")
-    path = render_scenario(scenario, workdir, **values)
+    path = render_scenario(scenario, workdir, **{**(fields or {}), **values})
     port = port or free_port()
     media_port = free_media_port(avoid=port)
     cmd = [

@@ -91,7 +91,8 @@ async def test_list_filters_and_counts(db_url: str, tmp_path: Path) -> None:
 
         everything = await listed(api)
         assert [a["id"] for a in everything["alerts"]] == [lag, cert, disk, db_down]
-        assert everything["next_cursor"] is None and "attempts" not in everything["alerts"][0]
+        assert everything["next_cursor"] is None
+        assert "attempts" not in everything["alerts"][0]
         assert everything["counts"] == {"triggered": 2, "acknowledged": 1, "resolved": 1,
                                         "exhausted": 0}  # fmt: skip
         oldest_first = await listed(api, sort="asc")
@@ -144,17 +145,21 @@ async def test_pages_are_stable_while_alerts_keep_arriving(db_url: str, tmp_path
             more = [api.post_alert(title=f"new{page_no}-{i}") for i in range(3)]
             nxt = listed(api, **{**params, "cursor": page["next_cursor"]}) if page[
                 "next_cursor"] else None  # fmt: skip
-            results = await asyncio.gather(*more, *([nxt] if nxt else []))
+            # the posts' responses, then the next page
+            results: list[Any] = await asyncio.gather(*more, *([nxt] if nxt else []))
             added += [r.json()["id"] for r in results[:3]]
             cursor = page["next_cursor"]
             if cursor is None:
                 break
         # newest first: every alert that existed when paging began, once, in order
         assert seen == first[::-1]
-        assert page_no == 4 and len(added) == 15
+        assert page_no == 4
+        assert len(added) == 15
         # oldest first: the alerts created meanwhile come after them, none twice
         asc = await page_all(api, {"sort": "asc", "limit": 7})
-        assert asc[:23] == first and sorted(asc[23:]) == sorted(added) and len(asc) == 38
+        assert asc[:23] == first
+        assert sorted(asc[23:]) == sorted(added)
+        assert len(asc) == 38
         # a page of exactly `limit` at the end says there is no next page
         assert len(await page_all(api, {"limit": 19})) == 38
 
@@ -256,12 +261,15 @@ async def test_escalate_fires_the_next_step_now(db_url: str, tmp_path: Path) -> 
 
         # past the last step nobody is left to page: with nothing pending, it is exhausted
         last = await c.post(f"/v1/alerts/{alert_id}/escalate", headers=KEY)
-        assert last.status_code == 200 and last.json()["state"] == "exhausted"
+        assert last.status_code == 200
+        assert last.json()["state"] == "exhausted"
         again = await c.post(f"/v1/alerts/{alert_id}/escalate", headers=KEY)
-        assert again.status_code == 409 and again.json()["detail"] == "alert is exhausted"
+        assert again.status_code == 409
+        assert again.json()["detail"] == "alert is exhausted"
         assert (await c.post(f"/v1/alerts/{alert_id}/ack", headers=KEY)).status_code == 200
         late = await c.post(f"/v1/alerts/{alert_id}/escalate", headers=KEY)
-        assert late.status_code == 409 and late.json()["detail"] == "alert is acknowledged"
+        assert late.status_code == 409
+        assert late.json()["detail"] == "alert is acknowledged"
         assert (await c.post("/v1/alerts/nope/escalate", headers=KEY)).status_code == 404
         assert len(api.channels["voice"].sent) == 1
 
@@ -300,7 +308,8 @@ async def test_reassign_cancels_the_old_chain_and_pages_the_new_target(
         assert voice.cancelled[alice_call] - t0 < 1.0  # hung up at once, not at its deadline
         await until_true(lambda: len(voice.sent) == 2)
         bob_call = voice.sent[1].notification
-        assert bob_call.contact.recipient_id == "bob" and bob_call.contact.phone == "+14155550102"
+        assert bob_call.contact.recipient_id == "bob"
+        assert bob_call.contact.phone == "+14155550102"
         data = await api.until(alert_id, lambda d: [a["status"] for a in d["attempts"]] == [
             "cancelled", "delivered"])  # fmt: skip
         assert [(a["recipient_id"], a["step"], a["status"]) for a in data["attempts"]] == [
@@ -365,7 +374,8 @@ async def test_reassign_refuses_unknown_targets_and_closed_alerts(
         assert (await api.alert(alert_id))["attempts"][0]["recipient_id"] == "alice"
         await c.post(f"/v1/alerts/{alert_id}/resolve", headers=KEY)
         closed = await c.post(path, json={"recipients": ["bob"]}, headers=KEY)
-        assert closed.status_code == 409 and closed.json()["detail"] == "alert is resolved"
+        assert closed.status_code == 409
+        assert closed.json()["detail"] == "alert is resolved"
         missing = await c.post("/v1/alerts/nope/reassign", json={"recipients": ["bob"]},
                                headers=KEY)  # fmt: skip
         assert missing.status_code == 404

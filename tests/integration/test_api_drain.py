@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.peers import ackline_cli, cli_env, free_port
+from tests.integration.peers import ackline_cli, cli_env, free_port, popen_logged
 
 pytest_plugins = ["tests.conftest_escalation"]
 
@@ -39,8 +38,7 @@ async def test_a_stopping_api_turns_unready_and_still_serves_for_its_grace(
         "ACKLINE_EMBEDDED_WORKER": "0",
     }
     cmd = [*ackline_cli(), "serve", "--role", "api", "--http-port", str(port)]
-    log = (tmp_path / "api.log").open("w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    proc = popen_logged(cmd, tmp_path / "api.log", env=env, cwd=tmp_path)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
             for _ in range(300):
@@ -68,4 +66,3 @@ async def test_a_stopping_api_turns_unready_and_still_serves_for_its_grace(
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()

@@ -20,6 +20,7 @@ from api.settings import Settings
 from escalation.channels.base import Channel, DeliveryStatus
 from storage.db import Database
 from tests.conftest_escalation import ScriptedChannel, reply
+from tests.waiting import wait_until
 
 pytest_plugins = ["tests.conftest_escalation"]
 
@@ -114,9 +115,7 @@ class Api:
                 for s in self.sms.sent]  # fmt: skip
 
     async def until_paged(self, count: int, timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.sms.sent) < count:
-                await asyncio.sleep(0.02)
+        await wait_until(lambda: len(self.sms.sent) >= count, timeout, f"{count} pages")
 
 
 @contextlib.asynccontextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -22,7 +23,9 @@ def prompt_cache(tmp_path: Path) -> PromptCache:
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
-async def test_gateway_calls_baresip_which_presses_a_digit(tmp_path: Path, transport: str) -> None:
+async def test_gateway_calls_baresip_which_presses_a_digit(
+    tmp_path: Path, transport: Literal["udp", "tcp"]
+) -> None:
     config = GatewayConfig(
         host="127.0.0.1",
         udp_port=0 if transport == "udp" else None,

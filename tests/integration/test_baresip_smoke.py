@@ -388,14 +388,16 @@ def test_uas_answers_and_sends_rfc4733_digits(
         established = peer.wait_established(1)
         closed = peer.wait_closed(3)
         assert established.direction == "incoming"
-        assert closed.param == REASON_REMOTE_BYE and peer.closed_by_remote, context(peer, sipp_dir)
+        assert closed.param == REASON_REMOTE_BYE, context(peer, sipp_dir)
+        assert peer.closed_by_remote, context(peer, sipp_dir)
         assert peer.dtmf_sent == list(digits), context(peer, sipp_dir)
         assert not peer.errors, context(peer, sipp_dir)
     assert peer.exited_cleanly, f"stop={peer.stop_method} rc={peer.returncode}\n{peer.log_text()}"
 
     answer = assert_offers_g711_and_te(sipp_received_200_sdp(sipp_dir))
     # baresip's own trace (-s) shows the same answer
-    assert peer.sent_sdp() and sdp_of(peer.sent_sdp()[0])["pts"] == answer["pts"]
+    assert peer.sent_sdp()
+    assert sdp_of(peer.sent_sdp()[0])["pts"] == answer["pts"]
     te_pt = telephone_event_pt(answer)
     events = rtp_sink.telephone_events(te_pt)
     assert [e.event for e in events] == [DTMF_EVENT[d] for d in digits], (events, rtp_sink.packets)
@@ -417,7 +419,8 @@ def test_uac_call_to_sipp_builtin_uas_is_established_and_exits_cleanly(tmp_path:
         target = f"sip:service@127.0.0.1:{port}"
         with baresip_uac(tmp_path, target, dtmf="", lifetime_s=15) as peer:
             event = peer.wait_established(5)
-            assert event.direction == "outgoing" and event.peer_uri == target
+            assert event.direction == "outgoing"
+            assert event.peer_uri == target
             offer = peer.sent_sdp()
             assert offer, peer.log_text()
             assert_offers_g711_and_te(offer[0])
@@ -448,7 +451,8 @@ def test_uac_sends_dtmf_and_sees_remote_bye(tmp_path: Path, rtp_sink: RtpSink) -
             peer.wait_dtmf_sent(3)
             closed = peer.wait_closed(6)
             assert closed.param == REASON_REMOTE_BYE, context(peer, sipp_dir)
-            assert peer.established and peer.closed_by_remote
+            assert peer.established
+            assert peer.closed_by_remote
         rc = finish(sipp, 5)
     finally:
         finish(sipp, 0)

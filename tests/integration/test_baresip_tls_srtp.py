@@ -20,6 +20,7 @@ from gateway.result import CallResult
 from gateway.tls import TlsClientSettings, TlsServerSettings
 from tests.integration.baresip_peer import baresip_uac, baresip_uas
 from tests.tls_certs import PkiFiles, make_pki
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -70,13 +71,17 @@ async def test_gateway_calls_baresip_over_tls_with_srtp(tmp_path: Path, pki: Pki
         trace = [m for m in peer.sip_messages() if m.transport == "TLS"]
     assert digits == "1"  # an RFC 4733 event inside SRTP
     assert result.dtmf_method == "rfc4733"
-    assert result.srtp and result.transport == "tls"
-    assert sent and "RTP/SAVP" in sent[0] and "a=crypto:" in sent[0]
+    assert result.srtp
+    assert result.transport == "tls"
+    assert sent
+    assert "RTP/SAVP" in sent[0]
+    assert "a=crypto:" in sent[0]
     assert trace, "baresip saw no SIP over TLS"
     assert stats.malformed == 0  # every SRTP packet from baresip authenticated
     assert _rms(heard) > 500, "no audio from baresip came through SRTP"
     decoded = [p for p in peer.recordings() if "dec" in p.name]
-    assert decoded and max(_wav_rms(p) for p in decoded) > 500, "baresip heard no audio"
+    assert decoded, "baresip heard no audio"
+    assert max(_wav_rms(p) for p in decoded) > 500, "baresip heard no audio"
 
 
 async def test_baresip_calls_the_gateway_tls_listener_with_srtp(
@@ -109,16 +114,19 @@ async def test_baresip_calls_the_gateway_tls_listener_with_srtp(
             assert peer.closed_by_remote, peer.log_text()
             # baresip's INVITE leaves from an ephemeral port: find it by its request line
             invites = [m for m in peer.sip_messages() if m.first_line.startswith("INVITE ")]
-        async with asyncio.timeout(5):
-            while not finished:
-                await asyncio.sleep(0.05)
+        await wait_until(lambda: finished, 5, "the call's result", interval=0.05)
     result = finished[0]
-    assert result.direction == "inbound" and result.transport == "tls"
-    assert result.digits == "42" and result.dtmf_method == "rfc4733"
+    assert result.direction == "inbound"
+    assert result.transport == "tls"
+    assert result.digits == "42"
+    assert result.dtmf_method == "rfc4733"
     assert result.srtp
-    assert invites and invites[0].transport == "TLS"
-    assert "RTP/SAVP" in invites[0].body and "a=crypto:" in invites[0].body
-    assert heard and heard[0] > 500, "no audio from baresip came through SRTP"
+    assert invites
+    assert invites[0].transport == "TLS"
+    assert "RTP/SAVP" in invites[0].body
+    assert "a=crypto:" in invites[0].body
+    assert heard, "no audio from baresip came through SRTP"
+    assert heard[0] > 500, "no audio from baresip came through SRTP"
 
 
 async def test_required_srtp_against_baresip_without_srtp_fails_cleanly(
@@ -134,7 +142,8 @@ async def test_required_srtp_against_baresip_without_srtp_fails_cleanly(
             )
             result = await call.wait_ended(15)
     # baresip without mediaenc refuses an RTP/SAVP offer: no plain-RTP call slips through
-    assert not call.answered and not result.srtp
+    assert not call.answered
+    assert not result.srtp
     assert (result.outcome.value, result.sip_code) == ("rejected", 488), result
 
 
@@ -147,6 +156,7 @@ async def test_baresip_with_a_certificate_from_another_ca_is_refused(
             call = await gateway.dial(
                 peer.uri, tls=TlsClientSettings(ca_file=pki.ca_cert), ring_timeout=10
             )
-    assert call.result is not None and not call.answered
+    assert call.result is not None
+    assert not call.answered
     assert "TLS certificate verification failed" in call.result.reason
     assert not peer.established

@@ -85,10 +85,12 @@ async def test_caller_and_callee_hear_each_other_until_one_hangs_up() -> None:
     assert result.hangup_by == "remote"
     [summary] = bridged
     assert summary.ended_by == "b"
-    assert summary.relayed_ms[0] >= 500 and summary.relayed_ms[1] >= 500, summary
+    assert summary.relayed_ms[0] >= 500, summary
+    assert summary.relayed_ms[1] >= 500, summary
     assert abs(dominant_hz(callee_heard[-4000:]) - 440) < 20
     loud = caller_heard[np.abs(caller_heard) > 2000]
-    assert len(loud) > 2000 and abs(dominant_hz(caller_heard[-8000:]) - 1000) < 20
+    assert len(loud) > 2000
+    assert abs(dominant_hz(caller_heard[-8000:]) - 1000) < 20
 
 
 async def test_unanswered_calls_cannot_be_bridged() -> None:
@@ -138,7 +140,7 @@ async def test_a_sipp_callees_sip_info_key_reaches_the_caller_as_an_rfc4733_even
     caller, who negotiated telephone-event, gets an RFC 4733 "9"."""
     bridged: list[BridgeResult] = []
     info = {"CONTENT_TYPE": "application/dtmf-relay", "BODY": "Signal=9\nDuration=160"}
-    with sipp("uas_info_dtmf.xml", tmp_path, PAUSE_MS="800", **info) as callee:
+    with sipp("uas_info_dtmf.xml", tmp_path, PAUSE_MS="800", fields=info) as callee:
         async with bridging_gateway(f"sip:oncall@{callee.address}", bridged) as gateway:
             received = await _call_in_until_digits(gateway, "9", 0.3)  # the end packets
             # the caller left: the bridge sends the callee BYE, SIPp's last step

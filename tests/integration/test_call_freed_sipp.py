@@ -24,6 +24,7 @@ from gateway.call import Call, Gateway, GatewayConfig
 from gateway.result import CallOutcome
 from gateway.sip.transaction import TimerSettings
 from tests.integration.peers import dtmf_pcap, sipp
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -88,9 +89,13 @@ def cycle_through(obj: object, depth: int = 10) -> str:
 async def all_freed(refs: Refs, gateway: Gateway) -> None:
     """Every weakref dead within a bound, the cycle collector never having run."""
     assert not gc.isenabled()
-    async with asyncio.timeout(5):
-        while gateway._media_closing or any(r() is not None for r in refs.values()):
-            await asyncio.sleep(0.02)  # the media's close task and its socket's last callbacks
+    # the media's close task and its socket's last callbacks
+    await wait_until(
+        lambda: not gateway._media_closing and all(r() is None for r in refs.values()),
+        5,
+        "every weakref dead",
+        interval=0.02,
+    )
     # (a timeout above fails the test; the message below names the cycle when one is left)
 
 
@@ -149,14 +154,16 @@ async def test_an_outbound_call_is_freed_by_reference_counting(
 ) -> None:
     scenario, values, finish, outcome = OUTBOUND[case]
     async with Gateway(GatewayConfig(host="127.0.0.1", udp_port=0, timers=T1)) as gw:
-        with sipp(scenario, tmp_path, **values) as peer:
+        with sipp(scenario, tmp_path, fields=values) as peer:
 
             async def one_call() -> Refs:
                 call = await gw.dial(f"sip:+14155550100@127.0.0.1:{peer.port}", ring_timeout=0.5)
                 await finish(call)
-                assert call.result is not None and call.result.outcome is outcome, call.result
+                assert call.result is not None, call.result
+                assert call.result.outcome is outcome, call.result
                 if outcome is CallOutcome.ANSWERED:
-                    assert call.dialog is not None and call.media is not None
+                    assert call.dialog is not None
+                    assert call.media is not None
                 return refs_of(call)
 
             refs = await one_call()
@@ -196,7 +203,7 @@ async def test_an_inbound_call_is_freed_by_reference_counting(
         ended: asyncio.Queue[Any] = asyncio.Queue()
         gw.on_call_ended = ended.put_nowait
         host, port = gw.address("udp")
-        with sipp(scenario, tmp_path, remote=f"{host}:{port}", **values) as peer:
+        with sipp(scenario, tmp_path, remote=f"{host}:{port}", fields=values) as peer:
             result = await asyncio.wait_for(ended.get(), 15)
             assert await asyncio.to_thread(peer.wait, 15) == 0, peer.logs()
         assert result.outcome is outcome, result

@@ -64,21 +64,23 @@ async def test_disable_and_enable_a_trunk_without_restart(tmp_path: Path) -> Non
     (tmp_path / "s").mkdir()
     scenario = {"RING_MS": "0", "PAUSE_MS": "200", "PCAP": str(dtmf_pcap("1"))}
     with (
-        sipp("carrier_answer_dtmf.xml", tmp_path / "p", calls=200, **scenario) as primary,
-        sipp("carrier_answer_dtmf.xml", tmp_path / "s", calls=200, **scenario) as secondary,
+        sipp("carrier_answer_dtmf.xml", tmp_path / "p", calls=200, fields=scenario) as primary,
+        sipp("carrier_answer_dtmf.xml", tmp_path / "s", calls=200, fields=scenario) as secondary,
     ):
         async with serve(tmp_path, config(primary.port, secondary.port), {}) as service:
             r = await service.client.get("/v1/carriers", headers=KEY)
             assert r.status_code == 200, r.text
             listed = {t["name"]: t for t in r.json()}
-            assert "s3cret-pw" not in r.text and listed["primary"]["has_password"] is True
+            assert "s3cret-pw" not in r.text
+            assert listed["primary"]["has_password"] is True
             assert listed["primary"]["health"]["probe"] == "up"
             assert await trunk_of_next_call(service) == "primary"
 
             r = await service.client.patch(
                 "/v1/carriers/primary", json={"enabled": False}, headers=KEY
             )
-            assert r.status_code == 200 and r.json()["enabled"] is False, r.text
+            assert r.status_code == 200, r.text
+            assert r.json()["enabled"] is False, r.text
             await asyncio.sleep(2.5)  # workers poll the overrides every 2 s
             assert await trunk_of_next_call(service) == "secondary"
 
@@ -95,7 +97,8 @@ async def test_disable_and_enable_a_trunk_without_restart(tmp_path: Path) -> Non
             assert await trunk_of_next_call(service) == "primary"
 
             probe = await service.client.post("/v1/carriers/secondary/test", headers=KEY)
-            assert probe.status_code == 200 and probe.json()["ok"] is True, probe.text
+            assert probe.status_code == 200, probe.text
+            assert probe.json()["ok"] is True, probe.text
             assert probe.json()["sip_code"] == 200
 
             bad = [
@@ -114,7 +117,8 @@ async def test_disable_and_enable_a_trunk_without_restart(tmp_path: Path) -> Non
         ("primary", {"enabled": False}, "api"),
         ("primary", {"enabled": True}, "cli"),
     ], changes
-    assert changes[0]["actor"] == "api:acme" and changes[0]["ip"] == "127.0.0.1"
+    assert changes[0]["actor"] == "api:acme"
+    assert changes[0]["ip"] == "127.0.0.1"
 
 
 def test_cli_test_probes_every_trunk_and_fails_on_a_dead_one(tmp_path: Path) -> None:
@@ -128,10 +132,12 @@ def test_cli_test_probes_every_trunk_and_fails_on_a_dead_one(tmp_path: Path) -> 
         proc = cli(tmp_path, "test", "--json")
     assert proc.returncode == 1, proc.stderr
     results = {r["trunk"]: r for r in map(json.loads, proc.stdout.splitlines())}
-    assert results["primary"]["ok"] is True and results["primary"]["sip_code"] == 200
+    assert results["primary"]["ok"] is True
+    assert results["primary"]["sip_code"] == 200
     assert results["secondary"]["ok"] is False
     unknown = cli(tmp_path, "disable", "nope")
-    assert unknown.returncode == 2 and "no trunk 'nope'" in unknown.stderr
+    assert unknown.returncode == 2
+    assert "no trunk 'nope'" in unknown.stderr
 
 
 async def test_the_api_shows_each_workers_trunk_health_in_scale_out(

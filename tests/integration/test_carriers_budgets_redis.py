@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,9 @@ def trunk(**values: object) -> Trunk:
 
 
 @pytest.fixture
-async def budgets() -> RedisBudgets:
+async def budgets() -> AsyncIterator[RedisBudgets]:
     shared = RedisBudgets(REDIS_URL, f"ackline-test-{uuid.uuid4().hex[:8]}", lease_s=0.5)
-    yield shared  # type: ignore[misc]
+    yield shared
     await shared.close()
 
 
@@ -35,9 +36,11 @@ async def test_concurrency_is_shared_and_released(budgets: RedisBudgets) -> None
     try:
         t = trunk(max_concurrent=1)
         refused, first = await budgets.acquire(t)
-        assert refused is None and first
+        assert refused is None
+        assert first
         refused, _ = await other.acquire(t)  # the other worker sees the slot taken
-        assert refused is not None and "all workers" in refused
+        assert refused is not None
+        assert "all workers" in refused
         await budgets.release("a", first)
         refused, _ = await other.acquire(t)
         assert refused is None
@@ -51,7 +54,9 @@ async def test_concurrency_is_shared_and_released(budgets: RedisBudgets) -> None
 async def test_calls_per_second_window(budgets: RedisBudgets) -> None:
     t = trunk(max_cps=2)
     results = [(await budgets.acquire(t))[0] for _ in range(3)]
-    assert results[:2] == [None, None] and results[2] is not None and "max_cps" in results[2]
+    assert results[:2] == [None, None]
+    assert results[2] is not None
+    assert "max_cps" in results[2]
     await asyncio.sleep(1.05)
     assert (await budgets.acquire(t))[0] is None
 
@@ -72,9 +77,11 @@ async def test_two_workers_spread_load_instead_of_overrunning_a_trunk(
             router(gw2, trunks, budgets=RedisBudgets(REDIS_URL, prefix)) as worker2,
         ):
             first = await worker1.place_call(NUMBER, ring_timeout=5)
-            assert first.trunk == "a" and first.answered
+            assert first.trunk == "a"
+            assert first.answered
             second = await worker2.place_call(NUMBER, ring_timeout=5)  # a is full
-            assert second.trunk == "b" and second.answered
+            assert second.trunk == "b"
+            assert second.answered
             assert [(s.trunk, s.reason.split(" (")[0]) for s in second.skipped] == [
                 ("a", "max_concurrent reached")
             ]
@@ -95,11 +102,13 @@ async def test_hourly_call_budgets_are_shared_by_every_worker(budgets: RedisBudg
         assert await budgets.admit_call(NUMBER, per_number) is None
         assert await other.admit_call(NUMBER, per_number) is None
         refused = await budgets.admit_call(NUMBER, per_number)
-        assert refused is not None and "this number" in refused
+        assert refused is not None
+        assert "this number" in refused
         assert await other.admit_call("+14155550102", per_number) is None  # another number
         overall = CallBudget(per_hour=3)
         refused = await other.admit_call("+14155550103", overall)  # 3 counted already
-        assert refused is not None and "3 calls in the last hour" in refused
+        assert refused is not None
+        assert "3 calls in the last hour" in refused
         assert await other.admit_call(NUMBER, CallBudget()) is None  # no limits: no count
     finally:
         await other.close()

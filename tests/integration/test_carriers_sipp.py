@@ -142,12 +142,15 @@ async def test_503_then_silent_then_answered(tmp_path: Path, transport: str) -> 
         ("healthy", "answered", 200),
     ]
     first, second, third = routed.attempts
-    assert first.reason == "Service Unavailable" and not first.final
-    assert "trying_timeout 0.3 s" in second.reason and not second.final
+    assert first.reason == "Service Unavailable"
+    assert not first.final
+    assert "trying_timeout 0.3 s" in second.reason
+    assert not second.final
     assert 280 <= second.elapsed_ms < 1000, second
     assert third.final
     assert setup < 3.0  # 503 at once + 0.3 s of silence + answer
-    assert result.outcome == CallOutcome.ANSWERED and result.hangup_by == "local"
+    assert result.outcome == CallOutcome.ANSWERED
+    assert result.hangup_by == "local"
     assert routed.destination.e164 == NUMBER
 
 
@@ -177,8 +180,10 @@ async def test_decline_is_final_second_carrier_never_rings(
         assert invites_seen(second) == 0, second.logs()
     assert path_of(routed) == [("first", routed.attempts[0].outcome.value, code)]
     assert routed.attempts[0].final
-    assert routed.trunk == "first" and not routed.answered
-    assert routed.call.result is not None and routed.call.result.outcome == outcome
+    assert routed.trunk == "first"
+    assert not routed.answered
+    assert routed.call.result is not None
+    assert routed.call.result.outcome == outcome
 
 
 @pytest.mark.parametrize("code", [403, 404, 408, 500, 502, 503])
@@ -221,7 +226,8 @@ async def test_every_carrier_failing_raises_no_route(tmp_path: Path) -> None:
             with pytest.raises(NoRouteAvailable) as info:
                 await place(r)
     message = str(info.value)
-    assert "every trunk failed" in message and "a: carrier_error 503 (Overloaded)" in message
+    assert "every trunk failed" in message
+    assert "a: carrier_error 503 (Overloaded)" in message
     assert "b: no_trying (no response within trying_timeout 0.2 s)" in message
     assert path_of(info.value) == [("a", "carrier_error", 503), ("b", "no_trying", None)]
 
@@ -255,7 +261,8 @@ async def test_number_format_and_caller_id_reach_the_carrier(tmp_path: Path) -> 
             await asyncio.wait_for(routed.call.hangup(), 5)
         assert await sipp_exit(c) == 0, c.logs()
         lines = log_lines(c, "INVITE ")
-    assert lines and "user=4155550123 " in lines[0], lines
+    assert lines, lines
+    assert "user=4155550123 " in lines[0], lines
     assert "caller=+14155550100" in lines[0], lines
 
 
@@ -266,7 +273,8 @@ async def test_trunk_digest_credentials_are_used(tmp_path: Path) -> None:
             routed = await place(r)
             result = await asyncio.wait_for(routed.call.hangup(), 5)
         assert await sipp_exit(auth) == 0, auth.logs()
-    assert routed.answered and result.authenticated
+    assert routed.answered
+    assert result.authenticated
     assert path_of(routed) == [("auth", "answered", 200)]
 
 
@@ -290,7 +298,8 @@ async def test_max_concurrent_moves_the_next_call_on(tmp_path: Path) -> None:
             await asyncio.sleep(0)
             assert r.active("small") == 0
             await asyncio.wait_for(second.call.hangup(), 5)
-        assert await sipp_exit(small) == 0 and await sipp_exit(big) == 0
+        assert await sipp_exit(small) == 0
+        assert await sipp_exit(big) == 0
 
 
 async def test_max_cps_skips_a_trunk_over_budget(tmp_path: Path) -> None:
@@ -376,7 +385,8 @@ async def test_probes_mark_a_killed_carrier_down_and_a_restarted_one_up(tmp_path
         async with prober:
             with options_peer(tmp_path, "first", port) as peer:
                 await asyncio.sleep(0.5)  # a few answered probes
-                assert changes == [] and r.health.usable("probed")
+                assert changes == []
+                assert r.health.usable("probed")
                 assert REGISTRY.get_sample_value("ackline_trunk_up", {"trunk": "probed"}) == 1
                 peer.process.kill()
                 killed_at = time.monotonic()
@@ -450,7 +460,8 @@ async def test_late_answer_after_trying_timeout_is_released(tmp_path: Path) -> N
         ]
         async with gateway() as gw, router(gw, trunks) as r:
             routed = await place(r)
-            assert routed.trunk == "fast" and routed.answered
+            assert routed.trunk == "fast"
+            assert routed.answered
             assert await sipp_exit(slow) == 0, slow.logs()  # ACK, then our BYE
             assert r.active("slow") == 0
             await asyncio.wait_for(routed.call.hangup(), 5)
@@ -503,7 +514,8 @@ carriers:
     assert path_of(routed) == [("a", "carrier_error", 502), ("b", "answered", 200)]
     assert r.strategy.name == "quality"
     assert r.health.policy.breaker_failures == 5
-    assert r.quality.samples("a") == 1 and r.quality.failure_rate("a") == 1.0  # fed live
+    assert r.quality.samples("a") == 1
+    assert r.quality.failure_rate("a") == 1.0  # fed live
     assert r.quality.asr("b") == 1.0
 
 
@@ -531,7 +543,9 @@ async def test_carrier_dialer_hands_out_every_attempt(tmp_path: Path) -> None:
             assert dialed.details["trunks_tried"] == "a:503,b:200"
             await asyncio.wait_for(call.hangup(), 5)
         assert await sipp_exit(b) == 0, b.logs()
-    assert len(seen) == 2 and seen[1] is call and seen[0] is not call
+    assert len(seen) == 2
+    assert seen[1] is call
+    assert seen[0] is not call
     assert [path_of(route) for route in routes] == [
         [("a", "carrier_error", 503), ("b", "answered", 200)]
     ]
@@ -557,16 +571,21 @@ async def test_hanging_up_the_current_attempt_ends_routing(tmp_path: Path) -> No
         assert await sipp_exit(ringing) == 0, ringing.logs()
         await asyncio.sleep(0.2)
         assert invites_seen(other) == 0, other.logs()
-    assert call is seen[0] and len(seen) == 1
-    assert call.result is not None and call.result.outcome == CallOutcome.CANCELLED
+    assert call is seen[0]
+    assert len(seen) == 1
+    assert call.result is not None
+    assert call.result.outcome == CallOutcome.CANCELLED
 
 
 async def test_errors_keep_the_voice_channel_classification(tmp_path: Path) -> None:
     """InvalidNumber / FraudRefused are ValueError (permanent), NoRouteAvailable OSError."""
     trunks = [Trunk(name="nowhere", host="127.0.0.1", port=free_port(), transport="tcp")]
     async with gateway() as gw, router(gw, trunks) as r:
-        for number in ("+15550100", "+19005550100"):
-            with pytest.raises(ValueError):
+        for number, message in [
+            ("+15550100", "not a valid phone number"),  # InvalidNumber
+            ("+19005550100", "refusing to call"),  # FraudRefused
+        ]:
+            with pytest.raises(ValueError, match=message):
                 await place(r, number)
         with pytest.raises(OSError, match="every trunk failed"):
             await place(r)
@@ -603,7 +622,7 @@ async def test_quality_learns_time_to_acknowledgement_from_alert_calls(tmp_path:
     scenario = {"CODECS": "0", "RING_MS": "0", "PAUSE_MS": "600"}
     with (
         sipp("uas_answer_dtmf.xml", sipp_dir(tmp_path, "keys"), PCAP=str(dtmf_pcap("1")),
-             **scenario) as keys,
+             fields=scenario) as keys,
         sipp("carrier_uas.xml", sipp_dir(tmp_path, "mute"), RING_MS="0") as mute,
     ):  # fmt: skip
         trunks = [carrier("keys", keys, priority=1), carrier("mute", mute, priority=2)]
@@ -621,5 +640,6 @@ async def test_quality_learns_time_to_acknowledgement_from_alert_calls(tmp_path:
             assert silent.status is DeliveryStatus.NOT_ACKNOWLEDGED, silent
             assert silent.details["trunk"] == "mute"
             keyed, never = r.quality.ack_score("keys"), r.quality.ack_score("mute")
-    assert keyed is not None and keyed > 0.8
+    assert keyed is not None
+    assert keyed > 0.8
     assert never == 0.0

@@ -76,13 +76,15 @@ async def test_keypress_on_a_twilio_call_acknowledges(tmp_path: Path) -> None:
     assert ("gather", "1") in call.verbs
     assert says[-1] == "Acknowledged, thank you. Goodbye."
     assert call.verbs[-1] == ("hangup",)
-    assert call.form["To"] == ALICE and call.form["From"] == FROM
+    assert call.form["To"] == ALICE
+    assert call.form["From"] == FROM
     # every webhook was answered 2xx (the signatures checked out)
     assert all(c.status_code is not None and c.status_code < 300 for c in call.callbacks), [
         (c.kind, c.status_code, c.body) for c in call.callbacks
     ]
     result = next(x for x in audit if x.get("event") == "result")["details"]
-    assert result["trunk"] == "tw" and result["digits"] == "1", result
+    assert result["trunk"] == "tw", result
+    assert result["digits"] == "1", result
     assert result["call_id"] == call.sid
     assert account.auth_token not in (tmp_path / "serve-all.log").read_text()
 
@@ -111,7 +113,9 @@ async def test_twilio_refusing_the_call_fails_over_to_a_sip_trunk(tmp_path: Path
     async with FakeTwilio() as twilio:
         account = twilio.add_account(numbers=(FROM,))
         scenario = {"CODECS": "0", "RING_MS": "100", "PAUSE_MS": "800"}
-        with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), **scenario) as uas:
+        with sipp(
+            "uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), fields=scenario
+        ) as uas:
             host, port = uas.address.rsplit(":", 1)
             trunks = [
                 twilio_trunk(twilio, account, priority=1),
@@ -151,7 +155,8 @@ async def test_an_api_ack_cancels_a_ringing_twilio_call(tmp_path: Path) -> None:
             started = asyncio.get_running_loop().time()
             await twilio.call_finished(call.sid, timeout=5)
             took = asyncio.get_running_loop().time() - started
-    assert call.status == "canceled" and call.ended_by == "api", (call.status, call.ended_by)
+    assert call.status == "canceled", (call.status, call.ended_by)
+    assert call.ended_by == "api", (call.status, call.ended_by)
     assert took < 3.0
 
 
@@ -178,7 +183,8 @@ async def test_webhooks_refuse_a_forged_signature(tmp_path: Path) -> None:
             assert listed.status_code == 200, listed.text
             assert account.auth_token not in listed.text  # never echoed back
             [tw] = listed.json()
-            assert tw["kind"] == "twilio" and tw["has_password"] is True
+            assert tw["kind"] == "twilio"
+            assert tw["has_password"] is True
 
 
 async def test_api_and_worker_processes_share_twilio_reports_through_redis(
@@ -256,7 +262,8 @@ async def test_probes_take_a_twilio_trunk_down_and_up_through_its_api() -> None:
                               health=HealthPolicy(down_after=2, up_after=1))  # fmt: skip
             prober = r.prober(interval=60, timeout=5)
             try:
-                assert await prober.probe(trunk) and r.health.usable("tw")
+                assert await prober.probe(trunk)
+                assert r.health.usable("tw")
                 twilio.account_status[account.sid] = "suspended"
                 assert not await prober.probe(trunk)
                 assert r.health.usable("tw")  # one failure is not enough (no flapping)
@@ -264,14 +271,17 @@ async def test_probes_take_a_twilio_trunk_down_and_up_through_its_api() -> None:
                 assert not r.health.usable("tw")
                 assert r.health["tw"].probe.value == "down"
                 del twilio.account_status[account.sid]
-                assert await prober.probe(trunk) and r.health.usable("tw")
+                assert await prober.probe(trunk)
+                assert r.health.usable("tw")
                 twilio.fail_next(20503, match=account.sid)
                 ok, detail = await voice.probe(trunk)
-                assert not ok and "HTTP 503" in detail
+                assert not ok
+                assert "HTTP 503" in detail
             finally:
                 await r.close()
     ok, detail = await voice.probe(trunk)  # the API is gone altogether
-    assert not ok and "unreachable" in detail, detail
+    assert not ok, detail
+    assert "unreachable" in detail, detail
 
 
 async def test_an_ack_while_twilio_is_still_creating_the_call_cancels_it_at_once(
@@ -302,7 +312,8 @@ async def test_an_ack_while_twilio_is_still_creating_the_call_cancels_it_at_once
             alert = await service.until(
                 alert_id, lambda a: all(n["status"] != "sending" for n in a["attempts"]), 10
             )
-    assert call.status == "canceled" and call.ended_by == "api", (call.status, call.ended_by)
+    assert call.status == "canceled", (call.status, call.ended_by)
+    assert call.ended_by == "api", (call.status, call.ended_by)
     assert "in-progress" not in call.statuses
     assert [(n["status"], n["reason"]) for n in alert["attempts"]] == [
         ("cancelled", "alert_closed")

@@ -124,7 +124,8 @@ async def test_sends_page_with_verifiable_ack_link(smtp: Controller, mailbox: Ma
     assert message["X-Ackline-Alert-Id"] == notification.alert_id
     text_part = message.get_body(("plain",))
     html_part = message.get_body(("html",))
-    assert text_part is not None and html_part is not None
+    assert text_part is not None
+    assert html_part is not None
     text, html = text_part.get_content(), html_part.get_content()
     assert notification.summary in text
     [link] = re.findall(r"Acknowledge: (\S+)", text)

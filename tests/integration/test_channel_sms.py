@@ -52,7 +52,8 @@ async def test_sends_exact_twilio_request_and_returns_sid(twilio: FakeTwilio) ->
 
     assert result.status is DeliveryStatus.DELIVERED
     assert result.provider_id == twilio.messages[0]["sid"]
-    assert result.provider_id is not None and result.provider_id.startswith("SM")
+    assert result.provider_id is not None
+    assert result.provider_id.startswith("SM")
     [request] = twilio.requests
     assert request.method == "POST"
     assert request.path == f"/2010-04-01/Accounts/{account.sid}/Messages.json"

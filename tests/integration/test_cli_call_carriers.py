@@ -117,9 +117,11 @@ def test_bad_or_refused_numbers_touch_no_carrier(tmp_path: Path, number: str, me
 def test_unknown_route_and_missing_carriers_are_clear_errors(tmp_path: Path) -> None:
     config = carriers({"name": "only", "host": "127.0.0.1", "port": free_port()})
     code, _, err = run(tmp_path, config, NUMBER, "--route", "nope")
-    assert code == 2 and "unknown route 'nope'" in err, err
+    assert code == 2, err
+    assert "unknown route 'nope'" in err, err
     code, _, err = run(tmp_path, {"company": "acme"}, NUMBER)
-    assert code == 2 and "no carriers: section" in err, err
+    assert code == 2, err
+    assert "no carriers: section" in err, err
 
 
 def test_every_trunk_failing_exits_3_with_the_attempts(tmp_path: Path) -> None:
@@ -142,8 +144,8 @@ def two_carriers(tmp: Path) -> contextlib.AbstractContextManager[tuple[SippRun, 
         (tmp / "a").mkdir()
         (tmp / "b").mkdir()
         with (
-            sipp("carrier_answer_dtmf.xml", tmp / "a", calls=10, **scenario) as a,
-            sipp("carrier_answer_dtmf.xml", tmp / "b", calls=10, **scenario) as b,
+            sipp("carrier_answer_dtmf.xml", tmp / "a", calls=10, fields=scenario) as a,
+            sipp("carrier_answer_dtmf.xml", tmp / "b", calls=10, fields=scenario) as b,
         ):
             yield a, b
 
@@ -162,7 +164,8 @@ def test_a_trunk_disabled_with_the_cli_carries_no_cli_call(tmp_path: Path) -> No
         enabled = carriers_cli(tmp_path, "enable", "a")
         third = run(tmp_path, config, NUMBER, "--gather", "1", "--timeout", "5")
         seen = (invites(a), invites(b))
-    assert disabled.returncode == 0 and enabled.returncode == 0, disabled.stderr + enabled.stderr
+    assert disabled.returncode == 0, disabled.stderr + enabled.stderr
+    assert enabled.returncode == 0, disabled.stderr + enabled.stderr
     assert [r[0] for r in (first, second, third)] == [0, 0, 0], [
         r[2] for r in (first, second, third)
     ]

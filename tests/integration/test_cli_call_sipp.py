@@ -245,4 +245,5 @@ def test_unreachable_port_is_a_clear_error(tmp_path: Path, transport: str) -> No
         tmp_path, f"sip:+15550107@127.0.0.1:{port}", "--transport", transport, timeout=20
     )
     assert rc == 3
-    assert "error:" in err and str(port) in err
+    assert "error:" in err
+    assert str(port) in err

@@ -66,7 +66,8 @@ async def test_override_add_puts_someone_on_call(db_url: str, tmp_path: Path) ->
             override, tmp_path, db_url, "payments", "--recipient", "bob",
             "--start", "2026-02-02T09:00", "--end", "2026-02-03T09:00+01:00",
         )  # fmt: skip
-        assert naive.returncode == 2 and "start: Input should have timezone info" in naive.stderr
+        assert naive.returncode == 2
+        assert "start: Input should have timezone info" in naive.stderr
         assert len(await crud.list_overrides(db, "acme")) == 1
     finally:
         await db.dispose()

@@ -43,15 +43,19 @@ async def test_user_add_list_disable(sqlite_url: str, tmp_path: Path) -> None:
                         stdin="viewer password\nviewer password\n")  # fmt: skip
     assert prompted.returncode == 0, prompted.stderr
     short = user_cli(tmp_path, sqlite_url, "add", "sam", "--role", "viewer", stdin="short\nshort\n")
-    assert short.returncode == 2 and "at least 8 characters" in short.stderr
+    assert short.returncode == 2
+    assert "at least 8 characters" in short.stderr
     unknown = user_cli(tmp_path, sqlite_url, "add", "rex", "--role", "responder", "--recipient",
                        "nobody", "--password-file", str(tmp_path / "pw"))  # fmt: skip
-    assert unknown.returncode == 2 and "no recipient 'nobody' in acme" in unknown.stderr
+    assert unknown.returncode == 2
+    assert "no recipient 'nobody' in acme" in unknown.stderr
 
     db = Database(sqlite_url)
     try:
         alice = await authenticate(db, "alice", "correct horse battery")
-        assert alice is not None and alice.role is Role.ADMIN and alice.recipient_id == "alice"
+        assert alice is not None
+        assert alice.role is Role.ADMIN
+        assert alice.recipient_id == "alice"
         assert await authenticate(db, "vic", "viewer password") is not None
         assert await get_user(db, "sam") is None
 

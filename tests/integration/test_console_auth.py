@@ -97,16 +97,20 @@ async def test_sign_in_gives_a_fresh_session_and_the_user_acts_as_themselves(
         form = await client.get("/console/login")
         before = client.cookies[auth.COOKIE]
         cookie = form.headers["set-cookie"]
-        assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+        assert "HttpOnly" in cookie
+        assert "SameSite=Lax" in cookie
         assert "Secure" in cookie  # the public URL is https
         assert form.headers["content-security-policy"].startswith("default-src 'self'")
         r = await client.post("/console/login", data={
             "username": "REX", "password": PASSWORD, "csrf_token": csrf_of(form.text),
             "next": "/console/probe"})  # fmt: skip
-        assert r.status_code == 303 and r.headers["location"] == "/console/probe"
+        assert r.status_code == 303
+        assert r.headers["location"] == "/console/probe"
         after = client.cookies[auth.COOKIE]
         assert after != before
-        assert auth.Session.load(_payload(api, before)).sid != _payload(api, after)["s"]
+        old = auth.Session.load(_payload(api, before))
+        assert old is not None
+        assert old.sid != _payload(api, after)["s"]
         assert (await client.get("/console/probe")).text == "rex responder acme"
         token = csrf_of((await client.get("/console/probe-page")).text)
         assert token != csrf_of(form.text)  # a new CSRF token with the new session
@@ -121,7 +125,8 @@ async def test_sign_in_gives_a_fresh_session_and_the_user_acts_as_themselves(
         # disabling the user ends the session they already have, on its next request
         await update_user(api.app.state.runtime.db, "rex", "test", disabled=True)
         r = await client.get("/console/probe")
-        assert r.status_code == 303 and r.headers["location"].startswith("/console/login")
+        assert r.status_code == 303
+        assert r.headers["location"].startswith("/console/login")
         r = await client.post("/console/probe", headers={"X-CSRF-Token": token})
         assert r.status_code == 401
         assert (await sign_in(client, "rex")).status_code == 401  # and they cannot sign in
@@ -142,7 +147,8 @@ async def test_anonymous_requests_are_sent_to_sign_in(console: Api) -> None:
     assert r.status_code == 303
     assert r.headers["location"] == "/console/login?next=%2Fconsole%2Fprobe%3Fx%3D1"
     r = await client.get("/console/probe", headers={"HX-Request": "true"})
-    assert r.status_code == 401 and r.headers["hx-redirect"] == "/console/login"
+    assert r.status_code == 401
+    assert r.headers["hx-redirect"] == "/console/login"
     form = await client.get("/console/login")
     r = await client.post("/console/probe", data={"csrf_token": csrf_of(form.text)})
     assert r.status_code == 401
@@ -171,11 +177,13 @@ async def test_roles_are_enforced(console: Api) -> None:
     client = console.client
     token = await signed_in(client, "vic")
     r = await client.get("/console/probe", headers={"Accept": "text/html"})
-    assert r.status_code == 403 and "responder role" in r.text
+    assert r.status_code == 403
+    assert "responder role" in r.text
     r = await client.post("/console/probe", headers={"X-CSRF-Token": token})
     assert r.status_code == 403
     assert getattr(console.app.state, "probe_actions", []) == []
-    assert Role.ADMIN.allows(Role.RESPONDER) and not Role.VIEWER.allows(Role.RESPONDER)
+    assert Role.ADMIN.allows(Role.RESPONDER)
+    assert not Role.VIEWER.allows(Role.RESPONDER)
 
 
 async def test_a_new_password_or_role_ends_sessions(console: Api) -> None:
@@ -214,7 +222,8 @@ async def test_failed_sign_ins_are_limited_per_username_and_ip(console: Api) -> 
     for _ in range(5):
         assert (await sign_in(client, "rex", "wrong password")).status_code == 401
     r = await sign_in(client, "rex")  # the right password no longer helps, for a while
-    assert r.status_code == 429 and "Too many failed attempts" in r.text
+    assert r.status_code == 429
+    assert "Too many failed attempts" in r.text
     assert (await sign_in(client, "vic")).status_code == 303  # another username is not held
 
 

@@ -7,6 +7,7 @@ import re
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ async def console(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Api]:
         yield api
 
 
-async def new_alert(api: Api, **body: object) -> str:
+async def new_alert(api: Api, **body: Any) -> str:
     r = await api.post_alert(**body)
     assert r.status_code == 202, r.text
     alert_id: str = r.json()["id"]
@@ -44,9 +45,8 @@ async def test_anonymous_is_sent_to_sign_in(console: Api) -> None:
     client = console.client
     for path in ["/console", "/console/users", "/console/alerts/x"]:
         r = await client.get(path)
-        assert r.status_code == 303 and r.headers["location"].startswith("/console/login?next="), (
-            path
-        )
+        assert r.status_code == 303, path
+        assert r.headers["location"].startswith("/console/login?next="), path
     assert (
         await client.get("/console/alerts/rows", headers={"HX-Request": "true"})
     ).status_code == 401
@@ -60,31 +60,40 @@ async def test_the_list_filters_and_the_responder_acks_through_the_engine(consol
     disk = await new_alert(console, title="Disk full", severity="high", policy="ring")
     await signed_in(client, "rex")
     page = await client.get("/console")
-    assert page.status_code == 200 and "DB down" in page.text and "Disk full" in page.text
+    assert page.status_code == 200
+    assert "DB down" in page.text
+    assert "Disk full" in page.text
     assert re.search(r'id="tab-triggered">Firing <span class="count">2</span>', page.text)
     filtered = await client.get("/console/alerts/rows", params={"q": "disk"})
-    assert "Disk full" in filtered.text and "DB down" not in filtered.text
+    assert "Disk full" in filtered.text
+    assert "DB down" not in filtered.text
     by_policy = await client.get("/console/alerts/rows", params={"policy": "page"})
-    assert "DB down" in by_policy.text and "Disk full" not in by_policy.text
+    assert "DB down" in by_policy.text
+    assert "Disk full" not in by_policy.text
     assert 'hx-trigger="every 4s"' in filtered.text
 
     token = await page_token(console, f"/console/alerts/{db_down}")
     r = await client.post(f"/console/alerts/{db_down}/ack", data={"csrf_token": token})
-    assert r.status_code == 303 and r.headers["location"].endswith("?done=acknowledged")
+    assert r.status_code == 303
+    assert r.headers["location"].endswith("?done=acknowledged")
     alert = await console.alert(db_down)
-    assert alert["state"] == "acknowledged" and alert["acked_by"] == "console:alice"
+    assert alert["state"] == "acknowledged"
+    assert alert["acked_by"] == "console:alice"
     ack = [a for a in await audit_of(console, db_down) if a["event"] == "ack"]
     assert [(a["actor"], a["ip"]) for a in ack] == [("console:alice", "203.0.113.7")]
     detail = await client.get(f"/console/alerts/{db_down}")
-    assert "stopped: acknowledged" in detail.text and 'id="ack"' not in detail.text
+    assert "stopped: acknowledged" in detail.text
+    assert 'id="ack"' not in detail.text
     # bulk resolve; an id that is not the company's is skipped
     r = await client.post("/console/alerts/bulk", data={
         "csrf_token": token, "action": "resolve", "ids": [disk, db_down, "not-ours"],
         "back": "tab=triggered"})  # fmt: skip
-    assert r.status_code == 303 and r.headers["location"] == "/console?tab=triggered&done=resolve:2"
+    assert r.status_code == 303
+    assert r.headers["location"] == "/console?tab=triggered&done=resolve:2"
     assert (await console.alert(disk))["state"] == "resolved"
     late = await client.post(f"/console/alerts/{db_down}/ack", data={"csrf_token": token})
-    assert late.status_code == 409 and "the alert is resolved" in late.text
+    assert late.status_code == 409
+    assert "the alert is resolved" in late.text
     assert (await client.get("/console/alerts/not-ours")).status_code == 404
 
 
@@ -99,13 +108,15 @@ async def test_escalate_and_reassign_to_a_schedule(console: Api) -> None:
     await signed_in(client, "rex")
     token = await page_token(console, f"/console/alerts/{alert_id}")
     page = (await client.get(f"/console/alerts/{alert_id}")).text
-    assert 'value="schedule:payments"' in page and 'value="group:primary"' in page
+    assert 'value="schedule:payments"' in page
+    assert 'value="group:primary"' in page
     r = await client.post(f"/console/alerts/{alert_id}/reassign",
                           data={"csrf_token": token, "target": "schedule:payments"})  # fmt: skip
     assert r.status_code == 303, r.text
     bad = await client.post(f"/console/alerts/{alert_id}/reassign",
                             data={"csrf_token": token, "target": "recipient:nobody"})  # fmt: skip
-    assert bad.status_code == 422 and "Not reassigned" in bad.text
+    assert bad.status_code == 422
+    assert "Not reassigned" in bad.text
     # one step only: escalating pages nobody new and the alert ends exhausted
     r = await client.post(f"/console/alerts/{alert_id}/escalate", data={"csrf_token": token})
     assert r.status_code == 303
@@ -113,12 +124,14 @@ async def test_escalate_and_reassign_to_a_schedule(console: Api) -> None:
     escalated = [ln for ln in lines if ln["event"] == "escalate"]
     assert [ln["actor"] for ln in escalated] == ["console:rex"]
     [moved] = [ln for ln in lines if ln["event"] == "reassigned"]
-    assert moved["actor"] == "console:rex" and moved["to"] == ["bob"]
+    assert moved["actor"] == "console:rex"
+    assert moved["to"] == ["bob"]
     assert (await console.until(alert_id, lambda a: a["state"] == "exhausted"))["state"] == (
         "exhausted"
     )
     closed = await client.post(f"/console/alerts/{alert_id}/escalate", data={"csrf_token": token})
-    assert closed.status_code == 409 and "the alert is exhausted" in closed.text
+    assert closed.status_code == 409
+    assert "the alert is exhausted" in closed.text
 
 
 async def test_a_viewer_sees_no_buttons_and_a_forged_post_changes_nothing(console: Api) -> None:
@@ -127,7 +140,8 @@ async def test_a_viewer_sees_no_buttons_and_a_forged_post_changes_nothing(consol
     await signed_in(client, "vic")
     page = await client.get(f"/console/alerts/{alert_id}")
     assert page.status_code == 200
-    assert 'id="ack"' not in page.text and 'id="reassign"' not in page.text
+    assert 'id="ack"' not in page.text
+    assert 'id="reassign"' not in page.text
     assert 'name="ids"' not in (await client.get("/console")).text
     token = csrf_of(page.text)
     for action in ["ack", "resolve", "escalate", "reassign"]:
@@ -138,7 +152,8 @@ async def test_a_viewer_sees_no_buttons_and_a_forged_post_changes_nothing(consol
                                                         "ids": [alert_id]})  # fmt: skip
     assert r.status_code == 403
     assert (await console.alert(alert_id))["state"] == "triggered"
-    assert "Webphone" not in page.text and "/console/users" not in page.text
+    assert "Webphone" not in page.text
+    assert "/console/users" not in page.text
 
 
 async def test_only_admins_manage_users(console: Api) -> None:
@@ -185,13 +200,15 @@ async def test_admin_adds_changes_and_disables_users(console: Api) -> None:
         assert (await other.get("/console")).status_code == 303
         reset = {"csrf_token": token, "action": "password", "password": "x"}
         r = await client.post("/console/users/nia", data=reset)
-        assert r.status_code == 422 and 'id="err-nia-password"' in r.text
+        assert r.status_code == 422
+        assert 'id="err-nia-password"' in r.text
         r = await client.post("/console/users/nia", data={"csrf_token": token,
                                                          "action": "disable"})  # fmt: skip
         assert r.status_code == 303
         assert (await sign_in(other, "nia", "a long password")).status_code == 401
     me = await client.post("/console/users/ada", data={"csrf_token": token, "action": "disable"})
-    assert me.status_code == 422 and "cannot disable yourself" in me.text
+    assert me.status_code == 422
+    assert "cannot disable yourself" in me.text
     events = [ln["event"] for ln in console.app.state.runtime.audit.read("acme")
               if str(ln.get("event", "")).startswith("user_")]  # fmt: skip
     assert events == ["user_added", "user_role", "user_disable"]
@@ -210,7 +227,9 @@ async def test_the_hotline_recording_plays_for_signed_in_users(
     recordings.mkdir()
     wav = recordings / "call-1.wav"
     with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
         w.writeframes(b"\0\0" * 800)
     runtime = console.app.state.runtime
     hotline = HotlineConfig.model_validate({"numbers": {"default": {"policy": "page"}},
@@ -222,7 +241,8 @@ async def test_the_hotline_recording_plays_for_signed_in_users(
     page = await console.client.get(f"/console/alerts/{alert_id}")
     assert f'<audio controls preload="none" src="/console/alerts/{alert_id}/recording"' in page.text
     audio = await console.client.get(f"/console/alerts/{alert_id}/recording")
-    assert audio.status_code == 200 and audio.headers["content-type"] == "audio/wav"
+    assert audio.status_code == 200
+    assert audio.headers["content-type"] == "audio/wav"
     assert audio.content == wav.read_bytes()
     assert "<audio" not in (await console.client.get(f"/console/alerts/{outside}")).text
     assert (await console.client.get(f"/console/alerts/{outside}/recording")).status_code == 404

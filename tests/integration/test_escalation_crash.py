@@ -33,6 +33,7 @@ from escalation.runner import RedisBus, Worker
 from storage.db import Database
 from storage.models import AlertState
 from tests.conftest_escalation import REDIS_URL
+from tests.waiting import wait_until
 
 pytest_plugins = ["tests.conftest_escalation"]
 
@@ -144,9 +145,7 @@ async def test_sigkill_mid_chain_resumes_without_loss_or_duplicates(
                 "acme", "k", f"crash-{i}", AlertIn(title=f"t{i}", policy="p"), RequestContext("t")
             )
             ids.append(result.alert.id)
-        deadline = time.monotonic() + 20
-        while len(read_log(log)) < 10 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: len(read_log(log)) >= 10, 20, "10 lines of the send log")
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         before = read_log(log)
@@ -214,7 +213,8 @@ async def test_several_workers_each_job_owned_once(
         owners = Counter(r["worker"] for r in AuditLog(audit).read("acme") if r["event"] == "send")
         assert len(owners) >= 2  # the work really was shared
         closed = await engine.close(ids[0], AlertState.RESOLVED, RequestContext("t"))
-        assert closed is not None and closed.state == "resolved"
+        assert closed is not None
+        assert closed.state == "resolved"
     finally:
         stop.set()
         for wdb, wbus, task in workers:

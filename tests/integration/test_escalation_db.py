@@ -80,7 +80,8 @@ async def test_times_round_trip_as_utc_and_idempotency_is_unique(db_url: str) ->
             )
         async with db.session() as s:
             job = (await s.execute(select(Job))).scalar_one()
-            assert job.due_at == due and job.due_at.tzinfo is not None
+            assert job.due_at == due
+            assert job.due_at.tzinfo is not None
         dup = IdempotencyKey(api_key_hash="h", idempotency_key="k", alert_id="b", created_at=due)
         async with db.session() as s:
             s.add(dup)
@@ -250,7 +251,8 @@ async def test_commits_before_side_effects_wait_for_the_wal_flush_whatever_the_s
         _, waited = await _timed(h.engine.complete(task, pressed_2, "w"))
         assert waited >= delay, "a pressed 2 was recorded without waiting for the flush"
         got = await h.engine.get_alert(second.id)
-        assert got is not None and {a.step for a in got[1]} == {0, 1}  # the next step fired
+        assert got is not None
+        assert {a.step for a in got[1]} == {0, 1}  # the next step fired
         _, waited = await _timed(
             h.engine.close(first.id, AlertState.ACKNOWLEDGED, RequestContext("api:u"))
         )

@@ -18,6 +18,7 @@ from escalation.channels.base import DeliveryResult, DeliveryStatus, Notificatio
 from escalation.engine import AlertIn, RequestContext
 from storage.models import Alert, AlertState, Job, NotificationAttempt
 from tests.conftest_escalation import Harness, make_harness, reply
+from tests.waiting import wait_until
 
 pytest_plugins = ["tests.conftest_escalation"]
 
@@ -69,8 +70,10 @@ async def test_busy_voice_falls_back_in_order_with_backoff(db_url: str, tmp_path
             ("voice", 1), ("voice", 2), ("voice", 3), ("telegram_voice", 1), ("sms", 1)
         ]  # fmt: skip
         gaps = [b[0] - a[0] for a, b in itertools.pairwise(sends)]
-        assert 0.1 <= gaps[0] < 0.6 and 0.2 <= gaps[1] < 0.7  # exponential 0.1, 0.2
-        assert gaps[2] < 0.5 and gaps[3] < 0.5  # fallbacks are immediate
+        assert 0.1 <= gaps[0] < 0.6
+        assert 0.2 <= gaps[1] < 0.7  # exponential 0.1, 0.2
+        assert gaps[2] < 0.5
+        assert gaps[3] < 0.5  # fallbacks are immediate
 
         got = await h.engine.get_alert(alert.id)
         assert got is not None
@@ -83,7 +86,8 @@ async def test_busy_voice_falls_back_in_order_with_backoff(db_url: str, tmp_path
         ]  # fmt: skip
         # the audit alone tells the same story
         path = replay(h.audit.read("acme"), alert.id)
-        assert path.state == "acknowledged" and path.acked_by == "sms:alice"
+        assert path.state == "acknowledged"
+        assert path.acked_by == "sms:alice"
         assert path.sent() == [(c, "alice", a) for _, c, a in sends]
         assert {k: v.final for k, v in path.attempts.items()} == {
             (a.notification_id, a.attempt): a.status for a in attempts
@@ -240,15 +244,14 @@ async def test_rate_limit_hold_mode_spaces_out(db_url: str, tmp_path: Path) -> N
     h = await harness(db_url, tmp_path, cfg, sms=reply(S.DELIVERED))
     try:
         alerts = [await h.ingest(title=f"flap {i}") for i in range(3)]
-        deadline = time.monotonic() + 5
-        while len(h.channels["sms"].sent) < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: len(h.channels["sms"].sent) >= 3, 5, "3 sms", interval=0.02)
         await h.worker.idle()
         assert len(h.channels["sms"].sent) == 3
         times = []
         for a in alerts:
             got = await h.engine.get_alert(a.id)
-            assert got is not None and got[1][0].sent_at is not None
+            assert got is not None
+            assert got[1][0].sent_at is not None
             times.append(got[1][0].sent_at.timestamp())
         assert all(b - a >= 0.25 for a, b in itertools.pairwise(times))
     finally:
@@ -450,7 +453,8 @@ async def test_snooze_pauses_the_chain_then_its_step_fires_again(
                             .values(due_at=datetime.now(step.due_at.tzinfo)))  # fmt: skip
         assert await h.wait_state(alert.id, "acknowledged", timeout=5) == "acknowledged"
         called = [x.notification.contact.recipient_id for x in h.channels["voice"].sent]
-        assert called.count("alice") == 2 and h.channels["sms"].sent == []  # step 1 never
+        assert called.count("alice") == 2
+        assert h.channels["sms"].sent == []  # step 1 never
         steps = [r["reason"] for r in h.audit.read("acme") if r["event"] == "step"]
         assert steps == ["start", "timer:snooze_over"]
     finally:

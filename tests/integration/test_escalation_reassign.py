@@ -70,7 +70,8 @@ async def test_reassign_over_redis_hangs_up_the_old_call_and_the_worker_pages_th
         alice = voice.sent[0].notification.notification_id
         moved = await api.reassign(alert.id, ["bob"], [], RequestContext("carol", "192.0.2.1"),
                                    company="acme")  # fmt: skip
-        assert moved is not None and moved.state == "triggered"
+        assert moved is not None
+        assert moved.state == "triggered"
         await _until(lambda: alice in voice.cancelled, "alice's call hung up")
         await _until(lambda: len(voice.sent) == 2, "bob's call")
         bob = voice.sent[1].notification

@@ -150,10 +150,13 @@ async def test_worker_purges_done_jobs_and_keeps_pending_ones(db_url: str, tmp_p
             if all(not j.done for j in jobs):
                 break
             await asyncio.sleep(0.05)
-        assert jobs and all(not j.done for j in jobs), [(j.kind, j.done) for j in jobs]
+        assert jobs, [(j.kind, j.done) for j in jobs]
+        assert all(not j.done for j in jobs), [(j.kind, j.done) for j in jobs]
         kinds = {j.kind for j in jobs}
-        assert "step" in kinds and kinds <= {"step", "cap"}  # the next step, still pending
+        assert "step" in kinds
+        assert kinds <= {"step", "cap"}  # the next step, still pending
         got = await h.engine.get_alert(alert.id)
-        assert got is not None and [a.status for a in got[1]] == ["delivered"]
+        assert got is not None
+        assert [a.status for a in got[1]] == ["delivered"]
     finally:
         await h.stop()

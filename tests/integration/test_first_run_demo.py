@@ -53,7 +53,8 @@ async def test_the_demo_alert_is_acknowledged_by_the_softphone_on_this_machine(
         "--listen", phone, "--json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=cli_env(tmp_path),
     )  # fmt: skip
-    assert softphone.stdout is not None and softphone.stderr is not None
+    assert softphone.stdout is not None
+    assert softphone.stderr is not None
     try:
         await read_until(softphone.stderr, "softphone waiting for a call on " + phone, 30)
         async with serve(tmp_path, demo, {}) as service:
@@ -73,7 +74,8 @@ async def test_the_demo_alert_is_acknowledged_by_the_softphone_on_this_machine(
     )  # fmt: skip
     assert softphone.returncode == 0, (out, err)
     report = json.loads(out.decode().strip().splitlines()[-1])
-    assert report["ok"] and report["result"]["hangup_by"] == "remote", report
+    assert report["ok"], report
+    assert report["result"]["hangup_by"] == "remote", report
     # start-up said what the demo lacks, and why
     assert (
         "channels: voice; not configured: sms, telegram, telegram_voice, slack, email, webhook"

@@ -34,7 +34,12 @@ async def run_caller(
         # SIPp's digest uri defaults to host:port only; make it the Request-URI (RFC 3261 22.4)
         extra = ["-auth_uri", f"hotline@127.0.0.1:{port}"]
         with sipp(
-            scenario, tmp, remote=f"127.0.0.1:{port}", extra=extra, timeout_s=timeout_s, **values
+            scenario,
+            tmp,
+            remote=f"127.0.0.1:{port}",
+            extra=extra,
+            timeout_s=timeout_s,
+            fields=values,
         ) as peer:
             code = await asyncio.to_thread(peer.wait, 20)
             logs = peer.logs()
@@ -58,7 +63,8 @@ async def test_trunk_with_credentials_must_pass_digest(tmp_path: Path) -> None:
     )
     assert code == 0, logs  # challenged, then answered and hung up by us
     assert [(r.code, r.reason, r.count) for r in refused] == [(401, "authentication_required", 1)]
-    assert len(answered) == 1 and answered[0].answered
+    assert len(answered) == 1
+    assert answered[0].answered
 
 
 async def test_wrong_password_is_never_answered(tmp_path: Path) -> None:
@@ -78,7 +84,8 @@ async def test_wrong_password_is_never_answered(tmp_path: Path) -> None:
     # with their count, flushed at stop.
     first, rest = refused
     assert (first.code, first.first, first.count) == (401, True, 1)
-    assert (rest.code, rest.first) == (401, False) and rest.count >= 1
+    assert (rest.code, rest.first) == (401, False)
+    assert rest.count >= 1
 
 
 async def test_untrusted_flood_gets_403_every_time_never_503(tmp_path: Path) -> None:
@@ -95,8 +102,10 @@ async def test_untrusted_flood_gets_403_every_time_never_503(tmp_path: Path) -> 
         with sipp("uac_refused.xml", tmp_path, remote=f"127.0.0.1:{port}", calls=60,
                   extra=extra, CODE="403") as peer:  # fmt: skip
             assert await asyncio.to_thread(peer.wait, 30) == 0, peer.logs()
-        assert gw.endpoint._servers == {} and len(guard._buckets) == 0
+        assert gw.endpoint._servers == {}
+        assert len(guard._buckets) == 0
         invites = gw.endpoint.transport.stats.received - 60  # every call also sent its ACK
     assert [(r.code, r.reason) for r in refused] == [(403, "untrusted_source")] * 2
-    assert refused[0].first and refused[0].count == 1
+    assert refused[0].first
+    assert refused[0].count == 1
     assert sum(r.count for r in refused) == invites >= 60

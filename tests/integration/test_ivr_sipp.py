@@ -131,7 +131,8 @@ async def test_ack_flow_with_amd_leaves_message_after_the_beep(
         assert peer.wait(timeout=15) == 0, peer.logs()
     assert result.outcome == "machine"
     assert result.path == ["detect", "voicemail", "end"]
-    assert result.amd is not None and result.amd.decision is AmdDecision.MACHINE
+    assert result.amd is not None
+    assert result.amd.decision is AmdDecision.MACHINE
     assert result.variables["amd_result"] == "machine"
     assert result.call_result is not None
     # The message went out after the beep, so the call outlasted the greeting.
@@ -187,7 +188,8 @@ async def test_hotline_flow_records_and_pages(
     assert result.ended_by == "flow"
     assert result.variables["menu_choice"] == "1"
     [recording] = result.recordings
-    assert recording.exists() and recording.parent == tmp_path / "recordings"
+    assert recording.exists()
+    assert recording.parent == tmp_path / "recordings"
     with wave.open(str(recording)) as wav:
         assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (8000, 1, 2)
         recorded = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")

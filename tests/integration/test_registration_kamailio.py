@@ -104,7 +104,8 @@ async def test_register_with_digest_and_423_then_a_call_via_kamailio_is_the_trun
                 change = await until_state(changes, RegistrationState.REGISTERED, 10)
                 # asked for 2 s, told 423 Min-Expires 6, registered for 6
                 assert change.reason == f"registered for {MIN_EXPIRES} s", registrar.logs()
-                assert client.machine is not None and client.machine.expires == MIN_EXPIRES
+                assert client.machine is not None
+                assert client.machine.expires == MIN_EXPIRES
                 assert router.health.usable(TRUNK)
                 assert bound(registrar, contact), registrar.rpc("ul.dump")
 
@@ -134,7 +135,8 @@ async def test_register_with_digest_and_423_then_a_call_via_kamailio_is_the_trun
                 await registrations.close()
                 await router.close()
             assert router.health["kam"].registration is RegistrationState.UNREGISTERED
-            assert client.outcome is not None and client.outcome.unregistered
+            assert client.outcome is not None
+            assert client.outcome.unregistered
             assert not bound(registrar, contact), registrar.rpc("ul.dump")
         # 401, 423, 200, the refresh on the reused nonce (no second challenge), unregister
         assert register_cseqs(registrar) == [1, 2, 3, 4, 5], registrar.logs()

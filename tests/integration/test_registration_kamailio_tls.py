@@ -105,7 +105,8 @@ async def test_register_over_tls_then_a_call_over_that_connection_is_the_trunks(
                 [call] = calls
                 assert call.trunk == TRUNK
                 assert call.dialed == CONTACT_USER
-                assert call.result is not None and call.result.transport == "tls"
+                assert call.result is not None
+                assert call.result.transport == "tls"
                 assert refused == []
 
                 # The refresh (half of 6 s) goes over the same connection and contact: the
@@ -120,7 +121,8 @@ async def test_register_over_tls_then_a_call_over_that_connection_is_the_trunks(
                 await registrations.close()
                 await router.close()
             assert router.health[TRUNK].registration is RegistrationState.UNREGISTERED
-            assert client.outcome is not None and client.outcome.unregistered
+            assert client.outcome is not None
+            assert client.outcome.unregistered
             assert CONTACT_USER not in registrar.rpc("ul.dump")
         # 401, 200, the refresh, the unregister: all four over the one TLS connection
         assert register_cseqs(registrar) == [1, 2, 3, 4], registrar.logs()
@@ -196,4 +198,5 @@ async def test_a_dropped_registrar_connection_is_replaced_and_its_new_contact_re
             finally:
                 await registrations.close()
                 await router.close()
-            assert client.outcome is not None and client.outcome.unregistered
+            assert client.outcome is not None
+            assert client.outcome.unregistered

@@ -23,6 +23,7 @@ from gateway.media.dtmf import rfc4733_packets
 from gateway.media.rtp import RtpPacket
 from gateway.media.session import MediaStats
 from tests.integration.peers import dtmf_pcap, sipp
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -85,9 +86,9 @@ async def collect_under_flood(call: Call) -> Collected:
     media = call.media
     assert media is not None
     async with stranger_flood("7", media.local_port) as flood:
-        async with asyncio.timeout(10):  # under way well before SIPp's key press (1.5 s)
-            while flood.sent < 3 * len(rfc4733_packets("7", duration_ms=100)):
-                await asyncio.sleep(0.01)
+        flood_packets = 3 * len(rfc4733_packets("7", duration_ms=100))
+        # under way well before SIPp's key press (1.5 s)
+        await wait_until(lambda: flood.sent >= flood_packets, 10, "the flood")
         first = await call.collect(max_digits=1, timeout=15)
         await asyncio.sleep(0.5)
     return Collected(first, call.digits, media.stats, media.remote_address)
@@ -102,7 +103,7 @@ async def call_under_flood(
     the answering one."""
     pcap = str(dtmf_pcap("1"))
     if direction == "outbound":
-        with sipp(uas, tmp_path, PAUSE_MS="1500", PCAP=pcap, **both, **uas_only) as peer:
+        with sipp(uas, tmp_path, PAUSE_MS="1500", PCAP=pcap, fields={**both, **uas_only}) as peer:
             async with Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
                 call = await gateway.dial(f"sip:+15550140@{peer.address}", ring_timeout=10)
                 assert call.answered, call.result
@@ -117,7 +118,7 @@ async def call_under_flood(
     async with Gateway(GatewayConfig(host="127.0.0.1"), on_incoming=on_incoming) as gateway:
         host, port = gateway.address("udp")
         with sipp(uac, tmp_path, remote=f"{host}:{port}", PAUSE_MS="1500", PCAP=pcap,
-                  **both) as peer:  # fmt: skip
+                  fields=both) as peer:  # fmt: skip
             status, logs = await asyncio.to_thread(peer.wait, 30), peer.logs()
     [got] = outcome
     return got, status, logs
@@ -147,6 +148,7 @@ async def test_phone_behind_nat_is_latched_by_its_signalling_address(
         {"SDP_MEDIA_IP": NAT_PRIVATE},
     )  # fmt: skip
     assert (got.first, got.digits) == ("1", "1")
-    assert got.sends_to is not None and got.sends_to[0] == "127.0.0.1"  # latched, not the SDP's
+    assert got.sends_to is not None
+    assert got.sends_to[0] == "127.0.0.1"  # latched, not the SDP's
     assert got.stats.foreign > 0  # the stranger's flood
     assert sipp_status == 0, sipp_logs

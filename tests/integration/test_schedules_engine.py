@@ -60,7 +60,8 @@ async def test_schedule_step_pages_who_is_on_call_at_fire_time_and_audits_it(
         bridged = await h.engine.first_responders("acme", "p")
         assert [c.recipient_id for c in bridged] == ["carol", "bob"]
         paged = [(s.notification.contact.recipient_id) for s in h.channels["sms"].sent]
-        assert sorted(paged[:2]) == ["alice", "carol"] and paged[2:] == ["bob"]
+        assert sorted(paged[:2]) == ["alice", "carol"]
+        assert paged[2:] == ["bob"]
         chosen = [
             (r["step"], r["recipient_id"], r["schedule"], r["layer"], r["override"])
             for r in h.audit.read("acme", alert_id=alert.id)

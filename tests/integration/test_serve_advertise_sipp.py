@@ -70,7 +70,8 @@ def test_wildcard_bind_advertises_its_address_in_via_contact_and_sdp(
         [call] = call_results(proc)
         assert proc.stderr is not None
         banner = proc.stderr.read()
-    assert call["outcome"] == "answered" and call["digits"] == "1", call
+    assert call["outcome"] == "answered", call
+    assert call["digits"] == "1", call
     ok = first(messages, "SIP/2.0 200 OK")
     bye = first(messages, "BYE ")
     kind = transport.upper()

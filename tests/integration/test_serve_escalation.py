@@ -32,6 +32,7 @@ from tests.integration.peers import (
     cli_env,
     dtmf_pcap,
     free_port,
+    popen_logged,
     sipp,
 )
 
@@ -42,9 +43,14 @@ KEY = {"X-API-Key": "k-acme"}
 ALICE = "+14155550101"
 
 
+def serve_logs(log_dir: Path) -> str:
+    """What every `ackline serve` process printed, for a failure message."""
+    return "\n".join(f"--- {f.name}\n{f.read_text()}" for f in sorted(log_dir.glob("serve-*.log")))
+
+
 @dataclass
 class Service:
-    procs: list[subprocess.Popen[str]]
+    procs: list[subprocess.Popen[bytes]]
     client: httpx.AsyncClient
     audit: Path
     log_dir: Path
@@ -71,10 +77,7 @@ class Service:
             await asyncio.sleep(0.1)
 
     def logs(self) -> str:
-        """What every `ackline serve` process printed, for a failure message."""
-        return "\n".join(
-            f"--- {f.name}\n{f.read_text()}" for f in sorted(self.log_dir.glob("serve-*.log"))
-        )
+        return serve_logs(self.log_dir)
 
     def audit_lines_all(self) -> list[dict[str, Any]]:
         if not self.audit.exists():
@@ -107,23 +110,18 @@ async def serve(
     }
     if "REDIS_URL" not in env:
         full_env.pop("REDIS_URL", None)
-    procs: list[subprocess.Popen[str]] = []
-    logs = []
+    procs: list[subprocess.Popen[bytes]] = []
     sip_ports = [free_port() for _ in roles]
     try:
         for role, sip_port in zip(roles, sip_ports, strict=True):
-            log = open(tmp / f"serve-{role}.log", "w")  # noqa: SIM115 - closed below
-            logs.append(log)
             cmd = [*ackline_cli(), "serve", "--role", role, "--port", str(sip_port),
                    "--http-port", str(http_port)]  # fmt: skip
-            procs.append(
-                subprocess.Popen(cmd, stdout=log, stderr=log, text=True, env=full_env, cwd=tmp)
-            )
+            procs.append(popen_logged(cmd, tmp / f"serve-{role}.log", env=full_env, cwd=tmp))
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=5) as c:
             deadline = time.monotonic() + 30
             while True:
                 dead = [p for p in procs if p.poll() is not None]
-                assert not dead, "\n".join(f.read_text() for f in tmp.glob("serve-*.log"))
+                assert not dead, serve_logs(tmp)
                 with contextlib.suppress(httpx.TransportError):
                     if (await c.get("/readyz")).status_code == 200:
                         break
@@ -139,8 +137,6 @@ async def serve(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for log in logs:
-            log.close()
 
 
 def recipients(telegram: bool = True) -> list[dict[str, str]]:
@@ -188,7 +184,9 @@ async def test_keypress_1_acknowledges_and_later_steps_never_fire(tmp_path: Path
             "TWILIO_API_BASE": twilio.url,
         }
         scenario = {"CODECS": "0", "RING_MS": "300", "PAUSE_MS": "1000"}
-        with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), **scenario) as uas:
+        with sipp(
+            "uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), fields=scenario
+        ) as uas:
             env["ACKLINE_VOICE_TARGET"] = f"sip:{{number}}@{uas.address}"
             async with serve(tmp_path, config, env) as service:
                 alert_id = await service.post_alert("page")
@@ -279,7 +277,7 @@ async def test_busy_phone_retries_with_backoff_then_falls_back_in_order(tmp_path
     assert (second - first).total_seconds() >= 1.0, sent
     assert any(x.get("event") == "retry" and x["channel"] == "voice" for x in audit), audit
     assert any(x.get("event") == "fallback" and x["channel"] == "voice" for x in audit), audit
-    assert os.path.getsize(service.audit) > 0
+    assert await asyncio.to_thread(os.path.getsize, service.audit) > 0
 
 
 @pytest.mark.parametrize(
@@ -324,7 +322,7 @@ async def test_api_and_worker_as_separate_processes_on_postgres_and_redis(
     rings the phone; the keypress acks through the shared PostgreSQL and Redis."""
     config = voice_page_config()
     scenario = {"CODECS": "8", "RING_MS": "100", "PAUSE_MS": "800"}
-    with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), **scenario) as uas:
+    with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap("1")), fields=scenario) as uas:
         env = {
             "ACKLINE_DATABASE_URL": pg_url,
             "REDIS_URL": REDIS_URL,
@@ -340,7 +338,8 @@ async def test_api_and_worker_as_separate_processes_on_postgres_and_redis(
     assert (voice["status"], voice["reason"]) == ("acknowledged", "pressed_1")
     worker_log = (tmp_path / "serve-worker.log").read_text()
     api_log = (tmp_path / "serve-api.log").read_text()
-    assert '"digits": "1"' in worker_log and '"codec": "PCMA"' in worker_log, worker_log
+    assert '"digits": "1"' in worker_log, worker_log
+    assert '"codec": "PCMA"' in worker_log, worker_log
     assert "sip listening" not in api_log, api_log  # the API process placed no call
 
 
@@ -431,7 +430,9 @@ async def test_alert_call_fails_over_across_carrier_trunks_and_audits_health(
     assert result["details"]["trunk"] == "healthy", result
     assert result["details"]["trunks_tried"] == "broken:503,healthy:200", result
     dead = [x for x in health if x["trunk"] == "dead"]
-    assert dead and dead[0]["status"] == "down" and dead[0]["aspect"] == "probe", health
+    assert dead, health
+    assert dead[0]["status"] == "down", health
+    assert dead[0]["aspect"] == "probe", health
     invites = (tmp_path / "a").glob("*_messages.log")
     assert any("INVITE sip:+14155550101@" in p.read_text() for p in invites)  # tried first
 
@@ -482,4 +483,5 @@ def test_a_policy_with_a_broken_flow_file_stops_serve_at_start(tmp_path: Path) -
         capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert "missing.yaml" in proc.stderr and "cannot read the flow" in proc.stderr
+    assert "missing.yaml" in proc.stderr
+    assert "cannot read the flow" in proc.stderr

@@ -50,6 +50,8 @@ def test_serve_with_srtp_required_refuses_plain_rtp_and_answers_srtp(tmp_path: P
         proc.wait(timeout=10)
         calls = call_results(proc)
     [call] = calls  # the refused ones never became calls
-    assert call["direction"] == "inbound" and call["transport"] == "tls"
+    assert call["direction"] == "inbound"
+    assert call["transport"] == "tls"
     assert call["srtp"] is True
-    assert call["digits"] == "7" and call["dtmf_method"] == "rfc4733"
+    assert call["digits"] == "7"
+    assert call["dtmf_method"] == "rfc4733"

@@ -38,7 +38,7 @@ def prompt_seconds(cache_dir: Path, text: str) -> float:
     """How long a prompt the service rendered lasts (it must be in the service's cache)."""
     path = PromptCache(cache_dir, EspeakEngine()).path_for(text)
     assert path.exists(), f"{text!r} was never rendered"
-    with wave.open(str(path)) as w:
+    with wave.open(str(path), "rb") as w:
         return w.getnframes() / w.getframerate()
 
 
@@ -59,7 +59,7 @@ async def test_pressing_3_resolves_and_4_snoozes_each_confirmed_before_hang_up(
     config["channel_defaults"] = {"voice": {"attempts": 1}}
     config["policies"][0]["voice"] = {"snooze": "15m"}
     scenario = {"CODECS": "0", "RING_MS": "200", "PAUSE_MS": "1500"}
-    with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap(digit)), **scenario) as uas:
+    with sipp("uas_answer_dtmf.xml", tmp_path, PCAP=str(dtmf_pcap(digit)), fields=scenario) as uas:
         env = {"ACKLINE_VOICE_TARGET": f"sip:{{number}}@{uas.address}"}
         async with serve(tmp_path, config, env) as service:
             alert_id = await service.post_alert("page")

@@ -117,8 +117,10 @@ async def test_two_workers_racing_send_each_reminder_once(pg_url: str, tmp_path:
         assert len(stored) == 20
         assert {r.status for r in stored} == {ReminderStatus.SENT.value}
         lines = [x for x in audit_lines(tmp_path / "audit") if x["event"] == "shift_reminder"]
-        assert len(lines) == 20 and {x["status"] for x in lines} == {"sent"}
-        assert lines[0]["alert_id"] is None and lines[0]["schedule"] == "payments"
+        assert len(lines) == 20
+        assert {x["status"] for x in lines} == {"sent"}
+        assert lines[0]["alert_id"] is None
+        assert lines[0]["schedule"] == "payments"
     finally:
         for db in dbs:
             await db.dispose()
@@ -146,8 +148,10 @@ async def test_a_reminder_goes_through_the_webhook_channel_to_a_local_receiver(
         signature = request.headers["x-ackline-signature"]
         assert verify_webhook(signature, request.body, SECRET, now=time.time())
         body = json.loads(request.body)
-        assert body["kind"] == "shift_reminder" and body["recipient_id"] == "alice"
-        assert body["alert_id"] == "" and body["ack_url"] is None
+        assert body["kind"] == "shift_reminder"
+        assert body["recipient_id"] == "alice"
+        assert body["alert_id"] == ""
+        assert body["ack_url"] is None
         assert body["summary"] == (
             "Your on-call shift for payments starts Mon 16 Mar 09:00 CET (Europe/Berlin)."
         )
@@ -187,7 +191,8 @@ async def test_a_failing_channel_is_retried_a_bounded_number_of_times_and_audite
         assert (outcome.status, outcome.reason, outcome.attempts) == (
             ReminderStatus.FAILED, "twilio_503", 3,
         )  # fmt: skip
-        assert slept == [7.0, 7.0] and [s.notification.attempt for s in sms.sent] == [1, 2, 3]
+        assert slept == [7.0, 7.0]
+        assert [s.notification.attempt for s in sms.sent] == [1, 2, 3]
         lines = audit_lines(tmp_path / "audit")
         assert [(x["status"], x["attempt"], x["reason"]) for x in lines] == [
             ("failed", 1, "twilio_503"), ("failed", 2, "twilio_503"), ("failed", 3, "twilio_503"),

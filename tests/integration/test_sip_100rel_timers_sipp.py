@@ -112,7 +112,8 @@ async def test_reliable_18x_retransmissions_and_out_of_order_get_one_prack(
         assert await sipp_exit(peer) == 0, peer.logs()  # a second PRACK would be unexpected
         racks = [line for line in peer.log_lines() if line.startswith("RACK")]
     assert len(racks) == 2, racks  # RSeq 7 once, RSeq 8 once; RSeq 9 and the repeat: none
-    assert call.result is not None and call.result.outcome is CallOutcome.ANSWERED
+    assert call.result is not None
+    assert call.result.outcome is CallOutcome.ANSWERED
 
 
 def _md5(*parts: str) -> str:
@@ -137,10 +138,12 @@ async def test_prack_carries_the_credentials_the_proxy_asked_the_invite_for(
         (line,) = [x for x in peer.log_lines() if x.startswith("PRACK AUTH")]
     params = dict(re.findall(r'(\w+)="?([^",]+)"?', line.split("Digest", 1)[1]))
     ha1 = _md5("lab-user", "ackline.test", "lab-pass")
-    assert params["username"] == "lab-user" and params["nonce"] == "a1b2c3d4e5f60718"
+    assert params["username"] == "lab-user"
+    assert params["nonce"] == "a1b2c3d4e5f60718"
     assert params["response"] == _md5(ha1, params["nonce"], _md5("PRACK", params["uri"]))
     assert params["uri"].startswith("sip:uas@127.0.0.1")  # the callee's Contact
-    assert call.result is not None and call.result.authenticated
+    assert call.result is not None
+    assert call.result.authenticated
 
 
 async def test_refused_prack_ends_the_attempt_with_the_reason(tmp_path: Path) -> None:
@@ -195,7 +198,8 @@ async def test_refresher_uac_we_refresh_within_the_interval(tmp_path: Path, tran
             assert call.answered, call.result
             started = time.monotonic()
             media = call.media
-            assert media is not None and media.media is not None
+            assert media is not None
+            assert media.media is not None
             original = media.media.remote_port
             await wait_for(lambda: call.session_refreshes >= 1, 8, "the first refresh")
             assert media.media.remote_port == 23456  # the refresh's answer moved the media
@@ -206,7 +210,8 @@ async def test_refresher_uac_we_refresh_within_the_interval(tmp_path: Path, tran
             result = await call.hangup()
         assert await sipp_exit(peer) == 0, peer.logs()
     assert 3.0 <= elapsed < 6.0  # refreshes at half the interval: about 2 s and 4 s
-    assert result.outcome is CallOutcome.ANSWERED and result.reason == "local hangup"
+    assert result.outcome is CallOutcome.ANSWERED
+    assert result.reason == "local hangup"
     assert not result.session_expired
 
 
@@ -221,7 +226,8 @@ async def test_refresh_glare_gets_491_and_our_refresh_is_retried(tmp_path: Path)
             assert not call.ended.is_set()
             result = await call.hangup()
         assert await sipp_exit(peer) == 0, peer.logs()
-    assert result.reason == "local hangup" and not result.session_expired
+    assert result.reason == "local hangup"
+    assert not result.session_expired
 
 
 @pytest.mark.parametrize("code", [481, 408])
@@ -234,7 +240,8 @@ async def test_refused_refresh_ends_the_call_at_once(tmp_path: Path, code: int) 
             assert call.answered, call.result
             result = await call.wait_ended(timeout=8)
         assert await sipp_exit(peer) == 0, peer.logs()  # BYE within 1 s of the refusal
-    assert result.session_expired and result.hangup_by == "local"
+    assert result.session_expired
+    assert result.hangup_by == "local"
     assert f"session timer (4 s): session refresh failed ({code})" in result.reason
     assert 1500 <= result.duration_ms < 3500  # refreshed at 2 s, refused, BYE
 
@@ -309,7 +316,8 @@ async def test_inbound_session_refreshes_accepted_then_missing_refresh_ends_call
         await wait_for(lambda: bool(results), 5, "the call's result")
     (result,) = results
     assert refreshes == [2]
-    assert result.outcome is CallOutcome.ANSWERED and result.hangup_by == "local"
+    assert result.outcome is CallOutcome.ANSWERED
+    assert result.hangup_by == "local"
     assert "session timer (3 s): no session refresh from the peer" in result.reason
     assert result.session_expired
     assert 3500 <= result.duration_ms < 5500  # 1 s + 1 s of refreshes, then 2 s
@@ -392,5 +400,6 @@ async def test_inbound_caller_asking_us_to_refresh_gets_a_refresh(tmp_path: Path
         await wait_for(lambda: bool(results), 5, "the call's result")
     (result,) = results
     assert refreshes == [1]
-    assert result.hangup_by == "remote" and not result.session_expired
+    assert result.hangup_by == "remote"
+    assert not result.session_expired
     assert 1500 <= result.duration_ms < 3500

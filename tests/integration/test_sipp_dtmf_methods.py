@@ -135,7 +135,8 @@ def test_inband_several_digits(tmp_path: Path) -> None:
     assert result["digits"] == "159"
     assert [d["method"] for d in result["dtmf"]] == ["inband"] * 3
     at = [d["at_ms"] for d in result["dtmf"]]
-    assert at == sorted(at) and at[2] - at[0] >= 500  # tones 320 ms apart: not one burst
+    assert at == sorted(at)
+    assert at[2] - at[0] >= 500  # tones 320 ms apart: not one burst
 
 
 # -- sending SIP INFO -----------------------------------------------------------------

@@ -125,7 +125,8 @@ async def test_reinvite_answers_keep_our_sdp_origin(tmp_path: Path) -> None:
             if line.startswith("ORIGIN ")
         }
     offer, hold, resume = origins["offer"], origins["hold"], origins["resume"]
-    assert hold[2] == offer[2] + 1 and resume[2] == hold[2] + 1, origins
+    assert hold[2] == offer[2] + 1, origins
+    assert resume[2] == hold[2] + 1, origins
     assert (hold[0], hold[1], hold[3]) == (offer[0], offer[1], offer[3]), origins
     assert (resume[0], resume[1], resume[3]) == (offer[0], offer[1], offer[3]), origins
 
@@ -208,7 +209,8 @@ def test_401_www_authenticate_challenge(tmp_path: Path, qop: str | None) -> None
         assert params["nc"] == "00000001"
         expected = _ha(ha1, NONCE, params["nc"], params["cnonce"], "auth", ha2)
     else:
-        assert "qop" not in params and "nc" not in params
+        assert "qop" not in params
+        assert "nc" not in params
         expected = _ha(ha1, NONCE, ha2)
     assert params["response"] == expected
     first = dict(re.findall(r"(\w+)=(\S+)", next(x for x in lines if x.startswith("FIRST "))))
@@ -280,7 +282,8 @@ async def test_invite_retransmitted_only_over_udp(tmp_path: Path, transport: str
         assert await sipp_exit(peer) == 0, peer.logs()
         invites = received_requests(peer, "INVITE")
     assert result.outcome == CallOutcome.ANSWERED
-    assert result.answer_delay_ms is not None and result.answer_delay_ms >= 950
+    assert result.answer_delay_ms is not None
+    assert result.answer_delay_ms >= 950
     if transport == "tcp":
         assert len(invites) == 1, invites  # reliable transport: timer A is not used
         return

@@ -137,7 +137,8 @@ async def test_signed_acknowledge_acks_cancels_the_chain_and_updates_the_message
 
         assert r.status_code == 200
         data = await api.alert(alert_id)
-        assert data["state"] == "acknowledged" and data["acked_by"] == f"slack:{ADA}"
+        assert data["state"] == "acknowledged"
+        assert data["acked_by"] == f"slack:{ADA}"
         assert await api.pending_jobs(alert_id) == []  # the chain is cancelled: no call to bob
         updated = api.slack.messages[(channel, message["ts"])]
         assert _outcome(updated)[0]["elements"][0]["text"] == (
@@ -150,7 +151,8 @@ async def test_signed_acknowledge_acks_cancels_the_chain_and_updates_the_message
 
         assert r.status_code == 200
         data = await api.alert(alert_id)
-        assert data["state"] == "resolved" and data["resolved_by"] == f"slack:{ADA}"
+        assert data["state"] == "resolved"
+        assert data["resolved_by"] == f"slack:{ADA}"
         final = api.slack.messages[(channel, message["ts"])]
         assert _buttons(final) == []
         [outcome] = _outcome(final)
@@ -178,7 +180,8 @@ async def test_unverified_presses_are_401_and_change_nothing(
 
         assert r.status_code == 401
         data = await api.alert(alert_id)
-        assert data["state"] == "triggered" and data["acked_by"] is None
+        assert data["state"] == "triggered"
+        assert data["acked_by"] is None
         assert "step" in await api.pending_jobs(alert_id)
         assert len(api.slack.requests) == requests_before  # no chat.update either
         assert _buttons(api.slack.messages[(channel, message["ts"])]) == [
@@ -217,6 +220,7 @@ async def test_slack_recipient_through_the_api(sqlite_url: str, tmp_path: Path) 
         bad = await api.client.put(
             "/v1/recipients/carol", json={**carol, "slack_channel": "#ops"}, headers=KEY
         )
-        assert bad.status_code == 422 and "slack_channel" in str(bad.json()["detail"])
+        assert bad.status_code == 422
+        assert "slack_channel" in str(bad.json()["detail"])
         alice = (await api.client.get("/v1/recipients/alice", headers=KEY)).json()
         assert alice["slack_channel"] == OPS  # from the YAML file

@@ -82,7 +82,8 @@ def test_failed_expectation_fails_the_script(tmp_path: Path) -> None:
     assert report["ok"] is False
     [audio, hangup] = report["steps"]
     assert audio["ok"] is True
-    assert hangup["ok"] is False and "expect_hangup" in hangup["step"], report
+    assert hangup["ok"] is False, report
+    assert "expect_hangup" in hangup["step"], report
 
 
 def test_bad_script_is_a_clear_error(tmp_path: Path) -> None:
@@ -90,7 +91,8 @@ def test_bad_script_is_a_clear_error(tmp_path: Path) -> None:
         tmp_path, {"call": "sip:x@127.0.0.1:5", "steps": [{"dtmf": "1", "method": "smoke"}]}
     )
     assert code == 2
-    assert "steps.0" in err and "method" in err, err
+    assert "steps.0" in err, err
+    assert "method" in err, err
 
 
 async def test_softphone_answers_and_presses_2_for_our_gateway() -> None:
@@ -98,7 +100,7 @@ async def test_softphone_answers_and_presses_2_for_our_gateway() -> None:
     async with Softphone() as phone, Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
         host, port = phone.address
 
-        async def callee() -> tuple[float, str]:
+        async def callee() -> tuple[float, str | None]:
             async with phone.answer(timeout=10) as leg:
                 waited = await leg.wait_for_audio(timeout=5)
                 await leg.send_dtmf("2")
@@ -150,7 +152,8 @@ async def test_answering_script_speaks_a_wav_file_and_checks_the_keys_it_got(
     async with Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
         await asyncio.sleep(0.3)  # the script's phone is listening
         call = await gateway.dial(f"sip:qa@127.0.0.1:{port}", ring_timeout=5)
-        assert call.answered and call.media is not None
+        assert call.answered
+        assert call.media is not None
         call.media.add_audio_listener(lambda pcm: heard.append(pcm.copy()))
         await asyncio.sleep(1.3)  # the phone plays its one-second file
         await call.send_digits("42")
@@ -163,9 +166,12 @@ async def test_answering_script_speaks_a_wav_file_and_checks_the_keys_it_got(
     spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64)))
     assert abs(np.fft.rfftfreq(len(pcm), 1 / 8000)[int(np.argmax(spectrum[1:])) + 1] - 1000) < 20
     [play, hangup, *checks] = report.steps
-    assert play.ok and "to the end" in play.detail and hangup.ok, report
+    assert play.ok, report
+    assert "to the end" in play.detail, report
+    assert hangup.ok, report
     digits = next(c for c in checks if c.step == "expect digits")
-    assert digits.ok is (expected_digits == "42") and digits.detail == "received '42'"
+    assert digits.ok is (expected_digits == "42")
+    assert digits.detail == "received '42'"
     assert report.ok is (expected_digits == "42")
 
 
@@ -174,4 +180,5 @@ def test_a_missing_wav_file_is_a_bad_script(tmp_path: Path) -> None:
         tmp_path, {"call": "sip:x@127.0.0.1:5", "steps": [{"play": "nowhere.wav"}]}
     )
     assert code == 2
-    assert "steps.0.play" in err and "nowhere.wav" in err, err
+    assert "steps.0.play" in err, err
+    assert "nowhere.wav" in err, err

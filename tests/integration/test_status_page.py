@@ -140,11 +140,13 @@ async def test_incidents_through_the_api_page_feed_and_audit(db_url: str, tmp_pa
         assert r.status_code == 401
         r = await client.post("/v1/status/incidents", json={**new, "components": ["nope"]},
                               headers=ACME)  # fmt: skip
-        assert r.status_code == 422 and "unknown components: nope" in r.text
+        assert r.status_code == 422
+        assert "unknown components: nope" in r.text
         r = await client.post("/v1/status/incidents", json=new, headers=ACME)
         assert r.status_code == 201, r.text
         incident = r.json()
-        assert incident["status"] == "investigating" and len(incident["updates"]) == 1
+        assert incident["status"] == "investigating"
+        assert len(incident["updates"]) == 1
         for status, body in [("identified", "The relay rejects our connections."),
                              ("monitoring", "A second relay takes the mail.")]:  # fmt: skip
             r = await client.post(f"/v1/status/incidents/{incident['id']}/updates",
@@ -158,17 +160,20 @@ async def test_incidents_through_the_api_page_feed_and_audit(db_url: str, tmp_pa
         html = await client.get("/status")
         assert html.status_code == 200
         assert "script-src 'self'" in html.headers["content-security-policy"]
-        assert ('<link rel="alternate" type="application/atom+xml"' in html.text
-                and 'href="/status/feed.atom"' in html.text)  # fmt: skip
-        assert "Active incidents" in html.text and "A second relay takes the mail." in html.text
+        assert '<link rel="alternate" type="application/atom+xml"' in html.text
+        assert 'href="/status/feed.atom"' in html.text
+        assert "Active incidents" in html.text
+        assert "A second relay takes the mail." in html.text
 
         r = await client.post(f"/v1/status/incidents/{incident['id']}/updates",
                               json={"status": "resolved", "body": "Mail flows again."},
                               headers=ACME)  # fmt: skip
-        assert r.status_code == 201 and r.json()["resolved_at"] is not None
+        assert r.status_code == 201
+        assert r.json()["resolved_at"] is not None
         assert (await client.get("/status/summary.json")).json()["incidents"] == []
         html = await client.get("/status")
-        assert "Active incidents" not in html.text and "Past incidents" in html.text
+        assert "Active incidents" not in html.text
+        assert "Past incidents" in html.text
         assert "Mail flows again." in html.text
 
         feed = await client.get("/status/feed.atom")
@@ -182,14 +187,16 @@ async def test_incidents_through_the_api_page_feed_and_audit(db_url: str, tmp_pa
             "Email delays: resolved", "Email delays: monitoring", "Email delays: identified",
             "Email delays: investigating"]  # fmt: skip
         ids = [e.findtext(f"{ATOM}id") for e in entries]
-        assert len(set(ids)) == 4 and all(i and i.startswith("urn:uuid:") for i in ids)
+        assert len(set(ids)) == 4
+        assert all(i and i.startswith("urn:uuid:") for i in ids)
         for e in entries:
             datetime.fromisoformat(e.findtext(f"{ATOM}updated") or "")  # RFC 3339
             link = e.find(f"{ATOM}link")
             assert link is not None
             assert link.get("href") == f"{PUBLIC}/status#incident-{incident['id']}"
         self_link = root.find(f"{ATOM}link[@rel='self']")
-        assert self_link is not None and self_link.get("href") == f"{PUBLIC}/status/feed.atom"
+        assert self_link is not None
+        assert self_link.get("href") == f"{PUBLIC}/status/feed.atom"
 
         r = await client.post("/v1/status/incidents/999/updates",
                               json={"status": "resolved", "body": "x"}, headers=ACME)  # fmt: skip
@@ -216,7 +223,8 @@ async def test_maintenance_window_and_badge(sqlite_url: str, tmp_path: Path) -> 
                   "ends_at": (now + timedelta(hours=1)).isoformat()}  # fmt: skip
         naive = {**window, "starts_at": "2026-01-01T00:00:00"}
         r = await client.post("/v1/status/maintenances", json=naive, headers=ACME)
-        assert r.status_code == 422 and "time zone" in r.text
+        assert r.status_code == 422
+        assert "time zone" in r.text
         r = await client.post("/v1/status/maintenances", json=window, headers=ACME)
         assert r.status_code == 201, r.text
         assert r.json()["status"] == "in_progress"
@@ -228,7 +236,8 @@ async def test_maintenance_window_and_badge(sqlite_url: str, tmp_path: Path) -> 
         assert summary["status"]["indicator"] == "maintenance"
         assert "Relay upgrade" in (await client.get("/status")).text
         r = await client.post(f"/v1/status/maintenances/{r.json()['id']}/cancel", headers=ACME)
-        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        assert r.status_code == 200
+        assert r.json()["status"] == "cancelled"
         assert (await states(client, app))["webhook"] == "operational"
         assert (await client.get("/status/badge/nope.svg")).status_code == 404
 
@@ -282,7 +291,7 @@ async def test_automatic_incident_opens_once_and_resolves(sqlite_url: str, tmp_p
             await db.dispose()
         await page.sampler.sample_once()
         [incident] = await page.service.incidents()
-        assert incident.resolved and incident.updates[0].body == (
-            "Notification dispatcher has recovered.")  # fmt: skip
+        assert incident.resolved
+        assert incident.updates[0].body == ("Notification dispatcher has recovered.")
     audit = (tmp_path / "audit" / "acme.jsonl").read_text()
     assert audit.count('"actor":"status:automatic"') == 2  # created, resolved

@@ -79,7 +79,8 @@ def subscriptions(app: FastAPI) -> StatusSubscriptions:
 async def subscribe(client: httpx.AsyncClient, kind: str, address: str) -> str:
     r = await client.post("/v1/status/subscribers", headers=ACME,
                           json={"kind": kind, "address": address})  # fmt: skip
-    assert r.status_code == 201 and r.json()["confirmed"] is True, r.text
+    assert r.status_code == 201, r.text
+    assert r.json()["confirmed"] is True, r.text
     subscriber_id: str = r.json()["id"]
     return subscriber_id
 

@@ -118,7 +118,8 @@ async def test_email_double_opt_in_updates_and_one_click_unsubscribe(
             r = await client.post(
                 "/status/subscribe", data={"kind": "email", "address": "ada@ops.example"}
             )
-            assert r.status_code == 200 and "confirmation link" in r.text
+            assert r.status_code == 200
+            assert "confirmation link" in r.text
             await until(lambda: len(mailbox.messages) == 1, "the confirmation email")
             envelope, confirmation = mailbox.messages[0]
             assert envelope.rcpt_tos == ["ada@ops.example"]
@@ -137,7 +138,8 @@ async def test_email_double_opt_in_updates_and_one_click_unsubscribe(
             assert len(mailbox.messages) == 1
 
             form = await client.get(confirm)  # a GET (a mail scanner) changes nothing
-            assert form.status_code == 200 and 'method="post"' in form.text
+            assert form.status_code == 200
+            assert 'method="post"' in form.text
             assert (await client.post(confirm)).status_code == 200
             await post_update(client, incident, "identified", "The relay rejects us.")
             await until(lambda: len(mailbox.messages) == 2, "the incident update email")
@@ -155,7 +157,8 @@ async def test_email_double_opt_in_updates_and_one_click_unsubscribe(
                 content=b"List-Unsubscribe=One-Click",
                 headers={"Content-Type": "application/x-www-form-urlencoded"},
             )
-            assert r.status_code == 200 and "Unsubscribed" in r.text
+            assert r.status_code == 200
+            assert "Unsubscribed" in r.text
             subscriber_id = parts.query.split("=", 1)[1].split(".")[0]
             forged = f"/status/unsubscribe?token={subscriber_id}.{'0' * 32}"
             assert (await client.post(forged)).status_code == 404
@@ -180,7 +183,8 @@ async def test_webhook_subscriber_gets_signed_updates(db_url: str, tmp_path: Pat
             headers=ACME,
             json={"kind": "webhook", "address": f"{receiver.url}/hooks/status"},
         )
-        assert r.status_code == 201 and r.json()["confirmed"] is True, r.text
+        assert r.status_code == 201, r.text
+        assert r.json()["confirmed"] is True, r.text
         r = await client.post(
             "/v1/status/incidents",
             headers=ACME,

@@ -111,7 +111,8 @@ def test_offer_keeps_loopback_host_candidates_only() -> None:
     )
     filtered, kept = loopback_offer(sdp)
     assert kept == 2
-    assert "127.0.0.1 50001" in filtered and "::1 50004" in filtered
+    assert "127.0.0.1 50001" in filtered
+    assert "::1 50004" in filtered
     for gone in ("192.0.2.2", ".local", "198.51.100.9"):
         assert gone not in filtered
     assert "a=end-of-candidates" in filtered
@@ -124,15 +125,18 @@ async def test_refusals_say_why() -> None:
         assert page.status_code == 200
         assert "default-src 'none'" in page.headers["content-security-policy"]
         r = await http.post("/v1/webphone/calls", json=offer)
-        assert r.status_code == 503 and "not enabled" in r.json()["detail"]
+        assert r.status_code == 503
+        assert "not enabled" in r.json()["detail"]
     async with api(client=("203.0.113.7", 5555)) as (http, _, _):
         r = await http.post("/v1/webphone/calls", json=offer)
         assert r.status_code == 403
     async with api() as (http, webphone, _):
         r = await http.post("/v1/webphone/calls", json={**offer, "target": "+15550100"})
-        assert r.status_code == 400 and "SIP URI" in r.json()["detail"]
+        assert r.status_code == 400
+        assert "SIP URI" in r.json()["detail"]
         r = await http.post("/v1/webphone/calls", json=offer)  # no candidates at all
-        assert r.status_code == 400 and "loopback" in r.json()["detail"]
+        assert r.status_code == 400
+        assert "loopback" in r.json()["detail"]
         r = await http.post("/v1/webphone/calls", json={**offer, "type": "answer"})
         assert r.status_code == 422
         assert (await http.get("/v1/webphone/calls/nope")).status_code == 404
@@ -155,7 +159,8 @@ async def test_hangup_while_ringing_cancels_and_limit_holds(tmp_path: Path) -> N
                 )
                 assert r.status_code == 201, r.text
                 body = r.json()
-                assert body["type"] == "answer" and "a=candidate:" in body["sdp"]
+                assert body["type"] == "answer"
+                assert "a=candidate:" in body["sdp"]
                 for line in body["sdp"].splitlines():
                     if line.startswith("a=candidate:"):
                         assert " 127.0.0.1 " in line, line
@@ -172,7 +177,8 @@ async def test_hangup_while_ringing_cancels_and_limit_holds(tmp_path: Path) -> N
                         "target": f"sip:qa@{peer.address}",
                     },
                 )
-                assert r.status_code == 503 and r.headers["retry-after"] == "5"
+                assert r.status_code == 503
+                assert r.headers["retry-after"] == "5"
 
                 r = await http.post(f"/v1/webphone/calls/{call_id}/dtmf", json={"digits": "1"})
                 assert r.status_code == 409  # not answered yet
@@ -186,7 +192,8 @@ async def test_hangup_while_ringing_cancels_and_limit_holds(tmp_path: Path) -> N
             assert ended["state"] == "ended", ended
             assert (ended["outcome"], ended["sip_code"]) == ("cancelled", 487), ended
             assert ended["connection_state"] == "closed"
-            assert webphone.active == 0 and not gateway.calls
+            assert webphone.active == 0
+            assert not gateway.calls
         assert peer.wait(10) == 0, peer.logs()
         assert any("CANCEL CSeq" in line for line in peer.log_lines())
 
@@ -224,10 +231,12 @@ async def test_browser_going_away_hangs_up_the_sip_call() -> None:
         hangup_by, reason = await asyncio.wait_for(answering, 30)
         ended = await until_state(http, call_id, "ended")
     assert (hangup_by, reason) == ("remote", "remote hangup")  # our BYE
-    assert ended["hangup_by"] == "local" and ended["error"] == "the browser went away", ended
+    assert ended["hangup_by"] == "local", ended
+    assert ended["error"] == "the browser went away", ended
     assert ended["digits_sent"] == "42#"
     assert ended["connection_state"] == "closed"
-    assert webphone.active == 0 and not gateway.calls
+    assert webphone.active == 0
+    assert not gateway.calls
 
 
 async def test_concurrent_offers_respect_the_limit_and_a_silent_browser_times_out() -> None:
@@ -253,8 +262,10 @@ async def test_concurrent_offers_respect_the_limit_and_a_silent_browser_times_ou
             for browser in browsers:
                 await browser.close()
         assert ended["error"] == "the browser's WebRTC connection did not come up", ended
-        assert ended["result"] is None and ended["connection_state"] == "closed"
-        assert webphone.active == 0 and not gateway.calls
+        assert ended["result"] is None
+        assert ended["connection_state"] == "closed"
+        assert webphone.active == 0
+        assert not gateway.calls
 
 
 async def test_an_offer_aiortc_cannot_take_is_a_400() -> None:

@@ -90,7 +90,7 @@ async def serve(app: Any) -> AsyncIterator[str]:
 async def chromium(url: str, tmp: Path, mic: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     """Headless Chromium on `url` with a fake microphone; killed when the block ends."""
     assert CHROMIUM is not None
-    log = open(tmp / "chromium.log", "wb")  # noqa: SIM115 - closed below
+    log = await asyncio.to_thread((tmp / "chromium.log").open, "wb")  # closed below
     proc = await asyncio.create_subprocess_exec(
         CHROMIUM,
         "--headless=new",
@@ -219,7 +219,8 @@ async def test_chromium_calls_presses_a_key_and_hangs_up(tmp_path: Path) -> None
     assert loud.size > 8000
     assert abs(dominant_hz(heard[-16000:]) - MIC_HZ) < 15, dominant_hz(heard[-16000:])
     uplink = state["media"]["uplink"]
-    assert uplink["chunks_played"] >= 150 and uplink["chunks_dropped"] < 25, uplink
+    assert uplink["chunks_played"] >= 150, uplink
+    assert uplink["chunks_dropped"] < 25, uplink
 
     # SIP -> browser: Chromium received RTP from us and decoded audible audio.
     report = record.report
@@ -233,7 +234,8 @@ async def test_chromium_calls_presses_a_key_and_hangs_up(tmp_path: Path) -> None
     assert report["keys_sent"] == "1"
 
     # Nothing left behind: the peer connection is closed, no call remains.
-    assert record.state == "ended" and webphone.active == 0
+    assert record.state == "ended"
+    assert webphone.active == 0
     assert record.pc.connectionState == "closed"
     assert not record.tasks
     assert not gateway.calls

@@ -227,7 +227,8 @@ async def test_with_redis_away_the_worker_polls_and_still_hangs_up_after_an_ack(
         await until(lambda: _true(bool(voice.sent)), 5, "the call (found by polling)")
         acked = time.time()
         closed = await api.close(created.alert.id, AlertState.ACKNOWLEDGED, RequestContext("u"))
-        assert closed is not None and closed.state == "acknowledged"
+        assert closed is not None
+        assert closed.state == "acknowledged"
         nid = voice.sent[0].notification.notification_id
         await until(lambda: _true(nid in voice.cancelled), 5, "the hang-up after the ack")
         assert voice.cancelled[nid] - acked < 3.0

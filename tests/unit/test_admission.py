@@ -96,7 +96,8 @@ def test_trunk_with_credentials_challenges_then_admits() -> None:
         401,
         "authentication_required",
     )
-    assert challenged.challenge is not None and challenged.challenge_header == "WWW-Authenticate"
+    assert challenged.challenge is not None
+    assert challenged.challenge_header == "WWW-Authenticate"
     response = create_response(first, 401, to_tag=new_tag())
     response.headers.set(challenged.challenge_header, str(challenged.challenge))
     parsed = parse_message(bytes(response))
@@ -121,7 +122,7 @@ def test_bad_trunk_sources_are_named(sources: list[str]) -> None:
 
 
 def test_bad_budget_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rate must be positive"):
         InboundGuard(rate=0)
 
 
@@ -235,15 +236,18 @@ def test_rejections_carry_the_headers_their_code_needs() -> None:
     assert check_new_invite(ours) is None  # RFC 3262 and RFC 4028 are ours
     media = parsed(GOOD.replace("application/sdp", "application/json"))
     rejection = check_new_invite(media)
-    assert rejection is not None and rejection.headers == (("Accept", "application/sdp"),)
+    assert rejection is not None
+    assert rejection.headers == (("Accept", "application/sdp"),)
 
 
 def test_hostile_sdp_text_never_breaks_the_reason_phrase() -> None:
     body = SDP_OFFER.replace("m=audio 40000 RTP/AVP 0 101", "m=audio x\u00e9\r\n\x7f")
     text = GOOD.split("\r\n\r\n")[0].replace(f"{len(SDP_OFFER)}", str(len(body.encode())))
     rejection = check_new_invite(parsed(text + "\r\n\r\n" + body))
-    assert rejection is not None and rejection.code == 488
-    assert all(" " <= ch <= "~" for ch in rejection.phrase) and len(rejection.phrase) < 120
+    assert rejection is not None
+    assert rejection.code == 488
+    assert all(" " <= ch <= "~" for ch in rejection.phrase)
+    assert len(rejection.phrase) < 120
 
 
 # -- RefusalAggregator ----------------------------------------------------------------------
@@ -278,10 +282,13 @@ def test_quiet_sources_are_closed_by_due_and_everything_by_flush() -> None:
     assert agg.due(9.9) == []
     [closed] = agg.due(15.0)
     assert (closed.source, closed.count) == ("192.0.2.1", 1)
-    assert agg.next_due() == 16.0 and len(agg) == 1
+    assert agg.next_due() == 16.0
+    assert len(agg) == 1
     [left] = agg.flush()
     assert (left.source, left.code, left.count) == ("192.0.2.3", 403, 1)
-    assert len(agg) == 0 and agg.next_due() is None and agg.flush() == []
+    assert len(agg) == 0
+    assert agg.next_due() is None
+    assert agg.flush() == []
 
 
 def test_codes_of_one_source_are_counted_apart() -> None:
@@ -308,7 +315,7 @@ def test_table_is_bounded_and_overflow_folds_into_one_entry() -> None:
 
 
 def test_bad_aggregator_settings_are_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="interval must be positive"):
         RefusalAggregator(interval=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_sources at least 1"):
         RefusalAggregator(max_sources=0)

@@ -52,20 +52,28 @@ def test_full_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     config = load_carriers(EXAMPLE)
     assert config.strategy == "weighted"
     assert config.allowed_countries == ("US", "CA")
-    assert config.probe.interval == 0.5 and config.probe.down_after == 4
+    assert config.probe.interval == 0.5
+    assert config.probe.down_after == 4
     policy = config.health_policy()
     assert (policy.down_after, policy.up_after) == (4, 3)
     assert (policy.breaker_failures, policy.breaker_cooldown) == (5, 60.0)
     primary, backup, cloud = config.trunks
-    assert cloud.kind == "twilio" and cloud.host is None and cloud.auth_token is not None
+    assert cloud.kind == "twilio"
+    assert cloud.host is None
+    assert cloud.auth_token is not None
     assert cloud.auth_token.get_secret_value() == "not-a-real-token"
     assert "not-a-real-token" not in config.model_dump_json()
-    assert primary.transport == "tcp" and primary.weight == 3 and primary.trying_timeout == 1.5
-    assert primary.max_cps == 5 and primary.max_concurrent == 20
-    assert backup.number_format is NumberFormat.TECH_PREFIX and not backup.enabled
+    assert primary.transport == "tcp"
+    assert primary.weight == 3
+    assert primary.trying_timeout == 1.5
+    assert primary.max_cps == 5
+    assert primary.max_concurrent == 20
+    assert backup.number_format is NumberFormat.TECH_PREFIX
+    assert not backup.enabled
     assert backup.password is not None
     assert backup.password.get_secret_value() == "not-a-real-secret"
-    assert "not-a-real-secret" not in repr(config) and "not-a-real-secret" not in str(config)
+    assert "not-a-real-secret" not in repr(config)
+    assert "not-a-real-secret" not in str(config)
     assert "not-a-real-secret" not in config.model_dump_json()
     monkeypatch.delenv("ACKLINE_TEST_TWILIO_TOKEN")
     with pytest.raises(CarrierConfigError, match="auth_token_env ACKLINE_TEST_TWILIO_TOKEN"):
@@ -79,7 +87,8 @@ def test_loads_from_a_file_and_a_mapping(tmp_path: Path) -> None:
         "carriers:\n  allowed_countries: [US]\n  trunks:\n    - {name: a, host: 127.0.0.1}\n"
     )
     config = load_carriers(path)
-    assert config.strategy == "priority" and config.trunks[0].port == 5060
+    assert config.strategy == "priority"
+    assert config.trunks[0].port == 5060
     mapping = {"carriers": {"allowed_countries": ["US"], "trunks": [{"name": "a", "host": "x"}]}}
     assert load_carriers(mapping).trunks[0].host == "x"
 
@@ -153,7 +162,8 @@ def test_every_problem_is_listed() -> None:
     message = errors_of(
         BASE + "  trunks:\n    - {name: a, host: h, port: 0}\n    - {name: b, host: h, weight: 0}\n"
     )
-    assert "trunks[0] (a).port" in message and "trunks[1] (b).weight" in message
+    assert "trunks[0] (a).port" in message
+    assert "trunks[1] (b).weight" in message
 
 
 def test_parse_duration() -> None:
@@ -163,7 +173,7 @@ def test_parse_duration() -> None:
     assert parse_duration("2m") == 120.0
     assert parse_duration("3") == 3.0
     for bad in ("fast", True, None, "-1s"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="a duration is a number of seconds"):
             parse_duration(bad)
 
 
@@ -182,7 +192,9 @@ def test_a_tls_trunk_defaults_to_port_5061_and_verifies_with_system_cas() -> Non
         == "sip:+14155550100@sip.carrier.example:5061;transport=tls"
     )
     tls = trunk.tls_client()
-    assert tls is not None and tls.verify and tls.ca_file is None
+    assert tls is not None
+    assert tls.verify
+    assert tls.ca_file is None
     assert load_carriers(_tls_trunk(", port: 5081")).trunks[0].port == 5081
 
 
@@ -217,8 +229,10 @@ def test_a_tls_trunk_registers_over_tls_verified_with_its_ca_file(tmp_path: Path
     (tmp_path / "ca.pem").write_text("placeholder\n")
     extra = f", username: u, password: p, register: true, tls: {{ca_file: {tmp_path}/ca.pem}}"
     target = register_target(load_carriers(_tls_trunk(extra)).trunks[0])
-    assert target.transport == "tls" and str(target.registrar).endswith(";transport=tls")
-    assert target.tls is not None and target.tls.ca_file == tmp_path / "ca.pem"
+    assert target.transport == "tls"
+    assert str(target.registrar).endswith(";transport=tls")
+    assert target.tls is not None
+    assert target.tls.ca_file == tmp_path / "ca.pem"
 
 
 def test_srtp_per_trunk_needs_tls_unless_allowed() -> None:

@@ -28,7 +28,8 @@ def probes(health: TrunkHealth, results: str, start: float = 0.0) -> list[Health
 
 def test_starts_up_and_closed() -> None:
     health = TrunkHealth("a", POLICY)
-    assert health.probe is ProbeState.UP and health.breaker is BreakerState.CLOSED
+    assert health.probe is ProbeState.UP
+    assert health.breaker is BreakerState.CLOSED
     assert health.usable(0.0)
 
 
@@ -61,7 +62,8 @@ def test_breaker_opens_after_n_consecutive_call_failures() -> None:
     assert health.call_result(True, 3.0) == []
     changes = health.call_result(True, 4.0, "no_trying")
     assert [(c.aspect, c.old, c.new) for c in changes] == [("breaker", "closed", "open")]
-    assert "3 consecutive call failures" in changes[0].reason and "no_trying" in changes[0].reason
+    assert "3 consecutive call failures" in changes[0].reason
+    assert "no_trying" in changes[0].reason
     assert not health.usable(5.0)
     assert health.tick(13.9) == []  # cool-down not over yet
 
@@ -79,7 +81,9 @@ def test_breaker_half_opens_after_cooldown_and_allows_one_trial() -> None:
     assert not health.begin_call(12.1)
     changes = health.call_result(False, 13.0)
     assert [(c.old, c.new) for c in changes] == [("half_open", "closed")]
-    assert health.usable(13.0) and health.begin_call(13.0) and health.begin_call(13.0)
+    assert health.usable(13.0)
+    assert health.begin_call(13.0)
+    assert health.begin_call(13.0)
 
 
 def test_failed_trial_reopens_for_another_cooldown() -> None:
@@ -101,7 +105,8 @@ def test_trial_without_verdict_frees_the_slot() -> None:
     health.tick(12.0)
     assert health.begin_call(12.0)
     assert health.call_result(None, 12.2) == []  # e.g. the caller cancelled
-    assert health.breaker is BreakerState.HALF_OPEN and health.begin_call(12.3)
+    assert health.breaker is BreakerState.HALF_OPEN
+    assert health.begin_call(12.3)
 
 
 def test_probe_down_wins_over_closed_breaker() -> None:
@@ -112,15 +117,21 @@ def test_probe_down_wins_over_closed_breaker() -> None:
 
 
 def test_policy_validation() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="down_after, up_after and breaker_failures"):
         HealthPolicy(down_after=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="breaker_cooldown must be >= 0"):
         HealthPolicy(breaker_cooldown=-1)
 
 
 def test_probe_ok_codes() -> None:
-    assert probe_ok(200) and probe_ok(404) and probe_ok(403) and probe_ok(405)
-    assert not probe_ok(None) and not probe_ok(503) and not probe_ok(500) and not probe_ok(408)
+    assert probe_ok(200)
+    assert probe_ok(404)
+    assert probe_ok(403)
+    assert probe_ok(405)
+    assert not probe_ok(None)
+    assert not probe_ok(503)
+    assert not probe_ok(500)
+    assert not probe_ok(408)
 
 
 def gauge(name: str, trunk: str) -> float | None:

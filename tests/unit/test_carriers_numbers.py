@@ -169,7 +169,8 @@ def test_password_never_shows_in_repr_or_json() -> None:
     assert "hunter2" not in t.model_dump_json()
     assert "hunter2" not in json.dumps(t.model_dump(mode="json"))
     credentials = t.credentials()
-    assert credentials is not None and credentials.password == "hunter2-not-real"
+    assert credentials is not None
+    assert credentials.password == "hunter2-not-real"
 
 
 SID = "AC" + "0" * 32
@@ -184,14 +185,15 @@ def twilio_trunk(**values: object) -> Trunk:
 def test_twilio_trunks_need_an_account_and_no_sip_settings() -> None:
     assert twilio_trunk().host is None
     assert "secret" not in repr(twilio_trunk())
-    for values, message in [
+    cases: list[tuple[dict[str, object], str]] = [
         ({"account_sid": "AC123"}, "account_sid"),
         ({"auth_token": ""}, "auth_token"),
         ({"caller_id": None}, "caller_id"),
         ({"host": "127.0.0.1"}, "host: sip trunks only"),
         ({"number_format": "national"}, "number_format: sip trunks only"),
         ({"api_base": "ftp://127.0.0.1"}, "api_base"),
-    ]:
+    ]
+    for values, message in cases:
         with pytest.raises(ValidationError, match=message):
             twilio_trunk(**values)
     with pytest.raises(ValidationError, match="needs host"):
@@ -229,4 +231,5 @@ def test_trunk_country_list_narrows() -> None:
     assert trunk().allows_country("DE")  # no list: the deployment-wide one decides
     limited = trunk(allowed_countries=["us", "CA"])
     assert limited.allowed_countries == ("US", "CA")
-    assert limited.allows_country("US") and not limited.allows_country("GB")
+    assert limited.allows_country("US")
+    assert not limited.allows_country("GB")

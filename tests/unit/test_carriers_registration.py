@@ -38,7 +38,7 @@ carriers:
 
 
 @pytest.fixture(autouse=True)
-def _password(monkeypatch: pytest.MonkeyPatch) -> str:
+def trunk_password(monkeypatch: pytest.MonkeyPatch) -> str:
     password = secrets.token_hex(8)
     monkeypatch.setenv("ACKLINE_TEST_TRUNK_PASSWORD", password)
     return password
@@ -47,12 +47,12 @@ def _password(monkeypatch: pytest.MonkeyPatch) -> str:
 # -- configuration --------------------------------------------------------------------------
 
 
-def test_register_true_takes_everything_from_the_trunk(_password: str) -> None:
+def test_register_true_takes_everything_from_the_trunk(trunk_password: str) -> None:
     trunk = config("true")
     target = register_target(trunk)
     assert str(target.registrar) == "sip:192.0.2.10:5080"
     assert (target.user, target.contact_user, target.expires) == ("acme", "acme", 3600)
-    assert target.credentials == Credentials("acme", _password)
+    assert target.credentials == Credentials("acme", trunk_password)
     assert target.transport == "udp"
     assert config("false").registration is None
 
@@ -122,19 +122,23 @@ def test_a_registering_trunk_is_down_until_registered() -> None:
     changes: list[HealthChange] = []
     board = HealthBoard(["a", "b"], on_change=changes.append, clock=lambda: 0.0)
     board.expect_registration("a")
-    assert not board.usable("a") and board.usable("b")
+    assert not board.usable("a")
+    assert board.usable("b")
     assert gauge("a") == 0
     board.registration_result("a", RegistrationState.REGISTERED, "registered for 60 s")
-    assert board.usable("a") and gauge("a") == 1
+    assert board.usable("a")
+    assert gauge("a") == 1
     board.registration_result("a", RegistrationState.REGISTERED, "again")  # no change
     board.registration_result("a", RegistrationState.FAILED, "503 Service Unavailable")
-    assert not board.usable("a") and gauge("a") == 0
+    assert not board.usable("a")
+    assert gauge("a") == 0
     assert changes == [
         HealthChange("a", "registration", "unregistered", "registered", "registered for 60 s"),
         HealthChange("a", "registration", "registered", "failed", "503 Service Unavailable"),
     ]
     health = TrunkHealth("c")
-    assert health.registration is None and health.usable(0.0)
+    assert health.registration is None
+    assert health.usable(0.0)
 
 
 def gauge(trunk: str) -> float | None:

@@ -127,7 +127,9 @@ def test_quality_demotes_a_trunk_after_bad_asr() -> None:
     record(stats, "a", [AttemptKind.ANSWERED] * 8)
     view = RouteView(quality=stats)
     score_a, score_b = stats.score("a"), stats.score("b")
-    assert score_a is not None and score_b is not None and score_a > 0.9 > 0.5 > score_b
+    assert score_a is not None
+    assert score_b is not None
+    assert score_a > 0.9 > 0.5 > score_b
     # b has the better priority but the worse record; c is unscored (neutral, in between).
     assert names(QualityStrategy().order([A, B, C], view)) == ["a", "c", "b"]
 
@@ -167,7 +169,7 @@ def test_make_strategy() -> None:
 
 
 def test_quality_stats_validation() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_samples <= window"):
         QualityStats(window=5, min_samples=10)
 
 
@@ -177,7 +179,9 @@ def test_token_bucket_limits_rate_and_refills() -> None:
     assert not bucket.take(0.2)  # 0.4 tokens
     assert bucket.take(0.5)  # 1.0 token
     assert not bucket.take(0.5)
-    assert bucket.take(10.0) and bucket.take(10.0) and not bucket.take(10.0)  # burst cap
+    assert bucket.take(10.0)
+    assert bucket.take(10.0)
+    assert not bucket.take(10.0)  # burst cap
 
 
 def test_token_bucket_fractional_rate() -> None:
@@ -192,15 +196,19 @@ def test_quality_counts_time_to_acknowledgement_of_alert_calls() -> None:
     stats = QualityStats(window=10, min_samples=3)
     record(stats, "a", [AttemptKind.ANSWERED] * 5)
     record(stats, "b", [AttemptKind.ANSWERED] * 5)
-    assert stats.ack_score("a") is None and stats.score("a") == stats.score("b")
+    assert stats.ack_score("a") is None
+    assert stats.score("a") == stats.score("b")
     for seconds in (3.0, 6.0):
         stats.record_ack("a", seconds)
     stats.record_ack("b", None)
     stats.record_ack("b", 59.0)
     ack_a, ack_b = stats.ack_score("a"), stats.ack_score("b")
-    assert ack_a == pytest.approx(1 - 4.5 / 60) and ack_b == pytest.approx(0.5 * (1 - 59 / 60))
+    assert ack_a == pytest.approx(1 - 4.5 / 60)
+    assert ack_b == pytest.approx(0.5 * (1 - 59 / 60))
     score_a, score_b = stats.score("a"), stats.score("b")
-    assert score_a is not None and score_b is not None and score_a > score_b
+    assert score_a is not None
+    assert score_b is not None
+    assert score_a > score_b
     assert names(QualityStrategy().order([B, A], RouteView(quality=stats)))[0] == "a"
     for _ in range(10):  # the window slides: b's keys get through now
         stats.record_ack("b", 1.0)
@@ -215,10 +223,12 @@ async def test_local_hourly_call_budget_slides() -> None:
     budget = CallBudget(per_hour=3, per_number_per_hour=2)
     assert [await budgets.admit_call("+14155550101", budget) for _ in range(2)] == [None, None]
     refused = await budgets.admit_call("+14155550101", budget)
-    assert refused is not None and "this number" in refused
+    assert refused is not None
+    assert "this number" in refused
     assert await budgets.admit_call("+14155550102", budget) is None
     refused = await budgets.admit_call("+14155550103", budget)
-    assert refused is not None and "3 calls in the last hour" in refused
+    assert refused is not None
+    assert "3 calls in the last hour" in refused
     now[0] = 3600.5  # an hour later every call has left the window
     assert await budgets.admit_call("+14155550101", budget) is None
     assert await budgets.admit_call("+14155550101", budget) is None

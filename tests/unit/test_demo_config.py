@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_demo_rings_the_softphone_script_on_loopback() -> None:
     cfg = load_config(ROOT / "ackline.demo.yaml")
     script = load_script(ROOT / "examples" / "answer-and-ack.yaml")
-    assert script.answer and script.listen == "127.0.0.1:5070"
+    assert script.answer
+    assert script.listen == "127.0.0.1:5070"
     assert cfg.voice_target == f"sip:{{number}}@{script.listen}"
-    assert cfg.carriers is None and cfg.hotline is None
+    assert cfg.carriers is None
+    assert cfg.hotline is None
     [critical] = cfg.policies
     assert critical.name == "critical"  # the README's curl pages it
     assert critical.steps[0].channels == ["voice"]

@@ -84,7 +84,8 @@ def test_postgresql_is_a_primary_and_a_synchronous_standby_under_pg_auto_failove
     for name in ("pg-a", "pg-b"):
         command = services[name]["command"]
         assert command[:3] == ["pg_autoctl", "create", "postgres"], name
-        assert f"--hostname={name}" in command and "--run" in command
+        assert f"--hostname={name}" in command
+        assert "--run" in command
         assert "--replication-quorum=true" in command  # commits wait for the standby
         assert "pg-monitor" in services[name]["environment"]["PG_AUTOCTL_MONITOR"]
 
@@ -99,7 +100,8 @@ def test_redis_is_a_master_a_replica_and_three_sentinels(compose: dict[str, Any]
     [(master_name, host, quorum)] = re.findall(
         r"^sentinel monitor (\S+) (\S+) 6379 (\d+)$", conf, re.M
     )
-    assert host == "redis-master" and int(quorum) == 2
+    assert host == "redis-master"
+    assert int(quorum) == 2
     for name in sentinels:
         assert "--sentinel" in " ".join(services[name]["command"])
         assert any("redis-sentinel.conf" in v for v in services[name]["volumes"])
@@ -127,10 +129,12 @@ def test_ackline_nodes_are_complete_and_each_has_its_own_sip_address(
         config = env["ACKLINE_CONFIG"]
         assert [c["target"] for c in service["configs"]] == [config]
         for name in ("ACKLINE_API_KEYS", "ACKLINE_ACK_SECRET"):
-            assert name not in env and name in FILE_SECRETS
+            assert name not in env
+            assert name in FILE_SECRETS
             secret = env[f"{name}_FILE"].removeprefix("/run/secrets/")
             assert secret in service["secrets"], name
-        assert env["ACKLINE_SIP_HOST"] == "0.0.0.0" and env["ACKLINE_HTTP_HOST"] == "0.0.0.0"
+        assert env["ACKLINE_SIP_HOST"] == "0.0.0.0"
+        assert env["ACKLINE_HTTP_HOST"] == "0.0.0.0"
         address = default(env["ACKLINE_SIP_ADVERTISE"])
         assert address == service["networks"]["voice"]["ipv4_address"], node
         advertised.add(address)
@@ -170,7 +174,8 @@ def test_dockerfile_runs_as_non_root_binds_everything_and_exposes_it(
     dockerfile: list[tuple[str, str]],
 ) -> None:
     users = [args for word, args in dockerfile if word == "USER"]
-    assert users and users[-1] not in ("root", "0")
+    assert users
+    assert users[-1] not in ("root", "0")
     exposed = set(" ".join(args for word, args in dockerfile if word == "EXPOSE").split())
     env = dict(
         pair.split("=", 1)

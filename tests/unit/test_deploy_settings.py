@@ -117,10 +117,13 @@ def test_every_setting_reads_its_variable_and_empty_ones_count_as_unset() -> Non
     }
     settings = Settings.from_env(env)
     assert settings.database_url == "postgresql://db/other"
-    assert settings.audit_fsync is True and settings.embedded_worker is False
+    assert settings.audit_fsync is True
+    assert settings.embedded_worker is False
     assert settings.twilio_from_numbers == ("+15550100", "+15550101")
-    assert settings.api_keys == {"k1": "acme"} and settings.smtp_port == 2525
-    assert settings.voice_target is None and settings.lease_seconds == 30.0
+    assert settings.api_keys == {"k1": "acme"}
+    assert settings.smtp_port == 2525
+    assert settings.voice_target is None
+    assert settings.lease_seconds == 30.0
     both = {"ACKLINE_DATABASE_URL": "postgresql://db/own", "DATABASE_URL": "postgresql://x/y"}
     assert Settings.from_env(both).database_url == "postgresql://db/own"
 

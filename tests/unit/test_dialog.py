@@ -45,7 +45,8 @@ def parse(data: bytes) -> Request | Response:
 
 def test_uac_dialog_from_2xx_reverses_record_route_and_uses_contact() -> None:
     invite, ok = parse(INVITE), parse(OK_WITH_ROUTES)
-    assert isinstance(invite, Request) and isinstance(ok, Response)
+    assert isinstance(invite, Request)
+    assert isinstance(ok, Response)
     dialog = Dialog.from_uac_response(invite, ok)
     assert dialog.state is DialogState.CONFIRMED
     assert (dialog.local_tag, dialog.remote_tag) == ("loc1", "rem1")
@@ -58,7 +59,8 @@ def test_uac_dialog_from_2xx_reverses_record_route_and_uses_contact() -> None:
     assert isinstance(again, Request)
     assert again.method == "BYE"
     assert str(again.uri) == "sip:uas@127.0.0.1:5090;transport=udp"
-    assert again.cseq.sequence == 2 and again.cseq.method == "BYE"
+    assert again.cseq.sequence == 2
+    assert again.cseq.method == "BYE"
     assert again.from_address.parameters["tag"] == "loc1"
     assert again.to_address.parameters["tag"] == "rem1"
     assert [str(r.uri) for r in again.route] == ["sip:p1.test;lr", "sip:p2.test;lr"]
@@ -67,10 +69,12 @@ def test_uac_dialog_from_2xx_reverses_record_route_and_uses_contact() -> None:
 
 def test_ack_for_2xx_reuses_invite_cseq_with_new_branch() -> None:
     invite, ok = parse(INVITE), parse(OK_WITH_ROUTES)
-    assert isinstance(invite, Request) and isinstance(ok, Response)
+    assert isinstance(invite, Request)
+    assert isinstance(ok, Response)
     dialog = Dialog.from_uac_response(invite, ok)
     ack = dialog.create_ack(via())
-    assert ack.cseq.sequence == 1 and ack.cseq.method == "ACK"
+    assert ack.cseq.sequence == 1
+    assert ack.cseq.method == "ACK"
     dialog.create_request("INFO", via())
     assert dialog.create_ack(via()).cseq.sequence == 1  # INFO does not move the INVITE CSeq
 
@@ -82,7 +86,8 @@ def test_2xx_without_to_tag_or_contact_cannot_create_dialog() -> None:
     no_contact = parse(
         OK_WITH_ROUTES.replace(b"Contact: <sip:uas@127.0.0.1:5090;transport=udp>\r\n", b"")
     )
-    assert isinstance(no_tag, Response) and isinstance(no_contact, Response)
+    assert isinstance(no_tag, Response)
+    assert isinstance(no_contact, Response)
     with pytest.raises(DialogError):
         Dialog.from_uac_response(invite, no_tag)
     with pytest.raises(DialogError):
@@ -92,7 +97,8 @@ def test_2xx_without_to_tag_or_contact_cannot_create_dialog() -> None:
 def test_strict_route_is_refused() -> None:
     invite = parse(INVITE)
     ok = parse(OK_WITH_ROUTES.replace(b"<sip:p1.test;lr>", b"<sip:p1.test>"))
-    assert isinstance(invite, Request) and isinstance(ok, Response)
+    assert isinstance(invite, Request)
+    assert isinstance(ok, Response)
     dialog = Dialog.from_uac_response(invite, ok)
     with pytest.raises(DialogError):
         dialog.destination()
@@ -133,7 +139,8 @@ def test_create_response_copies_headers_and_adds_to_tag() -> None:
     ringing = create_response(invite, 180, to_tag="t1")
     again = Message.parse(bytes(ringing))
     assert isinstance(again, Response)
-    assert again.code == 180 and again.phrase == "Ringing"
+    assert again.code == 180
+    assert again.phrase == "Ringing"
     assert again.to_address.parameters["tag"] == "t1"
     assert again.call_id == "c1@127.0.0.1"
     assert str(again.cseq) == "1 INVITE"
@@ -161,14 +168,17 @@ def test_final_code_classification(code: int, outcome: CallOutcome) -> None:
 
 
 @pytest.mark.parametrize(
-    "data",
+    ("data", "message"),
     [
-        INVITE.replace(b"CSeq: 1 INVITE", b"CSeq: 1 BYE"),  # method mismatch
-        INVITE.replace(b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKinv1;rport\r\n", b""),
-        INVITE.replace(b"Call-ID: c1@127.0.0.1\r\n", b""),
-        OK_WITH_ROUTES.replace(b"SIP/2.0 200 OK", b"SIP/2.0 999 Odd"),
+        (INVITE.replace(b"CSeq: 1 INVITE", b"CSeq: 1 BYE"), "CSeq method does not match"),
+        (
+            INVITE.replace(b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKinv1;rport\r\n", b""),
+            "no usable Via header",
+        ),
+        (INVITE.replace(b"Call-ID: c1@127.0.0.1\r\n", b""), "Missing Call-ID"),
+        (OK_WITH_ROUTES.replace(b"SIP/2.0 200 OK", b"SIP/2.0 999 Odd"), "code out of range: 999"),
     ],
 )
-def test_parse_message_rejects_unusable_messages(data: bytes) -> None:
-    with pytest.raises(ValueError):
+def test_parse_message_rejects_unusable_messages(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         parse_message(data)

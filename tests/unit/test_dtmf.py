@@ -73,16 +73,16 @@ def test_packets_short_event_is_only_end_packets_with_marker_first() -> None:
 
 @pytest.mark.parametrize("bad", ["E", "", "12", "x", "+"])
 def test_packets_reject_non_digits(bad: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a DTMF digit"):
         rfc4733_packets(bad)
 
 
 def test_packets_reject_bad_volume_and_duration() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"volume must be 0\.\.63"):
         rfc4733_packets("1", volume=64)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="duration_ms out of range"):
         rfc4733_packets("1", duration_ms=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="duration_ms out of range"):
         rfc4733_packets("1", duration_ms=9000)
 
 
@@ -200,7 +200,8 @@ def test_one_packet_completing_two_events_queues_the_second() -> None:
     assert feed_packets(receiver, rfc4733_packets("C")[:-3], 10) == []
     end_of_d = rfc4733_packets("D", duration_ms=20)[0][0]
     first = receiver.receive(end_of_d, 2000, SSRC, True, 1.0)
-    assert first is not None and first.digit == "C"
+    assert first is not None
+    assert first.digit == "C"
     assert [d.digit for d in receiver.flush(1.0)] == ["D"]
 
 
@@ -218,7 +219,8 @@ def test_duration_uses_clock_rate() -> None:
     receiver = Rfc4733Receiver(clock_rate=16000)
     payload = struct.pack("!BBH", 3, 0x80 | 10, 3200)
     got = receiver.receive(payload, 1, SSRC, True, 0.0)
-    assert got is not None and got.duration_ms == 200
+    assert got is not None
+    assert got.duration_ms == 200
 
 
 @settings(max_examples=200, deadline=None)
@@ -300,12 +302,13 @@ def ulaw_round_trip(pcm: npt.NDArray[np.int16] | npt.NDArray[np.float64]) -> Pcm
 
 def test_dtmf_tone_shape_and_level() -> None:
     tone = dtmf_tone("1", 100)
-    assert tone.dtype == np.int16 and len(tone) == 800
+    assert tone.dtype == np.int16
+    assert len(tone) == 800
     assert 0.55 * 32767 < np.max(np.abs(tone)) <= 0.6 * 32767 + 1
     spectrum = np.abs(np.fft.rfft(tone.astype(np.float64)))
     peaks = sorted(np.argsort(spectrum)[-2:] * RATE / len(tone))
     assert peaks == [pytest.approx(697, abs=10), pytest.approx(1209, abs=10)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a DTMF digit"):
         dtmf_tone("E", 100)
 
 
@@ -567,9 +570,9 @@ def test_info_body_round_trip(digit: str) -> None:
 
 def test_info_body_defaults_and_validation() -> None:
     assert info_dtmf_body("5") == ("application/dtmf-relay", b"Signal=5\r\nDuration=160\r\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a DTMF digit"):
         info_dtmf_body("X")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="duration_ms must be positive"):
         info_dtmf_body("1", 0)
 
 
@@ -656,5 +659,7 @@ def test_detector_keeps_no_view_of_the_audio_it_was_fed() -> None:
     (and, through feed_all, every session's stacked batch) alive per call."""
     detector = GoertzelDetector(8000)
     detector.feed(np.zeros(3200 + 50, dtype=np.int16), 0.0)
-    assert detector._buffer.base is None and len(detector._buffer) == (3250 % 106)
-    assert detector._last_block is not None and detector._last_block.base is None
+    assert detector._buffer.base is None
+    assert len(detector._buffer) == (3250 % 106)
+    assert detector._last_block is not None
+    assert detector._last_block.base is None

@@ -20,7 +20,8 @@ def test_lines_have_stable_fields_first_and_survive_a_torn_tail(tmp_path: Path) 
     records = list(AuditLog(tmp_path).read("acme/../x"))
     assert len(records) == 1
     assert list(records[0])[: len(STABLE_FIELDS)] == list(STABLE_FIELDS)
-    assert records[0]["extra"] == 1 and records[0]["ip"] is None
+    assert records[0]["extra"] == 1
+    assert records[0]["ip"] is None
     raw = path.read_text().splitlines()[0]
     assert json.loads(raw)["alert_id"] == "a"
 
@@ -57,7 +58,8 @@ def test_replay_reconstructs_the_path() -> None:
         ],
         "a",
     )  # fmt: skip
-    assert path.state == "acknowledged" and path.acked_by == "voice:r"
+    assert path.state == "acknowledged"
+    assert path.acked_by == "voice:r"
     assert path.steps == [(0, 0)]
     assert path.sent() == [("voice", "r", 1)]
     assert path.attempts[("n1", 1)].statuses == ["scheduled", "sending", "acknowledged"]

@@ -58,7 +58,8 @@ def test_shipped_defaults_match_the_spec() -> None:
     assert DEFAULT_RETRY["sms"].attempts == 2
     assert DEFAULT_RETRY["telegram"].attempts == 2
     email = DEFAULT_RETRY["email"]
-    assert email.retries("smtp_421") and not email.retries("smtp_550")
+    assert email.retries("smtp_421")
+    assert not email.retries("smtp_550")
 
 
 @pytest.mark.parametrize(
@@ -71,7 +72,7 @@ def test_durations(text: object, seconds: float) -> None:
 
 @pytest.mark.parametrize("bad", ["5 minutes", "m5", "", True, -1, [1]])
 def test_bad_durations(bad: object) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a duration"):
         parse_duration(bad)
 
 
@@ -164,10 +165,13 @@ def test_voice_menu_keys_default_to_resolve_on_and_snooze_off() -> None:
     assert policy.snooze is None
     data["policies"][0]["voice"] = {}
     options = parse_config(data).policies[0].voice
-    assert options is not None and options.resolve_key and options.snooze is None
+    assert options is not None
+    assert options.resolve_key
+    assert options.snooze is None
     data["policies"][0]["voice"] = {"resolve_key": False, "snooze": "15m"}
     policy = parse_config(data).policies[0]
-    assert policy.voice is not None and not policy.voice.resolve_key
+    assert policy.voice is not None
+    assert not policy.voice.resolve_key
     assert policy.snooze == 900
 
 

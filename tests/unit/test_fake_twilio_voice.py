@@ -20,6 +20,7 @@ from twilio.rest import Client  # type: ignore[import-untyped]
 
 from tests.fakes import FakeService, RecordedRequest, free_port
 from tests.fakes.twilio_server import FakeCall, FakeTwilio, TwilioAccount
+from tests.waiting import wait_until
 
 FROM = "+14155550100"
 TO = "+14155550123"
@@ -144,9 +145,7 @@ def assert_signed(account: TwilioAccount, app: App, request: RecordedRequest) ->
 
 
 async def wait_status(call: FakeCall, status: str, timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while call.status != status:
-            await asyncio.sleep(0.005)
+    await wait_until(lambda: call.status == status, timeout, status, interval=0.005)
 
 
 async def test_create_answers_like_twilio_and_sends_signed_progress_callbacks(
@@ -154,7 +153,8 @@ async def test_create_answers_like_twilio_and_sends_signed_progress_callbacks(
 ) -> None:
     created = await dial(client, app)
 
-    assert created.sid.startswith("CA") and len(created.sid) == 34
+    assert created.sid.startswith("CA")
+    assert len(created.sid) == 34
     assert (created.status, created.direction, created.to, created._from) == (
         "queued",
         "outbound-api",
@@ -162,7 +162,9 @@ async def test_create_answers_like_twilio_and_sends_signed_progress_callbacks(
         FROM,
     )
     assert created.to_formatted == "(415) 555-0123"
-    assert created.start_time is None and created.duration is None and created.price is None
+    assert created.start_time is None
+    assert created.duration is None
+    assert created.price is None
     call = await twilio.call_finished(created.sid)
     [request] = twilio.requests
     assert request.path == f"/2010-04-01/Accounts/{account.sid}/Calls.json"
@@ -194,7 +196,8 @@ async def test_create_answers_like_twilio_and_sends_signed_progress_callbacks(
 
     fetched = await sdk(client.calls(created.sid).fetch)
     assert (fetched.status, fetched.duration) == ("completed", "1")
-    assert fetched.start_time is not None and fetched.end_time is not None
+    assert fetched.start_time is not None
+    assert fetched.end_time is not None
 
 
 async def test_only_subscribed_events_but_always_the_final_one(
@@ -228,7 +231,8 @@ async def test_gather_posts_the_scripted_digit_and_runs_the_answer(
         ("hangup",),
     ]
     [voice] = app.at("/voice")
-    assert set(voice.form) == CALL_PARAMS and voice.form["CallStatus"] == "in-progress"
+    assert set(voice.form) == CALL_PARAMS
+    assert voice.form["CallStatus"] == "in-progress"
     [ack] = app.at("/ack")
     assert (ack.form["Digits"], ack.form["FinishedOnKey"], ack.form["msg"]) == (
         "1",
@@ -348,7 +352,8 @@ async def test_cancel_while_ringing(twilio: FakeTwilio, app: App, client: Any) -
     await twilio.call_finished(created.sid, timeout=2)
     assert call.statuses == ["initiated", "ringing", "canceled"]
     assert app.at("/status")[-1].form["SipResponseCode"] == "487"
-    assert call.verbs == [] and call.ended_by == "api"
+    assert call.verbs == []
+    assert call.ended_by == "api"
 
 
 async def test_cancel_has_no_effect_once_answered_but_completed_hangs_up(
@@ -367,7 +372,8 @@ async def test_cancel_has_no_effect_once_answered_but_completed_hangs_up(
     await twilio.call_finished(created.sid, timeout=2)
     assert call.statuses == ["initiated", "ringing", "in-progress", "completed"]
     assert app.at("/status")[-1].form["SipResponseCode"] == "200"
-    assert 0 < len(call.verbs) < 40 and call.ended_by == "api"
+    assert 0 < len(call.verbs) < 40
+    assert call.ended_by == "api"
 
 
 async def test_callee_hangs_up_after_answering(twilio: FakeTwilio, app: App, client: Any) -> None:
@@ -377,7 +383,8 @@ async def test_callee_hangs_up_after_answering(twilio: FakeTwilio, app: App, cli
     created = await dial(client, app, twiml=long_call)
     call = await twilio.call_finished(created.sid)
 
-    assert call.statuses[-1] == "completed" and call.ended_by == "callee"
+    assert call.statuses[-1] == "completed"
+    assert call.ended_by == "callee"
     assert 0 < len(call.verbs) < 40
 
 
@@ -431,7 +438,8 @@ async def test_unparseable_twiml_is_an_application_error(
     created = await dial(client, app, url=f"{app.url}/voice")
     call = await twilio.call_finished(created.sid)
 
-    assert call.verbs[0] == ("error", str(code)) and call.ended_by == "application-error"
+    assert call.verbs[0] == ("error", str(code))
+    assert call.ended_by == "application-error"
     assert call.errors[0][0] == code
     assert call.statuses[-1] == "completed"
 
@@ -455,7 +463,8 @@ async def test_unreachable_voice_url_is_11205(twilio: FakeTwilio, app: App, clie
     created = await dial(client, app, url=f"http://127.0.0.1:{free_port()}/voice")
     call = await twilio.call_finished(created.sid)
 
-    assert call.errors[0][0] == 11205 and call.statuses[-1] == "completed"
+    assert call.errors[0][0] == 11205
+    assert call.statuses[-1] == "completed"
 
 
 async def test_redirect_loops_stop_at_the_verb_budget(
@@ -466,7 +475,8 @@ async def test_redirect_loops_stop_at_the_verb_budget(
     created = await dial(client, app, url=f"{app.url}/loop")
     call = await twilio.call_finished(created.sid)
 
-    assert call.verbs[-1] == ("limit",) and call.ended_by == "verb-limit"
+    assert call.verbs[-1] == ("limit",)
+    assert call.ended_by == "verb-limit"
     assert len(app.at("/loop")) == 51  # the first fetch plus 50 redirects
 
 
@@ -494,7 +504,8 @@ async def test_callbacks_never_leave_127_0_0_1(twilio: FakeTwilio, client: Any) 
     call = await twilio.call_finished(created.sid)
 
     [final] = call.callbacks
-    assert final.status_code is None and final.error is not None
+    assert final.status_code is None
+    assert final.error is not None
     assert final.params["CallStatus"] == "completed"
     assert call.verbs == [("hangup",)]
 

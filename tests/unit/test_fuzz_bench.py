@@ -104,14 +104,16 @@ def test_odd_offers_are_named_and_seeded() -> None:
 def test_packets_and_the_answers_media() -> None:
     factory = PacketFactory(random.Random(4), event_pt=96)
     audio = factory.audio()
-    assert len(audio) == 172 and audio[0] == 0x80
+    assert len(audio) == 172
+    assert audio[0] == 0x80
     assert factory.event()[1] & 0x7F == 96
     body = (
         b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 20000 RTP/AVP 0 101\r\n"
         b"a=rtpmap:101 telephone-event/8000\r\n"
     )
     media = answer_media(body)
-    assert media is not None and (media.host, media.port, media.event_pt) == (
+    assert media is not None
+    assert (media.host, media.port, media.event_pt) == (
         "127.0.0.1",
         20000,
         101,

@@ -197,7 +197,8 @@ class LiveTarget:
             except queue.Empty:
                 break
         assert delivered, "probe not delivered in time"
-        assert self.thread.is_alive() and self.loop.is_running()
+        assert self.thread.is_alive()
+        assert self.loop.is_running()
         assert self.loop_errors == []
         assert self.errors.records == [], [r.getMessage() for r in self.errors.records]
 

@@ -129,7 +129,8 @@ def test_decode_returns_int16_owned_array() -> None:
 def test_round_trip_error_is_within_half_a_quantisation_step(
     encode: object, decode: object, rel: float
 ) -> None:
-    assert callable(encode) and callable(decode)
+    assert callable(encode)
+    assert callable(decode)
     # Below the clipping point the error is at most half a segment step: ~|x|/32 plus
     # the fixed step of the first segments.
     pcm = ALL_SAMPLES[np.abs(ALL_SAMPLES.astype(np.int32)) <= 32000]
@@ -149,7 +150,8 @@ def test_sine_round_trip_snr(codec: str) -> None:
 
 
 def test_silence_bytes() -> None:
-    assert ULAW_SILENCE == 0xFF and ALAW_SILENCE == 0xD5
+    assert ULAW_SILENCE == 0xFF
+    assert ALAW_SILENCE == 0xD5
     assert SILENCE == {"PCMU": 0xFF, "PCMA": 0xD5}
     assert ulaw_decode(bytes([SILENCE["PCMU"]])).tolist() == [0]
     assert abs(int(alaw_decode(bytes([SILENCE["PCMA"]]))[0])) <= 8
@@ -160,11 +162,11 @@ def test_silence_bytes() -> None:
 def test_rejects_non_int16_and_unknown_codecs() -> None:
     with pytest.raises(TypeError):
         ulaw_encode(np.zeros(4, dtype=np.float32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unsupported G\.711 codec 'G722'"):
         encoder_for("G722")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unsupported G\.711 codec 'opus'"):
         decoder_for("opus")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="samples must be non-negative"):
         silence_frame("PCMU", -1)
 
 

@@ -27,13 +27,15 @@ nodes:
 
 def test_good_flow_parses_with_defaults() -> None:
     flow = parse_flow(GOOD)
-    assert flow.name == "sample" and flow.start == "hello"
+    assert flow.name == "sample"
+    assert flow.start == "hello"
     menu = flow.node("menu")
     assert isinstance(menu, MenuNode)
     assert menu.choices == {"1": "bye", "9": "menu"}
     assert (menu.retries, menu.timeout) == (2, 5.0)
     assert flow.default_outcome == "completed"
-    assert flow.uses("menu") and not flow.uses("record")
+    assert flow.uses("menu")
+    assert not flow.uses("record")
 
 
 def test_load_flow_from_file(tmp_path: Path) -> None:
@@ -110,7 +112,8 @@ def test_builtin_flows_validate_and_runner_checks_requirements(tmp_path: Path) -
     assert parse_flow(HOTLINE_FLOW_YAML).name == "hotline"
     ack = ack_flow(retries=4, digit_timeout=3.0)
     menu = ack.node("menu")
-    assert isinstance(menu, MenuNode) and (menu.retries, menu.timeout) == (4, 3.0)
+    assert isinstance(menu, MenuNode)
+    assert (menu.retries, menu.timeout) == (4, 3.0)
     assert menu.choices == {"1": "acknowledged", "2": "escalate", "3": "resolved", "9": "alert"}
     assert menu.say == "Press 1 to acknowledge, 2 to escalate now, 3 to resolve, 9 to repeat."
     snoozing = ack_flow(resolve=False, snooze=600).node("menu")
@@ -124,7 +127,8 @@ def test_builtin_flows_validate_and_runner_checks_requirements(tmp_path: Path) -
     assert isinstance(detect, AmdNode)
     assert (detect.on_human, detect.on_machine) == ("alert", "voicemail")
     voicemail = with_amd.node("voicemail")
-    assert isinstance(voicemail, SayNode) and not voicemail.barge_in
+    assert isinstance(voicemail, SayNode)
+    assert not voicemail.barge_in
     hotline = hotline_flow()
     with pytest.raises(ValueError, match="no hooks"):
         FlowRunner(hotline, recordings_dir=tmp_path)

@@ -67,7 +67,8 @@ async def test_menu_choice_path_variables_and_barge_in(tmp_path: Path) -> None:
     assert result.variables["direction"] == "inbound"
     assert f"Hello {name}." in lb.prompts.texts
     assert took < 2.0  # the key cut the 3 s greeting short and answered the menu
-    assert call.result is not None and call.result.hangup_by == "remote"
+    assert call.result is not None
+    assert call.result.hangup_by == "remote"
 
 
 async def test_menu_invalid_then_valid(tmp_path: Path) -> None:
@@ -204,7 +205,8 @@ nodes:
         await lb.call()
         result = await lb.result()
     assert result.ended_by == "error"
-    assert result.error is not None and "escalate hook failed" in result.error
+    assert result.error is not None
+    assert "escalate hook failed" in result.error
     assert result.path == ["page"]
     assert result.outcome == "completed"
 
@@ -334,7 +336,8 @@ async def test_amd_node_routes_on_the_verdict(
     assert result.outcome == outcome
     assert result.path == path
     expected = "human" if clip.startswith("h") else "machine"
-    assert result.amd is not None and result.amd.decision.value == expected
+    assert result.amd is not None
+    assert result.amd.decision.value == expected
     assert result.variables["amd_result"] == expected
 
 
@@ -360,7 +363,8 @@ nodes:
         heard = call.media.received_audio()
     assert result.path == ["chirp", "missing"]
     assert result.ended_by == "error"
-    assert result.error is not None and "nothere.wav" in result.error
+    assert result.error is not None
+    assert "nothere.wav" in result.error
     scores = np.correlate(heard.astype(np.float64), chirp.astype(np.float64), mode="valid")
     lag = int(np.argmax(scores))
     window = heard[lag : lag + len(chirp)].astype(np.float64)

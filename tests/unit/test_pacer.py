@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gateway.media.pacer import Pacer, PacerStats
+from tests.waiting import wait_until
 
 
 class FakeStream:
@@ -76,7 +77,7 @@ async def test_catches_up_after_blocked_loop_without_drift() -> None:
     await asyncio.sleep(0.1)
     before = len(stream.nominal)
     assert before >= 3
-    time.sleep(0.12)  # block the loop for six ticks
+    time.sleep(0.12)  # noqa: ASYNC251 - blocking the loop for six ticks is the test
     await asyncio.sleep(0.2)
     await pacer.stop()
 
@@ -99,7 +100,7 @@ async def test_catch_up_is_bounded_and_stays_on_grid() -> None:
     stream = FakeStream(loop)
     pacer.register(stream)
     await asyncio.sleep(0.06)
-    time.sleep(0.3)  # fifteen ticks
+    time.sleep(0.3)  # noqa: ASYNC251 - blocking the loop fifteen ticks is the test
     await asyncio.sleep(0.1)
     await pacer.stop()
 
@@ -147,9 +148,7 @@ async def test_unregister_from_on_tick_and_idle_stop() -> None:
     first, second = OneShot(), OneShot()
     pacer.register(first)
     pacer.register(second)
-    async with asyncio.timeout(1.0):
-        while pacer.running:
-            await asyncio.sleep(0.005)
+    await wait_until(lambda: not pacer.running, 1.0, "the pacer to stop", interval=0.005)
     assert (first.calls, second.calls) == (1, 1)
     assert len(pacer) == 0
 
@@ -157,7 +156,8 @@ async def test_unregister_from_on_tick_and_idle_stop() -> None:
     stream = FakeStream(loop)
     pacer.register(stream)
     await asyncio.sleep(0.05)
-    assert is_running(pacer) and len(stream.nominal) >= 3
+    assert is_running(pacer)
+    assert len(stream.nominal) >= 3
     pacer.unregister(stream)
     pacer.unregister(stream)  # absent: no error
     assert not is_running(pacer)
@@ -194,7 +194,7 @@ def test_stats_ring_is_bounded_and_empty_stats_are_nan() -> None:
 
 
 def test_rejects_bad_parameters() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ptime_ms must be positive"):
         Pacer(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_catchup must be at least 1"):
         Pacer(20, max_catchup=0)

@@ -210,11 +210,12 @@ async def test_renders_share_one_read_only_copy(
     second = await cache.render(ALERT)  # file just written: read and compared, then shared
     assert second.pcm is first.pcm
     assert not first.pcm.flags.writeable
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         first.pcm[0] = 1
     monkeypatch.setattr("prompts.cache._SETTLE_NS", 0)
     settled = await cache.render(ALERT)  # served from memory without reading the file
-    assert settled.pcm is first.pcm and settled.cached is True
+    assert settled.pcm is first.pcm
+    assert settled.cached is True
     # A file replaced by another (new inode) is read again, not served from memory.
     replacement = first.path.with_suffix(".new")
     replacement.write_bytes(pcm_to_wav(first.pcm[: len(first.pcm) // 2]))
@@ -332,7 +333,7 @@ async def test_engine_output_that_is_not_audio_is_not_cached(tmp_path: Path) -> 
     cache = PromptCache(tmp_path, GarbageEngine())
     with pytest.raises(TtsError, match="unusable audio"):
         await cache.render(ALERT)
-    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert await asyncio.to_thread(lambda: [p for p in tmp_path.rglob("*") if p.is_file()]) == []
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t", "\x00\x07"])

@@ -38,7 +38,8 @@ def test_follows_the_contact_and_remembers_it() -> None:
     decision, after = start().decide(contacts("<sip:+14155550102@127.0.0.1:5072>"))
     assert decision.verdict is RedirectVerdict.FOLLOW
     assert str(decision.target) == "sip:+14155550102@127.0.0.1:5072"
-    assert after.hops == 1 and after.visited[-1] == "sip:+14155550102@127.0.0.1:5072"
+    assert after.hops == 1
+    assert after.visited[-1] == "sip:+14155550102@127.0.0.1:5072"
 
 
 def test_highest_q_first_and_equal_q_in_order() -> None:
@@ -49,7 +50,8 @@ def test_highest_q_first_and_equal_q_in_order() -> None:
             "<sip:+14155550105@127.0.0.1:5075>;q=1.0",
         )
     )
-    assert decision.target is not None and decision.target.user == "+14155550104"
+    assert decision.target is not None
+    assert decision.target.user == "+14155550104"
 
 
 def test_refused_target_refuses_the_redirect() -> None:
@@ -57,8 +59,10 @@ def test_refused_target_refuses_the_redirect() -> None:
     decision, after = history.decide(
         contacts("<sip:+19005550100@127.0.0.1:5072>", "<sip:+14155550102@127.0.0.1:5072>;q=0.5")
     )
-    assert decision.verdict is RedirectVerdict.REFUSED and decision.verdict.refused
-    assert decision.target is not None and decision.target.user == "+19005550100"
+    assert decision.verdict is RedirectVerdict.REFUSED
+    assert decision.verdict.refused
+    assert decision.target is not None
+    assert decision.target.user == "+19005550100"
     assert "premium" in decision.reason
     assert after == history  # nothing was called
 
@@ -81,7 +85,8 @@ def test_an_unseen_contact_is_taken_over_a_seen_one() -> None:
         contacts("<sip:+14155550101@127.0.0.1:5070>", "<sip:+14155550106@127.0.0.1:5076>;q=0.1")
     )
     assert decision.verdict is RedirectVerdict.FOLLOW
-    assert decision.target is not None and decision.target.user == "+14155550106"
+    assert decision.target is not None
+    assert decision.target.user == "+14155550106"
 
 
 def test_hops_are_bounded() -> None:
@@ -96,7 +101,7 @@ def test_hops_are_bounded() -> None:
         RedirectVerdict.TOO_MANY_HOPS,
         RedirectVerdict.TOO_MANY_HOPS,
     ]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_hops must be at least 1"):
         RedirectPolicy(allow_all, 0)
 
 
@@ -121,11 +126,15 @@ def test_redirected_invite_is_the_same_call_with_the_next_cseq() -> None:
         b"Content-Length: 0\r\n\r\n"
     ).via[0]
     moved = redirected_invite(invite, target, via, keep_credentials=False)
-    assert moved.uri == target and moved.cseq == CSeq(3, "INVITE")
-    assert moved.call_id == invite.call_id and moved.headers["From"] == invite.headers["From"]
-    assert moved.headers["To"] == invite.headers["To"] and moved.body == invite.body
+    assert moved.uri == target
+    assert moved.cseq == CSeq(3, "INVITE")
+    assert moved.call_id == invite.call_id
+    assert moved.headers["From"] == invite.headers["From"]
+    assert moved.headers["To"] == invite.headers["To"]
+    assert moved.body == invite.body
     assert moved.via[0].parameters.get("branch") == "z9hG4bKnew"
     assert moved.headers.getlist("Authorization") == []
     kept = redirected_invite(invite, target, via, keep_credentials=True)
     assert kept.headers["Authorization"] == 'Digest username="gw"'
-    assert invite.uri == FIRST and invite.cseq == CSeq(2, "INVITE")  # the original untouched
+    assert invite.uri == FIRST
+    assert invite.cseq == CSeq(2, "INVITE")  # the original untouched

@@ -55,7 +55,7 @@ def test_a_bad_url_says_what_is_wrong(url: str, says: str) -> None:
 def test_sentinel_url_from_a_host_list() -> None:
     assert sentinel_url(" a:1, b:2 ", "m") == "redis+sentinel://a:1,b:2/m"
     assert sentinel_url("a:1", "m", 3) == "redis+sentinel://a:1/m/3"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="has no valid port"):
         sentinel_url("a:x", "m")
 
 

@@ -138,5 +138,5 @@ def test_uas_gives_up_after_64_t1() -> None:
 
 
 def test_uas_refuses_an_unreliable_response() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs a 1xx with Require: 100rel and RSeq"):
         ReliableProvisional(_provisional(rseq=None), TIMERS)

@@ -36,8 +36,8 @@ def schedule(zone: str = "Europe/Berlin", **layer: Any) -> Schedule:
     )  # fmt: skip
 
 
-def at(tz: ZoneInfo, *args: int) -> datetime:
-    return datetime(*args, tzinfo=tz)  # type: ignore[misc]
+def at(tz: ZoneInfo, year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=tz)
 
 
 def test_a_handoff_is_due_from_before_it_until_it_starts_and_never_after() -> None:
@@ -132,13 +132,16 @@ def test_the_text_gives_the_start_in_the_schedules_own_time_zone() -> None:
 
 def test_a_reminder_reads_as_a_message_without_anything_to_acknowledge() -> None:
     n = replace(make_notification("sms"), kind=NotificationKind.SHIFT_REMINDER, title="On call")
-    assert "ACK" not in sms_body(n) and "reply" not in sms_body(n)
+    assert "ACK" not in sms_body(n)
+    assert "reply" not in sms_body(n)
     assert [b["type"] for b in alert_blocks(n)] == ["section"]  # no buttons
     assert webhook_payload(n)["kind"] == "shift_reminder"
     mail = render_email(replace(n, contact=replace(n.contact, email="a@example.com")), "x@y.z")
-    assert mail["Subject"] == "On call" and "Acknowledge" not in mail.as_string()
+    assert mail["Subject"] == "On call"
+    assert "Acknowledge" not in mail.as_string()
     page = make_notification("sms")
-    assert "ACK 7F3K" in sms_body(page) and webhook_payload(page)["kind"] == "alert"
+    assert "ACK 7F3K" in sms_body(page)
+    assert webhook_payload(page)["kind"] == "alert"
 
 
 def config(reminder: dict[str, Any]) -> dict[str, Any]:

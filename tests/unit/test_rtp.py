@@ -38,42 +38,45 @@ def test_parse_csrc_extension_and_padding() -> None:
     assert packet.extension == RtpExtension(0xBEDE, bytes([1, 2, 3, 4]))
     assert packet.payload == b"abc"
     assert packet.padding == 3
-    assert packet.payload_type == 8 and packet.sequence_number == 0x1234
+    assert packet.payload_type == 8
+    assert packet.sequence_number == 0x1234
     assert packet.serialize() == header + csrc + ext + payload + padding
 
 
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
-        (b"", "short"),
-        (bytes.fromhex("8000 0001 00000000 000000"), "short"),
-        (bytes.fromhex("4000 0001 00000000 00000000"), "version"),
-        (bytes.fromhex("0000 0001 00000000 00000000"), "version"),
+        (b"", "too short"),
+        (bytes.fromhex("8000 0001 00000000 000000"), "too short"),
+        (bytes.fromhex("4000 0001 00000000 00000000"), "version 1 is not 2"),
+        (bytes.fromhex("0000 0001 00000000 00000000"), "version 0 is not 2"),
         (bytes.fromhex("a000 0001 00000000 00000000 00"), "zero padding"),
-        (bytes.fromhex("a000 0001 00000000 00000000 aabb05"), "padding too long"),
-        (bytes.fromhex("8300 0001 00000000 00000000 00000001"), "csrc"),
-        (bytes.fromhex("9000 0001 00000000 00000000 bede"), "ext header"),
-        (bytes.fromhex("9000 0001 00000000 00000000 bede0002 00000000"), "ext data"),
-        (bytes.fromhex("b000 0001 00000000 00000000 bede0001 00000002"), "padding into ext"),
+        # padding longer than the packet: no room left for the header and CSRC list
+        (bytes.fromhex("a000 0001 00000000 00000000 aabb05"), "CSRC list exceeds packet"),
+        (bytes.fromhex("8300 0001 00000000 00000000 00000001"), "CSRC list exceeds packet"),
+        (bytes.fromhex("9000 0001 00000000 00000000 bede"), "extension header exceeds"),
+        (bytes.fromhex("9000 0001 00000000 00000000 bede0002 00000000"), "extension data exceeds"),
+        # padding reaching into the extension
+        (bytes.fromhex("b000 0001 00000000 00000000 bede0001 00000002"), "extension data exceeds"),
     ],
 )
 def test_parse_rejects_malformed(data: bytes, reason: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=reason):
         RtpPacket.parse(data)
 
 
 def test_constructor_validates_fields() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="payload type must fit 7 bits"):
         RtpPacket(payload_type=128, sequence_number=0, timestamp=0, ssrc=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sequence number must fit 16 bits"):
         RtpPacket(payload_type=0, sequence_number=65536, timestamp=0, ssrc=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="timestamp must fit 32 bits"):
         RtpPacket(payload_type=0, sequence_number=0, timestamp=1 << 32, ssrc=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at most 15 CSRC identifiers"):
         RtpPacket(payload_type=0, sequence_number=0, timestamp=0, ssrc=0, csrc=(0,) * 16)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="only RTP version 2 exists"):
         RtpPacket(payload_type=0, sequence_number=0, timestamp=0, ssrc=0, version=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="extension data must be a multiple of 4 bytes"):
         RtpExtension(1, b"abc")
 
 
@@ -132,10 +135,13 @@ def test_sender_wraps_sequence_and_timestamp() -> None:
         packet = RtpPacket.parse(sender.next_packet(b"\xff" * 160, samples=160))
         seqs.append(packet.sequence_number)
         stamps.append(packet.timestamp)
-        assert packet.ssrc == 42 and packet.payload_type == 0 and not packet.marker
+        assert packet.ssrc == 42
+        assert packet.payload_type == 0
+        assert not packet.marker
     assert seqs == [0xFFFE, 0xFFFF, 0, 1]
     assert stamps == [0xFFFFFF00, 0xFFFFFFA0, 0x40, 0xE0]
-    assert sender.packets_sent == 4 and sender.octets_sent == 640
+    assert sender.packets_sent == 4
+    assert sender.octets_sent == 640
 
 
 def test_sender_is_randomised() -> None:
@@ -149,7 +155,8 @@ def test_sender_marker_and_timestamp_hold() -> None:
     first = RtpPacket.parse(sender.next_packet(b"x", samples=160, marker=True))
     held = RtpPacket.parse(sender.next_packet(b"y", samples=160, timestamp_advance=False))
     after = RtpPacket.parse(sender.next_packet(b"z", samples=160))
-    assert first.marker and not held.marker
+    assert first.marker
+    assert not held.marker
     assert (first.timestamp, held.timestamp, after.timestamp) == (1000, 1160, 1160)
     assert sender.timestamp == 1320
     assert [p.sequence_number for p in (first, held, after)] == [10, 11, 12]
@@ -169,7 +176,8 @@ def test_event_packets_share_timestamp_and_sequence_space() -> None:
     assert [e.marker for e in events] == [True, False, False]
     assert [e.sequence_number for e in events] == [101, 102, 103]
     assert {e.ssrc for e in events} == {audio.ssrc}
-    assert resumed.sequence_number == 104 and resumed.timestamp == 8160 + 3 * 160
+    assert resumed.sequence_number == 104
+    assert resumed.timestamp == 8160 + 3 * 160
 
     with pytest.raises(RuntimeError):
         RtpSender(0).event_packet(b"\x01\x0a\x00\xa0", True, 0)
@@ -197,7 +205,9 @@ def test_in_order_packets_leave_immediately() -> None:
     for i in range(10):
         assert seqs(rx.push(pkt(i), i * 0.02)) == [i]
     stats = rx.stats
-    assert stats.packets_received == 10 and stats.lost == 0 and stats.expected == 10
+    assert stats.packets_received == 10
+    assert stats.lost == 0
+    assert stats.expected == 10
     assert stats.jitter == pytest.approx(0.0)
 
 
@@ -208,7 +218,8 @@ def test_reordering_is_repaired() -> None:
     assert rx.pending == 1
     assert seqs(rx.push(pkt(2), 0.041)) == [2, 3]
     assert seqs(rx.push(pkt(4), 0.06)) == [4]
-    assert rx.stats.reordered == 1 and rx.stats.lost == 0
+    assert rx.stats.reordered == 1
+    assert rx.stats.lost == 0
 
 
 def test_duplicates_are_dropped_and_counted() -> None:
@@ -263,7 +274,9 @@ def test_sequence_wraparound() -> None:
     for i, s in enumerate(order):
         out += rx.push(pkt(s), i * 0.02)
     assert seqs(out) == [65533, 65534, 65535, 0, 1, 2, 3]
-    assert rx.stats.expected == 7 and rx.stats.lost == 0 and rx.stats.reordered == 2
+    assert rx.stats.expected == 7
+    assert rx.stats.lost == 0
+    assert rx.stats.reordered == 2
 
 
 def test_ssrc_change_resets_and_flushes_held_packets() -> None:
@@ -274,7 +287,8 @@ def test_ssrc_change_resets_and_flushes_held_packets() -> None:
     assert [(p.ssrc, p.sequence_number) for p in out] == [(1, 12), (2, 500)]
     assert seqs(rx.push(pkt(501, ssrc=2), 0.08)) == [501]
     stats = rx.stats
-    assert stats.ssrc_changes == 1 and rx.ssrc == 2
+    assert stats.ssrc_changes == 1
+    assert rx.ssrc == 2
     assert stats.lost == 1  # 11 of the first source
     assert stats.expected == 3 + 2
 
@@ -358,4 +372,5 @@ def test_duplicates_are_recognised_a_window_back_across_the_wrap() -> None:
         rx.push(pkt(start + i), i * 0.02)
     for back in (1, 100, 512):
         assert rx.push(pkt(start + 800 - back), 16.0) == []
-    assert rx.stats.duplicates == 3 and rx.stats.late == 0
+    assert rx.stats.duplicates == 3
+    assert rx.stats.late == 0

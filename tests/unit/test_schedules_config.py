@@ -12,7 +12,7 @@ PEOPLE = [
     {"id": "alice", "name": "Alice", "phone": "+14155550101"},
     {"id": "bob", "name": "Bob", "email": "bob@example.com"},
 ]
-PAYMENTS = {
+PAYMENTS: dict[str, Any] = {
     "name": "payments",
     "time_zone": "Europe/Berlin",
     "layers": [{"name": "primary", "rotation": "weekly", "handoff": "09:00",

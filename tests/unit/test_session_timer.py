@@ -100,7 +100,7 @@ def test_uas_refuses_too_small_with_422() -> None:
 
 
 def test_settings_floor() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_se must be at least 90 s"):
         SessionTimerSettings(session_expires=60, min_se=60)
     SessionTimerSettings(session_expires=4, min_se=2, floor=2)  # lab use, said explicitly
 

@@ -69,19 +69,31 @@ def test_answerable_faults_become_bad_request_with_a_reason(
         assert response.headers.get(name) == error.request.headers.get(name)
 
 
+NO_VIA = "no usable Via header"
+
+
 @pytest.mark.parametrize(
-    "data",
+    ("data", "message"),
     [
-        INVITE.replace(b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bKmsg1;rport\r\n", b""),
+        (
+            INVITE.replace(b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bKmsg1;rport\r\n", b""),
+            NO_VIA,
+        ),
         # an empty first Via header beside a good one: once an IndexError in Via stamping
-        INVITE.replace(b"Via: SIP", b"Via: \r\nVia: SIP"),
-        INVITE.replace(b"Via: SIP/2.0/UDP", b"Via: SIP/2.0/UDP,"),
-        INVITE.replace(b"sip:hotline@127.0.0.1:5060 SIP", b"sip:@@ SIP").replace(b"Via:", b"V:x"),
-        INVITE.replace(b"Max-Forwards: 70", b"Max-Forwards 70"),  # no colon: unparseable
+        (INVITE.replace(b"Via: SIP", b"Via: \r\nVia: SIP"), NO_VIA),
+        (INVITE.replace(b"Via: SIP/2.0/UDP", b"Via: SIP/2.0/UDP,"), "Via is not valid"),
+        (
+            INVITE.replace(b"sip:hotline@127.0.0.1:5060 SIP", b"sip:@@ SIP").replace(
+                b"Via:", b"V:x"
+            ),
+            "Via is not valid",
+        ),
+        # no colon: unparseable
+        (INVITE.replace(b"Max-Forwards: 70", b"Max-Forwards 70"), "not enough values to unpack"),
     ],
 )
-def test_unanswerable_requests_are_plain_value_errors(data: bytes) -> None:
-    with pytest.raises(ValueError) as caught:
+def test_unanswerable_requests_are_plain_value_errors(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as caught:
         parse_message(data)
     assert not isinstance(caught.value, BadRequest)
 
@@ -96,14 +108,16 @@ def test_stateless_answers_keep_one_to_tag_for_retransmissions() -> None:
     first = parse_message(INVITE)
     again = parse_message(INVITE)
     other = parse_message(INVITE.replace(b"z9hG4bKmsg1", b"z9hG4bKmsg2"))
-    assert isinstance(first, Request) and isinstance(again, Request)
+    assert isinstance(first, Request)
+    assert isinstance(again, Request)
     assert isinstance(other, Request)
     assert stateless_tag(first) == stateless_tag(again) != stateless_tag(other)
     rejection = Rejection(415, "Unsupported Media Type", (("Accept", "application/sdp"),))
     response = create_rejection(first, rejection)
     assert response.to_address.parameters["tag"] == stateless_tag(first)
     assert response.headers["Accept"] == "application/sdp"
-    assert response.call_id == "msg-1@127.0.0.2" and str(response.cseq) == "7 INVITE"
+    assert response.call_id == "msg-1@127.0.0.2"
+    assert str(response.cseq) == "7 INVITE"
 
 
 @pytest.mark.parametrize(
@@ -123,7 +137,7 @@ def test_a_flood_of_bad_headers_leaves_no_growing_traceback_behind(
     Every bad header is now an error of its own."""
     depths = []
     for _ in range(200):
-        with pytest.raises(ValueError) as caught:
+        with pytest.raises(ValueError, match="is not valid") as caught:
             parse(text)
         depths.append(len(traceback.extract_tb(caught.value.__traceback__)))
     assert depths[-1] == depths[0] < 20

@@ -15,6 +15,7 @@ from gateway.result import CallOutcome, CallResult
 from gateway.sip.transaction import TimerSettings
 from gateway.tls import TlsClientSettings, TlsServerSettings
 from tests.tls_certs import PkiFiles, make_pki
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,16 +30,12 @@ def other_pki(tmp_path_factory: pytest.TempPathFactory) -> PkiFiles:
     return make_pki(tmp_path_factory.mktemp("other-pki"), name="other")
 
 
-def server_config(pki: PkiFiles, **extra: object) -> GatewayConfig:
-    return GatewayConfig(
-        udp_port=None, tls_port=0, tls=TlsServerSettings(pki.cert, pki.key), **extra
-    )  # type: ignore[arg-type]
+def server_config(pki: PkiFiles) -> GatewayConfig:
+    return GatewayConfig(udp_port=None, tls_port=0, tls=TlsServerSettings(pki.cert, pki.key))
 
 
 async def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
+    await wait_until(predicate, timeout, interval=0.02)
 
 
 class Answerer:
@@ -77,8 +74,10 @@ async def test_a_call_over_tls_carries_dtmf_and_uses_sips(pki: PkiFiles) -> None
         await _wait_for(lambda: bool(answerer.ended))
         result = await call.wait_ended(5)
         inbound = answerer.calls[0]
-        assert inbound.sips and inbound.peer.transport == "tls"
-        assert inbound.dialog is not None and str(inbound.dialog.contact.uri).startswith("sips:")
+        assert inbound.sips
+        assert inbound.peer.transport == "tls"
+        assert inbound.dialog is not None
+        assert str(inbound.dialog.contact.uri).startswith("sips:")
         assert caller.endpoint.transport.stats.tcp_connections == 1  # one connection, reused
     assert answerer.digits == ["42"]
     assert result.transport == "tls"
@@ -110,7 +109,8 @@ async def test_sip_uri_with_transport_tls_gets_a_sip_contact(pki: PkiFiles) -> N
         assert call.answered, call.result
         assert call.dialog is not None
         await _wait_for(lambda: bool(answerer.calls))
-        assert not call.sips and not answerer.calls[0].sips
+        assert not call.sips
+        assert not answerer.calls[0].sips
         await call.hangup()
 
 
@@ -120,7 +120,8 @@ async def test_a_certificate_from_another_ca_is_refused_with_the_reason(
     async with Gateway(server_config(pki), on_incoming=Answerer()) as server, _caller() as caller:
         call = await _dial(server, caller, TlsClientSettings(ca_file=other_pki.ca_cert))
         assert call.result is not None
-        assert not call.answered and not call.responded.is_set()
+        assert not call.answered
+        assert not call.responded.is_set()
         assert call.result.outcome is CallOutcome.FAILED
         assert "TLS certificate verification failed" in call.result.reason
         assert "unable to get local issuer certificate" in call.result.reason
@@ -150,7 +151,8 @@ async def test_verification_can_be_turned_off_explicitly(
 async def test_the_system_cas_do_not_trust_a_private_ca(pki: PkiFiles) -> None:
     async with Gateway(server_config(pki), on_incoming=Answerer()) as server, _caller() as caller:
         call = await _dial(server, caller, TlsClientSettings())
-        assert call.result is not None and "verification failed" in call.result.reason
+        assert call.result is not None
+        assert "verification failed" in call.result.reason
 
 
 async def test_a_peer_that_never_finishes_the_handshake_is_given_up(pki: PkiFiles) -> None:
@@ -171,7 +173,8 @@ async def test_a_peer_that_never_finishes_the_handshake_is_given_up(pki: PkiFile
                 f"sips:x@127.0.0.1:{port}", tls=TlsClientSettings(ca_file=pki.ca_cert)
             )
             assert loop.time() - started < 3
-            assert call.result is not None and "timed out" in call.result.reason
+            assert call.result is not None
+            assert "timed out" in call.result.reason
     finally:
         for writer in accepted:
             writer.close()
@@ -189,7 +192,8 @@ async def test_mutual_tls_needs_the_client_certificate(pki: PkiFiles, other_pki:
     async with Gateway(config, on_incoming=answerer) as server, _caller(timers=fast) as caller:
         without = await _dial(server, caller, TlsClientSettings(ca_file=pki.ca_cert))
         assert not without.answered
-        assert server.calls == {} and not answerer.calls
+        assert server.calls == {}
+        assert not answerer.calls
         with_cert = TlsClientSettings(
             ca_file=pki.ca_cert, client_cert=other_pki.cert, client_key=other_pki.key
         )

@@ -36,7 +36,9 @@ def test_crypto_attribute_round_trips_and_hides_its_key() -> None:
     assert CryptoAttribute.parse(LINE + "|2^20").key_salt == KEY  # a lifetime is fine
     assert base64.b64encode(KEY).decode() not in repr(crypto)
     fresh = CryptoAttribute.generate(3)
-    assert fresh.tag == 3 and len(fresh.key_salt) == 30 and fresh != CryptoAttribute.generate(3)
+    assert fresh.tag == 3
+    assert len(fresh.key_salt) == 30
+    assert fresh != CryptoAttribute.generate(3)
     assert crypto.with_tag(7).value.startswith("7 AES_CM_128_HMAC_SHA1_80 inline:")
 
 
@@ -69,7 +71,8 @@ def test_srtp_round_trip_between_two_streams() -> None:
     for seq in range(1, 5):
         packet = _rtp(seq)
         protected = a.protect(packet)
-        assert protected != packet and len(protected) == len(packet) + 10  # 80-bit tag
+        assert protected != packet
+        assert len(protected) == len(packet) + 10  # 80-bit tag
         assert protected[12:172] != packet[12:172]  # the payload is encrypted
         assert b.unprotect(protected) == packet
         assert a.unprotect(b.protect(packet)) == packet
@@ -110,7 +113,8 @@ def test_an_answered_srtp_offer_negotiates_both_keys() -> None:
 def test_best_effort_srtp_falls_back_to_rtp_with_a_plain_peer() -> None:
     offer = create_offer("192.0.2.1", 20000, crypto=CryptoAttribute.generate())
     answer, answered = create_answer(str(offer), "192.0.2.2", 30000)  # a peer without SRTP
-    assert answered.srtp is None and "crypto" not in str(answer)
+    assert answered.srtp is None
+    assert "crypto" not in str(answer)
     assert parse_answer(str(answer), offer).srtp is None
 
 
@@ -206,7 +210,8 @@ async def test_srtp_call_over_tls_carries_audio_and_dtmf_both_ways(
     ):
         call = await _dial_tls(server, caller, pki, mode)
         assert call.answered, call.result
-        assert call.media is not None and call.media.media is not None
+        assert call.media is not None
+        assert call.media.media is not None
         assert call.media.media.srtp is not None
         await asyncio.sleep(0.8)  # the answerer's tone
         heard_by_caller = call.media.received_audio()
@@ -217,7 +222,8 @@ async def test_srtp_call_over_tls_carries_audio_and_dtmf_both_ways(
     assert answerer.digits == ["73"]
     assert _energy(heard_by_caller) > 1000, "the caller heard no audio through SRTP"
     assert _energy(answerer.heard[0]) > 1000, "the answerer heard no audio through SRTP"
-    assert result.srtp and answerer.ended[0].srtp
+    assert result.srtp
+    assert answerer.ended[0].srtp
     assert stats.malformed == 0  # every packet authenticated
 
 
@@ -228,7 +234,8 @@ async def test_required_srtp_against_a_peer_without_srtp_fails_cleanly(pki: PkiF
         Gateway(GatewayConfig(udp_port=None)) as caller,
     ):
         call = await _dial_tls(server, caller, pki, SrtpMode.REQUIRED)
-    assert not call.answered and call.result is not None
+    assert not call.answered
+    assert call.result is not None
     assert call.result.sip_code == 488
     assert not answerer.calls
 
@@ -253,7 +260,8 @@ async def test_inbound_required_srtp_refuses_calls_over_udp(pki: PkiFiles) -> No
     ):
         host, port = server.address("udp")
         call = await caller.dial(f"sip:hotline@{host}:{port}", ring_timeout=5)
-    assert call.result is not None and call.result.sip_code == 488
+    assert call.result is not None
+    assert call.result.sip_code == 488
     assert "SRTP required" in call.result.reason
 
 

@@ -141,14 +141,18 @@ def test_daily_bars_and_uptime_from_synthetic_samples() -> None:
     totals = day_totals(samples)
     bars = daily_bars(totals["api"], TODAY)
     assert len(bars) == 90
-    assert bars[0].day == TODAY - timedelta(days=89) and bars[-1].day == TODAY
+    assert bars[0].day == TODAY - timedelta(days=89)
+    assert bars[-1].day == TODAY
     assert (bars[-1].sampled, bars[-1].up) == (120 * 60, 90 * 60)
-    assert bars[-1].uptime == 0.75 and bars[-1].worst is S.MAJOR_OUTAGE
+    assert bars[-1].uptime == 0.75
+    assert bars[-1].worst is S.MAJOR_OUTAGE
     assert (bars[-2].uptime, bars[-2].worst) == (0.5, S.PARTIAL_OUTAGE)
-    assert bars[0].uptime == 1.0 and bars[0].worst is S.OPERATIONAL
+    assert bars[0].uptime == 1.0
+    assert bars[0].worst is S.OPERATIONAL
     # days without samples are "no data", not up, and leave the uptime alone
     empty = bars[1:-2]
-    assert len(empty) == 87 and not any(b.has_data for b in empty)
+    assert len(empty) == 87
+    assert not any(b.has_data for b in empty)
     assert all(b.uptime is None and b.worst is None for b in empty)
     assert uptime(bars) == (90 + 60 + 120) / (120 + 120 + 120)
     assert uptime(daily_bars({}, TODAY)) is None
@@ -192,7 +196,8 @@ def test_request_window_counts_v1_requests_and_5xx_in_the_window() -> None:
 
 def test_badge_escapes_its_text() -> None:
     svg = badge_svg("Voice <a&b>", "operational", "#13692f")
-    assert "<a&b>" not in svg and "Voice &lt;a&amp;b&gt;" in svg
+    assert "<a&b>" not in svg
+    assert "Voice &lt;a&amp;b&gt;" in svg
 
 
 def test_a_trunk_report_counts_its_registration() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import escalation
 from escalation.timeline import AuditEvent, EntryKind, build_timeline
@@ -27,7 +28,7 @@ def test_every_event_the_engine_writes_is_mapped_and_none_is_made_up() -> None:
     assert written == {e.value for e in AuditEvent}
 
 
-def rec(ts: str, event: str, **fields: object) -> dict[str, object]:
+def rec(ts: str, event: str, **fields: object) -> dict[str, Any]:
     return {"ts": f"2030-01-01T00:00:{ts}+00:00", "alert_id": "a1", "event": event, **fields}
 
 
@@ -61,14 +62,19 @@ def test_entries_are_typed_in_time_order_and_unknown_kinds_keep_their_fields() -
         "frobnicated", "ack", "reassigned",
     ]  # fmt: skip
     created, _scheduled, send, failed, retry, held, _acked, ack, unknown, reply, moved = t
-    assert created.kind is EntryKind.LIFECYCLE and created.ip == "203.0.113.7"
+    assert created.kind is EntryKind.LIFECYCLE
+    assert created.ip == "203.0.113.7"
     assert (send.channel, send.attempt, send.recipient_id) == ("voice", 1, "alice")
     assert (failed.trunk, failed.sip_code, failed.trunks_tried) == ("t1", 486, "t1:486")
-    assert failed.kind is EntryKind.DELIVERY and retry.kind is EntryKind.DECISION
-    assert held.kind is EntryKind.RATE_LIMIT and held.released_at is not None
+    assert failed.kind is EntryKind.DELIVERY
+    assert retry.kind is EntryKind.DECISION
+    assert held.kind is EntryKind.RATE_LIMIT
+    assert held.released_at is not None
     assert (ack.actor, ack.channel, ack.recipient_id) == ("voice:alice", "voice", "alice")
-    assert unknown.kind is EntryKind.UNKNOWN and unknown.raw is not None
-    assert unknown.raw["colour"] == "blue" and unknown.status is None
+    assert unknown.kind is EntryKind.UNKNOWN
+    assert unknown.raw is not None
+    assert unknown.raw["colour"] == "blue"
+    assert unknown.status is None
     assert (reply.channel, reply.recipient_id) == ("sms", None)
     assert (moved.reassigned_from, moved.reassigned_to, moved.kind) == (
         ["alice"], ["bob"], EntryKind.CHAIN
@@ -98,7 +104,8 @@ def test_a_resolve_and_a_snooze_from_the_phone_name_the_callee_and_its_channel()
         rec("20", "resolve", status="resolved", reason="pressed_3", actor="voice:alice"),
     ]  # fmt: skip
     snoozed, _result, resolved = build_timeline("a1", records).entries
-    assert snoozed.kind is EntryKind.CHAIN and snoozed.snoozed_until is not None
+    assert snoozed.kind is EntryKind.CHAIN
+    assert snoozed.snoozed_until is not None
     assert snoozed.snoozed_until.isoformat() == "2030-01-01T00:15:01+00:00"
     assert (resolved.actor, resolved.channel, resolved.recipient_id) == (
         "voice:alice", "voice", "alice"

@@ -131,7 +131,7 @@ def test_timer_settings_derive_from_t1_t4() -> None:
 
 @pytest.mark.parametrize(("t1", "t2", "t4"), [(0, 4, 5), (0.5, 0.1, 5), (0.5, 4, 0)])
 def test_timer_settings_reject_nonsense(t1: float, t2: float, t4: float) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid SIP timer settings"):
         TimerSettings(t1=t1, t2=t2, t4=t4)
 
 
@@ -446,12 +446,16 @@ def test_server_invite_can_send_tells_what_is_still_possible() -> None:
     timer L the Accepted state) rather than catching TransactionError."""
     invite = _request()
     txn = ServerInviteTransaction(invite, reliable=True)
-    assert txn.can_send(180) and txn.can_send(200) and txn.can_send(487)
+    assert txn.can_send(180)
+    assert txn.can_send(200)
+    assert txn.can_send(487)
     txn.send_response(create_response(invite, 487, to_tag="srv1"), 0.0)
-    assert not txn.can_send(200) and not txn.can_send(180)
+    assert not txn.can_send(200)
+    assert not txn.can_send(180)
     accepted = ServerInviteTransaction(invite, reliable=False)
     accepted.send_response(create_response(invite, 200, to_tag="srv1"), 0.0)
-    assert accepted.can_send(200) and not accepted.can_send(486)
+    assert accepted.can_send(200)
+    assert not accepted.can_send(486)
     accepted.handle_timer(32.0)  # timer L
     assert _state(accepted) is TransactionState.TERMINATED
     assert not accepted.can_send(200)

@@ -201,8 +201,10 @@ async def test_udp_options_round_trip_with_rport(nodes: tuple[Node, Node]) -> No
     assert response.code == 200
     assert response.call_id == request.call_id
     assert from_peer == b.udp()
-    assert a.transport.stats.sent == 1 and a.transport.stats.received == 1
-    assert b.transport.stats.sent == 1 and b.transport.stats.received == 1
+    assert a.transport.stats.sent == 1
+    assert a.transport.stats.received == 1
+    assert b.transport.stats.sent == 1
+    assert b.transport.stats.received == 1
 
 
 async def test_udp_response_without_rport_goes_to_received_and_sent_by_port(
@@ -221,7 +223,8 @@ async def test_udp_response_without_rport_goes_to_received_and_sent_by_port(
         assert isinstance(received, Request)
         await b.transport.send_response(create_response(received, 200), source)
     response, _ = await a.next()
-    assert isinstance(response, Response) and response.call_id == request.call_id
+    assert isinstance(response, Response)
+    assert response.call_id == request.call_id
 
 
 async def test_udp_rport_reply_reaches_the_source_port(nodes: tuple[Node, Node]) -> None:
@@ -235,7 +238,8 @@ async def test_udp_rport_reply_reaches_the_source_port(nodes: tuple[Node, Node])
         assert isinstance(received, Request)
         await b.transport.send_response(create_response(received, 180), source)
         reply = parse_message(await recv_datagram(sock))
-    assert isinstance(reply, Response) and reply.code == 180
+    assert isinstance(reply, Response)
+    assert reply.code == 180
 
 
 async def test_no_received_when_sent_by_matches_and_no_rport(nodes: tuple[Node, Node]) -> None:
@@ -385,12 +389,14 @@ async def test_tcp_round_trip_reuses_the_connection(nodes: tuple[Node, Node]) ->
     await a.transport.send(request, b.tcp())
     received, source = await b.next()
     assert isinstance(received, Request)
-    assert source.transport == "tcp" and source.port != a_tcp_port
+    assert source.transport == "tcp"
+    assert source.port != a_tcp_port
     assert top_params(received)["rport"] == str(source.port)
 
     await b.transport.send_response(create_response(received, 200), source)
     response, _ = await a.next()
-    assert isinstance(response, Response) and response.call_id == request.call_id
+    assert isinstance(response, Response)
+    assert response.call_id == request.call_id
 
     # A new request from b to the inbound peer goes down the same connection.
     await b.transport.send(options(transport="TCP", call_id="reverse"), source)
@@ -429,7 +435,8 @@ async def test_tcp_response_falls_back_to_sent_by_when_connection_gone(
     assert isinstance(received, Request)
     await b.transport.send_response(create_response(received, 200), source)
     response, _ = await a.next()
-    assert isinstance(response, Response) and response.call_id == request.call_id
+    assert isinstance(response, Response)
+    assert response.call_id == request.call_id
     assert b.transport.stats.tcp_connections == 2  # the raw client's, then the fallback
 
 
@@ -443,7 +450,8 @@ async def test_tcp_message_split_byte_by_byte(nodes: tuple[Node, Node]) -> None:
         await writer.drain()
         await asyncio.sleep(0.0005)
     received, _ = await b.next()
-    assert received.call_id == request.call_id and received.body == b"v=0\r\n"
+    assert received.call_id == request.call_id
+    assert received.body == b"v=0\r\n"
     writer.close()
 
 
@@ -629,9 +637,9 @@ async def test_tcp_idle_timeout_counts_keepalives_as_traffic() -> None:
 
 
 def test_tcp_limits_are_validated() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="TCP connection caps must be at least 1"):
         TcpLimits(max_connections=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="TCP timeouts must be positive"):
         TcpLimits(message_timeout=0)
 
 
@@ -642,7 +650,8 @@ async def test_content_length_corrected_before_sending(nodes: tuple[Node, Node])
     await a.transport.send(request, b.tcp())
     await a.transport.send(options(transport="TCP", call_id="next"), b.tcp())
     first, _ = await b.next()
-    assert first.body == b"v=0\r\n" and first.content_length == 5
+    assert first.body == b"v=0\r\n"
+    assert first.content_length == 5
     assert (await b.next())[0].call_id == "next"
 
 
@@ -702,7 +711,8 @@ async def test_ipv6_loopback_udp_and_tcp() -> None:
         assert isinstance(received, Request)
         await b.transport.send_response(create_response(received, 200), source)
         response, _ = await a.next()
-        assert isinstance(response, Response) and response.call_id == request.call_id
+        assert isinstance(response, Response)
+        assert response.call_id == request.call_id
 
         _, a_tcp = a.transport.local_address("tcp")
         tcp_request = options(transport="TCP", via_host="[::1]", via_port=a_tcp)
@@ -767,7 +777,8 @@ def test_framer_unrecoverable_streams(header: bytes, oversize: bool) -> None:
     frames = framer.feed(data)
     assert len(frames) == 1
     error = frames[0]
-    assert isinstance(error, FramingError) and error.oversize is oversize
+    assert isinstance(error, FramingError)
+    assert error.oversize is oversize
     assert framer.feed(raw(options(transport="TCP"))) == []
 
 

@@ -30,19 +30,24 @@ async def test_answered_call_with_a_key_is_answered_200_with_the_digit() -> None
     call = placed()
     status(call, "ringing")
     status(call, "in-progress")
-    assert call.answered and not call.ended.is_set()
+    assert call.answered
+    assert not call.ended.is_set()
     call.on_report({"kind": "gather", "digit": "1", "outcome": "acknowledged", "decided": "1"})
-    assert call.decided.is_set() and call.outcome == "acknowledged"
+    assert call.decided.is_set()
+    assert call.outcome == "acknowledged"
     status(call, "completed", CallDuration="7", SipResponseCode="200")
     result = call.result
-    assert result is not None and call.ended.is_set()
+    assert result is not None
+    assert call.ended.is_set()
     assert (result.outcome, result.sip_code, result.duration_ms) == (
         CallOutcome.ANSWERED,
         200,
         7000,
     )
-    assert result.digits == "1" and result.dtmf_method == "twilio_gather"
-    assert result.hangup_by == "remote" and result.transport == "twilio"
+    assert result.digits == "1"
+    assert result.dtmf_method == "twilio_gather"
+    assert result.hangup_by == "remote"
+    assert result.transport == "twilio"
     assert result.pdd_ms is not None
     assert classify(call)[0] is AttemptKind.ANSWERED
     status(call, "in-progress")  # a late, out-of-order report changes nothing
@@ -71,25 +76,29 @@ async def test_unanswered_ends_map_like_sip(
     call.on_report({"CallSid": SID, **report})
     assert call.result is not None
     assert (call.result.outcome, call.result.sip_code) == (outcome, code)
-    assert call.result.duration_ms == 0 and call.result.hangup_by is None
+    assert call.result.duration_ms == 0
+    assert call.result.hangup_by is None
     assert classify(call)[0] is kind
 
 
 async def test_a_key_before_the_answered_report_still_counts_as_answered() -> None:
     call = placed()
     call.on_report({"kind": "gather", "digit": "2", "outcome": "escalate", "decided": "1"})
-    assert call.answered and call.outcome == "escalate"
+    assert call.answered
+    assert call.outcome == "escalate"
     call.on_report({"kind": "gather", "digit": "5", "outcome": "", "decided": ""})
     assert call.digits == "25"
     status(call, "completed", CallDuration="3")
-    assert call.result is not None and call.result.outcome is CallOutcome.ANSWERED
+    assert call.result is not None
+    assert call.result.outcome is CallOutcome.ANSWERED
 
 
 async def test_an_outcome_that_is_not_decided_waits_for_the_end() -> None:
     call = placed()
     status(call, "in-progress", AnsweredBy="machine_end_beep")
     call.on_report({"kind": "gather", "digit": "", "outcome": "machine", "decided": ""})
-    assert not call.decided.is_set() and call.outcome == "machine"
+    assert not call.decided.is_set()
+    assert call.outcome == "machine"
     assert call.answered_by == "machine_end_beep"
 
 
@@ -111,7 +120,9 @@ async def test_a_keypress_reported_after_the_final_status_still_counts() -> None
     call = placed()
     status(call, "in-progress")
     status(call, "completed", CallDuration="9")
-    assert call.ended.is_set() and call.outcome is None
+    assert (call.ended.is_set(), call.outcome) == (True, None)
     call.on_report({"kind": "gather", "digit": "1", "outcome": "acknowledged", "decided": "1"})
-    assert call.decided.is_set() and call.outcome == "acknowledged"
-    assert call.result is not None and call.result.digits == "1"
+    assert call.decided.is_set()
+    assert call.outcome == "acknowledged"
+    assert call.result is not None
+    assert call.result.digits == "1"

@@ -32,7 +32,8 @@ def verbs(xml: str) -> list[tuple[str, str]]:
 def gather_state(xml: str) -> MenuState:
     root = ET.fromstring(xml.split("?>", 1)[1])
     (prompt,) = root.iter("Gather")
-    assert prompt.get("numDigits") == "1" and prompt.get("method") == "POST"
+    assert prompt.get("numDigits") == "1"
+    assert prompt.get("method") == "POST"
     query = {k: v[0] for k, v in parse_qs(urlsplit(prompt.get("action", "")).query).items()}
     assert query["alert"] == "a1"  # the context travels with the state
     return MenuState.parse(query)
@@ -52,7 +53,8 @@ def test_answer_speaks_the_alert_then_offers_the_menu() -> None:
 def test_one_acknowledges_two_escalates_with_the_flows_own_words() -> None:
     state = MenuState("menu", 0, 2)
     ack = gather(ack_flow(), ALERT, action, state, "1")
-    assert ack.outcomes == ["acknowledged"] and ack.digit == "1"
+    assert ack.outcomes == ["acknowledged"]
+    assert ack.digit == "1"
     assert verbs(ack.xml) == [
         ("Say", "Acknowledged, thank you. Goodbye."),
         ("Hangup", ""),
@@ -73,7 +75,8 @@ def test_three_resolves_and_four_snoozes_each_confirmed_aloud() -> None:
     assert verbs(snoozed.xml) == [("Say", "Snoozed for 15 minutes. Goodbye."), ("Hangup", "")]
     # without snooze in the policy, 4 is a wrong key
     off = gather(ack_flow(), ALERT, action, state, "4")
-    assert off.outcomes == [] and verbs(off.xml)[0] == ("Say", "Sorry, that is not a valid choice.")
+    assert off.outcomes == []
+    assert verbs(off.xml)[0] == ("Say", "Sorry, that is not a valid choice.")
 
 
 def test_nine_repeats_and_a_wrong_key_reprompts_until_the_retries_run_out() -> None:
@@ -85,10 +88,12 @@ def test_nine_repeats_and_a_wrong_key_reprompts_until_the_retries_run_out() -> N
     wrong = gather(flow, ALERT, action, MenuState("menu", 0, 2), "5")
     assert verbs(wrong.xml)[0] == ("Say", "Sorry, that is not a valid choice.")
     assert gather_state(wrong.xml) == MenuState("menu", 1, 2)
-    assert wrong.outcomes == [] and wrong.digit == "5"
+    assert wrong.outcomes == []
+    assert wrong.digit == "5"
 
     silent = gather(flow, ALERT, action, MenuState("menu", 1, 2), "")
-    assert silent.outcomes == ["not_acknowledged"] and silent.digit is None
+    assert silent.outcomes == ["not_acknowledged"]
+    assert silent.digit is None
     assert verbs(silent.xml) == [("Say", "No choice received. Goodbye."), ("Hangup", "")]
 
 
@@ -115,7 +120,8 @@ def test_answering_machine_verdict_comes_from_twilio() -> None:
     assert machine.outcomes == ["machine"]
     assert verbs(machine.xml) == [("Say", "Please check the pager app."), ("Hangup", "")]
     human = answer(flow, ALERT, action, answered_by="human")
-    assert human.outcomes == [] and gather_state(human.xml).node == "menu"
+    assert human.outcomes == []
+    assert gather_state(human.xml).node == "menu"
 
 
 def test_flows_twilio_cannot_run_are_named() -> None:
@@ -133,5 +139,5 @@ def test_flows_twilio_cannot_run_are_named() -> None:
 def test_a_forged_state_is_refused() -> None:
     with pytest.raises(ValueError, match="not a menu"):
         gather(ack_flow(), ALERT, action, MenuState("acknowledged", 0, 2), "1")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid literal for int"):
         MenuState.parse({"node": "menu", "attempt": "x"})
