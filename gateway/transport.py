@@ -39,7 +39,15 @@ from gateway.metrics import (
     SipDropReason,
     TcpCloseReason,
 )
-from gateway.sip.message import BadRequest, Request, Response, Via, parse_message, top_via
+from gateway.sip.message import (
+    BadRequest,
+    Request,
+    Response,
+    Via,
+    parse_message,
+    to_wire,
+    top_via,
+)
 from gateway.tls import (
     DEFAULT_SIPS_PORT,
     TLS_HANDSHAKE_TIMEOUT,
@@ -635,8 +643,9 @@ class SipTransport:
 
     # -- sending ---------------------------------------------------------------------
 
-    async def send(self, message: Request | Response, peer: Peer) -> None:
-        """Send ``message`` to ``peer``, fixing Content-Length first.
+    async def send(self, message: Request | Response | bytes, peer: Peer) -> None:
+        """Send ``message`` to ``peer``, fixing Content-Length first (bytes go as they are:
+        a lingering transaction's re-send of a message it serialised before).
 
         UDP leaves from the listening socket so replies come back to it (RFC 3581).
         TCP and TLS reuse any open connection to the peer, inbound ones included.
@@ -644,11 +653,13 @@ class SipTransport:
         self._check_open()
         if not 0 < peer.port < 65536:
             raise TransportError(f"invalid port in {peer}")
-        message.content_length = len(message.body)
-        try:
-            data = bytes(message)
-        except (ValueError, TypeError) as exc:
-            raise TransportError(f"cannot serialise message for {peer}: {exc}") from exc
+        if isinstance(message, bytes):
+            data = message
+        else:
+            try:
+                data = to_wire(message)
+            except (ValueError, TypeError) as exc:
+                raise TransportError(f"cannot serialise message for {peer}: {exc}") from exc
         kind = peer.transport.lower()
         if kind == "udp":
             await self._send_udp(data, peer)
@@ -660,6 +671,10 @@ class SipTransport:
         self.stats.sent += 1
 
     async def send_response(self, response: Response, request_source: Peer) -> None:
+        """Send a response where `response_target` routes it."""
+        await self.send(response, self.response_target(response, request_source))
+
+    def response_target(self, response: Response, request_source: Peer) -> Peer:
         """Route a response per RFC 3261 18.2.2 and RFC 3581.
 
         TCP/TLS: the connection the request arrived on, else a new one to ``received`` (or
@@ -675,21 +690,17 @@ class SipTransport:
         kind = request_source.transport.lower()
         if kind in STREAM_TRANSPORTS:
             if self.has_connection(request_source):
-                await self.send(response, request_source)
-                return
+                return request_source
             port = via.port or (DEFAULT_SIPS_PORT if kind == "tls" else DEFAULT_SIP_PORT)
-            await self.send(response, Peer(kind, host, port, request_source.tls))
-            return
+            return Peer(kind, host, port, request_source.tls)
         sent_by_port = via.port or DEFAULT_SIP_PORT
         rport = _valid_port(via.parameters.get("rport"))
         maddr = via.parameters.get("maddr")
         if rport is not None:
-            target = Peer("udp", host, rport)
-        elif maddr:
-            target = Peer("udp", maddr.strip("[]"), sent_by_port)
-        else:
-            target = Peer("udp", host, sent_by_port)
-        await self.send(response, target)
+            return Peer("udp", host, rport)
+        if maddr:
+            return Peer("udp", maddr.strip("[]"), sent_by_port)
+        return Peer("udp", host, sent_by_port)
 
     async def _send_udp(self, data: bytes, peer: Peer) -> None:
         udp = self._udp
