@@ -154,6 +154,7 @@ class StreamEvent(enum.Enum):
     """Non-message frames the stream framer reports."""
 
     PING = "ping"  # RFC 5626 double-CRLF keep-alive, to be answered with a single CRLF
+    PONG = "pong"  # a single CRLF: the answer to our ping, or one before a start line
     OVERSIZE = "oversize"  # a message above the size cap was skipped
 
 
@@ -203,6 +204,16 @@ class SipStreamFramer:
         self._scan_from = 0
         self._pending = 0  # size of a message whose header is in, awaiting its body
         self._failed = False
+        # We pinged: a lone CRLF is the pong, not the first half of a ping split in two.
+        self.awaiting_pong = False
+
+    def expect_pong(self) -> None:
+        """We just pinged: a lone CRLF from now on is the pong. One held back from before
+        (as a possible first half of a ping) was a stray: dropped, so that it does not
+        join the pong into what would read as a ping."""
+        self.awaiting_pong = True
+        if self._buffer == b"\r\n" and not self._pending and not self._skip:
+            self._buffer.clear()
 
     @property
     def partial(self) -> bool:
@@ -240,10 +251,16 @@ class SipStreamFramer:
                 frames.append(StreamEvent.PING)
                 self._scan_from = 0
                 continue
+            if buffer == b"\r\n" and self.awaiting_pong:
+                del buffer[:2]
+                frames.append(StreamEvent.PONG)
+                self._scan_from = 0
+                continue
             if _HEADER_END.startswith(buffer):
                 break  # possibly a ping split across reads
             if buffer.startswith(b"\r\n"):
-                del buffer[:2]  # a pong, or CRLF before a start line (RFC 3261 7.5): ignored
+                del buffer[:2]  # a pong, or CRLF before a start line (RFC 3261 7.5)
+                frames.append(StreamEvent.PONG)
                 self._scan_from = 0
                 continue
             end = buffer.find(_HEADER_END, self._scan_from)
@@ -385,6 +402,7 @@ class _StreamProtocol(asyncio.Protocol):
         self.last_traffic = self.opened_at
         self.partial_since: float | None = None  # a message begun but not complete since
         self.completed_any = False
+        self._on_pong: Callable[[], None] | None = None  # our ping's, called once
 
     def expired(self, now: float, limits: TcpLimits) -> TcpCloseReason | None:
         """Why this inbound connection should be closed at ``now``, if it should."""
@@ -439,6 +457,8 @@ class _StreamProtocol(asyncio.Protocol):
                 self._owner._deliver(frame, self.peer)
             elif frame is StreamEvent.PING:
                 self.transport.write(_PONG)
+            elif frame is StreamEvent.PONG:
+                self._pong()
             elif frame is StreamEvent.OVERSIZE:
                 self._owner._count_oversize(self.peer, "message above size limit skipped")
             else:
@@ -456,6 +476,19 @@ class _StreamProtocol(asyncio.Protocol):
         self._owner._unregister(self)
         if not self.lost.done():
             self.lost.set_result(None)
+
+    def ping(self, on_pong: Callable[[], None]) -> None:
+        """Write an RFC 5626 keep-alive ping; ``on_pong`` is called when a CRLF comes back.
+        A CRLF that nobody awaits (a stray one before a start line) is ignored."""
+        self.write(_HEADER_END)
+        self._on_pong = on_pong
+        self._framer.expect_pong()
+
+    def _pong(self) -> None:
+        self._framer.awaiting_pong = False
+        callback, self._on_pong = self._on_pong, None
+        if callback is not None:
+            callback()
 
     def write(self, data: bytes) -> None:
         """Queue ``data``; refuse when the connection is gone or the peer stopped reading."""
@@ -731,6 +764,23 @@ class SipTransport:
         else:
             target = str(address)
         udp.sendto(data, (target, peer.port))
+
+    def ping(self, peer: Peer, on_pong: Callable[[], None]) -> None:
+        """Send an RFC 5626 keep-alive ping on the open connection to ``peer``; ``on_pong``
+        is called once its pong arrives. TransportError when there is no such connection
+        or the write is refused: the flow is dead already."""
+        connection = self._find_connection(_key(peer.transport, peer.host, peer.port))
+        if connection is None:
+            raise TransportError(f"no open connection to {peer}")
+        connection.ping(on_pong)
+
+    def drop(self, peer: Peer) -> None:
+        """Abort the connection to ``peer`` (a flow found dead): nothing more is sent on
+        it, and whoever sends to ``peer`` next opens a new one."""
+        key = _key(peer.transport, peer.host, peer.port)
+        connection = self._connections.get(key)
+        if connection is not None and connection.transport is not None:
+            connection.transport.abort()
 
     def has_connection(self, peer: Peer) -> bool:
         """True while a usable TCP/TLS connection to ``peer`` is open (inbound or ours)."""
