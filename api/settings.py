@@ -111,6 +111,19 @@ def parse_srtp_mode(value: str) -> SrtpMode:
         raise ValueError(f"ACKLINE_SIP_SRTP must be one of {choices}, not {value!r}") from None
 
 
+DEFAULT_INBOUND_SRTP = SrtpMode.OPTIONAL
+
+
+def inbound_srtp(cli: SrtpMode | None, env: SrtpMode | None, yaml: SrtpMode | None) -> SrtpMode:
+    """The inbound SRTP policy of `ackline serve`: ``--srtp``, else ``ACKLINE_SIP_SRTP``,
+    else ``inbound_srtp`` in ackline.yaml, else optional. One rule, so a deployment that
+    sets it in the file can still override it for one process."""
+    for chosen in (cli, env, yaml):
+        if chosen is not None:
+            return chosen
+    return DEFAULT_INBOUND_SRTP
+
+
 class Settings(BaseModel):
     database_url: str = "sqlite:///var/ackline.db"
     redis_url: str | None = None
@@ -148,8 +161,9 @@ class Settings(BaseModel):
     sip_min_se: int = Field(default=90, ge=90, le=86400)
     # SDES SRTP of inbound (hotline) calls: offered and accepted over TLS only, as SDES keys
     # travel inside the SIP message; ``required`` refuses plain RTP (and any call not
-    # arriving over TLS) with 488, ``off`` refuses SRTP offers.
-    sip_srtp: SrtpMode = SrtpMode.OPTIONAL
+    # arriving over TLS) with 488, ``off`` refuses SRTP offers. None: not set here (see
+    # `inbound_srtp` for what wins).
+    sip_srtp: SrtpMode | None = None
     voice_target: str | None = None  # e.g. sip:{number}@127.0.0.1:5090
     voice_auth_user: str | None = None
     voice_auth_password: str | None = Field(default=None, repr=False)
@@ -219,7 +233,7 @@ class Settings(BaseModel):
             sip_max_inbound_calls=int(e.get("ACKLINE_SIP_MAX_INBOUND_CALLS", "500")),
             sip_session_expires=int(e.get("ACKLINE_SIP_SESSION_EXPIRES", "1800")),
             sip_min_se=int(e.get("ACKLINE_SIP_MIN_SE", "90")),
-            sip_srtp=parse_srtp_mode(e.get("ACKLINE_SIP_SRTP") or SrtpMode.OPTIONAL.value),
+            sip_srtp=parse_srtp_mode(srtp) if (srtp := e.get("ACKLINE_SIP_SRTP")) else None,
             voice_target=e.get("ACKLINE_VOICE_TARGET") or None,
             voice_auth_user=e.get("ACKLINE_VOICE_AUTH_USER") or None,
             voice_auth_password=e.get("ACKLINE_VOICE_AUTH_PASSWORD") or None,

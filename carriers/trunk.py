@@ -190,7 +190,8 @@ class Trunk(BaseModel):
     port: int = Field(default=5060, ge=1, le=65535)  # 5061 with transport: tls
     transport: Literal["udp", "tcp", "tls"] = "udp"
     tls: TlsSettings | None = None  # transport: tls only; default: verify with system CAs
-    srtp: SrtpMode = SrtpMode.OFF  # required | optional | off (SDES, RFC 4568)
+    # required | optional | off (SDES, RFC 4568)
+    srtp: Annotated[SrtpMode, BeforeValidator(SrtpMode.from_yaml)] = SrtpMode.OFF
     # SDES keys travel inside the SIP message: without TLS anyone on the path reads them
     srtp_without_tls: bool = False
     username: str | None = None
