@@ -65,7 +65,7 @@ from gateway.redirect import (
     RedirectVerdict,
     redirected_invite,
 )
-from gateway.result import CallOutcome, CallResult, ReceivedDigit, classify_final
+from gateway.result import CallOutcome, CallResult, FailureCause, ReceivedDigit, classify_final
 from gateway.sip.auth import Credentials, DigestClient, DigestError
 from gateway.sip.dialog import USER_AGENT, Dialog, DialogError
 from gateway.sip.message import (
@@ -113,7 +113,7 @@ from gateway.sip.transaction import (
     TransportFailure,
 )
 from gateway.tls import DEFAULT_SIPS_PORT, TlsClientSettings, TlsServerSettings
-from gateway.transport import Peer, TcpLimits
+from gateway.transport import Peer, TcpLimits, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -1084,7 +1084,11 @@ class Call:
         try:
             await self.gateway.endpoint.reach(self.peer)
         except OSError as exc:
-            self._fail(CallOutcome.FAILED, 503, f"transport error: {exc}")
+            cause = exc.cause if isinstance(exc, TransportError) else None
+            self._fail(
+                CallOutcome.FAILED, 503, f"transport error: {exc}",
+                failure=cause or FailureCause.CONNECT,
+            )  # fmt: skip
             return False
         return True
 
@@ -1128,10 +1132,15 @@ class Call:
             elif self._cancel_reason is not None:
                 self._fail(self._cancel_outcome(), 408, f"no response (timer {event.timer})")
             else:
-                self._fail(CallOutcome.FAILED, 408, f"no response (timer {event.timer})")
+                self._fail(
+                    CallOutcome.FAILED, 408, f"no response (timer {event.timer})",
+                    failure=FailureCause.NO_RESPONSE,
+                )  # fmt: skip
         elif isinstance(event, TransportFailure) and not self._final.done():
-            why = self.gateway.endpoint.transport.connect_error(self.peer) or "peer unreachable"
-            self._fail(CallOutcome.FAILED, 503, f"transport error: {why}")
+            transport = self.gateway.endpoint.transport
+            why = transport.connect_error(self.peer) or "peer unreachable"
+            cause = transport.connect_failure(self.peer) or FailureCause.CONNECT
+            self._fail(CallOutcome.FAILED, 503, f"transport error: {why}", failure=cause)
 
     def _on_invite_response(self, response: Response) -> None:
         self.responded.set()
@@ -2042,12 +2051,25 @@ class Call:
                     self._digit_listeners.remove(listener)
         logger.info("call %s: digit %s via %s", self.call_id, digit.digit, digit.method.value)
 
-    def _fail(self, outcome: CallOutcome, code: int | None, reason: str) -> None:
-        self._finish(outcome, code, reason)
+    def _fail(
+        self,
+        outcome: CallOutcome,
+        code: int | None,
+        reason: str,
+        *,
+        failure: FailureCause | None = None,
+    ) -> None:
+        self._finish(outcome, code, reason, failure)
         if not self._final.done():
             self._final.set_result(None)
 
-    def _finish(self, outcome: CallOutcome, code: int | None, reason: str) -> None:
+    def _finish(
+        self,
+        outcome: CallOutcome,
+        code: int | None,
+        reason: str,
+        failure: FailureCause | None = None,
+    ) -> None:
         if self.ended.is_set():
             return
         now = self.loop.time()
@@ -2073,6 +2095,7 @@ class Call:
             redirected_to=[] if self._redirects is None else list(self._redirects.visited[1:]),
             srtp=self._srtp is not None,
             session_expired=self._session_expired,
+            failure=failure,
         )
         self.ended.set()
         if self._duration_timer is not None:

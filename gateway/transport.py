@@ -39,6 +39,7 @@ from gateway.metrics import (
     SipDropReason,
     TcpCloseReason,
 )
+from gateway.result import FailureCause
 from gateway.sip.message import (
     BadRequest,
     Request,
@@ -54,6 +55,7 @@ from gateway.tls import (
     TlsClientSettings,
     TlsServerSettings,
     describe_tls_error,
+    tls_failure_cause,
 )
 
 __all__ = [
@@ -132,7 +134,12 @@ class TcpLimits:
 
 
 class TransportError(OSError):
-    """Sending failed (no listener, refused or timed-out connect, closed transport)."""
+    """Sending failed (no listener, refused or timed-out connect, closed transport);
+    ``cause`` says what kind of connect failure it was, when it was one."""
+
+    def __init__(self, message: str, *, cause: FailureCause | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass
@@ -538,7 +545,7 @@ class SipTransport:
         # keyed (kind, host, port): a TLS and a TCP connection never stand in for each other
         self._connections: dict[tuple[str, str, int], _StreamProtocol] = {}
         self._connecting: dict[tuple[str, str, int], asyncio.Task[_StreamProtocol]] = {}
-        self._connect_errors: OrderedDict[tuple[str, str, int], str] = OrderedDict()
+        self._connect_errors: OrderedDict[tuple[str, str, int], TransportError] = OrderedDict()
 
     @property
     def closed(self) -> bool:
@@ -644,7 +651,13 @@ class SipTransport:
     def connect_error(self, peer: Peer) -> str | None:
         """Why the last connection attempt to ``peer`` failed (TLS verification, refused,
         timed out), until a later one succeeds; None when it did not fail."""
-        return self._connect_errors.get(_key(peer.transport, peer.host, peer.port))
+        error = self._connect_errors.get(_key(peer.transport, peer.host, peer.port))
+        return str(error) if error is not None else None
+
+    def connect_failure(self, peer: Peer) -> FailureCause | None:
+        """The kind of `connect_error` (a certificate that did not verify...), if any."""
+        error = self._connect_errors.get(_key(peer.transport, peer.host, peer.port))
+        return error.cause if error is not None else None
 
     async def close(self) -> None:
         """Stop listening and close every connection; idempotent."""
@@ -820,7 +833,9 @@ class SipTransport:
         if error is None:
             self._connect_errors.pop(key, None)
             return
-        self._connect_errors[key] = str(error)
+        if not isinstance(error, TransportError):
+            error = TransportError(str(error), cause=FailureCause.CONNECT)
+        self._connect_errors[key] = error
         self._connect_errors.move_to_end(key)
         while len(self._connect_errors) > MAX_CONNECT_ERRORS:
             self._connect_errors.popitem(last=False)
@@ -846,8 +861,12 @@ class SipTransport:
                     lambda: _StreamProtocol(self, kind=kind), host, port, **options
                 )
         except (OSError, ValueError) as exc:  # TimeoutError, refused, ssl.SSLError
-            reason = describe_tls_error(exc) if kind == "tls" else repr(exc)
-            raise TransportError(f"cannot connect to {kind}:{host}:{port}: {reason}") from exc
+            secure = kind == "tls"
+            reason = describe_tls_error(exc) if secure else repr(exc)
+            cause = tls_failure_cause(exc) if secure else FailureCause.CONNECT
+            raise TransportError(
+                f"cannot connect to {kind}:{host}:{port}: {reason}", cause=cause
+            ) from exc
         if not protocol.usable:
             raise TransportError(f"connection to {kind}:{host}:{port} closed at once")
         if _ip(host) is None:
