@@ -25,7 +25,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from api.loop import run as run_service
-from api.settings import Settings
+from api.settings import Settings, inbound_srtp
 from carriers.config import CarrierConfig
 from escalation.config import ConfigError
 from escalation.users import Role as UserRole
@@ -491,6 +491,15 @@ def serve(
             help="SIP over TLS port (with --tls-cert)",
         ),
     ] = DEFAULT_SIPS_PORT,
+    srtp: Annotated[
+        SrtpMode | None,
+        typer.Option(
+            help="SDES SRTP of inbound calls: required, optional or off (over TLS only); "
+            "wins over ACKLINE_SIP_SRTP, which wins over inbound_srtp in ackline.yaml "
+            "(default optional)",
+            case_sensitive=False,
+        ),
+    ] = None,
     http_host: Annotated[str, typer.Option(envvar="ACKLINE_HTTP_HOST")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(min=1, max=65535, envvar="ACKLINE_HTTP_PORT")] = 8080,
     greeting: Annotated[str, typer.Option(help="text spoken to callers")] = (
@@ -521,6 +530,11 @@ def serve(
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
+    try:
+        srtp_mode = _inbound_srtp(role, srtp, settings)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     if role in (Role.ALL, Role.API) and not settings.api_keys:
         settings = settings.model_copy(update={"api_keys": _local_api_key(settings)})
     sip_port = port if port is not None else (0 if role is Role.WORKER else 5060)
@@ -540,7 +554,7 @@ def serve(
         run_service(
             _serve(
                 role, settings, host, sip_port, http_host, http_port, inbound, voice, webphone,
-                advertise=advertise, tls=tls, tls_port=tls_port,
+                advertise=advertise, tls=tls, tls_port=tls_port, srtp=srtp_mode,
             )
         )  # fmt: skip
     except (ConfigError, FlowError) as exc:
@@ -549,6 +563,18 @@ def serve(
     except OSError as exc:
         typer.echo(f"error: cannot listen: {exc}", err=True)
         raise typer.Exit(EXIT_UNREACHABLE) from None
+
+
+def _inbound_srtp(role: Role, cli: SrtpMode | None, settings: Settings) -> SrtpMode:
+    """`inbound_srtp` with the file's value read only when it could matter (a process with
+    a gateway, neither --srtp nor ACKLINE_SIP_SRTP given). ConfigError for a bad file."""
+    from escalation.config import load_config
+
+    yaml_mode: SrtpMode | None = None
+    path = settings.config_path
+    if role is not Role.API and cli is None and settings.sip_srtp is None and path is not None:
+        yaml_mode = load_config(path).inbound_srtp
+    return inbound_srtp(cli, settings.sip_srtp, yaml_mode)
 
 
 def _local_api_key(settings: Settings) -> dict[str, str]:
@@ -602,6 +628,7 @@ async def _serve(
     advertise: str | None = None,
     tls: TlsServerSettings | None = None,
     tls_port: int = DEFAULT_SIPS_PORT,
+    srtp: SrtpMode = SrtpMode.OPTIONAL,
 ) -> None:
     from api.app import create_app, run_worker
     from api.channels import services_for
@@ -641,7 +668,7 @@ async def _serve(
                     max_inbound_calls=settings.sip_max_inbound_calls,
                     session_expires=settings.sip_session_expires,
                     min_se=settings.sip_min_se,
-                    srtp=SrtpPolicy(settings.sip_srtp),
+                    srtp=SrtpPolicy(srtp),
                     drain_timeout=max(1.0, calls_left),
                 ),
                 prompts=prompts,

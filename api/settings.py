@@ -114,6 +114,19 @@ def parse_srtp_mode(value: str) -> SrtpMode:
         raise ValueError(f"ACKLINE_SIP_SRTP must be one of {choices}, not {value!r}") from None
 
 
+DEFAULT_INBOUND_SRTP = SrtpMode.OPTIONAL
+
+
+def inbound_srtp(cli: SrtpMode | None, env: SrtpMode | None, yaml: SrtpMode | None) -> SrtpMode:
+    """The inbound SRTP policy of `ackline serve`: ``--srtp``, else ``ACKLINE_SIP_SRTP``,
+    else ``inbound_srtp`` in ackline.yaml, else optional. One rule, so a deployment that
+    sets it in the file can still override it for one process."""
+    for chosen in (cli, env, yaml):
+        if chosen is not None:
+            return chosen
+    return DEFAULT_INBOUND_SRTP
+
+
 class Settings(BaseSettings):
     """Every setting once: its type, bound, default and environment variable side by side.
 
@@ -183,8 +196,9 @@ class Settings(BaseSettings):
     sip_min_se: int = Field(default=90, ge=90, le=86400, validation_alias="ACKLINE_SIP_MIN_SE")
     # SDES SRTP of inbound (hotline) calls: offered and accepted over TLS only, as SDES keys
     # travel inside the SIP message; ``required`` refuses plain RTP (and any call not
-    # arriving over TLS) with 488, ``off`` refuses SRTP offers.
-    sip_srtp: SrtpMode = Field(default=SrtpMode.OPTIONAL, validation_alias="ACKLINE_SIP_SRTP")
+    # arriving over TLS) with 488, ``off`` refuses SRTP offers. None: not set here (see
+    # `inbound_srtp` for what wins).
+    sip_srtp: SrtpMode | None = Field(default=None, validation_alias="ACKLINE_SIP_SRTP")
     # Channels: each is built only when its settings are present (api/channels.py).
     # The voice channel dials this, e.g. sip:{number}@127.0.0.1:5090.
     voice_target: str | None = Field(default=None, validation_alias="ACKLINE_VOICE_TARGET")

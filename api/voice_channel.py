@@ -301,6 +301,11 @@ def classify_call(
         return done(DeliveryStatus.FAILED_RETRYABLE, "no_answer")
     if result.outcome is CallOutcome.CANCELLED:
         return done(DeliveryStatus.CANCELLED, "call_cancelled")
+    if result.failure is not None:
+        # Our own failure (a certificate that did not verify, a refused connection, no
+        # response): its kind is the reason, not the SIP code we gave it; the detail too.
+        details["error"] = result.reason
+        return done(DeliveryStatus.FAILED_RETRYABLE, result.failure.value)
     code = result.sip_code
     if result.outcome is CallOutcome.REJECTED:
         status = (

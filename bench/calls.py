@@ -282,6 +282,13 @@ async def setup_phase(
     finally:
         gc.callbacks.remove(gc_pauses)
     elapsed = time.monotonic() - start
+    # What a full collection walks now: what ended calls leave lingering (the last 32 s of
+    # transactions, for timers D and M) plus the gateway itself; and what one costs in CPU
+    # time (less at the mercy of other processes on the box than the pauses' wall time).
+    tracked = len(gc.get_objects())
+    cpu_before = time.process_time()
+    gc.collect()
+    full_collection_cpu_ms = (time.process_time() - cpu_before) * 1000
     setup_ms = np.array(durations) * 1000 if durations else np.array([0.0])
     # Setups completed in each whole second of the run (the last, partial one left out).
     per_second = np.bincount(
@@ -301,6 +308,8 @@ async def setup_phase(
         "setup_ms_max": round(float(setup_ms.max()), 2),
         "dialler_max_late_ms": round(late * 1000, 1),
         "gc": gc_pauses.report(),
+        "gc_tracked_objects_at_end": tracked,
+        "full_collection_cpu_ms_at_end": round(full_collection_cpu_ms, 1),
         "cpu_percent": round(process.cpu_percent(None), 1),
         "load_avg_before": load_before,
         "load_avg_after": _load(),

@@ -54,6 +54,7 @@ def register_target(trunk: Trunk) -> RegisterTarget:
         expires=register.expires,
         credentials=trunk.registration_credentials(),
         tls=trunk.tls_client(),
+        keepalive=register.keepalive_settings(trunk.transport),
     )
 
 

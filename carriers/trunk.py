@@ -29,6 +29,7 @@ from pydantic import (
 from common.durations import parse_duration
 from gateway.media.srtp import SrtpMode, SrtpPolicy
 from gateway.sip.auth import Credentials
+from gateway.sip.keepalive import DEFAULT_PONG_TIMEOUT, KeepAliveSettings
 from gateway.sip.session_timer import (
     DEFAULT_SESSION_EXPIRES,
     MIN_SE_FLOOR,
@@ -104,6 +105,17 @@ class RegisterSettings(BaseModel):
     registrar: str | None = None  # host or host:port; default: the trunk's host and port
     expires: int = Field(default=3600, ge=1, le=2**31 - 1)  # seconds asked for
     contact_user: str | None = None  # user part of our Contact; default: the username
+    # TCP/TLS: seconds between RFC 5626 CRLF keep-alive pings on the registered connection
+    # (each drawn from 80-100 % of it); 0 turns them off. No pong within keepalive_timeout
+    # and the connection is dropped and a new one registered.
+    keepalive: float = Field(default=30.0, ge=0, le=3600)
+    keepalive_timeout: float = Field(default=DEFAULT_PONG_TIMEOUT, gt=0, le=60)
+
+    def keepalive_settings(self, transport: str) -> KeepAliveSettings | None:
+        """The keep-alive of a registration over ``transport``; None over UDP or when off."""
+        if transport == "udp" or self.keepalive == 0:
+            return None
+        return KeepAliveSettings(interval=self.keepalive, pong_timeout=self.keepalive_timeout)
 
     @field_validator("username", "contact_user")
     @classmethod
@@ -178,7 +190,8 @@ class Trunk(BaseModel):
     port: int = Field(default=5060, ge=1, le=65535)  # 5061 with transport: tls
     transport: Literal["udp", "tcp", "tls"] = "udp"
     tls: TlsSettings | None = None  # transport: tls only; default: verify with system CAs
-    srtp: SrtpMode = SrtpMode.OFF  # required | optional | off (SDES, RFC 4568)
+    # required | optional | off (SDES, RFC 4568)
+    srtp: Annotated[SrtpMode, BeforeValidator(SrtpMode.from_yaml)] = SrtpMode.OFF
     # SDES keys travel inside the SIP message: without TLS anyone on the path reads them
     srtp_without_tls: bool = False
     username: str | None = None

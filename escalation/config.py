@@ -13,12 +13,13 @@ import ipaddress
 import re
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import phonenumbers
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -29,6 +30,7 @@ from pydantic import (
 from carriers.config import CarrierConfig, CarrierConfigError, load_carriers
 from common.durations import Duration
 from escalation.schedules import Override, Schedule
+from gateway.media.srtp import SrtpMode
 
 # Which contact field each channel needs; a channel not listed here is not accepted.
 CHANNEL_CONTACT_FIELD: Mapping[str, str] = {
@@ -509,6 +511,9 @@ class AcklineConfig(BaseModel):
     # Where alert calls go without carriers (ACKLINE_VOICE_TARGET wins over it): lets a
     # file such as ackline.demo.yaml ring a softphone on this machine by itself.
     voice_target: str | None = None
+    # SDES SRTP of inbound calls to `ackline serve` (required | optional | off);
+    # ACKLINE_SIP_SRTP and --srtp win over it, optional when none is set.
+    inbound_srtp: Annotated[SrtpMode | None, BeforeValidator(SrtpMode.from_yaml)] = None
 
     @field_validator("voice_target")
     @classmethod

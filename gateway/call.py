@@ -65,7 +65,7 @@ from gateway.redirect import (
     RedirectVerdict,
     redirected_invite,
 )
-from gateway.result import CallOutcome, CallResult, ReceivedDigit, classify_final
+from gateway.result import CallOutcome, CallResult, FailureCause, ReceivedDigit, classify_final
 from gateway.sip.auth import Credentials, DigestClient, DigestError
 from gateway.sip.dialog import USER_AGENT, Dialog, DialogError
 from gateway.sip.message import (
@@ -93,12 +93,14 @@ from gateway.sip.session_timer import (
     OPTION_TIMER,
     RefreshDue,
     Refresher,
+    RefreshMethod,
     SessionExpired,
     SessionExpires,
     SessionTimer,
     SessionTimerSettings,
     negotiate_uac,
     negotiate_uas,
+    refresh_method,
     request_headers,
     response_headers,
     retry_interval_after_422,
@@ -113,7 +115,7 @@ from gateway.sip.transaction import (
     TransportFailure,
 )
 from gateway.tls import DEFAULT_SIPS_PORT, TlsClientSettings, TlsServerSettings
-from gateway.transport import Peer, TcpLimits
+from gateway.transport import Peer, TcpLimits, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -823,6 +825,7 @@ class Call:
         self._session_422_retried = False
         self._local_sdp = b""  # the SDP we last sent, re-sent by session refreshes
         self._refresh_ack: Request | None = None  # ACK for our refresh re-INVITE's 2xx
+        self._refresh_method = RefreshMethod.INVITE  # UPDATE once the peer allows it
         self.session_refreshes = 0  # session refreshes that succeeded, either way
         self._session_expired = False
         self._reinviting = False  # our re-INVITE awaits its final response (glare: 491)
@@ -1099,7 +1102,11 @@ class Call:
         try:
             await self.gateway.endpoint.reach(self.peer)
         except OSError as exc:
-            self._fail(CallOutcome.FAILED, 503, f"transport error: {exc}")
+            cause = exc.cause if isinstance(exc, TransportError) else None
+            self._fail(
+                CallOutcome.FAILED, 503, f"transport error: {exc}",
+                failure=cause or FailureCause.CONNECT,
+            )  # fmt: skip
             return False
         return True
 
@@ -1143,10 +1150,15 @@ class Call:
             elif self._cancel_reason is not None:
                 self._fail(self._cancel_outcome(), 408, f"no response (timer {event.timer})")
             else:
-                self._fail(CallOutcome.FAILED, 408, f"no response (timer {event.timer})")
+                self._fail(
+                    CallOutcome.FAILED, 408, f"no response (timer {event.timer})",
+                    failure=FailureCause.NO_RESPONSE,
+                )  # fmt: skip
         elif isinstance(event, TransportFailure) and not self._final.done():
-            why = self.gateway.endpoint.transport.connect_error(self.peer) or "peer unreachable"
-            self._fail(CallOutcome.FAILED, 503, f"transport error: {why}")
+            transport = self.gateway.endpoint.transport
+            why = transport.connect_error(self.peer) or "peer unreachable"
+            cause = transport.connect_failure(self.peer) or FailureCause.CONNECT
+            self._fail(CallOutcome.FAILED, 503, f"transport error: {why}", failure=cause)
 
     def _on_invite_response(self, response: Response) -> None:
         self.responded.set()
@@ -1368,6 +1380,7 @@ class Call:
         self._invite_code = response.code
         self._invite_reason = response.phrase
         self._mark_answered()
+        self._refresh_method = refresh_method(response, self._refresh_method)
         expires = negotiate_uac(response)
         if expires is not None:
             self._start_session_timer(expires, local=expires.refresher is Refresher.UAC)
@@ -1842,39 +1855,26 @@ class Call:
         self._pump_session_timer()
 
     async def _refresh_session(self) -> None:
-        """Refresh with a re-INVITE carrying the SDP we last sent, unchanged.
-
-        A re-INVITE rather than UPDATE: every SIP peer must take INVITE, while UPDATE
-        (RFC 3311) is optional and carriers often refuse it; one code path for all."""
+        """Refresh with UPDATE (no offer) when the peer said it allows it, as RFC 4028 9
+        prefers: nothing about the media is renegotiated. Otherwise, or when the peer
+        refuses the UPDATE after all (405, 501), with a re-INVITE carrying the SDP we last
+        sent, unchanged: every SIP peer must take INVITE."""
         timer = self._session_timer
         if self.dialog is None or timer is None or self.ended.is_set():
             return
         timer.refresh_sent()
         us = Refresher.UAC  # we send the refresh: we are its UAC (RFC 4028 7.4)
-        request = self.dialog.create_request(
-            "INVITE", self._via(), body=self._local_sdp, content_type=SDP
-        )
-        request.headers.set("Allow", ALLOW)
-        request.headers.set("Supported", SUPPORTED)
-        settings = self._st_settings
-        for name, value in request_headers(
-            SessionExpires(timer.interval, us), min(settings.min_se, timer.interval)
-        ):
-            request.headers.set(name, value)
-        response = await self._send_reinvite(request)
+        response = await self._send_refresh(self._refresh_method, timer.interval)
         if (
-            response is not None
-            and response.code in (401, 407)
-            and self._digest is not None
+            self._refresh_method is RefreshMethod.UPDATE
+            and response is not None
+            and response.code in (405, 501)
             and not self.ended.is_set()
         ):
-            self._challenge = response
-            retry = copy_request(request)
-            retry.via = [self._via()]
-            self.dialog.local_cseq += 1
-            retry.cseq = CSeq(self.dialog.local_cseq, "INVITE")
-            self.dialog.invite_cseq = self.dialog.local_cseq
-            response = await self._send_reinvite(self._with_credentials(retry))
+            logger.info("call %s: UPDATE refused (%d); refreshing with re-INVITEs",
+                        self.call_id, response.code)  # fmt: skip
+            self._refresh_method = RefreshMethod.INVITE
+            response = await self._send_refresh(RefreshMethod.INVITE, timer.interval)
         if self.ended.is_set():
             return
         if response is not None and response.code < 300:
@@ -1894,6 +1894,44 @@ class Call:
             logger.info("call %s: session refresh failed: %s", self.call_id, code)
             timer.refresh_failed(code, self.loop.time())
         self._pump_session_timer()
+
+    async def _send_refresh(self, method: RefreshMethod, interval: int) -> Response | None:
+        """One session refresh request (answering a digest challenge once); its final
+        response, None when none came."""
+        dialog = self._require_dialog()
+        us = Refresher.UAC
+        if method is RefreshMethod.INVITE:
+            request = dialog.create_request(
+                "INVITE", self._via(), body=self._local_sdp, content_type=SDP
+            )
+        else:
+            request = dialog.create_request("UPDATE", self._via())
+        request.headers.set("Allow", ALLOW)
+        request.headers.set("Supported", SUPPORTED)
+        min_se = min(self._st_settings.min_se, interval)
+        for name, value in request_headers(SessionExpires(interval, us), min_se):
+            request.headers.set(name, value)
+        response = await self._send_in_dialog(request)
+        if (
+            response is not None
+            and response.code in (401, 407)
+            and self._digest is not None
+            and not self.ended.is_set()
+        ):
+            self._challenge = response
+            retry = copy_request(request)
+            retry.via = [self._via()]
+            dialog.local_cseq += 1
+            retry.cseq = CSeq(dialog.local_cseq, method.value)
+            if method is RefreshMethod.INVITE:
+                dialog.invite_cseq = dialog.local_cseq
+            response = await self._send_in_dialog(self._with_credentials(retry))
+        return response
+
+    async def _send_in_dialog(self, request: Request) -> Response | None:
+        if request.method == "INVITE":
+            return await self._send_reinvite(request)
+        return await self.gateway.endpoint.request(request, self._dialog_peer())
 
     def _apply_refresh_answer(self, body: bytes) -> None:
         """The answer to our refresh's offer (the SDP we last sent): usually what the peer
@@ -1957,6 +1995,7 @@ class Call:
         """Session-timer part of our 2xx to the peer's INVITE, re-INVITE or UPDATE (RFC
         4028 9): the negotiated Session-Expires goes into ``response`` and the timer
         (re)starts; a refresh without Session-Expires turns the timer off."""
+        self._refresh_method = refresh_method(request, self._refresh_method)
         expires = negotiate_uas(request, self._st_settings).expires
         if expires is None:
             if self._session_timer is not None:
@@ -2065,12 +2104,25 @@ class Call:
                     self._digit_listeners.remove(listener)
         logger.info("call %s: digit %s via %s", self.call_id, digit.digit, digit.method.value)
 
-    def _fail(self, outcome: CallOutcome, code: int | None, reason: str) -> None:
-        self._finish(outcome, code, reason)
+    def _fail(
+        self,
+        outcome: CallOutcome,
+        code: int | None,
+        reason: str,
+        *,
+        failure: FailureCause | None = None,
+    ) -> None:
+        self._finish(outcome, code, reason, failure)
         if not self._final.done():
             self._final.set_result(None)
 
-    def _finish(self, outcome: CallOutcome, code: int | None, reason: str) -> None:
+    def _finish(
+        self,
+        outcome: CallOutcome,
+        code: int | None,
+        reason: str,
+        failure: FailureCause | None = None,
+    ) -> None:
         if self.ended.is_set():
             return
         now = self.loop.time()
@@ -2096,6 +2148,7 @@ class Call:
             redirected_to=[] if self._redirects is None else list(self._redirects.visited[1:]),
             srtp=self._srtp is not None,
             session_expired=self._session_expired,
+            failure=failure,
         )
         self.ended.set()
         if self._duration_timer is not None:

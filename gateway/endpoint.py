@@ -12,10 +12,9 @@ is kept and nothing is retransmitted for a peer that may never ACK (RFC 3261 8.2
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sipmessage import Address, Parameters, Request, Response, Via
@@ -108,9 +107,16 @@ class _ClientEntry:
 
 @dataclass(eq=False)
 class _ServerEntry:
-    context: ServerContext
+    """A live server transaction. Once the final response is out the entry lets go of the
+    context (its parsed request) and keeps only the owner's handler, which is weak where
+    the owner is a call, and where re-sent final-response bytes go."""
+
+    transaction: ServerTransaction
+    source: Peer
+    context: ServerContext | None
     timer: asyncio.TimerHandle | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    on_event: EventHandler | None = None
+    reply_to: Peer | None = None
 
 
 class SipEndpoint:
@@ -332,31 +338,42 @@ class SipEndpoint:
         assert transaction is not None
         transaction.send_response(response, self.loop.time())
         entry = self._servers.get(transaction.key)
-        if entry is None:
-            entry = _ServerEntry(context)
+        if entry is None or entry.transaction is not transaction:
+            entry = _ServerEntry(transaction, context.source, context)
         self._pump_server(entry)
 
     def _pump_server(self, entry: _ServerEntry) -> None:
+        transaction = entry.transaction
+        for message in transaction.messages_to_send():
+            if isinstance(message, bytes):
+                if entry.reply_to is not None:
+                    self._spawn(self._send_reply(message, entry.reply_to))
+                continue
+            try:
+                entry.reply_to = self.transport.response_target(message, entry.source)
+            except OSError as exc:
+                logger.info("response to %s not routable: %s", entry.source, exc)
+                continue
+            self._spawn(self._send_reply(message, entry.reply_to))
         context = entry.context
-        transaction = context.transaction
-        assert transaction is not None
-        for response in transaction.messages_to_send():
-            self._spawn(self._send_response(response, context.source))
+        if context is not None and context.final_sent:
+            # From here on the transaction only absorbs retransmissions (and, for a 2xx,
+            # hands a late ACK up): the parsed request need not outlive the owner.
+            entry.on_event, entry.context = context.on_event, None
         while (event := transaction.next_event()) is not None:
             if isinstance(event, TransactionTerminated):
                 self._servers.pop(transaction.key, None)
-            if context.on_event is not None:
+            handler = entry.on_event if entry.context is None else entry.context.on_event
+            if handler is not None:
                 try:
-                    context.on_event(event)
+                    handler(event)
                 except Exception:
                     logger.exception("server transaction event handler failed")
         self._arm(entry, transaction.next_timer_at(), self._server_timer)
 
     def _server_timer(self, entry: _ServerEntry) -> None:
         entry.timer = None
-        transaction = entry.context.transaction
-        assert transaction is not None
-        transaction.handle_timer(self.loop.time())
+        entry.transaction.handle_timer(self.loop.time())
         self._pump_server(entry)
 
     # -- receive path -------------------------------------------------------------------
@@ -398,8 +415,8 @@ class SipEndpoint:
             logger.debug("dropping request without usable Via from %s", source)
             return
         existing = self._servers.get(key)
-        if existing is not None and existing.context.transaction is not None:
-            existing.context.transaction.receive_request(request, self.loop.time())
+        if existing is not None:
+            existing.transaction.receive_request(request, self.loop.time())
             self._pump_server(existing)
             return
         if request.method == "ACK":
@@ -422,7 +439,7 @@ class SipEndpoint:
         else:
             transaction = ServerNonInviteTransaction(request, reliable=reliable, timers=self.timers)
         context = ServerContext(self, request, source, transaction)
-        self._servers[transaction.key] = _ServerEntry(context)
+        self._servers[transaction.key] = _ServerEntry(transaction, source, context)
         if request.method == "CANCEL":
             self._on_cancel(context)
             return
@@ -432,15 +449,16 @@ class SipEndpoint:
         """RFC 3261 §9.2: answer the CANCEL, then let the INVITE's owner send 487."""
         invite_key = transaction_key(cancel.request, method="INVITE")
         invite = self._servers.get(invite_key)
-        if invite is None or invite.context.final_sent:
+        context = invite.context if invite is not None else None
+        if context is None or context.final_sent:
             cancel.respond(481)
             return
         cancel.respond(200)
-        invite.context.cancelled = True
-        if invite.context.on_event is not None:
-            invite.context.on_event(_CANCELLED)
-        elif not invite.context.final_sent:
-            invite.context.respond(487)
+        context.cancelled = True
+        if context.on_event is not None:
+            context.on_event(_CANCELLED)
+        elif not context.final_sent:
+            context.respond(487)
 
     def _dispatch(self, context: ServerContext) -> None:
         if self.on_request is None:
@@ -464,7 +482,7 @@ class SipEndpoint:
             entry.timer = self.loop.call_at(deadline, callback, entry)
 
     async def _send(
-        self, message: Request | Response, peer: Peer, entry: _ClientEntry | None
+        self, message: Request | Response | bytes, peer: Peer, entry: _ClientEntry | None
     ) -> None:
         try:
             await self.transport.send(message, peer)
@@ -476,11 +494,15 @@ class SipEndpoint:
 
     async def _send_response(self, response: Response, source: Peer) -> None:
         try:
-            result = self.transport.send_response(response, source)
-            if inspect.isawaitable(result):
-                await result
+            await self.transport.send_response(response, source)
         except OSError as exc:
             logger.info("response to %s failed: %s", source, exc)
+
+    async def _send_reply(self, message: Response | bytes, target: Peer) -> None:
+        try:
+            await self.transport.send(message, target)
+        except OSError as exc:
+            logger.info("response to %s failed: %s", target, exc)
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)

@@ -9,6 +9,11 @@ Over TCP or TLS with no listener of that kind (a TLS client has no certificate t
 with) the contact is our end of a connection opened first, and the registrar sends its
 calls back over that connection (as RFC 5626 clients behind NAT are reached). If it drops,
 the next refresh opens a new one and registers the new contact in a fresh binding.
+
+A registered TCP/TLS flow is kept alive with RFC 5626 CRLF pings (`gateway.sip.keepalive`):
+a flow that stops answering (a NAT that forgot it, a hung registrar) is dropped within
+the keep-alive bound instead of at the next refresh; the trunk counts as failed from then
+until a new flow is registered, tried with the usual back-off.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from sipmessage import URI, Request
 
 from gateway.call import Gateway, resolve_target, tls_peer
 from gateway.sip.auth import Credentials
+from gateway.sip.keepalive import FlowFailed, KeepAlive, KeepAliveSettings
 from gateway.sip.message import new_call_id, new_tag
 from gateway.sip.registration import (
     Backoff,
     Event,
     Failed,
+    Registered,
     Registration,
     RegistrationSettings,
     RegistrationState,
@@ -54,6 +61,7 @@ class RegisterTarget:
     expires: int = 3600
     credentials: Credentials | None = None
     tls: TlsClientSettings | None = None  # transport tls: how to verify the registrar
+    keepalive: KeepAliveSettings | None = None  # TCP/TLS: CRLF pings; None: none
 
 
 class RegistrationClient:
@@ -89,6 +97,9 @@ class RegistrationClient:
         self._connecting: asyncio.Task[None] | None = None
         self._connect_failures = 0
         self._closing = False
+        self.keepalive: KeepAlive | None = None  # of the registered flow, while one is
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._restart: asyncio.TimerHandle | None = None  # re-registering after a dead flow
 
     @property
     def state(self) -> RegistrationState:
@@ -171,6 +182,10 @@ class RegistrationClient:
         """Unregister, waiting at most ``timeout`` seconds; True when the registrar
         confirmed it. Either way nothing is sent afterwards."""
         self._closing = True
+        self._stop_keepalive()
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
         if self._connecting is not None:
             self._connecting.cancel()
             await asyncio.gather(self._connecting, return_exceptions=True)
@@ -203,6 +218,8 @@ class RegistrationClient:
             if isinstance(event, Stopped):
                 self.outcome = event
                 self._stopped.set()
+            elif isinstance(event, Registered):
+                self._start_keepalive()
             self._emit(event)
         self._cancel_timer()
         at = machine.next_timer_at()
@@ -228,6 +245,7 @@ class RegistrationClient:
         ):
             # Our contact named a connection that is gone: nothing can reach it any more.
             logger.info("registrar connection %s closed: registering a new contact", peer)
+            self._stop_keepalive()
             self.machine = None
             self.start()
             return
@@ -254,4 +272,78 @@ class RegistrationClient:
                 machine.no_response(request, self._now(), "no answer (timer F)")
             else:
                 machine.receive(response, self._now())
-        self._pump()
+        if self.machine is machine:  # not a binding given up meanwhile (a dead flow)
+            self._pump()
+
+    # -- keep-alive -----------------------------------------------------------------------------
+
+    def _start_keepalive(self) -> None:
+        """Ping the registered flow, unless it is UDP, keep-alive is off or it is pinged."""
+        settings = self.target.keepalive
+        if settings is None or self.target.transport == "udp" or self.keepalive is not None:
+            return
+        if self._peer is None or self._closing:
+            return
+        self.keepalive = KeepAlive(settings, draw=self.draw)
+        self.keepalive.start(self._now())
+        self._pump_keepalive()
+
+    def _stop_keepalive(self) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+            self.keepalive = None
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
+
+    def _pump_keepalive(self) -> None:
+        keepalive, peer = self.keepalive, self._peer
+        if keepalive is None or peer is None:
+            return
+        for _ in range(keepalive.pings_due()):
+            try:
+                self.gateway.endpoint.transport.ping(peer, lambda: self._on_pong(keepalive))
+            except OSError as exc:
+                keepalive.write_failed(self._now(), str(exc))
+        if (event := keepalive.next_event()) is not None:
+            self._flow_failed(event)
+            return
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+        at = keepalive.next_timer_at()
+        self._keepalive_timer = (
+            None if at is None else asyncio.get_running_loop().call_at(at, self._on_keepalive)
+        )
+
+    def _on_keepalive(self) -> None:
+        self._keepalive_timer = None
+        if self.keepalive is not None:
+            self.keepalive.handle_timer(self._now())
+            self._pump_keepalive()
+
+    def _on_pong(self, keepalive: KeepAlive) -> None:
+        if keepalive is self.keepalive:
+            keepalive.pong_received(self._now())
+            self._pump_keepalive()
+
+    def _flow_failed(self, event: FlowFailed) -> None:
+        """The registered flow is dead: drop it, count the trunk down, and register a new
+        flow after the back-off (further failures back off as usual from there)."""
+        peer = self._peer
+        old = self.state
+        logger.warning("registrar flow %s is dead: %s", peer, event.reason)
+        self._stop_keepalive()
+        self._cancel_timer()
+        self.machine = None  # the binding names a flow nobody can reach us on any more
+        if peer is not None:
+            self.gateway.endpoint.transport.drop(peer)
+        self._connect_failures = 1  # a connect failing after this backs off from here
+        retry_in = self.backoff.delay(1, self.draw())
+        self._emit(StateChanged(old, RegistrationState.FAILED, event.reason))
+        self._emit(Failed(event.reason, retry_in))
+        self._restart = asyncio.get_running_loop().call_later(retry_in, self._restart_now)
+
+    def _restart_now(self) -> None:
+        self._restart = None
+        if not self._closing:
+            self.start()

@@ -19,6 +19,16 @@ class CallOutcome(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
+class FailureCause(str, enum.Enum):
+    """Why a call failed on our side before any final response came back. The SIP code of
+    such a call (503, 408) is ours, not the peer's: this says what actually happened."""
+
+    TLS_CERTIFICATE = "tls_certificate_rejected"  # the peer's certificate did not verify
+    TLS_HANDSHAKE = "tls_handshake_failed"  # TLS failed otherwise (protocol, cipher...)
+    CONNECT = "connect_failed"  # refused, unreachable or timed out
+    NO_RESPONSE = "no_response"  # the INVITE went out; nothing came back (timer B)
+
+
 _BUSY = {486, 600}
 _NO_ANSWER = {408, 480}
 _REJECTED = {401, 403, 404, 407, 484, 485, 488, 603, 604, 606}
@@ -74,6 +84,7 @@ class CallResult:
     # Ended by its RFC 4028 session timer (the peer stopped refreshing, or our refresh
     # failed): the reason says which. Not a hang-up by either person.
     session_expired: bool = False
+    failure: FailureCause | None = None  # a failure of ours (see FailureCause); else None
 
     @property
     def digits(self) -> str:
@@ -93,6 +104,7 @@ class CallResult:
         data["digits"] = self.digits
         data["dtmf_method"] = self.dtmf_method
         data["dtmf"] = data.pop("received")
+        data["failure"] = self.failure.value if self.failure is not None else None
         return data
 
 

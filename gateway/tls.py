@@ -13,6 +13,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.result import FailureCause
+
 __all__ = [
     "DEFAULT_SIPS_PORT",
     "TLS_HANDSHAKE_TIMEOUT",
@@ -93,6 +95,15 @@ class TlsServerSettings:
             context.load_verify_locations(cafile=str(self.client_ca_file))
             context.verify_mode = ssl.CERT_REQUIRED
         return context
+
+
+def tls_failure_cause(exc: BaseException) -> FailureCause:
+    """What kind of failure `describe_tls_error` describes, for call results."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return FailureCause.TLS_CERTIFICATE
+    if isinstance(exc, ssl.SSLError):
+        return FailureCause.TLS_HANDSHAKE
+    return FailureCause.CONNECT
 
 
 def describe_tls_error(exc: BaseException) -> str:

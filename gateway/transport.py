@@ -39,13 +39,23 @@ from gateway.metrics import (
     SipDropReason,
     TcpCloseReason,
 )
-from gateway.sip.message import BadRequest, Request, Response, Via, parse_message, top_via
+from gateway.result import FailureCause
+from gateway.sip.message import (
+    BadRequest,
+    Request,
+    Response,
+    Via,
+    parse_message,
+    to_wire,
+    top_via,
+)
 from gateway.tls import (
     DEFAULT_SIPS_PORT,
     TLS_HANDSHAKE_TIMEOUT,
     TlsClientSettings,
     TlsServerSettings,
     describe_tls_error,
+    tls_failure_cause,
 )
 
 __all__ = [
@@ -124,7 +134,12 @@ class TcpLimits:
 
 
 class TransportError(OSError):
-    """Sending failed (no listener, refused or timed-out connect, closed transport)."""
+    """Sending failed (no listener, refused or timed-out connect, closed transport);
+    ``cause`` says what kind of connect failure it was, when it was one."""
+
+    def __init__(self, message: str, *, cause: FailureCause | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass
@@ -146,6 +161,7 @@ class StreamEvent(enum.Enum):
     """Non-message frames the stream framer reports."""
 
     PING = "ping"  # RFC 5626 double-CRLF keep-alive, to be answered with a single CRLF
+    PONG = "pong"  # a single CRLF: the answer to our ping, or one before a start line
     OVERSIZE = "oversize"  # a message above the size cap was skipped
 
 
@@ -195,6 +211,16 @@ class SipStreamFramer:
         self._scan_from = 0
         self._pending = 0  # size of a message whose header is in, awaiting its body
         self._failed = False
+        # We pinged: a lone CRLF is the pong, not the first half of a ping split in two.
+        self.awaiting_pong = False
+
+    def expect_pong(self) -> None:
+        """We just pinged: a lone CRLF from now on is the pong. One held back from before
+        (as a possible first half of a ping) was a stray: dropped, so that it does not
+        join the pong into what would read as a ping."""
+        self.awaiting_pong = True
+        if self._buffer == b"\r\n" and not self._pending and not self._skip:
+            self._buffer.clear()
 
     @property
     def partial(self) -> bool:
@@ -232,10 +258,16 @@ class SipStreamFramer:
                 frames.append(StreamEvent.PING)
                 self._scan_from = 0
                 continue
+            if buffer == b"\r\n" and self.awaiting_pong:
+                del buffer[:2]
+                frames.append(StreamEvent.PONG)
+                self._scan_from = 0
+                continue
             if _HEADER_END.startswith(buffer):
                 break  # possibly a ping split across reads
             if buffer.startswith(b"\r\n"):
-                del buffer[:2]  # a pong, or CRLF before a start line (RFC 3261 7.5): ignored
+                del buffer[:2]  # a pong, or CRLF before a start line (RFC 3261 7.5)
+                frames.append(StreamEvent.PONG)
                 self._scan_from = 0
                 continue
             end = buffer.find(_HEADER_END, self._scan_from)
@@ -377,6 +409,7 @@ class _StreamProtocol(asyncio.Protocol):
         self.last_traffic = self.opened_at
         self.partial_since: float | None = None  # a message begun but not complete since
         self.completed_any = False
+        self._on_pong: Callable[[], None] | None = None  # our ping's, called once
 
     def expired(self, now: float, limits: TcpLimits) -> TcpCloseReason | None:
         """Why this inbound connection should be closed at ``now``, if it should."""
@@ -431,6 +464,8 @@ class _StreamProtocol(asyncio.Protocol):
                 self._owner._deliver(frame, self.peer)
             elif frame is StreamEvent.PING:
                 self.transport.write(_PONG)
+            elif frame is StreamEvent.PONG:
+                self._pong()
             elif frame is StreamEvent.OVERSIZE:
                 self._owner._count_oversize(self.peer, "message above size limit skipped")
             else:
@@ -448,6 +483,19 @@ class _StreamProtocol(asyncio.Protocol):
         self._owner._unregister(self)
         if not self.lost.done():
             self.lost.set_result(None)
+
+    def ping(self, on_pong: Callable[[], None]) -> None:
+        """Write an RFC 5626 keep-alive ping; ``on_pong`` is called when a CRLF comes back.
+        A CRLF that nobody awaits (a stray one before a start line) is ignored."""
+        self.write(_HEADER_END)
+        self._on_pong = on_pong
+        self._framer.expect_pong()
+
+    def _pong(self) -> None:
+        self._framer.awaiting_pong = False
+        callback, self._on_pong = self._on_pong, None
+        if callback is not None:
+            callback()
 
     def write(self, data: bytes) -> None:
         """Queue ``data``; refuse when the connection is gone or the peer stopped reading."""
@@ -497,7 +545,7 @@ class SipTransport:
         # keyed (kind, host, port): a TLS and a TCP connection never stand in for each other
         self._connections: dict[tuple[str, str, int], _StreamProtocol] = {}
         self._connecting: dict[tuple[str, str, int], asyncio.Task[_StreamProtocol]] = {}
-        self._connect_errors: OrderedDict[tuple[str, str, int], str] = OrderedDict()
+        self._connect_errors: OrderedDict[tuple[str, str, int], TransportError] = OrderedDict()
 
     @property
     def closed(self) -> bool:
@@ -603,7 +651,13 @@ class SipTransport:
     def connect_error(self, peer: Peer) -> str | None:
         """Why the last connection attempt to ``peer`` failed (TLS verification, refused,
         timed out), until a later one succeeds; None when it did not fail."""
-        return self._connect_errors.get(_key(peer.transport, peer.host, peer.port))
+        error = self._connect_errors.get(_key(peer.transport, peer.host, peer.port))
+        return str(error) if error is not None else None
+
+    def connect_failure(self, peer: Peer) -> FailureCause | None:
+        """The kind of `connect_error` (a certificate that did not verify...), if any."""
+        error = self._connect_errors.get(_key(peer.transport, peer.host, peer.port))
+        return error.cause if error is not None else None
 
     async def close(self) -> None:
         """Stop listening and close every connection; idempotent."""
@@ -635,8 +689,9 @@ class SipTransport:
 
     # -- sending ---------------------------------------------------------------------
 
-    async def send(self, message: Request | Response, peer: Peer) -> None:
-        """Send ``message`` to ``peer``, fixing Content-Length first.
+    async def send(self, message: Request | Response | bytes, peer: Peer) -> None:
+        """Send ``message`` to ``peer``, fixing Content-Length first (bytes go as they are:
+        a lingering transaction's re-send of a message it serialised before).
 
         UDP leaves from the listening socket so replies come back to it (RFC 3581).
         TCP and TLS reuse any open connection to the peer, inbound ones included.
@@ -644,11 +699,13 @@ class SipTransport:
         self._check_open()
         if not 0 < peer.port < 65536:
             raise TransportError(f"invalid port in {peer}")
-        message.content_length = len(message.body)
-        try:
-            data = bytes(message)
-        except (ValueError, TypeError) as exc:
-            raise TransportError(f"cannot serialise message for {peer}: {exc}") from exc
+        if isinstance(message, bytes):
+            data = message
+        else:
+            try:
+                data = to_wire(message)
+            except (ValueError, TypeError) as exc:
+                raise TransportError(f"cannot serialise message for {peer}: {exc}") from exc
         kind = peer.transport.lower()
         if kind == "udp":
             await self._send_udp(data, peer)
@@ -660,6 +717,10 @@ class SipTransport:
         self.stats.sent += 1
 
     async def send_response(self, response: Response, request_source: Peer) -> None:
+        """Send a response where `response_target` routes it."""
+        await self.send(response, self.response_target(response, request_source))
+
+    def response_target(self, response: Response, request_source: Peer) -> Peer:
         """Route a response per RFC 3261 18.2.2 and RFC 3581.
 
         TCP/TLS: the connection the request arrived on, else a new one to ``received`` (or
@@ -675,21 +736,17 @@ class SipTransport:
         kind = request_source.transport.lower()
         if kind in STREAM_TRANSPORTS:
             if self.has_connection(request_source):
-                await self.send(response, request_source)
-                return
+                return request_source
             port = via.port or (DEFAULT_SIPS_PORT if kind == "tls" else DEFAULT_SIP_PORT)
-            await self.send(response, Peer(kind, host, port, request_source.tls))
-            return
+            return Peer(kind, host, port, request_source.tls)
         sent_by_port = via.port or DEFAULT_SIP_PORT
         rport = _valid_port(via.parameters.get("rport"))
         maddr = via.parameters.get("maddr")
         if rport is not None:
-            target = Peer("udp", host, rport)
-        elif maddr:
-            target = Peer("udp", maddr.strip("[]"), sent_by_port)
-        else:
-            target = Peer("udp", host, sent_by_port)
-        await self.send(response, target)
+            return Peer("udp", host, rport)
+        if maddr:
+            return Peer("udp", maddr.strip("[]"), sent_by_port)
+        return Peer("udp", host, sent_by_port)
 
     async def _send_udp(self, data: bytes, peer: Peer) -> None:
         udp = self._udp
@@ -720,6 +777,23 @@ class SipTransport:
         else:
             target = str(address)
         udp.sendto(data, (target, peer.port))
+
+    def ping(self, peer: Peer, on_pong: Callable[[], None]) -> None:
+        """Send an RFC 5626 keep-alive ping on the open connection to ``peer``; ``on_pong``
+        is called once its pong arrives. TransportError when there is no such connection
+        or the write is refused: the flow is dead already."""
+        connection = self._find_connection(_key(peer.transport, peer.host, peer.port))
+        if connection is None:
+            raise TransportError(f"no open connection to {peer}")
+        connection.ping(on_pong)
+
+    def drop(self, peer: Peer) -> None:
+        """Abort the connection to ``peer`` (a flow found dead): nothing more is sent on
+        it, and whoever sends to ``peer`` next opens a new one."""
+        key = _key(peer.transport, peer.host, peer.port)
+        connection = self._connections.get(key)
+        if connection is not None and connection.transport is not None:
+            connection.transport.abort()
 
     def has_connection(self, peer: Peer) -> bool:
         """True while a usable TCP/TLS connection to ``peer`` is open (inbound or ours)."""
@@ -759,7 +833,9 @@ class SipTransport:
         if error is None:
             self._connect_errors.pop(key, None)
             return
-        self._connect_errors[key] = str(error)
+        if not isinstance(error, TransportError):
+            error = TransportError(str(error), cause=FailureCause.CONNECT)
+        self._connect_errors[key] = error
         self._connect_errors.move_to_end(key)
         while len(self._connect_errors) > MAX_CONNECT_ERRORS:
             self._connect_errors.popitem(last=False)
@@ -785,8 +861,12 @@ class SipTransport:
                     lambda: _StreamProtocol(self, kind=kind), host, port, **options
                 )
         except (OSError, ValueError) as exc:  # TimeoutError, refused, ssl.SSLError
-            reason = describe_tls_error(exc) if kind == "tls" else repr(exc)
-            raise TransportError(f"cannot connect to {kind}:{host}:{port}: {reason}") from exc
+            secure = kind == "tls"
+            reason = describe_tls_error(exc) if secure else repr(exc)
+            cause = tls_failure_cause(exc) if secure else FailureCause.CONNECT
+            raise TransportError(
+                f"cannot connect to {kind}:{host}:{port}: {reason}", cause=cause
+            ) from exc
         if not protocol.usable:
             raise TransportError(f"connection to {kind}:{host}:{port} closed at once")
         if _ip(host) is None:

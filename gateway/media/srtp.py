@@ -46,6 +46,12 @@ class SrtpMode(enum.Enum):
     OPTIONAL = "optional"  # RTP/AVP with a=crypto (RFC 4568 best effort): SRTP if answered
     OFF = "off"  # plain RTP; SRTP offers are refused
 
+    @classmethod
+    def from_yaml(cls, value: object) -> object:
+        """YAML 1.1 reads an unquoted ``off`` as false: take that for ``off`` (a pydantic
+        before-validator); anything else is left for the enum to accept or refuse."""
+        return cls.OFF.value if value is False else value
+
 
 @dataclass(frozen=True)
 class SrtpPolicy:

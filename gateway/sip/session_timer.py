@@ -1,8 +1,9 @@
 """RFC 4028 session timers: negotiation and the refresh/expiry clock, sans-IO.
 
 A session timer keeps a dialog from outliving a peer that vanished without a BYE: one side
-(the refresher) re-INVITEs before the interval runs out, and either side ends the call
-when no refresh came. This module parses and builds the headers, negotiates interval and
+(the refresher) sends a refresh (UPDATE when the peer allows it, as RFC 4028 prefers, else
+a re-INVITE) before the interval runs out, and either side ends the call when no refresh
+came. This module parses and builds the headers, negotiates interval and
 refresher for both roles, and runs `SessionTimer`, a clock-free state machine telling the
 call when to refresh and when the session is over.
 """
@@ -24,6 +25,7 @@ __all__ = [
     "OPTION_TIMER",
     "ExpiryReason",
     "RefreshDue",
+    "RefreshMethod",
     "Refresher",
     "SessionExpired",
     "SessionExpires",
@@ -35,6 +37,7 @@ __all__ = [
     "negotiate_uas",
     "parse_min_se",
     "parse_session_expires",
+    "refresh_method",
     "request_headers",
     "response_headers",
     "retry_interval_after_422",
@@ -114,6 +117,24 @@ def parse_min_se(message: Request | Response) -> int | None:
         return None
     head = value.split(";", 1)[0].strip()
     return int(head) if head.isascii() and head.isdigit() else None
+
+
+class RefreshMethod(enum.Enum):
+    """How we refresh a session we are the refresher of."""
+
+    UPDATE = "UPDATE"  # RFC 3311, no offer: RFC 4028 9 prefers it when the peer allows it
+    INVITE = "INVITE"  # every peer takes one; it carries our last SDP again
+
+
+def refresh_method(message: Request | Response, current: RefreshMethod) -> RefreshMethod:
+    """UPDATE when ``message`` (the peer's INVITE, or its 2xx to ours) lists it in Allow,
+    INVITE when its Allow leaves UPDATE out; ``current`` when it has no Allow at all
+    (which says nothing either way, RFC 3261 20.5)."""
+    values = message.headers.getlist("Allow")
+    if not values:
+        return current
+    allowed = {m.strip().upper() for value in values for m in value.split(",")}
+    return RefreshMethod.UPDATE if "UPDATE" in allowed else RefreshMethod.INVITE
 
 
 def retry_interval_after_422(response: Response, asked: int, limit: int) -> int | None:

@@ -4,6 +4,12 @@ Sans-IO state machines in the h11 style: the caller feeds in received messages, 
 ticks and transport errors together with the current monotonic time ``now``, then drains
 ``messages_to_send()`` and ``next_event()``. Nothing here touches sockets or clocks, so a
 whole call flow (including 32-second timeouts) can be replayed in microseconds in tests.
+
+Once its final response is in, a transaction only lingers (timers D, I, J, K, L, M: up to
+32 s over UDP) to absorb retransmissions. Lingering, it keeps its key and, where it has
+something to re-send (our ACK for a non-2xx, our last response), that message's bytes:
+never a parsed message. At 200 calls per second thousands of transactions linger, and
+parsed messages kept for them were most of what each full collection had to walk.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import TypeAlias
 
 from sipmessage import CSeq, Request, Response
 
-from gateway.sip.message import BRANCH_MAGIC, top_via
+from gateway.sip.message import BRANCH_MAGIC, to_wire, top_via
 
 __all__ = [
     "AckReceived",
@@ -179,19 +185,23 @@ class _Transaction(abc.ABC):
     """Timer bookkeeping and output queues shared by all four state machines."""
 
     def __init__(
-        self, request: Request, *, reliable: bool, timers: TimerSettings, state: TransactionState
+        self, key: str, *, reliable: bool, timers: TimerSettings, state: TransactionState
     ) -> None:
-        self.request = request
         self.reliable = reliable
         self.timers = timers
         self.state = state
-        self._key = transaction_key(request)
+        self._key = key
         self._deadlines: dict[str, float] = {}
         self._events: deque[Event] = deque()
 
     @property
     def key(self) -> str:
         return self._key
+
+    @property
+    @abc.abstractmethod
+    def holds_message(self) -> bool:
+        """Whether a parsed request or response is still kept (False once lingering)."""
 
     def next_timer_at(self) -> float | None:
         """Earliest pending deadline, or None when no timer is armed."""
@@ -226,6 +236,11 @@ class _Transaction(abc.ABC):
     def _fire(self, name: str, now: float) -> None:
         """React to timer ``name`` expiring at ``now``."""
 
+    @abc.abstractmethod
+    def _shed(self) -> None:
+        """Let go of parsed messages: the transaction from now on only absorbs or
+        re-sends bytes."""
+
     def _arm(self, name: str, now: float, delay: float) -> None:
         self._deadlines[name] = now + delay
 
@@ -250,24 +265,41 @@ class _Transaction(abc.ABC):
             return
         self.state = TransactionState.TERMINATED
         self._deadlines.clear()
+        self._shed()
         self._events.append(TransactionTerminated())
 
 
 class _ClientTransaction(_Transaction):
-    """Client side: owns the request and its retransmissions."""
+    """Client side: owns the request and its retransmissions until a final response."""
 
     def __init__(
         self, request: Request, *, reliable: bool, timers: TimerSettings, state: TransactionState
     ) -> None:
-        super().__init__(request, reliable=reliable, timers=timers, state=state)
-        self._outgoing: list[Request] = []
+        super().__init__(transaction_key(request), reliable=reliable, timers=timers, state=state)
+        self._request: Request | None = request
+        self._outgoing: list[Request | bytes] = []
         self._started = False
         self._interval = timers.t1
 
-    def messages_to_send(self) -> list[Request]:
-        """Drain requests (original, retransmissions, ACKs) the TU must put on the wire."""
+    @property
+    def request(self) -> Request:
+        """The request, while the transaction still needs it (until a final response)."""
+        if self._request is None:
+            raise TransactionError("the request was let go when the transaction completed")
+        return self._request
+
+    @property
+    def holds_message(self) -> bool:
+        return self._request is not None
+
+    def messages_to_send(self) -> list[Request | bytes]:
+        """Drain requests (original, retransmissions, ACKs) the TU must put on the wire;
+        bytes are re-sends of a message already sent once (an ACK for a non-2xx)."""
         out, self._outgoing = self._outgoing, []
         return out
+
+    def _shed(self) -> None:
+        self._request = None
 
     def _start(self, now: float, retransmit_timer: str, timeout_timer: str, timeout: float) -> None:
         if self._started:
@@ -296,7 +328,7 @@ class ClientInviteTransaction(_ClientTransaction):
         if request.method != "INVITE":
             raise TransactionError(f"{request.method} needs a non-INVITE client transaction")
         super().__init__(request, reliable=reliable, timers=timers, state=TransactionState.CALLING)
-        self._ack: Request | None = None
+        self._ack: bytes | None = None  # our ACK for a non-2xx final, as sent
 
     def start(self, now: float) -> None:
         """Queue the INVITE and arm timer A (unreliable only) and timer B."""
@@ -323,13 +355,17 @@ class ClientInviteTransaction(_ClientTransaction):
                 self._cancel("A", "B")
                 self.state = TransactionState.ACCEPTED
                 self._arm("M", now, self.timers.timer_m)
+                self._shed()
                 self._events.append(ResponseReceived(response))
             else:
                 self._cancel("A", "B")
-                self._ack = self._build_ack(response)
-                self._outgoing.append(self._ack)
+                ack = self._build_ack(response)
+                self._outgoing.append(ack)
                 self._events.append(ResponseReceived(response))
                 self._linger(TransactionState.COMPLETED, "D", now, self.timers.timer_d)
+                if self.state is TransactionState.COMPLETED:
+                    self._ack = to_wire(ack)
+                self._shed()
         elif state is TransactionState.COMPLETED:
             # A retransmitted final means our ACK was lost; the TU already has it.
             if code >= 300 and self._ack is not None:
@@ -352,6 +388,11 @@ class ClientInviteTransaction(_ClientTransaction):
             self._timeout("cancel")
         elif name in ("D", "M"):
             self._terminate()
+
+    def _shed(self) -> None:
+        super()._shed()
+        if self.state is TransactionState.TERMINATED:
+            self._ack = None
 
     def _build_ack(self, response: Response) -> Request:
         """RFC 3261 §17.1.1.3: the ACK for a non-2xx final belongs to this transaction."""
@@ -396,6 +437,7 @@ class ClientNonInviteTransaction(_ClientTransaction):
         else:
             self._cancel("E", "F")
             self._linger(TransactionState.COMPLETED, "K", now, self.timers.timer_k)
+            self._shed()
 
     def _fire(self, name: str, now: float) -> None:
         if name == "E" and self.state is TransactionState.TRYING:
@@ -412,19 +454,34 @@ class ClientNonInviteTransaction(_ClientTransaction):
 
 
 class _ServerTransaction(_Transaction):
-    """Server side: remembers the last response to answer retransmitted requests."""
+    """Server side: remembers the last response to answer retransmitted requests.
+
+    The request itself is never kept (its key is all matching needs); a provisional is
+    kept as sent, a final one that may have to be re-sent only as its bytes.
+    """
 
     def __init__(
         self, request: Request, *, reliable: bool, timers: TimerSettings, state: TransactionState
     ) -> None:
-        super().__init__(request, reliable=reliable, timers=timers, state=state)
-        self._outgoing: list[Response] = []
-        self.last_response: Response | None = None
+        super().__init__(transaction_key(request), reliable=reliable, timers=timers, state=state)
+        self._outgoing: list[Response | bytes] = []
+        self._last: Response | bytes | None = None
 
-    def messages_to_send(self) -> list[Response]:
-        """Drain responses (TU's and retransmissions) the TU must put on the wire."""
+    @property
+    def holds_message(self) -> bool:
+        return isinstance(self._last, Response)
+
+    def messages_to_send(self) -> list[Response | bytes]:
+        """Drain responses (TU's and retransmissions) the TU must put on the wire; bytes
+        re-send the final response already sent once, to the same destination."""
         out, self._outgoing = self._outgoing, []
         return out
+
+    def _shed(self) -> None:
+        if self.state is TransactionState.TERMINATED or self.state is TransactionState.ACCEPTED:
+            self._last = None  # nothing left to re-send (the TU re-sends its own 2xx)
+        elif isinstance(self._last, Response):
+            self._last = to_wire(self._last)
 
     def _check_response(self, response: Response) -> None:
         if transaction_key(response) != self._key:
@@ -437,12 +494,12 @@ class _ServerTransaction(_Transaction):
         first instead of catching the TransactionError meant for real bugs."""
 
     def _send(self, response: Response) -> None:
-        self.last_response = response
+        self._last = response
         self._outgoing.append(response)
 
     def _resend_last(self) -> None:
-        if self.last_response is not None:
-            self._outgoing.append(self.last_response)
+        if self._last is not None:
+            self._outgoing.append(self._last)
 
 
 class ServerInviteTransaction(_ServerTransaction):
@@ -474,13 +531,15 @@ class ServerInviteTransaction(_ServerTransaction):
             if 200 <= code < 300:
                 self.state = TransactionState.ACCEPTED
                 self._arm("L", now, self.timers.timer_l)
+                self._shed()
             elif code >= 300:
                 self.state = TransactionState.COMPLETED
                 if not self.reliable:
                     self._arm("G", now, self.timers.t1)
                 self._arm("H", now, self.timers.timer_h)
+                self._shed()
         elif self.state is TransactionState.ACCEPTED and 200 <= code < 300:
-            self._send(response)  # TU-driven 2xx retransmission (RFC 6026 §8.5)
+            self._outgoing.append(response)  # TU-driven 2xx retransmission (RFC 6026 §8.5)
         else:
             raise TransactionError(f"cannot send {code} in state {self.state.name}")
 
@@ -532,6 +591,7 @@ class ServerNonInviteTransaction(_ServerTransaction):
             self.state = TransactionState.PROCEEDING
         else:
             self._linger(TransactionState.COMPLETED, "J", now, self.timers.timer_j)
+            self._shed()
 
     def receive_request(self, request: Request, now: float) -> None:
         if transaction_key(request) != self._key:

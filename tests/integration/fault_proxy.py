@@ -2,7 +2,9 @@
 
 The process under test connects to PostgreSQL or Redis through the proxy; `cut()` resets
 every connection and refuses new ones (what a crashed or restarting server looks like from
-the client), `restore()` lets connections through again on the same port.
+the client), `restore()` lets connections through again on the same port. `blackhole()` is
+the silent kind of failure (a NAT that forgot the mapping, a peer that hangs): connections
+stay open, new ones are accepted, and nothing gets through either way until `restore()`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
+        self.blackholed = False
 
     async def __aenter__(self) -> FaultProxy:
         await self.restore()
@@ -35,7 +38,12 @@ class FaultProxy:
     def up(self) -> bool:
         return self._server is not None
 
+    def blackhole(self) -> None:
+        """Swallow every byte from now on, both ways, on open and new connections."""
+        self.blackholed = True
+
     async def restore(self) -> None:
+        self.blackholed = False
         if self._server is None:
             self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
 
@@ -53,6 +61,14 @@ class FaultProxy:
             await server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.blackholed:  # accepted, then never answered
+            self._writers.add(writer)
+            with contextlib.suppress(OSError):
+                while await reader.read(65536):
+                    pass
+            self._writers.discard(writer)
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -72,10 +88,11 @@ class FaultProxy:
             for w in (writer, up_writer):
                 w.transport.abort()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                if self.blackholed:
+                    continue
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from api.voice_channel import classify_call
+from escalation.channels.base import DeliveryStatus
 from gateway.call import Call, Gateway, GatewayConfig
 from gateway.media.srtp import SrtpMode, SrtpPolicy
-from gateway.result import CallResult
+from gateway.result import CallOutcome, CallResult, FailureCause
 from gateway.tls import TlsClientSettings, TlsServerSettings
 from tests.integration.baresip_peer import baresip_uac, baresip_uas
 from tests.tls_certs import PkiFiles, make_pki
@@ -147,16 +149,75 @@ async def test_required_srtp_against_baresip_without_srtp_fails_cleanly(
     assert (result.outcome.value, result.sip_code) == ("rejected", 488), result
 
 
-async def test_baresip_with_a_certificate_from_another_ca_is_refused(
+@pytest.mark.parametrize("listener", [False, True], ids=["connect-first", "tls-listener"])
+async def test_baresip_with_a_certificate_from_another_ca_is_refused_fast_and_said_so(
+    tmp_path: Path, pki: PkiFiles, listener: bool
+) -> None:
+    """Whether the connection is opened before the INVITE (no TLS listener of ours) or by
+    sending it (with one), the call fails within the handshake, not the ring timeout,
+    and its result and delivery outcome name the certificate, not a SIP code."""
+    other = make_pki(tmp_path / "other", name="other")
+    config = GatewayConfig(host="127.0.0.1", udp_port=None)
+    if listener:
+        config = GatewayConfig(host="127.0.0.1", udp_port=None, tls_port=0,
+                               tls=TlsServerSettings(pki.cert, pki.key))  # fmt: skip
+    with baresip_uas(tmp_path, transport="tls", certificate=other.bundle, dtmf="") as peer:
+        async with Gateway(config) as gateway:
+            started = asyncio.get_running_loop().time()
+            call = await gateway.dial(
+                peer.uri, tls=TlsClientSettings(ca_file=pki.ca_cert), ring_timeout=30
+            )
+            result = await call.wait_ended(5)
+            took = asyncio.get_running_loop().time() - started
+    assert took < 3.0, took
+    assert not call.answered
+    assert result.outcome is CallOutcome.FAILED
+    assert result.failure is FailureCause.TLS_CERTIFICATE
+    assert "TLS certificate verification failed" in result.reason
+    assert "unable to get local issuer certificate" in result.reason
+    delivery = classify_call(result, "")
+    assert (delivery.status, delivery.reason) == (
+        DeliveryStatus.FAILED_RETRYABLE, "tls_certificate_rejected",
+    )  # fmt: skip
+    assert "TLS certificate verification failed" in delivery.details["error"]
+    assert not peer.established
+    assert not [m for m in peer.sip_messages() if m.first_line.startswith("INVITE")]
+
+
+async def test_an_alert_call_through_a_tls_trunk_with_the_wrong_ca_fails_fast_and_audited(
     tmp_path: Path, pki: PkiFiles
 ) -> None:
+    """The alert path: the voice channel dials through a TLS trunk whose ca_file does not
+    vouch for the carrier's certificate. The delivery fails within the handshake with the
+    reason in its details (what the engine writes to the alert's audit trail), the
+    attempt counts against the trunk's health, and the carrier never sees an INVITE."""
+    from api.voice_channel import CarrierDialer, VoiceChannel
+    from carriers.router import CarrierRouter
+    from carriers.trunk import Trunk
+    from tests.fakes import make_notification
+
     other = make_pki(tmp_path / "other", name="other")
     with baresip_uas(tmp_path, transport="tls", certificate=other.bundle, dtmf="") as peer:
+        trunk = Trunk.model_validate(
+            {"name": "tlscarrier", "host": "127.0.0.1", "port": peer.signalling_port,
+             "transport": "tls", "tls": {"ca_file": str(pki.ca_cert)}}
+        )  # fmt: skip
         async with Gateway(GatewayConfig(host="127.0.0.1", udp_port=None)) as gateway:
-            call = await gateway.dial(
-                peer.uri, tls=TlsClientSettings(ca_file=pki.ca_cert), ring_timeout=10
-            )
-    assert call.result is not None
-    assert not call.answered
-    assert "TLS certificate verification failed" in call.result.reason
-    assert not peer.established
+            router = CarrierRouter(gateway, [trunk], allowed_countries=["US"])
+            try:
+                channel = VoiceChannel(CarrierDialer(router), ring_timeout=30)
+                started = asyncio.get_running_loop().time()
+                delivery = await asyncio.wait_for(
+                    channel.send(make_notification("voice", phone="+14155550101")), 10
+                )
+                took = asyncio.get_running_loop().time() - started
+            finally:
+                await router.close()
+    assert took < 3.0, took
+    assert (delivery.status, delivery.reason) == (DeliveryStatus.FAILED_RETRYABLE, "no_route")
+    error = delivery.details["error"]
+    assert "tlscarrier" in error, error
+    assert "TLS certificate verification failed" in error, error
+    assert "unable to get local issuer certificate" in error, error
+    assert router.health["tlscarrier"].call_failures == 1  # a carrier failure: failover
+    assert not [m for m in peer.sip_messages() if m.first_line.startswith("INVITE")]

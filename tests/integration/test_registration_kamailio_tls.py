@@ -19,8 +19,10 @@ from carriers.router import CarrierRouter
 from carriers.trunk import Trunk
 from gateway.admission import InboundGuard, RefusalReport, TrustedTrunk
 from gateway.call import Call, Gateway, GatewayConfig
-from gateway.sip.registration import Backoff, Event, Registered, RegistrationState
+from gateway.sip.keepalive import KeepAliveSettings, KeepAliveState
+from gateway.sip.registration import Backoff, Event, Failed, Registered, RegistrationState
 from gateway.sip.transaction import TimerSettings
+from tests.integration.fault_proxy import FaultProxy
 from tests.integration.kamailio import Kamailio, kamailio
 from tests.integration.peers import sipp
 from tests.integration.test_registration_kamailio import (
@@ -200,3 +202,76 @@ async def test_a_dropped_registrar_connection_is_replaced_and_its_new_contact_re
                 await router.close()
             assert client.outcome is not None
             assert client.outcome.unregistered
+
+
+async def test_a_black_holed_registrar_flow_is_found_by_keepalive_and_registered_anew(
+    tmp_path: Path,
+) -> None:
+    """RFC 5626 CRLF keep-alive against Kamailio: its pongs keep the flow up; once the path
+    swallows everything (a relay the test controls, between us and Kamailio's TLS port)
+    the missing pong drops the flow within the keep-alive bound, the trunk is down while
+    new connections go nowhere, and once the path is back a new flow is registered."""
+    pki = make_pki(tmp_path / "pki")
+    password = secrets.token_hex(8)
+    (tmp_path / "kamailio").mkdir()
+    with kamailio(
+        tmp_path / "kamailio", user=USER, password=password, min_expires=1, tls=pki
+    ) as registrar:
+        assert registrar.tls_port is not None
+        async with FaultProxy("127.0.0.1", registrar.tls_port) as path:
+            trunk = Trunk.model_validate(
+                {"name": TRUNK, "host": "127.0.0.1", "port": path.port, "transport": "tls",
+                 "tls": {"ca_file": str(pki.ca_cert)},
+                 "register": {"username": USER, "password": password, "expires": 600,
+                              "contact_user": CONTACT_USER,
+                              "keepalive": 1.0, "keepalive_timeout": 1.0}}
+            )  # fmt: skip
+            config = GatewayConfig(host="127.0.0.1", udp_port=0, timers=TimerSettings(t1=0.05))
+            async with Gateway(config) as gw:
+                changes: asyncio.Queue[HealthChange] = asyncio.Queue()
+                router = CarrierRouter(gw, [trunk], allowed_countries=["US"],
+                                       on_health_change=changes.put_nowait)  # fmt: skip
+                registrations = TrunkRegistrations(
+                    gw, router.trunks, router.health, backoff=Backoff(1.0, 4.0), draw=lambda: 0.0
+                )
+                client = registrations.clients[TRUNK]
+                events: list[Event] = []
+                tee_events(client, events.append)
+                registrations.start()
+                try:
+                    await until_state(changes, RegistrationState.REGISTERED, 10)
+                    assert client.machine is not None
+                    first = client.machine.settings.contact
+                    # Kamailio answers the pings: five intervals go by and the flow stands.
+                    await asyncio.sleep(5.0)
+                    assert client.keepalive is not None
+                    assert client.keepalive.state is not KeepAliveState.FAILED
+                    assert not any(isinstance(e, Failed) for e in events), events
+                    assert router.health.usable(TRUNK)
+
+                    path.blackhole()
+                    cut_at = asyncio.get_running_loop().time()
+                    bound = KeepAliveSettings(1.0, pong_timeout=1.0).detection_bound
+                    change = await until_state(changes, RegistrationState.FAILED, bound + 2)
+                    detected_in = asyncio.get_running_loop().time() - cut_at
+                    assert detected_in <= bound + 0.5, detected_in
+                    assert change.reason.startswith("keep-alive: no pong"), change.reason
+                    assert not router.health.usable(TRUNK)
+
+                    # New connections go nowhere either (the TLS handshake times out):
+                    # the trunk stays down, retried with the back-off.
+                    await asyncio.sleep(3.0)
+                    assert not router.health.usable(TRUNK)
+
+                    await path.restore()
+                    await until_state(changes, RegistrationState.REGISTERED, 20)
+                    second = client.machine.settings.contact
+                    assert second.port != first.port
+                    dump = registrar.rpc("ul.dump")
+                    assert f"sip:{CONTACT_USER}@127.0.0.1:{second.port}" in dump, dump
+                    assert router.health.usable(TRUNK)
+                finally:
+                    await registrations.close()
+                    await router.close()
+                assert client.outcome is not None
+                assert client.outcome.unregistered

@@ -55,3 +55,23 @@ def test_serve_with_srtp_required_refuses_plain_rtp_and_answers_srtp(tmp_path: P
     assert call["srtp"] is True
     assert call["digits"] == "7"
     assert call["dtmf_method"] == "rfc4733"
+
+
+@pytest.mark.parametrize(
+    ("in_file", "env", "cli"),
+    [("required", {}, ()), ("off", {"ACKLINE_SIP_SRTP": "off"}, ("--srtp", "required"))],
+    ids=["file", "cli-over-env-and-file"],
+)
+def test_serve_takes_its_srtp_policy_from_the_file_or_the_cli(
+    tmp_path: Path, in_file: str, env: dict[str, str], cli: tuple[str, ...]
+) -> None:
+    """The policy comes from ackline.yaml too, and --srtp wins over the environment and
+    the file: either way `required` refuses a plain-RTP call over UDP with 488."""
+    config = tmp_path / "ackline.yaml"
+    config.write_text(f"inbound_srtp: {in_file}\n")
+    with serve_gateway(tmp_path, *cli, env={"ACKLINE_CONFIG": str(config), **env}) as (port, _):
+        (tmp_path / "sipp").mkdir()
+        with sipp(
+            "uac_refused.xml", tmp_path / "sipp", remote=f"127.0.0.1:{port}", CODE="488"
+        ) as plain:
+            assert plain.wait(timeout=20) == 0, plain.logs()

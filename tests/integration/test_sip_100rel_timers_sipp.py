@@ -215,6 +215,30 @@ async def test_refresher_uac_we_refresh_within_the_interval(tmp_path: Path, tran
     assert not result.session_expired
 
 
+async def test_a_callee_allowing_update_is_refreshed_with_update_then_reinvite_on_501(
+    tmp_path: Path,
+) -> None:
+    """RFC 4028 9 prefers UPDATE: the callee's 2xx lists it in Allow, so we refresh with
+    an UPDATE carrying no offer. When it refuses the next UPDATE (501: its Allow was
+    wrong), the same refresh goes out as a re-INVITE, and the call goes on."""
+    with sipp("uas_timer_refresher_uac_update.xml", tmp_path, SE="4", SE_MS="4000") as peer:
+        async with gateway(**LAB_TIMER) as gw:
+            call = await gw.dial(f"sip:+15550145@{peer.address}", ring_timeout=10)
+            assert call.answered, call.result
+            await wait_for(lambda: call.session_refreshes >= 1, 8, "the UPDATE refresh")
+            await wait_for(lambda: call.session_refreshes >= 2, 8, "the re-INVITE refresh")
+            assert not call.ended.is_set()
+            result = await call.hangup()
+        assert await sipp_exit(peer) == 0, peer.logs()
+        lines = [line.split() for line in peer.log_lines()]
+    # no offer in the UPDATE; the re-INVITE carries our SDP
+    assert lines[0][:6] == ["UPDATE", "1", "refresher=uac", "LENGTH", "0", "CSEQ"], lines
+    assert lines[0][7] == "UPDATE", lines
+    assert lines[1:] == [["UPDATE", "2", "refused"], ["REINVITE", "refresher=uac", "m=audio"]]
+    assert result.outcome is CallOutcome.ANSWERED
+    assert not result.session_expired
+
+
 async def test_refresh_glare_gets_491_and_our_refresh_is_retried(tmp_path: Path) -> None:
     """Both sides re-INVITE at once: theirs gets 491 while ours is pending; ours, answered
     491, goes out again half way to the expiry and keeps the call up."""

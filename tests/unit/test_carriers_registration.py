@@ -75,7 +75,7 @@ def test_register_settings_override_the_trunk(monkeypatch: pytest.MonkeyPatch) -
     assert "reg-pw" not in json.dumps(described)
     assert described["register"] == {
         "username": "acme-reg", "registrar": "reg.carrier-a.example:5070", "expires": 120,
-        "contact_user": "acme-in",
+        "contact_user": "acme-in", "keepalive": 30.0, "keepalive_timeout": 10.0,
     }  # fmt: skip
 
 

@@ -7,7 +7,7 @@ import pytest
 from api.voice_channel import SipUriDialer, classify_call
 from escalation.channels.base import DeliveryStatus as S
 from gateway.media.dtmf import DtmfMethod
-from gateway.result import CallOutcome, CallResult, ReceivedDigit
+from gateway.result import CallOutcome, CallResult, FailureCause, ReceivedDigit
 
 
 def result(
@@ -17,6 +17,7 @@ def result(
     digits: str = "",
     hangup_by: str | None = None,
     session_expired: bool = False,
+    failure: FailureCause | None = None,
 ) -> CallResult:
     return CallResult(
         outcome=outcome,
@@ -29,6 +30,7 @@ def result(
         hangup_by=hangup_by,
         received=[ReceivedDigit(d, DtmfMethod.RFC4733, 100 * i) for i, d in enumerate(digits)],
         session_expired=session_expired,
+        failure=failure,
     )
 
 
@@ -62,6 +64,13 @@ def result(
         (result(CallOutcome.REJECTED, 484), "", S.FAILED_PERMANENT, "rejected_sip_484"),
         (result(CallOutcome.FAILED, 503), "", S.FAILED_RETRYABLE, "sip_503"),
         (result(CallOutcome.FAILED, None), "", S.FAILED_RETRYABLE, "no_response"),
+        # failures of ours say what they were, not the SIP code we gave them
+        (result(CallOutcome.FAILED, 503, failure=FailureCause.TLS_CERTIFICATE), "",
+         S.FAILED_RETRYABLE, "tls_certificate_rejected"),
+        (result(CallOutcome.FAILED, 503, failure=FailureCause.CONNECT), "",
+         S.FAILED_RETRYABLE, "connect_failed"),
+        (result(CallOutcome.FAILED, 408, failure=FailureCause.NO_RESPONSE), "",
+         S.FAILED_RETRYABLE, "no_response"),
         (result(CallOutcome.CANCELLED, 487), "", S.CANCELLED, "call_cancelled"),
     ],
 )  # fmt: skip
@@ -70,6 +79,7 @@ def test_classify_call(call: CallResult, outcome: str, status: S, reason: str) -
     assert (got.status, got.reason) == (status, reason)
     assert got.provider_id == "c1@127.0.0.1"
     assert got.details["digits"] == call.digits
+    assert got.details.get("error") == ("x" if call.failure is not None else None)
 
 
 def test_dialer_template_needs_the_number() -> None:

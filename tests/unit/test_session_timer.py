@@ -10,6 +10,7 @@ from gateway.sip.session_timer import (
     ExpiryReason,
     RefreshDue,
     Refresher,
+    RefreshMethod,
     SessionExpired,
     SessionExpires,
     SessionTimer,
@@ -17,6 +18,7 @@ from gateway.sip.session_timer import (
     negotiate_uac,
     negotiate_uas,
     parse_session_expires,
+    refresh_method,
     retry_interval_after_422,
 )
 
@@ -173,3 +175,21 @@ def test_a_failed_refresh_is_retried_once_however_short_the_interval() -> None:
     timer.refresh_failed(491, 3.1)
     assert timer.next_timer_at() == 4.0  # no third try: the expiry decides
     assert _run(timer, 5) == [(4.0, SessionExpired(ExpiryReason.REFRESH_FAILED, 491))]
+
+
+@pytest.mark.parametrize(
+    ("allow", "current", "expected"),
+    [
+        ("Allow: INVITE, ACK, BYE, UPDATE\r\n", RefreshMethod.INVITE, RefreshMethod.UPDATE),
+        ("Allow: INVITE, ACK\r\nAllow: bye,update\r\n", RefreshMethod.INVITE,
+         RefreshMethod.UPDATE),  # several headers, any case
+        ("Allow: INVITE, ACK, BYE\r\n", RefreshMethod.UPDATE, RefreshMethod.INVITE),
+        ("Allow: INVITE, ACK, UPDATES\r\n", RefreshMethod.INVITE, RefreshMethod.INVITE),
+        ("", RefreshMethod.UPDATE, RefreshMethod.UPDATE),  # no Allow says nothing
+        ("", RefreshMethod.INVITE, RefreshMethod.INVITE),
+    ],
+)  # fmt: skip
+def test_refresh_with_update_only_when_the_peer_allows_it(
+    allow: str, current: RefreshMethod, expected: RefreshMethod
+) -> None:
+    assert refresh_method(_invite(allow), current) is expected

@@ -480,6 +480,22 @@ async def test_tcp_keepalive_ping_gets_pong(nodes: tuple[Node, Node]) -> None:
     writer.close()
 
 
+async def test_tcp_stray_crlfs_are_ignored_and_not_answered(nodes: tuple[Node, Node]) -> None:
+    _, b = nodes
+    reader, writer = await tcp_client(b.tcp())
+    writer.write(b"\r\n" + raw(options(transport="TCP", call_id="after-crlf")) + b"\r\n")
+    await writer.drain()
+    received, _ = await b.next()
+    assert received.call_id == "after-crlf"
+    writer.write(b"\r\n\r\n")  # a ping, after the trailing stray CRLF: three CRLFs
+    await writer.drain()
+    # One ping answered with one pong; the CRLF left over is ignored, not answered.
+    assert await asyncio.wait_for(reader.readexactly(2), WAIT) == b"\r\n"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.readexactly(1), 0.2)
+    writer.close()
+
+
 async def test_tcp_malformed_and_oversize_skipped_on_same_connection(
     nodes: tuple[Node, Node],
 ) -> None:
@@ -745,7 +761,8 @@ def test_framer_pipelined_pings_and_compact_length() -> None:
     compact = raw(options(transport="TCP", body=b"xyz")).replace(b"Content-Length:", b"l :")
     framer = SipStreamFramer(65535)
     frames = framer.feed(b"\r\n\r\n" + first + b"\r\n" + compact + b"\r\n\r")
-    assert frames == [StreamEvent.PING, first, compact]
+    # The CRLF before a start line reads as a pong: acted on only when we pinged.
+    assert frames == [StreamEvent.PING, first, StreamEvent.PONG, compact]
     assert framer.feed(b"\n") == [StreamEvent.PING]  # ping split across reads
 
 
