@@ -19,7 +19,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -29,7 +28,7 @@ from twilio.base.exceptions import TwilioRestException  # type: ignore[import-un
 from carriers.trunk import Trunk
 from carriers.twilio_api import twilio_client
 from gateway.media.dtmf import DtmfMethod
-from gateway.result import CallOutcome, CallResult, ReceivedDigit
+from gateway.result import CallOutcome, CallResult, CallTimes, ReceivedDigit
 from storage.outage import FailureLog, down_dependency
 
 __all__ = [
@@ -88,10 +87,8 @@ class TwilioCall:
         self.answered_by = ""
         self._client = client
         self._loop = asyncio.get_running_loop()
-        self._created = self._loop.time()
-        self._answered_at: float | None = None
-        self._answer_wallclock: str | None = None
-        self._pdd_ms: int | None = None
+        self._times = CallTimes()
+        self._times.start(self._loop.time())
         self._digits: list[ReceivedDigit] = []
         self._hangup_requested = False
         self._state_changed = asyncio.Event()
@@ -138,7 +135,7 @@ class TwilioCall:
         if not self.answered:  # a key means it was answered; that report may still come
             self._mark_answered()
         if digit:
-            at = self._ms_since(self._answered_at) if self._answered_at is not None else 0
+            at = self._times.since_answer_ms(self._loop.time())
             self._digits.append(ReceivedDigit(digit, DIGIT_METHOD, at))
         if outcome and not self.decided.is_set():
             self.outcome = outcome
@@ -148,8 +145,8 @@ class TwilioCall:
     def _on_status(self, report: Mapping[str, str]) -> None:
         status = report.get("CallStatus", "")
         self.answered_by = report.get("AnsweredBy") or self.answered_by
-        if status == "ringing" and self._pdd_ms is None:
-            self._pdd_ms = self._ms_since(self._created)
+        if status == "ringing":
+            self._times.respond(self._loop.time())
         elif status in ("in-progress", "answered") and not self.answered:
             self._mark_answered()
         elif status in FINAL_STATUSES:
@@ -157,10 +154,7 @@ class TwilioCall:
 
     def _mark_answered(self) -> None:
         self.answered = True
-        self._answered_at = self._loop.time()
-        self._answer_wallclock = datetime.now(UTC).isoformat(timespec="milliseconds")
-        if self._pdd_ms is None:
-            self._pdd_ms = self._ms_since(self._created)
+        self._times.answer(self._loop.time())
 
     def _finish(self, status: str, report: Mapping[str, str]) -> None:
         sip_code = _int(report.get("SipResponseCode"))
@@ -168,9 +162,6 @@ class TwilioCall:
         if status == "completed" and not self.answered and duration_s > 0:
             self._mark_answered()  # the in-progress report was lost or not subscribed
         outcome, code, reason = _final(status, sip_code, self.answered)
-        answer_delay = (
-            int((self._answered_at - self._created) * 1000) if self._answered_at else None
-        )
         self.result = CallResult(
             outcome=outcome,
             sip_code=code,
@@ -179,10 +170,7 @@ class TwilioCall:
             target=self.target,
             call_id=self.call_id,
             transport=self.transport,
-            pdd_ms=self._pdd_ms,
-            answer_delay_ms=answer_delay,
-            answer_time=self._answer_wallclock,
-            duration_ms=duration_s * 1000 if self.answered else 0,
+            **self._times.timings(self._loop.time(), duration_ms=duration_s * 1000),
             hangup_by=(
                 ("local" if self._hangup_requested else "remote") if self.answered else None
             ),
@@ -191,9 +179,6 @@ class TwilioCall:
         self.ended.set()
         if self.on_end is not None:
             self.on_end(self)
-
-    def _ms_since(self, start: float) -> int:
-        return int((self._loop.time() - start) * 1000)
 
     # -- control ---------------------------------------------------------------------
 

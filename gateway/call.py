@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import ipaddress
 import logging
 import socket
@@ -65,7 +64,14 @@ from gateway.redirect import (
     RedirectVerdict,
     redirected_invite,
 )
-from gateway.result import CallOutcome, CallResult, FailureCause, ReceivedDigit, classify_final
+from gateway.result import (
+    CallOutcome,
+    CallResult,
+    CallTimes,
+    FailureCause,
+    ReceivedDigit,
+    classify_final,
+)
 from gateway.sip.auth import Credentials, DigestClient, DigestError
 from gateway.sip.dialog import USER_AGENT, Dialog, DialogError
 from gateway.sip.message import (
@@ -762,10 +768,7 @@ class Call:
         self.result: CallResult | None = None
         self.call_id = ""
         self.local_tag = new_tag()
-        self._created = self.loop.time()
-        self._invite_sent_at: float | None = None
-        self._answered_at: float | None = None
-        self._pdd_ms: int | None = None
+        self._times = CallTimes()
         self._final: asyncio.Future[None] = self.loop.create_future()
         self._invite: Request | None = None
         self._invite_code: int | None = None
@@ -794,7 +797,6 @@ class Call:
         self._invite_ctx: ServerContext | None = None
         self._digit_task: asyncio.Task[None] | None = None
         self._hangup_by: str | None = None
-        self._answer_wallclock: str | None = None
         self._codec: str | None = None
         self.terminated_by: str | None = None  # terminator digit that ended the last collect
         self.trunk: str | None = None  # inbound: the trunk the guard admitted the call as
@@ -1121,8 +1123,7 @@ class Call:
         self._provisionals = ProvisionalTracker()
         self._early_dialogs.clear()
         self._early_answer = False
-        if self._invite_sent_at is None:
-            self._invite_sent_at = self.loop.time()
+        self._times.start(self.loop.time())
         transaction = self.gateway.endpoint.start_client_transaction(
             request, self.peer, weak_method(self._on_invite_event)
         )
@@ -1166,8 +1167,7 @@ class Call:
         if code < 200:
             self._on_invite_provisional(response)
             return
-        if self._pdd_ms is None:
-            self._pdd_ms = self._ms_since(self._invite_sent_at)
+        self._times.respond(self.loop.time())
         if code < 300:
             self._on_invite_2xx(response)
             return
@@ -1209,8 +1209,8 @@ class Call:
             logger.debug("call %s: %s %s ignored", self.call_id, code, verdict.value)
             return
         self._provisional = True  # any 1xx, 100 included, allows a CANCEL (RFC 3261 9.1)
-        if code > 100 and self._pdd_ms is None:
-            self._pdd_ms = self._ms_since(self._invite_sent_at)
+        if code > 100:
+            self._times.respond(self.loop.time())
         if code > 100 and response.body and self.media is not None and self._offer:
             configured = self._configure_from_answer(response.body, early=True)
             if configured and verdict is ProvisionalVerdict.PRACK:
@@ -2010,8 +2010,7 @@ class Call:
 
     def _mark_answered(self) -> None:
         self.answered = True
-        self._answered_at = self.loop.time()
-        self._answer_wallclock = datetime.datetime.now(datetime.UTC).isoformat()
+        self._times.answer(self.loop.time())
         media = self.media
         assert media is not None
         self._digit_task = self.gateway.spawn(self._read_digits(media))
@@ -2022,9 +2021,10 @@ class Call:
         if self._duration_timer is not None:
             self._duration_timer.cancel()
             self._duration_timer = None
-        if self._answered_at is None or self.ended.is_set():
+        answered = self._times.answered
+        if answered is None or self.ended.is_set():
             return
-        at = self._answered_at + self._max_duration
+        at = answered + self._max_duration
         self._duration_timer = self.loop.call_at(at, self._on_max_duration)
 
     def _on_max_duration(self) -> None:
@@ -2090,7 +2090,7 @@ class Call:
             self._rfc4733_seen = True
         elif digit.method == DtmfMethod.INBAND and self._rfc4733_seen:
             return  # the far end signals out of band; tones it also plays are not new digits
-        at_ms = self._ms_since(self._answered_at) or 0
+        at_ms = self._times.since_answer_ms(self.loop.time())
         received = ReceivedDigit(digit.digit, digit.method, at_ms)
         self._digits.append(received)
         self._pending.append(digit.digit)
@@ -2126,7 +2126,6 @@ class Call:
         if self.ended.is_set():
             return
         now = self.loop.time()
-        answered = self._answered_at is not None
         self.result = CallResult(
             outcome=outcome,
             sip_code=code,
@@ -2136,12 +2135,7 @@ class Call:
             call_id=self.call_id,
             transport=self.transport,
             codec=self._codec,
-            pdd_ms=self._pdd_ms,
-            answer_delay_ms=self._ms_since(self._invite_sent_at, self._answered_at)
-            if answered
-            else None,
-            answer_time=self._answer_wallclock,
-            duration_ms=int((now - self._answered_at) * 1000) if self._answered_at else 0,
+            **self._times.timings(now),
             hangup_by=self._hangup_by,
             received=list(self._digits),
             authenticated=self._authenticated,
@@ -2228,8 +2222,3 @@ class Call:
         pcm = prompt.pcm
         assert isinstance(pcm, np.ndarray)
         return pcm.astype(np.int16, copy=False)
-
-    def _ms_since(self, start: float | None, end: float | None = None) -> int | None:
-        if start is None:
-            return None
-        return int(((end if end is not None else self.loop.time()) - start) * 1000)

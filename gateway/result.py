@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypedDict
 
 from gateway.media.dtmf import DtmfMethod
 
@@ -57,6 +58,58 @@ class ReceivedDigit:
     digit: str
     method: DtmfMethod
     at_ms: int  # since the call was answered
+
+
+class Timings(TypedDict):
+    """The timing fields of a CallResult, as `CallTimes.timings` derives them."""
+
+    pdd_ms: int | None
+    answer_delay_ms: int | None
+    answer_time: str | None
+    duration_ms: int
+
+
+def _ms(start: float | None, end: float | None) -> int | None:
+    return None if start is None or end is None else int((end - start) * 1000)
+
+
+@dataclass
+class CallTimes:
+    """A call's milestones on the loop clock, and the answer's wall-clock time. Every call
+    result's timing fields come from here, for our SIP calls and carrier API calls alike."""
+
+    started: float | None = None  # the INVITE went out / the carrier took the request
+    first_response: float | None = None  # ringing (18x), or the final answer without it
+    answered: float | None = None
+    answer_time: str | None = None  # ISO 8601 UTC of the answer
+
+    def start(self, now: float) -> None:
+        if self.started is None:
+            self.started = now
+
+    def respond(self, now: float) -> None:
+        if self.first_response is None:
+            self.first_response = now
+
+    def answer(self, now: float) -> None:
+        self.respond(now)
+        self.answered = now
+        self.answer_time = datetime.now(UTC).isoformat(timespec="milliseconds")
+
+    def since_answer_ms(self, now: float) -> int:
+        """When a digit came, counted from the answer (0 before it)."""
+        return _ms(self.answered, now) or 0
+
+    def timings(self, now: float, *, duration_ms: int | None = None) -> Timings:
+        """The result's timing fields at `now`; `duration_ms` when the carrier measured it."""
+        return Timings(
+            pdd_ms=_ms(self.started, self.first_response),
+            answer_delay_ms=_ms(self.started, self.answered),
+            answer_time=self.answer_time,
+            duration_ms=(duration_ms if duration_ms is not None else self.since_answer_ms(now))
+            if self.answered is not None
+            else 0,
+        )
 
 
 @dataclass
