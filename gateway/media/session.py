@@ -4,12 +4,19 @@ Sending is driven by the shared :class:`~gateway.media.pacer.Pacer` tick, never 
 of its own, so hundreds of calls cost one wake-up per 20 ms. Like a real phone the session
 sends a continuous stream (silence between prompts), which keeps NAT bindings and the far
 end's jitter buffer alive and makes the far end's echo of our stream measurable.
+
+When the native sender (:mod:`gateway.media.native`) is built, the packets themselves go out
+from its C thread instead: the session keeps ~160 ms queued there (topped up every few
+ticks) and, whenever what is to be sent changes (a prompt, barge-in, a DTMF event, hold, a
+codec, address or SRTP change), drops what is queued and rewinds its position to the first
+packet not sent, so the wire stays one contiguous stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
 import ipaddress
 import itertools
@@ -25,6 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from gateway.media import native
 from gateway.media.dtmf import (
     DtmfDigit,
     GoertzelDetector,
@@ -72,6 +80,13 @@ _INBAND_MAX_AGE = 0.6
 _INBAND_SESSIONS_PER_TICK = 64
 _HOUSEKEEPING_TICKS = 3
 _ENCODE_CHUNK = 8000  # samples of a prompt encoded at a time
+# Native sending: packets kept queued in the sender thread (8 x 20 ms = 160 ms) and how often
+# the queue is topped up; between top-ups at least 100 ms remain, which a busy loop (a
+# collection, a burst of setups) may eat into without the wire noticing.
+_NATIVE_AHEAD = 8
+_NATIVE_TOPUP_TICKS = 3
+# Longer frames (ptime 80 ms and up) stay on the Python pacer.
+_NATIVE_MAX_TICKS_PER_FRAME = 3
 
 
 class MediaSessionClosed(RuntimeError):
@@ -131,6 +146,34 @@ class _DtmfJob:
     future: asyncio.Future[None]
     index: int = 0
     start_ts: int | None = None
+
+
+class _RunKind(enum.Enum):
+    AUDIO = "audio"
+    SILENCE = "silence"
+    EVENT = "event"
+
+
+@dataclass(eq=False, slots=True)
+class _Run:
+    """Packets handed to the native sender in one go, with the session's position before
+    them: enough to rewind to any of them if they are dropped unsent, and to know what has
+    really gone out (``final``: the last packet of a prompt or DTMF event)."""
+
+    kind: _RunKind
+    start: int  # index of the first packet among all pushed to the stream
+    count: int
+    seq: int
+    ts: int
+    marker_pending: bool
+    talking: bool
+    protected: bool  # SRTP: these sequence numbers are spent even if never sent
+    item: _PlayItem | None = None
+    samples: int = 160  # per packet
+    pos: int = 0  # the item's sample position, or the job's packet index, before the run
+    job: _DtmfJob | None = None
+    job_start_ts: int | None = None
+    final: bool = False
 
 
 @dataclass(slots=True)
@@ -315,6 +358,7 @@ class MediaSession:
         inband_dtmf: bool = True,
         trusted_hosts: Iterable[str] = (),
         latch_any_source: bool = False,
+        native_send: bool | None = None,
     ) -> None:
         self.local_host = local_host
         self.pacer = pacer
@@ -356,6 +400,15 @@ class MediaSession:
 
         self._queue: deque[_PlayItem] = deque()
         self._dtmf: deque[_DtmfJob] = deque()
+        # Native sending (None: not built or switched off; see the module docstring).
+        self._native_send = native.available() and native_send is not False
+        self._native_period = 1
+        self._native: native.NativeStream | None = None
+        self._native_runs: deque[_Run] = deque()
+        self._native_pushed = 0  # packets pushed to the current stream, the runs' index
+        self._native_topup = secrets.randbelow(_NATIVE_TOPUP_TICKS)  # spread over ticks
+        self._native_sent = 0  # packets and errors of streams already closed
+        self._native_errors = 0
 
         self._receiver = RtpReceiver(8000, depth=jitter_depth)
         self._events = Rfc4733Receiver(8000)
@@ -427,6 +480,7 @@ class MediaSession:
             return
         self._closed = True
         self.pacer.unregister(self)
+        self._native_close()
         self.stop_playback()
         while self._dtmf:
             job = self._dtmf.popleft()
@@ -494,11 +548,15 @@ class MediaSession:
             self._sender.payload_type = media.payload_type
             self._sender.event_payload_type = media.telephone_event_pt
         self._media = media
+        self._native_replan()
 
     def set_srtp(self, stream: SrtpStream | None) -> None:
         """Protect every RTP packet sent and unprotect every one received with ``stream``
         (None: plain RTP). Received packets failing SRTP authentication count as malformed."""
+        if self._native is not None:
+            self._native_rewind(self._native)  # what is queued was protected with the old key
         self._srtp = stream
+        self._native_replan()
 
     @property
     def media(self) -> NegotiatedMedia | None:
@@ -530,13 +588,27 @@ class MediaSession:
             future.set_result(None)
         else:
             self._queue.append(_PlayItem(pcm, future))
+            future.add_done_callback(self._on_play_done)
+            self._native_replan()
         return future
+
+    def _on_play_done(self, future: asyncio.Future[None]) -> None:
+        # A caller giving up on its prompt (wait_for timing out) takes it off the wire now,
+        # not after the ~160 ms already queued in the native sender.
+        if future.cancelled() and self._native is not None:
+            for item in self._queue:
+                if item.future is future:
+                    self._queue.remove(item)
+                    self._native_replan()
+                    break
 
     def stop_playback(self) -> None:
         """Barge-in: drop queued audio and cancel the pending play futures."""
         queue, self._queue = self._queue, deque()
         for item in queue:
             item.future.cancel()
+        if queue:
+            self._native_replan()
 
     @property
     def playing(self) -> bool:
@@ -557,6 +629,7 @@ class MediaSession:
         )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._dtmf.append(_DtmfJob(packets, future))
+        self._native_replan()
         # If the caller is cancelled the job still runs to its end packets, so the far end
         # never sees an event that starts and never stops.
         await future
@@ -574,6 +647,14 @@ class MediaSession:
             if self._receiver.pending or self._events_seen or self._inband_batch:
                 self._poll_receive()
             self._report_drops()
+        if self._native is not None:
+            # The sender thread sends; this only keeps its queue ahead.
+            self._last_tick = now
+            self._native_topup -= 1
+            if self._native_topup <= 0:
+                self._native_topup = _NATIVE_TOPUP_TICKS
+                self._native_top_up(self._native)
+            return
         if self._last_tick is None:
             elapsed = 1
         else:
@@ -689,6 +770,275 @@ class MediaSession:
         self._counters.send_errors += 1
         logger.debug("RTP socket error on port %s: %s", self.local_port, exc)
 
+    # -- native sending -------------------------------------------------------------
+
+    def _native_wanted(self) -> bool:
+        return (
+            self._native_send
+            and self._sending
+            and not self._closed
+            and self._sock is not None
+            and self._send_to is not None
+            and self._sender is not None
+            and self._ticks_per_frame <= _NATIVE_MAX_TICKS_PER_FRAME
+        )
+
+    def _native_replan(self) -> None:
+        """What is to be sent changed: drop what the sender thread has queued, rewind to the
+        first packet not sent and queue afresh (on a new stream when the address or frame
+        period changed; on none while on hold, when the pacer tick keeps the media clock)."""
+        stream = self._native
+        if stream is None and not self._native_send:
+            return
+        if stream is not None:
+            self._native_rewind(stream)
+        if not self._native_wanted():
+            self._native_close()
+            return
+        sock, address = self._sock, self._send_to
+        assert sock is not None and address is not None
+        if (
+            stream is None
+            or stream.address != address
+            or self._native_period != self._ticks_per_frame
+        ):
+            self._native_close()
+            try:
+                stream = native.NativeStream(sock.fileno(), address, period=self._ticks_per_frame)
+            except (ValueError, OSError) as exc:
+                # e.g. a host name, not an address, in the SDP: the Python pacer sends instead.
+                logger.info("RTP port %s: not using the native sender: %s", self.local_port, exc)
+                self._native_send = False
+                return
+            self._native, self._native_period, self._native_pushed = (
+                stream,
+                self._ticks_per_frame,
+                0,
+            )
+        self._native_fill(stream, 0)
+
+    def _native_close(self) -> None:
+        stream, self._native = self._native, None
+        if stream is None:
+            return
+        self._native_rewind(stream)
+        counters = stream.stats()
+        self._native_sent += counters.sent
+        self._native_errors += counters.errors
+        stream.close()
+
+    def _native_top_up(self, stream: native.NativeStream) -> None:
+        queued = stream.queued()
+        self._native_reap(self._native_pushed - queued)
+        self._native_fill(stream, queued)
+
+    def _native_reap(self, sent: int) -> None:
+        """Forget the runs sent in full; a prompt or DTMF event whose last packet has gone
+        out is complete."""
+        runs = self._native_runs
+        while runs and runs[0].start + runs[0].count <= sent:
+            run = runs.popleft()
+            if not run.final:
+                continue
+            done: asyncio.Future[None] | None = None
+            if run.item is not None:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(run.item)
+                done = run.item.future
+            elif run.job is not None:
+                with contextlib.suppress(ValueError):
+                    self._dtmf.remove(run.job)
+                done = run.job.future
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    def _native_rewind(self, stream: native.NativeStream) -> None:
+        """Drop the queued packets and put prompts, DTMF events, sequence number and media
+        clock back where the first of them started. Under SRTP the sequence numbers already
+        protected are never used again (an SRTP index must not repeat): the stream skips
+        them, with the marker bit set."""
+        dropped = stream.flush()
+        sent = self._native_pushed - dropped
+        self._native_reap(sent)
+        self._native_pushed = sent
+        runs = self._native_runs
+        sender = self._sender
+        if not runs or sender is None:
+            runs.clear()
+            return
+        first = runs[0]
+        offset = sent - first.start
+        restored: set[int] = set()
+        for run in runs:
+            skip = offset if run is first else 0
+            if run.item is not None and id(run.item) not in restored:
+                restored.add(id(run.item))
+                run.item.pos = run.pos + skip * run.samples
+            elif run.job is not None and id(run.job) not in restored:
+                restored.add(id(run.job))
+                run.job.index = run.pos + skip
+                run.job.start_ts = run.job_start_ts
+        seq = first.seq + offset
+        if any(run.protected for run in runs):
+            seq = sender.sequence_number
+            self._marker_pending = True
+        else:
+            self._marker_pending = first.marker_pending if offset == 0 else False
+        self._talking = first.talking if offset == 0 else first.kind is _RunKind.AUDIO
+        sender.seek(seq, first.ts + offset * first.samples)
+        runs.clear()
+
+    def _native_fill(self, stream: native.NativeStream, queued: int) -> None:
+        """Queue what comes next (DTMF events first, then prompts, else silence) until
+        ``_NATIVE_AHEAD`` packets wait."""
+        sender = self._sender
+        if sender is None:
+            return
+        samples = self._frame_samples
+        need = _NATIVE_AHEAD - queued
+        while need > 0:
+            job = next((j for j in self._dtmf if j.index < len(j.packets)), None)
+            if job is not None:
+                pushed = self._native_event(stream, sender, job, samples)
+            else:
+                pushed = self._native_audio(stream, sender, self._next_item(), need, samples)
+            if not pushed:
+                return
+            need -= pushed
+
+    def _next_item(self) -> _PlayItem | None:
+        """The first prompt with audio not yet queued (cancelled ones dropped on the way)."""
+        for item in list(self._queue):
+            if item.future.cancelled():
+                self._queue.remove(item)
+            elif item.pos < len(item.pcm):
+                return item
+        return None
+
+    def _encoded(self, item: _PlayItem, count: int) -> bytes:
+        """``count`` samples of ``item`` from ``pos`` in the current codec, from its window."""
+        data = item.data
+        if (
+            data is None
+            or item.pos < item.data_start
+            or item.pos + count > item.data_start + len(data)
+        ):
+            assert self._encode is not None
+            item.data_start = item.pos
+            data = item.data = self._encode(
+                item.pcm[item.pos : item.pos + max(_ENCODE_CHUNK, count)]
+            )
+        offset = item.pos - item.data_start
+        return data[offset : offset + count]
+
+    def _native_audio(
+        self,
+        stream: native.NativeStream,
+        sender: RtpSender,
+        item: _PlayItem | None,
+        frames: int,
+        samples: int,
+    ) -> int:
+        """Queue up to ``frames`` packets of ``item`` (silence without one) as one run."""
+        if item is None:
+            kind, payload, count, final = _RunKind.SILENCE, self._silence * frames, frames, False
+        else:
+            kind = _RunKind.AUDIO
+            remaining = len(item.pcm) - item.pos
+            count = min(frames, remaining // samples)
+            if count:
+                payload = self._encoded(item, count * samples)
+                final = count * samples == remaining
+            else:  # the prompt's last, partial frame, padded with silence
+                payload = self._encoded(item, remaining) + self._silence[: samples - remaining]
+                count, final = 1, True
+        audio = kind is _RunKind.AUDIO
+        run = _Run(
+            kind,
+            self._native_pushed,
+            count,
+            sender.sequence_number,
+            sender.timestamp,
+            self._marker_pending,
+            self._talking,
+            self._srtp is not None,
+            item,
+            samples=samples,
+            pos=item.pos if item is not None else 0,
+        )
+        marker = self._marker_pending or (audio and not self._talking)
+        if self._srtp is None:
+            done = stream.push_rtp(
+                payload,
+                frame_size=samples,
+                sequence_number=run.seq,
+                timestamp=run.ts,
+                ssrc=sender.ssrc,
+                payload_type=sender.payload_type,
+                marker=marker,
+            )
+            sender.seek(run.seq + done, run.ts + done * samples)
+        else:
+            done = 0
+            for i in range(count):
+                frame = payload[i * samples : (i + 1) * samples]
+                packet = sender.next_packet(frame, samples=samples, marker=marker and not i)
+                if not stream.push(self._srtp.protect(packet)):
+                    sender.seek(sender.sequence_number, sender.timestamp - samples)
+                    break
+                done += 1
+        if not done:
+            return 0
+        run.count = done
+        run.final = final and done == count
+        if item is not None:
+            item.pos = min(len(item.pcm), item.pos + done * samples)
+        self._marker_pending = False
+        self._talking = audio
+        self._native_pushed += done
+        self._native_runs.append(run)
+        return done
+
+    def _native_event(
+        self, stream: native.NativeStream, sender: RtpSender, job: _DtmfJob, samples: int
+    ) -> int:
+        """Queue the next packet of a DTMF event (one run each: events are rare)."""
+        run = _Run(
+            _RunKind.EVENT,
+            self._native_pushed,
+            1,
+            sender.sequence_number,
+            sender.timestamp,
+            self._marker_pending,
+            self._talking,
+            self._srtp is not None,
+            samples=samples,
+            pos=job.index,
+            job=job,
+            job_start_ts=job.start_ts,
+        )
+        if job.start_ts is None:
+            job.start_ts = sender.timestamp
+        payload, marker, offset = job.packets[job.index]
+        packet = sender.event_packet(payload, marker, job.start_ts + offset)
+        sender.advance_timestamp(samples)  # audio resumes at the event's end time
+        if self._srtp is not None:
+            packet = self._srtp.protect(packet)
+        if not stream.push(packet):
+            if self._srtp is None:
+                sender.seek(run.seq, run.ts)
+            else:
+                sender.seek(sender.sequence_number, run.ts)
+            job.start_ts = run.job_start_ts
+            return 0
+        job.index += 1
+        if job.index >= len(job.packets):
+            self._marker_pending = True
+            run.final = True
+        self._native_pushed += 1
+        self._native_runs.append(run)
+        return 1
+
     # -- receiving ------------------------------------------------------------------
 
     def push_digit(self, digit: DtmfDigit) -> None:
@@ -759,6 +1109,8 @@ class MediaSession:
         if verdict is _LEARN and self._source_filter.learn(source):
             self._send_to = self._source_filter.send_to
             self._log_send_to_changed(source)
+            if self._native is not None:
+                self._native_replan()  # a stream to the new address
         now = self._now()
         for ready in self._receiver.push(packet, now):
             self._handle(ready, now)
@@ -879,8 +1231,12 @@ class MediaSession:
     def stats(self) -> MediaStats:
         rx = self._receiver.stats
         c = self._counters
+        sent, errors = self._native_sent, self._native_errors
+        if self._native is not None:
+            live = self._native.stats()
+            sent, errors = sent + live.sent, errors + live.errors
         return MediaStats(
-            packets_sent=c.packets_sent,
+            packets_sent=c.packets_sent + sent,
             packets_received=rx.packets_received,
             duplicates=rx.duplicates,
             ssrc_changes=rx.ssrc_changes,
@@ -894,5 +1250,5 @@ class MediaSession:
             unconfigured=c.unconfigured,
             other_payload=c.other_payload,
             send_dropped=c.send_dropped,
-            send_errors=c.send_errors,
+            send_errors=c.send_errors + errors,
         )
