@@ -80,11 +80,14 @@ _INBAND_MAX_AGE = 0.6
 _INBAND_SESSIONS_PER_TICK = 64
 _HOUSEKEEPING_TICKS = 3
 _ENCODE_CHUNK = 8000  # samples of a prompt encoded at a time
-# Native sending: packets kept queued in the sender thread (8 x 20 ms = 160 ms) and how often
-# the queue is topped up; between top-ups at least 100 ms remain, which a busy loop (a
-# collection, a burst of setups) may eat into without the wire noticing.
+# Native sending: packets kept queued in the sender thread, topped up every few ticks: at
+# least 8 x 20 ms = 160 ms just before a top-up, plus as many as the pacer's ticks have
+# lately been late (twice over), so a busy loop (a collection, a burst of setups, a loaded
+# box) does not leave the wire without packets. Anything queued that should change is
+# dropped and rewound anyway, so a deeper queue delays nothing.
 _NATIVE_AHEAD = 8
-_NATIVE_TOPUP_TICKS = 3
+_NATIVE_TOPUP_TICKS = 5
+_NATIVE_MAX_AHEAD = 100  # 2 s, within the sender's ring of 128
 # Longer frames (ptime 80 ms and up) stay on the Python pacer.
 _NATIVE_MAX_TICKS_PER_FRAME = 3
 
@@ -240,6 +243,17 @@ class _AudioHistory:
 
 def _zero() -> int:
     return 0
+
+
+_silence_runs: dict[bytes, bytes] = {}
+
+
+def _silence_run(frame: bytes, frames: int) -> memoryview:
+    """``frames`` frames of silence, sliced from one block per codec and frame size."""
+    block = _silence_runs.get(frame)
+    if block is None:
+        block = _silence_runs[frame] = frame * _NATIVE_MAX_AHEAD
+    return memoryview(block)[: len(frame) * frames]
 
 
 def _address_family(host: str) -> socket.AddressFamily:
@@ -595,12 +609,15 @@ class MediaSession:
     def _on_play_done(self, future: asyncio.Future[None]) -> None:
         # A caller giving up on its prompt (wait_for timing out) takes it off the wire now,
         # not after the ~160 ms already queued in the native sender.
-        if future.cancelled() and self._native is not None:
-            for item in self._queue:
-                if item.future is future:
-                    self._queue.remove(item)
-                    self._native_replan()
-                    break
+        if not future.cancelled() or self._native is None:
+            return
+        for item in self._queue:
+            if item.future is future:
+                self._queue.remove(item)
+                break
+        # A top-up may have dropped it from the queue already, not what it had queued.
+        if any(run.item is not None and run.item.future is future for run in self._native_runs):
+            self._native_replan()
 
     def stop_playback(self) -> None:
         """Barge-in: drop queued audio and cancel the pending play futures."""
@@ -890,14 +907,17 @@ class MediaSession:
 
     def _native_fill(self, stream: native.NativeStream, queued: int) -> None:
         """Queue what comes next (DTMF events first, then prompts, else silence) until
-        ``_NATIVE_AHEAD`` packets wait."""
+        enough packets wait (see ``_NATIVE_AHEAD``)."""
         sender = self._sender
         if sender is None:
             return
         samples = self._frame_samples
-        need = _NATIVE_AHEAD - queued
+        late = int(2 * self.pacer.recent_lateness / self.pacer.period)
+        need = min(_NATIVE_MAX_AHEAD, _NATIVE_AHEAD + _NATIVE_TOPUP_TICKS + late) - queued
         while need > 0:
-            job = next((j for j in self._dtmf if j.index < len(j.packets)), None)
+            job = None
+            if self._dtmf:
+                job = next((j for j in self._dtmf if j.index < len(j.packets)), None)
             if job is not None:
                 pushed = self._native_event(stream, sender, job, samples)
             else:
@@ -908,11 +928,16 @@ class MediaSession:
 
     def _next_item(self) -> _PlayItem | None:
         """The first prompt with audio not yet queued (cancelled ones dropped on the way)."""
-        for item in list(self._queue):
-            if item.future.cancelled():
-                self._queue.remove(item)
-            elif item.pos < len(item.pcm):
-                return item
+        queue = self._queue
+        while queue:
+            for item in queue:
+                if item.future.cancelled():
+                    queue.remove(item)
+                    break  # the deque changed: look again
+                if item.pos < len(item.pcm):
+                    return item
+            else:
+                return None
         return None
 
     def _encoded(self, item: _PlayItem, count: int) -> bytes:
@@ -941,7 +966,8 @@ class MediaSession:
     ) -> int:
         """Queue up to ``frames`` packets of ``item`` (silence without one) as one run."""
         if item is None:
-            kind, payload, count, final = _RunKind.SILENCE, self._silence * frames, frames, False
+            kind, count, final = _RunKind.SILENCE, frames, False
+            payload: bytes | memoryview = _silence_run(self._silence, frames)
         else:
             kind = _RunKind.AUDIO
             remaining = len(item.pcm) - item.pos
@@ -953,50 +979,57 @@ class MediaSession:
                 payload = self._encoded(item, remaining) + self._silence[: samples - remaining]
                 count, final = 1, True
         audio = kind is _RunKind.AUDIO
-        run = _Run(
-            kind,
-            self._native_pushed,
-            count,
-            sender.sequence_number,
-            sender.timestamp,
-            self._marker_pending,
-            self._talking,
-            self._srtp is not None,
-            item,
-            samples=samples,
-            pos=item.pos if item is not None else 0,
-        )
-        marker = self._marker_pending or (audio and not self._talking)
+        seq, ts, pos = sender.sequence_number, sender.timestamp, item.pos if item else 0
+        marker_pending, talking = self._marker_pending, self._talking
+        protected = self._srtp is not None
+        marker = marker_pending or (audio and not talking)
         if self._srtp is None:
             done = stream.push_rtp(
                 payload,
                 frame_size=samples,
-                sequence_number=run.seq,
-                timestamp=run.ts,
+                sequence_number=seq,
+                timestamp=ts,
                 ssrc=sender.ssrc,
                 payload_type=sender.payload_type,
                 marker=marker,
             )
-            sender.seek(run.seq + done, run.ts + done * samples)
+            sender.seek(seq + done, ts + done * samples)
         else:
             done = 0
             for i in range(count):
                 frame = payload[i * samples : (i + 1) * samples]
-                packet = sender.next_packet(frame, samples=samples, marker=marker and not i)
+                packet = sender.next_packet(bytes(frame), samples=samples, marker=marker and not i)
                 if not stream.push(self._srtp.protect(packet)):
                     sender.seek(sender.sequence_number, sender.timestamp - samples)
                     break
                 done += 1
         if not done:
             return 0
-        run.count = done
-        run.final = final and done == count
         if item is not None:
-            item.pos = min(len(item.pcm), item.pos + done * samples)
+            item.pos = min(len(item.pcm), pos + done * samples)
         self._marker_pending = False
         self._talking = audio
+        runs = self._native_runs
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and not marker
+            and last.kind is kind
+            and last.item is item
+            and not last.final
+            and last.protected == protected
+            and last.samples == samples
+            and last.start + last.count == self._native_pushed
+        ):
+            # The same stream of frames continued: one run, still linear in seq/ts/pos.
+            last.count += done
+            last.final = final and done == count
+        else:
+            run = _Run(kind, self._native_pushed, done, seq, ts, marker_pending, talking, protected)
+            run.item, run.pos, run.samples = item, pos, samples
+            run.final = final and done == count
+            runs.append(run)
         self._native_pushed += done
-        self._native_runs.append(run)
         return done
 
     def _native_event(
