@@ -80,13 +80,14 @@ _INBAND_MAX_AGE = 0.6
 _INBAND_SESSIONS_PER_TICK = 64
 _HOUSEKEEPING_TICKS = 3
 _ENCODE_CHUNK = 8000  # samples of a prompt encoded at a time
-# Native sending: packets kept queued in the sender thread, topped up every few ticks: at
-# least 8 x 20 ms = 160 ms just before a top-up, plus as many as the pacer's ticks have
-# lately been late (twice over), so a busy loop (a collection, a burst of setups, a loaded
-# box) does not leave the wire without packets. Anything queued that should change is
-# dropped and rewound anyway, so a deeper queue delays nothing.
+# Native sending: packets kept queued in the sender thread, topped up every tenth tick (the
+# per-call cost is per top-up, not per packet): at least 8 x 20 ms = 160 ms just before a
+# top-up, plus three times as many as the pacer's ticks have lately been late, so a busy
+# loop (a collection, a burst of setups, a loaded box) does not leave the wire without
+# packets. Anything queued that should change is dropped and rewound anyway, so a deeper
+# queue delays nothing.
 _NATIVE_AHEAD = 8
-_NATIVE_TOPUP_TICKS = 5
+_NATIVE_TOPUP_TICKS = 10
 _NATIVE_MAX_AHEAD = 100  # 2 s, within the sender's ring of 128
 # Longer frames (ptime 80 ms and up) stay on the Python pacer.
 _NATIVE_MAX_TICKS_PER_FRAME = 3
@@ -912,7 +913,7 @@ class MediaSession:
         if sender is None:
             return
         samples = self._frame_samples
-        late = int(2 * self.pacer.recent_lateness / self.pacer.period)
+        late = int(3 * self.pacer.recent_lateness / self.pacer.period)
         need = min(_NATIVE_MAX_AHEAD, _NATIVE_AHEAD + _NATIVE_TOPUP_TICKS + late) - queued
         while need > 0:
             job = None
