@@ -421,7 +421,9 @@ class MediaSession:
         self._native: native.NativeStream | None = None
         self._native_runs: deque[_Run] = deque()
         self._native_pushed = 0  # packets pushed to the current stream, the runs' index
-        self._native_topup = secrets.randbelow(_NATIVE_TOPUP_TICKS)  # spread over ticks
+        # Loop times of the last top-up and of the next one due.
+        self._native_topped = 0.0
+        self._native_due = 0.0
         self._native_sent = 0  # packets and errors of streams already closed
         self._native_errors = 0
 
@@ -668,10 +670,12 @@ class MediaSession:
         if self._native is not None:
             # The sender thread sends; this only keeps its queue ahead.
             self._last_tick = now
-            self._native_topup -= 1
-            if self._native_topup <= 0:
-                self._native_topup = _NATIVE_TOPUP_TICKS
-                self._native_top_up(self._native)
+            if now >= self._native_due:
+                # On the loop's clock, not counted in ticks: a loop too busy to run every
+                # tick (the pacer skips some) still tops up in time, and deeper.
+                gap, self._native_topped = now - self._native_topped, now
+                self._native_due = now + _NATIVE_TOPUP_TICKS * self.pacer.period
+                self._native_top_up(self._native, gap)
             return
         if self._last_tick is None:
             elapsed = 1
@@ -833,6 +837,11 @@ class MediaSession:
                 self._ticks_per_frame,
                 0,
             )
+        # This is a top-up; the next comes at a random phase so calls replanned together
+        # (one prompt started on all of them) do not top up on the same tick ever after.
+        now = self._now()
+        self._native_topped = now
+        self._native_due = now + (1 + secrets.randbelow(_NATIVE_TOPUP_TICKS)) * self.pacer.period
         self._native_fill(stream, 0)
 
     def _native_close(self) -> None:
@@ -845,10 +854,10 @@ class MediaSession:
         self._native_errors += counters.errors
         stream.close()
 
-    def _native_top_up(self, stream: native.NativeStream) -> None:
+    def _native_top_up(self, stream: native.NativeStream, gap: float) -> None:
         queued = stream.queued()
         self._native_reap(self._native_pushed - queued)
-        self._native_fill(stream, queued)
+        self._native_fill(stream, queued, gap)
 
     def _native_reap(self, sent: int) -> None:
         """Forget the runs sent in full; a prompt or DTMF event whose last packet has gone
@@ -906,15 +915,19 @@ class MediaSession:
         sender.seek(seq, first.ts + offset * first.samples)
         runs.clear()
 
-    def _native_fill(self, stream: native.NativeStream, queued: int) -> None:
+    def _native_fill(self, stream: native.NativeStream, queued: int, gap: float = 0.0) -> None:
         """Queue what comes next (DTMF events first, then prompts, else silence) until
         enough packets wait (see ``_NATIVE_AHEAD``)."""
         sender = self._sender
         if sender is None:
             return
         samples = self._frame_samples
-        late = int(3 * self.pacer.recent_lateness / self.pacer.period)
-        need = min(_NATIVE_MAX_AHEAD, _NATIVE_AHEAD + _NATIVE_TOPUP_TICKS + late) - queued
+        period = self.pacer.period
+        # Enough for the interval between top-ups (the last one's, if longer than planned)
+        # plus 160 ms, plus three times the pacer's recent lateness.
+        interval = max(_NATIVE_TOPUP_TICKS, round(gap / period))
+        late = int(3 * self.pacer.recent_lateness / period)
+        need = min(_NATIVE_MAX_AHEAD, _NATIVE_AHEAD + interval + late) - queued
         while need > 0:
             job = None
             if self._dtmf:
