@@ -192,6 +192,7 @@ async def hold_phase(
     if peer is not None:
         peer.cpu_percent(None)
     cpu_t0 = process.cpu_times()
+    sent_before = sum(c.media.stats.packets_sent for c in live if c.media)
     gc_pauses = _GcPauses()
     gc.callbacks.append(gc_pauses)
     t0 = time.monotonic()
@@ -240,6 +241,10 @@ async def hold_phase(
         "rss_mb": round(rss_during / 2**20, 1),
         "memory_per_call_kib": round((rss_during - rss_before) / max(1, len(live)) / 1024, 1),
         "rtp_packets_sent": sent,
+        # Over the hold alone: 50 a second per call when every frame went out.
+        "rtp_packets_per_call_per_s_in_hold": round(
+            (sent - sent_before) / max(1, len(live)) / max(elapsed, 1e-9), 2
+        ),
         "rtp_packets_echoed_back": received,
         "load_avg_before": load_before,
         "load_avg_after": load_after,
