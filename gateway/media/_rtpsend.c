@@ -222,11 +222,20 @@ static void *sender_main(void *arg) {
 }
 
 static void after_fork_child(void) {
-    /* Only the forking thread survives: a child starts its own sender when it needs one. */
+    /* Only the forking thread survives: a child starts its own sender when it needs one,
+     * and the parent's streams (its calls) are not the child's to send. Their rings are
+     * left allocated: freeing here is not safe after a fork. */
     pthread_mutex_init(&lock, NULL);
     pthread_mutex_init(&send_lock, NULL);
     pthread_cond_init(&wake, NULL);
     thread_started = 0;
+    for (Py_ssize_t i = 0; i < capacity; i++) {
+        if (streams[i].in_use) {
+            close(streams[i].fd);
+            streams[i].in_use = 0;
+        }
+    }
+    open_count = 0;
 }
 
 static int ensure_thread(void) {

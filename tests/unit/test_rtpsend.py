@@ -5,6 +5,7 @@ Timing bounds are loose on purpose: the box running the suite is shared and load
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -226,3 +227,18 @@ def test_ipv6_and_bad_addresses() -> None:
     finally:
         tx.close()
         rx.close()
+
+
+def test_a_forked_child_does_not_send_the_parents_streams(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    tx, rx = pair
+    stream = NativeStream(tx.fileno(), rx.getsockname())
+    pid = os.fork()
+    if pid == 0:  # the child: no stream of the parent's is open here
+        os._exit(0 if stats().streams == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    stream.push(b"parent")  # the parent's sender is unaffected
+    assert rx.recv(64) == b"parent"
+    stream.close()
