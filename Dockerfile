@@ -3,15 +3,15 @@
 # Binds SIP, RTP and HTTP on 0.0.0.0 inside the container. Peers must be told an address
 # they can reach, so ACKLINE_SIP_ADVERTISE (or --advertise) is required: without it the
 # node refuses to start (exit 2). The RTP range below is what a firewall or `ports:` opens.
-FROM python:3.11-slim-bookworm
+FROM python:3.11-slim-bookworm AS build
 
+# gcc builds the native RTP sender (gateway/media/_rtpsend.c); the image's Python has its
+# headers. Only the built wheel goes on to the runtime stage, not the compiler.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends espeak-ng ffmpeg \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
-
-# Only what the package needs: .dockerignore keeps .venv, var/ and secrets out anyway.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY api ./api
 COPY carriers ./carriers
 COPY common ./common
@@ -20,7 +20,17 @@ COPY gateway ./gateway
 COPY ivr ./ivr
 COPY prompts ./prompts
 COPY storage ./storage
-RUN pip install --no-cache-dir . && rm -rf /src
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends espeak-ng ffmpeg \
+    && rm -rf /var/lib/apt/lists/*
+
+# Only the package, built in the first stage (.dockerignore keeps .venv, var/ and secrets out).
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 
 # Non-root; its home holds var/ (SQLite when no database is set, audit log, recordings,
 # the generated API key) and the prompt cache. Mount a volume there to keep them.

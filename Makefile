@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# setup.py and the C source too: the editable install compiles gateway/media/_rtpsend.c in
+# place, so a changed source must rebuild it.
+$(STAMP): pyproject.toml setup.py gateway/media/_rtpsend.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -8,10 +8,15 @@ calls (INVITE, 200, ACK, BYE) at a fixed rate for a duration and reports the rat
 achieved, per-second minimum and failures. ``--background-load`` runs CPU-bound processes
 beside it, and the load average before and after is part of the report.
 
+Outgoing RTP goes out from the native sender thread when it is built (``native_sender`` in
+the report: its step lateness, tick interval jitter, underruns); ``--python-pacer`` sends
+from the Python pacer instead, for comparison.
+
     python -m bench.calls [--calls 500] [--hold 20] [--setup-rate 50] [--duration 10]
     python -m bench.calls --calls 1000 --duration 0 --background-load 1
     python -m bench.calls --calls 0 --setup-rate 200 --duration 60
     python -m bench.calls --calls 1000 --duration 0 --processes 2
+    python -m bench.calls --calls 1000 --duration 0 --python-pacer
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import psutil
 from api.loop import run as run_service
 from bench.ports import free_media_port, free_port
 from gateway.call import Call, Gateway, GatewayConfig
+from gateway.media import native
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +188,14 @@ async def hold_phase(
             call.media.play(prompt)
     await asyncio.sleep(1.0)  # first second: sockets' and jitter buffers' start-up
     gateway.pacer.reset_stats()
+    native.reset_stats()
+    native_on = sum(1 for c in live if c.media is not None and c.media._native is not None)
     load_before = _load()
     process.cpu_percent(None)
     if peer is not None:
         peer.cpu_percent(None)
     cpu_t0 = process.cpu_times()
+    sent_before = sum(c.media.stats.packets_sent for c in live if c.media)
     gc_pauses = _GcPauses()
     gc.callbacks.append(gc_pauses)
     t0 = time.monotonic()
@@ -205,6 +214,7 @@ async def hold_phase(
         traced = _tracemalloc_top(traced_before, tracemalloc.take_snapshot(), len(live), trace_top)
         tracemalloc.stop()
     stats = gateway.pacer.stats
+    sender = native.stats() if native_on else None
     rx_jitter = [c.media.stats.jitter for c in live if c.media]
     received = sum(c.media.stats.packets_received for c in live if c.media)
     sent = sum(c.media.stats.packets_sent for c in live if c.media)
@@ -220,18 +230,45 @@ async def hold_phase(
         "cpu_system_s": round(cpu_t1.system - cpu_t0.system, 2),
         "sipp_cpu_percent": peer_cpu,
         "gc": gc_pauses.report(),
+        "send_path": "native" if native_on else "python",
+        "calls_on_native_sender": native_on,
+        # The Python pacer ticks in both cases: with the native sender it only tops queues up
+        # and polls reception, without it it sends every frame.
+        "pacer_tick_lateness_ms": stats.lateness_ms(percentiles=(50, 99, 100)),
         "pacing_interval_jitter_ms": stats.interval_jitter_ms(percentiles=(50, 99, 100)),
         "tick_work_ms": stats.work_ms(percentiles=(50, 99, 100)),
         "ticks_skipped": stats.ticks_skipped,
         "ticks_caught_up": stats.ticks_caught_up,
         "rtp_rx_jitter_ms_across_calls": _percentiles(rx_jitter),
+        **({"native_sender": _native_report(sender)} if sender is not None else {}),
         "rss_mb": round(rss_during / 2**20, 1),
         "memory_per_call_kib": round((rss_during - rss_before) / max(1, len(live)) / 1024, 1),
         "rtp_packets_sent": sent,
+        # Over the hold alone: 50 a second per call when every frame went out.
+        "rtp_packets_per_call_per_s_in_hold": round(
+            (sent - sent_before) / max(1, len(live)) / max(elapsed, 1e-9), 2
+        ),
         "rtp_packets_echoed_back": received,
         "load_avg_before": load_before,
         "load_avg_after": load_after,
         **({"tracemalloc": traced} if traced is not None else {}),
+    }
+
+
+def _native_report(sender: native.NativeSenderStats) -> dict[str, Any]:
+    """The sender thread over the hold: how late its 2 ms send steps woke (the wire's
+    pacing error), |tick interval - 20 ms|, and queues that ran dry (Python fell behind)."""
+    return {
+        "step_lateness_ms": {k: round(v, 3) for k, v in sender.lateness_ms.items()},
+        "tick_interval_jitter_ms": {k: round(v, 3) for k, v in sender.interval_jitter_ms.items()},
+        "ticks": sender.ticks,
+        "ticks_caught_up": sender.ticks_caught_up,
+        "ticks_skipped": sender.ticks_skipped,
+        "packets_sent": sender.sent,
+        "underruns": sender.underruns,
+        "dropped_unsent": sender.dropped,
+        "send_errors": sender.errors,
+        "realtime_priority": sender.realtime,
     }
 
 
@@ -326,7 +363,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             sipp, port = start_sipp(Path(tmp), args.calls + total_setups + 10)
             target = f"sip:+15550100@127.0.0.1:{port}"
             try:
-                async with Gateway(GatewayConfig(host="127.0.0.1")) as gateway:
+                config = GatewayConfig(host="127.0.0.1", media_native_send=not args.python_pacer)
+                async with Gateway(config) as gateway:
                     if args.gc_freeze:  # as `ackline serve` does once it has started
                         gc.collect()
                         gc.freeze()
@@ -368,6 +406,7 @@ def run_processes(args: argparse.Namespace) -> dict[str, Any]:
     child += ["--calls", str(args.calls // n), "--duration", str(args.duration)]
     child += ["--setup-rate", str(args.setup_rate / n)]
     child += ["--gc-freeze"] if args.gc_freeze else []
+    child += ["--python-pacer"] if args.python_pacer else []
     loaders = start_background_load(args.background_load)
     try:
         procs = [subprocess.Popen(child, stdout=subprocess.PIPE) for _ in range(n)]
@@ -395,6 +434,16 @@ def run_processes(args: argparse.Namespace) -> dict[str, Any]:
                 for key in ("p50", "p99", "p100")
             },
             "memory_per_call_kib": max(h["memory_per_call_kib"] for h in holds),
+            **(
+                {
+                    "worst_native_step_lateness_ms": {
+                        key: max(h["native_sender"]["step_lateness_ms"][key] for h in holds)
+                        for key in ("p50", "p99", "max")
+                    }
+                }
+                if all("native_sender" in h for h in holds)
+                else {}
+            ),
         }
     setups = [r["setup"] for r in reports if "setup" in r]
     if setups:
@@ -443,6 +492,12 @@ def main() -> None:
         action="store_true",
         help="gc.freeze() once the gateway has started, as `ackline serve` does: full\n"
         "collections then skip the start-up heap (modules, prompts)",
+    )
+    parser.add_argument(
+        "--python-pacer",
+        action="store_true",
+        help="send every frame from the Python pacer, not the native sender thread\n"
+        "(GatewayConfig.media_native_send=False): the comparison",
     )
     args = parser.parse_args()
     # One process runs on the loop `ackline serve` runs on.

@@ -225,6 +225,9 @@ class GatewayConfig:
     # Off by default: at 8 KB/s it was most of a call's memory (60 s, ~600 KB), and
     # recording and answering-machine detection take the audio live from listeners.
     media_history_seconds: float = 0.0
+    # Outgoing RTP from the native sender thread (gateway.media.native) when it is built;
+    # False keeps every call on the Python pacer (comparisons, diagnosis).
+    media_native_send: bool = True
     # RFC 4028 session timers: the interval our INVITEs ask for (trunks may override it,
     # see carriers.trunk) and the smallest we accept from callers (422 below it).
     session_expires: int = 1800
@@ -2046,6 +2049,7 @@ class Call:
             port_range=config.rtp_ports,
             trusted_hosts=[self.peer.host],  # NAT: RTP from where the SIP comes from
             history_seconds=config.media_history_seconds,
+            native_send=config.media_native_send,
         )
         opening = asyncio.ensure_future(media.open())
         try:

@@ -3,6 +3,14 @@
 set -euo pipefail
 
 need=()
+# a C compiler and the Python headers: `pip install` builds the native RTP sender
+# (gateway/media/_rtpsend.c, see setup.py)
+command -v gcc >/dev/null && command -v make >/dev/null || need+=(build-essential)
+py=$(command -v python3.11 || command -v python3)
+pyinc=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+if [ ! -e "$pyinc/Python.h" ]; then
+    if apt-cache show python3.11-dev >/dev/null 2>&1; then need+=(python3.11-dev); else need+=(python3-dev); fi
+fi
 command -v sipp >/dev/null || need+=(sip-tester)
 command -v haproxy >/dev/null || need+=(haproxy)
 # `docker compose config` checks docker-compose.yml; Debian's v1 does when the plugin is absent

@@ -115,6 +115,9 @@ class Pacer:
         self._stats_capacity = stats_capacity
         self.stats = PacerStats(self.period, stats_capacity)
         self._reset_interval = False
+        # How late ticks have been lately (s): the worst, decaying by half in ~7 s. Streams
+        # queued ahead elsewhere (the native sender) size their queues by it.
+        self.recent_lateness = 0.0
         self._loop = loop
         self._streams: dict[int, PacedStream] = {}
         self._snapshot: tuple[PacedStream, ...] = ()
@@ -192,6 +195,7 @@ class Pacer:
             stats.ticks_caught_up += due - 1
             if self._reset_interval:
                 previous, self._reset_interval = None, False
+            self.recent_lateness = max(now - (start + n * period), self.recent_lateness * 0.998)
             for _ in range(due):
                 deadline = start + n * period
                 stats.lateness.add(loop.time() - deadline)

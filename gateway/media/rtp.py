@@ -217,6 +217,12 @@ class RtpSender:
         """Move the media clock without sending, e.g. for time spent on hold or in DTMF."""
         self._ts = (self._ts + samples) % _TS_MOD
 
+    def seek(self, sequence_number: int, timestamp: int) -> None:
+        """Set where the next packet starts: packets built elsewhere (the native sender builds
+        runs of them) or queued and then dropped unsent move the stream's position."""
+        self._seq = sequence_number % _SEQ_MOD
+        self._ts = timestamp % _TS_MOD
+
     def next_packet(
         self, payload: bytes, *, samples: int, marker: bool = False, timestamp_advance: bool = True
     ) -> bytes:

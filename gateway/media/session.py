@@ -4,12 +4,19 @@ Sending is driven by the shared :class:`~gateway.media.pacer.Pacer` tick, never 
 of its own, so hundreds of calls cost one wake-up per 20 ms. Like a real phone the session
 sends a continuous stream (silence between prompts), which keeps NAT bindings and the far
 end's jitter buffer alive and makes the far end's echo of our stream measurable.
+
+When the native sender (:mod:`gateway.media.native`) is built, the packets themselves go out
+from its C thread instead: the session keeps ~160 ms queued there (topped up every few
+ticks) and, whenever what is to be sent changes (a prompt, barge-in, a DTMF event, hold, a
+codec, address or SRTP change), drops what is queued and rewinds its position to the first
+packet not sent, so the wire stays one contiguous stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
 import ipaddress
 import itertools
@@ -25,6 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from gateway.media import native
 from gateway.media.dtmf import (
     DtmfDigit,
     GoertzelDetector,
@@ -72,6 +80,17 @@ _INBAND_MAX_AGE = 0.6
 _INBAND_SESSIONS_PER_TICK = 64
 _HOUSEKEEPING_TICKS = 3
 _ENCODE_CHUNK = 8000  # samples of a prompt encoded at a time
+# Native sending: packets kept queued in the sender thread, topped up every tenth tick (the
+# per-call cost is per top-up, not per packet): at least 8 x 20 ms = 160 ms just before a
+# top-up, plus three times as many as the pacer's ticks have lately been late, so a busy
+# loop (a collection, a burst of setups, a loaded box) does not leave the wire without
+# packets. Anything queued that should change is dropped and rewound anyway, so a deeper
+# queue delays nothing.
+_NATIVE_AHEAD = 8
+_NATIVE_TOPUP_TICKS = 10
+_NATIVE_MAX_AHEAD = 100  # 2 s, within the sender's ring of 128
+# Longer frames (ptime 80 ms and up) stay on the Python pacer.
+_NATIVE_MAX_TICKS_PER_FRAME = 3
 
 
 class MediaSessionClosed(RuntimeError):
@@ -131,6 +150,34 @@ class _DtmfJob:
     future: asyncio.Future[None]
     index: int = 0
     start_ts: int | None = None
+
+
+class _RunKind(enum.Enum):
+    AUDIO = "audio"
+    SILENCE = "silence"
+    EVENT = "event"
+
+
+@dataclass(eq=False, slots=True)
+class _Run:
+    """Packets handed to the native sender in one go, with the session's position before
+    them: enough to rewind to any of them if they are dropped unsent, and to know what has
+    really gone out (``final``: the last packet of a prompt or DTMF event)."""
+
+    kind: _RunKind
+    start: int  # index of the first packet among all pushed to the stream
+    count: int
+    seq: int
+    ts: int
+    marker_pending: bool
+    talking: bool
+    protected: bool  # SRTP: these sequence numbers are spent even if never sent
+    item: _PlayItem | None = None
+    samples: int = 160  # per packet
+    pos: int = 0  # the item's sample position, or the job's packet index, before the run
+    job: _DtmfJob | None = None
+    job_start_ts: int | None = None
+    final: bool = False
 
 
 @dataclass(slots=True)
@@ -197,6 +244,17 @@ class _AudioHistory:
 
 def _zero() -> int:
     return 0
+
+
+_silence_runs: dict[bytes, bytes] = {}
+
+
+def _silence_run(frame: bytes, frames: int) -> memoryview:
+    """``frames`` frames of silence, sliced from one block per codec and frame size."""
+    block = _silence_runs.get(frame)
+    if block is None:
+        block = _silence_runs[frame] = frame * _NATIVE_MAX_AHEAD
+    return memoryview(block)[: len(frame) * frames]
 
 
 def _address_family(host: str) -> socket.AddressFamily:
@@ -315,6 +373,7 @@ class MediaSession:
         inband_dtmf: bool = True,
         trusted_hosts: Iterable[str] = (),
         latch_any_source: bool = False,
+        native_send: bool | None = None,
     ) -> None:
         self.local_host = local_host
         self.pacer = pacer
@@ -356,6 +415,17 @@ class MediaSession:
 
         self._queue: deque[_PlayItem] = deque()
         self._dtmf: deque[_DtmfJob] = deque()
+        # Native sending (None: not built or switched off; see the module docstring).
+        self._native_send = native.available() and native_send is not False
+        self._native_period = 1
+        self._native: native.NativeStream | None = None
+        self._native_runs: deque[_Run] = deque()
+        self._native_pushed = 0  # packets pushed to the current stream, the runs' index
+        # Loop times of the last top-up and of the next one due.
+        self._native_topped = 0.0
+        self._native_due = 0.0
+        self._native_sent = 0  # packets and errors of streams already closed
+        self._native_errors = 0
 
         self._receiver = RtpReceiver(8000, depth=jitter_depth)
         self._events = Rfc4733Receiver(8000)
@@ -427,6 +497,7 @@ class MediaSession:
             return
         self._closed = True
         self.pacer.unregister(self)
+        self._native_close()
         self.stop_playback()
         while self._dtmf:
             job = self._dtmf.popleft()
@@ -494,11 +565,15 @@ class MediaSession:
             self._sender.payload_type = media.payload_type
             self._sender.event_payload_type = media.telephone_event_pt
         self._media = media
+        self._native_replan()
 
     def set_srtp(self, stream: SrtpStream | None) -> None:
         """Protect every RTP packet sent and unprotect every one received with ``stream``
         (None: plain RTP). Received packets failing SRTP authentication count as malformed."""
+        if self._native is not None:
+            self._native_rewind(self._native)  # what is queued was protected with the old key
         self._srtp = stream
+        self._native_replan()
 
     @property
     def media(self) -> NegotiatedMedia | None:
@@ -530,13 +605,30 @@ class MediaSession:
             future.set_result(None)
         else:
             self._queue.append(_PlayItem(pcm, future))
+            future.add_done_callback(self._on_play_done)
+            self._native_replan()
         return future
+
+    def _on_play_done(self, future: asyncio.Future[None]) -> None:
+        # A caller giving up on its prompt (wait_for timing out) takes it off the wire now,
+        # not after the ~160 ms already queued in the native sender.
+        if not future.cancelled() or self._native is None:
+            return
+        for item in self._queue:
+            if item.future is future:
+                self._queue.remove(item)
+                break
+        # A top-up may have dropped it from the queue already, not what it had queued.
+        if any(run.item is not None and run.item.future is future for run in self._native_runs):
+            self._native_replan()
 
     def stop_playback(self) -> None:
         """Barge-in: drop queued audio and cancel the pending play futures."""
         queue, self._queue = self._queue, deque()
         for item in queue:
             item.future.cancel()
+        if queue:
+            self._native_replan()
 
     @property
     def playing(self) -> bool:
@@ -557,6 +649,7 @@ class MediaSession:
         )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._dtmf.append(_DtmfJob(packets, future))
+        self._native_replan()
         # If the caller is cancelled the job still runs to its end packets, so the far end
         # never sees an event that starts and never stops.
         await future
@@ -574,6 +667,16 @@ class MediaSession:
             if self._receiver.pending or self._events_seen or self._inband_batch:
                 self._poll_receive()
             self._report_drops()
+        if self._native is not None:
+            # The sender thread sends; this only keeps its queue ahead.
+            self._last_tick = now
+            if now >= self._native_due:
+                # On the loop's clock, not counted in ticks: a loop too busy to run every
+                # tick (the pacer skips some) still tops up in time, and deeper.
+                gap, self._native_topped = now - self._native_topped, now
+                self._native_due = now + _NATIVE_TOPUP_TICKS * self.pacer.period
+                self._native_top_up(self._native, gap)
+            return
         if self._last_tick is None:
             elapsed = 1
         else:
@@ -689,6 +792,301 @@ class MediaSession:
         self._counters.send_errors += 1
         logger.debug("RTP socket error on port %s: %s", self.local_port, exc)
 
+    # -- native sending -------------------------------------------------------------
+
+    def _native_wanted(self) -> bool:
+        return (
+            self._native_send
+            and self._sending
+            and not self._closed
+            and self._sock is not None
+            and self._send_to is not None
+            and self._sender is not None
+            and self._ticks_per_frame <= _NATIVE_MAX_TICKS_PER_FRAME
+        )
+
+    def _native_replan(self) -> None:
+        """What is to be sent changed: drop what the sender thread has queued, rewind to the
+        first packet not sent and queue afresh (on a new stream when the address or frame
+        period changed; on none while on hold, when the pacer tick keeps the media clock)."""
+        stream = self._native
+        if stream is None and not self._native_send:
+            return
+        if stream is not None:
+            self._native_rewind(stream)
+        if not self._native_wanted():
+            self._native_close()
+            return
+        sock, address = self._sock, self._send_to
+        assert sock is not None
+        assert address is not None
+        if (
+            stream is None
+            or stream.address != address
+            or self._native_period != self._ticks_per_frame
+        ):
+            self._native_close()
+            try:
+                stream = native.NativeStream(sock.fileno(), address, period=self._ticks_per_frame)
+            except (ValueError, OSError) as exc:
+                # e.g. a host name, not an address, in the SDP: the Python pacer sends instead.
+                logger.info("RTP port %s: not using the native sender: %s", self.local_port, exc)
+                self._native_send = False
+                return
+            self._native, self._native_period, self._native_pushed = (
+                stream,
+                self._ticks_per_frame,
+                0,
+            )
+        # This is a top-up; the next comes at a random phase so calls replanned together
+        # (one prompt started on all of them) do not top up on the same tick ever after.
+        now = self._now()
+        self._native_topped = now
+        self._native_due = now + (1 + secrets.randbelow(_NATIVE_TOPUP_TICKS)) * self.pacer.period
+        self._native_fill(stream, 0)
+
+    def _native_close(self) -> None:
+        stream, self._native = self._native, None
+        if stream is None:
+            return
+        self._native_rewind(stream)
+        counters = stream.stats()
+        self._native_sent += counters.sent
+        self._native_errors += counters.errors
+        stream.close()
+
+    def _native_top_up(self, stream: native.NativeStream, gap: float) -> None:
+        queued = stream.queued()
+        self._native_reap(self._native_pushed - queued)
+        self._native_fill(stream, queued, gap)
+
+    def _native_reap(self, sent: int) -> None:
+        """Forget the runs sent in full; a prompt or DTMF event whose last packet has gone
+        out is complete."""
+        runs = self._native_runs
+        while runs and runs[0].start + runs[0].count <= sent:
+            run = runs.popleft()
+            if not run.final:
+                continue
+            done: asyncio.Future[None] | None = None
+            if run.item is not None:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(run.item)
+                done = run.item.future
+            elif run.job is not None:
+                with contextlib.suppress(ValueError):
+                    self._dtmf.remove(run.job)
+                done = run.job.future
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    def _native_rewind(self, stream: native.NativeStream) -> None:
+        """Drop the queued packets and put prompts, DTMF events, sequence number and media
+        clock back where the first of them started. Under SRTP the sequence numbers already
+        protected are never used again (an SRTP index must not repeat): the stream skips
+        them, with the marker bit set."""
+        dropped = stream.flush()
+        sent = self._native_pushed - dropped
+        self._native_reap(sent)
+        self._native_pushed = sent
+        runs = self._native_runs
+        sender = self._sender
+        if not runs or sender is None:
+            runs.clear()
+            return
+        first = runs[0]
+        offset = sent - first.start
+        restored: set[int] = set()
+        for run in runs:
+            skip = offset if run is first else 0
+            if run.item is not None and id(run.item) not in restored:
+                restored.add(id(run.item))
+                run.item.pos = run.pos + skip * run.samples
+            elif run.job is not None and id(run.job) not in restored:
+                restored.add(id(run.job))
+                run.job.index = run.pos + skip
+                run.job.start_ts = run.job_start_ts
+        seq = first.seq + offset
+        if any(run.protected for run in runs):
+            seq = sender.sequence_number
+            self._marker_pending = True
+        else:
+            self._marker_pending = first.marker_pending if offset == 0 else False
+        self._talking = first.talking if offset == 0 else first.kind is _RunKind.AUDIO
+        sender.seek(seq, first.ts + offset * first.samples)
+        runs.clear()
+
+    def _native_fill(self, stream: native.NativeStream, queued: int, gap: float = 0.0) -> None:
+        """Queue what comes next (DTMF events first, then prompts, else silence) until
+        enough packets wait (see ``_NATIVE_AHEAD``)."""
+        sender = self._sender
+        if sender is None:
+            return
+        samples = self._frame_samples
+        period = self.pacer.period
+        # Enough for the interval between top-ups (the last one's, if longer than planned)
+        # plus 160 ms, plus three times the pacer's recent lateness.
+        interval = max(_NATIVE_TOPUP_TICKS, round(gap / period))
+        late = int(3 * self.pacer.recent_lateness / period)
+        need = min(_NATIVE_MAX_AHEAD, _NATIVE_AHEAD + interval + late) - queued
+        while need > 0:
+            job = None
+            if self._dtmf:
+                job = next((j for j in self._dtmf if j.index < len(j.packets)), None)
+            if job is not None:
+                pushed = self._native_event(stream, sender, job, samples)
+            else:
+                pushed = self._native_audio(stream, sender, self._next_item(), need, samples)
+            if not pushed:
+                return
+            need -= pushed
+
+    def _next_item(self) -> _PlayItem | None:
+        """The first prompt with audio not yet queued (cancelled ones dropped on the way)."""
+        queue = self._queue
+        while queue:
+            for item in queue:
+                if item.future.cancelled():
+                    queue.remove(item)
+                    break  # the deque changed: look again
+                if item.pos < len(item.pcm):
+                    return item
+            else:
+                return None
+        return None
+
+    def _encoded(self, item: _PlayItem, count: int) -> bytes:
+        """``count`` samples of ``item`` from ``pos`` in the current codec, from its window."""
+        data = item.data
+        if (
+            data is None
+            or item.pos < item.data_start
+            or item.pos + count > item.data_start + len(data)
+        ):
+            assert self._encode is not None
+            item.data_start = item.pos
+            data = item.data = self._encode(
+                item.pcm[item.pos : item.pos + max(_ENCODE_CHUNK, count)]
+            )
+        offset = item.pos - item.data_start
+        return data[offset : offset + count]
+
+    def _native_audio(
+        self,
+        stream: native.NativeStream,
+        sender: RtpSender,
+        item: _PlayItem | None,
+        frames: int,
+        samples: int,
+    ) -> int:
+        """Queue up to ``frames`` packets of ``item`` (silence without one) as one run."""
+        if item is None:
+            kind, count, final = _RunKind.SILENCE, frames, False
+            payload: bytes | memoryview = _silence_run(self._silence, frames)
+        else:
+            kind = _RunKind.AUDIO
+            remaining = len(item.pcm) - item.pos
+            count = min(frames, remaining // samples)
+            if count:
+                payload = self._encoded(item, count * samples)
+                final = count * samples == remaining
+            else:  # the prompt's last, partial frame, padded with silence
+                payload = self._encoded(item, remaining) + self._silence[: samples - remaining]
+                count, final = 1, True
+        audio = kind is _RunKind.AUDIO
+        seq, ts, pos = sender.sequence_number, sender.timestamp, item.pos if item else 0
+        marker_pending, talking = self._marker_pending, self._talking
+        protected = self._srtp is not None
+        marker = marker_pending or (audio and not talking)
+        if self._srtp is None:
+            done = stream.push_rtp(
+                payload,
+                frame_size=samples,
+                sequence_number=seq,
+                timestamp=ts,
+                ssrc=sender.ssrc,
+                payload_type=sender.payload_type,
+                marker=marker,
+            )
+            sender.seek(seq + done, ts + done * samples)
+        else:
+            done = 0
+            for i in range(count):
+                frame = payload[i * samples : (i + 1) * samples]
+                packet = sender.next_packet(bytes(frame), samples=samples, marker=marker and not i)
+                if not stream.push(self._srtp.protect(packet)):
+                    sender.seek(sender.sequence_number, sender.timestamp - samples)
+                    break
+                done += 1
+        if not done:
+            return 0
+        if item is not None:
+            item.pos = min(len(item.pcm), pos + done * samples)
+        self._marker_pending = False
+        self._talking = audio
+        runs = self._native_runs
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and not marker
+            and last.kind is kind
+            and last.item is item
+            and not last.final
+            and last.protected == protected
+            and last.samples == samples
+            and last.start + last.count == self._native_pushed
+        ):
+            # The same stream of frames continued: one run, still linear in seq/ts/pos.
+            last.count += done
+            last.final = final and done == count
+        else:
+            run = _Run(kind, self._native_pushed, done, seq, ts, marker_pending, talking, protected)
+            run.item, run.pos, run.samples = item, pos, samples
+            run.final = final and done == count
+            runs.append(run)
+        self._native_pushed += done
+        return done
+
+    def _native_event(
+        self, stream: native.NativeStream, sender: RtpSender, job: _DtmfJob, samples: int
+    ) -> int:
+        """Queue the next packet of a DTMF event (one run each: events are rare)."""
+        run = _Run(
+            _RunKind.EVENT,
+            self._native_pushed,
+            1,
+            sender.sequence_number,
+            sender.timestamp,
+            self._marker_pending,
+            self._talking,
+            self._srtp is not None,
+            samples=samples,
+            pos=job.index,
+            job=job,
+            job_start_ts=job.start_ts,
+        )
+        if job.start_ts is None:
+            job.start_ts = sender.timestamp
+        payload, marker, offset = job.packets[job.index]
+        packet = sender.event_packet(payload, marker, job.start_ts + offset)
+        sender.advance_timestamp(samples)  # audio resumes at the event's end time
+        if self._srtp is not None:
+            packet = self._srtp.protect(packet)
+        if not stream.push(packet):
+            if self._srtp is None:
+                sender.seek(run.seq, run.ts)
+            else:
+                sender.seek(sender.sequence_number, run.ts)
+            job.start_ts = run.job_start_ts
+            return 0
+        job.index += 1
+        if job.index >= len(job.packets):
+            self._marker_pending = True
+            run.final = True
+        self._native_pushed += 1
+        self._native_runs.append(run)
+        return 1
+
     # -- receiving ------------------------------------------------------------------
 
     def push_digit(self, digit: DtmfDigit) -> None:
@@ -759,6 +1157,8 @@ class MediaSession:
         if verdict is _LEARN and self._source_filter.learn(source):
             self._send_to = self._source_filter.send_to
             self._log_send_to_changed(source)
+            if self._native is not None:
+                self._native_replan()  # a stream to the new address
         now = self._now()
         for ready in self._receiver.push(packet, now):
             self._handle(ready, now)
@@ -879,8 +1279,12 @@ class MediaSession:
     def stats(self) -> MediaStats:
         rx = self._receiver.stats
         c = self._counters
+        sent, errors = self._native_sent, self._native_errors
+        if self._native is not None:
+            live = self._native.stats()
+            sent, errors = sent + live.sent, errors + live.errors
         return MediaStats(
-            packets_sent=c.packets_sent,
+            packets_sent=c.packets_sent + sent,
             packets_received=rx.packets_received,
             duplicates=rx.duplicates,
             ssrc_changes=rx.ssrc_changes,
@@ -894,5 +1298,5 @@ class MediaSession:
             unconfigured=c.unconfigured,
             other_payload=c.other_payload,
             send_dropped=c.send_dropped,
-            send_errors=c.send_errors,
+            send_errors=c.send_errors + errors,
         )

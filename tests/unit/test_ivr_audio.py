@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import cast
 
@@ -67,7 +68,9 @@ async def test_stream_fills_silence_when_no_rtp_arrives(tmp_path: Path) -> None:
     async with loopback(tmp_path, listen) as lb:
         call = await lb.call()
         assert call.media is not None
-        call.media._sending = False  # the caller goes quiet: no RTP at all
+        assert call.media.media is not None
+        # The caller goes quiet (as if held: no RTP at all, from either send path).
+        call.media.configure(dataclasses.replace(call.media.media, direction="inactive"))
         took, frames, filled = cast(
             tuple[float, list[NDArray[np.int16] | None], int], await lb.outcome()
         )

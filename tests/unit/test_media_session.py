@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from prometheus_client import REGISTRY
 
 import gateway.media.session as session_module
+from gateway.media import native
 from gateway.media.dtmf import DtmfDigit, DtmfMethod, dtmf_tone, feed_all, rfc4733_packets
 from gateway.media.g711 import alaw_encode, decoder_for, ulaw_encode
 from gateway.media.pacer import Pacer
@@ -21,6 +22,7 @@ from gateway.media.rtp import RtpPacket
 from gateway.media.sdp import NegotiatedMedia, create_offer, parse_answer
 from gateway.media.session import MediaSession, MediaSessionClosed
 from gateway.media.source import RtpSourceFilter, SourceVerdict
+from gateway.media.srtp import CryptoAttribute, SrtpKeys, SrtpStream
 from tests.waiting import wait_until
 
 HOST = "127.0.0.1"
@@ -100,6 +102,17 @@ async def raw_peer(host: str = HOST) -> RawPeer:
     loop = asyncio.get_running_loop()
     _, peer = await loop.create_datagram_endpoint(RawPeer, local_addr=(host, 0))
     return peer
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def send_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: packets sent by the native sender thread, and by the Python pacer
+    (the fallback when the extension is not built)."""
+    if request.param == "python":
+        monkeypatch.setenv("ACKLINE_NATIVE_SEND", "0")
+    else:
+        assert native.available()
+    return str(request.param)
 
 
 @pytest.fixture
@@ -759,7 +772,7 @@ class _BlockedSocket:
 async def test_transmit_goes_through_the_transport_only_when_it_queues(
     pacer: Pacer, peer: RawPeer
 ) -> None:
-    s = MediaSession(local_host=HOST, pacer=pacer)
+    s = MediaSession(local_host=HOST, pacer=pacer, native_send=False)  # the Python path's
     await s.open()
     real = s._transport
     try:
@@ -1106,3 +1119,113 @@ async def test_inband_scan_of_a_crowd_is_spread_over_ticks(
     finally:
         for s in sessions:
             await s.close()
+
+
+# -- the native sender ------------------------------------------------------------------
+
+
+async def test_native_sender_carries_the_stream_unless_switched_off(
+    pacer: Pacer, peer: RawPeer, send_path: str
+) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    off = MediaSession(local_host=HOST, pacer=pacer, native_send=False)
+    await s.open()
+    await off.open()
+    try:
+        s.configure(negotiated(peer.port))
+        off.configure(negotiated(peer.port))
+        await peer.collect(6)
+        assert (s._native is not None) == (send_path == "native")
+        assert off._native is None  # native_send=False: the Python pacer sends
+        # Frames longer than 60 ms stay on the Python pacer too.
+        s.configure(negotiated(peer.port, ptime=80))
+        assert s._native is None
+        s.configure(negotiated(peer.port))
+        assert (s._native is not None) == (send_path == "native")
+        assert s.stats.packets_sent > 0
+        assert off.stats.packets_sent > 0
+    finally:
+        await s.close()
+        await off.close()
+
+
+async def test_play_completes_once_its_last_frame_is_sent(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        await peer.collect(2)
+        pcm = np.full(160 * 10, 2000, dtype=np.int16)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(s.play(pcm), 2)
+        took = loop.time() - started
+        await asyncio.sleep(0.01)  # loopback delivery
+        audio = [p for p, _ in _drain(peer) if p.payload != b"\xff" * 160]
+    finally:
+        await s.close()
+    assert len(audio) == 10  # all of it had gone out when play() returned
+    assert took >= 0.15  # ten 20 ms frames: not when merely queued
+
+
+async def test_barge_in_and_digits_keep_the_wire_contiguous(pacer: Pacer, peer: RawPeer) -> None:
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.configure(negotiated(peer.port))
+        await peer.collect(2)
+        s.play(np.full(16000, 2000, dtype=np.int16))
+        await asyncio.sleep(0.1)
+        s.stop_playback()  # drops what was queued ahead
+        await asyncio.sleep(0.06)
+        await asyncio.wait_for(s.send_digit("5", 60), 2)
+        s.play(np.full(800, 2000, dtype=np.int16))
+        await asyncio.sleep(0.3)
+    finally:
+        await s.close()
+    packets = [p for p, _ in _drain(peer)]
+    seqs = [p.sequence_number for p in packets]
+    assert seqs == [(seqs[0] + i) % 65536 for i in range(len(packets))]
+    audio = [p for p in packets if p.payload_type == 0]
+    steps = [(b.timestamp - a.timestamp) % (1 << 32) for a, b in itertools.pairwise(audio)]
+    # 160 per frame, except across the digit (its packets advance the clock too).
+    assert set(steps) <= {160, 160 * (1 + len(rfc4733_packets("5", duration_ms=60)))}
+    loud = [p.payload != b"\xff" * 160 for p in audio]
+    first_quiet = loud.index(False)
+    assert 2 <= first_quiet <= 12  # barge-in: the prompt stopped within ~100 ms + a frame
+    assert sum(loud) < 20 + 6  # not the 100 frames the 2 s prompt had
+
+
+async def test_srtp_never_reuses_a_sequence_number(
+    pacer: Pacer, peer: RawPeer, send_path: str
+) -> None:
+    ours, theirs = CryptoAttribute.generate(), CryptoAttribute.generate()
+    far_end = SrtpStream(SrtpKeys(local=theirs, remote=ours))
+    s = MediaSession(local_host=HOST, pacer=pacer)
+    await s.open()
+    try:
+        s.set_srtp(SrtpStream(SrtpKeys(local=ours, remote=theirs)))
+        s.configure(negotiated(peer.port))
+        await asyncio.sleep(0.1)
+        s.play(np.full(8000, 2000, dtype=np.int16))
+        await asyncio.sleep(0.1)
+        s.stop_playback()
+        await asyncio.sleep(0.2)
+    finally:
+        await s.close()
+    packets = [p for p, _ in _drain(peer)]
+    # libsrtp's replay check refuses an index it has seen: every packet must authenticate.
+    plain = [RtpPacket.parse(far_end.unprotect(p.serialize())) for p in packets]
+    seqs = [p.sequence_number for p in plain]
+    assert len(set(seqs)) == len(seqs)
+    assert all((b - a) % 65536 < 1000 for a, b in itertools.pairwise(seqs))  # only forward
+    steps = [(b.timestamp - a.timestamp) % (1 << 32) for a, b in itertools.pairwise(plain)]
+    assert set(steps) == {160}  # the media clock stays contiguous
+    skips = [
+        b
+        for a, b in itertools.pairwise(plain)
+        if (b.sequence_number - a.sequence_number) % 65536 != 1
+    ]
+    assert all(b.marker for b in skips)  # a skip over numbers queued and dropped is marked
+    # The native sender had ~160 ms queued at the prompt and at the barge-in: skipped.
+    assert len(skips) == (2 if send_path == "native" else 0)
