@@ -22,14 +22,17 @@ from typing import Any
 import httpx
 
 from api.voice_channel import Dialer
+from escalation.alert_input import AlertIn
 from escalation.audit import AuditLog
+from escalation.audit_records import RequestContext
 from escalation.config import (
     AcklineConfig,
     HotlineConfig,
     TrustedSource,
     hotline_sources_from_carriers,
 )
-from escalation.engine import AlertIn, Engine, RequestContext, UnknownPolicy
+from escalation.engine import Engine
+from escalation.plan_cache import UnknownPolicy
 from gateway.admission import InboundGuard, RefusalReport, TrustedTrunk
 from gateway.bridge import bridge_calls
 from gateway.call import Call, Gateway

@@ -20,6 +20,8 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from escalation import crud
+from escalation.alert_input import AlertIn
+from escalation.audit_records import RequestContext
 from escalation.config import (
     FieldMapping,
     IntegrationFormat,
@@ -27,7 +29,8 @@ from escalation.config import (
     Severity,
     format_validation_error,
 )
-from escalation.engine import AlertIn, Engine, RequestContext, UnknownPolicy
+from escalation.engine import Engine
+from escalation.plan_cache import UnknownPolicy
 from storage.models import Alert, AlertState
 from storage.outage import FailureLog
 

@@ -30,8 +30,10 @@ import redis.asyncio as aioredis
 from escalation import metrics
 from escalation.channels.base import Channel, DeliveryResult, DeliveryStatus, Progress
 from escalation.core import CancelScope
-from escalation.engine import CancelRequest, Engine, SendTask
+from escalation.effects import CancelRequest
+from escalation.engine import Engine
 from escalation.reminders import ShiftReminders
+from escalation.sends import SendTask
 from gateway.aio import cancel_and_wait
 from storage import redis_client
 from storage.outage import FailureLog

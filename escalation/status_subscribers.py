@@ -32,8 +32,8 @@ import httpx
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
+from escalation.audit_records import RequestContext
 from escalation.channels.base import DeliveryResult, DeliveryStatus
-from escalation.engine import RequestContext
 from escalation.statuspage import Incident, IncidentUpdate, StatusService
 from storage.models import StatusSubscriberRow
 

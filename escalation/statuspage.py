@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from escalation.audit import AuditLog
-from escalation.engine import RequestContext
+from escalation.audit_records import RequestContext
 from escalation.status import (
     ComponentState,
     Impact,

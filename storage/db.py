@@ -323,7 +323,7 @@ class Database:
 
 
 # Every transaction commits durably unless it says otherwise (only bookkeeping a crash
-# would merely repeat does: see escalation.engine._PG_ASYNC_COMMIT). Set on each connection, so a
+# would merely repeat does: see escalation.pg_sql.PG_ASYNC_COMMIT). Set on each connection, so a
 # server tuned with `synchronous_commit = off` (a common setting) cannot turn an answered
 # 202 or an ack into one a crash takes back.
 DURABLE_COMMITS = {"synchronous_commit": "on"}

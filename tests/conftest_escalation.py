@@ -17,7 +17,9 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
+from escalation.alert_input import AlertIn
 from escalation.audit import AuditLog
+from escalation.audit_records import RequestContext
 from escalation.channels.base import (
     DeliveryResult,
     DeliveryStatus,
@@ -28,8 +30,10 @@ from escalation.channels.base import (
 )
 from escalation.config import parse_config
 from escalation.crud import sync_config
-from escalation.engine import AlertIn, Engine, EngineConfig, RequestContext
+from escalation.engine import Engine, EngineConfig
+from escalation.records import AlertRow
 from escalation.runner import InProcessBus, Worker
+from escalation.unit_of_work import StorePath
 from storage.db import Database
 from storage.models import Alert
 
@@ -78,6 +82,38 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: object) -> AsyncItera
     url = await create_pg_database()
     yield url
     await drop_pg_database(url)
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where an engine test runs: a database, and how the engine reaches it."""
+
+    url: str
+    path: StorePath = StorePath.FAST  # SQLite takes the session whatever this says
+
+
+async def _store(param: str, tmp_path: object) -> AsyncIterator[Store]:
+    if param == "sqlite":
+        yield Store(f"sqlite:///{tmp_path}/ackline.db", StorePath.SESSION)
+        return
+    url = await create_pg_database()
+    yield Store(url, StorePath(param.removeprefix("pg-")))
+    await drop_pg_database(url)
+
+
+@pytest.fixture(params=["sqlite", "pg-fast", "pg-session"])
+async def store(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[Store]:
+    """Run an engine test on every store: SQLite, and PostgreSQL both through the asyncpg
+    fast path and through the SQLAlchemy session alone."""
+    async for found in _store(request.param, tmp_path):
+        yield found
+
+
+@pytest.fixture(params=["pg-fast", "pg-session"])
+async def pg_store(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[Store]:
+    """An engine test that needs PostgreSQL, on both of its store paths."""
+    async for found in _store(request.param, tmp_path):
+        yield found
 
 
 @pytest.fixture
@@ -179,7 +215,9 @@ class Harness:
         await self.db.dispose()
         self.audit.close()
 
-    async def ingest(self, policy: str = "p", key: str | None = None, **kw: Any) -> Alert:
+    async def ingest(
+        self, policy: str = "p", key: str | None = None, **kw: Any
+    ) -> Alert | AlertRow:
         body = AlertIn(title=kw.pop("title", "disk full"), policy=policy, **kw)
         result = await self.engine.ingest(self.company, "key-1", key, body, RequestContext("t"))
         return result.alert
@@ -200,14 +238,17 @@ class Harness:
 
 
 async def make_harness(
-    db_url: str,
+    where: str | Store,
     audit_dir: Path,
     config: dict[str, Any],
     scripts: dict[str, Script],
     **engine_kw: Any,
 ) -> Harness:
+    """A migrated database with `config` synced, an engine and a worker (not started).
+    `where`: a Store, or a database URL (the default store path)."""
+    store = where if isinstance(where, Store) else Store(where)
     cfg = parse_config({"company": "acme", **config})
-    db = Database(db_url)
+    db = Database(store.url)
     await db.migrate()
     await sync_config(db, cfg)
     audit = AuditLog(audit_dir)
@@ -215,7 +256,7 @@ async def make_harness(
     engine = Engine(
         db, audit, bus,
         EngineConfig(channel_defaults=cfg.channel_defaults, rate_limits=cfg.rate_limits,
-                     **engine_kw),
+                     store_path=store.path, **engine_kw),
     )  # fmt: skip
     channels = {name: ScriptedChannel(name, script) for name, script in scripts.items()}
     worker = Worker(engine, bus, channels, poll_interval=0.2, drain_timeout=2.0)

@@ -20,15 +20,12 @@ from api.routes.schemas import (
     Error,
     ReassignIn,
 )
+from escalation.alert_input import AlertIn
+from escalation.audit_records import RequestContext
 from escalation.config import Severity
-from escalation.engine import (
-    AlertClosed,
-    AlertIn,
-    BadTarget,
-    RequestContext,
-    UnknownPolicy,
-)
+from escalation.engine import AlertClosed, BadTarget
 from escalation.listing import AlertFilter, BadCursor, Cursor, SortOrder, list_alerts
+from escalation.plan_cache import UnknownPolicy
 from escalation.timeline import Timeline, build_timeline
 from storage.models import Alert, AlertState
 

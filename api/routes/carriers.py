@@ -21,7 +21,7 @@ from carriers.router import CarrierRouter
 from carriers.shared_health import SharedTrunkHealth
 from carriers.store import TrunkChanges, TrunkStore, apply_overrides, trunk_change_record
 from carriers.trunk import Trunk
-from escalation.engine import RequestContext
+from escalation.audit_records import RequestContext
 from escalation.runner import RedisBus
 
 router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/carriers", tags=["carriers"])

@@ -17,7 +17,7 @@ from api.deps import RuntimeDep, context
 from api.json_body import StrictJsonRoute, parse_strict
 from api.routes.schemas import Error
 from escalation import crud, inbound
-from escalation.engine import UnknownPolicy
+from escalation.plan_cache import UnknownPolicy
 
 router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/integrations", tags=["integrations"])
 

@@ -17,7 +17,7 @@ from api.deps import TenantDep, context
 from api.json_body import StrictJsonRoute
 from api.routes.schemas import Error
 from api.web.status import StatusPage, incident_json, maintenance_json
-from escalation.engine import RequestContext
+from escalation.audit_records import RequestContext
 from escalation.status import Impact, IncidentStatus
 from escalation.status_subscribers import (
     RateLimited,

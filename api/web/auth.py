@@ -57,7 +57,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import web
 from api.deps import Runtime, context, runtime_of
-from escalation.engine import RequestContext
+from escalation.audit_records import RequestContext
 from escalation.users import ConsoleUser, Role, authenticate, get_user
 
 __all__ = [

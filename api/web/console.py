@@ -32,8 +32,9 @@ from api.web.auth import (
     require_role,
 )
 from escalation import crud
+from escalation.audit_records import RequestContext
 from escalation.config import Severity
-from escalation.engine import AlertClosed, BadTarget, RequestContext
+from escalation.engine import AlertClosed, BadTarget
 from escalation.listing import AlertFilter, BadCursor, Cursor, SortOrder, list_alerts
 from escalation.schedules import oncall
 from escalation.timeline import build_timeline

@@ -29,7 +29,7 @@ from api.status_sampler import (
     components_for,
     operator_company,
 )
-from escalation.engine import RequestContext
+from escalation.audit_records import RequestContext
 from escalation.status import (
     HISTORY_DAYS,
     ComponentState,

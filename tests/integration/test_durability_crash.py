@@ -17,8 +17,8 @@ import pytest
 
 from bench.ports import free_port
 from bench.services import Postgres
+from escalation.audit_records import RequestContext
 from escalation.channels.base import DeliveryResult, DeliveryStatus
-from escalation.engine import RequestContext
 from storage.models import AlertState
 from tests.conftest_escalation import make_harness
 

@@ -17,7 +17,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from escalation.alert_input import AlertIn
 from escalation.audit import AuditLog
+from escalation.audit_records import RequestContext
 from escalation.channels.base import (
     Channel,
     DeliveryResult,
@@ -28,7 +30,7 @@ from escalation.channels.base import (
 )
 from escalation.config import parse_config
 from escalation.crud import sync_config
-from escalation.engine import AlertIn, Engine, EngineConfig, RequestContext
+from escalation.engine import Engine, EngineConfig
 from escalation.runner import RedisBus, Worker
 from storage.db import Database
 from storage.models import AlertState

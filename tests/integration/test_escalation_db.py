@@ -19,14 +19,14 @@ from sqlmodel import SQLModel
 
 from api.app import start_runtime, stop_runtime
 from api.settings import Settings
-from escalation import engine as engine_module
+from escalation import pg_sql
+from escalation.audit_records import RequestContext
 from escalation.channels.base import DeliveryResult, DeliveryStatus
 from escalation.config import AcklineConfig
 from escalation.crud import list_recipients, sync_config
-from escalation.engine import RequestContext
 from storage.db import Database
 from storage.models import AlertState, IdempotencyKey, Job, PolicyRow
-from tests.conftest_escalation import make_harness, reply
+from tests.conftest_escalation import Store, make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]
 S = DeliveryStatus
@@ -122,15 +122,15 @@ async def test_processes_starting_together_sync_one_config_file(db_url: str) -> 
 
 
 def _driver_statements() -> dict[str, str]:
-    """Every prepared statement the engine runs on the driver pool (its `_PG_*` SQL)."""
+    """Every prepared statement the engine runs on the driver pool (pg_sql's `PG_*`)."""
     found = {
         name: sql
-        for name, sql in vars(engine_module).items()
-        if name.startswith("_PG_")
+        for name, sql in vars(pg_sql).items()
+        if name.startswith("PG_")
         and isinstance(sql, str)
         and sql.lstrip().upper().startswith(("WITH", "SELECT", "INSERT", "UPDATE", "DELETE"))
     }
-    found |= {f"_PG_INGEST[{keyed}]": sql for keyed, sql in engine_module._PG_INGEST.items()}
+    found |= {f"PG_INGEST[{keyed}]": sql for keyed, sql in pg_sql.PG_INGEST.items()}
     return found
 
 
@@ -159,7 +159,7 @@ async def test_driver_statements_plan_once_by_index_even_on_empty_tables(pg_url:
         pool = await db.driver_pool()
         assert pool.get_size() == 2  # opened up front, not by the first alert
         statements = _driver_statements()
-        assert {"_PG_CLAIM", "_PG_RECORD_RESULTS", "_PG_CANCEL_ALL"} <= statements.keys()
+        assert {"PG_CLAIM", "PG_RECORD_RESULTS", "PG_CANCEL_ALL"} <= statements.keys()
         async with pool.acquire() as conn:
             assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
             for name, sql in statements.items():
@@ -201,7 +201,7 @@ async def _timed(coro: Any) -> tuple[Any, float]:
 
 
 async def test_commits_before_side_effects_wait_for_the_wal_flush_whatever_the_server_says(
-    pg_url: str, tmp_path: Path
+    pg_store: Store, tmp_path: Path
 ) -> None:
     """The server is tuned the way many are, `synchronous_commit = off` (here for this
     database), and told to wait 100 ms before each WAL flush (commit_delay): a commit
@@ -210,8 +210,8 @@ async def test_commits_before_side_effects_wait_for_the_wal_flush_whatever_the_s
     notification would be handed out again), a delivery result (lost, the job would be
     sent again when its lease runs out), a person's answer and an ack all wait; only lease
     renewals and the cleanup of old jobs, which a crash would simply repeat, do not."""
-    name = pg_url.rsplit("/", 1)[1]
-    admin = Database(pg_url.rsplit("/", 1)[0] + "/test")
+    name = pg_store.url.rsplit("/", 1)[1]
+    admin = Database(pg_store.url.rsplit("/", 1)[0] + "/test")
     try:
         async with admin.engine.connect() as conn:
             await conn.execute(text("COMMIT"))
@@ -228,7 +228,7 @@ async def test_commits_before_side_effects_wait_for_the_wal_flush_whatever_the_s
         ]}],
     }  # fmt: skip
     h = await make_harness(
-        pg_url, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)}, done_job_retention=0
+        pg_store, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)}, done_job_retention=0
     )
     try:
         async with h.db.every_driver_connection() as held:
@@ -300,6 +300,8 @@ def _count_policy_loads(db: Database) -> list[str]:
     return seen
 
 
+# This test and the next are about the fast path's ingest, which resolves policies outside
+# its transaction (PlanCache.resolved); the session's ingest loads them inside it.
 async def test_a_burst_of_alerts_loads_its_policy_once_and_edits_still_apply(
     pg_url: str, tmp_path: Path
 ) -> None:

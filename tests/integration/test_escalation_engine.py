@@ -13,11 +13,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlmodel import col
 
+from escalation.alert_input import AlertIn
 from escalation.audit import replay
+from escalation.audit_records import RequestContext
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
-from escalation.engine import AlertIn, RequestContext
 from storage.models import Alert, AlertState, Job, NotificationAttempt
-from tests.conftest_escalation import Harness, make_harness, reply
+from tests.conftest_escalation import Harness, Store, make_harness, reply
 from tests.waiting import wait_until
 
 pytest_plugins = ["tests.conftest_escalation"]
@@ -44,15 +45,15 @@ def config(steps: list[dict[str, Any]], **policy: Any) -> dict[str, Any]:
     }
 
 
-async def harness(db_url: str, tmp_path: Path, cfg: dict[str, Any], **scripts: Any) -> Harness:
-    h = await make_harness(db_url, tmp_path / "audit", cfg, scripts)
+async def harness(store: Store, tmp_path: Path, cfg: dict[str, Any], **scripts: Any) -> Harness:
+    h = await make_harness(store, tmp_path / "audit", cfg, scripts)
     h.start()
     return h
 
 
-async def test_busy_voice_falls_back_in_order_with_backoff(db_url: str, tmp_path: Path) -> None:
+async def test_busy_voice_falls_back_in_order_with_backoff(store: Store, tmp_path: Path) -> None:
     h = await harness(
-        db_url, tmp_path, config([{"recipients": ["alice"], "channels": ["voice"], "delay": 60}]),
+        store, tmp_path, config([{"recipients": ["alice"], "channels": ["voice"], "delay": 60}]),
         voice=reply(S.FAILED_RETRYABLE, "busy"),
         telegram_voice=reply(S.FAILED_PERMANENT, "telegram_403"),
         sms=reply(S.ACKNOWLEDGED, "sms_reply"),
@@ -102,12 +103,12 @@ async def test_busy_voice_falls_back_in_order_with_backoff(db_url: str, tmp_path
 
 
 async def test_ack_racing_scheduled_retries_fires_nothing_after_ack(
-    db_url: str, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
     retry = {"voice": {"attempts": 20, "backoff": "linear", "base": 0.03, "factor": 0, "max": 1}}
     cfg = config([{"groups": [], "recipients": ["alice", "bob"], "channels": ["voice"]}])
     cfg["channel_defaults"] = retry
-    h = await harness(db_url, tmp_path, cfg, voice=reply(S.FAILED_RETRYABLE, "no_answer"))
+    h = await harness(store, tmp_path, cfg, voice=reply(S.FAILED_RETRYABLE, "no_answer"))
     try:
         alerts = [await h.ingest(title=f"a{i}") for i in range(12)]
         rng = random.Random(7)
@@ -133,9 +134,9 @@ async def test_ack_racing_scheduled_retries_fires_nothing_after_ack(
         await h.stop()
 
 
-async def test_ack_hangs_up_inflight_call_quickly(db_url: str, tmp_path: Path) -> None:
+async def test_ack_hangs_up_inflight_call_quickly(store: Store, tmp_path: Path) -> None:
     cfg = config([{"recipients": ["alice"], "channels": ["voice", "sms"]}])
-    h = await harness(db_url, tmp_path, cfg, voice=lambda _n: None, sms=reply(S.DELIVERED))
+    h = await harness(store, tmp_path, cfg, voice=lambda _n: None, sms=reply(S.DELIVERED))
     try:
         alert = await h.ingest()
         for _ in range(200):
@@ -161,11 +162,11 @@ async def test_ack_hangs_up_inflight_call_quickly(db_url: str, tmp_path: Path) -
         await h.stop()
 
 
-async def test_caps_end_the_chain_as_exhausted(db_url: str, tmp_path: Path) -> None:
+async def test_caps_end_the_chain_as_exhausted(store: Store, tmp_path: Path) -> None:
     steps = [{"recipients": ["bob"], "channels": ["sms"], "delay": 0.05}]
     cfg = config(steps, repeat=20, max_notifications=3)
     cfg["policies"].append({"name": "short", "steps": steps, "repeat": 20, "max_duration": 0.3})
-    h = await harness(db_url, tmp_path, cfg, sms=reply(S.DELIVERED))
+    h = await harness(store, tmp_path, cfg, sms=reply(S.DELIVERED))
     try:
         by_count = await h.ingest()
         by_time = await h.ingest(policy="short")
@@ -185,7 +186,7 @@ async def test_caps_end_the_chain_as_exhausted(db_url: str, tmp_path: Path) -> N
         await h.stop()
 
 
-async def test_escalate_skips_to_next_step(db_url: str, tmp_path: Path) -> None:
+async def test_escalate_skips_to_next_step(store: Store, tmp_path: Path) -> None:
     def voice(n: Notification) -> DeliveryResult:
         return DeliveryResult(S.ESCALATE, "dtmf_2")
 
@@ -193,7 +194,7 @@ async def test_escalate_skips_to_next_step(db_url: str, tmp_path: Path) -> None:
         {"recipients": ["alice"], "channels": ["voice"], "delay": 30},
         {"recipients": ["bob"], "channels": ["sms"], "delay": 30},
     ])  # fmt: skip
-    h = await harness(db_url, tmp_path, cfg, voice=voice, sms=reply(S.ACKNOWLEDGED, "reply"))
+    h = await harness(store, tmp_path, cfg, voice=voice, sms=reply(S.ACKNOWLEDGED, "reply"))
     try:
         alert = await h.ingest()
         assert await h.wait_state(alert.id, "acknowledged", timeout=3) == "acknowledged"
@@ -202,11 +203,11 @@ async def test_escalate_skips_to_next_step(db_url: str, tmp_path: Path) -> None:
         await h.stop()
 
 
-async def test_rate_limit_bundles_the_excess(db_url: str, tmp_path: Path) -> None:
+async def test_rate_limit_bundles_the_excess(store: Store, tmp_path: Path) -> None:
     steps = [{"recipients": ["bob"], "channels": ["sms"], "delay": 60}]
     cfg = config(steps)
     cfg["rate_limits"] = {"sms": {"max": 2, "window": 0.6, "mode": "bundle"}}
-    h = await harness(db_url, tmp_path, cfg, sms=reply(S.DELIVERED))
+    h = await harness(store, tmp_path, cfg, sms=reply(S.DELIVERED))
     try:
         alerts = [await h.ingest(title=f"flap {i}") for i in range(5)]
         deadline = time.monotonic() + 5
@@ -238,10 +239,10 @@ async def test_rate_limit_bundles_the_excess(db_url: str, tmp_path: Path) -> Non
         await h.stop()
 
 
-async def test_rate_limit_hold_mode_spaces_out(db_url: str, tmp_path: Path) -> None:
+async def test_rate_limit_hold_mode_spaces_out(store: Store, tmp_path: Path) -> None:
     cfg = config([{"recipients": ["bob"], "channels": ["sms"], "delay": 60}])
     cfg["rate_limits"] = {"default": {"max": 1, "window": 0.25, "mode": "hold"}}
-    h = await harness(db_url, tmp_path, cfg, sms=reply(S.DELIVERED))
+    h = await harness(store, tmp_path, cfg, sms=reply(S.DELIVERED))
     try:
         alerts = [await h.ingest(title=f"flap {i}") for i in range(3)]
         await wait_until(lambda: len(h.channels["sms"].sent) >= 3, 5, "3 sms", interval=0.02)
@@ -258,9 +259,9 @@ async def test_rate_limit_hold_mode_spaces_out(db_url: str, tmp_path: Path) -> N
         await h.stop()
 
 
-async def test_concurrent_duplicates_page_once(db_url: str, tmp_path: Path) -> None:
+async def test_concurrent_duplicates_page_once(store: Store, tmp_path: Path) -> None:
     cfg = config([{"recipients": ["bob"], "channels": ["sms"], "delay": 60}])
-    h = await harness(db_url, tmp_path, cfg, sms=reply(S.DELIVERED))
+    h = await harness(store, tmp_path, cfg, sms=reply(S.DELIVERED))
     try:
         results = await asyncio.gather(*(
             h.engine.ingest("acme", "key-1", "same", AlertIn(title="t", policy="p"),
@@ -281,12 +282,12 @@ async def test_concurrent_duplicates_page_once(db_url: str, tmp_path: Path) -> N
 
 
 async def test_a_send_in_flight_at_the_ack_is_left_to_its_worker_to_record(
-    db_url: str, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
     """An ack while a send is out leaves that send's job to the worker holding it (it hangs
     up and records how the call ended); the result then ends the job and the attempt."""
     cfg = config([{"recipients": ["alice"], "channels": ["sms"], "delay": 60}])
-    h = await make_harness(db_url, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
+    h = await make_harness(store, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
     try:
         alert = await h.ingest()
         [task] = await h.engine.claim("worker-a", 10)
@@ -304,14 +305,14 @@ async def test_a_send_in_flight_at_the_ack_is_left_to_its_worker_to_record(
 
 
 async def test_a_dead_workers_send_on_a_closed_alert_does_not_stay_in_flight(
-    db_url: str, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
     """A worker took a send and died; the alert is acked meanwhile (by another step).
     Nobody will record that call: once its lease has run out, the attempt is closed,
     whether the ack came before the lease ran out (the next claim finds it) or after
     (the ack itself closes it)."""
     cfg = config([{"recipients": ["alice", "bob"], "channels": ["sms"], "delay": 60}])
-    h = await make_harness(db_url, tmp_path / "audit", cfg, {}, lease_seconds=0.3)
+    h = await make_harness(store, tmp_path / "audit", cfg, {}, lease_seconds=0.3)
     try:
         early, late = await h.ingest(), await h.ingest()
         tasks = await h.engine.claim("dead-worker", 10)
@@ -338,7 +339,7 @@ async def _job_and_attempt(h: Any, task: Any) -> tuple[Job, NotificationAttempt]
 
 
 async def test_a_claim_meeting_a_due_timer_still_hands_out_every_due_send_once(
-    db_url: str, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
     """A due step timer among the claimed jobs is run by the general path; the sends
     due alongside it are claimed by that same pass, none left leased to nobody."""
@@ -346,7 +347,7 @@ async def test_a_claim_meeting_a_due_timer_still_hands_out_every_due_send_once(
         {"recipients": ["alice"], "channels": ["sms"], "delay": 0.05},
         {"recipients": ["bob"], "channels": ["sms"], "delay": 60},
     ])  # fmt: skip
-    h = await make_harness(db_url, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
+    h = await make_harness(store, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
     try:
         first = await h.ingest()
         await asyncio.sleep(0.1)  # its step timer is due now, its first send too
@@ -364,13 +365,13 @@ async def test_a_claim_meeting_a_due_timer_still_hands_out_every_due_send_once(
 
 
 async def test_claim_leases_sends_and_cancels_jobs_of_closed_alerts(
-    db_url: str, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
     """One claim pass: a triggered alert's send is leased to the claimer and its attempt
     marked in flight; a job whose alert closed without its jobs being cancelled (a close
     racing a timer) is cancelled, never handed out, and not seen again."""
     cfg = config([{"recipients": ["alice"], "channels": ["sms"], "delay": 60}])
-    h = await make_harness(db_url, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
+    h = await make_harness(store, tmp_path / "audit", cfg, {"sms": reply(S.DELIVERED)})
     try:
         live, closed = await h.ingest(), await h.ingest()
         async with h.db.session() as s, s.begin():
@@ -404,7 +405,7 @@ async def test_claim_leases_sends_and_cancels_jobs_of_closed_alerts(
 
 
 async def test_snooze_pauses_the_chain_then_its_step_fires_again(
-    db_url: str, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
     """Alice pressed 4: bob's call of the same step is cancelled, the cap timer is kept
     and the step is stored to fire again at the snooze's end (brought forward here), when
@@ -424,7 +425,7 @@ async def test_snooze_pauses_the_chain_then_its_step_fires_again(
         voice={"snooze": "1m"},
     )  # fmt: skip
     cfg["policies"][0]["steps"][0]["recipients"].append("bob")
-    h = await harness(db_url, tmp_path, cfg, voice=voice, sms=reply(S.DELIVERED))
+    h = await harness(store, tmp_path, cfg, voice=voice, sms=reply(S.DELIVERED))
     try:
         alert = await h.ingest()
         deadline = time.monotonic() + 5

@@ -6,15 +6,18 @@ import asyncio
 import time
 from pathlib import Path
 
+from escalation.alert_input import AlertIn
 from escalation.audit import AuditLog
+from escalation.audit_records import RequestContext
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
 from escalation.config import parse_config
 from escalation.core import CancelScope
 from escalation.crud import sync_config
-from escalation.engine import AlertIn, CancelRequest, Engine, EngineConfig, RequestContext
+from escalation.effects import CancelRequest
+from escalation.engine import Engine, EngineConfig
 from escalation.runner import RedisBus, Worker
 from storage.db import Database
-from tests.conftest_escalation import REDIS_URL, ScriptedChannel, make_harness, reply
+from tests.conftest_escalation import REDIS_URL, ScriptedChannel, Store, make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]
 
@@ -45,21 +48,21 @@ async def _until(cond: object, what: str, timeout: float = 5.0) -> None:
 
 
 async def test_reassign_over_redis_hangs_up_the_old_call_and_the_worker_pages_the_new_target(
-    pg_url: str, redis_prefix: str, tmp_path: Path
+    pg_store: Store, redis_prefix: str, tmp_path: Path
 ) -> None:
     """The worker's engine cached the alert's plan when it placed Alice's call: the
     reassigned plan (a new revision) must replace it, and the chain's cancel must hang
     up only her call, not Bob's that follows at once."""
     cfg = parse_config(CONFIG)
-    db = Database(pg_url)
+    db = Database(pg_store.url)
     await db.migrate()
     await sync_config(db, cfg)
     audit = AuditLog(tmp_path / "audit")
     api_bus, worker_bus = RedisBus(REDIS_URL, redis_prefix), RedisBus(REDIS_URL, redis_prefix)
-    api = Engine(db, audit, api_bus, EngineConfig())
+    api = Engine(db, audit, api_bus, EngineConfig(store_path=pg_store.path))
     voice = ScriptedChannel("voice", alice_rings, ring_for=3600.0)
-    worker = Worker(Engine(db, audit, worker_bus, EngineConfig()), worker_bus, {"voice": voice},
-                    poll_interval=SLOW_POLL)  # fmt: skip
+    worker = Worker(Engine(db, audit, worker_bus, EngineConfig(store_path=pg_store.path)),
+                    worker_bus, {"voice": voice}, poll_interval=SLOW_POLL)  # fmt: skip
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop, grace=1.0))
     try:
@@ -104,13 +107,13 @@ async def test_reassign_over_redis_hangs_up_the_old_call_and_the_worker_pages_th
 
 
 async def test_a_withdrawn_call_whose_cancel_came_first_is_not_placed(
-    db_url: str, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
     """The chain's cancel can reach a worker before the send it stops has started there:
     that send ends cancelled unplaced; the alert's other sends go out."""
     config = {**CONFIG, "policies": [{"name": "both", "steps": [
         {"recipients": ["alice", "bob"], "channels": ["voice"], "delay": "1h"}]}]}  # fmt: skip
-    h = await make_harness(db_url, tmp_path / "audit", config,
+    h = await make_harness(store, tmp_path / "audit", config,
                            {"voice": reply(S.DELIVERED, "answered")})  # fmt: skip
     try:
         alert = await h.ingest(policy="both")

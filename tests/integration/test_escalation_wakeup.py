@@ -10,15 +10,17 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlmodel import col
 
+from escalation.alert_input import AlertIn
 from escalation.audit import AuditLog
+from escalation.audit_records import RequestContext
 from escalation.channels.base import DeliveryStatus
 from escalation.config import parse_config
 from escalation.crud import sync_config
-from escalation.engine import AlertIn, Engine, EngineConfig, RequestContext
+from escalation.engine import Engine, EngineConfig
 from escalation.runner import RedisBus, Worker
 from storage.db import Database
 from storage.models import Job, utcnow
-from tests.conftest_escalation import REDIS_URL, ScriptedChannel, make_harness, reply
+from tests.conftest_escalation import REDIS_URL, ScriptedChannel, Store, make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]
 
@@ -43,8 +45,8 @@ async def _sent_within(channel: ScriptedChannel, seconds: float) -> bool:
     return False
 
 
-async def test_in_process_wake_up_hands_off_before_the_poll(db_url: str, tmp_path: Path) -> None:
-    h = await make_harness(db_url, tmp_path / "audit", CONFIG, {"webhook": reply(S.DELIVERED)})
+async def test_in_process_wake_up_hands_off_before_the_poll(store: Store, tmp_path: Path) -> None:
+    h = await make_harness(store, tmp_path / "audit", CONFIG, {"webhook": reply(S.DELIVERED)})
     h.worker.poll_interval = SLOW_POLL
     h.start()
     try:
@@ -56,20 +58,20 @@ async def test_in_process_wake_up_hands_off_before_the_poll(db_url: str, tmp_pat
 
 
 async def test_redis_wake_up_hands_off_before_the_poll(
-    pg_url: str, redis_prefix: str, tmp_path: Path
+    pg_store: Store, redis_prefix: str, tmp_path: Path
 ) -> None:
     """API and worker as separate engines (separate processes in production)."""
     cfg = parse_config({"company": "acme", **CONFIG})
-    db = Database(pg_url)
+    db = Database(pg_store.url)
     await db.migrate()
     await sync_config(db, cfg)
     audit = AuditLog(tmp_path / "audit")
     api_bus, worker_bus = RedisBus(REDIS_URL, redis_prefix), RedisBus(REDIS_URL, redis_prefix)
-    api = Engine(db, audit, api_bus, EngineConfig())
+    api = Engine(db, audit, api_bus, EngineConfig(store_path=pg_store.path))
     channel = ScriptedChannel("webhook", reply(S.DELIVERED))
     worker = Worker(
-        Engine(db, audit, worker_bus, EngineConfig()), worker_bus, {"webhook": channel},
-        poll_interval=SLOW_POLL,
+        Engine(db, audit, worker_bus, EngineConfig(store_path=pg_store.path)), worker_bus,
+        {"webhook": channel}, poll_interval=SLOW_POLL,
     )  # fmt: skip
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop, grace=1.0))
@@ -107,9 +109,9 @@ async def _job_names(db: Database) -> set[str]:
 
 
 async def test_purge_deletes_only_done_jobs_older_than_the_retention(
-    db_url: str, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
-    h = await make_harness(db_url, tmp_path / "audit", CONFIG, {}, done_job_retention=86400.0)
+    h = await make_harness(store, tmp_path / "audit", CONFIG, {}, done_job_retention=86400.0)
     try:
         day, hour = timedelta(days=1), timedelta(hours=1)
         await _add_jobs(h.db, [
@@ -128,11 +130,11 @@ async def test_purge_deletes_only_done_jobs_older_than_the_retention(
         await h.stop()
 
 
-async def test_worker_purges_done_jobs_and_keeps_pending_ones(db_url: str, tmp_path: Path) -> None:
+async def test_worker_purges_done_jobs_and_keeps_pending_ones(store: Store, tmp_path: Path) -> None:
     """With no retention, the worker's cleanup removes the delivered send's job; the
     alert's next-step timer (due in an hour) stays, and so does the attempt row."""
     h = await make_harness(
-        db_url, tmp_path / "audit", {**CONFIG, "policies": [{"name": "p", "steps": [
+        store, tmp_path / "audit", {**CONFIG, "policies": [{"name": "p", "steps": [
             {"recipients": ["svc"], "channels": ["webhook"], "delay": "1h"},
             {"recipients": ["svc"], "channels": ["webhook"], "delay": "1h"},
         ]}]}, {"webhook": reply(S.DELIVERED)}, done_job_retention=0.0,

@@ -9,7 +9,7 @@ from pathlib import Path
 from escalation import crud
 from escalation.channels.base import DeliveryStatus
 from escalation.schedules import Override
-from tests.conftest_escalation import make_harness, reply
+from tests.conftest_escalation import Store, make_harness, reply
 
 pytest_plugins = ["tests.conftest_escalation"]
 
@@ -21,7 +21,7 @@ PEOPLE = [
 
 
 async def test_schedule_step_pages_who_is_on_call_at_fire_time_and_audits_it(
-    db_url: str, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
     today = datetime.now(UTC).date()
     cfg = {
@@ -37,9 +37,7 @@ async def test_schedule_step_pages_who_is_on_call_at_fire_time_and_audits_it(
             {"schedules": ["payments"], "channels": ["sms"], "delay": 30},
         ]}],
     }  # fmt: skip
-    h = await make_harness(
-        db_url, tmp_path / "audit", cfg, {"sms": reply(DeliveryStatus.DELIVERED)}
-    )
+    h = await make_harness(store, tmp_path / "audit", cfg, {"sms": reply(DeliveryStatus.DELIVERED)})
     h.start()
     try:
         alert = await h.ingest()  # step 0 fires now: alice is on call
@@ -75,7 +73,9 @@ async def test_schedule_step_pages_who_is_on_call_at_fire_time_and_audits_it(
         await h.stop()
 
 
-async def test_nobody_on_call_is_audited_and_the_chain_goes_on(db_url: str, tmp_path: Path) -> None:
+async def test_nobody_on_call_is_audited_and_the_chain_goes_on(
+    store: Store, tmp_path: Path
+) -> None:
     later = (datetime.now(UTC) + timedelta(days=3)).date()  # the rota has not begun
     cfg = {
         "recipients": PEOPLE,
@@ -88,9 +88,7 @@ async def test_nobody_on_call_is_audited_and_the_chain_goes_on(db_url: str, tmp_
             {"recipients": ["carol"], "channels": ["sms"], "delay": 30},
         ]}],
     }  # fmt: skip
-    h = await make_harness(
-        db_url, tmp_path / "audit", cfg, {"sms": reply(DeliveryStatus.DELIVERED)}
-    )
+    h = await make_harness(store, tmp_path / "audit", cfg, {"sms": reply(DeliveryStatus.DELIVERED)})
     h.start()
     try:
         alert = await h.ingest()

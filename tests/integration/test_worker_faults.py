@@ -11,15 +11,24 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from escalation.alert_input import AlertIn
 from escalation.audit import AuditLog
+from escalation.audit_records import RequestContext
 from escalation.channels.base import DeliveryResult, DeliveryStatus, Notification
 from escalation.config import parse_config
 from escalation.crud import sync_config
-from escalation.engine import AlertIn, Engine, EngineConfig, RequestContext
+from escalation.engine import Engine, EngineConfig
 from escalation.runner import RedisBus, Worker
 from storage.db import Database
 from storage.models import AlertState
-from tests.conftest_escalation import REDIS_URL, Harness, ScriptedChannel, make_harness, reply
+from tests.conftest_escalation import (
+    REDIS_URL,
+    Harness,
+    ScriptedChannel,
+    Store,
+    make_harness,
+    reply,
+)
 from tests.integration.fault_proxy import FaultProxy
 
 pytest_plugins = ["tests.conftest_escalation"]
@@ -77,11 +86,11 @@ def audit_events(h: Harness, event: str) -> list[dict[str, Any]]:
 
 
 async def test_a_send_that_never_ends_is_hung_up_at_its_deadline(
-    db_url: str, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
     """A call that would ring forever (a carrier that died mid-call) ends at the channel's
     deadline: hung up, recorded as a retryable failure, and the chain goes on."""
-    h = await make_harness(db_url, tmp_path / "audit", config(), {"voice": ring})
+    h = await make_harness(store, tmp_path / "audit", config(), {"voice": ring})
     voice = h.channels["voice"]
     voice.ring_for = 3600.0
     voice.max_seconds = 0.5
@@ -102,9 +111,9 @@ async def test_a_send_that_never_ends_is_hung_up_at_its_deadline(
 
 
 async def test_max_duration_exhausts_an_alert_whose_channel_never_reports(
-    db_url: str, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
-    h = await make_harness(db_url, tmp_path / "audit", config(max_duration=0.5), {"voice": ring})
+    h = await make_harness(store, tmp_path / "audit", config(max_duration=0.5), {"voice": ring})
     h.channels["voice"].ring_for = 3600.0
     h.start()
     try:
@@ -120,10 +129,10 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_a_result_recorded_twice_is_one_audit_line(db_url: str, tmp_path: Path) -> None:
+async def test_a_result_recorded_twice_is_one_audit_line(store: Store, tmp_path: Path) -> None:
     """A batch whose commit could not be confirmed is retried result by result; a result
     already committed is not recorded (nor audited) again."""
-    h = await make_harness(db_url, tmp_path / "audit", config(), {})
+    h = await make_harness(store, tmp_path / "audit", config(), {})
     try:
         alert = await h.ingest()
         [task] = await h.engine.claim("w", 10)
@@ -139,11 +148,11 @@ async def test_a_result_recorded_twice_is_one_audit_line(db_url: str, tmp_path: 
 
 
 async def test_a_stop_hands_ringing_calls_to_another_worker_at_once(
-    pg_url: str, tmp_path: Path
+    pg_store: Store, tmp_path: Path
 ) -> None:
     """Draining, the worker hangs up the call still ringing and releases its job, so the
     next worker places it again at once: not after the 30 s lease."""
-    h = await make_harness(pg_url, tmp_path / "audit", config(), {"voice": ring})
+    h = await make_harness(pg_store, tmp_path / "audit", config(), {"voice": ring})
     voice = h.channels["voice"]
     voice.ring_for = 3600.0
     h.start()
@@ -166,12 +175,12 @@ async def test_a_stop_hands_ringing_calls_to_another_worker_at_once(
 
 
 async def test_a_call_someone_answered_is_not_placed_again_after_its_worker_is_lost(
-    pg_url: str, tmp_path: Path
+    pg_store: Store, tmp_path: Path
 ) -> None:
     """Alice picked up; then her call's worker went away. The next worker does not ring
     her a second time for the same attempt: it records the attempt as answered without a
     key (interrupted), and the policy's retry follows as for any call without a key."""
-    h = await make_harness(pg_url, tmp_path / "audit", config(), {"voice": ring})
+    h = await make_harness(pg_store, tmp_path / "audit", config(), {"voice": ring})
     voice = h.channels["voice"]
     voice.ring_for = 3600.0
     voice.answer = True
@@ -199,12 +208,12 @@ async def test_a_call_someone_answered_is_not_placed_again_after_its_worker_is_l
 
 
 async def test_with_redis_away_the_worker_polls_and_still_hangs_up_after_an_ack(
-    pg_url: str, redis_prefix: str, tmp_path: Path
+    pg_store: Store, redis_prefix: str, tmp_path: Path
 ) -> None:
     """Redis down: the API's wake-ups and cancels never arrive. The worker still finds new
     work by polling the database and notices the ack on its own check of its calls."""
     cfg = parse_config({"company": "acme", **config()})
-    db = Database(pg_url)
+    db = Database(pg_store.url)
     await db.migrate()
     await sync_config(db, cfg)
     audit = AuditLog(tmp_path / "audit")
@@ -213,9 +222,10 @@ async def test_with_redis_away_the_worker_polls_and_still_hangs_up_after_an_ack(
     await proxy.restore()
     url = f"redis://127.0.0.1:{proxy.port}/0"
     api_bus, worker_bus = RedisBus(url, redis_prefix), RedisBus(url, redis_prefix)
-    api = Engine(db, audit, api_bus, EngineConfig(cfg.channel_defaults))
+    api = Engine(db, audit, api_bus, EngineConfig(cfg.channel_defaults, store_path=pg_store.path))
     voice = ScriptedChannel("voice", ring, ring_for=3600.0)
-    worker = Worker(Engine(db, audit, worker_bus, EngineConfig(cfg.channel_defaults)),
+    engine_config = EngineConfig(cfg.channel_defaults, store_path=pg_store.path)
+    worker = Worker(Engine(db, audit, worker_bus, engine_config),
                     worker_bus, {"voice": voice}, poll_interval=0.3,
                     check_interval=0.3)  # fmt: skip
     stop = asyncio.Event()
