@@ -10,8 +10,9 @@ from fastapi import Depends, Header, HTTPException, Request
 
 from api.settings import Settings
 from escalation.audit import AuditLog
+from escalation.audit_records import RequestContext
 from escalation.config import AcklineConfig, load_config
-from escalation.engine import Engine, EngineConfig, RequestContext
+from escalation.engine import Engine, EngineConfig
 from escalation.runner import InProcessBus, RedisBus
 from storage.db import Database
 
@@ -46,6 +47,7 @@ def build_runtime(settings: Settings) -> Runtime:
             public_url=settings.public_url,
             ack_secret=settings.ack_secret,
             lease_seconds=settings.lease_seconds,
+            store_path=settings.store_path,
         ),
     )
     return Runtime(settings, db, audit, bus, engine, config)

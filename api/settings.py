@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
+from escalation.unit_of_work import StorePath
 from gateway.media.srtp import SrtpMode
 
 
@@ -127,6 +128,15 @@ def inbound_srtp(cli: SrtpMode | None, env: SrtpMode | None, yaml: SrtpMode | No
     return DEFAULT_INBOUND_SRTP
 
 
+def parse_store_path(value: str) -> StorePath:
+    """``ACKLINE_STORE_PATH``: fast or session (a typo must not silently pick one)."""
+    try:
+        return StorePath(value.strip().lower())
+    except ValueError:
+        choices = ", ".join(p.value for p in StorePath)
+        raise ValueError(f"ACKLINE_STORE_PATH must be one of {choices}, not {value!r}") from None
+
+
 class Settings(BaseSettings):
     """Every setting once: its type, bound, default and environment variable side by side.
 
@@ -165,6 +175,9 @@ class Settings(BaseSettings):
     # None: run the worker in-process unless Redis is set
     embedded_worker: bool | None = Field(default=None, validation_alias="ACKLINE_EMBEDDED_WORKER")
     lease_seconds: float = Field(default=30.0, validation_alias="ACKLINE_LEASE_SECONDS")
+    # PostgreSQL: the engine's asyncpg fast path (prepared SQL where it measurably helps)
+    # or SQLAlchemy only; SQLite always takes the session.
+    store_path: StorePath = Field(default=StorePath.FAST, validation_alias="ACKLINE_STORE_PATH")
     poll_interval: float = Field(default=1.0, validation_alias="ACKLINE_POLL_INTERVAL")
     # SIGTERM: the process stops taking work, lets deliveries in flight end, hands the
     # rest back to other workers and exits within this many seconds.
@@ -286,6 +299,11 @@ class Settings(BaseSettings):
     @classmethod
     def _srtp(cls, value: Any) -> Any:
         return parse_srtp_mode(value) if isinstance(value, str) else value
+
+    @field_validator("store_path", mode="before")
+    @classmethod
+    def _store_path(cls, value: Any) -> Any:
+        return parse_store_path(value) if isinstance(value, str) else value
 
     @classmethod
     def settings_customise_sources(

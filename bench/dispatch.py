@@ -12,7 +12,7 @@ hands them to a carrier double that stamps each hand-off into Redis. Reports P50
   once it rings and we measure until channel.cancel() runs in the worker.
 
     python -m bench.dispatch [--rate 200] [--duration 60] [--ack-share 0.05]
-                             [--raw FILE] [--keep-db]
+                             [--raw FILE] [--keep-db] [--store-path fast|session]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from escalation.channels.base import (
     ProgressSink,
     ignore_progress,
 )
+from escalation.unit_of_work import StorePath
 from storage.redis_client import async_client
 
 PG_ADMIN = os.environ.get("ACKLINE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -111,6 +112,7 @@ def _settings(args: argparse.Namespace) -> Any:
         embedded_worker=False,
         poll_interval=1.0,
         migrate_on_start=args.role == "api",
+        store_path=StorePath(args.store_path),
     )
 
 
@@ -365,6 +367,8 @@ async def _bench(args: argparse.Namespace) -> int:
             workdir,
             "--port",
             str(args.port),
+            "--store-path",
+            args.store_path,
         ]
         try:
             api = _start_role("api", common)
@@ -395,7 +399,7 @@ async def _bench(args: argparse.Namespace) -> int:
                 await admin.close()
     print(f"dispatch benchmark: {result['alerts']} alerts at {result['achieved_rate']}/s "
           f"(asked {args.rate}/s for {args.duration:g} s), {args.workers} worker(s), "
-          f"PostgreSQL + Redis")  # fmt: skip
+          f"PostgreSQL ({args.store_path} store path) + Redis")  # fmt: skip
     print(line("ingest -> channel hand-off", result["ingest_to_handoff"]))
     print(line("POST /v1/alerts (202 after commit)", result["post_latency"]))
     print(line("  of which the client's own delay", result["send_lag"]))
@@ -406,6 +410,7 @@ async def _bench(args: argparse.Namespace) -> int:
     print(f"cpu during the load: {result['cpu']}")
     if args.json:
         summary = {k: v for k, v in result.items() if not isinstance(v, list)}
+        summary["store_path"] = args.store_path
         for key in ("ingest_to_handoff", "post_latency", "ack_to_cancel", "ack_response"):
             summary[f"{key}_p50_ms"] = round(pct(result[key], 50) * 1000, 3)
             summary[f"{key}_p99_ms"] = round(pct(result[key], 99) * 1000, 3)
@@ -426,6 +431,10 @@ def main() -> int:
     parser.add_argument("--json", help="also write a summary to this file")
     parser.add_argument("--raw", help="also write each alert's [seconds into the load, "
                         "hand-off latency s, client delay s] to this file")  # fmt: skip
+    parser.add_argument("--store-path", choices=[p.value for p in StorePath],
+                        default=StorePath.FAST.value,
+                        help="the engine's way to PostgreSQL: asyncpg fast path or SQLAlchemy "
+                        "session only")  # fmt: skip
     parser.add_argument("--keep-db", action="store_true",
                         help="leave the benchmark database for inspection")  # fmt: skip
     parser.add_argument("--role", choices=["bench", "api", "worker"], default="bench",

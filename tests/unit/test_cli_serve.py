@@ -13,6 +13,7 @@ from api.cli import EXIT_BAD_INPUT, Role, _inbound_srtp, _local_api_key, app
 from api.settings import Settings, inbound_srtp
 from carriers.trunk import Trunk
 from escalation.config import ConfigError, parse_config
+from escalation.unit_of_work import StorePath
 from gateway.media.srtp import SrtpMode
 
 
@@ -153,3 +154,10 @@ def test_serve_refuses_bad_srtp_values_from_each_source(tmp_path: Path) -> None:
     )
     assert bad_file.exit_code == EXIT_BAD_INPUT
     assert "inbound_srtp: Input should be 'required', 'optional' or 'off'" in bad_file.output
+
+
+def test_store_path_comes_from_the_environment_default_fast() -> None:
+    assert Settings.from_env({}).store_path is StorePath.FAST
+    assert Settings.from_env({"ACKLINE_STORE_PATH": " Session "}).store_path is StorePath.SESSION
+    with pytest.raises(ValueError, match="ACKLINE_STORE_PATH must be one of fast, session"):
+        Settings.from_env({"ACKLINE_STORE_PATH": "orm"})
