@@ -7,10 +7,11 @@ run as separate processes.
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import (
@@ -24,6 +25,8 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from escalation.unit_of_work import StorePath
 from gateway.media.srtp import SrtpMode
+
+_Choice = TypeVar("_Choice", bound=enum.Enum)
 
 
 def parse_api_keys(text: str) -> dict[str, str]:
@@ -106,13 +109,19 @@ def with_file_secrets(env: Mapping[str, str]) -> Mapping[str, str]:
     return out
 
 
+def _choice(kind: type[_Choice], variable: str, value: str) -> _Choice:
+    """One of an enum's values, spelt in any case: a typo is refused by name rather than
+    silently read as some default."""
+    try:
+        return kind(value.strip().lower())
+    except ValueError:
+        choices = ", ".join(str(m.value) for m in kind)
+        raise ValueError(f"{variable} must be one of {choices}, not {value!r}") from None
+
+
 def parse_srtp_mode(value: str) -> SrtpMode:
     """``ACKLINE_SIP_SRTP``: required, optional or off (a typo must not turn SRTP off)."""
-    try:
-        return SrtpMode(value.strip().lower())
-    except ValueError:
-        choices = ", ".join(m.value for m in SrtpMode)
-        raise ValueError(f"ACKLINE_SIP_SRTP must be one of {choices}, not {value!r}") from None
+    return _choice(SrtpMode, "ACKLINE_SIP_SRTP", value)
 
 
 DEFAULT_INBOUND_SRTP = SrtpMode.OPTIONAL
@@ -129,12 +138,8 @@ def inbound_srtp(cli: SrtpMode | None, env: SrtpMode | None, yaml: SrtpMode | No
 
 
 def parse_store_path(value: str) -> StorePath:
-    """``ACKLINE_STORE_PATH``: fast or session (a typo must not silently pick one)."""
-    try:
-        return StorePath(value.strip().lower())
-    except ValueError:
-        choices = ", ".join(p.value for p in StorePath)
-        raise ValueError(f"ACKLINE_STORE_PATH must be one of {choices}, not {value!r}") from None
+    """``ACKLINE_STORE_PATH``: fast or session."""
+    return _choice(StorePath, "ACKLINE_STORE_PATH", value)
 
 
 class Settings(BaseSettings):
