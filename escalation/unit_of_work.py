@@ -1,10 +1,12 @@
 """One transaction of the engine, on either store.
 
-The engine's transactions (ingest, close, claim, results) are written once against the
-`UnitOfWork` protocol. `SessionUnit` runs them on SQLAlchemy, for SQLite and PostgreSQL
-alike; `DriverUnit` is the optional PostgreSQL fast path on the asyncpg pool, which
-overrides only what prepared SQL measurably speeds up (results and closes, batched
-into few statements).
+The engine's transactions are written once against the `UnitOfWork` protocol (and a
+decision against its `Staging` part). `SessionUnit` runs them on SQLAlchemy, for SQLite
+and PostgreSQL alike; `DriverUnit` is the optional PostgreSQL fast path on the asyncpg
+pool, used only where prepared SQL measurably speeds things up: closes and results,
+batched into few statements. The ingest and the claim have one-statement fast paths
+of their own (`StagedRows` with pg_sql.PG_INGEST, and pg_sql.PG_CLAIM); everything else
+takes the session on either path.
 """
 
 from __future__ import annotations
