@@ -32,9 +32,10 @@ from escalation.config import parse_config
 from escalation.crud import sync_config
 from escalation.engine import Engine, EngineConfig
 from escalation.runner import RedisBus, Worker
+from escalation.unit_of_work import StorePath
 from storage.db import Database
 from storage.models import AlertState
-from tests.conftest_escalation import REDIS_URL
+from tests.conftest_escalation import REDIS_URL, Store
 from tests.waiting import wait_until
 
 pytest_plugins = ["tests.conftest_escalation"]
@@ -83,28 +84,30 @@ class LoggingCarrier:
         return None
 
 
-def engine_for(db: Database, audit: AuditLog, bus: RedisBus) -> Engine:
+def engine_for(db: Database, audit: AuditLog, bus: RedisBus, path: StorePath) -> Engine:
     cfg = parse_config(CONFIG)
-    return Engine(db, audit, bus, EngineConfig(cfg.channel_defaults, lease_seconds=LEASE))
+    config = EngineConfig(cfg.channel_defaults, lease_seconds=LEASE, store_path=path)
+    return Engine(db, audit, bus, config)
 
 
-async def worker_main(db_url: str, prefix: str, log: str, audit_dir: str) -> None:
+async def worker_main(db_url: str, prefix: str, log: str, audit_dir: str, path: str) -> None:
     db = Database(db_url)
     bus = RedisBus(REDIS_URL, prefix)
     channels: dict[str, Channel] = {
         ch: LoggingCarrier(ch, Path(log), hold=0.05) for ch in ("voice", "sms")
     }
-    worker = Worker(engine_for(db, AuditLog(audit_dir), bus), bus, channels, poll_interval=0.2)
+    engine = engine_for(db, AuditLog(audit_dir), bus, StorePath(path))
+    worker = Worker(engine, bus, channels, poll_interval=0.2)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await worker.run(stop)
     await bus.close()
 
 
-def spawn(db_url: str, prefix: str, log: Path, audit: Path) -> subprocess.Popen[bytes]:
+def spawn(store: Store, prefix: str, log: Path, audit: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.integration.test_escalation_crash",
-         db_url, prefix, str(log), str(audit)],
+         store.url, prefix, str(log), str(audit), store.path.value],
         cwd=ROOT,
     )  # fmt: skip
 
@@ -115,12 +118,12 @@ def read_log(log: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
 
 
-async def setup(db_url: str, prefix: str, audit: Path) -> tuple[Database, RedisBus, Engine]:
-    db = Database(db_url)
+async def setup(store: Store, prefix: str, audit: Path) -> tuple[Database, RedisBus, Engine]:
+    db = Database(store.url)
     await db.migrate()
     await sync_config(db, parse_config(CONFIG))
     bus = RedisBus(REDIS_URL, prefix)
-    return db, bus, engine_for(db, AuditLog(audit), bus)
+    return db, bus, engine_for(db, AuditLog(audit), bus, store.path)
 
 
 async def wait_all(engine: Engine, ids: list[str], timeout: float) -> None:
@@ -134,11 +137,11 @@ async def wait_all(engine: Engine, ids: list[str], timeout: float) -> None:
 
 
 async def test_sigkill_mid_chain_resumes_without_loss_or_duplicates(
-    pg_url: str, redis_prefix: str, tmp_path: Path
+    pg_store: Store, redis_prefix: str, tmp_path: Path
 ) -> None:
     log, audit = tmp_path / "sends.jsonl", tmp_path / "audit"
-    db, bus, engine = await setup(pg_url, redis_prefix, audit)
-    first = spawn(pg_url, redis_prefix, log, audit)
+    db, bus, engine = await setup(pg_store, redis_prefix, audit)
+    first = spawn(pg_store, redis_prefix, log, audit)
     second = None
     try:
         ids = []
@@ -163,7 +166,7 @@ async def test_sigkill_mid_chain_resumes_without_loss_or_duplicates(
                 elif a.finished_at is not None and a.status != "cancelled":
                     completed.add((a.notification_id, a.attempt))
 
-        second = spawn(pg_url, redis_prefix, log, audit)
+        second = spawn(pg_store, redis_prefix, log, audit)
         await wait_all(engine, ids, timeout=30)
         sends = read_log(log)
         counts = Counter((s["nid"], s["attempt"]) for s in sends)
@@ -187,20 +190,21 @@ async def test_sigkill_mid_chain_resumes_without_loss_or_duplicates(
 
 
 async def test_several_workers_each_job_owned_once(
-    pg_url: str, redis_prefix: str, tmp_path: Path
+    pg_store: Store, redis_prefix: str, tmp_path: Path
 ) -> None:
     log, audit = tmp_path / "sends.jsonl", tmp_path / "audit"
-    db, bus, engine = await setup(pg_url, redis_prefix, audit)
+    db, bus, engine = await setup(pg_store, redis_prefix, audit)
     workers = []
     stop = asyncio.Event()
     try:
         for _ in range(3):
-            wdb = Database(pg_url)
+            wdb = Database(pg_store.url)
             wbus = RedisBus(REDIS_URL, redis_prefix)
             channels: dict[str, Channel] = {
                 ch: LoggingCarrier(ch, log, hold=0.0) for ch in ("voice", "sms")
             }
-            w = Worker(engine_for(wdb, AuditLog(audit), wbus), wbus, channels, poll_interval=0.2)
+            wengine = engine_for(wdb, AuditLog(audit), wbus, pg_store.path)
+            w = Worker(wengine, wbus, channels, poll_interval=0.2)
             workers.append((wdb, wbus, asyncio.create_task(w.run(stop))))
         ids = []
         for i in range(40):
@@ -229,4 +233,4 @@ async def test_several_workers_each_job_owned_once(
 
 
 if __name__ == "__main__":
-    asyncio.run(worker_main(*sys.argv[1:5]))
+    asyncio.run(worker_main(*sys.argv[1:6]))
