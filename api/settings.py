@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -140,6 +140,21 @@ def inbound_srtp(cli: SrtpMode | None, env: SrtpMode | None, yaml: SrtpMode | No
 def parse_store_path(value: str) -> StorePath:
     """``ACKLINE_STORE_PATH``: fast or session."""
     return _choice(StorePath, "ACKLINE_STORE_PATH", value)
+
+
+def parse_numbers(text: str) -> tuple[str, ...]:
+    """`TWILIO_FROM_NUMBERS`: comma-separated, blanks dropped."""
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+# Settings fields whose variable is not plain pydantic input, each with its parser.
+TEXT_PARSERS: Mapping[str, Callable[[str], Any]] = {
+    "api_keys": parse_api_keys,
+    "rtp_ports": parse_rtp_ports,
+    "twilio_from_numbers": parse_numbers,
+    "sip_srtp": parse_srtp_mode,
+    "store_path": parse_store_path,
+}
 
 
 class Settings(BaseSettings):
@@ -283,32 +298,15 @@ class Settings(BaseSettings):
     def run_embedded_worker(self) -> bool:
         return self.embedded_worker if self.embedded_worker is not None else not self.redis_url
 
-    @field_validator("api_keys", mode="before")
+    @field_validator(*TEXT_PARSERS, mode="before")
     @classmethod
-    def _api_keys(cls, value: Any) -> Any:
-        return parse_api_keys(value) if isinstance(value, str) else value
-
-    @field_validator("rtp_ports", mode="before")
-    @classmethod
-    def _rtp_ports(cls, value: Any) -> Any:
-        return parse_rtp_ports(value) if isinstance(value, str) else value
-
-    @field_validator("twilio_from_numbers", mode="before")
-    @classmethod
-    def _numbers(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(n.strip() for n in value.split(",") if n.strip())
-        return value
-
-    @field_validator("sip_srtp", mode="before")
-    @classmethod
-    def _srtp(cls, value: Any) -> Any:
-        return parse_srtp_mode(value) if isinstance(value, str) else value
-
-    @field_validator("store_path", mode="before")
-    @classmethod
-    def _store_path(cls, value: Any) -> Any:
-        return parse_store_path(value) if isinstance(value, str) else value
+    def _from_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """A variable's text goes through its field's parser (its errors name the variable);
+        values given in code are taken as they are."""
+        if not isinstance(value, str):
+            return value
+        assert info.field_name is not None
+        return TEXT_PARSERS[info.field_name](value)
 
     @classmethod
     def settings_customise_sources(
